@@ -1,0 +1,229 @@
+//! The push hub: who is connected where, and delivery of pushes to them.
+//!
+//! Presence is a striped map `user → outboxes` (one per device). A push only
+//! touches the stripe of its user; a broadcast snapshots stripe by stripe and
+//! delivers in chunks as a background task that can be stopped. Delivery never
+//! waits on a connection: a full outbox closes that connection (slow reader)
+//! instead of holding up the rest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hongbao_core::limits::DEVICES_PER_USER_MAX;
+use hongbao_core::{GroupId, UserId};
+use hongbao_proto::{ErrorCode, Push, PushBody, ServerFrame};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::TaskInfo;
+use crate::outbox::Outbox;
+
+const STRIPES: usize = 64;
+/// Broadcast tasks remembered (finished ones are forgotten oldest first).
+const TASKS_KEPT_MAX: usize = 128;
+/// Deliveries between yields in a broadcast, so it shares the runtime.
+const BROADCAST_CHUNK: usize = 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushTarget {
+    User(UserId),
+    Users(Vec<UserId>),
+    Group(GroupId),
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PushReceipt {
+    /// Users targeted.
+    pub targets: u64,
+    /// Connections (devices) the push was queued to now.
+    pub delivered: u64,
+    /// Persistent messages stored (one per target user).
+    pub stored: u64,
+}
+
+struct Task {
+    info: Mutex<TaskInfo>,
+    stop: AtomicBool,
+}
+
+pub(crate) struct PushHub {
+    stripes: Box<[Mutex<HashMap<UserId, Vec<Outbox>>>]>,
+    connections: AtomicU64,
+    tasks: Mutex<BTreeMap<u64, Arc<Task>>>,
+    next_task: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl PushHub {
+    pub(crate) fn new() -> Arc<PushHub> {
+        Arc::new(PushHub {
+            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            connections: AtomicU64::new(0),
+            tasks: Mutex::new(BTreeMap::new()),
+            next_task: AtomicU64::new(1),
+        })
+    }
+
+    fn stripe(&self, user: UserId) -> &Mutex<HashMap<UserId, Vec<Outbox>>> {
+        &self.stripes[(user as usize) % STRIPES]
+    }
+
+    /// Adds a device. The oldest device is closed when a user has too many.
+    pub(crate) fn register(&self, user: UserId, outbox: Outbox) {
+        let mut map = self.stripe(user).lock().expect("push stripe poisoned");
+        let devices = map.entry(user).or_default();
+        devices.retain(|o| !o.is_closed());
+        if devices.len() >= DEVICES_PER_USER_MAX {
+            let oldest = devices.remove(0);
+            oldest.send(ServerFrame::Close { code: ErrorCode::Overload, message: "too many devices for this user".into() });
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+        devices.push(outbox);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("hongbao_connections").set(self.connections.load(Ordering::Relaxed) as f64);
+    }
+
+    pub(crate) fn unregister(&self, user: UserId, outbox: &Outbox) {
+        let mut map = self.stripe(user).lock().expect("push stripe poisoned");
+        if let Some(devices) = map.get_mut(&user) {
+            let before = devices.len();
+            devices.retain(|o| !o.same(outbox));
+            if devices.len() < before {
+                self.connections.fetch_sub(1, Ordering::Relaxed);
+            }
+            if devices.is_empty() {
+                map.remove(&user);
+            }
+        }
+        metrics::gauge!("hongbao_connections").set(self.connections.load(Ordering::Relaxed) as f64);
+    }
+
+    /// Queues a push to every device of `user`; returns how many took it.
+    pub(crate) fn deliver(&self, user: UserId, push: &Push) -> usize {
+        let map = self.stripe(user).lock().expect("push stripe poisoned");
+        let Some(devices) = map.get(&user) else { return 0 };
+        let mut n = 0;
+        for o in devices {
+            if o.send(ServerFrame::Push(push.clone())) {
+                n += 1;
+            }
+        }
+        metrics::counter!("hongbao_pushes_total").increment(n as u64);
+        n
+    }
+
+    pub(crate) fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn users_online(&self) -> u64 {
+        self.stripes.iter().map(|s| s.lock().expect("push stripe poisoned").len() as u64).sum()
+    }
+
+    pub(crate) fn broadcast(self: &Arc<Self>, body: PushBody) -> TaskInfo {
+        let id = self.next_task.fetch_add(1, Ordering::Relaxed);
+        let info = TaskInfo { id, state: "running".into(), targets: self.connections(), delivered: 0, created_ms: now_ms() };
+        let task = Arc::new(Task { info: Mutex::new(info.clone()), stop: AtomicBool::new(false) });
+        {
+            let mut tasks = self.tasks.lock().expect("tasks poisoned");
+            while tasks.len() >= TASKS_KEPT_MAX {
+                let oldest = *tasks.keys().next().expect("non-empty");
+                tasks.remove(&oldest);
+            }
+            tasks.insert(id, task.clone());
+        }
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let push = Push { msg: 0, body };
+            let mut delivered = 0u64;
+            'stripes: for stripe in hub.stripes.iter() {
+                let targets: Vec<Outbox> = stripe.lock().expect("push stripe poisoned").values().flatten().cloned().collect();
+                for chunk in targets.chunks(BROADCAST_CHUNK) {
+                    if task.stop.load(Ordering::Relaxed) {
+                        break 'stripes;
+                    }
+                    for o in chunk {
+                        if o.send(ServerFrame::Push(push.clone())) {
+                            delivered += 1;
+                        }
+                    }
+                    task.info.lock().expect("task poisoned").delivered = delivered;
+                    tokio::task::yield_now().await;
+                }
+            }
+            metrics::counter!("hongbao_pushes_total").increment(delivered);
+            let mut info = task.info.lock().expect("task poisoned");
+            info.delivered = delivered;
+            info.state = if task.stop.load(Ordering::Relaxed) { "stopped".into() } else { "done".into() };
+        });
+        info
+    }
+
+    pub(crate) fn task(&self, id: u64) -> Option<TaskInfo> {
+        let tasks = self.tasks.lock().expect("tasks poisoned");
+        tasks.get(&id).map(|t| t.info.lock().expect("task poisoned").clone())
+    }
+
+    pub(crate) fn stop_task(&self, id: u64) -> Option<TaskInfo> {
+        let task = self.tasks.lock().expect("tasks poisoned").get(&id).cloned()?;
+        task.stop.store(true, Ordering::Relaxed);
+        let mut info = task.info.lock().expect("task poisoned");
+        if info.state == "running" {
+            info.state = "stopping".into();
+        }
+        Some(info.clone())
+    }
+
+    pub(crate) fn tasks(&self) -> Vec<TaskInfo> {
+        let tasks = self.tasks.lock().expect("tasks poisoned");
+        tasks.values().map(|t| t.info.lock().expect("task poisoned").clone()).collect()
+    }
+}
+
+/// A registered connection; unregisters itself when dropped.
+pub struct Connection {
+    pub(crate) hub: Arc<PushHub>,
+    pub(crate) user: UserId,
+    pub(crate) outbox: Outbox,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.hub.unregister(self.user, &self.outbox);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pushes_reach_every_device_and_stop_after_disconnect() {
+        let hub = PushHub::new();
+        let (a, mut ra) = Outbox::new(4);
+        let (b, mut rb) = Outbox::new(4);
+        hub.register(7, a.clone());
+        hub.register(7, b.clone());
+        let push = Push { msg: 0, body: PushBody::Notice { topic: "t".into(), text: "x".into() } };
+        assert_eq!(hub.deliver(7, &push), 2);
+        assert!(ra.frames.try_recv().is_ok() && rb.frames.try_recv().is_ok());
+        hub.unregister(7, &a);
+        assert_eq!(hub.deliver(7, &push), 1);
+        assert_eq!(hub.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_is_flagged_not_waited_on() {
+        let hub = PushHub::new();
+        let (a, ra) = Outbox::new(1);
+        hub.register(1, a);
+        let push = Push { msg: 0, body: PushBody::Notice { topic: "t".into(), text: "x".into() } };
+        assert_eq!(hub.deliver(1, &push), 1);
+        assert_eq!(hub.deliver(1, &push), 0);
+        tokio::time::timeout(std::time::Duration::from_secs(1), ra.overflow.notified()).await.unwrap();
+    }
+}
