@@ -63,6 +63,11 @@ impl IdAllocator {
         (self.durable_mark + self.block).min(SEQUENCE_MAX)
     }
 
+    /// The reservation could not be queued; ask again later.
+    pub fn cancel_block_request(&mut self) {
+        self.extension_pending = false;
+    }
+
     /// Storage confirmed `mark` durably.
     pub fn extend(&mut self, mark: u64) {
         assert!(mark >= self.durable_mark, "durable id mark moved backwards");

@@ -22,3 +22,6 @@ mod shard;
 pub use engine::{CampaignInfo, Engine, EngineConfig, EngineError, MoneyReceipt, Stats, TaskInfo};
 pub use outbox::{Outbox, OutboxReceiver, Responder};
 pub use push::{Connection, PushReceipt, PushTarget};
+
+#[cfg(test)]
+mod tests;

@@ -1,18 +1,83 @@
-//! Storage (stub; being implemented).
-use std::path::Path;
+//! Storage: the embedded SQLite database, the group-commit writer, reads of
+//! committed state, recovery at start-up, and the audit's data feed.
+//!
+//! Owns: every line of SQL in the project, the schema, durability (WAL,
+//! synchronous=FULL: a commit is fsync'd before any completion runs), and the
+//! in-memory balances the writer decides payments with.
+//!
+//! Must not: decide packet shares, campaign releases or routing (the shards
+//! do), or know about sockets and client messages. Push bodies arrive as
+//! opaque bytes.
+
+use std::path::{Path, PathBuf};
+
 pub use hongbao_core::audit::AuditReport;
+
+mod audit;
+mod reader;
+mod schema;
+mod writer;
+
+pub use reader::{CampaignRow, MoneyTotals, Reader};
+pub use writer::{Done, ExistingPacket, NewPacket, Op, OpError, Outcome, Writer, WriterStats};
+
+pub use audit::audit_dir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("{0}")]
+    #[error("data directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    #[error("data directory {0} is in use by another hongbao server")]
+    Locked(PathBuf),
+    #[error("no hongbao database in {0}")]
+    Missing(PathBuf),
 }
 
-/// Re-derives every balance and packet in the data directory `dir` and checks
-/// every invariant. Read-only: safe to run against a live server's data.
-pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
-    let _ = dir;
-    todo!()
+/// File name of the database inside a data directory.
+pub const DB_FILE: &str = "hongbao.db";
+/// Locked by the running server so two servers never share a data directory.
+pub const LOCK_FILE: &str = "hongbao.lock";
+
+/// An open data directory: the writer thread, a reader, and the join handle
+/// of the writer (it ends when every `Writer` handle is dropped).
+pub struct Store {
+    pub writer: Writer,
+    pub reader: Reader,
+    pub writer_thread: std::thread::JoinHandle<()>,
 }
+
+impl Store {
+    /// Opens or creates `dir/hongbao.db`, migrates it, loads balances and
+    /// starts the writer.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Io { path: lock_path.clone(), source })?;
+        if lock.try_lock().is_err() {
+            return Err(StoreError::Locked(dir.to_owned()));
+        }
+        let path = dir.join(DB_FILE);
+        let conn = schema::connect(&path, false)?;
+        schema::migrate(&conn)?;
+        let reader = Reader::new(schema::connect(&path, true)?);
+        let ledger = hongbao_core::ledger::Ledger::from_balances(reader.balances()?);
+        if ledger.total() != 0 {
+            return Err(StoreError::Corrupt(format!("stored balances sum to {} fen, not 0; run `hongbao audit`", ledger.total())));
+        }
+        let next_campaign = reader.next_campaign_id()?;
+        let (writer, writer_thread) = Writer::start(conn, ledger, next_campaign, lock);
+        Ok(Store { writer, reader, writer_thread })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,222 @@
+//! The engine in-process against a real SQLite data directory: races on one
+//! packet, campaigns, expiry, idempotency and recovery after a restart.
+
+use std::time::Duration;
+
+use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
+use hongbao_core::limits::PacketRules;
+use hongbao_core::split::SplitKind;
+use hongbao_proto::{ErrorCode, GrabState, Reply, Request, ShakeResult, Target};
+
+use crate::{Engine, EngineConfig};
+
+fn config(expiry_s: u64) -> EngineConfig {
+    EngineConfig { shards: 3, packet_rules: PacketRules { expiry_s, ..PacketRules::default() } }
+}
+
+fn send(amount_fen: i64, count: u32, to: Target, key: &str) -> Request {
+    Request::Send { amount_fen, count, kind: SplitKind::Lucky, to, greeting: "恭喜发财".into(), key: key.into() }
+}
+
+async fn sent_packet(engine: &Engine, sender: u64, req: Request) -> u64 {
+    match engine.call(sender, req).await {
+        Reply::Sent { packet, .. } => packet,
+        other => panic!("send failed: {other:?}"),
+    }
+}
+
+fn assert_audit(dir: &std::path::Path) {
+    let report = hongbao_store::audit_dir(dir).unwrap();
+    assert!(report.passed(), "audit failed: {:#?}", report.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares() {
+    const K: u32 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    engine.deposit(1, 10_000, "d").await.unwrap();
+    let members: Vec<u64> = (1..=(10 * K as u64 + 1)).collect();
+    engine.set_group(7, members.clone()).await.unwrap();
+    let packet = sent_packet(&engine, 1, send(5_000, K, Target::Group(7), "p")).await;
+
+    let mut tasks = Vec::new();
+    for user in members.iter().copied().filter(|&u| u != 1) {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move { (user, engine.call(user, Request::Open { packet }).await) }));
+    }
+    let mut opened = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (user, Reply::Opened { amount_fen, repeat: false, .. }) => opened.push((user, amount_fen)),
+            (_, Reply::Error { code: ErrorCode::Finished, .. }) => {}
+            (user, other) => panic!("user {user}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(opened.len(), K as usize, "exactly K opens");
+    assert_eq!(opened.iter().map(|o| o.1).sum::<i64>(), 5_000, "shares sum to the packet");
+    let mut users: Vec<u64> = opened.iter().map(|o| o.0).collect();
+    users.sort();
+    users.dedup();
+    assert_eq!(users.len(), K as usize, "no user twice");
+    let detail = engine.packet_detail(packet).await.unwrap();
+    assert_eq!(detail.status, "finished");
+    assert_eq!(detail.claims.len(), K as usize);
+    assert!(detail.best_luck.is_some());
+    // A retry returns the first result.
+    let (u, amount) = opened[0];
+    assert_eq!(engine.call(u, Request::Open { packet }).await, Reply::Opened { packet, amount_fen: amount, repeat: true, finished: true });
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_are_validated_idempotent_and_only_recipients_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    engine.deposit(1, 1_000, "d").await.unwrap();
+    let bad = |r: Reply| matches!(r, Reply::Error { code: ErrorCode::InvalidRequest, .. });
+    assert!(bad(engine.call(1, send(0, 1, Target::User(2), "a")).await));
+    assert!(bad(engine.call(1, send(-5, 1, Target::User(2), "a")).await));
+    assert!(bad(engine.call(1, send(3, 5, Target::Users(vec![2, 3]), "a")).await), "count > amount");
+    assert!(bad(engine.call(1, send(20_001, 1, Target::User(2), "a")).await), "over the packet limit");
+    assert!(bad(engine.call(1, send(i64::MAX, 1, Target::User(2), "a")).await));
+    assert!(matches!(
+        engine.call(1, send(2_000, 2, Target::Users(vec![2, 3]), "a")).await,
+        Reply::Error { code: ErrorCode::InsufficientFunds, .. }
+    ));
+    assert!(matches!(engine.call(1, send(10, 1, Target::Group(99), "a")).await, Reply::Error { code: ErrorCode::NotFound, .. }));
+
+    let packet = sent_packet(&engine, 1, send(100, 2, Target::Users(vec![2, 3]), "k1")).await;
+    let again = engine.call(1, send(100, 2, Target::Users(vec![2, 3]), "k1")).await;
+    assert!(matches!(again, Reply::Sent { packet: p, repeat: true, .. } if p == packet));
+    assert!(matches!(engine.call(1, send(50, 2, Target::Users(vec![2, 3]), "k1")).await, Reply::Error { code: ErrorCode::KeyConflict, .. }));
+    assert_eq!(engine.balance(1).await.unwrap(), 900, "debited once");
+
+    assert_eq!(engine.call(9, Request::Grab { packet }).await, Reply::Grab { packet, state: GrabState::NotEligible });
+    assert!(matches!(engine.call(9, Request::Open { packet }).await, Reply::Error { code: ErrorCode::NotEligible, .. }));
+    assert_eq!(engine.call(2, Request::Grab { packet }).await, Reply::Grab { packet, state: GrabState::CanOpen });
+    assert!(matches!(engine.call(2, Request::Open { packet: packet + 1_000 }).await, Reply::Error { code: ErrorCode::NotFound, .. }));
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_packets_refund_the_exact_remainder_once_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let packet;
+    let opened;
+    {
+        let engine = Engine::open(config(1), dir.path()).await.unwrap();
+        engine.deposit(1, 1_000, "d").await.unwrap();
+        packet = sent_packet(&engine, 1, send(500, 5, Target::Users(vec![2, 3, 4, 5, 6]), "p")).await;
+        opened = match engine.call(2, Request::Open { packet }).await {
+            Reply::Opened { amount_fen, .. } => amount_fen,
+            other => panic!("{other:?}"),
+        };
+        // Restart before expiry: the timer must be recovered from storage.
+        engine.shutdown().await;
+    }
+    let engine = Engine::open(config(1), dir.path()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let detail = engine.packet_detail(packet).await.unwrap();
+    assert_eq!(detail.status, "refunded");
+    assert_eq!(detail.refunded_fen, 500 - opened);
+    assert_eq!(engine.balance(1).await.unwrap(), 1_000 - opened);
+    assert!(matches!(engine.call(3, Request::Open { packet }).await, Reply::Error { code: ErrorCode::Expired, .. }));
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    engine.deposit(100, 100_000, "d").await.unwrap();
+    let spec = CampaignSpec {
+        funder: 100,
+        total_fen: 50_000,
+        rule: AmountRule::Count { packets: 1_000 },
+        rate_per_s: 200,
+        win_cap_per_user: Some(1),
+    };
+    let c = engine.create_campaign(spec.clone(), "c1").await.unwrap();
+    assert_eq!(engine.create_campaign(spec, "c1").await.unwrap().id, c.id, "idempotent create");
+    assert_eq!(engine.balance(100).await.unwrap(), 50_000);
+    assert_eq!(engine.call(1, Request::Shake { campaign: 0, key: None }).await, Reply::Shake(ShakeResult::NotRunning));
+    engine.start_campaign(c.id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut won = 0i64;
+    let mut winners = 0;
+    for user in 1..=60u64 {
+        for _ in 0..3 {
+            match engine.call(user, Request::Shake { campaign: c.id, key: None }).await {
+                Reply::Shake(ShakeResult::Won { amount_fen, .. }) => {
+                    won += amount_fen;
+                    winners += 1;
+                }
+                Reply::Shake(ShakeResult::None) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert!(winners > 0 && winners <= 60, "win cap of 1 per user: {winners}");
+    let info = engine.stop_campaign(c.id).await.unwrap();
+    assert_eq!(info.status, CampaignStatus::Stopped);
+    assert_eq!(info.won_fen, won);
+    assert_eq!(info.refunded_fen, 50_000 - won);
+    assert!(info.released >= 80 && info.released <= 140, "about 200/s for 0.5 s: {}", info.released);
+    assert_eq!(engine.balance(100).await.unwrap(), 100_000 - won);
+    assert_eq!(engine.call(1, Request::Shake { campaign: c.id, key: None }).await, Reply::Shake(ShakeResult::NotRunning));
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_that_runs_out_finishes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    engine.deposit(100, 1_000, "d").await.unwrap();
+    let spec = CampaignSpec { funder: 100, total_fen: 30, rule: AmountRule::Count { packets: 6 }, rate_per_s: 1_000, win_cap_per_user: None };
+    let c = engine.create_campaign(spec, "c").await.unwrap();
+    engine.start_campaign(c.id).await.unwrap();
+    let mut wins = 0;
+    for _ in 0..200 {
+        for user in 1..=6u64 {
+            if let Reply::Shake(ShakeResult::Won { .. }) = engine.call(user, Request::Shake { campaign: 0, key: None }).await {
+                wins += 1;
+            }
+        }
+        if wins == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(wins, 6);
+    let mut status = CampaignStatus::Running;
+    for _ in 0..50 {
+        status = engine.campaign(c.id).await.unwrap().status;
+        if status == CampaignStatus::Finished {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, CampaignStatus::Finished);
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_ids_are_never_reused_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..3 {
+        let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+        engine.deposit(1, 100, &format!("d{round}")).await.unwrap();
+        for i in 0..3 {
+            let p = sent_packet(&engine, 1, send(1, 1, Target::User(2), &format!("{round}-{i}"))).await;
+            assert!(seen.insert(p), "packet id {p} reused");
+        }
+        engine.shutdown().await;
+    }
+}

@@ -1,0 +1,155 @@
+//! The SQLite schema. Only this crate knows SQL.
+//!
+//! Money columns are integer fen. Each table says which invariant it carries;
+//! `hongbao audit` re-derives everything from `entries`, `claims`, `packets`
+//! and `campaigns` and compares.
+
+use rusqlite::Connection;
+
+pub const SCHEMA_VERSION: i64 = 1;
+
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- Stored balances; audit re-derives each from `entries`.
+CREATE TABLE IF NOT EXISTS accounts (
+    id      INTEGER PRIMARY KEY,  -- core::ledger::Account::id (kind << 56 | owner)
+    balance INTEGER NOT NULL
+);
+-- The double-entry journal: each row moves `amount` from one account to another.
+CREATE TABLE IF NOT EXISTS entries (
+    id           INTEGER PRIMARY KEY,
+    from_account INTEGER NOT NULL,
+    to_account   INTEGER NOT NULL,
+    amount       INTEGER NOT NULL CHECK (amount > 0),
+    kind         TEXT    NOT NULL,
+    reference    INTEGER NOT NULL,  -- packet or campaign id (0 for deposits)
+    user         INTEGER,           -- the user credited by an open or a win
+    at_ms        INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_reference ON entries (kind, reference);
+CREATE TABLE IF NOT EXISTS packets (
+    id          INTEGER PRIMARY KEY,
+    sender      INTEGER NOT NULL,
+    kind        TEXT    NOT NULL,
+    total       INTEGER NOT NULL CHECK (total > 0),
+    count       INTEGER NOT NULL CHECK (count > 0),
+    target      TEXT    NOT NULL,  -- 'group', 'users' or 'user'
+    grp         INTEGER,
+    recipients  BLOB    NOT NULL,  -- sorted little-endian u64 user ids
+    greeting    TEXT    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    expires_ms  INTEGER NOT NULL,
+    remaining   INTEGER NOT NULL CHECK (remaining >= 0),
+    refunded    INTEGER NOT NULL DEFAULT 0,
+    status      TEXT    NOT NULL,
+    best_luck   INTEGER,
+    idem_key    TEXT    NOT NULL,
+    UNIQUE (sender, idem_key)
+);
+CREATE INDEX IF NOT EXISTS packets_open ON packets (status) WHERE status = 'open';
+-- One row per open; the primary key is the at-most-one-open-per-user rule.
+CREATE TABLE IF NOT EXISTS claims (
+    packet INTEGER NOT NULL,
+    user   INTEGER NOT NULL,
+    seq    INTEGER NOT NULL,  -- open order within the packet, from 0
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    at_ms  INTEGER NOT NULL,
+    PRIMARY KEY (packet, user),
+    UNIQUE (packet, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS campaigns (
+    id          INTEGER PRIMARY KEY,
+    funder      INTEGER NOT NULL,
+    total       INTEGER NOT NULL CHECK (total > 0),
+    rule        TEXT    NOT NULL,  -- JSON of core::campaign::AmountRule
+    rate_per_s  INTEGER NOT NULL,
+    win_cap     INTEGER,
+    status      TEXT    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    idem_key    TEXT    NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS shake_wins (
+    packet   INTEGER PRIMARY KEY,
+    campaign INTEGER NOT NULL,
+    user     INTEGER NOT NULL,
+    amount   INTEGER NOT NULL CHECK (amount > 0),
+    at_ms    INTEGER NOT NULL,
+    idem_key TEXT
+);
+CREATE INDEX IF NOT EXISTS shake_wins_by_campaign ON shake_wins (campaign, user);
+CREATE UNIQUE INDEX IF NOT EXISTS shake_wins_by_key ON shake_wins (user, idem_key) WHERE idem_key IS NOT NULL;
+-- Results of keyed deposits, withdrawals: a retry returns the first result.
+CREATE TABLE IF NOT EXISTS idempotency (
+    scope   TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    request TEXT NOT NULL,
+    result  TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+-- Per-shard packet-id high-water marks, persisted before ids below them are used.
+CREATE TABLE IF NOT EXISTS id_marks (
+    shard INTEGER PRIMARY KEY,
+    mark  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    grp  INTEGER NOT NULL,
+    user INTEGER NOT NULL,
+    PRIMARY KEY (grp, user)
+) WITHOUT ROWID;
+-- Persistent push messages not yet acknowledged.
+CREATE TABLE IF NOT EXISTS messages (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    user       INTEGER NOT NULL,
+    body       BLOB    NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_user ON messages (user, id);
+"#;
+
+/// Opens a connection with the settings every connection needs: WAL so
+/// readers never block the writer, synchronous=FULL so a commit is fsync'd
+/// before it returns (DESIGN.md §4.2), and a busy timeout for readers.
+pub fn connect(path: &std::path::Path, read_only: bool) -> rusqlite::Result<Connection> {
+    use rusqlite::OpenFlags;
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+pub fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    let version: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
+    match version {
+        None => {
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION.to_string()])?;
+        }
+        Some(v) if v == SCHEMA_VERSION.to_string() => {}
+        Some(v) => return Err(crate::StoreError::Corrupt(format!("schema version {v}, this build knows {SCHEMA_VERSION}"))),
+    }
+    Ok(())
+}
+
+pub fn encode_users(users: &[u64]) -> Vec<u8> {
+    users.iter().flat_map(|u| u.to_le_bytes()).collect()
+}
+
+pub fn decode_users(blob: &[u8]) -> Result<Vec<u64>, crate::StoreError> {
+    if blob.len() % 8 != 0 {
+        return Err(crate::StoreError::Corrupt("recipient list is not a multiple of 8 bytes".into()));
+    }
+    Ok(blob.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
