@@ -244,7 +244,10 @@ impl Auditor {
             + self.totals.packet_escrow_fen as i128
             + self.totals.campaign_escrow_fen as i128;
         if held != (self.totals.deposits_fen - self.totals.withdrawals_fen) as i128 {
-            v.push(format!("users + escrow hold {held} fen, deposits - withdrawals = {} fen", self.totals.deposits_fen - self.totals.withdrawals_fen));
+            v.push(format!(
+                "users + escrow hold {held} fen, deposits - withdrawals = {} fen",
+                self.totals.deposits_fen - self.totals.withdrawals_fen
+            ));
         }
         // 3. Every packet: funded = opened + refunded + remaining, and its claims agree.
         let mut remaining_total: i64 = 0;
@@ -261,7 +264,9 @@ impl Auditor {
         }
         let escrow = self.stored_balances.get(&Account::PACKET_ESCROW.id()).copied().unwrap_or(0);
         if escrow != remaining_total {
-            v.push(format!("packet escrow holds {escrow} fen but open packets' remainders sum to {remaining_total} fen"));
+            v.push(format!(
+                "packet escrow holds {escrow} fen but open packets' remainders sum to {remaining_total} fen"
+            ));
         }
         // 4. Every campaign: escrow = funded - won - refunded; closed ones hold nothing.
         for c in &self.campaigns {
@@ -273,7 +278,10 @@ impl Auditor {
                 v.push(format!("campaign {}: total {} fen but funded {} fen", c.id, c.total_fen, funded));
             }
             if escrow != funded - won - refunded {
-                v.push(format!("campaign {}: escrow {escrow} fen != funded {funded} - won {won} - refunded {refunded}", c.id));
+                v.push(format!(
+                    "campaign {}: escrow {escrow} fen != funded {funded} - won {won} - refunded {refunded}",
+                    c.id
+                ));
             }
             if c.status.is_closed() && escrow != 0 {
                 v.push(format!("campaign {} is {} but its escrow still holds {escrow} fen", c.id, c.status.as_str()));
@@ -340,7 +348,11 @@ impl Auditor {
         match p.status {
             PacketStatus::Finished => {
                 if p.remaining_fen != 0 || claims.len() != p.count as usize {
-                    v.push(format!("packet {id} is finished with {} fen and {} claims left open", p.remaining_fen, p.count as usize - claims.len()));
+                    v.push(format!(
+                        "packet {id} is finished with {} fen and {} claims left open",
+                        p.remaining_fen,
+                        p.count as usize - claims.len()
+                    ));
                 }
                 if p.best_luck != best_luck_of(claims) {
                     v.push(format!("packet {id}: best luck {:?}, claims say {:?}", p.best_luck, best_luck_of(claims)));
@@ -361,7 +373,15 @@ impl Auditor {
 mod tests {
     use super::*;
 
-    fn entry(id: i64, from: Account, to: Account, amount: i64, kind: EntryKind, reference: u64, user: Option<u64>) -> EntryRecord {
+    fn entry(
+        id: i64,
+        from: Account,
+        to: Account,
+        amount: i64,
+        kind: EntryKind,
+        reference: u64,
+        user: Option<u64>,
+    ) -> EntryRecord {
         EntryRecord { id, from: from.id(), to: to.id(), amount_fen: amount, kind, reference, user }
     }
 

@@ -129,7 +129,13 @@ pub struct PoolShare {
 
 /// Splits what is left of a campaign across `shards` shards.
 /// `packets_left` is only used by the Count rule.
-pub fn split_pool(rule: AmountRule, budget_fen: i64, packets_left: u64, rate_per_s: u32, shards: u32) -> Vec<PoolShare> {
+pub fn split_pool(
+    rule: AmountRule,
+    budget_fen: i64,
+    packets_left: u64,
+    rate_per_s: u32,
+    shards: u32,
+) -> Vec<PoolShare> {
     assert!(shards >= 1 && budget_fen >= 0);
     let n = shards as i64;
     (0..shards)

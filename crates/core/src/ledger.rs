@@ -173,7 +173,10 @@ mod tests {
         ];
         assert!(matches!(l.check(&both), Err(LedgerError::InsufficientFunds { .. })));
         assert_eq!(l.balance(Account::user(1)), 100);
-        assert_eq!(l.check(&[Transfer { from: Account::WORLD, to: Account::user(1), amount_fen: 0 }]), Err(LedgerError::NonPositive(0)));
+        assert_eq!(
+            l.check(&[Transfer { from: Account::WORLD, to: Account::user(1), amount_fen: 0 }]),
+            Err(LedgerError::NonPositive(0))
+        );
     }
 
     proptest! {

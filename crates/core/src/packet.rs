@@ -17,7 +17,10 @@ use crate::{GroupId, PacketId, UserId};
 /// sent, so an open needs no lookup outside the owning shard.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Recipients {
-    Group { group: GroupId, members: Box<[UserId]> },
+    Group {
+        group: GroupId,
+        members: Box<[UserId]>,
+    },
     Users(Box<[UserId]>),
     /// An exclusive packet for one user.
     User(UserId),
@@ -394,7 +397,10 @@ mod tests {
         assert_eq!(s.validate(&rules), Err(SendError::NonPositiveAmount(0)));
         s.total_fen = 3;
         s.count = 5;
-        assert!(matches!(s.validate(&rules), Err(SendError::CountExceedsAmount { .. }) | Err(SendError::ExclusiveCountNotOne)));
+        assert!(matches!(
+            s.validate(&rules),
+            Err(SendError::CountExceedsAmount { .. }) | Err(SendError::ExclusiveCountNotOne)
+        ));
         s.total_fen = 20_001;
         s.count = 1;
         assert!(matches!(s.validate(&rules), Err(SendError::AmountTooLarge { .. })));

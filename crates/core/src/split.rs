@@ -41,10 +41,7 @@ pub fn lucky_share<R: Rng + ?Sized>(remaining_fen: i64, remaining_count: u32, rn
         return remaining_fen;
     }
     let count = remaining_count as i64;
-    let double_average = remaining_fen
-        .checked_mul(2)
-        .expect("amounts are bounded far below overflow")
-        / count;
+    let double_average = remaining_fen.checked_mul(2).expect("amounts are bounded far below overflow") / count;
     // Leave at least 1 fen for every share after this one.
     let upper = double_average.min(remaining_fen - (count - 1)).max(1);
     let share = rng.random_range(1..=upper);

@@ -32,12 +32,17 @@ pub struct ClientFrame {
 #[serde(rename_all = "snake_case")]
 pub enum Request {
     /// Must be the first request of a connection.
-    Hello { token: String },
+    Hello {
+        token: String,
+    },
     /// Heartbeat; any request also counts as activity.
     Ping,
     /// "Is there a packet for me now?" `campaign` = 0 means any running one.
     /// `key` makes a retry return the win it got the first time.
-    Shake { campaign: u64, key: Option<String> },
+    Shake {
+        campaign: u64,
+        key: Option<String>,
+    },
     /// Fund a group packet from the caller's balance.
     Send {
         amount_fen: i64,
@@ -48,14 +53,22 @@ pub enum Request {
         key: String,
     },
     /// Cheap check: can I still open this packet?
-    Grab { packet: u64 },
+    Grab {
+        packet: u64,
+    },
     /// Take one share (idempotent per user and packet).
-    Open { packet: u64 },
+    Open {
+        packet: u64,
+    },
     /// Every claim of a packet.
-    Detail { packet: u64 },
+    Detail {
+        packet: u64,
+    },
     Balance,
     /// The client has a persistent push message; it is deleted.
-    Ack { msg: u64 },
+    Ack {
+        msg: u64,
+    },
 }
 
 /// Number of `Request` variants; binary op codes are `0..REQUEST_OPS`.
@@ -75,26 +88,58 @@ pub enum Target {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ServerFrame {
-    Reply { id: u64, reply: Reply },
+    Reply {
+        id: u64,
+        reply: Reply,
+    },
     Push(Push),
     /// The server is closing this connection, and why.
-    Close { code: ErrorCode, message: String },
+    Close {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Welcome { user: u64, protocol: u32, heartbeat_s: u32, server_time_ms: u64 },
+    Welcome {
+        user: u64,
+        protocol: u32,
+        heartbeat_s: u32,
+        server_time_ms: u64,
+    },
     Pong,
     Shake(ShakeResult),
-    Sent { packet: u64, amount_fen: i64, count: u32, expires_ms: u64, repeat: bool },
-    Grab { packet: u64, state: GrabState },
-    Opened { packet: u64, amount_fen: i64, repeat: bool, finished: bool },
+    Sent {
+        packet: u64,
+        amount_fen: i64,
+        count: u32,
+        expires_ms: u64,
+        repeat: bool,
+    },
+    Grab {
+        packet: u64,
+        state: GrabState,
+    },
+    Opened {
+        packet: u64,
+        amount_fen: i64,
+        repeat: bool,
+        finished: bool,
+    },
     Detail(PacketDetail),
-    Balance { balance_fen: i64 },
-    Acked { msg: u64 },
+    Balance {
+        balance_fen: i64,
+    },
+    Acked {
+        msg: u64,
+    },
     /// The request failed; the connection stays open.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -47,8 +47,11 @@ struct Task {
     stop: AtomicBool,
 }
 
+/// One stripe of presence: each online user's devices.
+type Stripe = Mutex<HashMap<UserId, Vec<Outbox>>>;
+
 pub(crate) struct PushHub {
-    stripes: Box<[Mutex<HashMap<UserId, Vec<Outbox>>>]>,
+    stripes: Box<[Stripe]>,
     connections: AtomicU64,
     tasks: Mutex<BTreeMap<u64, Arc<Task>>>,
     next_task: AtomicU64,
@@ -68,7 +71,7 @@ impl PushHub {
         })
     }
 
-    fn stripe(&self, user: UserId) -> &Mutex<HashMap<UserId, Vec<Outbox>>> {
+    fn stripe(&self, user: UserId) -> &Stripe {
         &self.stripes[(user as usize) % STRIPES]
     }
 
@@ -79,7 +82,10 @@ impl PushHub {
         devices.retain(|o| !o.is_closed());
         if devices.len() >= DEVICES_PER_USER_MAX {
             let oldest = devices.remove(0);
-            oldest.send(ServerFrame::Close { code: ErrorCode::Overload, message: "too many devices for this user".into() });
+            oldest.send(ServerFrame::Close {
+                code: ErrorCode::Overload,
+                message: "too many devices for this user".into(),
+            });
             self.connections.fetch_sub(1, Ordering::Relaxed);
         }
         devices.push(outbox);
@@ -126,7 +132,8 @@ impl PushHub {
 
     pub(crate) fn broadcast(self: &Arc<Self>, body: PushBody) -> TaskInfo {
         let id = self.next_task.fetch_add(1, Ordering::Relaxed);
-        let info = TaskInfo { id, state: "running".into(), targets: self.connections(), delivered: 0, created_ms: now_ms() };
+        let info =
+            TaskInfo { id, state: "running".into(), targets: self.connections(), delivered: 0, created_ms: now_ms() };
         let task = Arc::new(Task { info: Mutex::new(info.clone()), stop: AtomicBool::new(false) });
         {
             let mut tasks = self.tasks.lock().expect("tasks poisoned");
@@ -141,7 +148,8 @@ impl PushHub {
             let push = Push { msg: 0, body };
             let mut delivered = 0u64;
             'stripes: for stripe in hub.stripes.iter() {
-                let targets: Vec<Outbox> = stripe.lock().expect("push stripe poisoned").values().flatten().cloned().collect();
+                let targets: Vec<Outbox> =
+                    stripe.lock().expect("push stripe poisoned").values().flatten().cloned().collect();
                 for chunk in targets.chunks(BROADCAST_CHUNK) {
                     if task.stop.load(Ordering::Relaxed) {
                         break 'stripes;

@@ -49,17 +49,42 @@ struct CampaignLive {
 }
 
 enum Event {
-    Request { user: UserId, req: Request, reply: Responder },
+    Request {
+        user: UserId,
+        req: Request,
+        reply: Responder,
+    },
     /// A send whose recipients were resolved (group members snapshotted).
-    Send { user: UserId, send: Box<SendArgs>, reply: Responder },
+    Send {
+        user: UserId,
+        send: Box<SendArgs>,
+        reply: Responder,
+    },
     /// The writer committed a new packet of this shard.
-    Funded { packet: Box<Packet>, messages: Vec<(UserId, u64)>, reply: Responder },
-    IdsReserved { mark: u64 },
-    StartPool { campaign: CampaignId, share: PoolShare, win_cap: Option<u32>, wins: HashMap<UserId, u32>, live: Arc<CampaignLive> },
+    Funded {
+        packet: Box<Packet>,
+        messages: Vec<(UserId, u64)>,
+        reply: Responder,
+    },
+    IdsReserved {
+        mark: u64,
+    },
+    StartPool {
+        campaign: CampaignId,
+        share: PoolShare,
+        win_cap: Option<u32>,
+        wins: HashMap<UserId, u32>,
+        live: Arc<CampaignLive>,
+    },
     /// Stop releasing; acknowledged once every win of this shard is queued to the writer.
-    StopPool { campaign: CampaignId, ack: oneshot::Sender<()> },
+    StopPool {
+        campaign: CampaignId,
+        ack: oneshot::Sender<()>,
+    },
     /// Stop the loop; acknowledged after the last operation is queued.
-    Shutdown { ack: oneshot::Sender<()> },
+    Shutdown {
+        ack: oneshot::Sender<()>,
+    },
 }
 
 struct SendArgs {
@@ -136,7 +161,9 @@ fn encode_body(body: &PushBody) -> Vec<u8> {
 
 fn op_error(e: OpError) -> EngineError {
     match e {
-        OpError::InsufficientFunds { balance_fen, needed_fen } => EngineError::InsufficientFunds { balance_fen, needed_fen },
+        OpError::InsufficientFunds { balance_fen, needed_fen } => {
+            EngineError::InsufficientFunds { balance_fen, needed_fen }
+        }
         OpError::KeyConflict => EngineError::KeyConflict,
         OpError::NotFound(what) => EngineError::NotFound(what),
         OpError::Invalid(msg) => EngineError::Invalid(msg),
@@ -167,7 +194,10 @@ fn valid_key(key: &str) -> Result<(), EngineError> {
 
 fn valid_amount(amount_fen: i64) -> Result<(), EngineError> {
     if amount_fen <= 0 || amount_fen > limits::AMOUNT_FEN_MAX {
-        return Err(EngineError::Invalid(format!("amount must be between 1 and {} fen, got {amount_fen}", limits::AMOUNT_FEN_MAX)));
+        return Err(EngineError::Invalid(format!(
+            "amount must be between 1 and {} fen, got {amount_fen}",
+            limits::AMOUNT_FEN_MAX
+        )));
     }
     Ok(())
 }
@@ -308,9 +338,14 @@ impl Inner {
                 let recipients = match to {
                     // Resolved here, off the shard: the packet keeps this snapshot.
                     Target::Group(g) => match self.groups.read().expect("groups poisoned").get(&g) {
-                        Some(members) if members.binary_search(&user).is_ok() => Recipients::group(g, members.iter().copied()),
+                        Some(members) if members.binary_search(&user).is_ok() => {
+                            Recipients::group(g, members.iter().copied())
+                        }
                         Some(_) => {
-                            return reply.send(Reply::error(ErrorCode::NotEligible, format!("you are not a member of group {g}")))
+                            return reply.send(Reply::error(
+                                ErrorCode::NotEligible,
+                                format!("you are not a member of group {g}"),
+                            ))
                         }
                         None => return reply.send(Reply::error(ErrorCode::NotFound, format!("group {g} not found"))),
                     },
@@ -333,7 +368,9 @@ impl Inner {
             Err(mpsc::error::TrySendError::Full(e)) | Err(mpsc::error::TrySendError::Closed(e)) => {
                 metrics::counter!("hongbao_overload_total", "where" => "shard_queue").increment(1);
                 match e {
-                    Event::Request { req: Request::Shake { .. }, reply, .. } => reply.send(Reply::Shake(ShakeResult::Overload)),
+                    Event::Request { req: Request::Shake { .. }, reply, .. } => {
+                        reply.send(Reply::Shake(ShakeResult::Overload))
+                    }
                     Event::Request { reply, .. } | Event::Send { reply, .. } => {
                         reply.send(Reply::error(ErrorCode::Overload, "shard queue is full, retry later"))
                     }
@@ -348,14 +385,22 @@ impl Inner {
         tokio::task::spawn_blocking(move || {
             reply.send(match reader.packet(packet) {
                 Ok(Some(p)) if p.sender == user || p.recipients.contains(user) => Reply::Detail(detail(&p)),
-                Ok(Some(_)) => Reply::error(ErrorCode::NotEligible, "only the sender and recipients may see this packet"),
+                Ok(Some(_)) => {
+                    Reply::error(ErrorCode::NotEligible, "only the sender and recipients may see this packet")
+                }
                 Ok(None) => Reply::error(ErrorCode::NotFound, format!("packet {packet} not found")),
                 Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
             })
         });
     }
 
-    pub(crate) async fn move_money(&self, user: UserId, amount_fen: i64, key: &str, deposit: bool) -> Result<MoneyReceipt, EngineError> {
+    pub(crate) async fn move_money(
+        &self,
+        user: UserId,
+        amount_fen: i64,
+        key: &str,
+        deposit: bool,
+    ) -> Result<MoneyReceipt, EngineError> {
         valid_user(user)?;
         valid_amount(amount_fen)?;
         valid_key(key)?;
@@ -372,7 +417,10 @@ impl Inner {
         f: impl FnOnce(&Reader) -> Result<T, hongbao_store::StoreError> + Send + 'static,
     ) -> Result<T, EngineError> {
         let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || f(&reader)).await.map_err(|e| EngineError::Internal(e.to_string()))?.map_err(store_error)
+        tokio::task::spawn_blocking(move || f(&reader))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(store_error)
     }
 
     pub(crate) async fn balance(&self, user: UserId) -> Result<i64, EngineError> {
@@ -380,7 +428,13 @@ impl Inner {
         self.read(move |r| r.balance(user)).await
     }
 
-    pub(crate) async fn change_group(&self, group: GroupId, add: Vec<UserId>, remove: Vec<UserId>, replace: bool) -> Result<Vec<UserId>, EngineError> {
+    pub(crate) async fn change_group(
+        &self,
+        group: GroupId,
+        add: Vec<UserId>,
+        remove: Vec<UserId>,
+        replace: bool,
+    ) -> Result<Vec<UserId>, EngineError> {
         valid_user(group).map_err(|_| EngineError::Invalid(format!("group id {group} is not between 1 and 2^53-1")))?;
         for &u in add.iter().chain(&remove) {
             valid_user(u)?;
@@ -436,7 +490,8 @@ impl Inner {
     }
 
     pub(crate) async fn campaign(&self, id: CampaignId) -> Result<CampaignInfo, EngineError> {
-        let row = self.read(move |r| r.campaign(id)).await?.ok_or_else(|| EngineError::NotFound(format!("campaign {id}")))?;
+        let row =
+            self.read(move |r| r.campaign(id)).await?.ok_or_else(|| EngineError::NotFound(format!("campaign {id}")))?;
         Ok(self.campaign_info(&row))
     }
 
@@ -448,7 +503,12 @@ impl Inner {
     pub(crate) async fn create_campaign(&self, spec: CampaignSpec, key: &str) -> Result<CampaignInfo, EngineError> {
         spec.validate().map_err(|e| EngineError::Invalid(e.to_string()))?;
         valid_key(key)?;
-        match self.writer.run(Op::CreateCampaign { spec, key: key.to_owned(), at_ms: now_ms() }).await.map_err(op_error)? {
+        match self
+            .writer
+            .run(Op::CreateCampaign { spec, key: key.to_owned(), at_ms: now_ms() })
+            .await
+            .map_err(op_error)?
+        {
             Outcome::CampaignCreated { id, .. } => self.campaign(id).await,
             other => Err(EngineError::Internal(format!("unexpected outcome {other:?}"))),
         }
@@ -456,11 +516,15 @@ impl Inner {
 
     pub(crate) async fn start_campaign(self: &Arc<Self>, id: CampaignId) -> Result<CampaignInfo, EngineError> {
         let guard = self.campaign_control.lock().await;
-        let row = self.read(move |r| r.campaign(id)).await?.ok_or_else(|| EngineError::NotFound(format!("campaign {id}")))?;
+        let row =
+            self.read(move |r| r.campaign(id)).await?.ok_or_else(|| EngineError::NotFound(format!("campaign {id}")))?;
         match row.status {
             CampaignStatus::Running => {}
             CampaignStatus::Created => {
-                self.writer.run(Op::SetCampaignStatus { id, status: CampaignStatus::Running }).await.map_err(op_error)?;
+                self.writer
+                    .run(Op::SetCampaignStatus { id, status: CampaignStatus::Running })
+                    .await
+                    .map_err(op_error)?;
                 self.run_pools(&row).await?;
             }
             closed => return Err(EngineError::Conflict(format!("campaign {id} is {}", closed.as_str()))),
@@ -477,8 +541,13 @@ impl Inner {
             hongbao_core::campaign::AmountRule::Count { packets } => packets.saturating_sub(row.won),
             hongbao_core::campaign::AmountRule::Range { .. } => 0,
         };
-        let shares = split_pool(row.spec.rule, row.escrow_fen, packets_left, row.spec.rate_per_s, self.shard_count() as u32);
-        let wins = if row.spec.win_cap_per_user.is_some() { self.read(move |r| r.win_counts(id)).await? } else { HashMap::new() };
+        let shares =
+            split_pool(row.spec.rule, row.escrow_fen, packets_left, row.spec.rate_per_s, self.shard_count() as u32);
+        let wins = if row.spec.win_cap_per_user.is_some() {
+            self.read(move |r| r.win_counts(id)).await?
+        } else {
+            HashMap::new()
+        };
         let mut wins_by_shard: Vec<HashMap<UserId, u32>> = vec![HashMap::new(); self.shards.len()];
         for (u, n) in wins {
             wins_by_shard[self.user_shard(u)].insert(u, n);
@@ -486,7 +555,8 @@ impl Inner {
         let live = Arc::new(CampaignLive::default());
         self.live_campaigns.lock().expect("campaigns poisoned").insert(id, live.clone());
         for ((share, wins), shard) in shares.into_iter().zip(wins_by_shard).zip(&self.shards) {
-            let ev = Event::StartPool { campaign: id, share, win_cap: row.spec.win_cap_per_user, wins, live: live.clone() };
+            let ev =
+                Event::StartPool { campaign: id, share, win_cap: row.spec.win_cap_per_user, wins, live: live.clone() };
             shard.tx.send(ev).await.map_err(|_| EngineError::Internal("shard stopped".into()))?;
         }
         let inner = Arc::downgrade(self);
@@ -495,12 +565,23 @@ impl Inner {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let Some(inner) = inner.upgrade() else { return };
-                if !inner.live_campaigns.lock().expect("campaigns poisoned").get(&id).is_some_and(|l| Arc::ptr_eq(l, &live)) {
+                if !inner
+                    .live_campaigns
+                    .lock()
+                    .expect("campaigns poisoned")
+                    .get(&id)
+                    .is_some_and(|l| Arc::ptr_eq(l, &live))
+                {
                     return;
                 }
                 if live.exhausted.load(Ordering::Relaxed) >= shards {
                     match inner.close_campaign(id, CampaignStatus::Finished).await {
-                        Ok(info) => tracing::info!(campaign = id, won = info.won, refunded_fen = info.refunded_fen, "campaign finished"),
+                        Ok(info) => tracing::info!(
+                            campaign = id,
+                            won = info.won,
+                            refunded_fen = info.refunded_fen,
+                            "campaign finished"
+                        ),
                         Err(e) => tracing::warn!(campaign = id, error = %e, "closing a finished campaign failed"),
                     }
                     return;
@@ -510,9 +591,14 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) async fn close_campaign(&self, id: CampaignId, status: CampaignStatus) -> Result<CampaignInfo, EngineError> {
+    pub(crate) async fn close_campaign(
+        &self,
+        id: CampaignId,
+        status: CampaignStatus,
+    ) -> Result<CampaignInfo, EngineError> {
         let guard = self.campaign_control.lock().await;
-        let row = self.read(move |r| r.campaign(id)).await?.ok_or_else(|| EngineError::NotFound(format!("campaign {id}")))?;
+        let row =
+            self.read(move |r| r.campaign(id)).await?.ok_or_else(|| EngineError::NotFound(format!("campaign {id}")))?;
         if row.status.is_closed() {
             drop(guard);
             return self.campaign(id).await;
@@ -545,7 +631,10 @@ impl Inner {
             PushTarget::Group(g) => self.group(*g).ok_or_else(|| EngineError::NotFound(format!("group {g}")))?,
         };
         if users.len() > limits::GROUP_MEMBERS_MAX {
-            return Err(EngineError::Invalid(format!("at most {} users per push; use a broadcast", limits::GROUP_MEMBERS_MAX)));
+            return Err(EngineError::Invalid(format!(
+                "at most {} users per push; use a broadcast",
+                limits::GROUP_MEMBERS_MAX
+            )));
         }
         for &u in &users {
             valid_user(u)?;
@@ -553,7 +642,12 @@ impl Inner {
         Ok(users)
     }
 
-    pub(crate) async fn push(&self, target: PushTarget, body: PushBody, persistent: bool) -> Result<PushReceipt, EngineError> {
+    pub(crate) async fn push(
+        &self,
+        target: PushTarget,
+        body: PushBody,
+        persistent: bool,
+    ) -> Result<PushReceipt, EngineError> {
         let users = self.target_users(&target)?;
         let mut receipt = PushReceipt { targets: users.len() as u64, delivered: 0, stored: 0 };
         if persistent {
@@ -718,7 +812,9 @@ impl ShardState {
                 Request::Shake { campaign, key } => self.shake(user, campaign, key, reply).await,
                 Request::Grab { packet } => self.grab(user, packet, reply),
                 Request::Open { packet } => self.open(user, packet, reply).await,
-                other => reply.send(Reply::error(ErrorCode::Internal, format!("{} is not a shard request", other.op_name()))),
+                other => {
+                    reply.send(Reply::error(ErrorCode::Internal, format!("{} is not a shard request", other.op_name())))
+                }
             },
             Event::Send { user, send, reply } => self.send(user, *send, reply).await,
             Event::Funded { packet, messages, reply } => {
@@ -731,7 +827,13 @@ impl ShardState {
                     kind: p.kind,
                     greeting: p.greeting.clone(),
                 };
-                reply.send(Reply::Sent { packet: p.id, amount_fen: p.total_fen, count: p.count, expires_ms: p.expires_ms, repeat: false });
+                reply.send(Reply::Sent {
+                    packet: p.id,
+                    amount_fen: p.total_fen,
+                    count: p.count,
+                    expires_ms: p.expires_ms,
+                    repeat: false,
+                });
                 for (user, msg) in messages {
                     self.hub.deliver(user, &Push { msg, body: body.clone() });
                 }
@@ -821,11 +923,15 @@ impl ShardState {
             op,
             Box::new(move |r| {
                 let (result, label) = match r {
-                    Ok(Outcome::ShakeWon { repeat: None }) => (ShakeResult::Won { campaign: pool_id, packet, amount_fen }, "won"),
+                    Ok(Outcome::ShakeWon { repeat: None }) => {
+                        (ShakeResult::Won { campaign: pool_id, packet, amount_fen }, "won")
+                    }
                     Ok(Outcome::ShakeWon { repeat: Some((c, p, a)) }) => {
                         (ShakeResult::Won { campaign: c, packet: p, amount_fen: a }, "won")
                     }
-                    Ok(other) => return reply.send(Reply::error(ErrorCode::Internal, format!("unexpected outcome {other:?}"))),
+                    Ok(other) => {
+                        return reply.send(Reply::error(ErrorCode::Internal, format!("unexpected outcome {other:?}")))
+                    }
                     Err(e) => return reply.send(op_error(e).to_reply()),
                 };
                 metrics::counter!("hongbao_shakes_total", "result" => label).increment(1);
@@ -917,7 +1023,9 @@ impl ShardState {
                 return reply.send(Reply::Grab { packet, state });
             }
             reply.send(match state {
-                GrabState::AlreadyOpened { amount_fen } => Reply::Opened { packet, amount_fen, repeat: true, finished: p.status == PacketStatus::Finished },
+                GrabState::AlreadyOpened { amount_fen } => {
+                    Reply::Opened { packet, amount_fen, repeat: true, finished: p.status == PacketStatus::Finished }
+                }
                 GrabState::NotEligible => open_error_reply(OpenError::NotEligible),
                 GrabState::Finished => open_error_reply(OpenError::Finished),
                 GrabState::Expired => open_error_reply(OpenError::Expired),
@@ -972,7 +1080,13 @@ impl ShardState {
                         metrics::counter!("hongbao_opens_total", "result" => "opened").increment(1);
                         reply.send(Reply::Opened { packet, amount_fen, repeat: false, finished });
                         // Sender notifications are transient: the packet detail has them all.
-                        hub.deliver(sender, &Push { msg: 0, body: PushBody::PacketOpened { packet, user, amount_fen, remaining_count } });
+                        hub.deliver(
+                            sender,
+                            &Push {
+                                msg: 0,
+                                body: PushBody::PacketOpened { packet, user, amount_fen, remaining_count },
+                            },
+                        );
                         if let Some(best_luck) = best_luck {
                             hub.deliver(sender, &Push { msg: 0, body: PushBody::PacketFinished { packet, best_luck } });
                         }
@@ -1015,7 +1129,9 @@ impl ShardState {
                                 }
                             }
                             Ok(_) => {}
-                            Err(e) => tracing::error!(packet, error = %e, "refund failed; it is retried after a restart"),
+                            Err(e) => {
+                                tracing::error!(packet, error = %e, "refund failed; it is retried after a restart")
+                            }
                         }),
                     )
                     .await;

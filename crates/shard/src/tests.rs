@@ -65,7 +65,10 @@ async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares() {
     assert!(detail.best_luck.is_some());
     // A retry returns the first result.
     let (u, amount) = opened[0];
-    assert_eq!(engine.call(u, Request::Open { packet }).await, Reply::Opened { packet, amount_fen: amount, repeat: true, finished: true });
+    assert_eq!(
+        engine.call(u, Request::Open { packet }).await,
+        Reply::Opened { packet, amount_fen: amount, repeat: true, finished: true }
+    );
     engine.shutdown().await;
     assert_audit(dir.path());
 }
@@ -85,18 +88,30 @@ async fn sends_are_validated_idempotent_and_only_recipients_open() {
         engine.call(1, send(2_000, 2, Target::Users(vec![2, 3]), "a")).await,
         Reply::Error { code: ErrorCode::InsufficientFunds, .. }
     ));
-    assert!(matches!(engine.call(1, send(10, 1, Target::Group(99), "a")).await, Reply::Error { code: ErrorCode::NotFound, .. }));
+    assert!(matches!(
+        engine.call(1, send(10, 1, Target::Group(99), "a")).await,
+        Reply::Error { code: ErrorCode::NotFound, .. }
+    ));
 
     let packet = sent_packet(&engine, 1, send(100, 2, Target::Users(vec![2, 3]), "k1")).await;
     let again = engine.call(1, send(100, 2, Target::Users(vec![2, 3]), "k1")).await;
     assert!(matches!(again, Reply::Sent { packet: p, repeat: true, .. } if p == packet));
-    assert!(matches!(engine.call(1, send(50, 2, Target::Users(vec![2, 3]), "k1")).await, Reply::Error { code: ErrorCode::KeyConflict, .. }));
+    assert!(matches!(
+        engine.call(1, send(50, 2, Target::Users(vec![2, 3]), "k1")).await,
+        Reply::Error { code: ErrorCode::KeyConflict, .. }
+    ));
     assert_eq!(engine.balance(1).await.unwrap(), 900, "debited once");
 
     assert_eq!(engine.call(9, Request::Grab { packet }).await, Reply::Grab { packet, state: GrabState::NotEligible });
-    assert!(matches!(engine.call(9, Request::Open { packet }).await, Reply::Error { code: ErrorCode::NotEligible, .. }));
+    assert!(matches!(
+        engine.call(9, Request::Open { packet }).await,
+        Reply::Error { code: ErrorCode::NotEligible, .. }
+    ));
     assert_eq!(engine.call(2, Request::Grab { packet }).await, Reply::Grab { packet, state: GrabState::CanOpen });
-    assert!(matches!(engine.call(2, Request::Open { packet: packet + 1_000 }).await, Reply::Error { code: ErrorCode::NotFound, .. }));
+    assert!(matches!(
+        engine.call(2, Request::Open { packet: packet + 1_000 }).await,
+        Reply::Error { code: ErrorCode::NotFound, .. }
+    ));
     engine.shutdown().await;
     assert_audit(dir.path());
 }
@@ -167,7 +182,10 @@ async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
     assert_eq!(info.refunded_fen, 50_000 - won);
     assert!(info.released >= 80 && info.released <= 140, "about 200/s for 0.5 s: {}", info.released);
     assert_eq!(engine.balance(100).await.unwrap(), 100_000 - won);
-    assert_eq!(engine.call(1, Request::Shake { campaign: c.id, key: None }).await, Reply::Shake(ShakeResult::NotRunning));
+    assert_eq!(
+        engine.call(1, Request::Shake { campaign: c.id, key: None }).await,
+        Reply::Shake(ShakeResult::NotRunning)
+    );
     engine.shutdown().await;
     assert_audit(dir.path());
 }
@@ -177,13 +195,21 @@ async fn a_campaign_that_runs_out_finishes_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(config(3600), dir.path()).await.unwrap();
     engine.deposit(100, 1_000, "d").await.unwrap();
-    let spec = CampaignSpec { funder: 100, total_fen: 30, rule: AmountRule::Count { packets: 6 }, rate_per_s: 1_000, win_cap_per_user: None };
+    let spec = CampaignSpec {
+        funder: 100,
+        total_fen: 30,
+        rule: AmountRule::Count { packets: 6 },
+        rate_per_s: 1_000,
+        win_cap_per_user: None,
+    };
     let c = engine.create_campaign(spec, "c").await.unwrap();
     engine.start_campaign(c.id).await.unwrap();
     let mut wins = 0;
     for _ in 0..200 {
         for user in 1..=6u64 {
-            if let Reply::Shake(ShakeResult::Won { .. }) = engine.call(user, Request::Shake { campaign: 0, key: None }).await {
+            if let Reply::Shake(ShakeResult::Won { .. }) =
+                engine.call(user, Request::Shake { campaign: 0, key: None }).await
+            {
                 wins += 1;
             }
         }

@@ -28,7 +28,8 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
         let (id, balance) = row?;
         a.account(id, balance);
     }
-    let mut stmt = conn.prepare("SELECT id, from_account, to_account, amount, kind, reference, user FROM entries ORDER BY id")?;
+    let mut stmt =
+        conn.prepare("SELECT id, from_account, to_account, amount, kind, reference, user FROM entries ORDER BY id")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, i64>(0)?,
@@ -43,9 +44,18 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
     for row in rows {
         let (id, from, to, amount_fen, kind, reference, user) = row?;
         let kind = EntryKind::parse(&kind).ok_or_else(|| bad(format!("entry {id} has unknown kind {kind}")))?;
-        a.entry(EntryRecord { id, from, to, amount_fen, kind, reference: reference as u64, user: user.map(|u| u as u64) });
+        a.entry(EntryRecord {
+            id,
+            from,
+            to,
+            amount_fen,
+            kind,
+            reference: reference as u64,
+            user: user.map(|u| u as u64),
+        });
     }
-    let mut stmt = conn.prepare("SELECT id, sender, kind, total, count, remaining, refunded, status, best_luck FROM packets")?;
+    let mut stmt =
+        conn.prepare("SELECT id, sender, kind, total, count, remaining, refunded, status, best_luck FROM packets")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, i64>(0)? as u64,
@@ -92,18 +102,19 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
     }
     // Shake wins must match their ledger entries one for one.
     let (wins, win_sum): (i64, i64) =
-        conn.query_row("SELECT count(*), coalesce(sum(amount), 0) FROM shake_wins", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let (entries, entry_sum): (i64, i64) = conn.query_row(
-        "SELECT count(*), coalesce(sum(amount), 0) FROM entries WHERE kind = 'shake_win'",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+        conn.query_row("SELECT count(*), coalesce(sum(amount), 0) FROM shake_wins", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (entries, entry_sum): (i64, i64) =
+        conn.query_row("SELECT count(*), coalesce(sum(amount), 0) FROM entries WHERE kind = 'shake_win'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     conn.execute_batch("COMMIT")?;
     let mut report = a.finish();
     if (wins, win_sum) != (entries, entry_sum) {
-        report.violations.push(format!(
-            "shake wins: {wins} rows / {win_sum} fen, ledger entries: {entries} / {entry_sum} fen"
-        ));
+        report
+            .violations
+            .push(format!("shake wins: {wins} rows / {win_sum} fen, ledger entries: {entries} / {entry_sum} fen"));
     }
     Ok(report)
 }

@@ -71,7 +71,10 @@ impl Store {
         let reader = Reader::new(schema::connect(&path, true)?);
         let ledger = hongbao_core::ledger::Ledger::from_balances(reader.balances()?);
         if ledger.total() != 0 {
-            return Err(StoreError::Corrupt(format!("stored balances sum to {} fen, not 0; run `hongbao audit`", ledger.total())));
+            return Err(StoreError::Corrupt(format!(
+                "stored balances sum to {} fen, not 0; run `hongbao audit`",
+                ledger.total()
+            )));
         }
         let next_campaign = reader.next_campaign_id()?;
         let (writer, writer_thread) = Writer::start(conn, ledger, next_campaign, lock);

@@ -107,7 +107,8 @@ impl Reader {
     pub fn packet(&self, id: PacketId) -> Result<Option<Packet>, StoreError> {
         let conn = self.conn();
         let sql = format!("SELECT {PACKET_COLUMNS} FROM packets WHERE id = ?1");
-        let Some((mut p, tag)) = conn.prepare_cached(&sql)?.query_row(params![id as i64], packet_from_row).optional()?
+        let Some((mut p, tag)) =
+            conn.prepare_cached(&sql)?.query_row(params![id as i64], packet_from_row).optional()?
         else {
             return Ok(None);
         };
@@ -213,15 +214,31 @@ impl Reader {
                 r.get::<_, Option<u32>>(5)?,
                 status,
                 r.get::<_, i64>(7)? as u64,
-                (r.get::<_, i64>(8)? as u64, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?, r.get::<_, Option<i64>>(11)?.unwrap_or(0)),
+                (
+                    r.get::<_, i64>(8)? as u64,
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, i64>(10)?,
+                    r.get::<_, Option<i64>>(11)?.unwrap_or(0),
+                ),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, funder, total_fen, rule, rate_per_s, win_cap_per_user, status, created_ms, (won, won_fen, refunded_fen, escrow_fen)) =
-                row?;
-            let rule: AmountRule = serde_json::from_str(&rule).map_err(|e| corrupt(format!("campaign {id} rule: {e}")))?;
-            let status = CampaignStatus::parse(&status).ok_or_else(|| corrupt(format!("campaign {id} status {status}")))?;
+            let (
+                id,
+                funder,
+                total_fen,
+                rule,
+                rate_per_s,
+                win_cap_per_user,
+                status,
+                created_ms,
+                (won, won_fen, refunded_fen, escrow_fen),
+            ) = row?;
+            let rule: AmountRule =
+                serde_json::from_str(&rule).map_err(|e| corrupt(format!("campaign {id} rule: {e}")))?;
+            let status =
+                CampaignStatus::parse(&status).ok_or_else(|| corrupt(format!("campaign {id} status {status}")))?;
             out.push(CampaignRow {
                 id,
                 spec: CampaignSpec { funder, total_fen, rule, rate_per_s, win_cap_per_user },

@@ -138,7 +138,9 @@ pub fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION.to_string()])?;
         }
         Some(v) if v == SCHEMA_VERSION.to_string() => {}
-        Some(v) => return Err(crate::StoreError::Corrupt(format!("schema version {v}, this build knows {SCHEMA_VERSION}"))),
+        Some(v) => {
+            return Err(crate::StoreError::Corrupt(format!("schema version {v}, this build knows {SCHEMA_VERSION}")))
+        }
     }
     Ok(())
 }
@@ -148,7 +150,7 @@ pub fn encode_users(users: &[u64]) -> Vec<u8> {
 }
 
 pub fn decode_users(blob: &[u8]) -> Result<Vec<u64>, crate::StoreError> {
-    if blob.len() % 8 != 0 {
+    if !blob.len().is_multiple_of(8) {
         return Err(crate::StoreError::Corrupt("recipient list is not a multiple of 8 bytes".into()));
     }
     Ok(blob.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())

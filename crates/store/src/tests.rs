@@ -90,7 +90,8 @@ fn campaigns_fund_win_and_refund_the_rest_once() {
         let pk = make_packet_id(1, 5);
         let win = Op::ShakeWin { campaign: id, packet: pk, user: 3, amount_fen: 700, at_ms: 1, key: Some("s1".into()) };
         assert_eq!(w.run(win).await.unwrap(), Outcome::ShakeWon { repeat: None });
-        let retry = Op::ShakeWin { campaign: id, packet: pk + 1, user: 3, amount_fen: 50, at_ms: 2, key: Some("s1".into()) };
+        let retry =
+            Op::ShakeWin { campaign: id, packet: pk + 1, user: 3, amount_fen: 50, at_ms: 2, key: Some("s1".into()) };
         assert_eq!(w.run(retry).await.unwrap(), Outcome::ShakeWon { repeat: Some((id, pk, 700)) });
         let closed = w.run(Op::CloseCampaign { id, status: CampaignStatus::Stopped }).await.unwrap();
         assert_eq!(closed, Outcome::CampaignClosed { refunded_fen: 4300 });

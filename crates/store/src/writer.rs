@@ -43,23 +43,80 @@ pub struct NewPacket {
 /// Everything that changes durable state.
 #[derive(Debug)]
 pub enum Op {
-    Deposit { user: UserId, amount_fen: i64, key: String },
-    Withdraw { user: UserId, amount_fen: i64, key: String },
+    Deposit {
+        user: UserId,
+        amount_fen: i64,
+        key: String,
+    },
+    Withdraw {
+        user: UserId,
+        amount_fen: i64,
+        key: String,
+    },
     /// Debit the sender, create the packet, store a message for each recipient.
-    FundPacket { packet: Box<NewPacket>, key: String, notice: Vec<u8> },
+    FundPacket {
+        packet: Box<NewPacket>,
+        key: String,
+        notice: Vec<u8>,
+    },
     /// One share to `user`; `finished` carries best luck when it was the last.
-    Open { packet: PacketId, user: UserId, amount_fen: i64, seq: u32, at_ms: u64, finished: Option<UserId> },
+    Open {
+        packet: PacketId,
+        user: UserId,
+        amount_fen: i64,
+        seq: u32,
+        at_ms: u64,
+        finished: Option<UserId>,
+    },
     /// Give an expired packet's remainder back to its sender, once.
-    Refund { packet: PacketId, sender: UserId, amount_fen: i64, at_ms: u64, notice: Vec<u8> },
-    ReserveIds { shard: u16, mark: u64 },
-    CreateCampaign { spec: CampaignSpec, key: String, at_ms: u64 },
-    SetCampaignStatus { id: CampaignId, status: CampaignStatus },
-    ShakeWin { campaign: CampaignId, packet: PacketId, user: UserId, amount_fen: i64, at_ms: u64, key: Option<String> },
+    Refund {
+        packet: PacketId,
+        sender: UserId,
+        amount_fen: i64,
+        at_ms: u64,
+        notice: Vec<u8>,
+    },
+    ReserveIds {
+        shard: u16,
+        mark: u64,
+    },
+    CreateCampaign {
+        spec: CampaignSpec,
+        key: String,
+        at_ms: u64,
+    },
+    SetCampaignStatus {
+        id: CampaignId,
+        status: CampaignStatus,
+    },
+    ShakeWin {
+        campaign: CampaignId,
+        packet: PacketId,
+        user: UserId,
+        amount_fen: i64,
+        at_ms: u64,
+        key: Option<String>,
+    },
     /// Return everything left in a campaign's escrow to its funder.
-    CloseCampaign { id: CampaignId, status: CampaignStatus },
-    StoreMessages { users: Vec<UserId>, body: Vec<u8>, at_ms: u64 },
-    AckMessage { user: UserId, msg: u64 },
-    ChangeGroup { group: GroupId, add: Vec<UserId>, remove: Vec<UserId>, replace: bool },
+    CloseCampaign {
+        id: CampaignId,
+        status: CampaignStatus,
+    },
+    StoreMessages {
+        users: Vec<UserId>,
+        body: Vec<u8>,
+        at_ms: u64,
+    },
+    AckMessage {
+        user: UserId,
+        msg: u64,
+    },
+    ChangeGroup {
+        group: GroupId,
+        add: Vec<UserId>,
+        remove: Vec<UserId>,
+        replace: bool,
+    },
     /// Completes after everything queued before it has committed.
     Barrier,
     /// Like `Barrier`, then the writer stops: later operations fail.
@@ -91,20 +148,43 @@ impl Op {
 /// What a committed operation did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Balance { balance_fen: i64, repeat: bool },
+    Balance {
+        balance_fen: i64,
+        repeat: bool,
+    },
     /// `existing` is set when the key had already funded a packet.
-    Funded { existing: Option<ExistingPacket>, messages: Vec<(UserId, u64)> },
+    Funded {
+        existing: Option<ExistingPacket>,
+        messages: Vec<(UserId, u64)>,
+    },
     Opened,
-    Refunded { message: Option<u64> },
-    IdsReserved { mark: u64 },
-    CampaignCreated { id: CampaignId, repeat: bool },
+    Refunded {
+        message: Option<u64>,
+    },
+    IdsReserved {
+        mark: u64,
+    },
+    CampaignCreated {
+        id: CampaignId,
+        repeat: bool,
+    },
     CampaignStatusSet,
     /// `repeat` holds the first win when the key had already won.
-    ShakeWon { repeat: Option<(CampaignId, PacketId, i64)> },
-    CampaignClosed { refunded_fen: i64 },
-    MessagesStored { ids: Vec<(UserId, u64)> },
-    MessageAcked { existed: bool },
-    GroupChanged { members: Vec<UserId> },
+    ShakeWon {
+        repeat: Option<(CampaignId, PacketId, i64)>,
+    },
+    CampaignClosed {
+        refunded_fen: i64,
+    },
+    MessagesStored {
+        ids: Vec<(UserId, u64)>,
+    },
+    MessageAcked {
+        existed: bool,
+    },
+    GroupChanged {
+        members: Vec<UserId>,
+    },
     Done,
 }
 
@@ -133,7 +213,9 @@ pub enum OpError {
 impl From<LedgerError> for OpError {
     fn from(e: LedgerError) -> Self {
         match e {
-            LedgerError::InsufficientFunds { balance_fen, needed_fen } => OpError::InsufficientFunds { balance_fen, needed_fen },
+            LedgerError::InsufficientFunds { balance_fen, needed_fen } => {
+                OpError::InsufficientFunds { balance_fen, needed_fen }
+            }
             other => OpError::Invalid(other.to_string()),
         }
     }
@@ -305,7 +387,19 @@ impl WriterState {
     }
 }
 
-fn insert_entry(tx: &Connection, t: &Transfer, kind: EntryKind, reference: u64, user: Option<UserId>, at_ms: u64) -> rusqlite::Result<()> {
+/// What a journal entry is for.
+#[derive(Clone, Copy)]
+struct EntryMeta {
+    kind: EntryKind,
+    /// The packet or campaign id (0 for deposits and withdrawals).
+    reference: u64,
+    /// The user an open or a win credits.
+    user: Option<UserId>,
+    at_ms: u64,
+}
+
+fn insert_entry(tx: &Connection, t: &Transfer, meta: &EntryMeta) -> rusqlite::Result<()> {
+    let EntryMeta { kind, reference, user, at_ms } = *meta;
     tx.prepare_cached(
         "INSERT INTO entries (from_account, to_account, amount, kind, reference, user, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
@@ -319,16 +413,13 @@ fn transfer(
     ledger: &mut Ledger,
     batch: &mut Batch,
     transfers: &[Transfer],
-    kind: EntryKind,
-    reference: u64,
-    user: Option<UserId>,
-    at_ms: u64,
+    meta: EntryMeta,
 ) -> rusqlite::Result<Result<(), OpError>> {
     if let Err(e) = ledger.check(transfers) {
         return Ok(Err(e.into()));
     }
     for t in transfers {
-        insert_entry(tx, t, kind, reference, user, at_ms)?;
+        insert_entry(tx, t, &meta)?;
         batch.dirty.insert(t.from);
         batch.dirty.insert(t.to);
     }
@@ -390,11 +481,14 @@ fn apply(
                 }
                 Some(Err(e)) => Err(e),
                 None => {
-                    let (from, to) =
-                        if deposit { (Account::WORLD, Account::user(*user)) } else { (Account::user(*user), Account::WORLD) };
+                    let (from, to) = if deposit {
+                        (Account::WORLD, Account::user(*user))
+                    } else {
+                        (Account::user(*user), Account::WORLD)
+                    };
                     let kind = if deposit { EntryKind::Deposit } else { EntryKind::Withdraw };
                     let t = [Transfer { from, to, amount_fen: *amount_fen }];
-                    match transfer(tx, ledger, batch, &t, kind, 0, None, at)? {
+                    match transfer(tx, ledger, batch, &t, EntryMeta { kind, reference: 0, user: None, at_ms: at })? {
                         Err(e) => Err(e),
                         Ok(()) => {
                             let balance = ledger.balance(Account::user(*user));
@@ -407,7 +501,9 @@ fn apply(
         }
         Op::FundPacket { packet: p, key, notice } => {
             let existing = tx
-                .prepare_cached("SELECT id, total, count, expires_ms, kind FROM packets WHERE sender = ?1 AND idem_key = ?2")?
+                .prepare_cached(
+                    "SELECT id, total, count, expires_ms, kind FROM packets WHERE sender = ?1 AND idem_key = ?2",
+                )?
                 .query_row(params![p.sender as i64, key], |r| {
                     Ok((
                         ExistingPacket {
@@ -428,7 +524,13 @@ fn apply(
                 });
             }
             let t = [Transfer { from: Account::user(p.sender), to: Account::PACKET_ESCROW, amount_fen: p.total_fen }];
-            if let Err(e) = transfer(tx, ledger, batch, &t, EntryKind::PacketFund, p.id, None, at)? {
+            if let Err(e) = transfer(
+                tx,
+                ledger,
+                batch,
+                &t,
+                EntryMeta { kind: EntryKind::PacketFund, reference: p.id, user: None, at_ms: at },
+            )? {
                 return Ok(Err(e));
             }
             let (target, grp) = match &p.recipients {
@@ -464,7 +566,13 @@ fn apply(
             let t = [Transfer { from: Account::PACKET_ESCROW, to: Account::user(*user), amount_fen: *amount_fen }];
             // The shard decided this share from the packet's state; the ledger
             // must agree. A failure here would be a bug in the shard.
-            if let Err(e) = transfer(tx, ledger, batch, &t, EntryKind::PacketOpen, *packet, Some(*user), *at_ms)? {
+            if let Err(e) = transfer(
+                tx,
+                ledger,
+                batch,
+                &t,
+                EntryMeta { kind: EntryKind::PacketOpen, reference: *packet, user: Some(*user), at_ms: *at_ms },
+            )? {
                 return Ok(Err(e));
             }
             tx.prepare_cached("INSERT INTO claims (packet, user, seq, amount, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
@@ -489,8 +597,15 @@ fn apply(
             }
             let mut message = None;
             if *amount_fen > 0 {
-                let t = [Transfer { from: Account::PACKET_ESCROW, to: Account::user(*sender), amount_fen: *amount_fen }];
-                if let Err(e) = transfer(tx, ledger, batch, &t, EntryKind::PacketRefund, *packet, None, *at_ms)? {
+                let t =
+                    [Transfer { from: Account::PACKET_ESCROW, to: Account::user(*sender), amount_fen: *amount_fen }];
+                if let Err(e) = transfer(
+                    tx,
+                    ledger,
+                    batch,
+                    &t,
+                    EntryMeta { kind: EntryKind::PacketRefund, reference: *packet, user: None, at_ms: *at_ms },
+                )? {
                     panic!("refund of packet {packet} does not balance: {e}");
                 }
                 message = Some(store_message(tx, *sender, notice, at)?);
@@ -518,8 +633,15 @@ fn apply(
                 });
             }
             let id = *next_campaign;
-            let t = [Transfer { from: Account::user(spec.funder), to: Account::campaign(id), amount_fen: spec.total_fen }];
-            if let Err(e) = transfer(tx, ledger, batch, &t, EntryKind::CampaignFund, id, None, *at_ms)? {
+            let t =
+                [Transfer { from: Account::user(spec.funder), to: Account::campaign(id), amount_fen: spec.total_fen }];
+            if let Err(e) = transfer(
+                tx,
+                ledger,
+                batch,
+                &t,
+                EntryMeta { kind: EntryKind::CampaignFund, reference: id, user: None, at_ms: *at_ms },
+            )? {
                 return Ok(Err(e));
             }
             *next_campaign += 1;
@@ -531,7 +653,9 @@ fn apply(
         }
         Op::SetCampaignStatus { id, status } => {
             let n = tx
-                .prepare_cached("UPDATE campaigns SET status = ?2 WHERE id = ?1 AND status NOT IN ('stopped', 'finished')")?
+                .prepare_cached(
+                    "UPDATE campaigns SET status = ?2 WHERE id = ?1 AND status NOT IN ('stopped', 'finished')",
+                )?
                 .execute(params![*id as i64, status.as_str()])?;
             if n == 0 {
                 Err(OpError::NotFound(format!("open campaign {id}")))
@@ -542,15 +666,24 @@ fn apply(
         Op::ShakeWin { campaign, packet, user, amount_fen, at_ms, key } => {
             if let Some(key) = key {
                 let first: Option<(i64, i64, i64)> = tx
-                    .prepare_cached("SELECT campaign, packet, amount FROM shake_wins WHERE user = ?1 AND idem_key = ?2")?
+                    .prepare_cached(
+                        "SELECT campaign, packet, amount FROM shake_wins WHERE user = ?1 AND idem_key = ?2",
+                    )?
                     .query_row(params![*user as i64, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()?;
                 if let Some((c, p, a)) = first {
                     return Ok(Ok(Outcome::ShakeWon { repeat: Some((c as u64, p as u64, a)) }));
                 }
             }
-            let t = [Transfer { from: Account::campaign(*campaign), to: Account::user(*user), amount_fen: *amount_fen }];
-            if let Err(e) = transfer(tx, ledger, batch, &t, EntryKind::ShakeWin, *campaign, Some(*user), *at_ms)? {
+            let t =
+                [Transfer { from: Account::campaign(*campaign), to: Account::user(*user), amount_fen: *amount_fen }];
+            if let Err(e) = transfer(
+                tx,
+                ledger,
+                batch,
+                &t,
+                EntryMeta { kind: EntryKind::ShakeWin, reference: *campaign, user: Some(*user), at_ms: *at_ms },
+            )? {
                 return Ok(Err(e));
             }
             tx.prepare_cached(
@@ -573,11 +706,18 @@ fn apply(
             let left = ledger.balance(Account::campaign(*id));
             if left > 0 {
                 let t = [Transfer { from: Account::campaign(*id), to: Account::user(funder as u64), amount_fen: left }];
-                if let Err(e) = transfer(tx, ledger, batch, &t, EntryKind::CampaignRefund, *id, None, at)? {
+                if let Err(e) = transfer(
+                    tx,
+                    ledger,
+                    batch,
+                    &t,
+                    EntryMeta { kind: EntryKind::CampaignRefund, reference: *id, user: None, at_ms: at },
+                )? {
                     panic!("campaign {id} refund does not balance: {e}");
                 }
             }
-            tx.prepare_cached("UPDATE campaigns SET status = ?2 WHERE id = ?1")?.execute(params![*id as i64, status.as_str()])?;
+            tx.prepare_cached("UPDATE campaigns SET status = ?2 WHERE id = ?1")?
+                .execute(params![*id as i64, status.as_str()])?;
             Ok(Outcome::CampaignClosed { refunded_fen: left })
         }
         Op::StoreMessages { users, body, at_ms } => {
