@@ -1,1 +1,209 @@
-//! placeholder
+//! The operator HTTP API: JSON over HTTP/1.1 beside the gateway.
+//!
+//! Owns: the routes under `/v1` (accounts, groups, packets, campaigns,
+//! pushes and broadcast tasks, client tokens, stats), API-key
+//! authentication of operators, the error format
+//! (`{"error":{"code","message"}}`) and its HTTP statuses, request bounds
+//! (body size), `/health`, and the Prometheus scrape endpoint `/metrics`.
+//! The route list and examples are in `docs/api.md`.
+//!
+//! Must not: hold money rules, packet state or SQL. Every decision is the
+//! engine's; a handler only parses, calls `hongbao_shard::Engine`, and maps
+//! the answer to JSON and a status. A packet sent through this API goes
+//! through `Engine::call` exactly like one sent over a client connection, so
+//! there is no second, subtly different path for money to move.
+
+mod error;
+mod extract;
+mod routes;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use hongbao_gateway::TokenSigner;
+use hongbao_shard::Engine;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use error::{status_for, ApiError};
+pub use routes::{TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX};
+
+/// Largest request body accepted. The biggest legitimate body is a group of
+/// `GROUP_MEMBERS_MAX` (500) ids, well under 16 KiB; 64 KiB leaves room for
+/// long notices without letting one request buffer megabytes.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Where and how the admin API listens.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    /// Listen address; port 0 picks a free port (see the address `start`
+    /// returns).
+    pub addr: SocketAddr,
+    /// Operators must send this key (`Authorization: Bearer <key>` or
+    /// `x-api-key: <key>`) on every `/v1` route. `None` leaves the API open,
+    /// which `serve` only does in dev mode.
+    pub api_key: Option<String>,
+    /// Dev mode: only changes how loudly an open API is reported.
+    pub dev: bool,
+}
+
+/// Why the admin API could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("invalid admin config: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("admin server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    engine: Engine,
+    /// Signs the client tokens issued by `POST /v1/tokens`; the same secret
+    /// the gateway verifies with.
+    signer: TokenSigner,
+    /// Renders `/metrics`.
+    prometheus: PrometheusHandle,
+    /// `None`: no authentication.
+    api_key: Option<String>,
+}
+
+/// Binds `config.addr` and serves until `shutdown` becomes `true` (or its
+/// sender is dropped). Returns the bound address and the server task, which
+/// ends once in-flight requests are answered.
+pub async fn start(
+    config: AdminConfig,
+    engine: Engine,
+    signer: TokenSigner,
+    prometheus: PrometheusHandle,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<Result<(), AdminError>>), AdminError> {
+    if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(AdminError::Config("the admin API key must not be empty".into()));
+    }
+    let listener =
+        TcpListener::bind(config.addr).await.map_err(|source| AdminError::Bind { addr: config.addr, source })?;
+    let addr = listener.local_addr().map_err(|source| AdminError::Bind { addr: config.addr, source })?;
+    match (&config.api_key, config.dev) {
+        (Some(_), _) => tracing::info!(%addr, "admin API listening (API key required)"),
+        (None, true) => tracing::warn!(%addr, "admin API listening WITHOUT authentication (dev mode)"),
+        (None, false) => {
+            tracing::warn!(%addr, "admin API listening WITHOUT authentication: anyone who can reach it can move money")
+        }
+    }
+    let app = router(Arc::new(AppState { engine, signer, prometheus, api_key: config.api_key }));
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                // A dropped sender also means "stop": nobody is left to say otherwise.
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+            .map_err(AdminError::Serve)
+    });
+    Ok((addr, task))
+}
+
+/// The label and auth requirement of one route, handed to `guard`.
+#[derive(Clone)]
+struct RouteCtx {
+    path: &'static str,
+    auth: bool,
+    app: Arc<AppState>,
+}
+
+/// The `route` label of a response for `hongbao_admin_requests_total`. Set
+/// from the route's pattern, never from the raw path, so ids in paths cannot
+/// create unbounded label values.
+#[derive(Clone)]
+struct RouteLabel(String);
+
+pub(crate) fn router(app: Arc<AppState>) -> Router {
+    let add = |r: Router<Arc<AppState>>, path: &'static str, auth: bool, mr: MethodRouter<Arc<AppState>>| {
+        let ctx = RouteCtx { path, auth, app: app.clone() };
+        r.route(path, mr.layer(middleware::from_fn_with_state(ctx, guard)))
+    };
+    let mut r = Router::new();
+    r = add(r, "/health", false, get(routes::health));
+    r = add(r, "/metrics", false, get(routes::metrics));
+    r = add(r, "/v1/accounts/{user}", true, get(routes::account));
+    r = add(r, "/v1/accounts/{user}/deposit", true, post(routes::deposit));
+    r = add(r, "/v1/accounts/{user}/withdraw", true, post(routes::withdraw));
+    r = add(r, "/v1/groups/{id}", true, get(routes::group).put(routes::set_group));
+    r = add(r, "/v1/groups/{id}/members", true, post(routes::change_members));
+    r = add(r, "/v1/packets", true, post(routes::send_packet));
+    r = add(r, "/v1/packets/{id}", true, get(routes::packet));
+    r = add(r, "/v1/campaigns", true, get(routes::campaigns).post(routes::create_campaign));
+    r = add(r, "/v1/campaigns/{id}", true, get(routes::campaign));
+    r = add(r, "/v1/campaigns/{id}/start", true, post(routes::start_campaign));
+    r = add(r, "/v1/campaigns/{id}/stop", true, post(routes::stop_campaign));
+    r = add(r, "/v1/push", true, post(routes::push));
+    r = add(r, "/v1/broadcast", true, post(routes::broadcast));
+    r = add(r, "/v1/tasks", true, get(routes::tasks));
+    r = add(r, "/v1/tasks/{id}", true, get(routes::task));
+    r = add(r, "/v1/tasks/{id}/stop", true, post(routes::stop_task));
+    r = add(r, "/v1/tokens", true, post(routes::issue_token));
+    r = add(r, "/v1/stats", true, get(routes::stats));
+    r.fallback(routes::no_route)
+        .method_not_allowed_fallback(routes::wrong_method)
+        .layer(middleware::from_fn(count))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(app)
+}
+
+/// Per-route: checks the API key where one is required, and labels the
+/// response with its route for `count`.
+async fn guard(State(ctx): State<RouteCtx>, req: Request, next: Next) -> Response {
+    let label = RouteLabel(format!("{} {}", req.method(), ctx.path));
+    let mut response = if ctx.auth && !authorized(ctx.app.api_key.as_deref(), req.headers()) {
+        ApiError::unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
+            .into_response()
+    } else {
+        next.run(req).await
+    };
+    response.extensions_mut().insert(label);
+    response
+}
+
+/// Around everything: one count per request by route and status.
+async fn count(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let route = response.extensions().get::<RouteLabel>().map(|l| l.0.clone()).unwrap_or_else(|| "unmatched".into());
+    metrics::counter!("hongbao_admin_requests_total", "route" => route, "status" => response.status().as_u16().to_string())
+        .increment(1);
+    response
+}
+
+fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(expected) = expected else { return true };
+    let header_str = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let bearer = header_str(header::AUTHORIZATION.as_str())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    match bearer.or_else(|| header_str("x-api-key").map(str::trim)) {
+        Some(given) => constant_time_eq(given.as_bytes(), expected.as_bytes()),
+        None => false,
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell an
+/// attacker how many leading bytes of a guessed key were right. (The length
+/// can leak; keys are fixed-length random strings.)
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,1 +1,109 @@
-fn main() {}
+//! The `hongbao` binary: parses the command line, sets up logging, and hands
+//! over to one module per subcommand. Logs go to stderr; stdout carries only
+//! what scripts read (the `HONGBAO_READY` line, audit reports, tokens).
+
+mod audit;
+mod config;
+mod keys;
+mod serve;
+mod token;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "hongbao", version, about = "Red-packet (红包) server: group packets, shake campaigns, push")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: gateway (TCP and WebSocket), engine and admin API.
+    Serve(Box<config::ServeArgs>),
+    /// Check money conservation on a data directory. Exit code 0: pass,
+    /// 1: violations found, 2: the data could not be read.
+    Audit {
+        /// Data directory to audit.
+        #[arg(long, env = "HONGBAO_DATA", default_value = config::DATA_DEFAULT, value_name = "DIR")]
+        data: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a client token for a user, signed with the data directory's secret.
+    Token {
+        /// Data directory whose secret.key signs the token.
+        #[arg(long, env = "HONGBAO_DATA", default_value = config::DATA_DEFAULT, value_name = "DIR")]
+        data: PathBuf,
+        /// User id the token is for.
+        #[arg(long)]
+        user: u64,
+        /// Seconds the token stays valid.
+        #[arg(long, default_value_t = hongbao_admin::TOKEN_TTL_S_DEFAULT)]
+        ttl_s: u64,
+        /// Sign with this secret instead of <data>/secret.key.
+        #[arg(long, env = "HONGBAO_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    match cli.command {
+        Command::Serve(args) => report(serve(*args)),
+        Command::Audit { data, json } => match audit::run(&data, json) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: cannot audit {}: {e}", data.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Token { data, user, ttl_s, secret } => {
+            report(token::issue(&data, user, ttl_s, secret).map(|t| println!("{t}")).context("cannot issue a token"))
+        }
+    }
+}
+
+fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
+    let settings = config::Settings::resolve(args)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(serve::run(settings)).context("serve failed")
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The error and its causes on one line. Some error types repeat their
+/// source in their own message and some do not; a cause already shown is
+/// not shown twice.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}

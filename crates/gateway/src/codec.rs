@@ -1,0 +1,306 @@
+//! Turning bytes from a peer into `ClientFrame`s: the binary frame reader for
+//! raw TCP and the JSON decoder for WebSocket text frames.
+//!
+//! Both reject bad input with a `FrameError` that names the client error code;
+//! nothing here panics on peer input.
+
+use hongbao_core::limits::FRAME_BYTES_MAX;
+use hongbao_proto::{binary, ClientFrame, DecodeError, ErrorCode, FRAME_HEADER_BYTES, REQUEST_OPS};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// A frame the peer sent that we refuse. Always fatal for the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> FrameError {
+        FrameError { code, message: message.into() }
+    }
+}
+
+impl From<DecodeError> for FrameError {
+    fn from(e: DecodeError) -> FrameError {
+        FrameError::new(e.code(), e.to_string())
+    }
+}
+
+/// What reading the next binary frame gave.
+#[derive(Debug)]
+pub(crate) enum ReadOutcome {
+    Frame(ClientFrame),
+    /// The peer closed cleanly between frames.
+    Eof,
+    /// The peer closed in the middle of a frame.
+    Truncated,
+    /// The frame is refused (oversized, unknown op, undecodable).
+    Bad(FrameError),
+}
+
+/// Body buffer capacity kept between frames. Most frames are tens of bytes;
+/// a rare large one must not pin 64 KiB on an idle connection.
+const BODY_CAPACITY_KEPT_BYTES: usize = 1024;
+
+/// Reads `[u32 BE length][postcard body]` frames.
+///
+/// `read_frame` is cancel-safe: progress lives in `self`, and each await is a
+/// single `read`, so the connection loop can race it against its outbox and
+/// timers in a `select!` without losing bytes.
+#[derive(Debug, Default)]
+pub(crate) struct FrameReader {
+    /// The header being read.
+    header: [u8; FRAME_HEADER_BYTES],
+    /// Header bytes read so far.
+    header_filled: usize,
+    /// The body, sized exactly once the header is checked; empty before.
+    body: Vec<u8>,
+    /// Body bytes read so far; `Some` once the header is complete and valid.
+    body_filled: Option<usize>,
+}
+
+impl FrameReader {
+    pub fn new() -> FrameReader {
+        FrameReader::default()
+    }
+
+    pub async fn read_frame<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> std::io::Result<ReadOutcome> {
+        loop {
+            match self.body_filled {
+                None => {
+                    if self.header_filled == FRAME_HEADER_BYTES {
+                        // Check the length before allocating anything for the body.
+                        let len = match binary::body_len(&self.header) {
+                            Ok(Some(len)) => len,
+                            Ok(None) => unreachable!("a full header always has a length"),
+                            Err(e) => return Ok(ReadOutcome::Bad(e.into())),
+                        };
+                        debug_assert!(len <= FRAME_BYTES_MAX);
+                        self.body.clear();
+                        self.body.resize(len, 0);
+                        self.body_filled = Some(0);
+                        continue;
+                    }
+                    let n = io.read(&mut self.header[self.header_filled..]).await?;
+                    if n == 0 {
+                        let started = self.header_filled > 0;
+                        self.header_filled = 0;
+                        return Ok(if started { ReadOutcome::Truncated } else { ReadOutcome::Eof });
+                    }
+                    self.header_filled += n;
+                }
+                Some(filled) if filled == self.body.len() => {
+                    let outcome = match binary::decode_client(&self.body) {
+                        Ok(frame) => ReadOutcome::Frame(frame),
+                        Err(e) => ReadOutcome::Bad(e.into()),
+                    };
+                    self.header_filled = 0;
+                    self.body_filled = None;
+                    self.body.clear();
+                    self.body.shrink_to(BODY_CAPACITY_KEPT_BYTES);
+                    return Ok(outcome);
+                }
+                Some(filled) => {
+                    let n = io.read(&mut self.body[filled..]).await?;
+                    if n == 0 {
+                        return Ok(ReadOutcome::Truncated);
+                    }
+                    self.body_filled = Some(filled + n);
+                }
+            }
+        }
+    }
+}
+
+/// The snake_case names of every `Request` variant, as they appear in JSON.
+const REQUEST_OP_NAMES: [&str; REQUEST_OPS as usize] =
+    ["hello", "ping", "shake", "send", "grab", "open", "detail", "balance", "ack"];
+
+/// Decodes a WebSocket text frame.
+///
+/// The JSON is parsed to a `Value` first so that a `req` naming an operation
+/// we do not know (`UnknownOp`, perhaps a newer client) is told apart from
+/// JSON that is simply wrong (`Malformed`); serde alone reports both as one
+/// error.
+pub(crate) fn decode_json(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| FrameError::new(ErrorCode::Malformed, format!("invalid JSON: {e}")))?;
+    let op = match value.get("req") {
+        Some(serde_json::Value::String(name)) => name.as_str(),
+        Some(serde_json::Value::Object(map)) if map.len() == 1 => map.keys().next().map_or("", String::as_str),
+        Some(_) => return Err(FrameError::new(ErrorCode::Malformed, "req must be an operation name or {op: {...}}")),
+        None => return Err(FrameError::new(ErrorCode::Malformed, "missing field req")),
+    };
+    let Some(op) = REQUEST_OP_NAMES.iter().copied().find(|known| *known == op) else {
+        // Echo at most a short prefix of the name: it is peer input.
+        let shown: String = op.chars().take(32).collect();
+        return Err(FrameError::new(ErrorCode::UnknownOp, format!("unknown operation {shown:?}")));
+    };
+    serde_json::from_value(value).map_err(|e| FrameError::new(ErrorCode::Malformed, format!("invalid {op}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hongbao_proto::{Request, SplitKind, Target};
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn op_names_match_every_request_variant() {
+        let all = [
+            Request::Hello { token: String::new() },
+            Request::Ping,
+            Request::Shake { campaign: 0, key: None },
+            Request::Send {
+                amount_fen: 1,
+                count: 1,
+                kind: SplitKind::Lucky,
+                to: Target::User(1),
+                greeting: String::new(),
+                key: String::new(),
+            },
+            Request::Grab { packet: 1 },
+            Request::Open { packet: 1 },
+            Request::Detail { packet: 1 },
+            Request::Balance,
+            Request::Ack { msg: 1 },
+        ];
+        assert_eq!(all.len(), REQUEST_OPS as usize);
+        for req in all {
+            assert!(REQUEST_OP_NAMES.contains(&req.op_name()), "{req:?}");
+            // The serde name is the op name: that is what the JSON check relies on.
+            let json = serde_json::to_value(&req).unwrap();
+            let serde_name = match &json {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Object(m) => m.keys().next().unwrap().clone(),
+                other => panic!("{other}"),
+            };
+            assert_eq!(serde_name, req.op_name());
+        }
+    }
+
+    #[test]
+    fn valid_json_frames_decode() {
+        assert_eq!(
+            decode_json(r#"{"id":1,"req":{"open":{"packet":5}}}"#),
+            Ok(ClientFrame { id: 1, req: Request::Open { packet: 5 } })
+        );
+        assert_eq!(decode_json(r#"{"id":2,"req":"ping"}"#), Ok(ClientFrame { id: 2, req: Request::Ping }));
+        assert_eq!(
+            decode_json(r#"{"id":3,"req":{"hello":{"token":"abc"}}}"#),
+            Ok(ClientFrame { id: 3, req: Request::Hello { token: "abc".into() } })
+        );
+        assert_eq!(
+            decode_json(r#"{"id":4,"req":{"shake":{"campaign":0,"key":null}}}"#),
+            Ok(ClientFrame { id: 4, req: Request::Shake { campaign: 0, key: None } })
+        );
+    }
+
+    #[test]
+    fn unknown_operations_are_told_from_malformed_json() {
+        let code = |text: &str| decode_json(text).map_err(|e| e.code);
+        assert_eq!(code(r#"{"id":1,"req":{"steal":{"packet":5}}}"#), Err(ErrorCode::UnknownOp));
+        assert_eq!(code(r#"{"id":1,"req":"teleport"}"#), Err(ErrorCode::UnknownOp));
+        // Known op, wrong fields or types.
+        assert_eq!(code(r#"{"id":1,"req":{"open":{"packet":"five"}}}"#), Err(ErrorCode::Malformed));
+        assert_eq!(code(r#"{"id":1,"req":{"open":{}}}"#), Err(ErrorCode::Malformed));
+        // Not a frame at all.
+        for text in [
+            "",
+            "not json",
+            "[]",
+            r#"{"id":1}"#,
+            r#"{"req":"ping"}"#,
+            r#"{"id":-1,"req":"ping"}"#,
+            r#"{"id":1,"req":7}"#,
+            r#"{"id":1,"req":{"open":{"packet":5},"grab":{"packet":5}}}"#,
+            r#"{"id":1,"req":{"open":{"packet":5}}"#,
+        ] {
+            assert_eq!(code(text), Err(ErrorCode::Malformed), "{text}");
+        }
+    }
+
+    async fn read_all(bytes: Vec<u8>) -> Vec<ReadOutcome> {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            // Write in odd-sized pieces so frames arrive split across reads.
+            for chunk in bytes.chunks(7) {
+                client.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut reader = FrameReader::new();
+        let mut out = Vec::new();
+        loop {
+            let outcome = reader.read_frame(&mut server).await.unwrap();
+            let last = !matches!(outcome, ReadOutcome::Frame(_));
+            out.push(outcome);
+            if last {
+                break;
+            }
+        }
+        writer.await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn reads_good_frames_then_eof() {
+        let a = ClientFrame { id: 1, req: Request::Hello { token: "v1.1.2.sig".into() } };
+        let b = ClientFrame { id: 2, req: Request::Open { packet: 1 << 40 } };
+        let mut bytes = binary::encode_client(&a);
+        bytes.extend(binary::encode_client(&b));
+        let out = read_all(bytes).await;
+        assert!(
+            matches!(&out[..], [ReadOutcome::Frame(x), ReadOutcome::Frame(y), ReadOutcome::Eof] if *x == a && *y == b)
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_header_is_refused_before_the_body() {
+        // Only the header is sent: the reader must not wait for 64 KiB + 1.
+        let bytes = ((FRAME_BYTES_MAX + 1) as u32).to_be_bytes().to_vec();
+        let out = read_all(bytes).await;
+        assert!(matches!(&out[..], [ReadOutcome::Bad(e)] if e.code == ErrorCode::FrameTooLarge), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn truncated_frames_are_reported() {
+        let bytes = binary::encode_client(&ClientFrame { id: 1, req: Request::Open { packet: 9 } });
+        let out = read_all(bytes[..bytes.len() - 1].to_vec()).await;
+        assert!(matches!(&out[..], [ReadOutcome::Truncated]), "{out:?}");
+        let out = read_all(bytes[..2].to_vec()).await;
+        assert!(matches!(&out[..], [ReadOutcome::Truncated]), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn undecodable_bodies_are_refused() {
+        // id = 1, then op 99.
+        let out = read_all(vec![0, 0, 0, 2, 1, 99]).await;
+        assert!(matches!(&out[..], [ReadOutcome::Bad(e)] if e.code == ErrorCode::UnknownOp), "{out:?}");
+        // id = 1, op = open, packet missing.
+        let out = read_all(vec![0, 0, 0, 2, 1, 5]).await;
+        assert!(matches!(&out[..], [ReadOutcome::Bad(e)] if e.code == ErrorCode::Malformed), "{out:?}");
+    }
+
+    /// The example session in docs/protocol.md must stay true to the types.
+    #[test]
+    fn protocol_doc_example_parses() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let example = doc.split("## Example session").nth(1).unwrap();
+        let (mut sent, mut received) = (0, 0);
+        for line in example.lines() {
+            if let Some(json) = line.strip_prefix("→ ") {
+                match decode_json(json) {
+                    Ok(_) => {}
+                    Err(e) => assert_eq!(e.code, ErrorCode::UnknownOp, "{json}"),
+                }
+                sent += 1;
+            } else if let Some(json) = line.strip_prefix("← ") {
+                let frame: hongbao_proto::ServerFrame = serde_json::from_str(json).unwrap();
+                assert_eq!(serde_json::to_string(&frame).unwrap(), json);
+                received += 1;
+            }
+        }
+        assert!(sent >= 6 && received >= 6);
+    }
+}

@@ -1,0 +1,223 @@
+//! Listeners, admission and shutdown.
+//!
+//! Each listener has one accept loop. A connection is admitted with a permit
+//! from a semaphore of `max_connections`; over capacity it is told
+//! `Close { overload }` and dropped. Each admitted connection is one task
+//! (`conn`), which holds its permit and the shared state for its whole
+//! life: when the last reference to that state is gone, every connection has finished, which is
+//! how `Gateway::wait` knows shutdown is complete (as in mini-redis).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hongbao_proto::{binary, ErrorCode, Request, ServerFrame};
+use hongbao_shard::{Engine, EngineError, Outbox, Responder};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::limits::{ACCEPT_ERROR_BACKOFF_MS, REJECTS_INFLIGHT_MAX, REJECT_TIMEOUT_S};
+use crate::{conn, GatewayConfig, GatewayError};
+
+/// What the gateway needs from the engine. `Engine` is the only real
+/// implementation; tests use a fake so the connection logic can be tested
+/// without shards or storage.
+pub(crate) trait Backend: Clone + Send + Sync + 'static {
+    /// Keeps the connection registered for pushes while alive.
+    type Guard: Send + 'static;
+    fn submit(&self, user: u64, req: Request, responder: Responder);
+    fn connect(&self, user: u64, outbox: Outbox) -> impl Future<Output = Result<Self::Guard, EngineError>> + Send;
+}
+
+impl Backend for Engine {
+    type Guard = hongbao_shard::Connection;
+    fn submit(&self, user: u64, req: Request, responder: Responder) {
+        Engine::submit(self, user, req, responder)
+    }
+    fn connect(&self, user: u64, outbox: Outbox) -> impl Future<Output = Result<Self::Guard, EngineError>> + Send {
+        Engine::connect(self, user, outbox)
+    }
+}
+
+/// Which listener a connection came from; also the `transport` metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Tcp,
+    Ws,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+/// State every connection task shares.
+pub(crate) struct Shared<B> {
+    pub config: GatewayConfig,
+    pub engine: B,
+    /// Flips to `true` once, when the server is shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    /// Bounds the work spent telling refused WebSocket clients why.
+    rejects: Arc<Semaphore>,
+    /// Never sent on: it is dropped with the last `Arc<Shared>`, held by the
+    /// accept loops and every connection task, which closes `done_rx`.
+    _done_tx: mpsc::Sender<()>,
+}
+
+impl<B> Shared<B> {
+    pub(crate) fn new(
+        config: GatewayConfig,
+        engine: B,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Arc<Shared<B>>, mpsc::Receiver<()>) {
+        let (done_tx, done_rx) = mpsc::channel(1);
+        let shared = Shared {
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            rejects: Arc::new(Semaphore::new(REJECTS_INFLIGHT_MAX)),
+            config,
+            engine,
+            shutdown,
+            _done_tx: done_tx,
+        };
+        (Arc::new(shared), done_rx)
+    }
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    tcp_addr: SocketAddr,
+    ws_addr: SocketAddr,
+    accept_loops: Vec<JoinHandle<()>>,
+    /// Yields `None` once every connection task has ended.
+    done_rx: mpsc::Receiver<()>,
+}
+
+impl Gateway {
+    /// The bound raw TCP address (the real port when 0 was asked for).
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// The bound WebSocket address.
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    /// Waits until the accept loops have stopped and every connection has
+    /// been closed. Returns only after the shutdown signal was sent.
+    pub async fn wait(mut self) -> Result<(), GatewayError> {
+        for handle in self.accept_loops.drain(..) {
+            handle.await?;
+        }
+        // Every sender clone lives in an accept loop or a connection task.
+        let _ = self.done_rx.recv().await;
+        Ok(())
+    }
+}
+
+/// Binds both listeners and starts accepting. Connections close with
+/// `shutting_down` once `shutdown` becomes `true`.
+pub async fn start(
+    config: GatewayConfig,
+    engine: Engine,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Gateway, GatewayError> {
+    start_with(config, engine, shutdown).await
+}
+
+pub(crate) async fn start_with<B: Backend>(
+    config: GatewayConfig,
+    engine: B,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Gateway, GatewayError> {
+    config.validate()?;
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source })
+    };
+    let tcp = bind(config.tcp_addr).await?;
+    let ws = bind(config.ws_addr).await?;
+    let local = |l: &TcpListener, addr| l.local_addr().map_err(|source| GatewayError::Bind { addr, source });
+    let (tcp_addr, ws_addr) = (local(&tcp, config.tcp_addr)?, local(&ws, config.ws_addr)?);
+    let (shared, done_rx) = Shared::new(config, engine, shutdown);
+    tracing::info!(%tcp_addr, %ws_addr, dev = shared.config.dev, "gateway listening");
+    if shared.config.dev {
+        tracing::warn!("dev mode: bare user ids are accepted as tokens");
+    }
+    let accept_loops = vec![
+        tokio::spawn(accept_loop(tcp, Transport::Tcp, shared.clone())),
+        tokio::spawn(accept_loop(ws, Transport::Ws, shared)),
+    ];
+    Ok(Gateway { tcp_addr, ws_addr, accept_loops, done_rx })
+}
+
+async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, shared: Arc<Shared<B>>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        if *shutdown.borrow_and_update() {
+            break;
+        }
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // A dropped sender also means nobody can tell us to run on.
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning; connections
+                // that close will free descriptors.
+                tracing::warn!(error = %e, transport = transport.as_str(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
+                continue;
+            }
+        };
+        metrics::counter!("hongbao_connections_accepted_total", "transport" => transport.as_str()).increment(1);
+        // Small frames must leave at once; we batch writes ourselves.
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            reject(stream, transport, &shared);
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let gauge = metrics::gauge!("hongbao_connections_open", "transport" => transport.as_str());
+            gauge.increment(1.0);
+            conn::run(stream, peer, transport, &shared).await;
+            gauge.decrement(1.0);
+            drop(permit);
+        });
+    }
+    tracing::info!(transport = transport.as_str(), "accept loop stopped");
+}
+
+/// Tells a connection over capacity `overload`, best effort and bounded.
+fn reject<B>(stream: TcpStream, transport: Transport, shared: &Shared<B>) {
+    metrics::counter!("hongbao_connections_rejected_total", "transport" => transport.as_str()).increment(1);
+    let close = ServerFrame::Close { code: ErrorCode::Overload, message: "server at connection capacity".into() };
+    match transport {
+        Transport::Tcp => {
+            // A fresh socket's send buffer is empty, so a small frame fits
+            // without waiting; if it does not, the peer just sees the close.
+            let _ = stream.try_write(&binary::encode_server(&close));
+        }
+        Transport::Ws => {
+            // The WebSocket handshake must be done before a frame can be
+            // sent, which takes a task; a second, small semaphore bounds those.
+            let Ok(permit) = shared.rejects.clone().try_acquire_owned() else { return };
+            tokio::spawn(async move {
+                let timeout = Duration::from_secs(REJECT_TIMEOUT_S);
+                let _ = tokio::time::timeout(timeout, conn::ws_reject(stream, close)).await;
+                drop(permit);
+            });
+        }
+    }
+}

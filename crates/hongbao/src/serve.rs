@@ -1,0 +1,329 @@
+//! `hongbao serve`: opens the engine, starts the gateway and the admin API,
+//! announces the bound addresses, and shuts down in phases.
+//!
+//! Start-up order matters: the engine opens first because it locks the data
+//! directory, so a second server pointed at the same directory fails before
+//! it touches the key files or a port. Shutdown runs the other way round:
+//! stop taking connections and requests (gateway, admin), then let the engine
+//! commit what is queued, so no acknowledged operation is cut off.
+//!
+//! `start` and `Server::shutdown` are usable in-process (tests, a future
+//! `demo`); `run` adds what only the real process does: the global metrics
+//! recorder, signals, and the `HONGBAO_READY` line.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hongbao_admin::{AdminConfig, AdminError};
+use hongbao_gateway::{Gateway, GatewayConfig, GatewayError, TokenSigner};
+use hongbao_shard::{Engine, EngineConfig, EngineError};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::keys::{self, KeyError};
+
+/// How long the gateway and the admin API each get to finish in-flight work
+/// after the shutdown signal. Past it the engine is shut down anyway: a stuck
+/// peer must not keep queued commits from reaching the disk.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the Prometheus recorder drains histograms. `install_recorder`
+/// leaves this to the caller; without it histogram memory grows unbounded.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("key file: {0}")]
+    Keys(#[from] KeyError),
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] GatewayError),
+    #[error("admin API: {0}")]
+    Admin(#[from] AdminError),
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
+    #[error("cannot listen for signals: {0}")]
+    Signal(std::io::Error),
+    #[error("a server task failed: {0}")]
+    Task(String),
+}
+
+/// What a started server announces; printed as the `HONGBAO_READY` line.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Ready {
+    pub tcp: SocketAddr,
+    pub ws: SocketAddr,
+    pub admin: SocketAddr,
+    pub data: PathBuf,
+    pub dev: bool,
+}
+
+/// A running server.
+pub struct Server {
+    ready: Ready,
+    engine: Engine,
+    gateway: Gateway,
+    admin: JoinHandle<Result<(), AdminError>>,
+    /// `true` tells the gateway and the admin API to stop.
+    shutdown: watch::Sender<bool>,
+}
+
+/// Opens the engine in `settings.data` and starts the gateway and the admin
+/// API. On failure everything already started is stopped again.
+pub async fn start(settings: Settings, prometheus: PrometheusHandle) -> Result<Server, ServeError> {
+    let data = &settings.data;
+    std::fs::create_dir_all(data).map_err(|source| ServeError::DataDir { path: data.clone(), source })?;
+    let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.clone());
+    let engine_config = EngineConfig { shards: settings.shards, packet_rules: settings.packet_rules.clone() };
+    let engine = Engine::open(engine_config, &data).await?;
+    match start_front(&settings, &data, engine.clone(), prometheus).await {
+        Ok(server) => Ok(server),
+        Err(e) => {
+            engine.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
+/// Everything after the engine: keys, gateway, admin API.
+async fn start_front(
+    settings: &Settings,
+    data: &std::path::Path,
+    engine: Engine,
+    prometheus: PrometheusHandle,
+) -> Result<Server, ServeError> {
+    let secret = match &settings.secret {
+        Some(s) => s.clone(),
+        None => {
+            let path = data.join(keys::SECRET_FILE);
+            let (key, created) = keys::load_or_create(&path)?;
+            if created {
+                tracing::info!(path = %path.display(), "generated a token signing secret; give it to the app server that issues tokens");
+            }
+            key
+        }
+    };
+    // Dev mode leaves the admin API open unless a key was given explicitly.
+    let admin_key = match (&settings.admin_key, settings.dev) {
+        (Some(k), _) => Some(k.clone()),
+        (None, true) => None,
+        (None, false) => {
+            let path = data.join(keys::ADMIN_KEY_FILE);
+            let (key, created) = keys::load_or_create(&path)?;
+            if created {
+                tracing::info!(path = %path.display(), "generated an admin API key");
+            }
+            Some(key)
+        }
+    };
+    let signer = TokenSigner::new(secret.into_bytes());
+    let (shutdown, stop_rx) = watch::channel(false);
+
+    let gateway_config = GatewayConfig {
+        tcp_addr: settings.tcp,
+        ws_addr: settings.ws,
+        dev: settings.dev,
+        signer: signer.clone(),
+        heartbeat_s: settings.heartbeat_s,
+        idle_timeout_s: settings.idle_timeout_s,
+        hello_timeout_s: settings.hello_timeout_s,
+        max_connections: settings.max_connections,
+    };
+    let gateway = hongbao_gateway::start(gateway_config, engine.clone(), stop_rx.clone()).await?;
+
+    let admin_config = AdminConfig { addr: settings.admin, api_key: admin_key, dev: settings.dev };
+    let (admin_addr, admin) =
+        match hongbao_admin::start(admin_config, engine.clone(), signer, prometheus.clone(), stop_rx.clone()).await {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = shutdown.send(true);
+                if tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await.is_err() {
+                    tracing::warn!("gateway did not stop in time");
+                }
+                return Err(e.into());
+            }
+        };
+
+    tokio::spawn(metrics_upkeep(prometheus, stop_rx));
+    let ready = Ready {
+        tcp: gateway.tcp_addr(),
+        ws: gateway.ws_addr(),
+        admin: admin_addr,
+        data: data.to_owned(),
+        dev: settings.dev,
+    };
+    Ok(Server { ready, engine, gateway, admin, shutdown })
+}
+
+async fn metrics_upkeep(prometheus: PrometheusHandle, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => prometheus.run_upkeep(),
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+impl Server {
+    pub fn ready(&self) -> &Ready {
+        &self.ready
+    }
+
+    /// Phase 1: tell the gateway and the admin API to stop and wait for them
+    /// (bounded by `STOP_TIMEOUT` each). Phase 2: shut the engine down, which
+    /// commits whatever is queued. Phase 2 runs even if phase 1 failed.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let Server { engine, gateway, mut admin, shutdown, .. } = self;
+        let _ = shutdown.send(true);
+        let mut first_error = None;
+        match tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await {
+            Ok(Ok(())) => tracing::info!("gateway stopped"),
+            Ok(Err(e)) => first_error = first_error.or(Some(ServeError::Gateway(e))),
+            Err(_) => tracing::warn!(timeout_s = STOP_TIMEOUT.as_secs(), "gateway did not stop in time; going on"),
+        }
+        match tokio::time::timeout(STOP_TIMEOUT, &mut admin).await {
+            Ok(Ok(Ok(()))) => tracing::info!("admin API stopped"),
+            Ok(Ok(Err(e))) => first_error = first_error.or(Some(ServeError::Admin(e))),
+            Ok(Err(join)) => first_error = first_error.or(Some(ServeError::Task(join.to_string()))),
+            Err(_) => {
+                tracing::warn!(timeout_s = STOP_TIMEOUT.as_secs(), "admin API did not stop in time; going on");
+                admin.abort();
+            }
+        }
+        engine.shutdown().await;
+        tracing::info!("engine stopped");
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The whole `serve` command: runs until SIGINT or SIGTERM, then shuts down.
+pub async fn run(settings: Settings) -> Result<(), ServeError> {
+    if settings.dev {
+        eprintln!(
+            "WARNING: DEV MODE. Unauthenticated bare user ids are accepted as tokens and the admin API \
+             is open to anyone who can reach it. Never run dev mode where others can connect."
+        );
+    }
+    let prometheus = PrometheusBuilder::new().install_recorder().map_err(|e| ServeError::Metrics(e.to_string()))?;
+    // Signal handlers go in before the ready line: a supervisor (or a test)
+    // may send SIGTERM the moment it reads it.
+    let signal = Signal::new().map_err(ServeError::Signal)?;
+    let server = start(settings, prometheus).await?;
+    announce(server.ready());
+    let name = signal.recv().await;
+    tracing::info!(signal = name, "shutting down");
+    server.shutdown().await?;
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// Prints the one machine-readable line on stdout and a human one in the log.
+fn announce(ready: &Ready) {
+    let json = serde_json::to_string(ready).expect("Ready always serialises");
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "HONGBAO_READY {json}").and_then(|_| out.flush()) {
+        // Nobody may be reading stdout (a closed pipe); the log line remains.
+        tracing::warn!(error = %e, "cannot write the ready line to stdout");
+    }
+    tracing::info!(tcp = %ready.tcp, ws = %ready.ws, admin = %ready.admin, data = %ready.data.display(), dev = ready.dev, "hongbao ready");
+}
+
+/// SIGINT or SIGTERM, whichever comes first.
+struct Signal {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signal {
+    fn new() -> std::io::Result<Signal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signal { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+        }
+        #[cfg(not(unix))]
+        Ok(Signal {})
+    }
+
+    async fn recv(self) -> &'static str {
+        #[cfg(unix)]
+        {
+            let Signal { mut int, mut term } = self;
+            tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ServeArgs};
+
+    fn settings(data: &std::path::Path, dev: bool) -> Settings {
+        let local = || Some("127.0.0.1:0".parse().unwrap());
+        let args = ServeArgs {
+            data: Some(data.to_owned()),
+            dev: Some(dev),
+            tcp: local(),
+            ws: local(),
+            admin: local(),
+            ..ServeArgs::default()
+        };
+        Settings::merge(args, Config::default()).unwrap()
+    }
+
+    fn prometheus() -> PrometheusHandle {
+        PrometheusBuilder::new().build_recorder().handle()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_are_created_once_and_the_server_stops_cleanly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = start(settings(tmp.path(), false), prometheus()).await.unwrap();
+        let ready = server.ready().clone();
+        assert!(ready.tcp.port() != 0 && ready.ws.port() != 0 && ready.admin.port() != 0);
+        let secret = std::fs::read_to_string(tmp.path().join(keys::SECRET_FILE)).unwrap();
+        let admin_key = std::fs::read_to_string(tmp.path().join(keys::ADMIN_KEY_FILE)).unwrap();
+        server.shutdown().await.unwrap();
+
+        // A restart reuses both keys; the data directory is free again.
+        let server = start(settings(tmp.path(), false), prometheus()).await.unwrap();
+        assert_eq!(std::fs::read_to_string(tmp.path().join(keys::SECRET_FILE)).unwrap(), secret);
+        assert_eq!(std::fs::read_to_string(tmp.path().join(keys::ADMIN_KEY_FILE)).unwrap(), admin_key);
+        server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dev_mode_makes_no_admin_key_and_a_busy_port_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = start(settings(tmp.path(), true), prometheus()).await.unwrap();
+        assert!(!tmp.path().join(keys::ADMIN_KEY_FILE).exists());
+        let busy = server.ready().admin;
+        let other = tempfile::tempdir().unwrap();
+        let mut s = settings(other.path(), true);
+        s.admin = busy;
+        assert!(matches!(start(s, prometheus()).await, Err(ServeError::Admin(AdminError::Bind { .. }))));
+        server.shutdown().await.unwrap();
+    }
+}

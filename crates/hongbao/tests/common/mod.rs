@@ -1,0 +1,178 @@
+//! Black-box test support: start the real `hongbao` binary on port 0 in a
+//! temporary data directory, learn its addresses from the `HONGBAO_READY`
+//! line, and talk to it over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+#[allow(unused_imports)]
+pub use hongbao_client::{Admin, Client, ClientError};
+use hongbao_proto::Reply;
+use serde_json::{json, Value};
+
+pub struct Server {
+    pub child: Child,
+    pub tcp: SocketAddr,
+    pub ws: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub data: PathBuf,
+    pub admin_key: Option<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hongbao")
+}
+
+impl Server {
+    /// A dev-mode server (bare user ids, open admin API) in a fresh directory.
+    pub fn dev(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = Server::start_in(tmp.path(), true, extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    pub fn start_in(data: &Path, dev: bool, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "serve",
+            "--data",
+            data.to_str().unwrap(),
+            "--tcp",
+            "127.0.0.1:0",
+            "--ws",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ];
+        if dev {
+            args.push("--dev");
+        }
+        args.extend_from_slice(extra);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log")).unwrap();
+        let mut child = Command::new(bin())
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start hongbao serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(json) = line.strip_prefix("HONGBAO_READY ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(json.to_owned());
+                    }
+                }
+            }
+        });
+        let ready = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
+                panic!("server did not become ready; log:\n{log}");
+            }
+        };
+        let v: Value = serde_json::from_str(&ready).unwrap();
+        let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        let admin_key =
+            if dev { None } else { std::fs::read_to_string(data.join("admin.key")).ok().map(|k| k.trim().to_owned()) };
+        Server {
+            tcp: addr("tcp"),
+            ws: addr("ws"),
+            admin_addr: addr("admin"),
+            data: data.to_owned(),
+            admin_key,
+            child,
+            _tmp: None,
+        }
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.admin_addr, self.admin_key.clone())
+    }
+
+    /// Async admin call (ureq is blocking).
+    pub async fn post(&self, path: &str, body: Value) -> hongbao_client::AdminResponse {
+        let admin = self.admin();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || admin.post(&path, &body)).await.unwrap().unwrap()
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> hongbao_client::AdminResponse {
+        let admin = self.admin();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || admin.put(&path, &body)).await.unwrap().unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> hongbao_client::AdminResponse {
+        let admin = self.admin();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || admin.get(&path)).await.unwrap().unwrap()
+    }
+
+    pub async fn deposit(&self, user: u64, amount_fen: i64) {
+        let key = format!("dep-{user}-{amount_fen}-{}", rand_suffix());
+        self.post(&format!("/v1/accounts/{user}/deposit"), json!({"amount_fen": amount_fen, "key": key}))
+            .await
+            .ok()
+            .unwrap();
+    }
+
+    /// A logged-in TCP client for `user` (dev mode: the token is the id).
+    pub async fn client(&self, user: u64) -> Client {
+        let (c, welcome) = Client::connect_with_token(self.tcp, &user.to_string()).await.unwrap();
+        assert!(matches!(welcome, Reply::Welcome { user: u, .. } if u == user), "{welcome:?}");
+        c
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u64) << 32
+}
+
+/// Runs `hongbao audit --data DIR --json`; returns (passed, report).
+pub fn audit(data: &Path) -> (bool, Value) {
+    let out = Command::new(bin()).args(["audit", "--data", data.to_str().unwrap(), "--json"]).output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), report)
+}
