@@ -3,6 +3,7 @@
 //! what scripts read (the `HONGBAO_READY` line, audit reports, tokens).
 
 mod audit;
+mod bench;
 mod config;
 mod keys;
 mod serve;
@@ -50,15 +51,46 @@ enum Command {
         #[arg(long, env = "HONGBAO_SECRET", hide_env_values = true)]
         secret: Option<String>,
     },
+    /// Reproduce the "10 billion requests" experiment, sized to finish in
+    /// about two minutes: a local server, simulated users connecting, shaking
+    /// at two rates while a campaign releases packets, a group-packet phase,
+    /// then reconciliation, audit and a report (exit code 0 only if every
+    /// check passes).
+    Demo {
+        /// A small plan that finishes in well under a minute.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        plan: bench::PlanArgs,
+    },
+    /// The load simulator: the same phases at the reference's scale (as far
+    /// as one machine goes), every figure a flag, against a local server or
+    /// a running one (--tcp and --admin).
+    Bench {
+        #[command(flatten)]
+        plan: bench::PlanArgs,
+        #[command(flatten)]
+        remote: bench::RemoteArgs,
+    },
+    /// One simulator process (started by `bench` and `demo`; JSON lines on
+    /// stdin and stdout).
+    #[command(hide = true)]
+    SimWorker(bench::WorkerArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // demo and bench send the log of their local server to the report folder.
+    if !matches!(cli.command, Command::Demo { .. } | Command::Bench { .. }) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
 
     match cli.command {
+        Command::Demo { quick, plan } => checked(bench::run(bench::Kind::Demo { quick }, plan, Default::default())),
+        Command::Bench { plan, remote } => checked(bench::run(bench::Kind::Bench, plan, remote)),
+        Command::SimWorker(args) => report(bench::sim_worker(args)),
         Command::Serve(args) => report(serve(*args)),
         Command::Audit { data, json } => match audit::run(&data, json) {
             Ok(true) => ExitCode::SUCCESS,
@@ -79,6 +111,18 @@ fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(serve::run(settings)).context("serve failed")
+}
+
+/// Exit code 0 when every check passed, 1 when one failed, 2 on an error.
+fn checked(result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

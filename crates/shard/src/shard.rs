@@ -69,6 +69,21 @@ enum Event {
     IdsReserved {
         mark: u64,
     },
+    /// A keyed shake whose key has not won before: now it may take a packet.
+    KeyChecked {
+        user: UserId,
+        campaign: CampaignId,
+        key: String,
+        reply: Responder,
+    },
+    /// A keyed shake raced an earlier one with the same key and lost: the
+    /// packet it took goes back to the front of the pool, unspent.
+    ShakeRepeated {
+        campaign: CampaignId,
+        packet: PacketId,
+        amount_fen: i64,
+        user: UserId,
+    },
     StartPool {
         campaign: CampaignId,
         share: PoolShare,
@@ -151,6 +166,9 @@ pub(crate) struct Inner {
     /// Serialises campaign starts and stops.
     campaign_control: tokio::sync::Mutex<()>,
     live_campaigns: Mutex<HashMap<CampaignId, Arc<CampaignLive>>>,
+    /// Release counts of campaigns closed by this process, so their status
+    /// still says how many were released (in memory only, like releases).
+    closed_released: Mutex<HashMap<CampaignId, u64>>,
     counters: Arc<Counters>,
     shutting_down: AtomicBool,
 }
@@ -271,6 +289,7 @@ impl Inner {
             groups: RwLock::new(groups.into_iter().map(|(g, m)| (g, Arc::from(m))).collect()),
             campaign_control: tokio::sync::Mutex::new(()),
             live_campaigns: Mutex::new(HashMap::new()),
+            closed_released: Mutex::new(HashMap::new()),
             counters,
             shutting_down: AtomicBool::new(false),
         });
@@ -471,6 +490,7 @@ impl Inner {
             .expect("campaigns poisoned")
             .get(&row.id)
             .map(|l| l.released.load(Ordering::Relaxed))
+            .or_else(|| self.closed_released.lock().expect("campaigns poisoned").get(&row.id).copied())
             .unwrap_or(0);
         CampaignInfo {
             id: row.id,
@@ -612,11 +632,13 @@ impl Inner {
             }
         }
         let released = self.live_campaigns.lock().expect("campaigns poisoned").remove(&id);
+        if let Some(live) = released {
+            let count = live.released.load(Ordering::Relaxed);
+            self.closed_released.lock().expect("campaigns poisoned").insert(id, count);
+        }
         self.writer.run(Op::CloseCampaign { id, status }).await.map_err(op_error)?;
         drop(guard);
-        let mut info = self.campaign(id).await?;
-        info.released = released.map(|l| l.released.load(Ordering::Relaxed)).unwrap_or(0);
-        Ok(info)
+        self.campaign(id).await
     }
 
     pub(crate) async fn packet_detail(&self, id: PacketId) -> Result<PacketDetail, EngineError> {
@@ -841,6 +863,16 @@ impl ShardState {
                 self.adopt(p);
             }
             Event::IdsReserved { mark } => self.ids.extend(mark),
+            Event::KeyChecked { user, campaign, key, reply } => self.take_shake(user, campaign, Some(key), reply).await,
+            Event::ShakeRepeated { campaign, packet, amount_fen, user } => {
+                if let Some(pool) = self.pools.get_mut(&campaign) {
+                    pool.ready.push_front((packet, amount_fen));
+                    if let Some(wins) = pool.wins.get_mut(&user) {
+                        *wins = wins.saturating_sub(1);
+                    }
+                }
+                self.counters.shake_wins.fetch_sub(1, Ordering::Relaxed);
+            }
             Event::Shutdown { .. } => unreachable!("handled by the loop"),
             Event::StartPool { campaign, share, win_cap, wins, live } => {
                 self.pools.insert(
@@ -893,9 +925,36 @@ impl ShardState {
 
     async fn shake(&mut self, user: UserId, campaign: CampaignId, key: Option<String>, reply: Responder) {
         self.counters.shakes.fetch_add(1, Ordering::Relaxed);
-        if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > limits::IDEMPOTENCY_KEY_BYTES_MAX) {
+        let Some(key) = key else { return self.take_shake(user, campaign, None, reply).await };
+        if key.is_empty() || key.len() > limits::IDEMPOTENCY_KEY_BYTES_MAX {
             return reply.send(Reply::error(ErrorCode::InvalidRequest, "shake key must be 1 to 64 bytes"));
         }
+        // A key that has won before answers with that win, whatever the pool
+        // holds now. Only keyed shakes pay for this lookup; plain ones never
+        // touch storage unless they win.
+        let completions = self.completions.clone();
+        let op = Op::FindShakeWin { user, key: key.clone() };
+        self.submit(
+            op,
+            Box::new(move |r| match r {
+                Ok(Outcome::ShakeWinFound { first: Some((campaign, packet, amount_fen)) }) => {
+                    metrics::counter!("hongbao_shakes_total", "result" => "won").increment(1);
+                    reply.send(Reply::Shake(ShakeResult::Won { campaign, packet, amount_fen }))
+                }
+                Ok(Outcome::ShakeWinFound { first: None }) => {
+                    // The shard loop is gone only at shutdown, when the reply
+                    // is dropped and the client sees its connection close.
+                    let _ = completions.send(Event::KeyChecked { user, campaign, key, reply });
+                }
+                Ok(other) => reply.send(Reply::error(ErrorCode::Internal, format!("unexpected outcome {other:?}"))),
+                Err(e) => reply.send(op_error(e).to_reply()),
+            }),
+        )
+        .await;
+    }
+
+    /// Takes a released packet for `user`, if one is ready and allowed.
+    async fn take_shake(&mut self, user: UserId, campaign: CampaignId, key: Option<String>, reply: Responder) {
         let pool_id = if campaign != 0 {
             self.pools.contains_key(&campaign).then_some(campaign)
         } else {
@@ -919,6 +978,7 @@ impl ShardState {
         }
         self.counters.shake_wins.fetch_add(1, Ordering::Relaxed);
         let op = Op::ShakeWin { campaign: pool_id, packet, user, amount_fen, at_ms: now_ms(), key };
+        let completions = self.completions.clone();
         self.submit(
             op,
             Box::new(move |r| {
@@ -927,6 +987,7 @@ impl ShardState {
                         (ShakeResult::Won { campaign: pool_id, packet, amount_fen }, "won")
                     }
                     Ok(Outcome::ShakeWon { repeat: Some((c, p, a)) }) => {
+                        let _ = completions.send(Event::ShakeRepeated { campaign: pool_id, packet, amount_fen, user });
                         (ShakeResult::Won { campaign: c, packet: p, amount_fen: a }, "won")
                     }
                     Ok(other) => {

@@ -181,6 +181,7 @@ async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
     assert_eq!(info.won_fen, won);
     assert_eq!(info.refunded_fen, 50_000 - won);
     assert!(info.released >= 80 && info.released <= 140, "about 200/s for 0.5 s: {}", info.released);
+    assert_eq!(engine.campaign(c.id).await.unwrap().released, info.released, "a closed campaign keeps its count");
     assert_eq!(engine.balance(100).await.unwrap(), 100_000 - won);
     assert_eq!(
         engine.call(1, Request::Shake { campaign: c.id, key: None }).await,
@@ -245,4 +246,56 @@ async fn packet_ids_are_never_reused_across_restarts() {
         }
         engine.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_shake_retry_returns_the_first_win_and_spends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    engine.deposit(100, 10_000, "d").await.unwrap();
+    // 6 packets released at once (3 shards × 2), a cap of 2 wins per user.
+    let spec = CampaignSpec {
+        funder: 100,
+        total_fen: 600,
+        rule: AmountRule::Count { packets: 6 },
+        rate_per_s: 1_000,
+        win_cap_per_user: Some(2),
+    };
+    let c = engine.create_campaign(spec, "keyed").await.unwrap();
+    engine.start_campaign(c.id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let shake = |key: &str| Request::Shake { campaign: 0, key: Some(key.into()) };
+    let first = engine.call(3, shake("k1")).await;
+    assert!(matches!(first, Reply::Shake(ShakeResult::Won { .. })), "{first:?}");
+    // Retries, concurrent and sequential, answer the same win.
+    let retries = futures_join(&engine, 3, "k1", 5).await;
+    assert!(retries.iter().all(|r| *r == first), "{retries:?} vs {first:?}");
+    // Retries neither used up the user's cap nor spent packets of the shard:
+    // user 3's shard (users 3, 6, 9, ... with 3 shards) had 2 packets.
+    let second = engine.call(3, shake("k2")).await;
+    assert!(matches!(second, Reply::Shake(ShakeResult::Won { .. })), "a second key may win: {second:?}");
+    assert_ne!(second, first);
+    assert_eq!(engine.call(3, shake("k3")).await, Reply::Shake(ShakeResult::None), "capped at 2");
+    // After the campaign stops, the key still answers its first win.
+    let stopped = engine.stop_campaign(c.id).await.unwrap();
+    assert_eq!(stopped.won, 2, "two wins, however many retries");
+    assert_eq!(engine.call(3, shake("k1")).await, first);
+    assert_eq!(engine.balance(3).await.unwrap(), stopped.won_fen);
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}
+
+/// `n` concurrent shakes of `user` with the same key.
+async fn futures_join(engine: &Engine, user: u64, key: &str, n: usize) -> Vec<Reply> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (engine, key) = (engine.clone(), key.to_owned());
+        tasks
+            .push(tokio::spawn(async move { engine.call(user, Request::Shake { campaign: 0, key: Some(key) }).await }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }

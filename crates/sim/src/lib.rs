@@ -8,6 +8,10 @@
 //! Must not: reach into the server's crates beyond the protocol and the admin
 //! API; it measures the server from outside, as a real client fleet would.
 
+pub mod bench;
+pub mod report;
 pub mod schedule;
 pub mod stats;
+pub mod timeline;
 pub mod user;
+pub mod worker;

@@ -97,6 +97,13 @@ pub enum Op {
         at_ms: u64,
         key: Option<String>,
     },
+    /// Looks up the first win of a shake key (moves no money). A keyed shake
+    /// asks this before taking a packet, so a retry gets its first answer
+    /// even when no packet is ready, the user is capped, or the pool is gone.
+    FindShakeWin {
+        user: UserId,
+        key: String,
+    },
     /// Return everything left in a campaign's escrow to its funder.
     CloseCampaign {
         id: CampaignId,
@@ -135,6 +142,7 @@ impl Op {
             Op::CreateCampaign { .. } => "create_campaign",
             Op::SetCampaignStatus { .. } => "set_campaign_status",
             Op::ShakeWin { .. } => "shake_win",
+            Op::FindShakeWin { .. } => "find_shake_win",
             Op::CloseCampaign { .. } => "close_campaign",
             Op::StoreMessages { .. } => "store_messages",
             Op::AckMessage { .. } => "ack_message",
@@ -172,6 +180,9 @@ pub enum Outcome {
     /// `repeat` holds the first win when the key had already won.
     ShakeWon {
         repeat: Option<(CampaignId, PacketId, i64)>,
+    },
+    ShakeWinFound {
+        first: Option<(CampaignId, PacketId, i64)>,
     },
     CampaignClosed {
         refunded_fen: i64,
@@ -462,6 +473,15 @@ fn remember(tx: &Connection, scope: &str, key: &str, request: &str, result: &str
     Ok(())
 }
 
+/// The first win of `(user, key)`, if that key has won.
+fn first_shake_win(tx: &Connection, user: UserId, key: &str) -> rusqlite::Result<Option<(CampaignId, PacketId, i64)>> {
+    let first: Option<(i64, i64, i64)> = tx
+        .prepare_cached("SELECT campaign, packet, amount FROM shake_wins WHERE user = ?1 AND idem_key = ?2")?
+        .query_row(params![user as i64, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    Ok(first.map(|(c, p, a)| (c as u64, p as u64, a)))
+}
+
 fn apply(
     tx: &Connection,
     ledger: &mut Ledger,
@@ -663,16 +683,11 @@ fn apply(
                 Ok(Outcome::CampaignStatusSet)
             }
         }
+        Op::FindShakeWin { user, key } => Ok(Outcome::ShakeWinFound { first: first_shake_win(tx, *user, key)? }),
         Op::ShakeWin { campaign, packet, user, amount_fen, at_ms, key } => {
             if let Some(key) = key {
-                let first: Option<(i64, i64, i64)> = tx
-                    .prepare_cached(
-                        "SELECT campaign, packet, amount FROM shake_wins WHERE user = ?1 AND idem_key = ?2",
-                    )?
-                    .query_row(params![*user as i64, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .optional()?;
-                if let Some((c, p, a)) = first {
-                    return Ok(Ok(Outcome::ShakeWon { repeat: Some((c as u64, p as u64, a)) }));
+                if let Some(first) = first_shake_win(tx, *user, key)? {
+                    return Ok(Ok(Outcome::ShakeWon { repeat: Some(first) }));
                 }
             }
             let t =

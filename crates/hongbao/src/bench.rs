@@ -1,0 +1,311 @@
+//! `hongbao demo`, `hongbao bench` and the hidden `hongbao sim-worker`: the
+//! command-line side of the simulator (`hongbao_sim`). Without a server
+//! address the bench starts one in this process on a temporary embedded
+//! store, stops it after the run and audits its data.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hongbao_gateway::TokenSigner;
+use hongbao_sim::bench::{self, Check, Plan, ServerTarget, Summary, WorkerLauncher};
+use hongbao_sim::worker::{self, WorkerConfig};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::config::{ServeArgs, Settings};
+use crate::serve;
+
+/// Every figure of the plan; each overrides the chosen base plan.
+#[derive(Debug, Default, clap::Args)]
+pub struct PlanArgs {
+    /// Simulated users (each one connection)
+    #[arg(long)]
+    pub users: Option<u64>,
+    /// New connections per second during the connect phase
+    #[arg(long, value_name = "PER_S")]
+    pub connect_rate: Option<u64>,
+    /// Shakes per second in phase 2
+    #[arg(long, value_name = "PER_S")]
+    pub q1: Option<u64>,
+    /// Seconds of phase 2
+    #[arg(long, value_name = "S")]
+    pub q1_s: Option<u64>,
+    /// Shakes per second in phase 3
+    #[arg(long, value_name = "PER_S")]
+    pub q2: Option<u64>,
+    /// Seconds of phase 3
+    #[arg(long, value_name = "S")]
+    pub q2_s: Option<u64>,
+    /// Campaign packets released per second during phases 2 and 3
+    #[arg(long, value_name = "PER_S")]
+    pub campaign_rate: Option<u64>,
+    /// Group packets sent in phase 4 (three random users each)
+    #[arg(long, value_name = "N")]
+    pub group_packets: Option<u64>,
+    /// Group packets per second in phase 4
+    #[arg(long, value_name = "PER_S")]
+    pub group_rate: Option<u64>,
+    /// Longest wait for every group share to be opened
+    #[arg(long, value_name = "S")]
+    pub drain_timeout_s: Option<u64>,
+    /// Users per simulator process (a process may hold 20,000 open files)
+    #[arg(long, value_name = "N")]
+    pub users_per_worker: Option<u64>,
+    /// Runtime threads per simulator process
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
+    /// Report folder [default: ./hongbao-reports/<command>-<unix time>]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Data directory of the local server [default: a temporary directory,
+    /// removed afterwards]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+}
+
+impl PlanArgs {
+    fn apply(&self, mut p: Plan) -> Plan {
+        let set = |field: &mut u64, v: Option<u64>| {
+            if let Some(v) = v {
+                *field = v;
+            }
+        };
+        set(&mut p.users, self.users);
+        set(&mut p.connect_per_s, self.connect_rate);
+        set(&mut p.shake1_rate, self.q1);
+        set(&mut p.shake1_s, self.q1_s);
+        set(&mut p.shake2_rate, self.q2);
+        set(&mut p.shake2_s, self.q2_s);
+        set(&mut p.campaign_rate, self.campaign_rate);
+        set(&mut p.group_packets, self.group_packets);
+        set(&mut p.group_rate, self.group_rate);
+        set(&mut p.drain_timeout_s, self.drain_timeout_s);
+        set(&mut p.users_per_worker, self.users_per_worker);
+        if let Some(t) = self.worker_threads {
+            p.worker_threads = t;
+        }
+        p
+    }
+}
+
+/// A server given by address instead of a local one.
+#[derive(Debug, Default, clap::Args)]
+pub struct RemoteArgs {
+    /// TCP client address of a running server (omit to start one here)
+    #[arg(long, value_name = "ADDR", requires = "admin")]
+    pub tcp: Option<SocketAddr>,
+    /// Admin API address of that server
+    #[arg(long, value_name = "ADDR", requires = "tcp")]
+    pub admin: Option<SocketAddr>,
+    /// Admin API key of that server (none for a --dev server)
+    #[arg(long, env = "HONGBAO_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Token secret of that server, to sign the simulated users' tokens
+    /// (none for a --dev server, which takes bare user ids)
+    #[arg(long, env = "HONGBAO_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+}
+
+/// Arguments of the hidden `sim-worker` command, given by the bench.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    server: SocketAddr,
+    #[arg(long)]
+    first: u64,
+    #[arg(long)]
+    count: u64,
+    #[arg(long)]
+    users_total: u64,
+    #[arg(long)]
+    connect_per_s: u64,
+    #[arg(long, default_value_t = 30)]
+    heartbeat_s: u64,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, env = "HONGBAO_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+}
+
+/// Simulated users' tokens last the run and then some.
+const SIM_TOKEN_TTL_S: u64 = 24 * 3600;
+
+pub fn sim_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let token: Box<dyn Fn(u64) -> String + Send + Sync> = match args.secret {
+        Some(secret) => {
+            let signer = TokenSigner::new(secret.into_bytes());
+            let now_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            Box::new(move |user| signer.issue(user, SIM_TOKEN_TTL_S, now_s))
+        }
+        None => Box::new(|user| user.to_string()),
+    };
+    let config = WorkerConfig {
+        server: args.server,
+        first_index: args.first,
+        count: args.count,
+        users_total: args.users_total,
+        connect_per_s: args.connect_per_s,
+        heartbeat: Duration::from_secs(args.heartbeat_s.max(1)),
+        threads: args.threads,
+    };
+    let stdin = std::io::BufReader::new(std::io::stdin());
+    worker::run(config, token, stdin, std::io::stdout().lock()).context("simulator worker failed")
+}
+
+/// Which command is running: they differ only in the base plan.
+pub enum Kind {
+    Demo { quick: bool },
+    Bench,
+}
+
+/// Runs the plan; `Ok(true)` when every check passed.
+pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Result<bool> {
+    let (base, name) = match kind {
+        Kind::Demo { quick: true } => (Plan::quick(), "demo-quick"),
+        Kind::Demo { quick: false } => (Plan::demo(), "demo"),
+        Kind::Bench => (Plan::reference(), "bench"),
+    };
+    let plan = plan_args.apply(base);
+    plan.validate()?;
+    let now_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let out = plan_args.out.clone().unwrap_or_else(|| PathBuf::from(format!("hongbao-reports/{name}-{now_s}")));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create the report folder {}", out.display()))?;
+    let out = std::fs::canonicalize(&out).unwrap_or(out);
+    let mut launcher = WorkerLauncher {
+        program: std::env::current_exe().context("cannot find the hongbao executable for the workers")?,
+        args: vec!["sim-worker".to_owned()],
+    };
+
+    let summary = match (remote.tcp, remote.admin) {
+        (Some(tcp), Some(admin)) => {
+            init_logging(None);
+            if let Some(secret) = &remote.secret {
+                launcher.args.extend(["--secret".to_owned(), secret.clone()]);
+            }
+            let target = ServerTarget { tcp, admin, admin_key: remote.admin_key.clone() };
+            let data = plan_args.data.clone();
+            let mut finish = move || match &data {
+                // A read transaction sees one committed state, so a live
+                // server's data can be audited while it runs.
+                Some(data) => vec![audit_check(data)],
+                None => {
+                    eprintln!("note: no --data given, so the server's data was not audited");
+                    Vec::new()
+                }
+            };
+            bench::run(&plan, &target, &launcher, &out, &mut finish)?
+        }
+        _ => run_local(&plan, plan_args.data.as_deref(), &launcher, &out)?,
+    };
+    println!("\n{}", bench::summary_table(&summary, &out));
+    Ok(summary.pass)
+}
+
+/// Starts a server in this process, runs the plan, stops it, audits it.
+fn run_local(plan: &Plan, data: Option<&Path>, launcher: &WorkerLauncher, out: &Path) -> anyhow::Result<Summary> {
+    init_logging(Some(&out.join("server.log")));
+    let temp = match data {
+        Some(_) => None,
+        None => Some(tempfile_dir()?),
+    };
+    let data = data.map(Path::to_path_buf).or_else(|| temp.as_ref().map(|t| t.0.clone())).expect("one of them");
+    let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let args = ServeArgs {
+        data: Some(data.clone()),
+        dev: Some(true),
+        tcp: Some(loopback(0)),
+        ws: Some(loopback(0)),
+        admin: Some(loopback(0)),
+        // Room for every simulated user, whatever the default.
+        max_connections: Some((plan.users as usize + 100).max(hongbao_gateway::MAX_CONNECTIONS_DEFAULT)),
+        ..ServeArgs::default()
+    };
+    let settings = Settings::resolve(args)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let prometheus = PrometheusBuilder::new().install_recorder().context("cannot install the metrics recorder")?;
+    let server = runtime.block_on(serve::start(settings, prometheus)).context("cannot start the local server")?;
+    let ready = server.ready().clone();
+    println!(
+        "local server (dev mode, in this process): tcp {} admin {} data {} (log: {})",
+        ready.tcp,
+        ready.admin,
+        ready.data.display(),
+        out.join("server.log").display()
+    );
+    let target = ServerTarget { tcp: ready.tcp, admin: ready.admin, admin_key: None };
+    let mut server = Some(server);
+    let mut finish = || {
+        let mut checks = Vec::new();
+        if let Some(server) = server.take() {
+            let stopped = runtime.block_on(server.shutdown());
+            checks.push(Check::new(
+                "server shut down cleanly",
+                stopped.is_ok(),
+                stopped.err().map(|e| e.to_string()).unwrap_or_else(|| "every queued commit written".to_owned()),
+            ));
+        }
+        checks.push(audit_check(&ready.data));
+        checks
+    };
+    let summary = bench::run(plan, &target, launcher, out, &mut finish);
+    if let Some(server) = server {
+        let _ = runtime.block_on(server.shutdown());
+    }
+    drop(temp);
+    Ok(summary?)
+}
+
+fn audit_check(data: &Path) -> Check {
+    match hongbao_store::audit_dir(data) {
+        Ok(report) => {
+            let t = &report.totals;
+            let detail = if report.passed() {
+                format!(
+                    "PASS on {}: {} entries, {} packets, {} claims, {} shake wins; money is conserved",
+                    data.display(),
+                    t.entries,
+                    t.packets,
+                    t.claims,
+                    t.shake_wins
+                )
+            } else {
+                let first: Vec<String> = report.violations.iter().take(3).map(|v| v.to_string()).collect();
+                format!("{} violation(s): {}", report.violations.len(), first.join("; "))
+            };
+            Check::new("hongbao audit passes", report.passed(), detail)
+        }
+        Err(e) => Check::new("hongbao audit passes", false, format!("cannot audit {}: {e}", data.display())),
+    }
+}
+
+/// A temporary data directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> anyhow::Result<TempDir> {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("hongbao-demo-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(TempDir(dir))
+}
+
+/// The server's log goes to a file, so the live view stays readable.
+fn init_logging(file: Option<&Path>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match file.and_then(|f| std::fs::File::create(f).ok()) {
+        Some(f) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
+        None => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+    }
+}

@@ -1,0 +1,37 @@
+//! `hongbao demo --quick` end to end: a local server, worker processes of
+//! simulated users over real sockets, every phase, reconciliation and audit.
+//! The summary must say it passed, with real wins and opens behind it.
+
+use std::process::Command;
+
+#[test]
+fn quick_demo_passes_every_check_with_real_traffic() {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["demo", "--quick", "--out"])
+        .arg(out.path())
+        .status()
+        .expect("hongbao demo runs");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).expect("summary.json written"))
+            .unwrap();
+    assert!(status.success(), "demo failed: {summary:#}");
+    assert_eq!(summary["pass"], true, "{summary:#}");
+    let checks = summary["checks"].as_array().unwrap();
+    for name in [
+        "shake wins reconcile",
+        "group opens reconcile",
+        "hongbao audit passes",
+        "packets released at the campaign rate",
+    ] {
+        assert!(checks.iter().any(|c| c["name"] == name && c["pass"] == true), "check {name} missing or failed");
+    }
+    assert!(summary["shake_results"]["won"].as_u64().unwrap() > 0);
+    assert!(summary["group_opens"].as_u64().unwrap() > 0);
+    assert!(summary["packets_released"].as_u64().unwrap() > 0);
+    assert_eq!(summary["group_opens"].as_u64().unwrap(), 3 * summary["group_packets_sent"].as_u64().unwrap());
+    for file in ["seconds.csv", "requests.png", "wins.png", "released.png", "latency.png", "connections.png"] {
+        let len = std::fs::metadata(out.path().join(file)).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 0, "{file} written");
+    }
+}

@@ -1,0 +1,1113 @@
+//! The bench orchestrator: runs the phase plan against a server, collects the
+//! simulator's and the server's per-second counters, reconciles them, and
+//! writes the report.
+//!
+//! Plain threads, no async: the users live in worker processes; here there
+//! is one thread per worker reading its reports, one polling the server, and
+//! the main thread stepping through the phases.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use hongbao_client::Admin;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rand::seq::index::sample;
+use rand::Rng;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::report;
+use crate::stats::{decode_histogram, LatencySummary, SecondRow};
+use crate::timeline::{ServerSecond, TimelineRow};
+use crate::worker::{Control, WorkerReport};
+
+/// Users one worker process holds: below the 20,000 open files a process
+/// may have here, with room for the runtime's own descriptors.
+pub const USERS_PER_WORKER_DEFAULT: u64 = 15_000;
+/// Account ids of the bench's own money, far above the simulated users.
+const CAMPAIGN_FUNDER: u64 = 900_000_000_001;
+const GROUP_SENDER: u64 = 900_000_000_002;
+/// Average campaign packet (1 yuan); group packets are 3..=20 yuan.
+const CAMPAIGN_PACKET_AVG_FEN: i64 = 100;
+const GROUP_PACKET_FEN: std::ops::RangeInclusive<i64> = 300..=2_000;
+const GROUP_PACKET_COUNT: u64 = 3;
+/// After the shaking stops, answers still in flight get this long.
+const SHAKE_SETTLE: Duration = Duration::from_secs(2);
+/// Group drain: stop waiting when opens have not moved for this long.
+const DRAIN_IDLE: Duration = Duration::from_secs(5);
+/// Share of the campaign rate the released count may miss by.
+const RELEASE_TOLERANCE: f64 = 0.02;
+
+/// Every figure of a run. `demo`, `quick` and `reference` are starting points.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub users: u64,
+    /// New connections per second, all workers together.
+    pub connect_per_s: u64,
+    pub connect_timeout_s: u64,
+    pub shake1_rate: u64,
+    pub shake1_s: u64,
+    pub shake2_rate: u64,
+    pub shake2_s: u64,
+    /// Campaign packets released per second during both shake phases.
+    pub campaign_rate: u64,
+    pub group_packets: u64,
+    pub group_rate: u64,
+    /// Longest wait for the group packets to be opened.
+    pub drain_timeout_s: u64,
+    pub users_per_worker: u64,
+    /// Runtime threads per worker process.
+    pub worker_threads: usize,
+    /// Seconds between the simulated clients' heartbeats.
+    pub heartbeat_s: u64,
+}
+
+impl Plan {
+    /// The default of `hongbao demo`: about 90 s on a 2-core machine.
+    pub fn demo() -> Plan {
+        Plan {
+            users: 10_000,
+            connect_per_s: 5_000,
+            connect_timeout_s: 30,
+            shake1_rate: 15_000,
+            shake1_s: 25,
+            shake2_rate: 30_000,
+            shake2_s: 25,
+            campaign_rate: 200,
+            group_packets: 4_000,
+            group_rate: 200,
+            drain_timeout_s: 20,
+            users_per_worker: USERS_PER_WORKER_DEFAULT,
+            worker_threads: 1,
+            heartbeat_s: 30,
+        }
+    }
+
+    /// `--quick`: well under a minute, for CI and for trying it.
+    pub fn quick() -> Plan {
+        Plan {
+            users: 1_000,
+            connect_per_s: 2_000,
+            shake1_rate: 2_000,
+            shake1_s: 5,
+            shake2_rate: 4_000,
+            shake2_s: 5,
+            group_packets: 400,
+            drain_timeout_s: 15,
+            ..Plan::demo()
+        }
+    }
+
+    /// The reference experiment's shape (DESIGN.md §2), scaled to what one
+    /// 2-core machine can hold: `hongbao bench`'s default.
+    pub fn reference() -> Plan {
+        Plan {
+            users: 19_000,
+            connect_per_s: 5_000,
+            shake1_rate: 30_000,
+            shake1_s: 60,
+            shake2_rate: 60_000,
+            shake2_s: 60,
+            group_packets: 20_000,
+            drain_timeout_s: 60,
+            worker_threads: 2,
+            ..Plan::demo()
+        }
+    }
+
+    /// Wall time of the plan if every phase keeps to its schedule.
+    pub fn expected_s(&self) -> u64 {
+        self.users / self.connect_per_s.max(1)
+            + self.shake1_s
+            + self.shake2_s
+            + self.group_packets / self.group_rate.max(1)
+            + SHAKE_SETTLE.as_secs()
+            + 5
+    }
+
+    pub fn validate(&self) -> Result<(), BenchError> {
+        let bad = |what: &str| Err(BenchError::Plan(what.to_owned()));
+        if self.users == 0 {
+            return bad("users must be at least 1");
+        }
+        if self.group_packets > 0 && self.users < GROUP_PACKET_COUNT {
+            return bad("the group phase needs at least 3 users");
+        }
+        if self.connect_per_s == 0 || self.group_rate == 0 || self.campaign_rate == 0 {
+            return bad("rates must be positive");
+        }
+        if self.users_per_worker == 0 || self.users_per_worker > 19_000 {
+            return bad("users per worker must be 1..=19000 (a process may hold 20,000 open files)");
+        }
+        Ok(())
+    }
+
+    fn workers(&self) -> u64 {
+        self.users.div_ceil(self.users_per_worker)
+    }
+}
+
+/// The server under test.
+#[derive(Clone, Debug)]
+pub struct ServerTarget {
+    pub tcp: SocketAddr,
+    pub admin: SocketAddr,
+    pub admin_key: Option<String>,
+}
+
+/// How to start a worker process: `program args… --server … --first …`.
+#[derive(Clone, Debug)]
+pub struct WorkerLauncher {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub pass: bool,
+    pub detail: String,
+}
+
+impl Check {
+    pub fn new(name: &str, pass: bool, detail: String) -> Check {
+        Check { name: name.to_owned(), pass, detail }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("bad plan: {0}")]
+    Plan(String),
+    #[error("admin API: {0}")]
+    Admin(String),
+    #[error("worker: {0}")]
+    Worker(String),
+    #[error("report: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("report: {0}")]
+    Report(#[from] report::ReportError),
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ShakeResults {
+    pub won: u64,
+    pub none: u64,
+    pub overload: u64,
+    pub not_running: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LatencyMs {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+impl LatencyMs {
+    fn of(h: &Histogram<u64>) -> LatencyMs {
+        let s = LatencySummary::of(h);
+        let ms = |us: u64| us as f64 / 1000.0;
+        LatencyMs { p50: ms(s.p50), p90: ms(s.p90), p99: ms(s.p99), max: ms(s.max), count: s.count }
+    }
+}
+
+/// One phase as it ran.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseSummary {
+    pub name: String,
+    pub target_rate: u64,
+    pub duration_s: f64,
+    /// Median of the per-second answered shakes over the phase's whole seconds.
+    pub answered_per_s_median: f64,
+    pub latency_ms: LatencyMs,
+}
+
+/// `summary.json`; every field is described in docs/bench.md.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub pass: bool,
+    pub users: u64,
+    pub workers: u64,
+    pub duration_s: f64,
+    pub shakes_sent: u64,
+    pub shakes_answered: u64,
+    pub shake_results: ShakeResults,
+    pub shake_errors: u64,
+    pub packets_released: u64,
+    pub packets_won: u64,
+    pub amount_won_fen: i64,
+    pub server_amount_won_fen: i64,
+    pub group_packets_sent: u64,
+    pub group_opens: u64,
+    pub group_amount_opened_fen: i64,
+    pub achieved_qps_max: u64,
+    pub latency_ms: LatencyMs,
+    pub sim_rss_bytes_per_user: u64,
+    pub conn_errors: u64,
+    pub reconnects: u64,
+    pub phases: Vec<PhaseSummary>,
+    pub checks: Vec<Check>,
+    pub plan: Plan,
+    pub started_unix_ms: u64,
+    pub files: Vec<String>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What the worker readers and the main thread share.
+#[derive(Default)]
+struct Collected {
+    /// Unix second → merged row and histogram, and how many workers reported it.
+    seconds: BTreeMap<u64, (SecondRow, Histogram<u64>, usize)>,
+    /// Latest connected count and RSS per worker.
+    connected: Vec<i64>,
+    rss: Vec<u64>,
+    ready_rss: Vec<u64>,
+    done: Vec<bool>,
+    totals: SecondRow,
+    all_latency: Option<Histogram<u64>>,
+    failure: Option<String>,
+}
+
+impl Collected {
+    fn connected(&self) -> i64 {
+        self.connected.iter().sum()
+    }
+}
+
+struct Worker {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Worker {
+    fn send(&mut self, control: &Control) {
+        if let Some(stdin) = &mut self.stdin {
+            let line = serde_json::to_string(control).expect("controls serialise");
+            if writeln!(stdin, "{line}").and_then(|_| stdin.flush()).is_err() {
+                self.stdin = None;
+            }
+        }
+    }
+}
+
+/// The server's cumulative counters at one instant.
+#[derive(Clone, Debug)]
+struct ServerSample {
+    at_ms: u64,
+    connections: u64,
+    shakes: u64,
+    shake_wins: u64,
+    opens: u64,
+    released: Option<u64>,
+}
+
+/// Phase boundaries as they happened: (start unix ms, name, target rate).
+type PhaseLog = Arc<Mutex<Vec<(u64, String, u64)>>>;
+
+/// Live terminal output: a bar per phase, a line per second.
+struct Live {
+    multi: MultiProgress,
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Live {
+    fn line(&self, text: &str) {
+        self.multi.suspend(|| println!("{text}"));
+    }
+
+    fn phase(&self, name: &str, len: u64, unit: &str) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(len));
+        let template = format!("{{prefix:>9}} [{{bar:40}}] {{pos}}/{{len}} {unit} {{msg}}");
+        bar.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
+        bar.set_prefix(name.to_owned());
+        if let Some(old) = self.bar.lock().expect("bar poisoned").replace(bar.clone()) {
+            old.finish();
+        }
+        bar
+    }
+
+    fn finish(&self) {
+        if let Some(old) = self.bar.lock().expect("bar poisoned").take() {
+            old.finish();
+        }
+    }
+}
+
+/// Runs `plan` against `server`, writes the report into `out` and returns
+/// the summary. `finish` runs after the simulation (e.g. stops the server
+/// and audits its data) and adds its checks.
+pub fn run(
+    plan: &Plan,
+    server: &ServerTarget,
+    launcher: &WorkerLauncher,
+    out: &Path,
+    finish: &mut dyn FnMut() -> Vec<Check>,
+) -> Result<Summary, BenchError> {
+    plan.validate()?;
+    std::fs::create_dir_all(out)?;
+    let admin = Admin::new(server.admin, server.admin_key.clone());
+    let run_id = unix_ms();
+    let started = Instant::now();
+    let started_unix_ms = unix_ms();
+    let live = Arc::new(Live { multi: MultiProgress::new(), bar: Mutex::new(None) });
+    let phases: PhaseLog = Arc::default();
+    let mark = |name: &str, rate: u64| phases.lock().expect("phases poisoned").push((unix_ms(), name.to_owned(), rate));
+
+    admin_call(admin.get("/health"))?;
+    live.line(&format!(
+        "hongbao bench: {} users in {} worker(s) against {} (admin {}), ~{} s planned",
+        plan.users,
+        plan.workers(),
+        server.tcp,
+        server.admin,
+        plan.expected_s()
+    ));
+
+    // Money first, so a plan the server cannot fund fails before any load.
+    let campaign_packets = plan.campaign_rate * (plan.shake1_s + plan.shake2_s + 10);
+    let campaign_fen = campaign_packets as i64 * CAMPAIGN_PACKET_AVG_FEN;
+    let group_fen = plan.group_packets as i64 * GROUP_PACKET_FEN.end();
+    deposit(&admin, CAMPAIGN_FUNDER, campaign_fen, &format!("bench-{run_id}-campaign"))?;
+    if group_fen > 0 {
+        deposit(&admin, GROUP_SENDER, group_fen, &format!("bench-{run_id}-group"))?;
+    }
+
+    let workers_n = plan.workers() as usize;
+    let collected = Arc::new(Mutex::new(Collected {
+        connected: vec![0; workers_n],
+        rss: vec![0; workers_n],
+        ready_rss: vec![0; workers_n],
+        done: vec![false; workers_n],
+        ..Default::default()
+    }));
+    let (second_tx, second_rx) = mpsc::channel::<u64>();
+    let mut workers = spawn_workers(plan, server, launcher, &collected, second_tx)?;
+    let stop_poll = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let campaign_id: Arc<Mutex<Option<u64>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<ServerSample>>> = Arc::default();
+    let poller = spawn_poller(admin.clone(), campaign_id.clone(), samples.clone(), stop_poll.clone());
+    let printer = spawn_printer(second_rx, collected.clone(), phases.clone(), samples.clone(), live.clone(), workers_n);
+
+    let result = run_phases(plan, &admin, run_id, &live, &mark, &collected, &mut workers, &campaign_id);
+    for w in &mut workers {
+        w.send(&Control::Stop);
+        w.stdin = None;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !collected.lock().expect("collected poisoned").done.iter().all(|d| *d) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for w in &mut workers {
+        if matches!(w.child.try_wait(), Ok(None)) {
+            let _ = w.child.kill();
+        }
+        let _ = w.child.wait();
+    }
+    stop_poll.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = poller.join();
+    let _ = printer.join();
+    live.finish();
+    let phase_outcome = result?;
+    if let Some(failure) = collected.lock().expect("collected poisoned").failure.clone() {
+        return Err(BenchError::Worker(failure));
+    }
+
+    // Reconcile against the server's ledger.
+    let collected = collected.lock().expect("collected poisoned");
+    let totals = collected.totals.clone();
+    let mut checks = phase_outcome.checks;
+    let campaign = admin_call(admin.get(&format!("/v1/campaigns/{}", phase_outcome.campaign)))?;
+    let server_won = campaign["won"].as_u64().unwrap_or(0);
+    let server_won_fen = campaign["won_fen"].as_i64().unwrap_or(0);
+    let released = campaign["released"].as_u64().unwrap_or(0);
+    checks.push(Check::new(
+        "shake wins reconcile",
+        totals.won == server_won && totals.amount_won_fen == server_won_fen && server_won > 0,
+        format!(
+            "client saw {} wins / {} fen; the server's ledger holds {} wins / {} fen",
+            totals.won, totals.amount_won_fen, server_won, server_won_fen
+        ),
+    ));
+    let running_s = phase_outcome.campaign_running_ms as f64 / 1000.0;
+    let expected = plan.campaign_rate as f64 * running_s;
+    let per_second: Vec<f64> = server_seconds(&samples.lock().expect("samples poisoned"))
+        .values()
+        .map(|s| s.released_per_s)
+        .filter(|r| *r > 0.0)
+        .collect();
+    checks.push(Check::new(
+        "packets released at the campaign rate",
+        (released as f64 - expected).abs() <= expected * RELEASE_TOLERANCE + 1.0,
+        format!(
+            "{released} released in {running_s:.1} s running = {:.1}/s against {}/s (tolerance {}%); per-second median {:.0}",
+            released as f64 / running_s.max(0.001),
+            plan.campaign_rate,
+            RELEASE_TOLERANCE * 100.0,
+            median(per_second)
+        ),
+    ));
+    let groups = reconcile_groups(&admin, &phase_outcome.group_packets, &totals)?;
+    checks.extend(groups);
+    checks.push(Check::new(
+        "every shake answered",
+        totals.shakes_answered + totals.shake_errors == totals.shakes_sent && totals.shake_errors == 0,
+        format!(
+            "{} sent, {} answered, {} errors, {} reconnects",
+            totals.shakes_sent, totals.shakes_answered, totals.shake_errors, totals.reconnects
+        ),
+    ));
+    let rss_per_user = phase_outcome.rss_per_user;
+    let all_latency = collected.all_latency.clone();
+    let rows = timeline(&collected, &phases, &samples, started_unix_ms);
+    let phase_summaries = summarise_phases(&collected, &rows, &phases, started_unix_ms);
+    drop(collected);
+    checks.extend(finish());
+
+    let mut files = Vec::new();
+    let csv = out.join("seconds.csv");
+    report::write_csv(&csv, &rows)?;
+    files.push(csv);
+    files.extend(report::write_plots(out, &rows)?);
+    let summary = Summary {
+        pass: checks.iter().all(|c| c.pass),
+        users: plan.users,
+        workers: plan.workers(),
+        duration_s: started.elapsed().as_secs_f64(),
+        shakes_sent: totals.shakes_sent,
+        shakes_answered: totals.shakes_answered,
+        shake_results: ShakeResults {
+            won: totals.won,
+            none: totals.none,
+            overload: totals.overload,
+            not_running: totals.not_running,
+        },
+        shake_errors: totals.shake_errors,
+        packets_released: released,
+        packets_won: server_won,
+        amount_won_fen: totals.amount_won_fen,
+        server_amount_won_fen: server_won_fen,
+        group_packets_sent: phase_outcome.group_packets.len() as u64,
+        group_opens: totals.opens,
+        group_amount_opened_fen: totals.amount_opened_fen,
+        achieved_qps_max: rows.iter().map(|r| r.client.shakes_answered).max().unwrap_or(0),
+        latency_ms: all_latency.as_ref().map(LatencyMs::of).unwrap_or_default(),
+        sim_rss_bytes_per_user: rss_per_user,
+        conn_errors: totals.conn_errors,
+        reconnects: totals.reconnects,
+        phases: phase_summaries,
+        checks,
+        plan: plan.clone(),
+        started_unix_ms,
+        files: Vec::new(),
+    };
+    let mut summary = summary;
+    files.push(out.join("summary.json"));
+    summary.files = files.iter().map(|f| f.display().to_string()).collect();
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary).expect("summary serialises"))?;
+    Ok(summary)
+}
+
+fn admin_call(r: Result<hongbao_client::AdminResponse, String>) -> Result<Value, BenchError> {
+    r.and_then(|r| r.ok()).map_err(BenchError::Admin)
+}
+
+fn deposit(admin: &Admin, user: u64, amount_fen: i64, key: &str) -> Result<(), BenchError> {
+    admin_call(admin.post(&format!("/v1/accounts/{user}/deposit"), &json!({"amount_fen": amount_fen, "key": key})))
+        .map(drop)
+}
+
+fn spawn_workers(
+    plan: &Plan,
+    server: &ServerTarget,
+    launcher: &WorkerLauncher,
+    collected: &Arc<Mutex<Collected>>,
+    second_tx: mpsc::Sender<u64>,
+) -> Result<Vec<Worker>, BenchError> {
+    let n = plan.workers();
+    let mut workers = Vec::new();
+    for w in 0..n {
+        let first = w * plan.users / n;
+        let count = (w + 1) * plan.users / n - first;
+        let mut cmd = Command::new(&launcher.program);
+        cmd.args(&launcher.args)
+            .args(["--server", &server.tcp.to_string()])
+            .args(["--first", &first.to_string(), "--count", &count.to_string()])
+            .args(["--users-total", &plan.users.to_string()])
+            .args(["--connect-per-s", &(plan.connect_per_s / n).max(1).to_string()])
+            .args(["--heartbeat-s", &plan.heartbeat_s.to_string()])
+            .args(["--threads", &plan.worker_threads.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child =
+            cmd.spawn().map_err(|e| BenchError::Worker(format!("cannot start {}: {e}", launcher.program.display())))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stdin = child.stdin.take();
+        let (collected, tx) = (collected.clone(), second_tx.clone());
+        std::thread::spawn(move || read_worker(w as usize, stdout, collected, tx));
+        workers.push(Worker { child, stdin });
+    }
+    Ok(workers)
+}
+
+fn read_worker(w: usize, stdout: std::process::ChildStdout, collected: Arc<Mutex<Collected>>, tx: mpsc::Sender<u64>) {
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let report: WorkerReport = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                collected.lock().expect("collected poisoned").failure =
+                    Some(format!("worker {w} sent an unreadable line ({e}): {line}"));
+                continue;
+            }
+        };
+        let mut c = collected.lock().expect("collected poisoned");
+        match report {
+            WorkerReport::Ready { rss_bytes } => c.ready_rss[w] = rss_bytes,
+            WorkerReport::Second { row, histogram, rss_bytes } => {
+                let h = decode_histogram(&histogram);
+                c.connected[w] = row.connected;
+                c.rss[w] = rss_bytes;
+                c.totals.merge(&row);
+                if let Some(h) = &h {
+                    match &mut c.all_latency {
+                        Some(all) => drop(all.add(h)),
+                        None => c.all_latency = Some(h.clone()),
+                    }
+                }
+                let second = row.second;
+                let entry = c.seconds.entry(second).or_insert_with(|| {
+                    (SecondRow { second, ..Default::default() }, h.clone().unwrap_or_else(empty_histogram), 0)
+                });
+                if entry.2 > 0 {
+                    if let Some(h) = &h {
+                        let _ = entry.1.add(h);
+                    }
+                }
+                entry.0.merge(&row);
+                entry.2 += 1;
+                drop(c);
+                let _ = tx.send(second);
+            }
+            WorkerReport::Done { .. } => c.done[w] = true,
+        }
+    }
+    let mut c = collected.lock().expect("collected poisoned");
+    if !c.done[w] && c.failure.is_none() {
+        c.failure = Some(format!("worker {w} exited before it was told to stop"));
+    }
+    c.done[w] = true;
+}
+
+fn empty_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+fn spawn_poller(
+    admin: Admin,
+    campaign: Arc<Mutex<Option<u64>>>,
+    samples: Arc<Mutex<Vec<ServerSample>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // Poll just after each wall-clock second, as the workers report, so
+            // the server's deltas line up with the simulator's seconds.
+            let now = unix_ms();
+            std::thread::sleep(Duration::from_millis((now / 1000 + 1) * 1000 + 20 - now));
+            let Ok(stats) = admin_call(admin.get("/v1/stats")) else { continue };
+            let at_ms = unix_ms();
+            let id = *campaign.lock().expect("campaign poisoned");
+            let released = id.and_then(|id| {
+                admin_call(admin.get(&format!("/v1/campaigns/{id}"))).ok().and_then(|c| c["released"].as_u64())
+            });
+            let n = |k: &str| stats[k].as_u64().unwrap_or(0);
+            samples.lock().expect("samples poisoned").push(ServerSample {
+                at_ms,
+                connections: n("connections"),
+                shakes: n("shakes"),
+                shake_wins: n("shake_wins"),
+                opens: n("opens"),
+                released,
+            });
+        }
+    })
+}
+
+/// Per-second server figures: the change between consecutive samples,
+/// divided by the time between them, filed under the second of their midpoint.
+fn server_seconds(samples: &[ServerSample]) -> BTreeMap<u64, ServerSecond> {
+    let mut out = BTreeMap::new();
+    for pair in samples.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let dt = (b.at_ms.saturating_sub(a.at_ms)) as f64 / 1000.0;
+        if dt <= 0.0 {
+            continue;
+        }
+        let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt;
+        let released = match (a.released, b.released) {
+            (Some(x), Some(y)) => rate(x, y),
+            _ => 0.0,
+        };
+        out.insert(
+            (a.at_ms + b.at_ms) / 2000,
+            ServerSecond {
+                connections: b.connections,
+                shakes_per_s: rate(a.shakes, b.shakes),
+                shake_wins_per_s: rate(a.shake_wins, b.shake_wins),
+                opens_per_s: rate(a.opens, b.opens),
+                released_per_s: released,
+            },
+        );
+    }
+    out
+}
+
+fn phase_at(phases: &[(u64, String, u64)], unix_s: u64) -> (String, u64) {
+    phases
+        .iter()
+        .rev()
+        .find(|p| p.0 / 1000 <= unix_s)
+        .map(|p| (p.1.clone(), p.2))
+        .unwrap_or_else(|| ("start".to_owned(), 0))
+}
+
+/// Prints one line per completed second (all workers reported it).
+fn spawn_printer(
+    seconds: mpsc::Receiver<u64>,
+    collected: Arc<Mutex<Collected>>,
+    phases: PhaseLog,
+    samples: Arc<Mutex<Vec<ServerSample>>>,
+    live: Arc<Live>,
+    workers: usize,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let start_s = unix_ms() / 1000;
+        let mut printed = 0u64;
+        for second in seconds {
+            let c = collected.lock().expect("collected poisoned");
+            let Some((row, h, reported)) = c.seconds.get(&second) else { continue };
+            if *reported < workers || second <= printed {
+                continue;
+            }
+            printed = second;
+            let (phase, target) = phase_at(&phases.lock().expect("phases poisoned"), second);
+            let server = samples.lock().expect("samples poisoned").last().map(|s| s.connections).unwrap_or(0);
+            let p99 = LatencyMs::of(h).p99;
+            live.line(&format!(
+                "[{:>4}s] {:<9} conn {:>6} (server {:>6})  target {:>6}/s  answered {:>6}/s  wins {:>4}/s  opens {:>4}/s  p99 {:>7.2} ms",
+                second.saturating_sub(start_s),
+                phase,
+                c.connected(),
+                server,
+                target,
+                row.shakes_answered,
+                row.won,
+                row.opens,
+                p99
+            ));
+        }
+    })
+}
+
+/// `rate N` typed on the bench's stdin changes the shake target of the
+/// current shake phase (the next phase starts at its own planned rate).
+struct RateOverride(Arc<Mutex<Option<u64>>>);
+
+impl RateOverride {
+    fn from_stdin() -> RateOverride {
+        let slot: Arc<Mutex<Option<u64>>> = Arc::default();
+        let writer = slot.clone();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { return };
+                match parse_rate_command(&line) {
+                    Some(rate) => *writer.lock().expect("override poisoned") = Some(rate),
+                    None if line.trim().is_empty() => {}
+                    None => eprintln!("bench: say `rate N` to change the shake target (got {line:?})"),
+                }
+            }
+        });
+        RateOverride(slot)
+    }
+
+    fn take(&self) -> Option<u64> {
+        self.0.lock().expect("override poisoned").take()
+    }
+}
+
+fn parse_rate_command(line: &str) -> Option<u64> {
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("rate"), Some(n), None) => n.parse().ok(),
+        _ => None,
+    }
+}
+
+struct PhaseOutcome {
+    campaign: u64,
+    campaign_running_ms: u64,
+    group_packets: Vec<(u64, i64)>,
+    rss_per_user: u64,
+    checks: Vec<Check>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_phases(
+    plan: &Plan,
+    admin: &Admin,
+    run_id: u64,
+    live: &Live,
+    mark: &dyn Fn(&str, u64),
+    collected: &Arc<Mutex<Collected>>,
+    workers: &mut [Worker],
+    campaign_id: &Mutex<Option<u64>>,
+) -> Result<PhaseOutcome, BenchError> {
+    let rate_override = RateOverride::from_stdin();
+    let mut checks = Vec::new();
+    let broadcast = |workers: &mut [Worker], c: Control| workers.iter_mut().for_each(|w| w.send(&c));
+    let failed = || collected.lock().expect("collected poisoned").failure.clone();
+
+    // Phase 1: connect everyone.
+    mark("connect", 0);
+    let bar = live.phase("connect", plan.users, "users");
+    let deadline = Instant::now() + Duration::from_secs(plan.users / plan.connect_per_s + plan.connect_timeout_s);
+    let mut connected = 0;
+    while Instant::now() < deadline {
+        if let Some(f) = failed() {
+            return Err(BenchError::Worker(f));
+        }
+        connected = collected.lock().expect("collected poisoned").connected().max(0) as u64;
+        bar.set_position(connected);
+        if connected >= plan.users {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One more report so every worker's RSS reflects its connected users.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let rss_per_user = {
+        let c = collected.lock().expect("collected poisoned");
+        let grown: u64 = c.rss.iter().zip(&c.ready_rss).map(|(now, base)| now.saturating_sub(*base)).sum();
+        grown / (c.connected().max(1) as u64)
+    };
+    checks.push(Check::new(
+        "all users connected",
+        connected >= plan.users,
+        format!("{connected} of {} users logged in; simulator memory {rss_per_user} B per user", plan.users),
+    ));
+
+    // Phases 2 and 3: shake while a campaign releases packets.
+    let campaign_packets = plan.campaign_rate * (plan.shake1_s + plan.shake2_s + 10);
+    let created = admin_call(admin.post(
+        "/v1/campaigns",
+        &json!({
+            "funder": CAMPAIGN_FUNDER,
+            "total_fen": campaign_packets as i64 * CAMPAIGN_PACKET_AVG_FEN,
+            "rule": {"count": {"packets": campaign_packets}},
+            "rate_per_s": plan.campaign_rate,
+            "key": format!("bench-{run_id}-campaign"),
+        }),
+    ))?;
+    let campaign = created["id"].as_u64().ok_or_else(|| BenchError::Admin(format!("no campaign id in {created}")))?;
+    admin_call(admin.post(&format!("/v1/campaigns/{campaign}/start"), &json!({})))?;
+    let campaign_started = Instant::now();
+    *campaign_id.lock().expect("campaign poisoned") = Some(campaign);
+    for (name, rate, secs) in
+        [("shake-1", plan.shake1_rate, plan.shake1_s), ("shake-2", plan.shake2_rate, plan.shake2_s)]
+    {
+        mark(name, rate);
+        broadcast(workers, Control::Rate(rate));
+        let bar = live.phase(name, secs, "s");
+        bar.set_message(format!("target {rate}/s"));
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if let Some(f) = failed() {
+                return Err(BenchError::Worker(f));
+            }
+            if let Some(rate) = rate_override.take() {
+                mark(name, rate);
+                broadcast(workers, Control::Rate(rate));
+                bar.set_message(format!("target {rate}/s (changed from stdin)"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            bar.set_position(secs - end.saturating_duration_since(Instant::now()).as_secs());
+        }
+    }
+    mark("settle", 0);
+    broadcast(workers, Control::Rate(0));
+    std::thread::sleep(SHAKE_SETTLE);
+    let campaign_running_ms = campaign_started.elapsed().as_millis() as u64;
+    admin_call(admin.post(&format!("/v1/campaigns/{campaign}/stop"), &json!({})))?;
+
+    // Phase 4: group packets to three random users each.
+    mark("group", 0);
+    let bar = live.phase("group", plan.group_packets, "packets");
+    let mut rng = rand::rng();
+    let mut group_packets = Vec::new();
+    let began = Instant::now();
+    for i in 0..plan.group_packets {
+        let due = began + Duration::from_micros(i * 1_000_000 / plan.group_rate);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let users: Vec<u64> = sample(&mut rng, plan.users as usize, GROUP_PACKET_COUNT as usize)
+            .into_iter()
+            .map(|i| i as u64 + 1)
+            .collect();
+        let amount = rng.random_range(GROUP_PACKET_FEN);
+        let sent = admin_call(admin.post(
+            "/v1/packets",
+            &json!({
+                "sender": GROUP_SENDER, "amount_fen": amount, "count": GROUP_PACKET_COUNT, "kind": "lucky",
+                "to": {"users": users}, "greeting": "恭喜发财", "key": format!("bench-{run_id}-group-{i}"),
+            }),
+        ))?;
+        let packet = sent["packet"].as_u64().ok_or_else(|| BenchError::Admin(format!("no packet id in {sent}")))?;
+        group_packets.push((packet, amount));
+        bar.set_position(i + 1);
+    }
+    let send_s = began.elapsed().as_secs_f64();
+    if plan.group_packets > 0 {
+        checks.push(Check::new(
+            "group packets sent at the planned rate",
+            plan.group_packets as f64 / send_s.max(0.001) >= plan.group_rate as f64 * 0.95,
+            format!(
+                "{} packets in {send_s:.1} s = {:.1}/s (plan {}/s)",
+                plan.group_packets,
+                plan.group_packets as f64 / send_s.max(0.001),
+                plan.group_rate
+            ),
+        ));
+    }
+
+    // Phase 5: drain until every share is opened, or opens stop moving.
+    mark("drain", 0);
+    let want = plan.group_packets * GROUP_PACKET_COUNT;
+    let bar = live.phase("drain", want, "opens");
+    let deadline = Instant::now() + Duration::from_secs(plan.drain_timeout_s);
+    let (mut last, mut last_change) = (u64::MAX, Instant::now());
+    while Instant::now() < deadline {
+        let opens = {
+            let c = collected.lock().expect("collected poisoned");
+            c.totals.opens + c.totals.open_rejects
+        };
+        bar.set_position(opens.min(want));
+        if opens >= want || last_change.elapsed() > DRAIN_IDLE {
+            break;
+        }
+        if opens != last {
+            (last, last_change) = (opens, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The last second's counters arrive with the next report.
+    std::thread::sleep(Duration::from_millis(1_100));
+    mark("end", 0);
+    Ok(PhaseOutcome { campaign, campaign_running_ms, group_packets, rss_per_user, checks })
+}
+
+fn reconcile_groups(admin: &Admin, packets: &[(u64, i64)], totals: &SecondRow) -> Result<Vec<Check>, BenchError> {
+    if packets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut claims, mut claimed_fen, mut settled, mut problems) = (0u64, 0i64, 0u64, Vec::new());
+    for (packet, amount) in packets {
+        let d = admin_call(admin.get(&format!("/v1/packets/{packet}")))?;
+        let list = d["claims"].as_array().cloned().unwrap_or_default();
+        let sum: i64 = list.iter().map(|c| c["amount_fen"].as_i64().unwrap_or(0)).sum();
+        claims += list.len() as u64;
+        claimed_fen += sum;
+        let refunded = d["refunded_fen"].as_i64().unwrap_or(0);
+        let ok = match d["status"].as_str() {
+            Some("finished") => sum == *amount && list.len() as u64 == GROUP_PACKET_COUNT,
+            Some("refunded") => sum + refunded == *amount,
+            _ => false,
+        };
+        if ok {
+            settled += 1;
+        } else if problems.len() < 5 {
+            problems.push(format!("packet {packet}: status {} claims {} sum {sum}/{amount}", d["status"], list.len()));
+        }
+    }
+    Ok(vec![
+        Check::new(
+            "group opens reconcile",
+            claims == totals.opens && claimed_fen == totals.amount_opened_fen && claims > 0,
+            format!(
+                "client saw {} opens / {} fen; the server's ledger holds {claims} claims / {claimed_fen} fen",
+                totals.opens, totals.amount_opened_fen
+            ),
+        ),
+        Check::new(
+            "every group packet fully opened or refunded",
+            settled == packets.len() as u64,
+            format!(
+                "{settled} of {} settled{}",
+                packets.len(),
+                if problems.is_empty() { String::new() } else { format!("; e.g. {}", problems.join("; ")) }
+            ),
+        ),
+    ])
+}
+
+fn timeline(
+    c: &Collected,
+    phases: &PhaseLog,
+    samples: &Mutex<Vec<ServerSample>>,
+    started_unix_ms: u64,
+) -> Vec<TimelineRow> {
+    let server = server_seconds(&samples.lock().expect("samples poisoned"));
+    let phases = phases.lock().expect("phases poisoned");
+    let start_s = started_unix_ms / 1000;
+    c.seconds
+        .iter()
+        .filter(|(s, _)| **s >= start_s)
+        .map(|(s, (row, h, _))| {
+            let (phase, target_rate) = phase_at(&phases, *s);
+            let mut client = row.clone();
+            client.latency_us = LatencySummary::of(h);
+            TimelineRow { elapsed_s: s - start_s, phase, target_rate, client, server: server.get(s).cloned() }
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn summarise_phases(c: &Collected, rows: &[TimelineRow], phases: &PhaseLog, started_unix_ms: u64) -> Vec<PhaseSummary> {
+    let phases = phases.lock().expect("phases poisoned");
+    let mut out = Vec::new();
+    for (i, (start_ms, name, rate)) in phases.iter().enumerate() {
+        if name == "end" {
+            continue;
+        }
+        let end_ms = phases.get(i + 1).map(|p| p.0).unwrap_or(*start_ms);
+        // Whole seconds inside the phase only: the edges are partial.
+        let (first, last) = (start_ms.div_ceil(1000), end_ms / 1000);
+        let answered: Vec<f64> = rows
+            .iter()
+            .filter(|r| (first..last).contains(&(started_unix_ms / 1000 + r.elapsed_s)))
+            .map(|r| r.client.shakes_answered as f64)
+            .collect();
+        let mut latency = empty_histogram();
+        for (_, (_, h, _)) in c.seconds.range(first..last) {
+            let _ = latency.add(h);
+        }
+        out.push(PhaseSummary {
+            name: name.clone(),
+            target_rate: *rate,
+            duration_s: end_ms.saturating_sub(*start_ms) as f64 / 1000.0,
+            answered_per_s_median: median(answered),
+            latency_ms: LatencyMs::of(&latency),
+        });
+    }
+    out
+}
+
+/// The summary as a table for the terminal.
+pub fn summary_table(s: &Summary, out: &Path) -> String {
+    let mut t = String::new();
+    let mut row = |k: &str, v: String| t.push_str(&format!("  {k:<38} {v}\n"));
+    row("users (workers)", format!("{} ({})", s.users, s.workers));
+    row("duration", format!("{:.1} s", s.duration_s));
+    row("shakes sent / answered", format!("{} / {}", s.shakes_sent, s.shakes_answered));
+    row(
+        "  won / none / overload / not_running",
+        format!(
+            "{} / {} / {} / {}",
+            s.shake_results.won, s.shake_results.none, s.shake_results.overload, s.shake_results.not_running
+        ),
+    );
+    row("achieved shakes/s (max second)", s.achieved_qps_max.to_string());
+    for p in s.phases.iter().filter(|p| p.name.starts_with("shake")) {
+        row(
+            &format!("{} target {}/s", p.name, p.target_rate),
+            format!(
+                "median {:.0}/s answered, p50 {:.2} ms, p99 {:.2} ms",
+                p.answered_per_s_median, p.latency_ms.p50, p.latency_ms.p99
+            ),
+        );
+    }
+    row("campaign packets released / won", format!("{} / {}", s.packets_released, s.packets_won));
+    row("amount won (client / server)", format!("{} / {} fen", s.amount_won_fen, s.server_amount_won_fen));
+    row("group packets sent / opens", format!("{} / {}", s.group_packets_sent, s.group_opens));
+    row("group amount opened", format!("{} fen", s.group_amount_opened_fen));
+    row(
+        "shake latency p50 / p99 / max",
+        format!("{:.2} / {:.2} / {:.2} ms", s.latency_ms.p50, s.latency_ms.p99, s.latency_ms.max),
+    );
+    row("simulator memory per user", format!("{} B", s.sim_rss_bytes_per_user));
+    row("connection errors / reconnects", format!("{} / {}", s.conn_errors, s.reconnects));
+    t.push_str("checks:\n");
+    for c in &s.checks {
+        t.push_str(&format!("  {} {:<44} {}\n", if c.pass { "PASS" } else { "FAIL" }, c.name, c.detail));
+    }
+    t.push_str(&format!("{}  report: {}\n", if s.pass { "PASS" } else { "FAIL" }, out.display()));
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_are_valid_and_the_demo_fits_in_two_minutes() {
+        for p in [Plan::demo(), Plan::quick(), Plan::reference()] {
+            p.validate().unwrap();
+        }
+        assert!(Plan::demo().expected_s() <= 100, "{}", Plan::demo().expected_s());
+        assert!(Plan::quick().expected_s() <= 40, "{}", Plan::quick().expected_s());
+        assert!(Plan { users_per_worker: 20_000, ..Plan::demo() }.validate().is_err());
+        assert_eq!(Plan { users: 31_000, ..Plan::demo() }.workers(), 3);
+    }
+
+    #[test]
+    fn server_rates_are_deltas_over_the_time_between_samples() {
+        let s = |at_ms, shakes, released| ServerSample {
+            at_ms,
+            connections: 5,
+            shakes,
+            shake_wins: 0,
+            opens: 0,
+            released: Some(released),
+        };
+        let per = server_seconds(&[s(10_500, 0, 0), s(11_500, 1000, 200), s(13_500, 5000, 600)]);
+        assert_eq!(per[&11].shakes_per_s, 1000.0);
+        assert_eq!(per[&12].shakes_per_s, 2000.0);
+        assert_eq!(per[&12].released_per_s, 200.0);
+    }
+
+    #[test]
+    fn rate_commands_parse() {
+        assert_eq!(parse_rate_command("rate 45000"), Some(45_000));
+        assert_eq!(parse_rate_command("  rate   7 "), Some(7));
+        assert_eq!(parse_rate_command("rate -1"), None);
+        assert_eq!(parse_rate_command("rate 5 6"), None);
+        assert_eq!(parse_rate_command("speed 5"), None);
+    }
+
+    #[test]
+    fn phases_are_found_by_second() {
+        let log = vec![(1_000, "connect".to_owned(), 0), (5_500, "shake-1".to_owned(), 300)];
+        assert_eq!(phase_at(&log, 0).0, "start");
+        assert_eq!(phase_at(&log, 4), ("connect".to_owned(), 0));
+        assert_eq!(phase_at(&log, 5), ("shake-1".to_owned(), 300));
+    }
+}

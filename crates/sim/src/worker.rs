@@ -1,0 +1,211 @@
+//! A simulator worker process: a slice of the users, driven over stdin and
+//! reporting over stdout, one JSON object per line.
+//!
+//! One process may hold at most 20,000 open files here, so the bench spreads
+//! users over several workers (`hongbao sim-worker`). Workers never talk to
+//! each other: every user decides from the clock alone when to shake
+//! (`schedule`), so the only thing the bench tells them is the target rate.
+//!
+//! stdin: `{"rate": 30000}` (the new total target, all workers together),
+//! `"stop"`. A closed stdin means stop too, so a dying bench never leaves
+//! workers behind.
+//! stdout: `{"ready": {...}}` once, then `{"second": {...}}` after every whole
+//! wall-clock second, then `{"done": {...}}`.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::stats::{encode_histogram, rss_bytes, SecondRow, Stats};
+use crate::user::{self, Shared};
+
+/// How long users get to finish in-flight requests after `stop`.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The slice of users one worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub server: SocketAddr,
+    /// Users `first_index .. first_index + count` of `users_total`.
+    pub first_index: u64,
+    pub count: u64,
+    pub users_total: u64,
+    /// New connections per second this worker opens while ramping up.
+    pub connect_per_s: u64,
+    pub heartbeat: Duration,
+    /// Runtime threads (the bench shares the machine with the server).
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    Rate(u64),
+    Stop,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerReport {
+    /// Started, before any user connects: the process's base memory.
+    Ready { rss_bytes: u64 },
+    /// The counters of wall-clock second `row.second` (Unix seconds) and its
+    /// latency histogram (HdrHistogram V2, hex).
+    Second { row: Box<SecondRow>, histogram: String, rss_bytes: u64 },
+    /// Stopped; the last partial second's counters are in a final `Second`.
+    Done { rss_bytes: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn emit(out: &mut impl Write, report: &WorkerReport) -> Result<(), WorkerError> {
+    let line = serde_json::to_string(report).expect("reports serialise");
+    writeln!(out, "{line}").and_then(|_| out.flush()).map_err(WorkerError::Stdout)
+}
+
+/// Runs the worker until `stop` (or end of input) arrives on `control`.
+/// `token` makes the handshake token for a user id.
+pub fn run(
+    config: WorkerConfig,
+    token: Box<dyn Fn(u64) -> String + Send + Sync>,
+    control: impl BufRead + Send + 'static,
+    mut out: impl Write,
+) -> Result<(), WorkerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(WorkerError::Runtime)?;
+    let stats = Arc::new(Stats::default());
+    let (rate_tx, rate_rx) = watch::channel(0u64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // stdin is blocking; one plain thread turns lines into watch updates.
+    std::thread::spawn(move || {
+        for line in control.lines() {
+            let Ok(line) = line else { break };
+            match serde_json::from_str::<Control>(line.trim()) {
+                Ok(Control::Rate(rate)) => drop(rate_tx.send(rate)),
+                Ok(Control::Stop) => break,
+                Err(e) => eprintln!("sim-worker: ignoring control line {line:?}: {e}"),
+            }
+        }
+        let _ = stop_tx.send(true);
+    });
+
+    emit(&mut out, &WorkerReport::Ready { rss_bytes: rss_bytes().unwrap_or(0) })?;
+    let shared = Arc::new(Shared {
+        server: config.server,
+        users_total: config.users_total,
+        heartbeat: config.heartbeat,
+        token,
+        stats: stats.clone(),
+    });
+    runtime.block_on(async move {
+        let mut users = tokio::task::JoinSet::new();
+        let started = tokio::time::Instant::now();
+        let per_s = config.connect_per_s.max(1);
+        for k in 0..config.count {
+            let (shared, rate, mut stop) = (shared.clone(), rate_rx.clone(), stop_rx.clone());
+            let start_at = started + Duration::from_micros(k * 1_000_000 / per_s);
+            users.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(start_at) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                user::run(shared, config.first_index + k, rate, stop).await;
+            });
+        }
+
+        let mut stop = stop_rx.clone();
+        loop {
+            // Wake just after each whole wall-clock second, so rows from
+            // different workers describe the same second.
+            let now = unix_ms();
+            let next_second = now / 1000 + 1;
+            let wait = Duration::from_millis(next_second * 1000 + 20 - now);
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(wait) => false,
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            if stopping {
+                let _ = tokio::time::timeout(STOP_GRACE, async { while users.join_next().await.is_some() {} }).await;
+                users.abort_all();
+                let (row, h) = stats.take(unix_ms() / 1000);
+                let rss = rss_bytes().unwrap_or(0);
+                emit(
+                    &mut out,
+                    &WorkerReport::Second { row: Box::new(row), histogram: encode_histogram(&h), rss_bytes: rss },
+                )?;
+                return emit(&mut out, &WorkerReport::Done { rss_bytes: rss });
+            }
+            let (row, h) = stats.take(next_second - 1);
+            let report = WorkerReport::Second {
+                row: Box::new(row),
+                histogram: encode_histogram(&h),
+                rss_bytes: rss_bytes().unwrap_or(0),
+            };
+            emit(&mut out, &report)?;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_lines_parse() {
+        assert_eq!(serde_json::from_str::<Control>(r#"{"rate": 30000}"#).unwrap(), Control::Rate(30_000));
+        assert_eq!(serde_json::from_str::<Control>(r#""stop""#).unwrap(), Control::Stop);
+        assert!(serde_json::from_str::<Control>(r#"{"rate": -1}"#).is_err());
+    }
+
+    #[test]
+    fn a_worker_without_a_server_reports_connection_errors_and_stops_on_eof() {
+        // Port 9 on loopback: nothing listens, connects fail at once.
+        let config = WorkerConfig {
+            server: "127.0.0.1:9".parse().unwrap(),
+            first_index: 0,
+            count: 3,
+            users_total: 3,
+            connect_per_s: 1000,
+            heartbeat: Duration::from_secs(30),
+            threads: 1,
+        };
+        let (rx, mut tx) = std::io::pipe().unwrap();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1_300));
+            writeln!(tx, "\"stop\"").unwrap();
+        });
+        let mut out = Vec::new();
+        run(config, Box::new(|u| u.to_string()), std::io::BufReader::new(rx), &mut out).unwrap();
+        stopper.join().unwrap();
+        let reports: Vec<WorkerReport> =
+            String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(matches!(reports.first(), Some(WorkerReport::Ready { .. })));
+        assert!(matches!(reports.last(), Some(WorkerReport::Done { .. })));
+        let errors: u64 = reports
+            .iter()
+            .map(|r| match r {
+                WorkerReport::Second { row, .. } => row.conn_errors,
+                _ => 0,
+            })
+            .sum();
+        assert!(errors >= 3, "every user failed to connect at least once: {errors}");
+    }
+}
