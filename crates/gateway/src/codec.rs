@@ -4,9 +4,12 @@
 //! Both reject bad input with a `FrameError` that names the client error code;
 //! nothing here panics on peer input.
 
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use hongbao_core::limits::FRAME_BYTES_MAX;
 use hongbao_proto::{binary, ClientFrame, DecodeError, ErrorCode, FRAME_HEADER_BYTES, REQUEST_OPS};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// A frame the peer sent that we refuse. Always fatal for the connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,25 +42,25 @@ pub(crate) enum ReadOutcome {
     Bad(FrameError),
 }
 
-/// Body buffer capacity kept between frames. Most frames are tens of bytes;
-/// a rare large one must not pin 64 KiB on an idle connection.
-const BODY_CAPACITY_KEPT_BYTES: usize = 1024;
-
 /// Reads `[u32 BE length][postcard body]` frames.
 ///
-/// `read_frame` is cancel-safe: progress lives in `self`, and each await is a
-/// single `read`, so the connection loop can race it against its outbox and
-/// timers in a `select!` without losing bytes.
+/// `poll_read_frame` keeps all progress in `self` and holds nothing between
+/// polls, so the connection loop can poll it beside its outbox and timers
+/// without a stored future and without losing bytes.
 #[derive(Debug, Default)]
 pub(crate) struct FrameReader {
     /// The header being read.
     header: [u8; FRAME_HEADER_BYTES],
     /// Header bytes read so far.
-    header_filled: usize,
-    /// The body, sized exactly once the header is checked; empty before.
+    header_filled: u8,
+    /// True once the header is complete and valid: the body is being read.
+    in_body: bool,
+    /// Body bytes read so far.
+    body_filled: usize,
+    /// The body, allocated at its exact size once the header is checked and
+    /// freed once the frame is decoded: between frames (an idle connection)
+    /// the reader holds no heap memory.
     body: Vec<u8>,
-    /// Body bytes read so far; `Some` once the header is complete and valid.
-    body_filled: Option<usize>,
 }
 
 impl FrameReader {
@@ -65,52 +68,68 @@ impl FrameReader {
         FrameReader::default()
     }
 
+    #[cfg(test)]
     pub async fn read_frame<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> std::io::Result<ReadOutcome> {
+        std::future::poll_fn(|cx| self.poll_read_frame(cx, io)).await
+    }
+
+    pub fn poll_read_frame<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut R,
+    ) -> Poll<std::io::Result<ReadOutcome>> {
         loop {
-            match self.body_filled {
-                None => {
-                    if self.header_filled == FRAME_HEADER_BYTES {
-                        // Check the length before allocating anything for the body.
-                        let len = match binary::body_len(&self.header) {
-                            Ok(Some(len)) => len,
-                            Ok(None) => unreachable!("a full header always has a length"),
-                            Err(e) => return Ok(ReadOutcome::Bad(e.into())),
-                        };
-                        debug_assert!(len <= FRAME_BYTES_MAX);
-                        self.body.clear();
-                        self.body.resize(len, 0);
-                        self.body_filled = Some(0);
-                        continue;
-                    }
-                    let n = io.read(&mut self.header[self.header_filled..]).await?;
-                    if n == 0 {
-                        let started = self.header_filled > 0;
-                        self.header_filled = 0;
-                        return Ok(if started { ReadOutcome::Truncated } else { ReadOutcome::Eof });
-                    }
-                    self.header_filled += n;
-                }
-                Some(filled) if filled == self.body.len() => {
-                    let outcome = match binary::decode_client(&self.body) {
-                        Ok(frame) => ReadOutcome::Frame(frame),
-                        Err(e) => ReadOutcome::Bad(e.into()),
+            if !self.in_body {
+                let filled = usize::from(self.header_filled);
+                if filled == FRAME_HEADER_BYTES {
+                    // Check the length before allocating anything for the body.
+                    let len = match binary::body_len(&self.header) {
+                        Ok(Some(len)) => len,
+                        Ok(None) => unreachable!("a full header always has a length"),
+                        Err(e) => return Poll::Ready(Ok(ReadOutcome::Bad(e.into()))),
                     };
+                    debug_assert!(len <= FRAME_BYTES_MAX);
+                    self.body = vec![0; len];
+                    self.body_filled = 0;
+                    self.in_body = true;
+                    continue;
+                }
+                let n = ready!(poll_read(cx, io, &mut self.header[filled..]))?;
+                if n == 0 {
                     self.header_filled = 0;
-                    self.body_filled = None;
-                    self.body.clear();
-                    self.body.shrink_to(BODY_CAPACITY_KEPT_BYTES);
-                    return Ok(outcome);
+                    return Poll::Ready(Ok(if filled > 0 { ReadOutcome::Truncated } else { ReadOutcome::Eof }));
                 }
-                Some(filled) => {
-                    let n = io.read(&mut self.body[filled..]).await?;
-                    if n == 0 {
-                        return Ok(ReadOutcome::Truncated);
-                    }
-                    self.body_filled = Some(filled + n);
+                // At most the 4 header bytes.
+                self.header_filled += n as u8;
+            } else if self.body_filled == self.body.len() {
+                let outcome = match binary::decode_client(&self.body) {
+                    Ok(frame) => ReadOutcome::Frame(frame),
+                    Err(e) => ReadOutcome::Bad(e.into()),
+                };
+                self.header_filled = 0;
+                self.in_body = false;
+                self.body = Vec::new();
+                return Poll::Ready(Ok(outcome));
+            } else {
+                let n = ready!(poll_read(cx, io, &mut self.body[self.body_filled..]))?;
+                if n == 0 {
+                    return Poll::Ready(Ok(ReadOutcome::Truncated));
                 }
+                self.body_filled += n;
             }
         }
     }
+}
+
+/// One `read` into `buf`; `Ok(0)` is end of stream.
+pub(crate) fn poll_read<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    io: &mut R,
+    buf: &mut [u8],
+) -> Poll<std::io::Result<usize>> {
+    let mut buf = ReadBuf::new(buf);
+    ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+    Poll::Ready(Ok(buf.filled().len()))
 }
 
 /// The snake_case names of every `Request` variant, as they appear in JSON.

@@ -20,6 +20,7 @@ pub mod auth;
 mod codec;
 mod conn;
 mod server;
+mod ws;
 
 use std::net::SocketAddr;
 
@@ -44,11 +45,6 @@ pub mod limits {
     /// Shortest token secret accepted outside dev mode (HMAC-SHA256 wants
     /// at least as many secret bytes as a guess would need to cover).
     pub const TOKEN_SECRET_BYTES_MIN: usize = 16;
-    /// WebSocket read buffer per connection. Tungstenite allocates it
-    /// eagerly; its 128 KiB default times 18,000 connections would be 2.3 GB.
-    pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
-    /// WebSocket write buffer per connection before it writes to the socket.
-    pub const WS_WRITE_BUFFER_BYTES: usize = 16 * 1024;
     /// Pause after a failed `accept` (usually out of file descriptors), so
     /// the accept loop does not spin while the condition lasts.
     pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;

@@ -12,10 +12,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hongbao_proto::{binary, ErrorCode, Request, ServerFrame};
+use hongbao_proto::{binary, ErrorCode, Reply, Request, ServerFrame};
 use hongbao_shard::{Engine, EngineError, Outbox, Responder};
+use metrics::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::limits::{ACCEPT_ERROR_BACKOFF_MS, REJECTS_INFLIGHT_MAX, REJECT_TIMEOUT_S};
@@ -27,12 +28,20 @@ use crate::{conn, GatewayConfig, GatewayError};
 pub(crate) trait Backend: Clone + Send + Sync + 'static {
     /// Keeps the connection registered for pushes while alive.
     type Guard: Send + 'static;
+    /// A reply the engine can give at once, on this thread (a shake with
+    /// nothing to win); `None`: `submit` the request.
+    fn answer_inline(&self, _user: u64, _req: &Request) -> Option<Reply> {
+        None
+    }
     fn submit(&self, user: u64, req: Request, responder: Responder);
     fn connect(&self, user: u64, outbox: Outbox) -> impl Future<Output = Result<Self::Guard, EngineError>> + Send;
 }
 
 impl Backend for Engine {
     type Guard = hongbao_shard::Connection;
+    fn answer_inline(&self, user: u64, req: &Request) -> Option<Reply> {
+        Engine::answer_inline(self, user, req)
+    }
     fn submit(&self, user: u64, req: Request, responder: Responder) {
         Engine::submit(self, user, req, responder)
     }
@@ -161,6 +170,9 @@ pub(crate) async fn start_with<B: Backend>(
 
 async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, shared: Arc<Shared<B>>) {
     let mut shutdown = shared.shutdown.clone();
+    // Made once: each connection task holds a clone (a reference count),
+    // not a handle of its own.
+    let open = metrics::gauge!("hongbao_connections_open", "transport" => transport.as_str());
     loop {
         if *shutdown.borrow_and_update() {
             break;
@@ -170,8 +182,8 @@ async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, sh
             // A dropped sender also means nobody can tell us to run on.
             _ = shutdown.changed() => break,
         };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning; connections
                 // that close will free descriptors.
@@ -187,16 +199,35 @@ async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, sh
             reject(stream, transport, &shared);
             continue;
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let gauge = metrics::gauge!("hongbao_connections_open", "transport" => transport.as_str());
-            gauge.increment(1.0);
-            conn::run(stream, peer, transport, &shared).await;
-            gauge.decrement(1.0);
-            drop(permit);
-        });
+        // One task type per transport, so a raw TCP connection's task is
+        // not sized for the WebSocket upgrade.
+        let admission = Admission::new(permit, open.clone());
+        match transport {
+            Transport::Tcp => tokio::spawn(conn::run_tcp(stream, shared.clone(), admission)),
+            Transport::Ws => tokio::spawn(conn::run_ws(stream, shared.clone(), admission)),
+        };
     }
     tracing::info!(transport = transport.as_str(), "accept loop stopped");
+}
+
+/// What an admitted connection holds until it ends: its permit, and its
+/// place in the open-connections gauge.
+pub(crate) struct Admission {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Admission {
+    pub(crate) fn new(permit: OwnedSemaphorePermit, open: Gauge) -> Admission {
+        open.increment(1.0);
+        Admission { _permit: permit, open }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
 }
 
 /// Tells a connection over capacity `overload`, best effort and bounded.

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use hongbao_gateway::TokenSigner;
-use hongbao_sim::bench::{self, Check, Plan, ServerTarget, Summary, WorkerLauncher};
+use hongbao_sim::bench::{self, Check, Plan, ServerTarget, ShakeStep, Summary, WorkerLauncher};
 use hongbao_sim::worker::{self, WorkerConfig};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
@@ -37,6 +37,10 @@ pub struct PlanArgs {
     /// Seconds of phase 3
     #[arg(long, value_name = "S")]
     pub q2_s: Option<u64>,
+    /// All shake phases at once, e.g. `20000:8,40000:8,60000:8` (rate:seconds);
+    /// replaces the plan's two (then --q1/--q2 adjust the first two)
+    #[arg(long, value_name = "RATE:S,...")]
+    pub steps: Option<String>,
     /// Campaign packets released per second during phases 2 and 3
     #[arg(long, value_name = "PER_S")]
     pub campaign_rate: Option<u64>,
@@ -65,7 +69,7 @@ pub struct PlanArgs {
 }
 
 impl PlanArgs {
-    fn apply(&self, mut p: Plan) -> Plan {
+    fn apply(&self, mut p: Plan) -> anyhow::Result<Plan> {
         let set = |field: &mut u64, v: Option<u64>| {
             if let Some(v) = v {
                 *field = v;
@@ -73,10 +77,15 @@ impl PlanArgs {
         };
         set(&mut p.users, self.users);
         set(&mut p.connect_per_s, self.connect_rate);
-        set(&mut p.shake1_rate, self.q1);
-        set(&mut p.shake1_s, self.q1_s);
-        set(&mut p.shake2_rate, self.q2);
-        set(&mut p.shake2_s, self.q2_s);
+        if let Some(steps) = &self.steps {
+            p.shakes = ShakeStep::parse_list(steps)?;
+        }
+        for (i, (rate, secs)) in [(self.q1, self.q1_s), (self.q2, self.q2_s)].into_iter().enumerate() {
+            if let Some(step) = p.shakes.get_mut(i) {
+                set(&mut step.rate, rate);
+                set(&mut step.secs, secs);
+            }
+        }
         set(&mut p.campaign_rate, self.campaign_rate);
         set(&mut p.group_packets, self.group_packets);
         set(&mut p.group_rate, self.group_rate);
@@ -85,7 +94,7 @@ impl PlanArgs {
         if let Some(t) = self.worker_threads {
             p.worker_threads = t;
         }
-        p
+        Ok(p)
     }
 }
 
@@ -101,6 +110,10 @@ pub struct RemoteArgs {
     /// Admin API key of that server (none for a --dev server)
     #[arg(long, env = "HONGBAO_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// Process id of that server, if it runs on this machine: its CPU time
+    /// per phase goes into the report
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
     /// Token secret of that server, to sign the simulated users' tokens
     /// (none for a --dev server, which takes bare user ids)
     #[arg(long, env = "HONGBAO_SECRET", hide_env_values = true)]
@@ -166,7 +179,7 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
         Kind::Demo { quick: false } => (Plan::demo(), "demo"),
         Kind::Bench => (Plan::reference(), "bench"),
     };
-    let plan = plan_args.apply(base);
+    let plan = plan_args.apply(base)?;
     plan.validate()?;
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let out = plan_args.out.clone().unwrap_or_else(|| PathBuf::from(format!("hongbao-reports/{name}-{now_s}")));
@@ -183,7 +196,7 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
             if let Some(secret) = &remote.secret {
                 launcher.args.extend(["--secret".to_owned(), secret.clone()]);
             }
-            let target = ServerTarget { tcp, admin, admin_key: remote.admin_key.clone() };
+            let target = ServerTarget { tcp, admin, admin_key: remote.admin_key.clone(), pid: remote.server_pid };
             let data = plan_args.data.clone();
             let mut finish = move || match &data {
                 // A read transaction sees one committed state, so a live
@@ -234,7 +247,9 @@ fn run_local(plan: &Plan, data: Option<&Path>, launcher: &WorkerLauncher, out: &
         ready.data.display(),
         out.join("server.log").display()
     );
-    let target = ServerTarget { tcp: ready.tcp, admin: ready.admin, admin_key: None };
+    // The server runs in this process; the bench's own threads only read
+    // pipes and poll once a second, so the process's CPU time is the server's.
+    let target = ServerTarget { tcp: ready.tcp, admin: ready.admin, admin_key: None, pid: Some(std::process::id()) };
     let mut server = Some(server);
     let mut finish = || {
         let mut checks = Vec::new();

@@ -6,6 +6,7 @@ mod audit;
 mod bench;
 mod config;
 mod keys;
+mod perf;
 mod serve;
 mod token;
 
@@ -72,6 +73,10 @@ enum Command {
         #[command(flatten)]
         remote: bench::RemoteArgs,
     },
+    /// Measure one performance figure (used by bench/run.sh); prints
+    /// `FIGURE <name> <value> <unit> [baseline=… ratio=…]` lines.
+    #[command(subcommand)]
+    Perf(perf::Figure),
     /// One simulator process (started by `bench` and `demo`; JSON lines on
     /// stdin and stdout).
     #[command(hide = true)]
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::Demo { quick, plan } => checked(bench::run(bench::Kind::Demo { quick }, plan, Default::default())),
         Command::Bench { plan, remote } => checked(bench::run(bench::Kind::Bench, plan, remote)),
         Command::SimWorker(args) => report(bench::sim_worker(args)),
+        Command::Perf(figure) => report(perf::run(figure)),
         Command::Serve(args) => report(serve(*args)),
         Command::Audit { data, json } => match audit::run(&data, json) {
             Ok(true) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@ use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
 use hongbao_core::limits::PacketRules;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 use hongbao_proto::{ErrorCode, PacketDetail, PushBody, Reply, Request};
+use hongbao_store::CommitMode;
 use serde::Serialize;
 
 use crate::outbox::Responder;
@@ -131,6 +132,13 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Answers a plain shake at once, on the caller's thread, when the
+    /// user's shard has no packet to give (see `answer_inline` in the shard
+    /// module); `None` means: `submit` it.
+    pub fn answer_inline(&self, user: UserId, req: &Request) -> Option<Reply> {
+        self.inner.answer_inline(user, req)
+    }
+
     /// Submits a client request on behalf of an authenticated user. Never
     /// waits: a full shard queue answers `Overload` (shakes: `ShakeResult::Overload`).
     /// `Hello` and `Ping` are the gateway's and answered with an error here.
@@ -233,6 +241,20 @@ impl Engine {
     /// Opens (or creates) the data directory, recovers every open packet,
     /// expiry timer, running campaign and id block, and starts the shards.
     pub async fn open(config: EngineConfig, data_dir: &std::path::Path) -> Result<Engine, EngineError> {
-        crate::shard::Inner::open(config, data_dir).await.map(|inner| Engine { inner })
+        Engine::open_with_commit_mode(config, CommitMode::Group, data_dir).await
+    }
+
+    /// `open` with a chosen commit mode. Benchmark use only: `hongbao perf
+    /// opens` runs `CommitMode::PerOp` (one transaction and one fsync per
+    /// operation) as its baseline. `serve` always uses `open`, i.e. group
+    /// commit; no flag, variable or TOML key reaches this. Durability is the
+    /// same in both modes: a reply that reports moved money is sent only
+    /// after the transaction holding it has committed.
+    pub async fn open_with_commit_mode(
+        config: EngineConfig,
+        commit_mode: CommitMode,
+        data_dir: &std::path::Path,
+    ) -> Result<Engine, EngineError> {
+        crate::shard::Inner::open(config, commit_mode, data_dir).await.map(|inner| Engine { inner })
     }
 }

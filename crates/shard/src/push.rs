@@ -48,7 +48,72 @@ struct Task {
 }
 
 /// One stripe of presence: each online user's devices.
-type Stripe = Mutex<HashMap<UserId, Vec<Outbox>>>;
+type Stripe = Mutex<HashMap<UserId, Devices>>;
+
+/// One online user's connections, oldest first. Almost every user has one,
+/// which is kept inline: a `Vec` would cost every connection an allocation.
+#[derive(Debug)]
+enum Devices {
+    One(Outbox),
+    Many(Vec<Outbox>),
+}
+
+impl Devices {
+    fn as_slice(&self) -> &[Outbox] {
+        match self {
+            Devices::One(o) => std::slice::from_ref(o),
+            Devices::Many(v) => v,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Outbox) -> bool) {
+        let mut kept: Vec<Outbox> = std::mem::replace(self, Devices::Many(Vec::new())).into_vec();
+        kept.retain(keep);
+        *self = Devices::from_vec(kept);
+    }
+
+    fn push(&mut self, outbox: Outbox) {
+        match self {
+            Devices::Many(v) if v.is_empty() => *self = Devices::One(outbox),
+            Devices::Many(v) => v.push(outbox),
+            Devices::One(_) => {
+                let mut all = std::mem::replace(self, Devices::Many(Vec::new())).into_vec();
+                all.push(outbox);
+                *self = Devices::Many(all);
+            }
+        }
+    }
+
+    /// Removes and returns the oldest device.
+    fn remove_oldest(&mut self) -> Option<Outbox> {
+        let mut all = std::mem::replace(self, Devices::Many(Vec::new())).into_vec();
+        let oldest = (!all.is_empty()).then(|| all.remove(0));
+        *self = Devices::from_vec(all);
+        oldest
+    }
+
+    fn into_vec(self) -> Vec<Outbox> {
+        match self {
+            Devices::One(o) => vec![o],
+            Devices::Many(v) => v,
+        }
+    }
+
+    fn from_vec(mut v: Vec<Outbox>) -> Devices {
+        match v.len() {
+            1 => Devices::One(v.pop().expect("one element")),
+            _ => Devices::Many(v),
+        }
+    }
+}
 
 pub(crate) struct PushHub {
     stripes: Box<[Stripe]>,
@@ -78,15 +143,16 @@ impl PushHub {
     /// Adds a device. The oldest device is closed when a user has too many.
     pub(crate) fn register(&self, user: UserId, outbox: Outbox) {
         let mut map = self.stripe(user).lock().expect("push stripe poisoned");
-        let devices = map.entry(user).or_default();
+        let devices = map.entry(user).or_insert(Devices::Many(Vec::new()));
         devices.retain(|o| !o.is_closed());
         if devices.len() >= DEVICES_PER_USER_MAX {
-            let oldest = devices.remove(0);
-            oldest.send(ServerFrame::Close {
-                code: ErrorCode::Overload,
-                message: "too many devices for this user".into(),
-            });
-            self.connections.fetch_sub(1, Ordering::Relaxed);
+            if let Some(oldest) = devices.remove_oldest() {
+                oldest.send(ServerFrame::Close {
+                    code: ErrorCode::Overload,
+                    message: "too many devices for this user".into(),
+                });
+                self.connections.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         devices.push(outbox);
         self.connections.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +179,7 @@ impl PushHub {
         let map = self.stripe(user).lock().expect("push stripe poisoned");
         let Some(devices) = map.get(&user) else { return 0 };
         let mut n = 0;
-        for o in devices {
+        for o in devices.as_slice() {
             if o.send(ServerFrame::Push(push.clone())) {
                 n += 1;
             }
@@ -148,8 +214,13 @@ impl PushHub {
             let push = Push { msg: 0, body };
             let mut delivered = 0u64;
             'stripes: for stripe in hub.stripes.iter() {
-                let targets: Vec<Outbox> =
-                    stripe.lock().expect("push stripe poisoned").values().flatten().cloned().collect();
+                let targets: Vec<Outbox> = stripe
+                    .lock()
+                    .expect("push stripe poisoned")
+                    .values()
+                    .flat_map(Devices::as_slice)
+                    .cloned()
+                    .collect();
                 for chunk in targets.chunks(BROADCAST_CHUNK) {
                     if task.stop.load(Ordering::Relaxed) {
                         break 'stripes;
@@ -218,20 +289,39 @@ mod tests {
         hub.register(7, b.clone());
         let push = Push { msg: 0, body: PushBody::Notice { topic: "t".into(), text: "x".into() } };
         assert_eq!(hub.deliver(7, &push), 2);
-        assert!(ra.frames.try_recv().is_ok() && rb.frames.try_recv().is_ok());
+        assert!(ra.try_recv().is_some() && rb.try_recv().is_some());
         hub.unregister(7, &a);
         assert_eq!(hub.deliver(7, &push), 1);
         assert_eq!(hub.connections(), 1);
     }
 
     #[tokio::test]
+    async fn too_many_devices_close_the_oldest() {
+        let hub = PushHub::new();
+        let mut devices: Vec<_> = (0..=DEVICES_PER_USER_MAX).map(|_| Outbox::new(4)).collect();
+        for (o, _) in &devices {
+            hub.register(3, o.clone());
+        }
+        assert_eq!(hub.connections(), DEVICES_PER_USER_MAX as u64);
+        assert!(matches!(devices[0].1.try_recv(), Some(ServerFrame::Close { code: ErrorCode::Overload, .. })));
+        let push = Push { msg: 0, body: PushBody::Notice { topic: "t".into(), text: "x".into() } };
+        assert_eq!(hub.deliver(3, &push), DEVICES_PER_USER_MAX);
+        assert!(devices[0].1.try_recv().is_none());
+        for (o, _) in &devices[1..] {
+            hub.unregister(3, o);
+        }
+        assert_eq!((hub.connections(), hub.users_online()), (0, 0));
+    }
+
+    #[tokio::test]
     async fn a_full_outbox_is_flagged_not_waited_on() {
         let hub = PushHub::new();
-        let (a, ra) = Outbox::new(1);
+        let (a, mut ra) = Outbox::new(1);
         hub.register(1, a);
         let push = Push { msg: 0, body: PushBody::Notice { topic: "t".into(), text: "x".into() } };
         assert_eq!(hub.deliver(1, &push), 1);
         assert_eq!(hub.deliver(1, &push), 0);
-        tokio::time::timeout(std::time::Duration::from_secs(1), ra.overflow.notified()).await.unwrap();
+        let received = tokio::time::timeout(std::time::Duration::from_secs(1), ra.recv(64)).await.unwrap();
+        assert_eq!(received, Err(crate::outbox::Overflow));
     }
 }

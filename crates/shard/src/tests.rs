@@ -8,7 +8,7 @@ use hongbao_core::limits::PacketRules;
 use hongbao_core::split::SplitKind;
 use hongbao_proto::{ErrorCode, GrabState, Reply, Request, ShakeResult, Target};
 
-use crate::{Engine, EngineConfig};
+use crate::{CommitMode, Engine, EngineConfig};
 
 fn config(expiry_s: u64) -> EngineConfig {
     EngineConfig { shards: 3, packet_rules: PacketRules { expiry_s, ..PacketRules::default() } }
@@ -69,6 +69,39 @@ async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares() {
         engine.call(u, Request::Open { packet }).await,
         Reply::Opened { packet, amount_fen: amount, repeat: true, finished: true }
     );
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}
+
+/// The transaction-per-operation baseline of `hongbao perf opens`: same
+/// replies, one commit per operation, and the audit passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_op_commit_mode_commits_each_open_alone_and_audits() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open_with_commit_mode(config(3600), CommitMode::PerOp, dir.path()).await.unwrap();
+    engine.deposit(1, 1_000, "d").await.unwrap();
+    let openers: Vec<u64> = (2..=6).collect();
+    let packet = sent_packet(&engine, 1, send(500, 5, Target::Users(openers.clone()), "p")).await;
+    let before = engine.stats().await;
+    let mut tasks = Vec::new();
+    for user in openers {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move { engine.call(user, Request::Open { packet }).await }));
+    }
+    let mut sum = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Reply::Opened { amount_fen, repeat: false, .. } => sum += amount_fen,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(sum, 500);
+    let after = engine.stats().await;
+    assert_eq!(after.committed_ops - before.committed_ops, 5);
+    assert_eq!(after.commits - before.commits, 5, "one transaction per open");
+    assert_eq!(after.commits, after.committed_ops, "never more than one op per commit");
+    let detail = engine.packet_detail(packet).await.unwrap();
+    assert_eq!((detail.status.as_str(), detail.claims.len(), detail.remaining_fen), ("finished", 5, 0));
     engine.shutdown().await;
     assert_audit(dir.path());
 }
@@ -298,4 +331,39 @@ async fn futures_join(engine: &Engine, user: u64, key: &str, n: usize) -> Vec<Re
         out.push(t.await.unwrap());
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shakes_with_nothing_to_give_are_answered_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    let plain = Request::Shake { campaign: 0, key: None };
+    assert_eq!(engine.answer_inline(1, &plain), Some(Reply::Shake(ShakeResult::NotRunning)));
+    // Keyed shakes and other requests always go to the shard.
+    assert_eq!(engine.answer_inline(1, &Request::Shake { campaign: 0, key: Some("k".into()) }), None);
+    assert_eq!(engine.answer_inline(1, &Request::Balance), None);
+
+    engine.deposit(100, 1_000, "d").await.unwrap();
+    let spec = CampaignSpec {
+        funder: 100,
+        total_fen: 30,
+        rule: AmountRule::Count { packets: 3 },
+        rate_per_s: 1_000,
+        win_cap_per_user: None,
+    };
+    let c = engine.create_campaign(spec, "inline").await.unwrap();
+    engine.start_campaign(c.id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // One packet is ready in each of the 3 shards: the shard must answer.
+    assert_eq!(engine.answer_inline(1, &plain), None);
+    assert!(matches!(engine.call(1, plain.clone()).await, Reply::Shake(ShakeResult::Won { .. })));
+    // Its shard's pool is empty now (the gate follows within a loop turn).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(engine.answer_inline(1, &plain), Some(Reply::Shake(ShakeResult::None)));
+    assert_eq!(engine.answer_inline(2, &plain), None, "user 2's shard still holds its packet");
+    engine.stop_campaign(c.id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(engine.answer_inline(2, &plain), Some(Reply::Shake(ShakeResult::NotRunning)));
+    engine.shutdown().await;
+    assert_audit(dir.path());
 }

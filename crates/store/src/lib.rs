@@ -19,7 +19,7 @@ mod schema;
 mod writer;
 
 pub use reader::{CampaignRow, MoneyTotals, Reader};
-pub use writer::{Done, ExistingPacket, NewPacket, Op, OpError, Outcome, Writer, WriterStats};
+pub use writer::{CommitMode, Done, ExistingPacket, NewPacket, Op, OpError, Outcome, Writer, WriterStats};
 
 pub use audit::audit_dir;
 
@@ -52,8 +52,14 @@ pub struct Store {
 
 impl Store {
     /// Opens or creates `dir/hongbao.db`, migrates it, loads balances and
-    /// starts the writer.
+    /// starts the writer (group commit).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, CommitMode::Group)
+    }
+
+    /// `open` with a chosen commit mode; `CommitMode::PerOp` is a benchmark
+    /// baseline only.
+    pub fn open_with(dir: &Path, mode: CommitMode) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = std::fs::OpenOptions::new()
@@ -77,7 +83,7 @@ impl Store {
             )));
         }
         let next_campaign = reader.next_campaign_id()?;
-        let (writer, writer_thread) = Writer::start(conn, ledger, next_campaign, lock);
+        let (writer, writer_thread) = Writer::start(conn, ledger, next_campaign, lock, mode);
         Ok(Store { writer, reader, writer_thread })
     }
 }

@@ -131,3 +131,55 @@ fn groups_are_bounded_and_an_over_limit_change_touches_nothing() {
     });
     assert_eq!(store.reader.groups().unwrap()[&1], vec![1, 2, 3]);
 }
+
+#[test]
+fn opens_committed_together_update_their_packet_as_one_at_a_time_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let w = store.writer.clone();
+    let (a, b) = (make_packet_id(0, 1), make_packet_id(0, 2));
+    runtime().block_on(async {
+        w.run(Op::Deposit { user: 1, amount_fen: 1000, key: "d".into() }).await.unwrap();
+        for (id, total, count, key) in [(a, 300, 3, "a"), (b, 100, 2, "b")] {
+            let p = Box::new(new_packet(id, 1, total, count));
+            w.run(Op::FundPacket { packet: p, key: key.into(), notice: vec![] }).await.unwrap();
+        }
+    });
+    // Hold the writer inside a completion so every op below joins one batch.
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let hold: Done = Box::new(move |_| {
+        held_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+    });
+    assert!(w.try_submit(Op::Barrier, hold).is_ok());
+    held_rx.recv().unwrap();
+    let open = |packet, user, amount_fen, seq, finished| Op::Open { packet, user, amount_fen, seq, at_ms: 5, finished };
+    let ops = [
+        open(a, 2, 100, 0, None),
+        open(b, 2, 40, 0, None),
+        open(a, 3, 50, 1, None),
+        // Reads packet b's row: b's open must be written before it.
+        Op::Refund { packet: b, sender: 1, amount_fen: 60, at_ms: 6, notice: vec![] },
+        open(a, 4, 150, 2, Some(4)),
+    ];
+    let mut replies = Vec::new();
+    for op in ops {
+        let (tx, rx) = std::sync::mpsc::channel();
+        assert!(w.try_submit(op, Box::new(move |r| tx.send(r).unwrap())).is_ok());
+        replies.push(rx);
+    }
+    let commits = w.stats.commits.load(std::sync::atomic::Ordering::Relaxed);
+    release_tx.send(()).unwrap();
+    for rx in replies {
+        rx.recv().unwrap().unwrap();
+    }
+    let after = w.stats.commits.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after - commits, 1, "one batch for all five ops");
+    let pa = store.reader.packet(a).unwrap().unwrap();
+    assert_eq!((pa.remaining_fen, pa.claims.len(), pa.status.as_str()), (0, 3, "finished"));
+    let pb = store.reader.packet(b).unwrap().unwrap();
+    assert_eq!((pb.remaining_fen, pb.refunded_fen, pb.claims.len(), pb.status.as_str()), (0, 60, 1, "refunded"));
+    let report = audit_dir(dir.path()).unwrap();
+    assert!(report.passed(), "{:?}", report.violations);
+}

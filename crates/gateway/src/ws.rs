@@ -1,0 +1,508 @@
+//! WebSocket after the upgrade (RFC 6455, server side): client frames read
+//! and server frames written directly on the socket.
+//!
+//! The HTTP upgrade is tungstenite's (`handshake`); after it the socket is
+//! ours. Tungstenite's stream would hold, for the connection's whole life, a
+//! read buffer allocated up front, a write buffer that keeps the size of the
+//! largest batch it ever wrote and two waker cells: several KiB per idle
+//! connection. Here an idle connection holds a 14-byte header array and no
+//! heap memory: a frame's payload is allocated at its exact size once its
+//! header is checked (length against `FRAME_BYTES_MAX` before anything is
+//! allocated, as in the binary `FrameReader`) and freed once decoded.
+//!
+//! What the server enforces: client frames are masked, reserved bits are
+//! clear, opcodes are known, control frames are unfragmented and at most 125
+//! bytes, data frames and whole messages are at most `FRAME_BYTES_MAX`, and
+//! text is UTF-8. Pings are answered with a pong of the same payload (the
+//! latest ping wins); a close frame ends the connection and is echoed.
+
+use std::task::{ready, Context, Poll};
+
+use hongbao_core::limits::FRAME_BYTES_MAX;
+use hongbao_proto::{binary, ErrorCode, ServerFrame, FRAME_HEADER_BYTES};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+use crate::codec::{decode_json, poll_read, FrameError};
+use crate::conn::{FrameIo, Incoming};
+
+/// Longest frame header: 2 bytes, a 64-bit length, a 4-byte mask.
+const HEAD_BYTES_MAX: usize = 14;
+/// Largest control frame payload (RFC 6455 §5.5).
+const CONTROL_PAYLOAD_MAX: usize = 125;
+/// Read buffer of the tungstenite stream used for the upgrade only; it is
+/// dropped as soon as the upgrade is done.
+const HANDSHAKE_READ_BUFFER_BYTES: usize = 256;
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// Close status codes (RFC 6455 §7.4.1).
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_SIZE: u16 = 1009;
+
+/// Performs the HTTP upgrade on `stream`; afterwards it carries frames.
+///
+/// Tungstenite refuses bytes sent after the upgrade request before its
+/// response (`JunkAfterRequest`), so the stream it wraps for the upgrade has
+/// nothing buffered when it is dropped: no client frame is lost.
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<(), WsError> {
+    let config = WebSocketConfig::default().read_buffer_size(HANDSHAKE_READ_BUFFER_BYTES).write_buffer_size(0);
+    tokio_tungstenite::accept_async_with_config(stream, Some(config)).await.map(drop)
+}
+
+/// How a client wants server frames encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    /// JSON in text frames.
+    Json,
+    /// Postcard in binary frames (no length header: WebSocket frames it).
+    Binary,
+}
+
+/// WebSocket: JSON in text frames or postcard in binary frames. The first
+/// data message the client sends (its `hello`) fixes the encoding of every
+/// frame the server sends on the connection.
+pub(crate) struct WsIo<S> {
+    stream: S,
+    reader: FrameReader,
+    /// `None` until the first data message.
+    encoding: Option<Encoding>,
+    /// The pong answering the latest ping, encoded, until it is written.
+    pong: Option<Box<[u8]>>,
+    /// Set once the peer sent a close frame: the status code to echo.
+    peer_close: Option<Option<u16>>,
+}
+
+impl<S> WsIo<S> {
+    pub fn new(stream: S) -> WsIo<S> {
+        WsIo { stream, reader: FrameReader::default(), encoding: None, pong: None, peer_close: None }
+    }
+
+    /// The socket, for the upgrade before any frame.
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    fn message(&mut self, opcode: u8, payload: Vec<u8>) -> Incoming {
+        if opcode == OP_TEXT {
+            self.encoding.get_or_insert(Encoding::Json);
+            match std::str::from_utf8(&payload) {
+                Ok(text) => decode_json(text).map_or_else(Incoming::Bad, |f| Incoming::Frame(Box::new(f))),
+                Err(_) => Incoming::Bad(FrameError::new(ErrorCode::Malformed, "text frame is not UTF-8")),
+            }
+        } else {
+            self.encoding.get_or_insert(Encoding::Binary);
+            binary::decode_client(&payload).map_or_else(|e| Incoming::Bad(e.into()), |f| Incoming::Frame(Box::new(f)))
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for WsIo<S> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Incoming> {
+        loop {
+            let (head, payload) = match ready!(self.reader.poll_frame(cx, &mut self.stream)) {
+                // A socket error or EOF, between frames or in one: the peer is gone.
+                Err(_) | Ok(Read::Eof) => return Poll::Ready(Incoming::Closed),
+                Ok(Read::Bad(e)) => return Poll::Ready(Incoming::Bad(e)),
+                Ok(Read::Frame(head, payload)) => (head, payload),
+            };
+            let bad = |m: &str| Poll::Ready(Incoming::Bad(FrameError::new(ErrorCode::Malformed, m)));
+            match head.opcode {
+                OP_PING => {
+                    let mut pong = Vec::new();
+                    put_frame(&mut pong, OP_PONG, &payload);
+                    self.pong = Some(pong.into_boxed_slice());
+                    return Poll::Ready(Incoming::Heartbeat);
+                }
+                OP_PONG => return Poll::Ready(Incoming::Heartbeat),
+                OP_CLOSE => {
+                    // Echoed later; codes that must not appear on the wire
+                    // (RFC 6455 §7.4) are not.
+                    let code = payload
+                        .get(..2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                        .filter(|c| matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999));
+                    self.peer_close = Some(code);
+                    return Poll::Ready(Incoming::Closed);
+                }
+                OP_TEXT | OP_BINARY if self.reader.partial_opcode != 0 => {
+                    return bad("a new message began before the previous one ended");
+                }
+                OP_TEXT | OP_BINARY if !head.fin => {
+                    self.reader.partial_opcode = head.opcode;
+                    self.reader.partial = payload;
+                }
+                OP_TEXT | OP_BINARY => return Poll::Ready(self.message(head.opcode, payload)),
+                _ => {
+                    // A continuation (the reader refuses unknown opcodes, and
+                    // a continuation that would make the message too large).
+                    let opcode = std::mem::take(&mut self.reader.partial_opcode);
+                    if opcode == 0 {
+                        return bad("continuation frame without a message to continue");
+                    }
+                    let mut message = std::mem::take(&mut self.reader.partial);
+                    message.extend_from_slice(&payload);
+                    if !head.fin {
+                        self.reader.partial_opcode = opcode;
+                        self.reader.partial = message;
+                        continue;
+                    }
+                    return Poll::Ready(self.message(opcode, message));
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, frames: &[ServerFrame]) -> std::io::Result<()> {
+        // Encoded for this write only: an idle connection holds no buffer.
+        let mut out = self.pong.take().map(Vec::from).unwrap_or_default();
+        for frame in frames {
+            match self.encoding.unwrap_or(Encoding::Json) {
+                Encoding::Json => put_frame(&mut out, OP_TEXT, &serde_json::to_vec(frame)?),
+                Encoding::Binary => {
+                    // The binary codec writes a length header; WebSocket
+                    // frames carry their own length, so it is dropped.
+                    let bytes = binary::encode_server(frame);
+                    put_frame(&mut out, OP_BINARY, &bytes[FRAME_HEADER_BYTES..]);
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.stream.write_all(&out).await?;
+        }
+        self.stream.flush().await
+    }
+
+    async fn close(&mut self, code: ErrorCode) {
+        let status = match self.peer_close {
+            // Echo the peer's close (RFC 6455 §5.5.1).
+            Some(peer) => peer,
+            None => Some(match code {
+                ErrorCode::ShuttingDown => CLOSE_AWAY,
+                ErrorCode::FrameTooLarge => CLOSE_SIZE,
+                code if code.is_fatal() => CLOSE_POLICY,
+                _ => CLOSE_NORMAL,
+            }),
+        };
+        let mut out = self.pong.take().map(Vec::from).unwrap_or_default();
+        let status = status.map(u16::to_be_bytes);
+        put_frame(&mut out, OP_CLOSE, status.as_ref().map_or(&[][..], |s| &s[..]));
+        // Best effort: the peer may be gone.
+        if self.stream.write_all(&out).await.is_ok() {
+            let _ = self.stream.flush().await;
+        }
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// Appends one unmasked, unfragmented server frame.
+fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.reserve(HEAD_BYTES_MAX + payload.len());
+    out.push(0x80 | opcode);
+    match payload.len() {
+        len @ 0..=125 => out.push(len as u8),
+        len @ 126..=0xFFFF => {
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
+/// A frame header, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Head {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    len: usize,
+}
+
+/// What reading the next frame gave.
+#[derive(Debug)]
+enum Read {
+    /// A whole frame, payload unmasked.
+    Frame(Head, Vec<u8>),
+    Eof,
+    Bad(FrameError),
+}
+
+/// Reads client frames. Like the binary `FrameReader`, all progress lives in
+/// `self`, so polling it is cancel-safe, and between frames it holds no heap
+/// memory.
+#[derive(Debug, Default)]
+struct FrameReader {
+    head: [u8; HEAD_BYTES_MAX],
+    head_filled: u8,
+    /// The frame whose payload is being read, once its header is checked.
+    frame: Option<Head>,
+    payload: Vec<u8>,
+    payload_filled: usize,
+    /// The opcode of a fragmented data message being read, 0 if none.
+    partial_opcode: u8,
+    /// Its bytes so far.
+    partial: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Header bytes needed, as far as the bytes read so far tell.
+    fn head_len(&self) -> usize {
+        if self.head_filled < 2 {
+            return 2;
+        }
+        let extended = match self.head[1] & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+        2 + extended + mask
+    }
+
+    fn poll_frame<R: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut R) -> Poll<std::io::Result<Read>> {
+        loop {
+            let Some(head) = self.frame else {
+                let need = self.head_len();
+                let filled = usize::from(self.head_filled);
+                if filled < need {
+                    // Exactly the header: the payload is read into its own buffer.
+                    let n = ready!(poll_read(cx, io, &mut self.head[filled..need]))?;
+                    if n == 0 {
+                        return Poll::Ready(Ok(Read::Eof));
+                    }
+                    // At most the 14 header bytes.
+                    self.head_filled += n as u8;
+                    continue;
+                }
+                let head = match parse_head(&self.head[..need]) {
+                    Ok(head) => head,
+                    Err(e) => return Poll::Ready(Ok(Read::Bad(e))),
+                };
+                if head.opcode == OP_CONTINUATION {
+                    let so_far = self.partial.len();
+                    if so_far + head.len > FRAME_BYTES_MAX {
+                        return Poll::Ready(Ok(Read::Bad(too_large(so_far + head.len))));
+                    }
+                }
+                self.payload = vec![0; head.len];
+                self.payload_filled = 0;
+                self.frame = Some(head);
+                continue;
+            };
+            if self.payload_filled < self.payload.len() {
+                let n = ready!(poll_read(cx, io, &mut self.payload[self.payload_filled..]))?;
+                if n == 0 {
+                    return Poll::Ready(Ok(Read::Eof));
+                }
+                self.payload_filled += n;
+                continue;
+            }
+            self.frame = None;
+            self.head_filled = 0;
+            let mut payload = std::mem::take(&mut self.payload);
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte ^= head.mask[i % 4];
+            }
+            return Poll::Ready(Ok(Read::Frame(head, payload)));
+        }
+    }
+}
+
+fn too_large(len: usize) -> FrameError {
+    FrameError::new(
+        ErrorCode::FrameTooLarge,
+        format!("message of {len} bytes exceeds the maximum of {FRAME_BYTES_MAX}"),
+    )
+}
+
+/// Checks a complete header (`head` is exactly as long as it says).
+fn parse_head(head: &[u8]) -> Result<Head, FrameError> {
+    let malformed = |m: String| FrameError::new(ErrorCode::Malformed, m);
+    let (b0, b1) = (head[0], head[1]);
+    if b0 & 0x70 != 0 {
+        return Err(malformed("reserved bits set (no extension was negotiated)".into()));
+    }
+    if b1 & 0x80 == 0 {
+        return Err(malformed("client frames must be masked".into()));
+    }
+    let (len, rest) = match b1 & 0x7F {
+        126 => (u64::from(u16::from_be_bytes([head[2], head[3]])), &head[4..]),
+        127 => {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&head[2..10]);
+            (u64::from_be_bytes(bytes), &head[10..])
+        }
+        len => (u64::from(len), &head[2..]),
+    };
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0F;
+    match opcode {
+        OP_CONTINUATION | OP_TEXT | OP_BINARY => {
+            if len > FRAME_BYTES_MAX as u64 {
+                return Err(too_large(usize::try_from(len).unwrap_or(usize::MAX)));
+            }
+        }
+        OP_CLOSE | OP_PING | OP_PONG => {
+            if !fin || len > CONTROL_PAYLOAD_MAX as u64 {
+                return Err(malformed("control frames must be whole and at most 125 bytes".into()));
+            }
+        }
+        other => return Err(malformed(format!("unknown opcode {other}"))),
+    }
+    let mask = [rest[0], rest[1], rest[2], rest[3]];
+    Ok(Head { fin, opcode, mask, len: len as usize })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hongbao_proto::{ClientFrame, Reply, Request};
+    use tokio::io::AsyncReadExt;
+
+    /// A masked client frame.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            len @ 0..=125 => out.push(0x80 | len as u8),
+            len @ 126..=0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    /// Feeds `bytes` in small pieces and collects what the server side reads.
+    async fn read_all(bytes: Vec<u8>) -> (Vec<Incoming>, WsIo<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        for chunk in bytes.chunks(5) {
+            client.write_all(chunk).await.unwrap();
+        }
+        client.shutdown().await.unwrap();
+        let mut io = WsIo::new(server);
+        let mut out = Vec::new();
+        loop {
+            let incoming = std::future::poll_fn(|cx| io.poll_recv(cx)).await;
+            let last = !matches!(incoming, Incoming::Frame(_) | Incoming::Heartbeat);
+            out.push(incoming);
+            if last {
+                break;
+            }
+        }
+        (out, io, client)
+    }
+
+    fn hello_json() -> Vec<u8> {
+        br#"{"id":1,"req":{"hello":{"token":"7"}}}"#.to_vec()
+    }
+
+    #[tokio::test]
+    async fn text_binary_and_fragmented_messages_decode() {
+        let json = hello_json();
+        let mut bytes = client_frame(true, OP_TEXT, &json);
+        bytes.extend(client_frame(false, OP_TEXT, &json[..10]));
+        bytes.extend(client_frame(true, OP_PING, b"hb"));
+        bytes.extend(client_frame(false, OP_CONTINUATION, &json[10..20]));
+        bytes.extend(client_frame(true, OP_CONTINUATION, &json[20..]));
+        let (out, io, _client) = read_all(bytes).await;
+        let hello = ClientFrame { id: 1, req: Request::Hello { token: "7".into() } };
+        assert!(
+            matches!(&out[..], [Incoming::Frame(a), Incoming::Heartbeat, Incoming::Frame(b), Incoming::Closed] if **a == hello && **b == hello),
+            "{out:?}"
+        );
+        assert_eq!(io.encoding, Some(Encoding::Json));
+        assert_eq!(io.pong.as_deref(), Some(&[0x80 | OP_PONG, 2, b'h', b'b'][..]));
+
+        let body = binary::encode_client(&hello);
+        let (out, io, _client) = read_all(client_frame(true, OP_BINARY, &body[FRAME_HEADER_BYTES..])).await;
+        assert!(matches!(&out[..], [Incoming::Frame(a), Incoming::Closed] if **a == hello), "{out:?}");
+        assert_eq!(io.encoding, Some(Encoding::Binary));
+    }
+
+    #[tokio::test]
+    async fn bad_frames_are_refused_with_the_right_code() {
+        let code = |out: &[Incoming]| match out.last() {
+            Some(Incoming::Bad(e)) => Some(e.code),
+            _ => None,
+        };
+        let mut unmasked = client_frame(true, OP_TEXT, b"{}");
+        unmasked[1] &= 0x7F;
+        let mut reserved = client_frame(true, OP_TEXT, b"{}");
+        reserved[0] |= 0x40;
+        let mut huge = vec![0x80 | OP_BINARY, 0x80 | 127];
+        huge.extend_from_slice(&((FRAME_BYTES_MAX + 1) as u64).to_be_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        let too_long_message =
+            [client_frame(false, OP_BINARY, &vec![0; FRAME_BYTES_MAX]), client_frame(true, OP_CONTINUATION, &[0])]
+                .concat();
+        for (bytes, expected) in [
+            (unmasked, ErrorCode::Malformed),
+            (reserved, ErrorCode::Malformed),
+            (client_frame(true, 0x3, b""), ErrorCode::Malformed),
+            (client_frame(false, OP_PING, b""), ErrorCode::Malformed),
+            (client_frame(true, OP_PING, &[0; 126]), ErrorCode::Malformed),
+            (client_frame(true, OP_CONTINUATION, b"x"), ErrorCode::Malformed),
+            (client_frame(true, OP_TEXT, &[0xFF, 0xFE]), ErrorCode::Malformed),
+            (client_frame(true, OP_TEXT, br#"{"id":1,"req":"fly"}"#), ErrorCode::UnknownOp),
+            (huge, ErrorCode::FrameTooLarge),
+            (too_long_message, ErrorCode::FrameTooLarge),
+        ] {
+            let (out, _, _) = read_all(bytes).await;
+            assert_eq!(code(&out), Some(expected), "{out:?}");
+        }
+        // Cut off mid-frame: the peer is gone.
+        let json = hello_json();
+        let (out, _, _) = read_all(client_frame(true, OP_TEXT, &json)[..10].to_vec()).await;
+        assert!(matches!(&out[..], [Incoming::Closed]), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn server_frames_pongs_and_close_echo_go_out_unmasked() {
+        let mut bytes = client_frame(true, OP_TEXT, &hello_json());
+        bytes.extend(client_frame(true, OP_PING, b"p"));
+        bytes.extend(client_frame(true, OP_CLOSE, &1000u16.to_be_bytes()));
+        let (out, mut io, mut client) = read_all(bytes).await;
+        assert!(matches!(&out[..], [Incoming::Frame(_), Incoming::Heartbeat, Incoming::Closed]), "{out:?}");
+        let reply = ServerFrame::Reply { id: 1, reply: Reply::Pong };
+        io.send(std::slice::from_ref(&reply)).await.unwrap();
+        io.close(ErrorCode::ShuttingDown).await;
+        drop(io);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let json = serde_json::to_vec(&reply).unwrap();
+        let mut expected = vec![0x80 | OP_PONG, 1, b'p', 0x80 | OP_TEXT, json.len() as u8];
+        expected.extend_from_slice(&json);
+        expected.extend_from_slice(&[0x80 | OP_CLOSE, 2, 0x03, 0xE8]);
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn long_payloads_use_extended_lengths() {
+        let mut out = Vec::new();
+        put_frame(&mut out, OP_BINARY, &[7; 300]);
+        assert_eq!(&out[..4], &[0x82, 126, 0x01, 0x2C]);
+        let mut out = Vec::new();
+        put_frame(&mut out, OP_BINARY, &vec![7; 70_000]);
+        assert_eq!(&out[..2], &[0x82, 127]);
+        assert_eq!(u64::from_be_bytes(out[2..10].try_into().unwrap()), 70_000);
+    }
+}

@@ -1,0 +1,382 @@
+//! `hongbao perf opens`: durable opens per second on the embedded store,
+//! group commit against a transaction-per-open baseline, in one run.
+//!
+//! In-process, no sockets: a fresh `Engine` on a temporary data directory per
+//! mode, packets of 100 shares sent to user lists, then `concurrency`
+//! simulated users (one task each, one open in flight each, like a client
+//! waiting for its reply) open distinct (packet, user) pairs through
+//! `Engine::call`. Every `Opened` reply is sent by the writer's completion,
+//! i.e. after the transaction holding the open committed with
+//! `synchronous=FULL`. Only the open phase is timed.
+//!
+//! After each mode the run checks every packet's committed state against the
+//! replies (no share paid twice, no user twice, claims ≤ count, shares +
+//! remainder = amount, every acknowledged open committed with the amount the
+//! client was told), shuts the engine down and runs the full audit. Any
+//! failure is an error, not a figure.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use hongbao_core::limits::PacketRules;
+use hongbao_core::split::SplitKind;
+use hongbao_proto::{ErrorCode, Reply, Request, Target};
+use hongbao_shard::{CommitMode, Engine, EngineConfig};
+
+use super::figure;
+
+/// Shares per packet: the largest count a packet may have.
+const SHARES: u32 = 100;
+/// Money per packet, fen.
+const PACKET_FEN: i64 = 10_000;
+/// Senders the packets are spread over (their ids spread them over shards).
+const SENDERS_MAX: usize = 64;
+/// First sender id; openers are users 1..=concurrency.
+const SENDER_BASE: u64 = 10_000_000;
+
+#[derive(Debug, clap::Args)]
+pub struct OpensArgs {
+    /// Successful opens to measure with group commit (rounded up to whole
+    /// packets of 100 shares).
+    #[arg(long, default_value_t = 200_000)]
+    opens: u64,
+    /// Opens for the transaction-per-open baseline; it also stops issuing
+    /// opens after --baseline-secs.
+    #[arg(long, default_value_t = 5_000)]
+    baseline_opens: u64,
+    /// Time limit of the baseline's open phase, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    baseline_secs: f64,
+    /// Simulated users opening at once (each has one open in flight).
+    #[arg(long, default_value_t = 2_000)]
+    concurrency: usize,
+    /// Eligible users per packet: 100 gives every share exactly one opener;
+    /// more makes them race and the late ones get `finished` (at most 500).
+    #[arg(long, default_value_t = 100)]
+    openers_per_packet: u32,
+    /// Engine shards.
+    #[arg(long, default_value_t = 4)]
+    shards: u16,
+    /// Small sizes (50,000 opens, a baseline of 2,000 opens or 3 s, 1,000
+    /// users): a few seconds.
+    #[arg(long)]
+    quick: bool,
+    /// Where the temporary data directories go (removed afterwards). Must be
+    /// on a real disk: fsync is what is measured.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// One mode's measurement.
+struct Measured {
+    opened: u64,
+    finished_replies: u64,
+    /// Seconds spent funding senders and sending packets (not timed).
+    setup_secs: f64,
+    secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    commits: u64,
+    committed_ops: u64,
+}
+
+impl Measured {
+    fn per_s(&self) -> f64 {
+        self.opened as f64 / self.secs
+    }
+}
+
+pub fn run(mut args: OpensArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.opens = args.opens.min(50_000);
+        args.baseline_opens = args.baseline_opens.min(2_000);
+        args.baseline_secs = args.baseline_secs.min(3.0);
+        args.concurrency = args.concurrency.min(1_000);
+    }
+    ensure!(args.opens >= 1 && args.baseline_opens >= 1, "--opens and --baseline-opens must be at least 1");
+    ensure!(args.baseline_secs > 0.0, "--baseline-secs must be positive");
+    ensure!(
+        (SHARES..=hongbao_core::limits::PACKET_RECIPIENTS_MAX as u32).contains(&args.openers_per_packet),
+        "--openers-per-packet must be between {SHARES} and {}",
+        hongbao_core::limits::PACKET_RECIPIENTS_MAX
+    );
+    ensure!(
+        args.concurrency >= args.openers_per_packet as usize,
+        "--concurrency must be at least --openers-per-packet ({}) so a packet's openers are distinct users",
+        args.openers_per_packet
+    );
+    let base = args.data_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+
+    println!(
+        "ran: up to {} opens (transaction per open, baseline, ≤ {} s) and then {} opens (group commit) by {} concurrent \
+         users in-process on the embedded store (SQLite WAL, synchronous=FULL, {} shards, data in {}), each reply \
+         after its fsync'd commit; packets of {SHARES} shares with {} eligible users each, every (packet, user) pair \
+         opened once; only the open phase is timed; each run is checked against committed state and audited",
+        args.baseline_opens,
+        args.baseline_secs,
+        args.opens,
+        args.concurrency,
+        args.shards,
+        base.display(),
+        args.openers_per_packet,
+    );
+    if let Ok(fsync) = fsync_p50_ms(&base) {
+        println!("disk: one 4 KiB write + fdatasync in {} takes {fsync:.2} ms (median of 50)", base.display());
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let per_op = rt.block_on(measure(
+        &args,
+        &base,
+        CommitMode::PerOp,
+        args.baseline_opens,
+        Some(Duration::from_secs_f64(args.baseline_secs)),
+    ))?;
+    report("per-op", &per_op);
+    let group = rt.block_on(measure(&args, &base, CommitMode::Group, args.opens, None))?;
+    report("group commit", &group);
+
+    figure("opens_per_op", per_op.per_s(), "opens/s", None);
+    figure("opens_group_commit", group.per_s(), "opens/s", Some(per_op.per_s()));
+    if group.commits > 0 {
+        figure("opens_ops_per_commit", group.committed_ops as f64 / group.commits as f64, "ops", None);
+    }
+    figure("opens_per_op_latency_p50", per_op.p50_ms, "ms", None);
+    figure("opens_per_op_latency_p99", per_op.p99_ms, "ms", None);
+    figure("opens_group_commit_latency_p50", group.p50_ms, "ms", None);
+    figure("opens_group_commit_latency_p99", group.p99_ms, "ms", None);
+    Ok(())
+}
+
+fn report(name: &str, m: &Measured) {
+    println!(
+        "{name}: {} opens in {:.2} s = {:.0} opens/s; latency p50 {:.1} ms, p99 {:.1} ms; {} commits of {:.1} ops on \
+         average{}; checks and audit passed (setup {:.1} s, not timed)",
+        m.opened,
+        m.secs,
+        m.per_s(),
+        m.p50_ms,
+        m.p99_ms,
+        m.commits,
+        m.committed_ops as f64 / m.commits.max(1) as f64,
+        if m.finished_replies > 0 {
+            format!("; {} late opens answered `finished`", m.finished_replies)
+        } else {
+            String::new()
+        },
+        m.setup_secs,
+    );
+}
+
+/// Removes a temporary data directory when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What one simulated user saw.
+#[derive(Default)]
+struct UserLog {
+    /// (packet index, amount) of each acknowledged open.
+    opened: Vec<(usize, i64)>,
+    finished: u64,
+    /// Microseconds from the call to the reply, per successful open.
+    latencies_us: Vec<u32>,
+}
+
+async fn measure(
+    args: &OpensArgs,
+    base: &Path,
+    mode: CommitMode,
+    opens: u64,
+    limit: Option<Duration>,
+) -> anyhow::Result<Measured> {
+    let name = match mode {
+        CommitMode::Group => "group",
+        CommitMode::PerOp => "per-op",
+    };
+    let dir = TempDir(base.join(format!("hongbao-perf-opens-{}-{name}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let config = EngineConfig { shards: args.shards, packet_rules: PacketRules::default() };
+    let engine = Engine::open_with_commit_mode(config, mode, &dir.0).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Setup (not timed): fund senders, send the packets.
+    let setup_start = Instant::now();
+    let packets = opens.div_ceil(SHARES as u64) as usize;
+    let users = args.concurrency as u64;
+    let m = args.openers_per_packet as u64;
+    let senders = packets.min(SENDERS_MAX);
+    let per_sender = packets.div_ceil(senders) as i64;
+    let mut setup = Vec::new();
+    for s in 0..senders {
+        let engine = engine.clone();
+        let sender = SENDER_BASE + 1 + s as u64;
+        setup.push(tokio::spawn(async move {
+            engine
+                .deposit(sender, PACKET_FEN * per_sender, &format!("perf-opens-{sender}"))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut sent = Vec::new();
+            for i in (s..packets).step_by(senders) {
+                // Packet i's openers: m consecutive users (mod the user count).
+                let to: Vec<u64> = (0..m).map(|k| (i as u64 * m + k) % users + 1).collect();
+                let req = Request::Send {
+                    amount_fen: PACKET_FEN,
+                    count: SHARES,
+                    kind: SplitKind::Lucky,
+                    to: Target::Users(to),
+                    greeting: "perf".into(),
+                    key: format!("p{i}"),
+                };
+                match engine.call(sender, req).await {
+                    Reply::Sent { packet, .. } => sent.push((i, packet)),
+                    other => bail!("send failed: {other:?}"),
+                }
+            }
+            anyhow::Ok(sent)
+        }));
+    }
+    let mut ids = vec![0u64; packets];
+    for t in setup {
+        for (i, id) in t.await?? {
+            ids[i] = id;
+        }
+    }
+    let ids: Arc<[u64]> = ids.into();
+    // Each user's packets, in packet order: at any moment about
+    // concurrency / openers_per_packet packets are being raced.
+    let mut todo: Vec<Vec<usize>> = vec![Vec::new(); args.concurrency];
+    for i in 0..packets {
+        for k in 0..m {
+            todo[((i as u64 * m + k) % users) as usize].push(i);
+        }
+    }
+
+    let setup_secs = setup_start.elapsed().as_secs_f64();
+
+    // The open phase.
+    let before = engine.stats().await;
+    let start = Instant::now();
+    let deadline = limit.map(|l| start + l);
+    let mut tasks = Vec::with_capacity(args.concurrency);
+    for (u, mine) in todo.into_iter().enumerate() {
+        let (engine, ids) = (engine.clone(), ids.clone());
+        let user = u as u64 + 1;
+        tasks.push(tokio::spawn(async move {
+            let mut log = UserLog { latencies_us: Vec::with_capacity(mine.len()), ..UserLog::default() };
+            for i in mine {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let t = Instant::now();
+                match engine.call(user, Request::Open { packet: ids[i] }).await {
+                    Reply::Opened { amount_fen, repeat: false, .. } => {
+                        log.latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        log.opened.push((i, amount_fen));
+                    }
+                    Reply::Error { code: ErrorCode::Finished, .. } => log.finished += 1,
+                    other => bail!("user {user}, packet {}: unexpected reply {other:?}", ids[i]),
+                }
+            }
+            anyhow::Ok((user, log))
+        }));
+    }
+    let mut logs = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        logs.push(t.await??);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let after = engine.stats().await;
+
+    // Checks against committed state.
+    let mut told: HashMap<(usize, u64), i64> = HashMap::new();
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut finished_replies = 0;
+    for (user, log) in &logs {
+        for &(i, amount) in &log.opened {
+            ensure!(told.insert((i, *user), amount).is_none(), "user {user} was paid twice from packet {}", ids[i]);
+        }
+        finished_replies += log.finished;
+        latencies.extend_from_slice(&log.latencies_us);
+    }
+    let opened = told.len() as u64;
+    let mut claims_total = 0u64;
+    for (i, &id) in ids.iter().enumerate() {
+        let d = engine.packet_detail(id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let n = d.claims.len() as u32;
+        ensure!(n <= d.count, "packet {id}: {n} claims for {} shares", d.count);
+        let claimed: i64 = d.claims.iter().map(|c| c.amount_fen).sum();
+        ensure!(claimed + d.remaining_fen + d.refunded_fen == d.amount_fen, "packet {id} does not add up: {d:?}");
+        let distinct: HashSet<u64> = d.claims.iter().map(|c| c.user).collect();
+        ensure!(distinct.len() == d.claims.len(), "packet {id}: a user opened twice");
+        if n == d.count {
+            ensure!(d.status == "finished" && d.remaining_fen == 0, "packet {id}: all shares opened but {d:?}");
+        }
+        for c in &d.claims {
+            ensure!(
+                told.get(&(i, c.user)) == Some(&c.amount_fen),
+                "packet {id}: committed claim of user {} ({} fen) is not what the user was told",
+                c.user,
+                c.amount_fen
+            );
+        }
+        claims_total += n as u64;
+    }
+    ensure!(claims_total == opened, "{claims_total} committed claims but {opened} acknowledged opens");
+    let shares = packets as u64 * SHARES as u64;
+    if limit.is_none() {
+        ensure!(opened == shares, "{opened} opens for {shares} shares");
+    }
+    ensure!(opened > 0, "no open succeeded");
+    engine.shutdown().await;
+    drop(engine);
+    let audit = {
+        let dir = dir.0.clone();
+        tokio::task::spawn_blocking(move || hongbao_store::audit_dir(&dir)).await??
+    };
+    ensure!(audit.passed(), "audit failed: {:?}", audit.violations);
+
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    Ok(Measured {
+        opened,
+        finished_replies,
+        setup_secs,
+        secs,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        commits: after.commits - before.commits,
+        committed_ops: after.committed_ops - before.committed_ops,
+    })
+}
+
+/// Median time of a 4 KiB write plus `fdatasync` in `dir`: what one commit
+/// costs at least.
+fn fsync_p50_ms(dir: &Path) -> std::io::Result<f64> {
+    let path = dir.join(format!("hongbao-perf-fsync-{}", std::process::id()));
+    let result = time_fsyncs(&path);
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+fn time_fsyncs(path: &Path) -> std::io::Result<f64> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let block = [7u8; 4096];
+    let mut times = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
