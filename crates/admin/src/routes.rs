@@ -46,6 +46,24 @@ pub(crate) async fn health() -> Json<Value> {
 }
 
 pub(crate) async fn metrics(State(app): Shared) -> Response {
+    // Levels (queue depths, money totals, what is in memory) are read at
+    // scrape time, so they are never stale and cost nothing between scrapes.
+    let s = app.engine.stats().await;
+    let levels: [(&'static str, f64); 10] = [
+        ("hongbao_users_online", s.users_online as f64),
+        ("hongbao_packets_in_memory", s.packets_in_memory as f64),
+        ("hongbao_campaigns_running", s.campaigns_running as f64),
+        ("hongbao_writer_queue_depth", s.writer_queue_depth as f64),
+        ("hongbao_shard_queue_depth", s.shard_queue_depth as f64),
+        ("hongbao_user_balances_fen", s.user_balances_fen as f64),
+        ("hongbao_packet_escrow_fen", s.packet_escrow_fen as f64),
+        ("hongbao_campaign_escrow_fen", s.campaign_escrow_fen as f64),
+        ("hongbao_deposits_minus_withdrawals_fen", s.deposits_minus_withdrawals_fen as f64),
+        ("hongbao_committed_ops", s.committed_ops as f64),
+    ];
+    for (name, value) in levels {
+        metrics::gauge!(name).set(value);
+    }
     let text = app.prometheus.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

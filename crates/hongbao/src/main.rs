@@ -87,8 +87,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // demo and bench send the log of their local server to the report folder.
     if !matches!(cli.command, Command::Demo { .. } | Command::Bench { .. }) {
+        // perf prints figures; the engine's start/stop lines would only clutter them.
+        let default = if matches!(cli.command, Command::Perf(_)) { "warn" } else { "info" };
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
 

@@ -124,6 +124,22 @@ async fn tcp_session_covers_every_message() {
     let t = server.get(&format!("/v1/tasks/{}", task["id"])).await.ok().unwrap();
     assert_eq!(t["state"], "done");
     assert!(t["delivered"].as_u64().unwrap() >= 4);
+    // Prometheus: connections, requests by operation and result, latency
+    // histograms, commit batch sizes, queue depths and money totals.
+    let metrics = server.get("/metrics").await.body;
+    let metrics = metrics.as_str().expect("metrics are text");
+    for name in [
+        "hongbao_connections",
+        "hongbao_requests_total{op=\"shake\"",
+        "hongbao_request_seconds",
+        "hongbao_commit_batch_ops",
+        "hongbao_writer_queue_depth",
+        "hongbao_shard_queue_depth",
+        "hongbao_user_balances_fen",
+        "hongbao_campaign_escrow_fen",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+    }
     let (passed, report) = audit(&server.data);
     assert!(passed, "{report}");
 }

@@ -178,6 +178,8 @@ pub(crate) struct Inner {
     groups: RwLock<HashMap<GroupId, Arc<[UserId]>>>,
     /// Serialises campaign starts and stops.
     campaign_control: tokio::sync::Mutex<()>,
+    /// Serialises group changes, so the in-memory map follows commit order.
+    group_control: tokio::sync::Mutex<()>,
     live_campaigns: Mutex<HashMap<CampaignId, Arc<CampaignLive>>>,
     /// Release counts of campaigns closed by this process, so their status
     /// still says how many were released (in memory only, like releases).
@@ -307,6 +309,7 @@ impl Inner {
             reader,
             groups: RwLock::new(groups.into_iter().map(|(g, m)| (g, Arc::from(m))).collect()),
             campaign_control: tokio::sync::Mutex::new(()),
+            group_control: tokio::sync::Mutex::new(()),
             live_campaigns: Mutex::new(HashMap::new()),
             closed_released: Mutex::new(HashMap::new()),
             counters,
@@ -505,10 +508,11 @@ impl Inner {
         if add.len() > limits::GROUP_MEMBERS_MAX {
             return Err(EngineError::Invalid(format!("a group holds at most {} members", limits::GROUP_MEMBERS_MAX)));
         }
-        // Writes to the membership map happen in commit order: the writer
-        // serialises group changes and we update the map after each commit
-        // while holding the write lock across the await would block senders,
-        // so the map is replaced with the committed list.
+        // The map must change in commit order. Group changes are rare admin
+        // calls, so one at a time (not the map's lock: holding that across
+        // the commit would block every send); the map then takes the
+        // committed list.
+        let _one_at_a_time = self.group_control.lock().await;
         match self.writer.run(Op::ChangeGroup { group, add, remove, replace }).await.map_err(op_error)? {
             Outcome::GroupChanged { members } => {
                 let mut groups = self.groups.write().expect("groups poisoned");

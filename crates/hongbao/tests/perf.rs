@@ -1,0 +1,40 @@
+//! `hongbao perf` figures run end to end at a small size: they measure real
+//! work (commits, sockets) and print `FIGURE` lines that `bench/run.sh`
+//! and docs/benchmarks.md rely on. Nothing here asserts a speed.
+
+use std::process::Command;
+
+fn perf(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hongbao")).arg("perf").args(args).output().expect("hongbao perf runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "perf {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// The value of `FIGURE <name> <value> ...`, which must be there.
+fn figure(out: &str, name: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("FIGURE {name} ")))
+        .unwrap_or_else(|| panic!("no FIGURE {name} in:\n{out}"));
+    line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).expect("a number")
+}
+
+#[test]
+fn opens_compares_group_commit_with_a_commit_per_open() {
+    let out = perf(&["opens", "--opens", "2000", "--baseline-opens", "200", "--concurrency", "200"]);
+    assert!(figure(&out, "opens_per_op") > 0.0);
+    assert!(figure(&out, "opens_group_commit") > 0.0);
+    assert!(out.contains("baseline=") && out.contains("ratio="), "{out}");
+    assert!(figure(&out, "opens_ops_per_commit") >= 1.0);
+}
+
+#[test]
+fn conn_memory_and_broadcast_measure_a_real_server() {
+    let out = perf(&["conn-memory", "--connections", "300", "--transport", "both"]);
+    assert!(figure(&out, "conn_memory_tcp") > 0.0);
+    assert!(figure(&out, "conn_memory_ws") > 0.0);
+    let out = perf(&["broadcast", "--connections", "300"]);
+    assert!(figure(&out, "broadcast_ms") > 0.0);
+    assert!(out.contains("ended done"), "{out}");
+}
