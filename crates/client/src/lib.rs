@@ -5,6 +5,10 @@
 //! Must not: know anything about the server's internals; it speaks only the
 //! documented protocol (docs/protocol.md) and HTTP API (docs/api.md).
 
+mod process;
+
+pub use process::{spawn_server, ServerAddrs, SpawnError};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

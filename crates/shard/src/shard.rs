@@ -69,13 +69,6 @@ enum Event {
     IdsReserved {
         mark: u64,
     },
-    /// A keyed shake whose key has not won before: now it may take a packet.
-    KeyChecked {
-        user: UserId,
-        campaign: CampaignId,
-        key: String,
-        reply: Responder,
-    },
     /// A keyed shake raced an earlier one with the same key and lost: the
     /// packet it took goes back to the front of the pool, unspent.
     ShakeRepeated {
@@ -186,6 +179,15 @@ pub(crate) struct Inner {
     closed_released: Mutex<HashMap<CampaignId, u64>>,
     counters: Arc<Counters>,
     shutting_down: AtomicBool,
+}
+
+fn shake_label(result: &ShakeResult) -> &'static str {
+    match result {
+        ShakeResult::Won { .. } => "won",
+        ShakeResult::None => "none",
+        ShakeResult::Overload => "overload",
+        ShakeResult::NotRunning => "not_running",
+    }
 }
 
 fn encode_body(body: &PushBody) -> Vec<u8> {
@@ -864,9 +866,15 @@ impl ShardState {
 
     /// Publishes the pools' state for `Inner::answer_inline`.
     fn sync_gate(&self) {
-        let ready: usize = self.pools.values().map(|p| p.ready.len()).sum();
-        self.gate.pools.store(self.pools.len() as u64, Ordering::Relaxed);
-        self.gate.ready.store(ready as u64, Ordering::Relaxed);
+        // Store only on change: gateway threads read these on every shake.
+        let ready = self.pools.values().map(|p| p.ready.len()).sum::<usize>() as u64;
+        let pools = self.pools.len() as u64;
+        if self.gate.pools.load(Ordering::Relaxed) != pools {
+            self.gate.pools.store(pools, Ordering::Relaxed);
+        }
+        if self.gate.ready.load(Ordering::Relaxed) != ready {
+            self.gate.ready.store(ready, Ordering::Relaxed);
+        }
     }
 
     /// Takes a recovered or newly funded packet into memory with its timers.
@@ -919,10 +927,11 @@ impl ShardState {
                 self.adopt(p);
             }
             Event::IdsReserved { mark } => self.ids.extend(mark),
-            Event::KeyChecked { user, campaign, key, reply } => self.take_shake(user, campaign, Some(key), reply).await,
             Event::ShakeRepeated { campaign, packet, amount_fen, user } => {
                 if let Some(pool) = self.pools.get_mut(&campaign) {
                     pool.ready.push_front((packet, amount_fen));
+                    // It is on offer again: the pool is not spent after all.
+                    pool.reported_exhausted = false;
                     if let Some(wins) = pool.wins.get_mut(&user) {
                         *wins = wins.saturating_sub(1);
                     }
@@ -981,32 +990,42 @@ impl ShardState {
 
     async fn shake(&mut self, user: UserId, campaign: CampaignId, key: Option<String>, reply: Responder) {
         self.counters.shakes.fetch_add(1, Ordering::Relaxed);
-        let Some(key) = key else { return self.take_shake(user, campaign, None, reply).await };
-        if key.is_empty() || key.len() > limits::IDEMPOTENCY_KEY_BYTES_MAX {
+        if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > limits::IDEMPOTENCY_KEY_BYTES_MAX) {
             return reply.send(Reply::error(ErrorCode::InvalidRequest, "shake key must be 1 to 64 bytes"));
         }
-        // A key that has won before answers with that win, whatever the pool
-        // holds now. Only keyed shakes pay for this lookup; plain ones never
-        // touch storage unless they win.
-        let completions = self.completions.clone();
-        let op = Op::FindShakeWin { user, key: key.clone() };
-        self.submit(
-            op,
-            Box::new(move |r| match r {
+        self.take_shake(user, campaign, key, reply).await
+    }
+
+    /// A keyed shake that found nothing to take: if its key has won before,
+    /// the answer is that first win, whatever the pool holds now. The lookup
+    /// is queued behind every win this shard has handed to the writer, so a
+    /// concurrent retry sees the win its twin just took. A full writer queue
+    /// answers `overload` rather than stall the shard.
+    fn answer_keyed_miss(&self, user: UserId, key: String, miss: ShakeResult, reply: Responder) {
+        // Shared with the completion so a full queue can still answer.
+        let slot = Arc::new(Mutex::new(Some(reply)));
+        let taken = slot.clone();
+        let take = move || taken.lock().expect("reply slot poisoned").take();
+        let done: hongbao_store::Done = Box::new(move |r| {
+            let Some(reply) = take() else { return };
+            let result = match r {
                 Ok(Outcome::ShakeWinFound { first: Some((campaign, packet, amount_fen)) }) => {
-                    metrics::counter!("hongbao_shakes_total", "result" => "won").increment(1);
-                    reply.send(Reply::Shake(ShakeResult::Won { campaign, packet, amount_fen }))
+                    ShakeResult::Won { campaign, packet, amount_fen }
                 }
-                Ok(Outcome::ShakeWinFound { first: None }) => {
-                    // The shard loop is gone only at shutdown, when the reply
-                    // is dropped and the client sees its connection close.
-                    let _ = completions.send(Event::KeyChecked { user, campaign, key, reply });
+                Ok(Outcome::ShakeWinFound { first: None }) => miss,
+                Ok(other) => {
+                    return reply.send(Reply::error(ErrorCode::Internal, format!("unexpected outcome {other:?}")))
                 }
-                Ok(other) => reply.send(Reply::error(ErrorCode::Internal, format!("unexpected outcome {other:?}"))),
-                Err(e) => reply.send(op_error(e).to_reply()),
-            }),
-        )
-        .await;
+                Err(e) => return reply.send(op_error(e).to_reply()),
+            };
+            metrics::counter!("hongbao_shakes_total", "result" => shake_label(&result)).increment(1);
+            reply.send(Reply::Shake(result));
+        });
+        if self.writer.try_submit(Op::FindShakeWin { user, key }, done).is_err() {
+            if let Some(reply) = slot.lock().expect("reply slot poisoned").take() {
+                reply.send(Reply::Shake(ShakeResult::Overload));
+            }
+        }
     }
 
     /// Takes a released packet for `user`, if one is ready and allowed.
@@ -1018,6 +1037,9 @@ impl ShardState {
             self.pools.iter().find(|(_, p)| !p.ready.is_empty()).or_else(|| self.pools.iter().next()).map(|(id, _)| *id)
         };
         let Some(pool_id) = pool_id else {
+            if let Some(key) = key {
+                return self.answer_keyed_miss(user, key, ShakeResult::NotRunning, reply);
+            }
             metrics::counter!("hongbao_shakes_total", "result" => "not_running").increment(1);
             return reply.send(Reply::Shake(ShakeResult::NotRunning));
         };
@@ -1025,6 +1047,9 @@ impl ShardState {
         let capped = pool.win_cap.is_some_and(|cap| pool.wins.get(&user).copied().unwrap_or(0) >= cap);
         let won = if capped { None } else { pool.ready.pop_front() };
         let Some((packet, amount_fen)) = won else {
+            if let Some(key) = key {
+                return self.answer_keyed_miss(user, key, ShakeResult::None, reply);
+            }
             // The common answer touches no storage and no other shard.
             metrics::counter!("hongbao_shakes_total", "result" => "none").increment(1);
             return reply.send(Reply::Shake(ShakeResult::None));

@@ -373,13 +373,12 @@ impl Batch {
         // The shard never opens a finished packet; the stored row's checks
         // below would refuse it too.
         assert!(o.finished.is_none(), "open of packet {packet} after the open that finished it");
-        o.taken_fen += amount_fen;
+        o.taken_fen = o.taken_fen.checked_add(amount_fen).expect("a packet's shares sum to at most its amount");
         o.finished = finished;
     }
 
-    /// Writes pending opens to their packet rows. Runs before any other kind
-    /// of operation in the batch (so none reads a stale row) and before the
-    /// commit: the transaction holds the same rows as with one `UPDATE` per
+    /// Writes pending opens to their packet rows. Runs before a refund (the
+    /// only operation that reads a row's `remaining`) and before the commit: the transaction holds the same rows as with one `UPDATE` per
     /// open, under the same checks.
     fn flush_opens(&mut self, tx: &Connection) -> rusqlite::Result<()> {
         if self.opened.is_empty() {
@@ -462,7 +461,9 @@ impl WriterState {
         let mut batch = Batch::new();
         let mut results = Vec::with_capacity(jobs.len());
         for job in jobs.iter() {
-            if !matches!(job.op, Op::Open { .. }) {
+            // Only a refund reads a packet row's `remaining`; everything
+            // else may run on rows whose opens are still pending.
+            if matches!(job.op, Op::Refund { .. }) {
                 batch.flush_opens(&tx)?;
             }
             let r = apply(&tx, &mut self.ledger, &mut self.next_campaign, &mut batch, &job.op)?;

@@ -8,7 +8,6 @@
 //! directory removed. Multi-gateway deployments do not exist yet, so the
 //! figures are for one server process.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::process::{Child, Command, Stdio};
@@ -459,7 +458,8 @@ struct ServerChild {
     ws: SocketAddr,
     admin: SocketAddr,
     stopped: bool,
-    dir: tempfile::TempDir,
+    /// Removed (with the data and log) when the server is dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl ServerChild {
@@ -482,51 +482,15 @@ impl ServerChild {
                 cmd.env_remove(key);
             }
         }
-        let mut child = cmd
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("start hongbao serve")?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            // Keeps draining stdout after the ready line.
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(json) = line.strip_prefix("HONGBAO_READY ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(json.to_owned());
-                    }
-                }
-            }
-        });
-        let mut server = ServerChild {
-            child,
-            tcp: ([127, 0, 0, 1], 0).into(),
-            ws: ([127, 0, 0, 1], 0).into(),
-            admin: ([127, 0, 0, 1], 0).into(),
-            stopped: false,
-            dir,
-        };
-        let ready = match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(ready) => ready,
-            Err(_) => {
-                let _ = server.stop();
-                let log = std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default();
-                bail!("server did not become ready; its log:\n{log}");
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::from(log));
+        let (child, addrs) = match hongbao_client::spawn_server(&mut cmd, READY_TIMEOUT) {
+            Ok(started) => started,
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+                bail!("{e}; the server's log:\n{log}");
             }
         };
-        let v: serde_json::Value = serde_json::from_str(&ready).context("HONGBAO_READY line")?;
-        let addr = |k: &str| -> anyhow::Result<SocketAddr> {
-            v[k].as_str().with_context(|| format!("no {k} in HONGBAO_READY"))?.parse().context("address")
-        };
-        server.tcp = addr("tcp")?;
-        server.ws = addr("ws")?;
-        server.admin = addr("admin")?;
-        Ok(server)
+        Ok(ServerChild { child, tcp: addrs.tcp, ws: addrs.ws, admin: addrs.admin, stopped: false, _dir: dir })
     }
 
     fn addr(&self, transport: Transport) -> SocketAddr {

@@ -3,7 +3,6 @@
 //! line, and talk to it over real sockets.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,43 +53,18 @@ impl Server {
         }
         args.extend_from_slice(extra);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log")).unwrap();
-        let mut child = Command::new(bin())
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start hongbao serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(json) = line.strip_prefix("HONGBAO_READY ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(json.to_owned());
-                    }
-                }
-            }
+        let mut cmd = Command::new(bin());
+        cmd.args(&args).env("RUST_LOG", "info").stderr(Stdio::from(log));
+        let (child, addrs) = hongbao_client::spawn_server(&mut cmd, Duration::from_secs(60)).unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
+            panic!("{e}; log:\n{log}")
         });
-        let ready = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(r) => r,
-            Err(_) => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
-                panic!("server did not become ready; log:\n{log}");
-            }
-        };
-        let v: Value = serde_json::from_str(&ready).unwrap();
-        let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
         let admin_key =
             if dev { None } else { std::fs::read_to_string(data.join("admin.key")).ok().map(|k| k.trim().to_owned()) };
         Server {
-            tcp: addr("tcp"),
-            ws: addr("ws"),
-            admin_addr: addr("admin"),
+            tcp: addrs.tcp,
+            ws: addrs.ws,
+            admin_addr: addrs.admin,
             data: data.to_owned(),
             admin_key,
             child,

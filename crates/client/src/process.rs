@@ -1,0 +1,87 @@
+//! Starting a `hongbao serve` child process and learning its addresses from
+//! the one `HONGBAO_READY {json}` line it prints on stdout. Used by the
+//! black-box tests and by `hongbao perf`, which both need a real server.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Where a started server listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerAddrs {
+    pub tcp: SocketAddr,
+    pub ws: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start the server: {0}")]
+    Start(std::io::Error),
+    #[error("the server printed no ready line within {0:?}")]
+    NotReady(Duration),
+    #[error("unreadable ready line {line:?}: {why}")]
+    BadReadyLine { line: String, why: String },
+}
+
+/// Spawns `cmd` (a `hongbao serve ...` the caller has set up, stderr
+/// included) with stdout piped, and waits up to `timeout` for its ready line.
+/// stdout keeps being drained afterwards, so the child never blocks on it.
+/// On failure the child is killed and reaped.
+pub fn spawn_server(cmd: &mut Command, timeout: Duration) -> Result<(Child, ServerAddrs), SpawnError> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn().map_err(SpawnError::Start)?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let (Some(json), Some(tx)) = (line.strip_prefix("HONGBAO_READY "), tx.take()) {
+                let _ = tx.send(json.to_owned());
+            }
+        }
+    });
+    let fail = |mut child: Child, e: SpawnError| {
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(e)
+    };
+    let line = match rx.recv_timeout(timeout) {
+        Ok(line) => line,
+        Err(_) => return fail(child, SpawnError::NotReady(timeout)),
+    };
+    match parse_ready(&line) {
+        Ok(addrs) => Ok((child, addrs)),
+        Err(why) => fail(child, SpawnError::BadReadyLine { line, why }),
+    }
+}
+
+fn parse_ready(json: &str) -> Result<ServerAddrs, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let addr = |k: &str| -> Result<SocketAddr, String> {
+        v[k].as_str().ok_or_else(|| format!("no {k}"))?.parse().map_err(|e| format!("{k}: {e}"))
+    };
+    Ok(ServerAddrs { tcp: addr("tcp")?, ws: addr("ws")?, admin: addr("admin")? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_lines_parse_and_bad_ones_say_why() {
+        let a = parse_ready(r#"{"tcp":"127.0.0.1:1","ws":"127.0.0.1:2","admin":"127.0.0.1:3","data":"/d","dev":true}"#);
+        assert_eq!(a.unwrap().admin, "127.0.0.1:3".parse().unwrap());
+        assert!(parse_ready(r#"{"tcp":"127.0.0.1:1"}"#).unwrap_err().contains("no ws"));
+        assert!(parse_ready("not json").is_err());
+    }
+
+    #[test]
+    fn a_child_that_never_gets_ready_is_killed() {
+        let started = std::time::Instant::now();
+        let r = spawn_server(Command::new("sleep").arg("30"), Duration::from_millis(300));
+        assert!(matches!(r, Err(SpawnError::NotReady(_))));
+        assert!(started.elapsed() < Duration::from_secs(10), "killed, not waited for");
+    }
+}
