@@ -69,6 +69,9 @@ pub enum AdminError {
 }
 
 /// What every handler shares.
+/// How old a stats reading may be when served again.
+const STATS_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(250);
+
 pub(crate) struct AppState {
     engine: Engine,
     /// Signs the client tokens issued by `POST /v1/tokens`; the same secret
@@ -78,6 +81,10 @@ pub(crate) struct AppState {
     prometheus: PrometheusHandle,
     /// `None`: no authentication.
     api_key: Option<String>,
+    /// The last `Engine::stats` and when it was taken. Stats sum the ledger's
+    /// balances in storage, and `/metrics` needs no key: many scrapers get
+    /// one reading per `STATS_MAX_AGE` instead of one scan each.
+    stats: tokio::sync::Mutex<Option<(std::time::Instant, hongbao_shard::Stats)>>,
 }
 
 /// Binds `config.addr` and serves until `shutdown` becomes `true` (or its
@@ -103,7 +110,8 @@ pub async fn start(
             tracing::warn!(%addr, "admin API listening WITHOUT authentication: anyone who can reach it can move money")
         }
     }
-    let app = router(Arc::new(AppState { engine, signer, prometheus, api_key: config.api_key }));
+    let app =
+        router(Arc::new(AppState { engine, signer, prometheus, api_key: config.api_key, stats: Default::default() }));
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -206,4 +214,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl AppState {
+    /// Engine stats, at most `STATS_MAX_AGE` old; concurrent callers wait
+    /// for one reading instead of each starting their own.
+    pub(crate) async fn stats(&self) -> hongbao_shard::Stats {
+        let mut cached = self.stats.lock().await;
+        if let Some((at, stats)) = cached.as_ref() {
+            if at.elapsed() < STATS_MAX_AGE {
+                return stats.clone();
+            }
+        }
+        let stats = self.engine.stats().await;
+        *cached = Some((std::time::Instant::now(), stats.clone()));
+        stats
+    }
 }

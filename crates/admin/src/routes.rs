@@ -48,8 +48,8 @@ pub(crate) async fn health() -> Json<Value> {
 pub(crate) async fn metrics(State(app): Shared) -> Response {
     // Levels (queue depths, money totals, what is in memory) are read at
     // scrape time, so they are never stale and cost nothing between scrapes.
-    let s = app.engine.stats().await;
-    let levels: [(&'static str, f64); 10] = [
+    let s = app.stats().await;
+    let levels: [(&'static str, f64); 9] = [
         ("hongbao_users_online", s.users_online as f64),
         ("hongbao_packets_in_memory", s.packets_in_memory as f64),
         ("hongbao_campaigns_running", s.campaigns_running as f64),
@@ -59,7 +59,6 @@ pub(crate) async fn metrics(State(app): Shared) -> Response {
         ("hongbao_packet_escrow_fen", s.packet_escrow_fen as f64),
         ("hongbao_campaign_escrow_fen", s.campaign_escrow_fen as f64),
         ("hongbao_deposits_minus_withdrawals_fen", s.deposits_minus_withdrawals_fen as f64),
-        ("hongbao_committed_ops", s.committed_ops as f64),
     ];
     for (name, value) in levels {
         metrics::gauge!(name).set(value);
@@ -327,7 +326,7 @@ pub(crate) async fn issue_token(State(app): Shared, ApiJson(body): ApiJson<Token
 }
 
 pub(crate) async fn stats(State(app): Shared) -> ApiResult {
-    ok(StatusCode::OK, app.engine.stats().await)
+    ok(StatusCode::OK, app.stats().await)
 }
 
 /// Every path that matches no route.

@@ -55,11 +55,13 @@ pub(crate) struct FrameReader {
     header_filled: u8,
     /// True once the header is complete and valid: the body is being read.
     in_body: bool,
-    /// Body bytes read so far.
+    /// Body bytes read so far, and the body's length from its header.
     body_filled: usize,
-    /// The body, allocated at its exact size once the header is checked and
-    /// freed once the frame is decoded: between frames (an idle connection)
-    /// the reader holds no heap memory.
+    body_len: usize,
+    /// The body, grown as its bytes arrive (`grow_for_read`: a peer that
+    /// announces 64 KiB and sends 4 bytes costs 1 KiB, not 64) and freed
+    /// once the frame is decoded: between frames (an idle connection) the
+    /// reader holds no heap memory.
     body: Vec<u8>,
 }
 
@@ -89,8 +91,9 @@ impl FrameReader {
                         Err(e) => return Poll::Ready(Ok(ReadOutcome::Bad(e.into()))),
                     };
                     debug_assert!(len <= FRAME_BYTES_MAX);
-                    self.body = vec![0; len];
+                    self.body = Vec::new();
                     self.body_filled = 0;
+                    self.body_len = len;
                     self.in_body = true;
                     continue;
                 }
@@ -101,7 +104,7 @@ impl FrameReader {
                 }
                 // At most the 4 header bytes.
                 self.header_filled += n as u8;
-            } else if self.body_filled == self.body.len() {
+            } else if self.body_filled == self.body_len {
                 let outcome = match binary::decode_client(&self.body) {
                     Ok(frame) => ReadOutcome::Frame(frame),
                     Err(e) => ReadOutcome::Bad(e.into()),
@@ -111,6 +114,7 @@ impl FrameReader {
                 self.body = Vec::new();
                 return Poll::Ready(Ok(outcome));
             } else {
+                grow_for_read(&mut self.body, self.body_filled, self.body_len);
                 let n = ready!(poll_read(cx, io, &mut self.body[self.body_filled..]))?;
                 if n == 0 {
                     return Poll::Ready(Ok(ReadOutcome::Truncated));
@@ -118,6 +122,21 @@ impl FrameReader {
                 self.body_filled += n;
             }
         }
+    }
+}
+
+/// First allocation for a frame body; it doubles from there up to the length
+/// the header announced.
+const BODY_CHUNK_BYTES: usize = 1024;
+
+/// Makes room in `buf` for the next read of a `len`-byte body of which
+/// `filled` bytes have arrived: memory follows the bytes received, so an
+/// announced length alone cannot make the server allocate.
+pub(crate) fn grow_for_read(buf: &mut Vec<u8>, filled: usize, len: usize) {
+    debug_assert!(filled < len);
+    if filled == buf.len() {
+        let next = (buf.len() * 2).max(BODY_CHUNK_BYTES).min(len);
+        buf.resize(next, 0);
     }
 }
 
@@ -272,6 +291,19 @@ mod tests {
         assert!(
             matches!(&out[..], [ReadOutcome::Frame(x), ReadOutcome::Frame(y), ReadOutcome::Eof] if *x == a && *y == b)
         );
+    }
+
+    #[tokio::test]
+    async fn an_announced_length_alone_allocates_little() {
+        // Announces the largest body, sends 4 bytes of it, then stalls.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(&(FRAME_BYTES_MAX as u32).to_be_bytes()).await.unwrap();
+        client.write_all(&[1, 2, 3, 4]).await.unwrap();
+        let mut reader = FrameReader::new();
+        let stalled = tokio::time::timeout(std::time::Duration::from_millis(50), reader.read_frame(&mut server)).await;
+        assert!(stalled.is_err(), "no frame yet");
+        assert!(reader.body.capacity() <= BODY_CHUNK_BYTES, "{} bytes held for 4 received", reader.body.capacity());
+        assert_eq!(reader.body_filled, 4);
     }
 
     #[tokio::test]

@@ -380,6 +380,13 @@ impl<B: Backend> Session<B> {
         match req {
             Request::Hello { .. } => Err(fatal(ErrorCode::HelloRequired, "hello was already done on this connection")),
             Request::Ping => self.reply(io, id, op, Reply::Pong).await,
+            // Most shakes of a campaign find nothing: answered here, without
+            // a trip through the shard's queue and back, and without taking
+            // an in-flight slot (counted by `reply`; no latency sample, as
+            // there is no queueing to measure).
+            req if let Some(reply) = self.shared.engine.answer_inline(user, &req) => {
+                self.reply(io, id, op, reply).await
+            }
             req if self.inflight.len() >= CONNECTION_INFLIGHT_MAX => {
                 let reply = match req {
                     Request::Shake { .. } => Reply::Shake(ShakeResult::Overload),
@@ -393,14 +400,6 @@ impl<B: Backend> Session<B> {
                 self.reply(io, id, op, reply).await
             }
             req => {
-                // Most shakes of a campaign find nothing: answered here,
-                // without a trip through the shard's queue and back.
-                if let Some(reply) = self.shared.engine.answer_inline(user, &req) {
-                    let started = Instant::now();
-                    self.reply(io, id, op, reply).await?;
-                    metrics::histogram!("hongbao_request_seconds", "op" => op).record(started.elapsed().as_secs_f64());
-                    return Ok(());
-                }
                 self.inflight.push(InFlight { id, op, started: Instant::now() });
                 let responder = Responder::Client { outbox: self.outbox.clone(), request_id: id };
                 self.shared.engine.submit(user, req, responder);

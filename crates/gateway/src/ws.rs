@@ -6,9 +6,9 @@
 //! read buffer allocated up front, a write buffer that keeps the size of the
 //! largest batch it ever wrote and two waker cells: several KiB per idle
 //! connection. Here an idle connection holds a 14-byte header array and no
-//! heap memory: a frame's payload is allocated at its exact size once its
-//! header is checked (length against `FRAME_BYTES_MAX` before anything is
-//! allocated, as in the binary `FrameReader`) and freed once decoded.
+//! heap memory: a frame's payload grows as its bytes arrive once its header
+//! is checked (length against `FRAME_BYTES_MAX` before anything is
+//! allocated, as in the binary `FrameReader`) and is freed once decoded.
 //!
 //! What the server enforces: client frames are masked, reserved bits are
 //! clear, opcodes are known, control frames are unfragmented and at most 125
@@ -296,12 +296,13 @@ impl FrameReader {
                         return Poll::Ready(Ok(Read::Bad(too_large(so_far + head.len))));
                     }
                 }
-                self.payload = vec![0; head.len];
+                self.payload = Vec::new();
                 self.payload_filled = 0;
                 self.frame = Some(head);
                 continue;
             };
-            if self.payload_filled < self.payload.len() {
+            if self.payload_filled < head.len {
+                crate::codec::grow_for_read(&mut self.payload, self.payload_filled, head.len);
                 let n = ready!(poll_read(cx, io, &mut self.payload[self.payload_filled..]))?;
                 if n == 0 {
                     return Poll::Ready(Ok(Read::Eof));

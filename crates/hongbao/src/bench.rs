@@ -220,9 +220,10 @@ fn run_local(plan: &Plan, data: Option<&Path>, launcher: &WorkerLauncher, out: &
     init_logging(Some(&out.join("server.log")));
     let temp = match data {
         Some(_) => None,
-        None => Some(tempfile_dir()?),
+        None => Some(tempfile::Builder::new().prefix("hongbao-demo-").tempdir().context("temporary data directory")?),
     };
-    let data = data.map(Path::to_path_buf).or_else(|| temp.as_ref().map(|t| t.0.clone())).expect("one of them");
+    let data =
+        data.map(Path::to_path_buf).or_else(|| temp.as_ref().map(|t| t.path().to_path_buf())).expect("one of them");
     let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let args = ServeArgs {
         data: Some(data.clone()),
@@ -293,22 +294,6 @@ fn audit_check(data: &Path) -> Check {
         }
         Err(e) => Check::new("hongbao audit passes", false, format!("cannot audit {}: {e}", data.display())),
     }
-}
-
-/// A temporary data directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> anyhow::Result<TempDir> {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("hongbao-demo-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(TempDir(dir))
 }
 
 /// The server's log goes to a file, so the live view stays readable.

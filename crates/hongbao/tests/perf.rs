@@ -26,7 +26,8 @@ fn opens_compares_group_commit_with_a_commit_per_open() {
     assert!(figure(&out, "opens_per_op") > 0.0);
     assert!(figure(&out, "opens_group_commit") > 0.0);
     assert!(out.contains("baseline=") && out.contains("ratio="), "{out}");
-    assert!(figure(&out, "opens_ops_per_commit") >= 1.0);
+    // 200 openers at once: the writer must have put several opens in a commit.
+    assert!(figure(&out, "opens_ops_per_commit") > 1.0);
 }
 
 #[test]

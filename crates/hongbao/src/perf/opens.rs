@@ -172,15 +172,6 @@ fn report(name: &str, m: &Measured) {
     );
 }
 
-/// Removes a temporary data directory when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// What one simulated user saw.
 #[derive(Default)]
 struct UserLog {
@@ -202,10 +193,12 @@ async fn measure(
         CommitMode::Group => "group",
         CommitMode::PerOp => "per-op",
     };
-    let dir = TempDir(base.join(format!("hongbao-perf-opens-{}-{name}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("hongbao-perf-opens-{name}-"))
+        .tempdir_in(base)
+        .context("temporary data directory")?;
     let config = EngineConfig { shards: args.shards, packet_rules: PacketRules::default() };
-    let engine = Engine::open_with_commit_mode(config, mode, &dir.0).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let engine = Engine::open_with_commit_mode(config, mode, dir.path()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // Setup (not timed): fund senders, send the packets.
     let setup_start = Instant::now();
@@ -338,7 +331,7 @@ async fn measure(
     engine.shutdown().await;
     drop(engine);
     let audit = {
-        let dir = dir.0.clone();
+        let dir = dir.path().to_path_buf();
         tokio::task::spawn_blocking(move || hongbao_store::audit_dir(&dir)).await??
     };
     ensure!(audit.passed(), "audit failed: {:?}", audit.violations);
