@@ -19,12 +19,21 @@ cd "$(dirname "$0")/.."
 
 figure="${1:-}"
 quick=""
-[ "${2:-}" = "--quick" ] && quick="--quick"
+case "${2:-}" in
+    "") ;;
+    --quick) quick="--quick" ;;
+    *) echo "unknown option: $2 (only --quick)"; exit 2 ;;
+esac
+case "$figure" in
+    conn-memory|shake-max|opens|broadcast|demo|all) ;;
+    "") ;;
+    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, broadcast, demo, all)"; exit 2 ;;
+esac
 out_root="${BENCH_OUT:-target/bench}"
 mkdir -p "$out_root"
 
 if [ -z "$figure" ]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -42,9 +51,14 @@ shake_max() {
         users=19000; steps="20000:10,40000:10,50000:10,60000:10,70000:10,80000:10,100000:10"
     fi
     echo "ran: hongbao bench (local server in-process, simulator workers on the same machine), $users users, shake steps $steps (rate:seconds), no group phase; report in $out"
-    # The run's own checks (reconciliation, audit) must pass too.
-    "$HB" bench --users "$users" --steps "$steps" --group-packets 0 --out "$out" </dev/null >"$out_root/shake-max.log" 2>&1 \
-        || { tail -30 "$out_root/shake-max.log"; echo "shake-max: the bench failed (log: $out_root/shake-max.log)"; return 1; }
+    # Steps past what the machine holds fail their "held" check, so the
+    # bench's exit code is 1 by design; the figures come from summary.json,
+    # and the money checks (reconciliation, audit) are judged below.
+    local rc=0
+    "$HB" bench --users "$users" --steps "$steps" --group-packets 0 --out "$out" </dev/null >"$out_root/shake-max.log" 2>&1 || rc=$?
+    if [ ! -f "$out/summary.json" ] || [ "$rc" -gt 1 ]; then
+        tail -30 "$out_root/shake-max.log"; echo "shake-max: the bench failed (log: $out_root/shake-max.log)"; return 1
+    fi
     python3 - "$out/summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -73,7 +87,9 @@ if best:
         print(f"FIGURE shake_server_cpu {best['server_cpu_us_per_shake']:.1f} us/shake")
 else:
     print("FIGURE shake_max 0 shakes/s (no step held)")
-print(f"  checks: {'all PASS' if s['pass'] else 'FAIL: ' + ', '.join(c['name'] for c in s['checks'] if not c['pass'])}")
+failed = [c["name"] for c in s["checks"] if not c["pass"] and " held " not in c["name"]]
+print(f"  money and reconciliation checks: {'all PASS' if not failed else 'FAIL: ' + ', '.join(failed)}")
+sys.exit(1 if failed else 0)
 PY
 }
 
@@ -96,15 +112,19 @@ run_one() {
         opens) "$HB" perf opens $quick ;;
         broadcast) "$HB" perf broadcast $quick ;;
         demo) demo ;;
-        *) echo "unknown figure: $1 (conn-memory, shake-max, opens, broadcast, demo, all)"; exit 2 ;;
     esac
 }
 
 if [ "$figure" = "all" ]; then
+    failed=()
     for f in conn-memory shake-max opens broadcast demo; do
         echo "== $f"
-        run_one "$f"
+        run_one "$f" || failed+=("$f")
     done
+    if [ ${#failed[@]} -gt 0 ]; then
+        echo "failed: ${failed[*]}"
+        exit 1
+    fi
 else
     run_one "$figure"
 fi

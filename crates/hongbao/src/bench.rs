@@ -188,13 +188,14 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
     let mut launcher = WorkerLauncher {
         program: std::env::current_exe().context("cannot find the hongbao executable for the workers")?,
         args: vec!["sim-worker".to_owned()],
+        env: Vec::new(),
     };
 
     let summary = match (remote.tcp, remote.admin) {
         (Some(tcp), Some(admin)) => {
             init_logging(None);
             if let Some(secret) = &remote.secret {
-                launcher.args.extend(["--secret".to_owned(), secret.clone()]);
+                launcher.env.push(("HONGBAO_SECRET".to_owned(), secret.clone()));
             }
             let target = ServerTarget { tcp, admin, admin_key: remote.admin_key.clone(), pid: remote.server_pid };
             let data = plan_args.data.clone();

@@ -10,6 +10,7 @@ fn quick_demo_passes_every_check_with_real_traffic() {
     let status = Command::new(env!("CARGO_BIN_EXE_hongbao"))
         .args(["demo", "--quick", "--out"])
         .arg(out.path())
+        .stdin(std::process::Stdio::null())
         .status()
         .expect("hongbao demo runs");
     let summary: serde_json::Value =
