@@ -8,11 +8,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// Where a started server listens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerAddrs {
     pub tcp: SocketAddr,
     pub ws: SocketAddr,
     pub admin: SocketAddr,
+    /// The extra gateway processes (`serve --gateways N`: N-1 of them)
+    /// sharing the client ports; empty with one gateway.
+    pub gateway_pids: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +65,11 @@ fn parse_ready(json: &str) -> Result<ServerAddrs, String> {
     let addr = |k: &str| -> Result<SocketAddr, String> {
         v[k].as_str().ok_or_else(|| format!("no {k}"))?.parse().map_err(|e| format!("{k}: {e}"))
     };
-    Ok(ServerAddrs { tcp: addr("tcp")?, ws: addr("ws")?, admin: addr("admin")? })
+    let gateway_pids = match v.get("gateway_pids") {
+        None => Vec::new(),
+        Some(pids) => serde_json::from_value(pids.clone()).map_err(|e| format!("gateway_pids: {e}"))?,
+    };
+    Ok(ServerAddrs { tcp: addr("tcp")?, ws: addr("ws")?, admin: addr("admin")?, gateway_pids })
 }
 
 #[cfg(test)]
@@ -72,7 +79,10 @@ mod tests {
     #[test]
     fn ready_lines_parse_and_bad_ones_say_why() {
         let a = parse_ready(r#"{"tcp":"127.0.0.1:1","ws":"127.0.0.1:2","admin":"127.0.0.1:3","data":"/d","dev":true}"#);
-        assert_eq!(a.unwrap().admin, "127.0.0.1:3".parse().unwrap());
+        let a = a.unwrap();
+        assert_eq!((a.admin, a.gateway_pids.len()), ("127.0.0.1:3".parse().unwrap(), 0));
+        let b = parse_ready(r#"{"tcp":"127.0.0.1:1","ws":"127.0.0.1:2","admin":"127.0.0.1:3","gateway_pids":[11,12]}"#);
+        assert_eq!(b.unwrap().gateway_pids, vec![11, 12]);
         assert!(parse_ready(r#"{"tcp":"127.0.0.1:1"}"#).unwrap_err().contains("no ws"));
         assert!(parse_ready("not json").is_err());
     }

@@ -388,10 +388,7 @@ impl<B: Backend> Session<B> {
                 self.reply(io, id, op, reply).await
             }
             req if self.inflight.len() >= CONNECTION_INFLIGHT_MAX => {
-                let reply = match req {
-                    Request::Shake { .. } => Reply::Shake(ShakeResult::Overload),
-                    _ => Reply::error(ErrorCode::Overload, "too many requests in flight on this connection"),
-                };
+                let reply = Reply::overload(&req, "too many requests in flight on this connection");
                 self.reply(io, id, op, reply).await
             }
             _ if self.inflight.iter().any(|r| r.id == id) => {
@@ -400,9 +397,14 @@ impl<B: Backend> Session<B> {
                 self.reply(io, id, op, reply).await
             }
             req => {
+                let Some(registration) = &self.registration else {
+                    // `user` is set only once `connect` gave a registration.
+                    debug_assert!(false, "a logged-in connection without a registration");
+                    return Err(fatal(ErrorCode::Internal, "connection not registered"));
+                };
                 self.inflight.push(InFlight { id, op, started: Instant::now() });
                 let responder = Responder::Client { outbox: self.outbox.clone(), request_id: id };
-                self.shared.engine.submit(user, req, responder);
+                self.shared.engine.submit(registration, user, req, responder);
                 Ok(())
             }
         }
@@ -541,7 +543,7 @@ mod tests {
 
     impl Backend for FakeEngine {
         type Guard = ();
-        fn submit(&self, _user: u64, req: Request, responder: Responder) {
+        fn submit(&self, _connection: &(), _user: u64, req: Request, responder: Responder) {
             if let Some(held) = &self.held {
                 held.lock().unwrap().push(responder);
                 return;

@@ -25,7 +25,7 @@ mod ws;
 use std::net::SocketAddr;
 
 pub use auth::{AuthError, TokenSigner};
-pub use server::{start, Gateway};
+pub use server::{start, start_with, Backend, Gateway};
 
 /// Gateway-only limits. Shared ones (frame size, outbox, in-flight) live in
 /// `hongbao_core::limits`.
@@ -48,6 +48,9 @@ pub mod limits {
     /// Pause after a failed `accept` (usually out of file descriptors), so
     /// the accept loop does not spin while the condition lasts.
     pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
+    /// Pending connections a listener queues before `accept` takes them: a
+    /// reconnect storm arrives faster than one accept loop turns.
+    pub const LISTEN_BACKLOG: u32 = 1024;
 
     use hongbao_core::limits::{CONNECTION_INFLIGHT_MAX, CONNECTION_OUTBOX_FRAMES_MAX};
     // A batch never needs more frames than the outbox can hold.
@@ -85,8 +88,11 @@ pub struct GatewayConfig {
     /// Seconds a new connection has to complete `hello` (and, for WebSocket,
     /// the HTTP upgrade before it).
     pub hello_timeout_s: u32,
-    /// Connections held at once across both listeners.
+    /// Connections held at once across both listeners (of this process).
     pub max_connections: usize,
+    /// Join the listen ports' SO_REUSEPORT group, shared with the other
+    /// gateway processes of this server (`serve --gateways N`).
+    pub reuse_port: bool,
 }
 
 impl GatewayConfig {
@@ -101,6 +107,7 @@ impl GatewayConfig {
             idle_timeout_s: IDLE_TIMEOUT_S_DEFAULT,
             hello_timeout_s: HELLO_TIMEOUT_S_DEFAULT,
             max_connections: MAX_CONNECTIONS_DEFAULT,
+            reuse_port: false,
         }
     }
 

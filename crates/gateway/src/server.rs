@@ -15,25 +15,31 @@ use std::time::Duration;
 use hongbao_proto::{binary, ErrorCode, Reply, Request, ServerFrame};
 use hongbao_shard::{Engine, EngineError, Outbox, Responder};
 use metrics::Gauge;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::limits::{ACCEPT_ERROR_BACKOFF_MS, REJECTS_INFLIGHT_MAX, REJECT_TIMEOUT_S};
+use crate::limits::{ACCEPT_ERROR_BACKOFF_MS, LISTEN_BACKLOG, REJECTS_INFLIGHT_MAX, REJECT_TIMEOUT_S};
 use crate::{conn, GatewayConfig, GatewayError};
 
-/// What the gateway needs from the engine. `Engine` is the only real
-/// implementation; tests use a fake so the connection logic can be tested
-/// without shards or storage.
-pub(crate) trait Backend: Clone + Send + Sync + 'static {
-    /// Keeps the connection registered for pushes while alive.
+/// What the gateway needs from the engine: the seam between a gateway and
+/// the shards. `Engine` serves it in the same process; `hongbao-link`'s
+/// remote engine serves it from a gateway process over the internal link;
+/// tests use a fake so the connection logic can be tested without shards or
+/// storage.
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// Keeps the connection registered for pushes while alive, and names it
+    /// to `submit`.
     type Guard: Send + 'static;
     /// A reply the engine can give at once, on this thread (a shake with
     /// nothing to win); `None`: `submit` the request.
     fn answer_inline(&self, _user: u64, _req: &Request) -> Option<Reply> {
         None
     }
-    fn submit(&self, user: u64, req: Request, responder: Responder);
+    /// Hands over a request of the connection `connection` (what `connect`
+    /// returned). Never waits; the answer goes to `responder`.
+    fn submit(&self, connection: &Self::Guard, user: u64, req: Request, responder: Responder);
+    /// Registers a connection of `user` whose frames go to `outbox`.
     fn connect(&self, user: u64, outbox: Outbox) -> impl Future<Output = Result<Self::Guard, EngineError>> + Send;
 }
 
@@ -42,7 +48,7 @@ impl Backend for Engine {
     fn answer_inline(&self, user: u64, req: &Request) -> Option<Reply> {
         Engine::answer_inline(self, user, req)
     }
-    fn submit(&self, user: u64, req: Request, responder: Responder) {
+    fn submit(&self, _connection: &Self::Guard, user: u64, req: Request, responder: Responder) {
         Engine::submit(self, user, req, responder)
     }
     fn connect(&self, user: u64, outbox: Outbox) -> impl Future<Output = Result<Self::Guard, EngineError>> + Send {
@@ -143,14 +149,17 @@ pub async fn start(
     start_with(config, engine, shutdown).await
 }
 
-pub(crate) async fn start_with<B: Backend>(
+/// `start` for any backend, e.g. a gateway process whose engine is in
+/// another process.
+pub async fn start_with<B: Backend>(
     config: GatewayConfig,
     engine: B,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Gateway, GatewayError> {
     config.validate()?;
+    let reuse_port = config.reuse_port;
     let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source })
+        listen(addr, reuse_port).await.map_err(|source| GatewayError::Bind { addr, source })
     };
     let tcp = bind(config.tcp_addr).await?;
     let ws = bind(config.ws_addr).await?;
@@ -166,6 +175,21 @@ pub(crate) async fn start_with<B: Backend>(
         tokio::spawn(accept_loop(ws, Transport::Ws, shared)),
     ];
     Ok(Gateway { tcp_addr, ws_addr, accept_loops, done_rx })
+}
+
+/// Listens on `addr`. With `reuse_port` the socket joins the address's
+/// SO_REUSEPORT group: several gateway processes listen on one port and the
+/// kernel spreads new connections over them. Without it a second listener
+/// on the port is refused, so two unrelated servers cannot share clients.
+async fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    if !reuse_port {
+        return TcpListener::bind(addr).await;
+    }
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, shared: Arc<Shared<B>>) {

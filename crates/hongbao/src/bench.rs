@@ -59,6 +59,9 @@ pub struct PlanArgs {
     /// Runtime threads per simulator process
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// Gateway processes of the local server (`serve --gateways`)
+    #[arg(long, value_name = "N")]
+    pub gateways: Option<u16>,
     /// Report folder [default: ./hongbao-reports/<command>-<unix time>]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -197,7 +200,12 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
             if let Some(secret) = &remote.secret {
                 launcher.env.push(("HONGBAO_SECRET".to_owned(), secret.clone()));
             }
-            let target = ServerTarget { tcp, admin, admin_key: remote.admin_key.clone(), pid: remote.server_pid };
+            let target = ServerTarget {
+                tcp,
+                admin,
+                admin_key: remote.admin_key.clone(),
+                pids: remote.server_pid.into_iter().collect(),
+            };
             let data = plan_args.data.clone();
             let mut finish = move || match &data {
                 // A read transaction sees one committed state, so a live
@@ -210,14 +218,20 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
             };
             bench::run(&plan, &target, &launcher, &out, &mut finish)?
         }
-        _ => run_local(&plan, plan_args.data.as_deref(), &launcher, &out)?,
+        _ => run_local(&plan, plan_args.data.as_deref(), plan_args.gateways, &launcher, &out)?,
     };
     println!("\n{}", bench::summary_table(&summary, &out));
     Ok(summary.pass)
 }
 
 /// Starts a server in this process, runs the plan, stops it, audits it.
-fn run_local(plan: &Plan, data: Option<&Path>, launcher: &WorkerLauncher, out: &Path) -> anyhow::Result<Summary> {
+fn run_local(
+    plan: &Plan,
+    data: Option<&Path>,
+    gateways: Option<u16>,
+    launcher: &WorkerLauncher,
+    out: &Path,
+) -> anyhow::Result<Summary> {
     init_logging(Some(&out.join("server.log")));
     let temp = match data {
         Some(_) => None,
@@ -234,6 +248,7 @@ fn run_local(plan: &Plan, data: Option<&Path>, launcher: &WorkerLauncher, out: &
         admin: Some(loopback(0)),
         // Room for every simulated user, whatever the default.
         max_connections: Some((plan.users as usize + 100).max(hongbao_gateway::MAX_CONNECTIONS_DEFAULT)),
+        gateways,
         ..ServeArgs::default()
     };
     let settings = Settings::resolve(args)?;
@@ -251,7 +266,8 @@ fn run_local(plan: &Plan, data: Option<&Path>, launcher: &WorkerLauncher, out: &
     );
     // The server runs in this process; the bench's own threads only read
     // pipes and poll once a second, so the process's CPU time is the server's.
-    let target = ServerTarget { tcp: ready.tcp, admin: ready.admin, admin_key: None, pid: Some(std::process::id()) };
+    let pids = std::iter::once(std::process::id()).chain(ready.gateway_pids.iter().copied()).collect();
+    let target = ServerTarget { tcp: ready.tcp, admin: ready.admin, admin_key: None, pids };
     let mut server = Some(server);
     let mut finish = || {
         let mut checks = Vec::new();

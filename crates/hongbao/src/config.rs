@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 
 use clap::builder::BoolishValueParser;
 use hongbao_core::limits::{PacketRules, SHARDS_MAX};
+
+/// Most gateway processes one server starts: each is a process with its
+/// own runtime, and 16 × 18,000 connections is past what one host serves.
+pub const GATEWAYS_MAX: usize = 16;
 use hongbao_gateway as gw;
 use serde::Deserialize;
 
@@ -63,9 +67,15 @@ pub struct ServeArgs {
     /// Seconds a new connection has to send hello [default: 10]
     #[arg(long, env = "HONGBAO_HELLO_TIMEOUT_S", value_name = "S")]
     pub hello_timeout_s: Option<u32>,
-    /// Client connections held at once [default: 18000]
+    /// Client connections held at once by each gateway process [default: 18000]
     #[arg(long, env = "HONGBAO_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Gateway processes sharing the client ports (SO_REUSEPORT): this one
+    /// and N-1 children linked to it over a Unix socket. One process may hold
+    /// at most ~20,000 files here, so N × max-connections is the server's
+    /// connection capacity [default: 1]
+    #[arg(long, env = "HONGBAO_GATEWAYS", value_name = "N")]
+    pub gateways: Option<u16>,
     /// Seconds until an unopened packet remainder is refunded [default: 86400]
     #[arg(long, env = "HONGBAO_PACKET_EXPIRY_S", value_name = "S")]
     pub packet_expiry_s: Option<u64>,
@@ -104,6 +114,7 @@ pub struct Config {
     pub idle_timeout_s: Option<u32>,
     pub hello_timeout_s: Option<u32>,
     pub max_connections: Option<usize>,
+    pub gateways: Option<u16>,
     pub packet_expiry_s: Option<u64>,
     pub packet_amount_max_fen: Option<i64>,
     pub packet_count_max: Option<u32>,
@@ -135,6 +146,7 @@ pub struct Settings {
     pub idle_timeout_s: u32,
     pub hello_timeout_s: u32,
     pub max_connections: usize,
+    pub gateways: u16,
     pub packet_rules: PacketRules,
 }
 
@@ -183,6 +195,7 @@ impl Settings {
             idle_timeout_s: idle_timeout_s.unwrap_or(gw::IDLE_TIMEOUT_S_DEFAULT),
             hello_timeout_s: args.hello_timeout_s.or(file.hello_timeout_s).unwrap_or(gw::HELLO_TIMEOUT_S_DEFAULT),
             max_connections: args.max_connections.or(file.max_connections).unwrap_or(gw::MAX_CONNECTIONS_DEFAULT),
+            gateways: args.gateways.or(file.gateways).unwrap_or(1),
             packet_rules: PacketRules {
                 amount_fen_max: args
                     .packet_amount_max_fen
@@ -203,6 +216,9 @@ impl Settings {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.shards == 0 || usize::from(self.shards) > SHARDS_MAX {
             return invalid(format!("shards must be between 1 and {SHARDS_MAX}, got {}", self.shards));
+        }
+        if self.gateways == 0 || usize::from(self.gateways) > GATEWAYS_MAX {
+            return invalid(format!("gateways must be between 1 and {GATEWAYS_MAX}, got {}", self.gateways));
         }
         if self.packet_rules.amount_fen_max < 1 {
             return invalid("packet_amount_max_fen must be at least 1".into());

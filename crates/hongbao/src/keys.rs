@@ -59,11 +59,16 @@ pub fn load_or_create(path: &Path) -> Result<(String, bool), KeyError> {
         Err(KeyError::Missing(_)) => {}
         Err(e) => return Err(e),
     }
-    let mut bytes = [0u8; KEY_BYTES];
-    rand::rngs::OsRng.try_fill_bytes(&mut bytes).map_err(|e| KeyError::Random(e.to_string()))?;
-    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let key = random_key()?;
     write_private(path, &key)?;
     Ok((key, true))
+}
+
+/// A fresh key from the OS random source, as hex.
+pub fn random_key() -> Result<String, KeyError> {
+    let mut bytes = [0u8; KEY_BYTES];
+    rand::rngs::OsRng.try_fill_bytes(&mut bytes).map_err(|e| KeyError::Random(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes to a temporary file created with mode 0600, syncs it, then

@@ -5,6 +5,7 @@
 mod audit;
 mod bench;
 mod config;
+mod gateways;
 mod keys;
 mod perf;
 mod serve;
@@ -81,6 +82,10 @@ enum Command {
     /// stdin and stdout).
     #[command(hide = true)]
     SimWorker(bench::WorkerArgs),
+    /// One extra gateway process (started by `serve --gateways N`; linked
+    /// to it over a Unix socket).
+    #[command(hide = true)]
+    GatewayWorker(gateways::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
         Command::SimWorker(args) => report(bench::sim_worker(args)),
         Command::Perf(figure) => report(perf::run(figure)),
         Command::Serve(args) => report(serve(*args)),
+        Command::GatewayWorker(args) => report(gateways::worker(args)),
         Command::Audit { data, json } => match audit::run(&data, json) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),

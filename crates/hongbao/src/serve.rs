@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
+use crate::gateways::Workers;
 use crate::keys::{self, KeyError};
 
 /// How long the gateway and the admin API each get to finish in-flight work
@@ -53,6 +54,10 @@ pub enum ServeError {
     Signal(std::io::Error),
     #[error("a server task failed: {0}")]
     Task(String),
+    #[error("gateway link: {0}")]
+    Link(#[from] hongbao_link::LinkError),
+    #[error("gateway processes: {0}")]
+    Workers(String),
 }
 
 /// What a started server announces; printed as the `HONGBAO_READY` line.
@@ -63,6 +68,8 @@ pub struct Ready {
     pub admin: SocketAddr,
     pub data: PathBuf,
     pub dev: bool,
+    /// The gateway processes besides this one (`--gateways N`: N-1).
+    pub gateway_pids: Vec<u32>,
 }
 
 /// A running server.
@@ -70,8 +77,10 @@ pub struct Server {
     ready: Ready,
     engine: Engine,
     gateway: Gateway,
+    /// The other gateway processes, if any.
+    workers: Option<Workers>,
     admin: JoinHandle<Result<(), AdminError>>,
-    /// `true` tells the gateway and the admin API to stop.
+    /// `true` tells the gateways and the admin API to stop.
     shutdown: watch::Sender<bool>,
 }
 
@@ -83,22 +92,39 @@ pub async fn start(settings: Settings, prometheus: PrometheusHandle) -> Result<S
     let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.clone());
     let engine_config = EngineConfig { shards: settings.shards, packet_rules: settings.packet_rules.clone() };
     let engine = Engine::open(engine_config, &data).await?;
-    match start_front(&settings, &data, engine.clone(), prometheus).await {
-        Ok(server) => Ok(server),
+    let (mut server, gateway_config, secret) = match start_front(&settings, &data, engine.clone(), prometheus).await {
+        Ok(started) => started,
         Err(e) => {
             engine.shutdown().await;
-            Err(e)
+            return Err(e);
+        }
+    };
+    let extra = usize::from(settings.gateways) - 1;
+    if extra > 0 {
+        let stop = server.shutdown.subscribe();
+        match Workers::start(extra, &data, &gateway_config, &secret, engine, stop).await {
+            Ok(workers) => {
+                server.ready.gateway_pids = workers.pids();
+                server.workers = Some(workers);
+            }
+            Err(e) => {
+                let _ = server.shutdown().await;
+                return Err(e);
+            }
         }
     }
+    Ok(server)
 }
 
-/// Everything after the engine: keys, gateway, admin API.
+/// Everything after the engine but the other gateway processes: keys, this
+/// process's gateway, admin API. Also returns the gateway's config (with the
+/// bound ports) and the token secret, which the other gateways need.
 async fn start_front(
     settings: &Settings,
     data: &std::path::Path,
     engine: Engine,
     prometheus: PrometheusHandle,
-) -> Result<Server, ServeError> {
+) -> Result<(Server, GatewayConfig, String), ServeError> {
     let secret = match &settings.secret {
         Some(s) => s.clone(),
         None => {
@@ -123,7 +149,7 @@ async fn start_front(
             Some(key)
         }
     };
-    let signer = TokenSigner::new(secret.into_bytes());
+    let signer = TokenSigner::new(secret.clone().into_bytes());
     let (shutdown, stop_rx) = watch::channel(false);
 
     let gateway_config = GatewayConfig {
@@ -135,8 +161,10 @@ async fn start_front(
         idle_timeout_s: settings.idle_timeout_s,
         hello_timeout_s: settings.hello_timeout_s,
         max_connections: settings.max_connections,
+        reuse_port: settings.gateways > 1,
     };
-    let gateway = hongbao_gateway::start(gateway_config, engine.clone(), stop_rx.clone()).await?;
+    let gateway = hongbao_gateway::start(gateway_config.clone(), engine.clone(), stop_rx.clone()).await?;
+    let gateway_config = GatewayConfig { tcp_addr: gateway.tcp_addr(), ws_addr: gateway.ws_addr(), ..gateway_config };
 
     let admin_config = AdminConfig { addr: settings.admin, api_key: admin_key, dev: settings.dev };
     let (admin_addr, admin) =
@@ -158,8 +186,9 @@ async fn start_front(
         admin: admin_addr,
         data: data.to_owned(),
         dev: settings.dev,
+        gateway_pids: Vec::new(),
     };
-    Ok(Server { ready, engine, gateway, admin, shutdown })
+    Ok((Server { ready, engine, gateway, workers: None, admin, shutdown }, gateway_config, secret))
 }
 
 async fn metrics_upkeep(prometheus: PrometheusHandle, mut stop: watch::Receiver<bool>) {
@@ -181,13 +210,18 @@ impl Server {
     /// (bounded by `STOP_TIMEOUT` each). Phase 2: shut the engine down, which
     /// commits whatever is queued. Phase 2 runs even if phase 1 failed.
     pub async fn shutdown(self) -> Result<(), ServeError> {
-        let Server { engine, gateway, mut admin, shutdown, .. } = self;
+        let Server { engine, gateway, workers, mut admin, shutdown, .. } = self;
         let _ = shutdown.send(true);
         let mut first_error = None;
+        // The other gateways close their connections meanwhile.
         match tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await {
             Ok(Ok(())) => tracing::info!("gateway stopped"),
             Ok(Err(e)) => first_error = first_error.or(Some(ServeError::Gateway(e))),
             Err(_) => tracing::warn!(timeout_s = STOP_TIMEOUT.as_secs(), "gateway did not stop in time; going on"),
+        }
+        if let Some(workers) = workers {
+            // Bounded inside: a child that does not stop is killed.
+            workers.wait().await;
         }
         match tokio::time::timeout(STOP_TIMEOUT, &mut admin).await {
             Ok(Ok(Ok(()))) => tracing::info!("admin API stopped"),
@@ -236,7 +270,7 @@ fn announce(ready: &Ready) {
         // Nobody may be reading stdout (a closed pipe); the log line remains.
         tracing::warn!(error = %e, "cannot write the ready line to stdout");
     }
-    tracing::info!(tcp = %ready.tcp, ws = %ready.ws, admin = %ready.admin, data = %ready.data.display(), dev = ready.dev, "hongbao ready");
+    tracing::info!(tcp = %ready.tcp, ws = %ready.ws, admin = %ready.admin, data = %ready.data.display(), dev = ready.dev, gateways = ready.gateway_pids.len() + 1, "hongbao ready");
 }
 
 /// SIGINT or SIGTERM, whichever comes first.

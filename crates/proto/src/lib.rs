@@ -279,6 +279,15 @@ impl Reply {
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
         Reply::Error { code, message: message.into() }
     }
+
+    /// The answer to `req` when the server sheds it: a shake gets its own
+    /// result (`ShakeResult::Overload`), anything else an `overload` error.
+    pub fn overload(req: &Request, message: impl Into<String>) -> Reply {
+        match req {
+            Request::Shake { .. } => Reply::Shake(ShakeResult::Overload),
+            _ => Reply::error(ErrorCode::Overload, message),
+        }
+    }
 }
 
 impl Request {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
 use hongbao_core::limits::PacketRules;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
-use hongbao_proto::{ErrorCode, PacketDetail, PushBody, Reply, Request};
+use hongbao_proto::{ErrorCode, PacketDetail, PushBody, Reply, Request, ShakeResult};
 use hongbao_store::CommitMode;
 use serde::Serialize;
 
@@ -137,6 +137,23 @@ impl Engine {
     /// module); `None` means: `submit` it.
     pub fn answer_inline(&self, user: UserId, req: &Request) -> Option<Reply> {
         self.inner.answer_inline(user, req)
+    }
+
+    /// A copy of every shard's shake gate, for a gateway in another process
+    /// to answer shakes with (`GateView::answer`).
+    pub fn gate_view(&self) -> crate::GateView {
+        self.inner.gate_view()
+    }
+
+    /// Changes whenever `gate_view` would answer differently.
+    pub fn gate_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.gate_changes()
+    }
+
+    /// Counts `n` shakes a remote gateway answered with `result` from its
+    /// `GateView`, so the engine's shake counters include them.
+    pub fn count_remote_shakes(&self, result: &ShakeResult, n: u64) {
+        self.inner.count_inline_shakes(result, n)
     }
 
     /// Submits a client request on behalf of an authenticated user. Never

@@ -22,8 +22,9 @@ mod shard;
 pub use engine::{CampaignInfo, Engine, EngineConfig, EngineError, MoneyReceipt, Stats, TaskInfo};
 /// How the store groups operations into transactions; see `Engine::open_with_commit_mode`.
 pub use hongbao_store::CommitMode;
-pub use outbox::{Outbox, OutboxReceiver, Responder};
+pub use outbox::{FrameSink, Outbox, OutboxReceiver, Responder};
 pub use push::{Connection, PushReceipt, PushTarget};
+pub use shard::{GateState, GateView};
 
 #[cfg(test)]
 mod tests;

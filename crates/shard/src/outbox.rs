@@ -6,20 +6,58 @@
 //! allocates a block of 32 frames, ~5 KiB) would cost more than everything
 //! else an idle connection holds. Frames sit in a `VecDeque` that the
 //! receiver takes whole, so the queue's memory leaves with the frames.
+//!
+//! A connection held by a gateway in another process has a forwarding
+//! outbox instead: its frames go, tagged with the connection's id on that
+//! link, to a `FrameSink` (the link to that gateway), whose own bound and
+//! the gateway's local outbox bound the queue.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use hongbao_proto::{Reply, ServerFrame};
 use tokio::sync::oneshot;
 
+/// Where a forwarding outbox sends frames: the link to the gateway process
+/// holding the connection.
+pub trait FrameSink: Send + Sync + 'static {
+    /// Queues `frame` for connection `conn` of that gateway without waiting.
+    /// False if it cannot (the link is gone or full; the sink then closes
+    /// the connection itself).
+    fn forward(&self, conn: u64, frame: ServerFrame) -> bool;
+}
+
 /// The sending half of one connection's bounded outbox. Shards (replies) and
 /// the push hub (pushes) hold clones; the gateway's connection task drains it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Outbox {
-    shared: Arc<Shared>,
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    /// Drained by a connection task in this process.
+    Local(Arc<Shared>),
+    /// Forwarded to a gateway in another process.
+    Forward(Arc<Forwarded>),
+}
+
+struct Forwarded {
+    conn: u64,
+    closed: AtomicBool,
+    sink: Arc<dyn FrameSink>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Local(shared) => f.debug_tuple("Outbox").field(&Arc::as_ptr(shared)).finish(),
+            Kind::Forward(fwd) => f.debug_struct("Outbox").field("forwarded_conn", &fwd.conn).finish(),
+        }
+    }
 }
 
 /// The receiving half, owned by the gateway's connection task. Dropping it
@@ -61,17 +99,37 @@ impl Shared {
 impl Outbox {
     pub fn new(capacity_frames: usize) -> (Outbox, OutboxReceiver) {
         let shared = Arc::new(Shared { capacity: capacity_frames.max(1), state: Mutex::new(State::default()) });
-        (Outbox { shared: shared.clone() }, OutboxReceiver { shared })
+        (Outbox { kind: Kind::Local(shared.clone()) }, OutboxReceiver { shared })
+    }
+
+    /// An outbox for connection `conn` of a gateway in another process: every
+    /// frame goes to `sink`. Open until `close_forwarding`.
+    pub fn forwarding(conn: u64, sink: Arc<dyn FrameSink>) -> Outbox {
+        Outbox { kind: Kind::Forward(Arc::new(Forwarded { conn, closed: AtomicBool::new(false), sink })) }
+    }
+
+    /// Closes a forwarding outbox (its connection is gone): later sends are
+    /// refused. No effect on a local one, which its receiver closes.
+    pub fn close_forwarding(&self) {
+        if let Kind::Forward(fwd) = &self.kind {
+            fwd.closed.store(true, Ordering::Release);
+        }
     }
 
     /// Queues a frame without waiting. Returns false when the connection is
     /// gone or full (then it is told to close).
     pub fn send(&self, frame: ServerFrame) -> bool {
-        let mut state = self.shared.lock();
+        let shared = match &self.kind {
+            Kind::Local(shared) => shared,
+            Kind::Forward(fwd) => {
+                return !fwd.closed.load(Ordering::Acquire) && fwd.sink.forward(fwd.conn, frame);
+            }
+        };
+        let mut state = shared.lock();
         if state.closed {
             return false;
         }
-        let queued = if state.frames.len() < self.shared.capacity {
+        let queued = if state.frames.len() < shared.capacity {
             if state.frames.capacity() == 0 {
                 // Usually one frame at a time: room for one, not the default four.
                 state.frames.reserve_exact(1);
@@ -94,12 +152,19 @@ impl Outbox {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.shared.lock().closed
+        match &self.kind {
+            Kind::Local(shared) => shared.lock().closed,
+            Kind::Forward(fwd) => fwd.closed.load(Ordering::Acquire),
+        }
     }
 
     /// True if both are the same connection.
     pub fn same(&self, other: &Outbox) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
+        match (&self.kind, &other.kind) {
+            (Kind::Local(a), Kind::Local(b)) => Arc::ptr_eq(a, b),
+            (Kind::Forward(a), Kind::Forward(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
 
@@ -239,5 +304,27 @@ mod tests {
         assert!(tx.send(push(1)));
         rx.close();
         assert!(tx.is_closed() && rx.try_recv().is_none());
+    }
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<(u64, ServerFrame)>>);
+    impl FrameSink for Collect {
+        fn forward(&self, conn: u64, frame: ServerFrame) -> bool {
+            self.0.lock().unwrap().push((conn, frame));
+            true
+        }
+    }
+
+    #[test]
+    fn a_forwarding_outbox_tags_frames_with_its_connection_until_closed() {
+        let sink = Arc::new(Collect::default());
+        let a = Outbox::forwarding(7, sink.clone());
+        let b = Outbox::forwarding(7, sink.clone());
+        assert!(a.same(&a.clone()) && !a.same(&b) && !a.same(&Outbox::new(1).0));
+        assert!(a.send(push(1)) && b.send(push(2)));
+        a.close_forwarding();
+        assert!(a.is_closed() && !b.is_closed());
+        assert!(!a.send(push(3)));
+        assert_eq!(*sink.0.lock().unwrap(), vec![(7, push(1)), (7, push(2))]);
     }
 }

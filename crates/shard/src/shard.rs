@@ -22,7 +22,8 @@ use hongbao_proto::{ClaimInfo, ErrorCode, PacketDetail, Push, PushBody, Reply, R
 use hongbao_store::{CommitMode, NewPacket, Op, OpError, Outcome, Reader, Store, Writer};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use tokio::sync::{mpsc, oneshot};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::*;
 use crate::outbox::{Outbox, Responder};
@@ -136,6 +137,9 @@ struct ShardState {
     rules: limits::PacketRules,
     counters: Arc<Counters>,
     gate: Arc<ShakeGate>,
+    /// Bumped when this shard's gate turns open/closed or ready/empty, for
+    /// gateways in other processes that keep a copy (`GateView`).
+    gate_changes: Arc<watch::Sender<u64>>,
 }
 
 #[derive(Default)]
@@ -162,6 +166,50 @@ struct ShakeGate {
     ready: AtomicU64,
 }
 
+/// One shard's gate as a remote gateway sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateState {
+    /// A campaign pool runs in the shard.
+    pub open: bool,
+    /// One of its packets is ready to be won.
+    pub ready: bool,
+}
+
+/// A copy of every shard's gate, kept by a gateway in another process (sent
+/// over the link on every change) so it answers the shakes that find
+/// nothing without a round trip. Stale by the link's delay at most, which
+/// answers as the shake would have been a moment earlier.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateView {
+    /// Indexed by shard.
+    pub gates: Vec<GateState>,
+}
+
+impl GateView {
+    /// `Engine::answer_inline` from this copy: `Some` for a plain shake the
+    /// user's shard has nothing for; `None`: submit it.
+    pub fn answer(&self, user: UserId, req: &Request) -> Option<ShakeResult> {
+        let Request::Shake { campaign, key: None } = req else { return None };
+        if self.gates.is_empty() {
+            return None;
+        }
+        let gate = self.gates[(user % self.gates.len() as u64) as usize];
+        inline_shake_result(*campaign, gate.open, gate.ready)
+    }
+}
+
+/// The answer to a plain shake for `campaign` (0: any) that the shard need
+/// not see: nothing running in the user's shard, or nothing ready for "any".
+fn inline_shake_result(campaign: u64, open: bool, ready: bool) -> Option<ShakeResult> {
+    if !open {
+        Some(ShakeResult::NotRunning)
+    } else if campaign == 0 && !ready {
+        Some(ShakeResult::None)
+    } else {
+        None
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) push_hub: Arc<PushHub>,
     shards: Vec<ShardHandle>,
@@ -179,6 +227,7 @@ pub(crate) struct Inner {
     closed_released: Mutex<HashMap<CampaignId, u64>>,
     counters: Arc<Counters>,
     shutting_down: AtomicBool,
+    gate_changes: Arc<watch::Sender<u64>>,
 }
 
 fn shake_label(result: &ShakeResult) -> &'static str {
@@ -272,6 +321,7 @@ impl Inner {
         }
         let recovered: usize = by_shard.iter().map(Vec::len).sum();
         let mut shards = Vec::new();
+        let gate_changes = Arc::new(watch::channel(0u64).0);
         for (index, packets) in by_shard.into_iter().enumerate() {
             let index = index as u16;
             let mut ids = IdAllocator::new(index, marks.get(&index).copied().unwrap_or(0), ID_BLOCK_SIZE);
@@ -296,6 +346,7 @@ impl Inner {
                 rules: config.packet_rules.clone(),
                 counters: counters.clone(),
                 gate: gate.clone(),
+                gate_changes: gate_changes.clone(),
             };
             for p in packets {
                 state.adopt(p);
@@ -316,6 +367,7 @@ impl Inner {
             closed_released: Mutex::new(HashMap::new()),
             counters,
             shutting_down: AtomicBool::new(false),
+            gate_changes,
         });
         for row in inner.reader.campaigns().map_err(store_error)? {
             if row.status == CampaignStatus::Running {
@@ -347,17 +399,36 @@ impl Inner {
             return None;
         }
         let gate = &self.shards[self.user_shard(user)].gate;
-        let result = if gate.pools.load(Ordering::Relaxed) == 0 {
-            ShakeResult::NotRunning
-        } else if *campaign == 0 && gate.ready.load(Ordering::Relaxed) == 0 {
-            ShakeResult::None
-        } else {
-            return None;
-        };
-        self.counters.shakes.fetch_add(1, Ordering::Relaxed);
-        let label = if result == ShakeResult::None { "none" } else { "not_running" };
-        metrics::counter!("hongbao_shakes_total", "result" => label).increment(1);
+        let open = gate.pools.load(Ordering::Relaxed) > 0;
+        let ready = gate.ready.load(Ordering::Relaxed) > 0;
+        let result = inline_shake_result(*campaign, open, ready)?;
+        self.count_inline_shakes(&result, 1);
         Some(Reply::Shake(result))
+    }
+
+    /// Counts shakes answered without the shard: here, or by a gateway in
+    /// another process from its `GateView`.
+    pub(crate) fn count_inline_shakes(&self, result: &ShakeResult, n: u64) {
+        self.counters.shakes.fetch_add(n, Ordering::Relaxed);
+        let label = if *result == ShakeResult::None { "none" } else { "not_running" };
+        metrics::counter!("hongbao_shakes_total", "result" => label).increment(n);
+    }
+
+    /// Every shard's gate, for a gateway in another process.
+    pub(crate) fn gate_view(&self) -> GateView {
+        let gates = self
+            .shards
+            .iter()
+            .map(|s| GateState {
+                open: s.gate.pools.load(Ordering::Relaxed) > 0,
+                ready: s.gate.ready.load(Ordering::Relaxed) > 0,
+            })
+            .collect();
+        GateView { gates }
+    }
+
+    pub(crate) fn gate_changes(&self) -> watch::Receiver<u64> {
+        self.gate_changes.subscribe()
     }
 
     pub(crate) fn submit(&self, user: UserId, req: Request, reply: Responder) {
@@ -869,11 +940,17 @@ impl ShardState {
         // Store only on change: gateway threads read these on every shake.
         let ready = self.pools.values().map(|p| p.ready.len()).sum::<usize>() as u64;
         let pools = self.pools.len() as u64;
-        if self.gate.pools.load(Ordering::Relaxed) != pools {
+        let old_pools = self.gate.pools.load(Ordering::Relaxed);
+        let old_ready = self.gate.ready.load(Ordering::Relaxed);
+        if old_pools != pools {
             self.gate.pools.store(pools, Ordering::Relaxed);
         }
-        if self.gate.ready.load(Ordering::Relaxed) != ready {
+        if old_ready != ready {
             self.gate.ready.store(ready, Ordering::Relaxed);
+        }
+        // Remote copies only tell zero from non-zero.
+        if (old_pools > 0) != (pools > 0) || (old_ready > 0) != (ready > 0) {
+            self.gate_changes.send_modify(|v| *v = v.wrapping_add(1));
         }
     }
 

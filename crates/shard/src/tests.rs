@@ -192,8 +192,24 @@ async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
     assert_eq!(engine.create_campaign(spec, "c1").await.unwrap().id, c.id, "idempotent create");
     assert_eq!(engine.balance(100).await.unwrap(), 50_000);
     assert_eq!(engine.call(1, Request::Shake { campaign: 0, key: None }).await, Reply::Shake(ShakeResult::NotRunning));
+    // A remote gateway's copy of the gates: closed now, open once started,
+    // and a change is announced.
+    let plain = Request::Shake { campaign: 0, key: None };
+    assert_eq!(engine.gate_view().answer(1, &plain), Some(ShakeResult::NotRunning));
+    let mut changes = engine.gate_changes();
+    changes.borrow_and_update();
     engine.start_campaign(c.id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), changes.changed()).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let view = engine.gate_view();
+    assert!(view.gates.iter().all(|g| g.open), "{view:?}");
+    let keyed = Request::Shake { campaign: 0, key: Some("k".into()) };
+    assert_eq!(view.answer(1, &keyed), None, "keyed shakes always go to the shard");
+    assert_eq!(
+        view.answer(1, &Request::Shake { campaign: c.id, key: None }),
+        None,
+        "a named campaign goes to the shard"
+    );
     let mut won = 0i64;
     let mut winners = 0;
     for user in 1..=60u64 {

@@ -181,9 +181,10 @@ pub struct ServerTarget {
     pub tcp: SocketAddr,
     pub admin: SocketAddr,
     pub admin_key: Option<String>,
-    /// The server's process id when it runs on this machine, to report
-    /// its CPU time per phase (`/proc/<pid>/stat`).
-    pub pid: Option<u32>,
+    /// The server's process ids when it runs on this machine (with
+    /// several gateway processes, all of them), to report its CPU time per
+    /// phase (`/proc/<pid>/stat`, summed); empty when it runs elsewhere.
+    pub pids: Vec<u32>,
 }
 
 /// How to start a worker process: `program args… --server … --first …`.
@@ -428,10 +429,11 @@ pub fn run(
     let started_unix_ms = unix_ms();
     let live = Arc::new(Live { multi: MultiProgress::new(), bar: Mutex::new(None) });
     let phases: PhaseLog = Arc::default();
-    let pid = server.pid;
+    let server_pids = server.pids.clone();
     let worker_pids: Arc<Mutex<Vec<u32>>> = Arc::default();
     let mark = |name: &str, rate: u64| {
-        let server_cpu_s = pid.and_then(process_cpu_s);
+        let server_cpu_s =
+            if server_pids.is_empty() { None } else { server_pids.iter().copied().map(process_cpu_s).sum() };
         let pids = worker_pids.lock().expect("pids poisoned").clone();
         let sim_cpu_s = if pids.is_empty() { None } else { pids.into_iter().map(process_cpu_s).sum() };
         phases.lock().expect("phases poisoned").push(PhaseMark {

@@ -20,6 +20,8 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     pub data: PathBuf,
     pub admin_key: Option<String>,
+    /// Extra gateway processes (`--gateways N`).
+    pub gateway_pids: Vec<u32>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -67,6 +69,7 @@ impl Server {
             admin_addr: addrs.admin,
             data: data.to_owned(),
             admin_key,
+            gateway_pids: addrs.gateway_pids,
             child,
             _tmp: None,
         }

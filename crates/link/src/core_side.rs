@@ -1,0 +1,421 @@
+//! The core's side of the links: one Unix socket, one task per gateway
+//! process linked to it.
+//!
+//! Each remote connection is registered with the engine like a local one,
+//! with a forwarding outbox (`Outbox::forwarding`) whose frames go to this
+//! link's writer tagged with the connection's id on the gateway. Requests
+//! are handed to the engine exactly as the in-process gateway does
+//! (`answer_inline`, then `submit`), so shards, the push hub and storage
+//! neither know nor care which process holds a connection.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hongbao_proto::{ErrorCode, ServerFrame, ShakeResult};
+use hongbao_shard::{Connection, Engine, FrameSink, Outbox, Responder};
+use tokio::io::BufReader;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::limits::{HELLO_TIMEOUT_MS, QUEUE_MESSAGES_MAX, READ_BUFFER_BYTES};
+use crate::wire::{self, Down, Refused, SendQueue, Up};
+use crate::LinkError;
+
+/// A bound link socket, not yet accepting.
+pub struct LinkListener {
+    listener: UnixListener,
+    path: PathBuf,
+    key: Arc<str>,
+    engine: Engine,
+}
+
+impl LinkListener {
+    /// Binds the link socket at `path`, readable and writable by this user
+    /// only. A socket file left by an earlier run is replaced: the caller
+    /// holds the data directory's lock, so no live server owns it.
+    pub fn bind(path: &Path, key: String, engine: Engine) -> Result<LinkListener, LinkError> {
+        let socket_err = |source| LinkError::Socket { path: path.to_owned(), source };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(socket_err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(socket_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
+        Ok(LinkListener { listener, path: path.to_owned(), key: key.into(), engine })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts gateway links until `shutdown` turns `true`; then tells every
+    /// linked gateway to close its connections and exit.
+    pub fn start(self, shutdown: watch::Receiver<bool>) -> LinkServer {
+        let (listening_tx, listening_rx) = mpsc::channel(64);
+        let accept = tokio::spawn(accept_loop(self, shutdown, listening_tx));
+        LinkServer { listening: listening_rx, accept }
+    }
+}
+
+/// Accepting gateway links.
+pub struct LinkServer {
+    /// The pid of each gateway that reported its listeners up.
+    listening: mpsc::Receiver<u32>,
+    accept: JoinHandle<()>,
+}
+
+impl LinkServer {
+    /// The pid of the next gateway to report its listeners up, if one does
+    /// within `within`.
+    pub async fn next_listening(&mut self, within: Duration) -> Result<Option<u32>, LinkError> {
+        match tokio::time::timeout(within, self.listening.recv()).await {
+            Ok(Some(pid)) => Ok(Some(pid)),
+            Ok(None) => Err(LinkError::Protocol("the link listener stopped".into())),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Waits until, after shutdown, every link has ended.
+    pub async fn wait(self) {
+        let _ = self.accept.await;
+    }
+}
+
+async fn accept_loop(listener: LinkListener, mut shutdown: watch::Receiver<bool>, listening: mpsc::Sender<u32>) {
+    let mut links = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.listener.accept() => accepted,
+            _ = shutdown.wait_for(|s| *s) => break,
+            // Reap finished links so the set does not grow.
+            Some(_) = links.join_next(), if !links.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let link = run_link(
+                    stream,
+                    listener.key.clone(),
+                    listener.engine.clone(),
+                    shutdown.clone(),
+                    listening.clone(),
+                );
+                links.spawn(link);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "link accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&listener.path);
+    while links.join_next().await.is_some() {}
+}
+
+/// The frames of one link's remote connections, on their way to its writer.
+struct DownSink {
+    queue: SendQueue<Down>,
+}
+
+impl FrameSink for DownSink {
+    fn forward(&self, conn: u64, frame: ServerFrame) -> bool {
+        match self.queue.push(Down::Frame { conn, frame }) {
+            Ok(()) => true,
+            Err(Refused::Full) => {
+                // The gateway process is not keeping up: this connection is
+                // closed (once: its outbox refuses from now on) rather than
+                // left with a hole in its replies.
+                metrics::counter!("hongbao_link_overflows_total").increment(1);
+                let close = ServerFrame::Close { code: ErrorCode::Overload, message: "gateway link congested".into() };
+                let _ = self.queue.push_always(Down::Frame { conn, frame: close });
+                false
+            }
+            Err(Refused::Closed) => false,
+        }
+    }
+}
+
+/// One remote connection as the core sees it.
+struct RemoteConn {
+    user: u64,
+    outbox: Outbox,
+    /// The push hub's registration, once `Engine::connect` is done.
+    registration: Option<Connection>,
+}
+
+/// The remote connections of one link, by their id on the gateway.
+#[derive(Default)]
+struct Conns(Mutex<HashMap<u64, RemoteConn>>);
+
+impl Conns {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, RemoteConn>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stores the registration of a connection still there; otherwise
+    /// (it ended while registering) drops it, which unregisters it.
+    fn attach(&self, conn: u64, outbox: &Outbox, registration: Connection) {
+        let mut map = self.lock();
+        match map.get_mut(&conn) {
+            Some(c) if c.outbox.same(outbox) => c.registration = Some(registration),
+            _ => {
+                drop(map);
+                drop(registration);
+            }
+        }
+    }
+
+    /// Removes a connection. Its registration is dropped after the lock is
+    /// released: unregistering takes a push-hub lock, and the hub may be
+    /// forwarding to this link (which takes no lock of ours) meanwhile.
+    fn remove(&self, conn: u64) {
+        let removed = self.lock().remove(&conn);
+        if let Some(c) = removed {
+            c.outbox.close_forwarding();
+            drop(c);
+        }
+    }
+
+    fn remove_all(&self) -> usize {
+        let all: Vec<RemoteConn> = self.lock().drain().map(|(_, c)| c).collect();
+        for c in &all {
+            c.outbox.close_forwarding();
+        }
+        all.len()
+    }
+}
+
+/// Keeps the gateway's copy of the shake gates current: the view now, then
+/// a fresh one after every change (changes in between coalesce).
+async fn send_gates(engine: Engine, sink: Arc<DownSink>) {
+    let mut changes = engine.gate_changes();
+    loop {
+        changes.borrow_and_update();
+        match sink.queue.push(Down::Gate(engine.gate_view())) {
+            Ok(()) => {}
+            Err(Refused::Full) => {
+                // Retried with a then-current view; the gateway meanwhile
+                // sends shakes on, which the shards answer correctly.
+                tokio::time::sleep(Duration::from_millis(GATE_RETRY_MS)).await;
+                continue;
+            }
+            Err(Refused::Closed) => return,
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Pause before a gate update refused by a full link queue is retried.
+const GATE_RETRY_MS: u64 = 10;
+
+async fn run_link(
+    stream: UnixStream,
+    key: Arc<str>,
+    engine: Engine,
+    mut shutdown: watch::Receiver<bool>,
+    listening: mpsc::Sender<u32>,
+) {
+    let (read, write) = stream.into_split();
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
+    let mut body = Vec::new();
+    let hello =
+        tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), wire::read::<Up, _>(&mut reader, &mut body));
+    let pid = match hello.await {
+        Ok(Ok(Some(Up::Hello { key: given, pid }))) if *given == *key => pid,
+        Ok(Ok(Some(Up::Hello { .. }))) => return tracing::warn!("a gateway link with a wrong key was refused"),
+        Ok(Err(e)) => return tracing::warn!(error = %e, "a gateway link failed before its hello"),
+        _ => return tracing::warn!("a gateway link sent no hello in time"),
+    };
+    tracing::info!(gateway_pid = pid, "gateway linked");
+    let sink = Arc::new(DownSink { queue: SendQueue::new(QUEUE_MESSAGES_MAX) });
+    let writer = {
+        let sink = sink.clone();
+        tokio::spawn(async move { wire::write_loop(&sink.queue, write).await })
+    };
+    // Shutdown is told by a task of its own: reading must not be interrupted
+    // mid-message.
+    let stopper = {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            let _ = sink.queue.push_always(Down::Shutdown);
+        })
+    };
+    let gates = tokio::spawn(send_gates(engine.clone(), sink.clone()));
+    let conns = Arc::new(Conns::default());
+    let sink_dyn: Arc<dyn FrameSink> = sink.clone();
+    let end = loop {
+        let msg = match wire::read::<Up, _>(&mut reader, &mut body).await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        match msg {
+            Up::Request { conn, id, req } => {
+                let Some((user, outbox)) = conns.lock().get(&conn).map(|c| (c.user, c.outbox.clone())) else {
+                    // The connection ended while its request was on the way.
+                    continue;
+                };
+                match engine.answer_inline(user, &req) {
+                    Some(reply) => {
+                        outbox.send(ServerFrame::Reply { id, reply });
+                    }
+                    None => engine.submit(user, req, Responder::Client { outbox, request_id: id }),
+                }
+            }
+            Up::Connect { conn, user } => {
+                let outbox = Outbox::forwarding(conn, sink_dyn.clone());
+                let fresh = conns
+                    .lock()
+                    .insert(conn, RemoteConn { user, outbox: outbox.clone(), registration: None })
+                    .is_none();
+                if !fresh {
+                    break Err(LinkError::Protocol(format!("connection id {conn} used twice")));
+                }
+                let (engine, conns) = (engine.clone(), conns.clone());
+                tokio::spawn(async move {
+                    match engine.connect(user, outbox.clone()).await {
+                        Ok(registration) => conns.attach(conn, &outbox, registration),
+                        Err(e) => {
+                            let message = format!("cannot register connection: {e}");
+                            outbox.send(ServerFrame::Close { code: e.code(), message });
+                        }
+                    }
+                });
+            }
+            Up::Disconnect { conn } => conns.remove(conn),
+            Up::InlineShakes { none, not_running } => {
+                engine.count_remote_shakes(&ShakeResult::None, none);
+                engine.count_remote_shakes(&ShakeResult::NotRunning, not_running);
+            }
+            Up::Listening => {
+                let _ = listening.try_send(pid);
+            }
+            Up::Hello { .. } => break Err(LinkError::Protocol("a second hello".into())),
+        }
+    };
+    let dropped = conns.remove_all();
+    match end {
+        // The stopper has finished only if shutdown was asked for.
+        Ok(()) if stopper.is_finished() => tracing::info!(gateway_pid = pid, "gateway link closed"),
+        Ok(()) => tracing::warn!(gateway_pid = pid, connections = dropped, "gateway link lost"),
+        Err(e) => tracing::warn!(gateway_pid = pid, connections = dropped, error = %e, "gateway link failed"),
+    }
+    stopper.abort();
+    gates.abort();
+    sink.queue.close();
+    if let Ok(Err(e)) = writer.await {
+        tracing::debug!(gateway_pid = pid, error = %e, "link writer ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hongbao_proto::{Push, PushBody, Reply, Request};
+    use hongbao_shard::{EngineConfig, PushTarget};
+    use tokio::io::AsyncWriteExt;
+
+    struct Peer {
+        reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+        writer: tokio::net::unix::OwnedWriteHalf,
+        body: Vec<u8>,
+    }
+
+    impl Peer {
+        async fn connect(path: &Path) -> Peer {
+            let (read, writer) = UnixStream::connect(path).await.unwrap().into_split();
+            Peer { reader: BufReader::new(read), writer, body: Vec::new() }
+        }
+        async fn send(&mut self, msg: Up) {
+            let mut buf = Vec::new();
+            wire::encode(&msg, &mut buf).unwrap();
+            self.writer.write_all(&buf).await.unwrap();
+        }
+        async fn recv(&mut self) -> Option<Down> {
+            let next = wire::read::<Down, _>(&mut self.reader, &mut self.body);
+            tokio::time::timeout(Duration::from_secs(5), next).await.expect("a message or the end in time").ok()?
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_keyed_link_speaks_for_users_and_bad_links_harm_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(EngineConfig::default(), dir.path()).await.unwrap();
+        let path = dir.path().join("link.sock");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut server = LinkListener::bind(&path, "right".into(), engine.clone()).unwrap().start(stop_rx);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the socket is private to its user");
+
+        // A wrong key, garbage, and an oversized message: each link is closed.
+        let mut wrong = Peer::connect(&path).await;
+        wrong.send(Up::Hello { key: "wrong".into(), pid: 1 }).await;
+        assert_eq!(wrong.recv().await, None);
+        let mut garbage = Peer::connect(&path).await;
+        garbage.writer.write_all(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        assert_eq!(garbage.recv().await, None);
+
+        // The right key: a connection registers, asks, and gets pushes.
+        let mut good = Peer::connect(&path).await;
+        good.send(Up::Hello { key: "right".into(), pid: 2 }).await;
+        good.send(Up::Listening).await;
+        assert_eq!(server.next_listening(Duration::from_secs(5)).await.unwrap(), Some(2));
+        // First the shake gates: no campaign runs, so every shard is closed.
+        let Some(Down::Gate(view)) = good.recv().await else { panic!("gates first") };
+        assert_eq!(view.gates.len(), 4);
+        assert!(view.gates.iter().all(|g| !g.open && !g.ready));
+        good.send(Up::Connect { conn: 1, user: 7 }).await;
+        good.send(Up::Request { conn: 1, id: 9, req: Request::Balance }).await;
+        let reply = good.recv().await.unwrap();
+        assert_eq!(
+            reply,
+            Down::Frame { conn: 1, frame: ServerFrame::Reply { id: 9, reply: Reply::Balance { balance_fen: 0 } } }
+        );
+        let body = PushBody::Notice { topic: "t".into(), text: "x".into() };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            // Registration finishes in the background after `Connect`.
+            let receipt = engine.push(PushTarget::User(7), body.clone(), false).await.unwrap();
+            if receipt.delivered == 1 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "connection never registered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let push = good.recv().await.unwrap();
+        assert_eq!(push, Down::Frame { conn: 1, frame: ServerFrame::Push(Push { msg: 0, body: body.clone() }) });
+
+        // A request for an unknown connection is ignored; a disconnect
+        // unregisters; a reused connection id ends the link.
+        good.send(Up::Request { conn: 99, id: 1, req: Request::Balance }).await;
+        good.send(Up::Disconnect { conn: 1 }).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while engine.stats().await.connections != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "connection never unregistered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        good.send(Up::Connect { conn: 2, user: 8 }).await;
+        good.send(Up::Connect { conn: 2, user: 8 }).await;
+        assert_eq!(good.recv().await, None, "a protocol error closes the link");
+
+        // Shutdown is announced to linked gateways.
+        let mut last = Peer::connect(&path).await;
+        last.send(Up::Hello { key: "right".into(), pid: 3 }).await;
+        last.send(Up::Listening).await;
+        assert_eq!(server.next_listening(Duration::from_secs(5)).await.unwrap(), Some(3));
+        assert!(matches!(last.recv().await, Some(Down::Gate(_))));
+        stop_tx.send(true).unwrap();
+        assert_eq!(last.recv().await, Some(Down::Shutdown));
+        drop(last);
+        tokio::time::timeout(Duration::from_secs(5), server.wait()).await.expect("links end after shutdown");
+        assert!(!path.exists(), "the socket file is removed");
+        engine.shutdown().await;
+    }
+}
