@@ -47,23 +47,26 @@ pub(crate) enum ReadOutcome {
 /// `poll_read_frame` keeps all progress in `self` and holds nothing between
 /// polls, so the connection loop can poll it beside its outbox and timers
 /// without a stored future and without losing bytes.
+///
+/// A small frame (most are: a shake is about ten bytes) comes in with one
+/// read into a chunk on the poll's stack, header and body together. That
+/// read returns fewer bytes than asked, which tells tokio the socket is
+/// drained, so the connection does not read again only to hear `EAGAIN`:
+/// one `recvfrom` per request instead of three (header, body, `EAGAIN`)
+/// when header and body were read exactly.
 #[derive(Debug, Default)]
 pub(crate) struct FrameReader {
-    /// The header being read.
-    header: [u8; FRAME_HEADER_BYTES],
-    /// Header bytes read so far.
-    header_filled: u8,
-    /// True once the header is complete and valid: the body is being read.
-    in_body: bool,
-    /// Body bytes read so far, and the body's length from its header.
-    body_filled: usize,
-    body_len: usize,
-    /// The body, grown as its bytes arrive (`grow_for_read`: a peer that
-    /// announces 64 KiB and sends 4 bytes costs 1 KiB, not 64) and freed
-    /// once the frame is decoded: between frames (an idle connection) the
-    /// reader holds no heap memory.
-    body: Vec<u8>,
+    /// Bytes received and not yet returned as frames: part of a frame, or
+    /// frames that arrived together. Between frames (an idle connection) it
+    /// is empty and holds no heap memory; while a frame arrives it grows
+    /// with the bytes received (`grow_for_read`: a peer that announces 64 KiB
+    /// and sends 4 bytes costs about 1 KiB, not 64).
+    buf: Vec<u8>,
 }
+
+/// Bytes asked of the socket per read while the frame is small or its
+/// length still unknown (on the stack, never kept).
+const READ_CHUNK_BYTES: usize = 512;
 
 impl FrameReader {
     pub fn new() -> FrameReader {
@@ -81,45 +84,58 @@ impl FrameReader {
         io: &mut R,
     ) -> Poll<std::io::Result<ReadOutcome>> {
         loop {
-            if !self.in_body {
-                let filled = usize::from(self.header_filled);
-                if filled == FRAME_HEADER_BYTES {
-                    // Check the length before allocating anything for the body.
-                    let len = match binary::body_len(&self.header) {
-                        Ok(Some(len)) => len,
-                        Ok(None) => unreachable!("a full header always has a length"),
-                        Err(e) => return Poll::Ready(Ok(ReadOutcome::Bad(e.into()))),
-                    };
-                    debug_assert!(len <= FRAME_BYTES_MAX);
-                    self.body = Vec::new();
-                    self.body_filled = 0;
-                    self.body_len = len;
-                    self.in_body = true;
-                    continue;
-                }
-                let n = ready!(poll_read(cx, io, &mut self.header[filled..]))?;
-                if n == 0 {
-                    self.header_filled = 0;
-                    return Poll::Ready(Ok(if filled > 0 { ReadOutcome::Truncated } else { ReadOutcome::Eof }));
-                }
-                // At most the 4 header bytes.
-                self.header_filled += n as u8;
-            } else if self.body_filled == self.body_len {
-                let outcome = match binary::decode_client(&self.body) {
-                    Ok(frame) => ReadOutcome::Frame(frame),
-                    Err(e) => ReadOutcome::Bad(e.into()),
+            let mut frame_len = None;
+            if self.buf.len() >= FRAME_HEADER_BYTES {
+                // Checked before anything is allocated for the body.
+                let body_len = match binary::body_len(&self.buf[..FRAME_HEADER_BYTES]) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => unreachable!("a full header always has a length"),
+                    Err(e) => {
+                        self.buf = Vec::new();
+                        return Poll::Ready(Ok(ReadOutcome::Bad(e.into())));
+                    }
                 };
-                self.header_filled = 0;
-                self.in_body = false;
-                self.body = Vec::new();
-                return Poll::Ready(Ok(outcome));
-            } else {
-                grow_for_read(&mut self.body, self.body_filled, self.body_len);
-                let n = ready!(poll_read(cx, io, &mut self.body[self.body_filled..]))?;
-                if n == 0 {
-                    return Poll::Ready(Ok(ReadOutcome::Truncated));
+                debug_assert!(body_len <= FRAME_BYTES_MAX);
+                let end = FRAME_HEADER_BYTES + body_len;
+                if self.buf.len() >= end {
+                    let outcome = match binary::decode_client(&self.buf[FRAME_HEADER_BYTES..end]) {
+                        Ok(frame) => ReadOutcome::Frame(frame),
+                        Err(e) => ReadOutcome::Bad(e.into()),
+                    };
+                    if self.buf.len() == end {
+                        self.buf = Vec::new();
+                    } else {
+                        self.buf.drain(..end);
+                    }
+                    return Poll::Ready(Ok(outcome));
                 }
-                self.body_filled += n;
+                frame_len = Some(end);
+            }
+            let n = match frame_len {
+                Some(end) if end - self.buf.len() > READ_CHUNK_BYTES => {
+                    // A large body: read straight into the buffer, grown as
+                    // its bytes arrive.
+                    let filled = self.buf.len();
+                    grow_for_read(&mut self.buf, filled, end);
+                    let read = poll_read(cx, io, &mut self.buf[filled..]);
+                    let n = match &read {
+                        Poll::Ready(Ok(n)) => *n,
+                        _ => 0,
+                    };
+                    self.buf.truncate(filled + n);
+                    ready!(read)?
+                }
+                _ => {
+                    let mut chunk = [0u8; READ_CHUNK_BYTES];
+                    let n = ready!(poll_read(cx, io, &mut chunk))?;
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    n
+                }
+            };
+            if n == 0 {
+                let outcome = if self.buf.is_empty() { ReadOutcome::Eof } else { ReadOutcome::Truncated };
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(outcome));
             }
         }
     }
@@ -135,7 +151,7 @@ const BODY_CHUNK_BYTES: usize = 1024;
 pub(crate) fn grow_for_read(buf: &mut Vec<u8>, filled: usize, len: usize) {
     debug_assert!(filled < len);
     if filled == buf.len() {
-        let next = (buf.len() * 2).max(BODY_CHUNK_BYTES).min(len);
+        let next = (filled * 2).max(BODY_CHUNK_BYTES).min(len);
         buf.resize(next, 0);
     }
 }
@@ -294,6 +310,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn large_frames_and_frames_sharing_a_read_come_out_whole() {
+        let big = ClientFrame { id: 1, req: Request::Hello { token: "t".repeat(5000) } };
+        let small = ClientFrame { id: 2, req: Request::Shake { campaign: 0, key: None } };
+        let mut bytes = binary::encode_client(&small);
+        bytes.extend(binary::encode_client(&big));
+        bytes.extend(binary::encode_client(&small));
+        bytes.extend(binary::encode_client(&small));
+        let out = read_all(bytes).await;
+        assert!(
+            matches!(&out[..], [ReadOutcome::Frame(a), ReadOutcome::Frame(b), ReadOutcome::Frame(c), ReadOutcome::Frame(d), ReadOutcome::Eof]
+                if *a == small && *b == big && *c == small && *d == small),
+            "{out:?}"
+        );
+        // Several frames in one read, then nothing left behind.
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let mut three = Vec::new();
+        for _ in 0..3 {
+            three.extend(binary::encode_client(&small));
+        }
+        client.write_all(&three).await.unwrap();
+        let mut reader = FrameReader::new();
+        for _ in 0..3 {
+            assert!(matches!(reader.read_frame(&mut server).await.unwrap(), ReadOutcome::Frame(f) if f == small));
+        }
+        assert_eq!(reader.buf.capacity(), 0, "an idle reader holds no memory");
+    }
+
+    #[tokio::test]
     async fn an_announced_length_alone_allocates_little() {
         // Announces the largest body, sends 4 bytes of it, then stalls.
         let (mut client, mut server) = tokio::io::duplex(1024);
@@ -302,8 +346,8 @@ mod tests {
         let mut reader = FrameReader::new();
         let stalled = tokio::time::timeout(std::time::Duration::from_millis(50), reader.read_frame(&mut server)).await;
         assert!(stalled.is_err(), "no frame yet");
-        assert!(reader.body.capacity() <= BODY_CHUNK_BYTES, "{} bytes held for 4 received", reader.body.capacity());
-        assert_eq!(reader.body_filled, 4);
+        assert!(reader.buf.capacity() <= BODY_CHUNK_BYTES, "{} bytes held for 8 received", reader.buf.capacity());
+        assert_eq!(reader.buf.len(), 8, "header and the 4 body bytes");
     }
 
     #[tokio::test]
