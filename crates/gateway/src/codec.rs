@@ -111,32 +111,44 @@ impl FrameReader {
                 }
                 frame_len = Some(end);
             }
-            let n = match frame_len {
-                Some(end) if end - self.buf.len() > READ_CHUNK_BYTES => {
-                    // A large body: read straight into the buffer, grown as
-                    // its bytes arrive.
-                    let filled = self.buf.len();
-                    grow_for_read(&mut self.buf, filled, end);
-                    let read = poll_read(cx, io, &mut self.buf[filled..]);
-                    let n = match &read {
-                        Poll::Ready(Ok(n)) => *n,
-                        _ => 0,
-                    };
-                    self.buf.truncate(filled + n);
-                    ready!(read)?
-                }
-                _ => {
-                    let mut chunk = [0u8; READ_CHUNK_BYTES];
-                    let n = ready!(poll_read(cx, io, &mut chunk))?;
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    n
-                }
-            };
+            let n = ready!(poll_read_more(cx, io, &mut self.buf, frame_len))?;
             if n == 0 {
                 let outcome = if self.buf.is_empty() { ReadOutcome::Eof } else { ReadOutcome::Truncated };
                 self.buf = Vec::new();
                 return Poll::Ready(Ok(outcome));
             }
+        }
+    }
+}
+
+/// Reads more bytes into `buf`, which holds the start of a frame ending at
+/// `frame_end` (when its header has told). A small frame, or one whose
+/// length is not known yet, is read through a chunk on the stack; the rest
+/// of a large one straight into `buf`, grown as its bytes arrive. Returns
+/// the bytes added; 0 is end of stream.
+pub(crate) fn poll_read_more<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    frame_end: Option<usize>,
+) -> Poll<std::io::Result<usize>> {
+    match frame_end {
+        Some(end) if end.saturating_sub(buf.len()) > READ_CHUNK_BYTES => {
+            let filled = buf.len();
+            grow_for_read(buf, filled, end);
+            let read = poll_read(cx, io, &mut buf[filled..]);
+            let n = match &read {
+                Poll::Ready(Ok(n)) => *n,
+                _ => 0,
+            };
+            buf.truncate(filled + n);
+            read
+        }
+        _ => {
+            let mut chunk = [0u8; READ_CHUNK_BYTES];
+            let n = ready!(poll_read(cx, io, &mut chunk))?;
+            buf.extend_from_slice(&chunk[..n]);
+            Poll::Ready(Ok(n))
         }
     }
 }
@@ -157,7 +169,7 @@ pub(crate) fn grow_for_read(buf: &mut Vec<u8>, filled: usize, len: usize) {
 }
 
 /// One `read` into `buf`; `Ok(0)` is end of stream.
-pub(crate) fn poll_read<R: AsyncRead + Unpin>(
+fn poll_read<R: AsyncRead + Unpin>(
     cx: &mut Context<'_>,
     io: &mut R,
     buf: &mut [u8],

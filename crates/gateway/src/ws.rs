@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
-use crate::codec::{decode_json, poll_read, FrameError};
+use crate::codec::{decode_json, poll_read_more, FrameError};
 use crate::conn::{FrameIo, Incoming};
 
 /// Longest frame header: 2 bytes, a 64-bit length, a 4-byte mask.
@@ -240,83 +240,73 @@ enum Read {
 }
 
 /// Reads client frames. Like the binary `FrameReader`, all progress lives in
-/// `self`, so polling it is cancel-safe, and between frames it holds no heap
-/// memory.
+/// `self`, so polling it is cancel-safe; small frames come in with one read
+/// (`poll_read_more`), and between frames it holds no heap memory.
 #[derive(Debug, Default)]
 struct FrameReader {
-    head: [u8; HEAD_BYTES_MAX],
-    head_filled: u8,
-    /// The frame whose payload is being read, once its header is checked.
-    frame: Option<Head>,
-    payload: Vec<u8>,
-    payload_filled: usize,
+    /// Bytes received and not yet returned: part of a frame, or frames that
+    /// arrived together. Empty and unallocated between frames.
+    buf: Vec<u8>,
     /// The opcode of a fragmented data message being read, 0 if none.
     partial_opcode: u8,
     /// Its bytes so far.
     partial: Vec<u8>,
 }
 
-impl FrameReader {
-    /// Header bytes needed, as far as the bytes read so far tell.
-    fn head_len(&self) -> usize {
-        if self.head_filled < 2 {
-            return 2;
-        }
-        let extended = match self.head[1] & 0x7F {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
-        2 + extended + mask
+/// Header bytes of the frame starting `bytes`, as far as they tell.
+fn head_len(bytes: &[u8]) -> usize {
+    if bytes.len() < 2 {
+        return 2;
     }
+    let extended = match bytes[1] & 0x7F {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if bytes[1] & 0x80 != 0 { 4 } else { 0 };
+    2 + extended + mask
+}
 
+impl FrameReader {
     fn poll_frame<R: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut R) -> Poll<std::io::Result<Read>> {
         loop {
-            let Some(head) = self.frame else {
-                let need = self.head_len();
-                let filled = usize::from(self.head_filled);
-                if filled < need {
-                    // Exactly the header: the payload is read into its own buffer.
-                    let n = ready!(poll_read(cx, io, &mut self.head[filled..need]))?;
-                    if n == 0 {
-                        return Poll::Ready(Ok(Read::Eof));
-                    }
-                    // At most the 14 header bytes.
-                    self.head_filled += n as u8;
-                    continue;
-                }
-                let head = match parse_head(&self.head[..need]) {
+            let need = head_len(&self.buf);
+            let mut frame_end = None;
+            if self.buf.len() >= need {
+                // Checked before anything is allocated for the payload.
+                let head = match parse_head(&self.buf[..need]) {
                     Ok(head) => head,
-                    Err(e) => return Poll::Ready(Ok(Read::Bad(e))),
+                    Err(e) => {
+                        self.buf = Vec::new();
+                        return Poll::Ready(Ok(Read::Bad(e)));
+                    }
                 };
                 if head.opcode == OP_CONTINUATION {
                     let so_far = self.partial.len();
                     if so_far + head.len > FRAME_BYTES_MAX {
+                        self.buf = Vec::new();
                         return Poll::Ready(Ok(Read::Bad(too_large(so_far + head.len))));
                     }
                 }
-                self.payload = Vec::new();
-                self.payload_filled = 0;
-                self.frame = Some(head);
-                continue;
-            };
-            if self.payload_filled < head.len {
-                crate::codec::grow_for_read(&mut self.payload, self.payload_filled, head.len);
-                let n = ready!(poll_read(cx, io, &mut self.payload[self.payload_filled..]))?;
-                if n == 0 {
-                    return Poll::Ready(Ok(Read::Eof));
+                let end = need + head.len;
+                if self.buf.len() >= end {
+                    let mut payload = self.buf[need..end].to_vec();
+                    if self.buf.len() == end {
+                        self.buf = Vec::new();
+                    } else {
+                        self.buf.drain(..end);
+                    }
+                    for (i, byte) in payload.iter_mut().enumerate() {
+                        *byte ^= head.mask[i % 4];
+                    }
+                    return Poll::Ready(Ok(Read::Frame(head, payload)));
                 }
-                self.payload_filled += n;
-                continue;
+                frame_end = Some(end);
             }
-            self.frame = None;
-            self.head_filled = 0;
-            let mut payload = std::mem::take(&mut self.payload);
-            for (i, byte) in payload.iter_mut().enumerate() {
-                *byte ^= head.mask[i % 4];
+            if ready!(poll_read_more(cx, io, &mut self.buf, frame_end))? == 0 {
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(Read::Eof));
             }
-            return Poll::Ready(Ok(Read::Frame(head, payload)));
         }
     }
 }
@@ -437,6 +427,21 @@ mod tests {
         let (out, io, _client) = read_all(client_frame(true, OP_BINARY, &body[FRAME_HEADER_BYTES..])).await;
         assert!(matches!(&out[..], [Incoming::Frame(a), Incoming::Closed] if **a == hello), "{out:?}");
         assert_eq!(io.encoding, Some(Encoding::Binary));
+
+        // A message longer than one read chunk (read straight into its
+        // buffer), between two small ones that share reads with it.
+        let token = "9".repeat(3000);
+        let long = format!(r#"{{"id":2,"req":{{"hello":{{"token":"{token}"}}}}}}"#);
+        let mut bytes = client_frame(true, OP_TEXT, &json);
+        bytes.extend(client_frame(true, OP_TEXT, long.as_bytes()));
+        bytes.extend(client_frame(true, OP_TEXT, &json));
+        let (out, _io, _client) = read_all(bytes).await;
+        let long = ClientFrame { id: 2, req: Request::Hello { token } };
+        assert!(
+            matches!(&out[..], [Incoming::Frame(a), Incoming::Frame(b), Incoming::Frame(c), Incoming::Closed]
+                if **a == hello && **b == long && **c == hello),
+            "{out:?}"
+        );
     }
 
     #[tokio::test]
