@@ -169,11 +169,7 @@ pub(crate) fn grow_for_read(buf: &mut Vec<u8>, filled: usize, len: usize) {
 }
 
 /// One `read` into `buf`; `Ok(0)` is end of stream.
-fn poll_read<R: AsyncRead + Unpin>(
-    cx: &mut Context<'_>,
-    io: &mut R,
-    buf: &mut [u8],
-) -> Poll<std::io::Result<usize>> {
+fn poll_read<R: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut R, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
     let mut buf = ReadBuf::new(buf);
     ready!(Pin::new(io).poll_read(cx, &mut buf))?;
     Poll::Ready(Ok(buf.filled().len()))

@@ -82,6 +82,7 @@ pub(crate) struct Shared<B> {
     connections: Arc<Semaphore>,
     /// Bounds the work spent telling refused WebSocket clients why.
     rejects: Arc<Semaphore>,
+    pub hot_counters: conn::HotCounters,
     /// Never sent on: it is dropped with the last `Arc<Shared>`, held by the
     /// accept loops and every connection task, which closes `done_rx`.
     _done_tx: mpsc::Sender<()>,
@@ -97,6 +98,7 @@ impl<B> Shared<B> {
         let shared = Shared {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             rejects: Arc::new(Semaphore::new(REJECTS_INFLIGHT_MAX)),
+            hot_counters: conn::HotCounters::new(),
             config,
             engine,
             shutdown,
