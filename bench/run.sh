@@ -4,16 +4,22 @@
 # Measures one performance figure of hongbao on this machine and prints
 #   FIGURE <name> <value> <unit> [baseline=<value> ratio=<value>]
 # lines plus a plain-language line of what was run. Figures:
-#   conn-memory  server RSS per idle connection (TCP and WebSocket)
+#   conn-memory  server RSS per idle connection (TCP and WebSocket): 19,000 on one
+#                gateway process, then 100,000 over 6 gateway processes (the RSS of
+#                every server process summed; clients in several processes)
 #   shake-max    highest shake rate answered within 2% of target with <1% overload;
 #                p50/p99 at 50k/s; server CPU per shake
 #   opens        durable opens/s, group commit vs transaction-per-open (same run)
-#   broadcast    one broadcast to every connected client
+#   broadcast    one broadcast to 100,000 connections over 6 gateway processes
+#                (1% slow readers that never read), time until every reader has it
 #   demo         wall time of the default `hongbao demo`
 #   all          every figure above
 # --quick runs a small version of each (under a minute) as a smoke check; the
-# full runs are what docs/benchmarks.md quotes. Every run is bounded, targets
-# 127.0.0.1 only, and stops the processes it starts.
+# full runs are what docs/benchmarks.md quotes. Quick conn-memory: 2,000 TCP
+# connections on one gateway and 3,000 WebSocket connections over 2 gateways
+# from 2 client processes; quick broadcast: 3,000 connections over 2 gateways
+# from 2 client processes. Every run is bounded, targets 127.0.0.0/8
+# (loopback) only, and stops the processes it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +39,7 @@ out_root="${BENCH_OUT:-target/bench}"
 mkdir -p "$out_root"
 
 if [ -z "$figure" ]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -105,12 +111,33 @@ demo() {
     python3 -c "import sys; s, e = float(sys.argv[1]), float(sys.argv[2]); print(f'FIGURE demo_wall_s {e - s:.1f} s (target 120)')" "$start" "$end"
 }
 
+# One process holds at most ~19,000 connections here (20,000 open files), so
+# 100,000 take 6 gateway processes (18,000 each at most) and 6 client
+# processes (`perf hold`, 18,000 each, one loopback address each).
+conn_memory() {
+    if [ -n "$quick" ]; then
+        "$HB" perf conn-memory --quick --transport tcp
+        "$HB" perf conn-memory --connections 3000 --transport ws --gateways 2 --clients-per-process 1600
+    else
+        "$HB" perf conn-memory
+        "$HB" perf conn-memory --connections 100000 --gateways 6
+    fi
+}
+
+broadcast() {
+    if [ -n "$quick" ]; then
+        "$HB" perf broadcast --connections 3000 --gateways 2 --clients-per-process 1500
+    else
+        "$HB" perf broadcast --connections 100000 --gateways 6
+    fi
+}
+
 run_one() {
     case "$1" in
-        conn-memory) "$HB" perf conn-memory $quick ;;
+        conn-memory) conn_memory ;;
         shake-max) shake_max ;;
         opens) "$HB" perf opens $quick ;;
-        broadcast) "$HB" perf broadcast $quick ;;
+        broadcast) broadcast ;;
         demo) demo ;;
     esac
 }

@@ -39,3 +39,19 @@ fn conn_memory_and_broadcast_measure_a_real_server() {
     assert!(figure(&out, "broadcast_ms") > 0.0);
     assert!(out.contains("ended done"), "{out}");
 }
+
+/// Connections over 2 gateway processes, held by this perf process and two
+/// `perf hold` client processes (200 each, each from its own loopback
+/// address): memory is summed over the server's processes, and the broadcast
+/// reaches every reader in every client process.
+#[test]
+fn conn_memory_and_broadcast_span_gateway_and_client_processes() {
+    let layout = ["--gateways", "2", "--clients-per-process", "200"];
+    let out = perf(&[&["conn-memory", "--connections", "500", "--transport", "tcp"][..], &layout].concat());
+    assert!(figure(&out, "conn_memory_tcp_gateways") > 0.0);
+    assert!(out.contains("on 2 gateway processes") && out.contains("from 3 client process(es)"), "{out}");
+    let out = perf(&[&["broadcast", "--connections", "600"][..], &layout].concat());
+    assert!(figure(&out, "broadcast_ms") > 0.0);
+    assert!(out.contains("from 3 client process(es)") && out.contains("594 of 594 readers got it"), "{out}");
+    assert!(out.contains("ended done with 600 of 600 delivered"), "{out}");
+}

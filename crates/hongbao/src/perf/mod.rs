@@ -5,8 +5,10 @@
 //! Everything here is bounded in count and time, targets loopback only, and
 //! ends the processes it started (by their PID).
 
+mod clients;
 mod conns;
 mod opens;
+mod server;
 
 /// The figures `hongbao perf` can measure.
 #[derive(Debug, clap::Subcommand)]
@@ -17,6 +19,11 @@ pub enum Figure {
     ConnMemory(conns::ConnMemoryArgs),
     /// Time for one broadcast to reach every connected client.
     Broadcast(conns::BroadcastArgs),
+    /// One client process of conn-memory or broadcast: opens a share of the
+    /// connections and holds them (started by them; JSON lines on stdin and
+    /// stdout).
+    #[command(hide = true)]
+    Hold(clients::HoldArgs),
 }
 
 pub fn run(figure: Figure) -> anyhow::Result<()> {
@@ -24,6 +31,7 @@ pub fn run(figure: Figure) -> anyhow::Result<()> {
         Figure::Opens(args) => opens::run(args),
         Figure::ConnMemory(args) => conns::conn_memory(args),
         Figure::Broadcast(args) => conns::broadcast(args),
+        Figure::Hold(args) => clients::hold(args),
     }
 }
 

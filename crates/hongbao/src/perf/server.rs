@@ -1,0 +1,317 @@
+//! The server child of `conn-memory` and `broadcast`: `hongbao serve --dev
+//! --gateways N` on loopback port 0 in a temporary data directory.
+//!
+//! With N > 1 the server is several processes: the serve process (which has
+//! a gateway of its own) and N-1 gateway children it starts, all listening on
+//! the same ports (`SO_REUSEPORT`). Their PIDs come from the `gateway_pids`
+//! field of the `HONGBAO_READY` line. Memory is read from every one of them,
+//! and stopping the server makes sure every one of them is gone.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use hongbao_client::Admin;
+
+use super::clients::Transport;
+
+/// How long to wait for the ready line (every gateway listening).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the server gets to exit after SIGTERM, and its gateway children
+/// after it, before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Quiet time before an RSS reading, then how closely two readings half a
+/// second apart must agree (or `SETTLE_MAX` passes).
+const SETTLE: Duration = Duration::from_secs(2);
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+const SETTLE_TOLERANCE: f64 = 0.002;
+/// How long to wait for the server's extra threads to exit before a reading.
+/// Each `hello` reads pending messages on tokio's blocking pool, so a burst
+/// of connections starts threads (stacks, allocator arenas) that idle out
+/// after 10 s; they are not what an idle connection costs.
+const THREADS_SETTLE_MAX: Duration = Duration::from_secs(20);
+
+/// Memory of one server process (bytes), from /proc/<pid>/status.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub rss: u64,
+    pub anon: u64,
+    pub threads: u64,
+}
+
+/// One reading of every server process, in `ServerChild::pids` order.
+#[derive(Clone, Debug)]
+pub struct Reading(pub Vec<Memory>);
+
+impl Reading {
+    pub fn rss(&self) -> u64 {
+        self.0.iter().map(|m| m.rss).sum()
+    }
+    pub fn anon(&self) -> u64 {
+        self.0.iter().map(|m| m.anon).sum()
+    }
+    pub fn threads(&self) -> u64 {
+        self.0.iter().map(|m| m.threads).sum()
+    }
+}
+
+/// A process this run did not start itself (a gateway child of the server),
+/// told apart from a later process that reuses its PID by its start time.
+#[derive(Clone, Copy, Debug)]
+struct Started {
+    pid: u32,
+    start_ticks: u64,
+}
+
+impl Started {
+    fn of(pid: u32) -> anyhow::Result<Started> {
+        let start_ticks = start_ticks(pid).with_context(|| format!("gateway process {pid} is not running"))?;
+        Ok(Started { pid, start_ticks })
+    }
+
+    /// Still running (a zombie waiting for its parent to reap it is not).
+    fn alive(self) -> bool {
+        start_ticks(self.pid) == Some(self.start_ticks) && state(self.pid).is_some_and(|s| s != 'Z' && s != 'X')
+    }
+}
+
+pub struct ServerChild {
+    child: Child,
+    pub tcp: SocketAddr,
+    pub ws: SocketAddr,
+    admin: SocketAddr,
+    gateways: Vec<Started>,
+    stopped: bool,
+    /// Removed (with the data and log) when the server is dropped.
+    dir: tempfile::TempDir,
+}
+
+impl ServerChild {
+    /// Starts the server with `gateways` gateway processes, each holding at
+    /// most `max_connections` client connections.
+    pub fn start(max_connections: usize, gateways: u32) -> anyhow::Result<ServerChild> {
+        let dir = tempfile::Builder::new().prefix("hongbao-perf-").tempdir().context("temporary directory")?;
+        let data = dir.path().join("data");
+        let log = std::fs::File::create(dir.path().join("server.log")).context("server log file")?;
+        let mut cmd = Command::new(std::env::current_exe().context("own executable")?);
+        cmd.arg("serve")
+            .arg("--dev")
+            .arg("--data")
+            .arg(&data)
+            .args(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--max-connections", &max_connections.to_string()])
+            // Room for a slow machine to open every connection before the
+            // first ones idle out; an idle connection's memory is the same.
+            .args(["--idle-timeout-s", "600"])
+            .args(["--gateways", &gateways.to_string()]);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("HONGBAO_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::from(log));
+        let (child, ready) = match hongbao_client::spawn_server(&mut cmd, READY_TIMEOUT) {
+            Ok(started) => started,
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+                bail!("{e}; the server's log:\n{log}");
+            }
+        };
+        let mut server = ServerChild {
+            child,
+            tcp: ready.tcp,
+            ws: ready.ws,
+            admin: ready.admin,
+            gateways: Vec::new(),
+            stopped: false,
+            dir,
+        };
+        // From here on, a failure stops the server (and what has started) on drop.
+        for pid in ready.gateway_pids {
+            server.gateways.push(Started::of(pid)?);
+        }
+        ensure!(
+            server.gateways.len() + 1 == gateways as usize,
+            "asked for {gateways} gateway processes, the server reports {} besides itself",
+            server.gateways.len()
+        );
+        Ok(server)
+    }
+
+    pub fn addr(&self, transport: Transport) -> SocketAddr {
+        match transport {
+            Transport::Tcp => self.tcp,
+            Transport::Ws => self.ws,
+        }
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.admin, None)
+    }
+
+    /// The serve process, then its gateway children.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.child.id()).chain(self.gateways.iter().map(|g| g.pid)).collect()
+    }
+
+    /// Memory of every server process now.
+    pub fn memory(&self) -> anyhow::Result<Reading> {
+        self.pids().into_iter().map(memory).collect::<anyhow::Result<_>>().map(Reading)
+    }
+
+    /// Socket descriptors each server process holds (listeners and links
+    /// included): the difference between two readings shows how the kernel
+    /// spread client connections over the gateways.
+    pub fn sockets(&self) -> anyhow::Result<Vec<usize>> {
+        self.pids().into_iter().map(sockets).collect()
+    }
+
+    /// Waits until every server process runs at most its thread count in
+    /// `idle` again (or `THREADS_SETTLE_MAX` passes), then `SETTLE`, then
+    /// until two readings of the summed RSS half a second apart agree.
+    pub fn settled_memory(&self, idle: &Reading) -> anyhow::Result<Reading> {
+        let deadline = Instant::now() + THREADS_SETTLE_MAX;
+        while Instant::now() < deadline && self.memory()?.0.iter().zip(&idle.0).any(|(m, i)| m.threads > i.threads) {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        std::thread::sleep(SETTLE);
+        let deadline = Instant::now() + SETTLE_MAX;
+        let mut last = self.memory()?;
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = self.memory()?;
+            let change = (now.rss() as f64 - last.rss() as f64).abs() / last.rss().max(1) as f64;
+            if change <= SETTLE_TOLERANCE || Instant::now() >= deadline {
+                return Ok(now);
+            }
+            last = now;
+        }
+    }
+
+    /// SIGTERM by PID and wait; SIGKILL if it does not exit in time. Then the
+    /// gateway children must be gone too (the server ends them); any left
+    /// after `STOP_TIMEOUT` are killed by PID.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        let server_killed = !terminate(&mut self.child);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline && self.gateways.iter().any(|g| g.alive()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let left: Vec<u32> = self.gateways.iter().filter(|g| g.alive()).map(|g| g.pid).collect();
+        for g in self.gateways.iter().filter(|g| g.alive()) {
+            kill_started(*g);
+        }
+        if server_killed {
+            bail!("server {} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed", self.child.id());
+        }
+        if !left.is_empty() {
+            bail!("gateway processes {left:?} outlived the server by {STOP_TIMEOUT:?}; killed");
+        }
+        Ok(())
+    }
+
+    /// The server's log so far (stderr of every server process), for error
+    /// messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+/// SIGTERM to the child by PID, then SIGKILL if it has not exited within
+/// `STOP_TIMEOUT`; reaps it either way. False if it had to be killed.
+fn terminate(child: &mut Child) -> bool {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return true;
+    }
+    signal("-TERM", child.id());
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // `Child::kill` is SIGKILL to this child's PID.
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// SIGKILL to a process this run did not start, if it is still the same one.
+fn kill_started(p: Started) {
+    if p.alive() {
+        signal("-KILL", p.pid);
+    }
+}
+
+fn signal(sig: &str, pid: u32) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).stderr(Stdio::null()).status();
+}
+
+/// /proc/<pid>/stat: the state letter and the start time (clock ticks after
+/// boot). The command name in parentheses may hold spaces, so fields are
+/// counted after its closing parenthesis.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+fn start_ticks(pid: u32) -> Option<u64> {
+    // Field 22 of stat; the 20th after the command name.
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+fn memory(pid: u32) -> anyhow::Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("server process {pid} is not running"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} for {pid}"))?;
+        let kb: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse()?;
+        Ok(kb * 1024)
+    };
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Threads for {pid}"))?;
+    Ok(Memory { rss: field("VmRSS:")?, anon: field("RssAnon:")?, threads })
+}
+
+fn sockets(pid: u32) -> anyhow::Result<usize> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("open files of {pid}"))?;
+    Ok(fds
+        .flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
+        .count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_read_this_process() {
+        let me = std::process::id();
+        assert!(start_ticks(me).is_some());
+        assert!(matches!(state(me), Some('R' | 'S')));
+        assert!(Started::of(me).unwrap().alive());
+    }
+}
