@@ -137,6 +137,10 @@ impl FrameSink for DownSink {
             Err(Refused::Closed) => false,
         }
     }
+
+    fn forward_to_all(&self, frame: ServerFrame) -> bool {
+        self.queue.push(Down::ToAll(frame)).is_ok()
+    }
 }
 
 /// One remote connection as the core sees it.
@@ -391,6 +395,15 @@ mod tests {
         }
         let push = good.recv().await.unwrap();
         assert_eq!(push, Down::Frame { conn: 1, frame: ServerFrame::Push(Push { msg: 0, body: body.clone() }) });
+        // A broadcast crosses the link once, for the gateway to fan out.
+        let task = engine.broadcast(body.clone());
+        assert_eq!(good.recv().await.unwrap(), Down::ToAll(ServerFrame::Push(Push { msg: 0, body: body.clone() })));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while engine.task(task.id).unwrap().state != "done" {
+            assert!(tokio::time::Instant::now() < deadline, "broadcast task never finished");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(engine.task(task.id).unwrap().delivered, 1, "the remote connection counts as reached");
 
         // A request for an unknown connection is ignored; a disconnect
         // unregisters; a reused connection id ends the link.

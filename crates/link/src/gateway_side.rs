@@ -121,6 +121,14 @@ async fn read_loop(link: Arc<Link>, read: OwnedReadHalf, ended: watch::Sender<bo
                     outbox.send(frame);
                 }
             }
+            Ok(Some(Down::ToAll(frame))) => {
+                // Sent after the lock is released, so connects and
+                // disconnects are not held up by thousands of sends.
+                let outboxes: Vec<Outbox> = link.conns().values().cloned().collect();
+                for outbox in outboxes {
+                    outbox.send(frame.clone());
+                }
+            }
             Ok(Some(Down::Gate(view))) => {
                 *link.gate.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = view;
             }
@@ -259,5 +267,32 @@ mod tests {
                 Up::Disconnect { conn: 1 },
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn frames_reach_their_connection_and_a_broadcast_reaches_all() {
+        use hongbao_proto::{Push, PushBody, ServerFrame};
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("link.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (engine, mut client) = connect(&path, "key").await.unwrap();
+        let (a, mut ra) = Outbox::new(4);
+        let (b, mut rb) = Outbox::new(4);
+        let _ca = engine.connect(1, a).await.unwrap();
+        let _cb = engine.connect(2, b).await.unwrap();
+        let (mut core, _) = listener.accept().await.unwrap();
+        let push = ServerFrame::Push(Push { msg: 0, body: PushBody::Notice { topic: "t".into(), text: "x".into() } });
+        let reply = ServerFrame::Reply { id: 4, reply: Reply::Pong };
+        let mut buf = Vec::new();
+        wire::encode(&Down::Frame { conn: 2, frame: reply.clone() }, &mut buf).unwrap();
+        wire::encode(&Down::ToAll(push.clone()), &mut buf).unwrap();
+        wire::encode(&Down::Frame { conn: 99, frame: reply.clone() }, &mut buf).unwrap();
+        wire::encode(&Down::Shutdown, &mut buf).unwrap();
+        core.write_all(&buf).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), client.ended()).await.expect("shutdown ends the link");
+        assert_eq!(ra.try_recv(), Some(push.clone()));
+        assert_eq!(ra.try_recv(), None, "a frame for an unknown connection goes nowhere");
+        assert_eq!((rb.try_recv(), rb.try_recv()), (Some(reply), Some(push)));
     }
 }

@@ -42,6 +42,8 @@ pub enum Up {
 pub enum Down {
     /// A reply or push for connection `conn` (a `Close` ends it).
     Frame { conn: u64, frame: ServerFrame },
+    /// A push for every connection of the gateway (a broadcast).
+    ToAll(ServerFrame),
     /// The shards' shake gates, sent on link-up and on every change.
     Gate(GateView),
     /// The server is stopping: close every connection and exit.

@@ -28,6 +28,9 @@ pub trait FrameSink: Send + Sync + 'static {
     /// False if it cannot (the link is gone or full; the sink then closes
     /// the connection itself).
     fn forward(&self, conn: u64, frame: ServerFrame) -> bool;
+    /// Queues one `frame` for every connection of that gateway: a broadcast
+    /// crosses the link once, not once per connection. False if it cannot.
+    fn forward_to_all(&self, frame: ServerFrame) -> bool;
 }
 
 /// The sending half of one connection's bounded outbox. Shards (replies) and
@@ -155,6 +158,14 @@ impl Outbox {
         match &self.kind {
             Kind::Local(shared) => shared.lock().closed,
             Kind::Forward(fwd) => fwd.closed.load(Ordering::Acquire),
+        }
+    }
+
+    /// The link a forwarding outbox sends to; `None` for a local one.
+    pub(crate) fn sink(&self) -> Option<&Arc<dyn FrameSink>> {
+        match &self.kind {
+            Kind::Local(_) => None,
+            Kind::Forward(fwd) => Some(&fwd.sink),
         }
     }
 
@@ -312,6 +323,9 @@ mod tests {
         fn forward(&self, conn: u64, frame: ServerFrame) -> bool {
             self.0.lock().unwrap().push((conn, frame));
             true
+        }
+        fn forward_to_all(&self, frame: ServerFrame) -> bool {
+            self.forward(0, frame)
         }
     }
 

@@ -16,7 +16,7 @@ use hongbao_proto::{ErrorCode, Push, PushBody, ServerFrame};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::TaskInfo;
-use crate::outbox::Outbox;
+use crate::outbox::{FrameSink, Outbox};
 
 const STRIPES: usize = 64;
 /// Broadcast tasks remembered (finished ones are forgotten oldest first).
@@ -213,6 +213,10 @@ impl PushHub {
         tokio::spawn(async move {
             let push = Push { msg: 0, body };
             let mut delivered = 0u64;
+            // Gateways in other processes get the push once each, and
+            // deliver it to their connections themselves; their connections
+            // here only count.
+            let mut links: Vec<(Arc<dyn FrameSink>, bool)> = Vec::new();
             'stripes: for stripe in hub.stripes.iter() {
                 let targets: Vec<Outbox> = stripe
                     .lock()
@@ -226,7 +230,19 @@ impl PushHub {
                         break 'stripes;
                     }
                     for o in chunk {
-                        if o.send(ServerFrame::Push(push.clone())) {
+                        if let Some(sink) = o.sink() {
+                            let queued = match links.iter().find(|(l, _)| Arc::ptr_eq(l, sink)) {
+                                Some((_, queued)) => *queued,
+                                None => {
+                                    let queued = sink.forward_to_all(ServerFrame::Push(push.clone()));
+                                    links.push((sink.clone(), queued));
+                                    queued
+                                }
+                            };
+                            if queued && !o.is_closed() {
+                                delivered += 1;
+                            }
+                        } else if o.send(ServerFrame::Push(push.clone())) {
                             delivered += 1;
                         }
                     }
