@@ -54,7 +54,7 @@ shake_max() {
     if [ -n "$quick" ]; then
         users=3000; steps="10000:4,20000:4"
     else
-        users=19000; steps="20000:10,40000:10,50000:10,60000:10,70000:10,80000:10,100000:10"
+        users=19000; steps="20000:10,40000:10,50000:10,60000:10,70000:10,80000:10,90000:10,100000:10"
     fi
     echo "ran: hongbao bench (local server in-process, simulator workers on the same machine), $users users, shake steps $steps (rate:seconds), no group phase; report in $out"
     # Steps past what the machine holds fail their "held" check, so the
