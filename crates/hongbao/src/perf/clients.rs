@@ -224,17 +224,55 @@ impl Holding {
 }
 
 /// Reads frames until the connection ends, recording when the notice came.
+/// Reads whatever has arrived into a buffer (one `recv` per notice, not one
+/// for the header and one for the body), so the client's own cost, which
+/// shares the cores with the server, stays small.
 async fn read_notices(i: usize, mut s: TcpStream, receipts: Arc<Receipts>) {
-    while let Ok(frame) = read_frame(&mut s).await {
-        if let ServerFrame::Push(Push { body: PushBody::Notice { topic, .. }, .. }) = frame {
-            if topic == TOPIC && receipts.unix_ns[i].load(Ordering::Relaxed) == 0 {
-                receipts.unix_ns[i].store(unix_ns().max(1), Ordering::Release);
-                if receipts.received.fetch_add(1, Ordering::AcqRel) + 1 == receipts.unix_ns.len() {
-                    receipts.all.notify_one();
+    let mut buf = Vec::new();
+    loop {
+        while let Some(frame) = take_frame(&mut buf) {
+            let Ok(frame) = frame else { return };
+            if let ServerFrame::Push(Push { body: PushBody::Notice { topic, .. }, .. }) = frame {
+                if topic == TOPIC && receipts.unix_ns[i].load(Ordering::Relaxed) == 0 {
+                    receipts.unix_ns[i].store(unix_ns().max(1), Ordering::Release);
+                    if receipts.received.fetch_add(1, Ordering::AcqRel) + 1 == receipts.unix_ns.len() {
+                        receipts.all.notify_one();
+                    }
                 }
             }
         }
+        if buf.is_empty() {
+            // Nothing held between frames: 18,000 idle readers per process.
+            buf = Vec::new();
+        }
+        buf.reserve(NOTICE_READ_BYTES);
+        match s.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
+}
+
+/// Room for a notice frame and then some, per read.
+const NOTICE_READ_BYTES: usize = 256;
+
+/// The first whole frame in `buf`, removed from it; `None` until one is there.
+fn take_frame(buf: &mut Vec<u8>) -> Option<anyhow::Result<ServerFrame>> {
+    if buf.len() < FRAME_HEADER_BYTES {
+        return None;
+    }
+    let len = match binary::body_len(&buf[..FRAME_HEADER_BYTES]) {
+        Ok(Some(len)) => len,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(e.into())),
+    };
+    let end = FRAME_HEADER_BYTES + len;
+    if buf.len() < end {
+        return None;
+    }
+    let frame = binary::decode_server(&buf[FRAME_HEADER_BYTES..end]).map_err(anyhow::Error::from);
+    buf.drain(..end);
+    Some(frame)
 }
 
 pub fn unix_ns() -> u64 {
