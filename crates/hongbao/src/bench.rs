@@ -140,6 +140,9 @@ pub struct WorkerArgs {
     heartbeat_s: u64,
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Loopback address to connect from (one per worker).
+    #[arg(long)]
+    source: Option<std::net::Ipv4Addr>,
     #[arg(long, env = "HONGBAO_SECRET", hide_env_values = true)]
     secret: Option<String>,
 }
@@ -164,6 +167,7 @@ pub fn sim_worker(args: WorkerArgs) -> anyhow::Result<()> {
         connect_per_s: args.connect_per_s,
         heartbeat: Duration::from_secs(args.heartbeat_s.max(1)),
         threads: args.threads,
+        source: args.source,
     };
     let stdin = std::io::BufReader::new(std::io::stdin());
     worker::run(config, token, stdin, std::io::stdout().lock()).context("simulator worker failed")

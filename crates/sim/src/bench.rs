@@ -643,6 +643,7 @@ fn spawn_workers(
             .args(["--connect-per-s", &(plan.connect_per_s / n).max(1).to_string()])
             .args(["--heartbeat-s", &plan.heartbeat_s.to_string()])
             .args(["--threads", &plan.worker_threads.to_string()])
+            .args(worker_source(server.tcp, w).map(|ip| format!("--source={ip}")))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -655,6 +656,16 @@ fn spawn_workers(
         workers.push(Worker { child, stdin });
     }
     Ok(workers)
+}
+
+/// The address worker `w` connects from when the server is on this
+/// machine's loopback: 127.0.1.1, 127.0.1.2, … (all of 127.0.0.0/8 is
+/// loopback on Linux), so every worker has its own ~22,000 source ports.
+fn worker_source(server: SocketAddr, w: u64) -> Option<std::net::Ipv4Addr> {
+    match server {
+        SocketAddr::V4(v4) if v4.ip().is_loopback() && w < 254 => Some(std::net::Ipv4Addr::new(127, 0, 1, 1 + w as u8)),
+        _ => None,
+    }
 }
 
 fn read_worker(w: usize, stdout: std::process::ChildStdout, collected: Arc<Mutex<Collected>>, tx: mpsc::Sender<u64>) {

@@ -6,7 +6,7 @@
 //! large frame, and a short list of requests in flight (no channels, no
 //! per-user timers beyond the one the task sleeps on).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,7 +15,7 @@ use hongbao_proto::{
     binary, ClientFrame, GrabState, PushBody, Reply, Request, ServerFrame, ShakeResult, FRAME_HEADER_BYTES,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -39,6 +39,33 @@ pub struct Shared {
     /// Token for a user id (a bare id against a `--dev` server).
     pub token: Box<dyn Fn(u64) -> String + Send + Sync>,
     pub stats: Arc<Stats>,
+    /// Address to connect from (`WorkerConfig::source`); user `index`
+    /// connects from port `SOURCE_PORT_BASE + index - first_index`.
+    pub source: Option<Ipv4Addr>,
+    /// The first user index of this process.
+    pub first_index: u64,
+}
+
+/// Source ports of users with a source address: below the ephemeral range
+/// (32768–60999), so they never collide with a port the system hands out.
+const SOURCE_PORTS: std::ops::Range<u64> = 10_000..32_768;
+
+/// A connection to the server; from the worker's own address and the user's
+/// own port when there is one. Closing it resets the connection (`SO_LINGER`
+/// 0), so the port is free again at once for a reconnect or the next run.
+async fn open_socket(shared: &Shared, index: u64) -> std::io::Result<TcpStream> {
+    let port = SOURCE_PORTS.start + index.saturating_sub(shared.first_index);
+    let (Some(ip), true) = (shared.source, SOURCE_PORTS.contains(&port)) else {
+        return TcpStream::connect(shared.server).await;
+    };
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    if socket.bind((ip, port as u16).into()).is_err() {
+        // Held by another program: let the system choose instead.
+        return TcpStream::connect(shared.server).await;
+    }
+    socket.set_zero_linger()?;
+    socket.connect(shared.server).await
 }
 
 #[derive(Clone, Copy)]
@@ -121,7 +148,7 @@ impl Conn {
 }
 
 async fn connect(shared: &Shared, index: u64) -> Option<Conn> {
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(shared.server)).await.ok()?.ok()?;
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, open_socket(shared, index)).await.ok()?.ok()?;
     stream.set_nodelay(true).ok()?;
     let mut conn = Conn { stream, buf: Vec::new(), next_id: 1, pending: Vec::new(), last_sent: Instant::now() };
     conn.send(Request::Hello { token: (shared.token)(index + 1) }, Pending::Other).await.ok()?;

@@ -39,6 +39,11 @@ pub struct WorkerConfig {
     pub heartbeat: Duration,
     /// Runtime threads (the bench shares the machine with the server).
     pub threads: usize,
+    /// Loopback address this worker's users connect from (one per worker),
+    /// each user from a port of its own: from 127.0.0.1 alone, the ephemeral
+    /// port range (~28,000 here) would cap a bench's users to one server
+    /// port. `None`: the system chooses.
+    pub source: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -114,6 +119,8 @@ pub fn run(
         heartbeat: config.heartbeat,
         token,
         stats: stats.clone(),
+        source: config.source,
+        first_index: config.first_index,
     });
     runtime.block_on(async move {
         let mut users = tokio::task::JoinSet::new();
@@ -186,6 +193,8 @@ mod tests {
             connect_per_s: 1000,
             heartbeat: Duration::from_secs(30),
             threads: 1,
+            // Its own source address: the path every local bench takes.
+            source: Some("127.0.1.200".parse().unwrap()),
         };
         let (rx, mut tx) = std::io::pipe().unwrap();
         let stopper = std::thread::spawn(move || {
