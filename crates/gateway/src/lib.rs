@@ -4,8 +4,10 @@
 //! text or binary frames), framing and decoding, the `hello` handshake and
 //! token verification (`auth`), heartbeats and idle timeouts, and the bounds
 //! on each connection (frame size, requests in flight, queued replies). It
-//! hands every authenticated request to the engine (`Engine::submit`) and
-//! writes back whatever the engine queues in the connection's outbox.
+//! hands every authenticated request to its `Backend` — the `Engine` in the
+//! same process, or `hongbao-link`'s remote engine in an extra gateway
+//! process (`serve --gateways N`, listeners in one SO_REUSEPORT group) — and
+//! writes back whatever comes into the connection's outbox.
 //!
 //! Must not: hold money logic, packet state or SQL. The gateway never decides
 //! an outcome; it only answers `ping`, refuses bad input and sheds load

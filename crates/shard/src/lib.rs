@@ -11,8 +11,10 @@
 //! money leaves this crate before the writer says its record is committed.
 //!
 //! The boundary with the gateway is a message interface (`Engine::submit` with
-//! a `Responder`), so the same engine can sit behind an in-process channel
-//! (today) or a network hop (later).
+//! a `Responder`), so the same engine serves the gateway in its process and,
+//! through `hongbao-link`, gateways in other processes: their connections
+//! have forwarding outboxes (`Outbox::forwarding`), and `GateView` lets them
+//! answer empty shakes themselves.
 
 mod engine;
 mod outbox;
