@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hongbao_proto::{ErrorCode, PushBody, Reply, Request, SplitKind, Target};
+use hongbao_proto::{PushBody, Reply, Request};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -63,18 +63,7 @@ async fn three_gateways_share_the_ports_and_one_packet_is_raced_across_them() {
     let stats = server.get("/v1/stats").await.ok().unwrap();
     assert_eq!(stats["connections"], CLIENTS + 1, "the engine sees every gateway's connections");
 
-    let reply = sender
-        .request(Request::Send {
-            amount_fen: 20_000,
-            count: K,
-            kind: SplitKind::Lucky,
-            to: Target::Group(5),
-            greeting: "across gateways".into(),
-            key: "gw-race-1".into(),
-        })
-        .await
-        .unwrap();
-    let Reply::Sent { packet, .. } = reply else { panic!("{reply:?}") };
+    let packet = send_to_group(&sender, 20_000, K, 5, "gw-race-1").await;
 
     // The group push reached every member, on whichever gateway.
     for (user, client) in &mut clients {
@@ -82,33 +71,7 @@ async fn three_gateways_share_the_ports_and_one_packet_is_raced_across_them() {
         assert!(matches!(push.body, PushBody::PacketReceived { packet: p, .. } if p == packet), "{push:?}");
     }
 
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients.len()));
-    let mut tasks = Vec::new();
-    for (user, client) in clients {
-        let barrier = barrier.clone();
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            let reply = client.request(Request::Open { packet }).await.unwrap();
-            (user, reply, client)
-        }));
-    }
-    let mut opened = Vec::new();
-    let mut clients = Vec::new();
-    for t in tasks {
-        let (user, reply, client) = t.await.unwrap();
-        match reply {
-            Reply::Opened { amount_fen, repeat: false, .. } => opened.push((user, amount_fen)),
-            Reply::Error { code: ErrorCode::Finished, .. } => {}
-            other => panic!("user {user} got {other:?}"),
-        }
-        clients.push((user, client));
-    }
-    assert_eq!(opened.len(), K as usize);
-    assert_eq!(opened.iter().map(|o| o.1).sum::<i64>(), 20_000);
-    let mut users: Vec<u64> = opened.iter().map(|o| o.0).collect();
-    users.sort_unstable();
-    users.dedup();
-    assert_eq!(users.len(), K as usize, "no user opened twice");
+    let mut clients = race_open(clients, packet, K, 20_000).await;
     let detail = sender.request(Request::Detail { packet }).await.unwrap();
     let Reply::Detail(d) = detail else { panic!("{detail:?}") };
     assert_eq!((d.claims.len(), d.remaining_fen), (K as usize, 0));

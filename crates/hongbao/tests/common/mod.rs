@@ -153,3 +153,60 @@ pub fn audit(data: &Path) -> (bool, Value) {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.success(), report)
 }
+
+/// Sends a lucky packet of `amount_fen` in `count` shares to `group` and
+/// returns its id.
+pub async fn send_to_group(sender: &Client, amount_fen: i64, count: u32, group: u64, key: &str) -> u64 {
+    use hongbao_proto::{Request, SplitKind, Target};
+    let reply = sender
+        .request(Request::Send {
+            amount_fen,
+            count,
+            kind: SplitKind::Lucky,
+            to: Target::Group(group),
+            greeting: key.into(),
+            key: key.into(),
+        })
+        .await
+        .unwrap();
+    let Reply::Sent { packet, .. } = reply else { panic!("{reply:?}") };
+    packet
+}
+
+/// Every client opens `packet` at the same moment (a barrier). Asserts that
+/// exactly `count` of them got a share, the shares sum to `amount_fen`, no
+/// user got two, and everyone else was told `finished`. Gives the clients
+/// back.
+pub async fn race_open(clients: Vec<(u64, Client)>, packet: u64, count: u32, amount_fen: i64) -> Vec<(u64, Client)> {
+    use hongbao_proto::{ErrorCode, Request};
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|(user, client)| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let reply = client.request(Request::Open { packet }).await.unwrap();
+                (user, reply, client)
+            })
+        })
+        .collect();
+    let mut opened = Vec::new();
+    let mut clients = Vec::new();
+    for task in tasks {
+        let (user, reply, client) = task.await.unwrap();
+        match reply {
+            Reply::Opened { amount_fen, repeat: false, .. } => opened.push((user, amount_fen)),
+            Reply::Error { code: ErrorCode::Finished, .. } => {}
+            other => panic!("user {user} got {other:?}"),
+        }
+        clients.push((user, client));
+    }
+    assert_eq!(opened.len(), count as usize, "exactly count shares");
+    assert_eq!(opened.iter().map(|o| o.1).sum::<i64>(), amount_fen, "the shares sum to the packet");
+    let mut users: Vec<u64> = opened.iter().map(|o| o.0).collect();
+    users.sort_unstable();
+    users.dedup();
+    assert_eq!(users.len(), count as usize, "no user opened twice");
+    clients
+}
