@@ -275,11 +275,12 @@ async fn run_link(
             }
             Up::Connect { conn, user } => {
                 let outbox = Outbox::forwarding(conn, sink_dyn.clone());
-                let fresh = conns
-                    .lock()
-                    .insert(conn, RemoteConn { user, outbox: outbox.clone(), registration: None })
-                    .is_none();
-                if !fresh {
+                let replaced =
+                    conns.lock().insert(conn, RemoteConn { user, outbox: outbox.clone(), registration: None });
+                if let Some(old) = replaced {
+                    // Dropped outside the lock (unregistering takes a hub lock).
+                    old.outbox.close_forwarding();
+                    drop(old);
                     break Err(LinkError::Protocol(format!("connection id {conn} used twice")));
                 }
                 let (engine, conns) = (engine.clone(), conns.clone());

@@ -126,10 +126,12 @@ impl<T> SendQueue<T> {
     }
 
     fn push_inner(&self, item: T, always: bool) -> Result<(), Refused> {
+        let mut items = self.lock();
+        // Checked under the lock: the writer's last `take` (which also
+        // holds it) then either gets this item or has already seen `closed`.
         if self.closed.load(Ordering::Acquire) {
             return Err(Refused::Closed);
         }
-        let mut items = self.lock();
         if !always && items.len() >= self.capacity {
             return Err(Refused::Full);
         }
@@ -153,11 +155,14 @@ impl<T> SendQueue<T> {
     /// `None` once closed and drained.
     async fn take(&self) -> Option<Vec<T>> {
         loop {
-            let items = std::mem::take(&mut *self.lock());
+            let (items, closed) = {
+                let mut queued = self.lock();
+                (std::mem::take(&mut *queued), self.closed.load(Ordering::Acquire))
+            };
             if !items.is_empty() {
                 return Some(items);
             }
-            if self.closed.load(Ordering::Acquire) {
+            if closed {
                 return None;
             }
             self.ready.notified().await;
@@ -183,7 +188,11 @@ pub(crate) async fn write_loop<T: Serialize, W: AsyncWrite + Unpin>(
         }
         metrics::histogram!("hongbao_link_batch_messages").record(batch.len() as f64);
         drop(batch);
-        writer.write_all(&buf).await.map_err(LinkError::Io)?;
+        if let Err(e) = writer.write_all(&buf).await {
+            // Nothing queued from now on could be sent: refuse it.
+            queue.close();
+            return Err(LinkError::Io(e));
+        }
         if buf.capacity() > BUF_KEPT_BYTES {
             // A broadcast's burst should not stay allocated.
             buf = Vec::with_capacity(64 * 1024);

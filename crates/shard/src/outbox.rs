@@ -125,7 +125,16 @@ impl Outbox {
         let shared = match &self.kind {
             Kind::Local(shared) => shared,
             Kind::Forward(fwd) => {
-                return !fwd.closed.load(Ordering::Acquire) && fwd.sink.forward(fwd.conn, frame);
+                if fwd.closed.load(Ordering::Acquire) {
+                    return false;
+                }
+                let forwarded = fwd.sink.forward(fwd.conn, frame);
+                if !forwarded {
+                    // Like a local overflow: the sink has told the connection
+                    // to close; nothing more goes its way.
+                    fwd.closed.store(true, Ordering::Release);
+                }
+                return forwarded;
             }
         };
         let mut state = shared.lock();
@@ -327,6 +336,25 @@ mod tests {
         fn forward_to_all(&self, frame: ServerFrame) -> bool {
             self.forward(0, frame)
         }
+    }
+
+    struct Refuse(Mutex<u32>);
+    impl FrameSink for Refuse {
+        fn forward(&self, _conn: u64, _frame: ServerFrame) -> bool {
+            *self.0.lock().unwrap() += 1;
+            false
+        }
+        fn forward_to_all(&self, _frame: ServerFrame) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_refused_forward_closes_the_outbox_so_the_sink_is_asked_once() {
+        let sink = Arc::new(Refuse(Mutex::new(0)));
+        let o = Outbox::forwarding(3, sink.clone());
+        assert!(!o.send(push(1)) && !o.send(push(2)) && o.is_closed());
+        assert_eq!(*sink.0.lock().unwrap(), 1, "one close per connection, not one per frame");
     }
 
     #[test]
