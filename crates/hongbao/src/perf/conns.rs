@@ -340,6 +340,9 @@ pub fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     if delivered < expected {
         bail!("{} readers did not get the broadcast within {:?}", expected - delivered, DELIVERY_TIMEOUT);
     }
+    if task["state"] != "done" {
+        bail!("the broadcast task ended {} instead of done", task["state"]);
+    }
     super::figure("broadcast_ms", max, "ms", None);
     Ok(())
 }
