@@ -6,8 +6,8 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hongbao_boundary::EngineError;
 use hongbao_proto::ErrorCode;
-use hongbao_shard::EngineError;
 use serde_json::json;
 
 /// A failed API call: the HTTP status, the stable error code and a message

@@ -28,7 +28,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
-use hongbao_gateway::TokenSigner;
+use hongbao_boundary::TokenSigner;
 use hongbao_shard::Engine;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use hongbao_gateway::TokenSigner;
+use hongbao_boundary::TokenSigner;
 use hongbao_shard::{Engine, EngineConfig};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

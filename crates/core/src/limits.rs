@@ -17,8 +17,9 @@ pub const WRITER_QUEUE_MAX: usize = 32 * 1024;
 pub const COMMIT_BATCH_RECORDS_MAX: usize = 4096;
 /// Packet ids a shard reserves durably at a time.
 pub const ID_BLOCK_SIZE: u64 = 10_000;
-/// Released-but-unclaimed shake packets one shard holds per campaign; releases
-/// beyond this wait (the release clock does not advance past a full pool).
+/// Released-but-unclaimed shake packets one shard holds per campaign. While a
+/// pool is full (nobody is shaking) the releases due meanwhile are skipped,
+/// not queued: their money stays in the campaign's escrow until it closes.
 pub const SHAKE_POOL_MAX: usize = 100_000;
 /// Members of one group (WeChat's group limit).
 pub const GROUP_MEMBERS_MAX: usize = 500;

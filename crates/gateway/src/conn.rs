@@ -24,16 +24,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hongbao_boundary::{Backend, Outbox, OutboxReceiver, Responder};
 use hongbao_core::limits::{CONNECTION_INFLIGHT_MAX, CONNECTION_OUTBOX_FRAMES_MAX};
-use hongbao_proto::{binary, ClientFrame, ErrorCode, Reply, Request, ServerFrame, ShakeResult, PROTOCOL_VERSION};
-use hongbao_shard::{Outbox, OutboxReceiver, Responder};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use hongbao_proto::{ClientFrame, ErrorCode, Reply, Request, ServerFrame, ShakeResult, PROTOCOL_VERSION};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 
-use crate::codec::{FrameError, FrameReader, ReadOutcome};
+use crate::io::{FrameIo, Incoming, TcpIo, Transport};
 use crate::limits::{WRITE_BATCH_FRAMES_MAX, WRITE_TIMEOUT_S};
-use crate::server::{Admission, Backend, Shared, Transport};
+use crate::shared::{Admission, HotCounters, Shared};
 use crate::ws::{self, WsIo};
 
 /// Runs one accepted raw TCP connection to its end.
@@ -245,35 +244,6 @@ fn count_request(hot: &HotCounters, op: &'static str, reply: &Reply) {
     }
 }
 
-/// `hongbao_requests_total` handles of the requests a busy server answers
-/// most (shakes that find nothing, heartbeats), made once per gateway: the
-/// `counter!` macro looks its labels up in the registry on every call.
-pub(crate) struct HotCounters {
-    shake_none: metrics::Counter,
-    shake_not_running: metrics::Counter,
-    ping: metrics::Counter,
-}
-
-impl HotCounters {
-    pub(crate) fn new() -> HotCounters {
-        let requests = |op: &'static str, result: &'static str| metrics::counter!("hongbao_requests_total", "op" => op, "result" => result);
-        HotCounters {
-            shake_none: requests("shake", "none"),
-            shake_not_running: requests("shake", "not_running"),
-            ping: requests("ping", "ok"),
-        }
-    }
-
-    fn get(&self, op: &'static str, reply: &Reply) -> Option<&metrics::Counter> {
-        match (op, reply) {
-            ("shake", Reply::Shake(ShakeResult::None)) => Some(&self.shake_none),
-            ("shake", Reply::Shake(ShakeResult::NotRunning)) => Some(&self.shake_not_running),
-            ("ping", Reply::Pong) => Some(&self.ping),
-            _ => None,
-        }
-    }
-}
-
 /// What woke a connection.
 enum Event {
     Shutdown(Result<(), tokio::sync::watch::error::RecvError>),
@@ -472,96 +442,15 @@ impl<B: Backend> Session<B> {
     }
 }
 
-/// What a transport read gave.
-#[derive(Debug)]
-pub(crate) enum Incoming {
-    /// Boxed: this travels through the connection's wait state, which every
-    /// idle connection holds; a decoded frame is several times a pointer.
-    Frame(Box<ClientFrame>),
-    /// A WebSocket ping or pong: activity, and a pong may need flushing.
-    Heartbeat,
-    /// The peer closed (EOF, close frame, or a socket error).
-    Closed,
-    /// The peer closed in the middle of a frame.
-    Truncated,
-    /// A frame we refuse; fatal.
-    Bad(FrameError),
-}
-
-/// Frame-level reading and writing for one transport.
-pub(crate) trait FrameIo {
-    /// The next frame. All progress lives in `self`: the connection polls
-    /// this beside its other event sources, holding no read future.
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Incoming>;
-    /// Writes and flushes `frames` (an empty slice just flushes).
-    async fn send(&mut self, frames: &[ServerFrame]) -> std::io::Result<()>;
-    /// Closes the connection politely (FIN, or a WebSocket close frame).
-    async fn close(&mut self, code: ErrorCode);
-}
-
-/// Raw TCP: `[u32 BE length][postcard]` both ways.
-pub(crate) struct TcpIo<S> {
-    stream: S,
-    reader: FrameReader,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> TcpIo<S> {
-    pub fn new(stream: S) -> TcpIo<S> {
-        TcpIo { stream, reader: FrameReader::new() }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for TcpIo<S> {
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Incoming> {
-        self.reader.poll_read_frame(cx, &mut self.stream).map(|read| match read {
-            Ok(ReadOutcome::Frame(frame)) => Incoming::Frame(Box::new(frame)),
-            Ok(ReadOutcome::Eof) => Incoming::Closed,
-            Ok(ReadOutcome::Truncated) => Incoming::Truncated,
-            Ok(ReadOutcome::Bad(e)) => Incoming::Bad(e),
-            Err(_) => Incoming::Closed,
-        })
-    }
-
-    async fn send(&mut self, frames: &[ServerFrame]) -> std::io::Result<()> {
-        // The encoded batch lives only for this write (one `write_all`), so
-        // an idle connection holds no write buffer.
-        let bytes = match frames {
-            [frame] => binary::encode_server(frame),
-            frames => {
-                let mut bytes = Vec::new();
-                for frame in frames {
-                    bytes.extend_from_slice(&binary::encode_server(frame));
-                }
-                bytes
-            }
-        };
-        self.stream.write_all(&bytes).await?;
-        self.stream.flush().await
-    }
-
-    async fn close(&mut self, _code: ErrorCode) {
-        let _ = self.stream.shutdown().await;
-    }
-}
-
-/// Upgrades a connection refused over capacity just to tell it why.
-pub(crate) async fn ws_reject(mut stream: TcpStream, close: ServerFrame) {
-    if ws::handshake(&mut stream).await.is_ok() {
-        let mut io = WsIo::new(stream);
-        let _ = io.send(&[close]).await;
-        io.close(ErrorCode::Overload).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
     use std::sync::Mutex;
 
+    use hongbao_boundary::EngineError;
     use hongbao_core::limits::FRAME_BYTES_MAX;
-    use hongbao_proto::FRAME_HEADER_BYTES;
-    use hongbao_shard::EngineError;
-    use tokio::io::{AsyncReadExt, DuplexStream};
+    use hongbao_proto::{binary, FRAME_HEADER_BYTES};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::sync::watch;
 
     use super::*;

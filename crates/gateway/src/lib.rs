@@ -1,33 +1,41 @@
 //! The gateway: where client connections end.
 //!
 //! Owns: the client sockets (raw TCP with binary frames, WebSocket with JSON
-//! text or binary frames), framing and decoding, the `hello` handshake and
-//! token verification (`auth`), heartbeats and idle timeouts, and the bounds
-//! on each connection (frame size, requests in flight, queued replies). It
-//! hands every authenticated request to its `Backend` — the `Engine` in the
-//! same process, or `hongbao-link`'s remote engine in an extra gateway
-//! process (`serve --gateways N`, listeners in one SO_REUSEPORT group) — and
-//! writes back whatever comes into the connection's outbox.
+//! text or binary frames), framing and decoding, the `hello` handshake
+//! (tokens verified with `hongbao_boundary::TokenSigner`), heartbeats and
+//! idle timeouts, and the bounds on each connection (frame size, requests in
+//! flight, queued replies). It hands every authenticated request to its
+//! `Backend` (`hongbao-boundary`) — the engine in the same process, or
+//! `hongbao-link`'s remote engine in an extra gateway process (`serve
+//! --gateways N`, listeners in one SO_REUSEPORT group) — and writes back
+//! whatever comes into the connection's outbox.
 //!
-//! Must not: hold money logic, packet state or SQL. The gateway never decides
-//! an outcome; it only answers `ping`, refuses bad input and sheds load
-//! (`overload`) before the engine sees it. Only this crate knows WebSocket
-//! and JSON.
+//! Must not: hold money logic, packet state or SQL, or link them: it
+//! depends on the boundary crate, never on the engine or the store. The
+//! gateway never decides an outcome; it only answers `ping`, refuses bad
+//! input and sheds load (`overload`) before the engine sees it. Only this
+//! crate knows WebSocket and JSON.
+//!
+//! Layout, read in one direction: `server` (listeners, admission) starts
+//! `conn` (one connection's loop), which reads and writes through `io`
+//! (raw TCP) and `ws` (WebSocket); those sit on `codec` (frames); `shared`
+//! is what every connection task holds.
 //!
 //! Architecture invariant: peer input never panics the server. Every refusal
 //! is a typed error that becomes a `Close { code, message }` frame (fatal) or
 //! a `Reply::Error` (not fatal).
 
-pub mod auth;
 mod codec;
 mod conn;
+mod io;
 mod server;
+mod shared;
 mod ws;
 
 use std::net::SocketAddr;
 
-pub use auth::{AuthError, TokenSigner};
-pub use server::{start, start_with, Backend, Gateway};
+pub use hongbao_boundary::{Backend, TokenSigner};
+pub use server::{start, Gateway};
 
 /// Gateway-only limits. Shared ones (frame size, outbox, in-flight) live in
 /// `hongbao_core::limits`.

@@ -7,106 +7,20 @@
 //! life: when the last reference to that state is gone, every connection has finished, which is
 //! how `Gateway::wait` knows shutdown is complete (as in mini-redis).
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hongbao_proto::{binary, ErrorCode, Reply, Request, ServerFrame};
-use hongbao_shard::{Engine, EngineError, Outbox, Responder};
-use metrics::Gauge;
+use hongbao_boundary::Backend;
+use hongbao_proto::{binary, ErrorCode, ServerFrame};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::limits::{ACCEPT_ERROR_BACKOFF_MS, LISTEN_BACKLOG, REJECTS_INFLIGHT_MAX, REJECT_TIMEOUT_S};
-use crate::{conn, GatewayConfig, GatewayError};
-
-/// What the gateway needs from the engine: the seam between a gateway and
-/// the shards. `Engine` serves it in the same process; `hongbao-link`'s
-/// remote engine serves it from a gateway process over the internal link;
-/// tests use a fake so the connection logic can be tested without shards or
-/// storage.
-pub trait Backend: Clone + Send + Sync + 'static {
-    /// Keeps the connection registered for pushes while alive, and names it
-    /// to `submit`.
-    type Guard: Send + 'static;
-    /// A reply the engine can give at once, on this thread (a shake with
-    /// nothing to win); `None`: `submit` the request.
-    fn answer_inline(&self, _user: u64, _req: &Request) -> Option<Reply> {
-        None
-    }
-    /// Hands over a request of the connection `connection` (what `connect`
-    /// returned). Never waits; the answer goes to `responder`.
-    fn submit(&self, connection: &Self::Guard, user: u64, req: Request, responder: Responder);
-    /// Registers a connection of `user` whose frames go to `outbox`.
-    fn connect(&self, user: u64, outbox: Outbox) -> impl Future<Output = Result<Self::Guard, EngineError>> + Send;
-}
-
-impl Backend for Engine {
-    type Guard = hongbao_shard::Connection;
-    fn answer_inline(&self, user: u64, req: &Request) -> Option<Reply> {
-        Engine::answer_inline(self, user, req)
-    }
-    fn submit(&self, _connection: &Self::Guard, user: u64, req: Request, responder: Responder) {
-        Engine::submit(self, user, req, responder)
-    }
-    fn connect(&self, user: u64, outbox: Outbox) -> impl Future<Output = Result<Self::Guard, EngineError>> + Send {
-        Engine::connect(self, user, outbox)
-    }
-}
-
-/// Which listener a connection came from; also the `transport` metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Transport {
-    Tcp,
-    Ws,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Ws => "ws",
-        }
-    }
-}
-
-/// State every connection task shares.
-pub(crate) struct Shared<B> {
-    pub config: GatewayConfig,
-    pub engine: B,
-    /// Flips to `true` once, when the server is shutting down.
-    pub shutdown: watch::Receiver<bool>,
-    /// One permit per open connection.
-    connections: Arc<Semaphore>,
-    /// Bounds the work spent telling refused WebSocket clients why.
-    rejects: Arc<Semaphore>,
-    pub hot_counters: conn::HotCounters,
-    /// Never sent on: it is dropped with the last `Arc<Shared>`, held by the
-    /// accept loops and every connection task, which closes `done_rx`.
-    _done_tx: mpsc::Sender<()>,
-}
-
-impl<B> Shared<B> {
-    pub(crate) fn new(
-        config: GatewayConfig,
-        engine: B,
-        shutdown: watch::Receiver<bool>,
-    ) -> (Arc<Shared<B>>, mpsc::Receiver<()>) {
-        let (done_tx, done_rx) = mpsc::channel(1);
-        let shared = Shared {
-            connections: Arc::new(Semaphore::new(config.max_connections)),
-            rejects: Arc::new(Semaphore::new(REJECTS_INFLIGHT_MAX)),
-            hot_counters: conn::HotCounters::new(),
-            config,
-            engine,
-            shutdown,
-            _done_tx: done_tx,
-        };
-        (Arc::new(shared), done_rx)
-    }
-}
+use crate::io::Transport;
+use crate::limits::{ACCEPT_ERROR_BACKOFF_MS, LISTEN_BACKLOG, REJECT_TIMEOUT_S};
+use crate::shared::{Admission, Shared};
+use crate::{conn, ws, GatewayConfig, GatewayError};
 
 /// A running gateway.
 #[derive(Debug)]
@@ -141,19 +55,10 @@ impl Gateway {
     }
 }
 
-/// Binds both listeners and starts accepting. Connections close with
-/// `shutting_down` once `shutdown` becomes `true`.
-pub async fn start(
-    config: GatewayConfig,
-    engine: Engine,
-    shutdown: watch::Receiver<bool>,
-) -> Result<Gateway, GatewayError> {
-    start_with(config, engine, shutdown).await
-}
-
-/// `start` for any backend, e.g. a gateway process whose engine is in
-/// another process.
-pub async fn start_with<B: Backend>(
+/// Binds both listeners and starts accepting for `engine`: the engine in
+/// this process, or a link to it from a gateway process. Connections close
+/// with `shutting_down` once `shutdown` becomes `true`.
+pub async fn start<B: Backend>(
     config: GatewayConfig,
     engine: B,
     shutdown: watch::Receiver<bool>,
@@ -236,26 +141,6 @@ async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, sh
     tracing::info!(transport = transport.as_str(), "accept loop stopped");
 }
 
-/// What an admitted connection holds until it ends: its permit, and its
-/// place in the open-connections gauge.
-pub(crate) struct Admission {
-    _permit: OwnedSemaphorePermit,
-    open: Gauge,
-}
-
-impl Admission {
-    pub(crate) fn new(permit: OwnedSemaphorePermit, open: Gauge) -> Admission {
-        open.increment(1.0);
-        Admission { _permit: permit, open }
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.open.decrement(1.0);
-    }
-}
-
 /// Tells a connection over capacity `overload`, best effort and bounded.
 fn reject<B>(stream: TcpStream, transport: Transport, shared: &Shared<B>) {
     metrics::counter!("hongbao_connections_rejected_total", "transport" => transport.as_str()).increment(1);
@@ -272,7 +157,7 @@ fn reject<B>(stream: TcpStream, transport: Transport, shared: &Shared<B>) {
             let Ok(permit) = shared.rejects.clone().try_acquire_owned() else { return };
             tokio::spawn(async move {
                 let timeout = Duration::from_secs(REJECT_TIMEOUT_S);
-                let _ = tokio::time::timeout(timeout, conn::ws_reject(stream, close)).await;
+                let _ = tokio::time::timeout(timeout, ws::reject(stream, close)).await;
                 drop(permit);
             });
         }

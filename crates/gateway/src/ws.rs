@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::codec::{decode_json, poll_read_more, FrameError};
-use crate::conn::{FrameIo, Incoming};
+use crate::io::{FrameIo, Incoming};
 
 /// Longest frame header: 2 bytes, a 64-bit length, a 4-byte mask.
 const HEAD_BYTES_MAX: usize = 14;
@@ -354,6 +354,15 @@ fn parse_head(head: &[u8]) -> Result<Head, FrameError> {
     }
     let mask = [rest[0], rest[1], rest[2], rest[3]];
     Ok(Head { fin, opcode, mask, len: len as usize })
+}
+
+/// Upgrades a connection refused over capacity just to tell it why.
+pub(crate) async fn reject(mut stream: tokio::net::TcpStream, close: ServerFrame) {
+    if handshake(&mut stream).await.is_ok() {
+        let mut io = WsIo::new(stream);
+        let _ = io.send(&[close]).await;
+        io.close(ErrorCode::Overload).await;
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use hongbao_gateway::TokenSigner;
+use hongbao_boundary::TokenSigner;
 use hongbao_sim::bench::{self, Check, Plan, ServerTarget, ShakeStep, Summary, WorkerLauncher};
 use hongbao_sim::worker::{self, WorkerConfig};
 use metrics_exporter_prometheus::PrometheusBuilder;

@@ -19,7 +19,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use hongbao_gateway::{GatewayConfig, TokenSigner};
+use hongbao_boundary::TokenSigner;
+use hongbao_gateway::GatewayConfig;
 use hongbao_link::{LinkListener, LinkServer};
 use hongbao_shard::Engine;
 use tokio::process::{Child, Command};
@@ -185,7 +186,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             reuse_port: true,
         };
         let (stop_tx, stop_rx) = watch::channel(false);
-        let gateway = hongbao_gateway::start_with(config, engine.clone(), stop_rx).await?;
+        let gateway = hongbao_gateway::start(config, engine.clone(), stop_rx).await?;
         engine.listening();
         tokio::select! {
             _ = link.ended() => {}

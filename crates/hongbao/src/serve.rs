@@ -17,8 +17,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hongbao_admin::{AdminConfig, AdminError};
-use hongbao_gateway::{Gateway, GatewayConfig, GatewayError, TokenSigner};
-use hongbao_shard::{Engine, EngineConfig, EngineError};
+use hongbao_boundary::{EngineError, TokenSigner};
+use hongbao_gateway::{Gateway, GatewayConfig, GatewayError};
+use hongbao_shard::{Engine, EngineConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -90,7 +91,12 @@ pub async fn start(settings: Settings, prometheus: PrometheusHandle) -> Result<S
     let data = &settings.data;
     std::fs::create_dir_all(data).map_err(|source| ServeError::DataDir { path: data.clone(), source })?;
     let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.clone());
-    let engine_config = EngineConfig { shards: settings.shards, packet_rules: settings.packet_rules.clone() };
+    // The wall clock and a fresh seed (logged at start-up).
+    let engine_config = EngineConfig {
+        shards: settings.shards,
+        packet_rules: settings.packet_rules.clone(),
+        ..EngineConfig::default()
+    };
     let engine = Engine::open(engine_config, &data).await?;
     let (mut server, gateway_config, secret) = match start_front(&settings, &data, engine.clone(), prometheus).await {
         Ok(started) => started,

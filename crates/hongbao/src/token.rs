@@ -5,8 +5,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hongbao_admin::TOKEN_TTL_S_MAX;
-use hongbao_gateway::auth::USER_ID_MAX;
-use hongbao_gateway::TokenSigner;
+use hongbao_boundary::{TokenSigner, USER_ID_MAX};
 
 use crate::keys::{self, KeyError};
 

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hongbao_boundary::sync::lock;
+use hongbao_boundary::{FrameSink, LinkedEngine, Outbox, Responder};
 use hongbao_proto::{ErrorCode, ServerFrame, ShakeResult};
-use hongbao_shard::{Connection, Engine, FrameSink, Outbox, Responder};
 use tokio::io::BufReader;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
@@ -26,18 +27,18 @@ use crate::wire::{self, Down, Refused, SendQueue, Up};
 use crate::LinkError;
 
 /// A bound link socket, not yet accepting.
-pub struct LinkListener {
+pub struct LinkListener<E> {
     listener: UnixListener,
     path: PathBuf,
     key: Arc<str>,
-    engine: Engine,
+    engine: E,
 }
 
-impl LinkListener {
+impl<E: LinkedEngine> LinkListener<E> {
     /// Binds the link socket at `path`, readable and writable by this user
     /// only. A socket file left by an earlier run is replaced: the caller
     /// holds the data directory's lock, so no live server owns it.
-    pub fn bind(path: &Path, key: String, engine: Engine) -> Result<LinkListener, LinkError> {
+    pub fn bind(path: &Path, key: String, engine: E) -> Result<LinkListener<E>, LinkError> {
         let socket_err = |source| LinkError::Socket { path: path.to_owned(), source };
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -86,7 +87,11 @@ impl LinkServer {
     }
 }
 
-async fn accept_loop(listener: LinkListener, mut shutdown: watch::Receiver<bool>, listening: mpsc::Sender<u32>) {
+async fn accept_loop<E: LinkedEngine>(
+    listener: LinkListener<E>,
+    mut shutdown: watch::Receiver<bool>,
+    listening: mpsc::Sender<u32>,
+) {
     let mut links = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -143,26 +148,30 @@ impl FrameSink for DownSink {
     }
 }
 
-/// One remote connection as the core sees it.
-struct RemoteConn {
+/// One remote connection as the core sees it; `G` is the engine's guard
+/// that keeps it registered for pushes.
+struct RemoteConn<G> {
     user: u64,
     outbox: Outbox,
-    /// The push hub's registration, once `Engine::connect` is done.
-    registration: Option<Connection>,
+    /// The push hub's registration, once the engine's `connect` is done.
+    registration: Option<G>,
 }
 
 /// The remote connections of one link, by their id on the gateway.
-#[derive(Default)]
-struct Conns(Mutex<HashMap<u64, RemoteConn>>);
+struct Conns<G>(Mutex<HashMap<u64, RemoteConn<G>>>);
 
-impl Conns {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, RemoteConn>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+impl<G> Conns<G> {
+    fn new() -> Conns<G> {
+        Conns(Mutex::new(HashMap::new()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, RemoteConn<G>>> {
+        lock(&self.0)
     }
 
     /// Stores the registration of a connection still there; otherwise
     /// (it ended while registering) drops it, which unregisters it.
-    fn attach(&self, conn: u64, outbox: &Outbox, registration: Connection) {
+    fn attach(&self, conn: u64, outbox: &Outbox, registration: G) {
         let mut map = self.lock();
         match map.get_mut(&conn) {
             Some(c) if c.outbox.same(outbox) => c.registration = Some(registration),
@@ -185,7 +194,7 @@ impl Conns {
     }
 
     fn remove_all(&self) -> usize {
-        let all: Vec<RemoteConn> = self.lock().drain().map(|(_, c)| c).collect();
+        let all: Vec<RemoteConn<G>> = self.lock().drain().map(|(_, c)| c).collect();
         for c in &all {
             c.outbox.close_forwarding();
         }
@@ -195,7 +204,7 @@ impl Conns {
 
 /// Keeps the gateway's copy of the shake gates current: the view now, then
 /// a fresh one after every change (changes in between coalesce).
-async fn send_gates(engine: Engine, sink: Arc<DownSink>) {
+async fn send_gates<E: LinkedEngine>(engine: E, sink: Arc<DownSink>) {
     let mut changes = engine.gate_changes();
     loop {
         changes.borrow_and_update();
@@ -218,10 +227,10 @@ async fn send_gates(engine: Engine, sink: Arc<DownSink>) {
 /// Pause before a gate update refused by a full link queue is retried.
 const GATE_RETRY_MS: u64 = 10;
 
-async fn run_link(
+async fn run_link<E: LinkedEngine>(
     stream: UnixStream,
     key: Arc<str>,
-    engine: Engine,
+    engine: E,
     mut shutdown: watch::Receiver<bool>,
     listening: mpsc::Sender<u32>,
 ) {
@@ -252,7 +261,7 @@ async fn run_link(
         })
     };
     let gates = tokio::spawn(send_gates(engine.clone(), sink.clone()));
-    let conns = Arc::new(Conns::default());
+    let conns = Arc::new(Conns::<E::Registration>::new());
     let sink_dyn: Arc<dyn FrameSink> = sink.clone();
     let end = loop {
         let msg = match wire::read::<Up, _>(&mut reader, &mut body).await {
@@ -285,7 +294,7 @@ async fn run_link(
                 }
                 let (engine, conns) = (engine.clone(), conns.clone());
                 tokio::spawn(async move {
-                    match engine.connect(user, outbox.clone()).await {
+                    match engine.register(user, outbox.clone()).await {
                         Ok(registration) => conns.attach(conn, &outbox, registration),
                         Err(e) => {
                             let message = format!("cannot register connection: {e}");
@@ -324,7 +333,7 @@ async fn run_link(
 mod tests {
     use super::*;
     use hongbao_proto::{Push, PushBody, Reply, Request};
-    use hongbao_shard::{EngineConfig, PushTarget};
+    use hongbao_shard::{Engine, EngineConfig, PushTarget};
     use tokio::io::AsyncWriteExt;
 
     struct Peer {

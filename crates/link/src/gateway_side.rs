@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use hongbao_gateway::Backend;
+use hongbao_boundary::sync::{lock, read, write};
+use hongbao_boundary::{Backend, EngineError, GateView, Outbox, Responder};
 use hongbao_proto::{ErrorCode, Reply, Request, ShakeResult};
-use hongbao_shard::{EngineError, GateView, Outbox, Responder};
 use tokio::io::BufReader;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
@@ -47,7 +47,7 @@ struct Link {
 
 impl Link {
     fn conns(&self) -> MutexGuard<'_, HashMap<u64, Outbox>> {
-        self.conns.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.conns)
     }
 
     /// Reports the shakes answered here since the last report.
@@ -130,7 +130,7 @@ async fn read_loop(link: Arc<Link>, read: OwnedReadHalf, ended: watch::Sender<bo
                 }
             }
             Ok(Some(Down::Gate(view))) => {
-                *link.gate.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = view;
+                *write(&link.gate) = view;
             }
             Ok(Some(Down::Shutdown)) => {
                 tracing::info!("the core asked this gateway to stop");
@@ -209,7 +209,7 @@ impl Backend for RemoteEngine {
     type Guard = RemoteConnection;
 
     fn answer_inline(&self, user: u64, req: &Request) -> Option<Reply> {
-        let result = self.link.gate.read().unwrap_or_else(|poisoned| poisoned.into_inner()).answer(user, req)?;
+        let result = read(&self.link.gate).answer(user, req)?;
         let counter = if result == ShakeResult::None { &self.link.inline_none } else { &self.link.inline_not_running };
         counter.fetch_add(1, Ordering::Relaxed);
         Some(Reply::Shake(result))

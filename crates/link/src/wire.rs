@@ -10,8 +10,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use hongbao_boundary::GateView;
 use hongbao_proto::{Request, ServerFrame};
-use hongbao_shard::GateView;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -114,7 +114,7 @@ impl<T> SendQueue<T> {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<T>> {
-        self.items.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        hongbao_boundary::sync::lock(&self.items)
     }
 
     pub(crate) fn push(&self, item: T) -> Result<(), Refused> {

@@ -10,23 +10,36 @@
 //! do), or write SQL (only `hongbao-store` does). No reply that reports moved
 //! money leaves this crate before the writer says its record is committed.
 //!
-//! The boundary with the gateway is a message interface (`Engine::submit` with
-//! a `Responder`), so the same engine serves the gateway in its process and,
-//! through `hongbao-link`, gateways in other processes: their connections
-//! have forwarding outboxes (`Outbox::forwarding`), and `GateView` lets them
-//! answer empty shakes themselves.
+//! The boundary with the gateway is `hongbao-boundary`'s message interface
+//! (`Backend`: `submit` with a `Responder`), so the same engine serves the
+//! gateway in its process and, through `hongbao-link`, gateways in other
+//! processes: their connections have forwarding outboxes, and the shake
+//! gates they copy (`GatePublisher`) let them answer empty shakes themselves.
+//!
+//! Layout, read in one direction: `engine` (the control plane: recovery,
+//! routing, money, groups, campaigns, pushes, stats) drives `shard` (the data
+//! plane: one event loop per shard; `packets` and `pools` by concern), and
+//! both use the leaves `push`, `gate`, `types`, `checks` and `clock`. No
+//! module imports one that imports it.
+//!
+//! Time and randomness come in through `EngineConfig` (`clock`, `seed`), so
+//! the engine's tests run on tokio's paused clock with a printed seed.
 
+mod checks;
+mod clock;
 mod engine;
-mod outbox;
+mod gate;
 mod push;
 mod shard;
+mod types;
 
-pub use engine::{CampaignInfo, Engine, EngineConfig, EngineError, MoneyReceipt, Stats, TaskInfo};
-/// How the store groups operations into transactions; see `Engine::open_with_commit_mode`.
+pub use clock::Clock;
+pub use engine::Engine;
+/// How the store groups operations into transactions (the benchmark baseline).
+#[cfg(any(test, feature = "per-op-baseline"))]
 pub use hongbao_store::CommitMode;
-pub use outbox::{FrameSink, Outbox, OutboxReceiver, Responder};
 pub use push::{Connection, PushReceipt, PushTarget};
-pub use shard::{GateState, GateView};
+pub use types::{CampaignInfo, EngineConfig, MoneyReceipt, Stats, TaskInfo};
 
 #[cfg(test)]
 mod tests;

@@ -15,8 +15,11 @@ use hongbao_core::{GroupId, UserId};
 use hongbao_proto::{ErrorCode, Push, PushBody, ServerFrame};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::TaskInfo;
-use crate::outbox::{FrameSink, Outbox};
+use hongbao_boundary::sync::lock;
+use hongbao_boundary::{FrameSink, Outbox};
+
+use crate::clock::Clock;
+use crate::types::TaskInfo;
 
 const STRIPES: usize = 64;
 /// Broadcast tasks remembered (finished ones are forgotten oldest first).
@@ -120,19 +123,17 @@ pub(crate) struct PushHub {
     connections: AtomicU64,
     tasks: Mutex<BTreeMap<u64, Arc<Task>>>,
     next_task: AtomicU64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    clock: Clock,
 }
 
 impl PushHub {
-    pub(crate) fn new() -> Arc<PushHub> {
+    pub(crate) fn new(clock: Clock) -> Arc<PushHub> {
         Arc::new(PushHub {
             stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             connections: AtomicU64::new(0),
             tasks: Mutex::new(BTreeMap::new()),
             next_task: AtomicU64::new(1),
+            clock,
         })
     }
 
@@ -142,7 +143,7 @@ impl PushHub {
 
     /// Adds a device. The oldest device is closed when a user has too many.
     pub(crate) fn register(&self, user: UserId, outbox: Outbox) {
-        let mut map = self.stripe(user).lock().expect("push stripe poisoned");
+        let mut map = lock(self.stripe(user));
         let devices = map.entry(user).or_insert(Devices::Many(Vec::new()));
         devices.retain(|o| !o.is_closed());
         if devices.len() >= DEVICES_PER_USER_MAX {
@@ -160,7 +161,7 @@ impl PushHub {
     }
 
     pub(crate) fn unregister(&self, user: UserId, outbox: &Outbox) {
-        let mut map = self.stripe(user).lock().expect("push stripe poisoned");
+        let mut map = lock(self.stripe(user));
         if let Some(devices) = map.get_mut(&user) {
             let before = devices.len();
             devices.retain(|o| !o.same(outbox));
@@ -176,7 +177,7 @@ impl PushHub {
 
     /// Queues a push to every device of `user`; returns how many took it.
     pub(crate) fn deliver(&self, user: UserId, push: &Push) -> usize {
-        let map = self.stripe(user).lock().expect("push stripe poisoned");
+        let map = lock(self.stripe(user));
         let Some(devices) = map.get(&user) else { return 0 };
         let mut n = 0;
         for o in devices.as_slice() {
@@ -193,16 +194,21 @@ impl PushHub {
     }
 
     pub(crate) fn users_online(&self) -> u64 {
-        self.stripes.iter().map(|s| s.lock().expect("push stripe poisoned").len() as u64).sum()
+        self.stripes.iter().map(|s| lock(s).len() as u64).sum()
     }
 
     pub(crate) fn broadcast(self: &Arc<Self>, body: PushBody) -> TaskInfo {
         let id = self.next_task.fetch_add(1, Ordering::Relaxed);
-        let info =
-            TaskInfo { id, state: "running".into(), targets: self.connections(), delivered: 0, created_ms: now_ms() };
+        let info = TaskInfo {
+            id,
+            state: "running".into(),
+            targets: self.connections(),
+            delivered: 0,
+            created_ms: self.clock.now_ms(),
+        };
         let task = Arc::new(Task { info: Mutex::new(info.clone()), stop: AtomicBool::new(false) });
         {
-            let mut tasks = self.tasks.lock().expect("tasks poisoned");
+            let mut tasks = lock(&self.tasks);
             while tasks.len() >= TASKS_KEPT_MAX {
                 let oldest = *tasks.keys().next().expect("non-empty");
                 tasks.remove(&oldest);
@@ -218,13 +224,7 @@ impl PushHub {
             // here only count.
             let mut links: Vec<(Arc<dyn FrameSink>, bool)> = Vec::new();
             'stripes: for stripe in hub.stripes.iter() {
-                let targets: Vec<Outbox> = stripe
-                    .lock()
-                    .expect("push stripe poisoned")
-                    .values()
-                    .flat_map(Devices::as_slice)
-                    .cloned()
-                    .collect();
+                let targets: Vec<Outbox> = lock(stripe).values().flat_map(Devices::as_slice).cloned().collect();
                 for chunk in targets.chunks(BROADCAST_CHUNK) {
                     if task.stop.load(Ordering::Relaxed) {
                         break 'stripes;
@@ -246,12 +246,12 @@ impl PushHub {
                             delivered += 1;
                         }
                     }
-                    task.info.lock().expect("task poisoned").delivered = delivered;
+                    lock(&task.info).delivered = delivered;
                     tokio::task::yield_now().await;
                 }
             }
             metrics::counter!("hongbao_pushes_total").increment(delivered);
-            let mut info = task.info.lock().expect("task poisoned");
+            let mut info = lock(&task.info);
             info.delivered = delivered;
             info.state = if task.stop.load(Ordering::Relaxed) { "stopped".into() } else { "done".into() };
         });
@@ -259,14 +259,14 @@ impl PushHub {
     }
 
     pub(crate) fn task(&self, id: u64) -> Option<TaskInfo> {
-        let tasks = self.tasks.lock().expect("tasks poisoned");
-        tasks.get(&id).map(|t| t.info.lock().expect("task poisoned").clone())
+        let tasks = lock(&self.tasks);
+        tasks.get(&id).map(|t| lock(&t.info).clone())
     }
 
     pub(crate) fn stop_task(&self, id: u64) -> Option<TaskInfo> {
-        let task = self.tasks.lock().expect("tasks poisoned").get(&id).cloned()?;
+        let task = lock(&self.tasks).get(&id).cloned()?;
         task.stop.store(true, Ordering::Relaxed);
-        let mut info = task.info.lock().expect("task poisoned");
+        let mut info = lock(&task.info);
         if info.state == "running" {
             info.state = "stopping".into();
         }
@@ -274,16 +274,24 @@ impl PushHub {
     }
 
     pub(crate) fn tasks(&self) -> Vec<TaskInfo> {
-        let tasks = self.tasks.lock().expect("tasks poisoned");
-        tasks.values().map(|t| t.info.lock().expect("task poisoned").clone()).collect()
+        let tasks = lock(&self.tasks);
+        tasks.values().map(|t| lock(&t.info).clone()).collect()
     }
 }
 
 /// A registered connection; unregisters itself when dropped.
 pub struct Connection {
-    pub(crate) hub: Arc<PushHub>,
-    pub(crate) user: UserId,
-    pub(crate) outbox: Outbox,
+    hub: Arc<PushHub>,
+    user: UserId,
+    outbox: Outbox,
+}
+
+impl Connection {
+    /// Registers `outbox` as a device of `user` until the guard is dropped.
+    pub(crate) fn register(hub: &Arc<PushHub>, user: UserId, outbox: Outbox) -> Connection {
+        hub.register(user, outbox.clone());
+        Connection { hub: hub.clone(), user, outbox }
+    }
 }
 
 impl Drop for Connection {
@@ -298,7 +306,7 @@ mod tests {
 
     #[tokio::test]
     async fn pushes_reach_every_device_and_stop_after_disconnect() {
-        let hub = PushHub::new();
+        let hub = PushHub::new(Clock::system());
         let (a, mut ra) = Outbox::new(4);
         let (b, mut rb) = Outbox::new(4);
         hub.register(7, a.clone());
@@ -313,7 +321,7 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_devices_close_the_oldest() {
-        let hub = PushHub::new();
+        let hub = PushHub::new(Clock::system());
         let mut devices: Vec<_> = (0..=DEVICES_PER_USER_MAX).map(|_| Outbox::new(4)).collect();
         for (o, _) in &devices {
             hub.register(3, o.clone());
@@ -331,13 +339,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_outbox_is_flagged_not_waited_on() {
-        let hub = PushHub::new();
+        let hub = PushHub::new(Clock::system());
         let (a, mut ra) = Outbox::new(1);
         hub.register(1, a);
         let push = Push { msg: 0, body: PushBody::Notice { topic: "t".into(), text: "x".into() } };
         assert_eq!(hub.deliver(1, &push), 1);
         assert_eq!(hub.deliver(1, &push), 0);
         let received = tokio::time::timeout(std::time::Duration::from_secs(1), ra.recv(64)).await.unwrap();
-        assert_eq!(received, Err(crate::outbox::Overflow));
+        assert_eq!(received, Err(hongbao_boundary::Overflow));
     }
 }

@@ -1,5 +1,10 @@
 //! The engine in-process against a real SQLite data directory: races on one
 //! packet, campaigns, expiry, idempotency and recovery after a restart.
+//!
+//! Time is a manual `Clock`: it moves only when a test advances it, and
+//! `Engine::catch_up` then waits until every shard has done what became due
+//! and the writer has committed it. No test sleeps for the engine. Every
+//! test prints its seed; `HONGBAO_TEST_SEED=<seed>` replays its random draws.
 
 use std::time::Duration;
 
@@ -8,10 +13,37 @@ use hongbao_core::limits::PacketRules;
 use hongbao_core::split::SplitKind;
 use hongbao_proto::{ErrorCode, GrabState, Reply, Request, ShakeResult, Target};
 
-use crate::{CommitMode, Engine, EngineConfig};
+use crate::{Clock, CommitMode, Engine, EngineConfig};
 
+/// A fixed date, so records do not depend on when the test ran.
+const EPOCH_MS: u64 = 1_800_000_000_000;
+
+/// The seed of this test's random draws: `HONGBAO_TEST_SEED`, or a fresh one.
+/// Printed, so a failure can be replayed.
+fn seed() -> u64 {
+    let seed = std::env::var("HONGBAO_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (HONGBAO_TEST_SEED={seed} replays it)");
+    seed
+}
+
+/// Three shards, packets that expire after `expiry_s`, a manual clock.
 fn config(expiry_s: u64) -> EngineConfig {
-    EngineConfig { shards: 3, packet_rules: PacketRules { expiry_s, ..PacketRules::default() } }
+    config_with_seed(expiry_s, seed())
+}
+
+fn config_with_seed(expiry_s: u64, seed: u64) -> EngineConfig {
+    EngineConfig {
+        shards: 3,
+        packet_rules: PacketRules { expiry_s, ..PacketRules::default() },
+        clock: Clock::manual(EPOCH_MS),
+        seed,
+    }
+}
+
+/// Moves the engine's clock on and waits for what became due.
+async fn advance(engine: &Engine, config: &EngineConfig, ms: u64) {
+    config.clock.advance(Duration::from_millis(ms));
+    engine.catch_up().await;
 }
 
 fn send(amount_fen: i64, count: u32, to: Target, key: &str) -> Request {
@@ -71,6 +103,30 @@ async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares() {
     );
     engine.shutdown().await;
     assert_audit(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_seed_draws_the_same_shares() {
+    let seed = seed();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config_with_seed(3600, seed), dir.path()).await.unwrap();
+        engine.deposit(1, 1_000, "d").await.unwrap();
+        let openers: Vec<u64> = (2..=7).collect();
+        let packet = sent_packet(&engine, 1, send(1_000, 6, Target::Users(openers.clone()), "p")).await;
+        let mut shares = Vec::new();
+        for user in openers {
+            match engine.call(user, Request::Open { packet }).await {
+                Reply::Opened { amount_fen, .. } => shares.push(amount_fen),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(shares.iter().sum::<i64>(), 1_000);
+        engine.shutdown().await;
+        runs.push(shares);
+    }
+    assert_eq!(runs[0], runs[1], "one seed, one sequence of shares");
 }
 
 /// The transaction-per-operation baseline of `hongbao perf opens`: same
@@ -133,6 +189,8 @@ async fn sends_are_validated_idempotent_and_only_recipients_open() {
         engine.call(1, send(50, 2, Target::Users(vec![2, 3]), "k1")).await,
         Reply::Error { code: ErrorCode::KeyConflict, .. }
     ));
+    eprintln!("stats {:?}", engine.stats().await);
+    eprintln!("detail {:?}", engine.packet_detail(packet).await);
     assert_eq!(engine.balance(1).await.unwrap(), 900, "debited once");
 
     assert_eq!(engine.call(9, Request::Grab { packet }).await, Reply::Grab { packet, state: GrabState::NotEligible });
@@ -165,8 +223,9 @@ async fn expired_packets_refund_the_exact_remainder_once_even_across_a_restart()
         // Restart before expiry: the timer must be recovered from storage.
         engine.shutdown().await;
     }
-    let engine = Engine::open(config(1), dir.path()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let config = config(1);
+    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+    advance(&engine, &config, 1_500).await;
     let detail = engine.packet_detail(packet).await.unwrap();
     assert_eq!(detail.status, "refunded");
     assert_eq!(detail.refunded_fen, 500 - opened);
@@ -179,7 +238,8 @@ async fn expired_packets_refund_the_exact_remainder_once_even_across_a_restart()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    let config = config(3600);
+    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
     engine.deposit(100, 100_000, "d").await.unwrap();
     let spec = CampaignSpec {
         funder: 100,
@@ -190,6 +250,7 @@ async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
     };
     let c = engine.create_campaign(spec.clone(), "c1").await.unwrap();
     assert_eq!(engine.create_campaign(spec, "c1").await.unwrap().id, c.id, "idempotent create");
+
     assert_eq!(engine.balance(100).await.unwrap(), 50_000);
     assert_eq!(engine.call(1, Request::Shake { campaign: 0, key: None }).await, Reply::Shake(ShakeResult::NotRunning));
     // A remote gateway's copy of the gates: closed now, open once started,
@@ -200,7 +261,7 @@ async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
     changes.borrow_and_update();
     engine.start_campaign(c.id).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), changes.changed()).await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    advance(&engine, &config, 500).await;
     let view = engine.gate_view();
     assert!(view.gates.iter().all(|g| g.open), "{view:?}");
     let keyed = Request::Shake { campaign: 0, key: Some("k".into()) };
@@ -230,7 +291,7 @@ async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
     assert_eq!(info.status, CampaignStatus::Stopped);
     assert_eq!(info.won_fen, won);
     assert_eq!(info.refunded_fen, 50_000 - won);
-    assert!(info.released >= 80 && info.released <= 140, "about 200/s for 0.5 s: {}", info.released);
+    assert_eq!(info.released, 100, "200/s for the 0.5 s the clock moved");
     assert!(info.released >= released_before_stop, "a closed campaign keeps its count");
     assert_eq!(engine.campaign(c.id).await.unwrap().released, info.released);
 
@@ -246,7 +307,8 @@ async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_that_runs_out_finishes_by_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    let config = config(3600);
+    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
     engine.deposit(100, 1_000, "d").await.unwrap();
     let spec = CampaignSpec {
         funder: 100,
@@ -269,16 +331,21 @@ async fn a_campaign_that_runs_out_finishes_by_itself() {
         if wins == 6 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        advance(&engine, &config, 5).await;
     }
     assert_eq!(wins, 6);
+    // The shards see their shares spent at their next release tick; the
+    // check for a finished campaign runs every 100 ms of the clock, and the
+    // close it starts is the engine's own, so wait (boundedly) for it.
+    advance(&engine, &config, 10).await;
+    config.clock.advance(Duration::from_millis(100));
     let mut status = CampaignStatus::Running;
-    for _ in 0..50 {
+    for _ in 0..500 {
         status = engine.campaign(c.id).await.unwrap().status;
         if status == CampaignStatus::Finished {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(status, CampaignStatus::Finished);
     engine.shutdown().await;
@@ -303,7 +370,8 @@ async fn packet_ids_are_never_reused_across_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_shake_retry_returns_the_first_win_and_spends_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    let config = config(3600);
+    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
     engine.deposit(100, 10_000, "d").await.unwrap();
     // 12 packets released at once (3 shards × 4), a cap of 2 wins per user.
     let spec = CampaignSpec {
@@ -315,7 +383,7 @@ async fn a_keyed_shake_retry_returns_the_first_win_and_spends_nothing() {
     };
     let c = engine.create_campaign(spec, "keyed").await.unwrap();
     engine.start_campaign(c.id).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    advance(&engine, &config, 100).await;
     let shake = |key: &str| Request::Shake { campaign: 0, key: Some(key.into()) };
     // Concurrent first tries with one key, before any has won: every one
     // answers the same single win (the losers' packets go back unspent).
@@ -365,7 +433,8 @@ async fn futures_join(engine: &Engine, user: u64, key: &str, n: usize) -> Vec<Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shakes_with_nothing_to_give_are_answered_inline() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    let config = config(3600);
+    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
     let plain = Request::Shake { campaign: 0, key: None };
     assert_eq!(engine.answer_inline(1, &plain), Some(Reply::Shake(ShakeResult::NotRunning)));
     // Keyed shakes and other requests always go to the shard.
@@ -382,16 +451,16 @@ async fn shakes_with_nothing_to_give_are_answered_inline() {
     };
     let c = engine.create_campaign(spec, "inline").await.unwrap();
     engine.start_campaign(c.id).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    advance(&engine, &config, 100).await;
     // One packet is ready in each of the 3 shards: the shard must answer.
     assert_eq!(engine.answer_inline(1, &plain), None);
     assert!(matches!(engine.call(1, plain.clone()).await, Reply::Shake(ShakeResult::Won { .. })));
     // Its shard's pool is empty now (the gate follows within a loop turn).
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    engine.catch_up().await;
     assert_eq!(engine.answer_inline(1, &plain), Some(Reply::Shake(ShakeResult::None)));
     assert_eq!(engine.answer_inline(2, &plain), None, "user 2's shard still holds its packet");
     engine.stop_campaign(c.id).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    engine.catch_up().await;
     assert_eq!(engine.answer_inline(2, &plain), Some(Reply::Shake(ShakeResult::NotRunning)));
     engine.shutdown().await;
     assert_audit(dir.path());

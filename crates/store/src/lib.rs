@@ -13,13 +13,16 @@ use std::path::{Path, PathBuf};
 
 pub use hongbao_core::audit::AuditReport;
 
+mod apply;
 mod audit;
+pub mod ops;
 mod reader;
 mod schema;
 mod writer;
 
+pub use ops::{Op, OpError};
 pub use reader::{CampaignRow, MoneyTotals, Reader};
-pub use writer::{CommitMode, Done, ExistingPacket, NewPacket, Op, OpError, Outcome, Writer, WriterStats};
+pub use writer::{Writer, WriterStats};
 
 pub use audit::audit_dir;
 
@@ -50,16 +53,38 @@ pub struct Store {
     pub writer_thread: std::thread::JoinHandle<()>,
 }
 
+/// How the writer groups operations into transactions, for the benchmark
+/// that measures group commit against its baseline. Only with the
+/// `per-op-baseline` feature, which the measuring tools enable and the
+/// server never does: the product always commits in groups.
+#[cfg(feature = "per-op-baseline")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Everything queued, up to `COMMIT_BATCH_RECORDS_MAX` ops, in one transaction.
+    #[default]
+    Group,
+    /// One operation per transaction and fsync. Durability is the same: an
+    /// operation's completion runs only after its transaction committed.
+    PerOp,
+}
+
 impl Store {
     /// Opens or creates `dir/hongbao.db`, migrates it, loads balances and
     /// starts the writer (group commit).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_with(dir, CommitMode::Group)
+        Store::open_batched(dir, hongbao_core::limits::COMMIT_BATCH_RECORDS_MAX)
     }
 
-    /// `open` with a chosen commit mode; `CommitMode::PerOp` is a benchmark
-    /// baseline only.
+    /// `open` with a chosen commit mode (benchmark baseline only).
+    #[cfg(feature = "per-op-baseline")]
     pub fn open_with(dir: &Path, mode: CommitMode) -> Result<Store, StoreError> {
+        match mode {
+            CommitMode::Group => Store::open(dir),
+            CommitMode::PerOp => Store::open_batched(dir, 1),
+        }
+    }
+
+    fn open_batched(dir: &Path, batch_ops_max: usize) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = std::fs::OpenOptions::new()
@@ -83,7 +108,7 @@ impl Store {
             )));
         }
         let next_campaign = reader.next_campaign_id()?;
-        let (writer, writer_thread) = Writer::start(conn, ledger, next_campaign, lock, mode);
+        let (writer, writer_thread) = Writer::start(conn, ledger, next_campaign, lock, batch_ops_max);
         Ok(Store { writer, reader, writer_thread })
     }
 }

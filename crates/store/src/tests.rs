@@ -5,6 +5,7 @@ use hongbao_core::ids::make_packet_id;
 use hongbao_core::packet::Recipients;
 use hongbao_core::split::SplitKind;
 
+use crate::ops::*;
 use crate::*;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -30,34 +31,31 @@ fn money_moves_are_committed_idempotent_and_audited() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let w = store.writer.clone();
+    let deposit = |amount_fen, key: &str| Deposit { user: 1, amount_fen, key: key.into(), at_ms: 1 };
     runtime().block_on(async {
-        let dep = w.run(Op::Deposit { user: 1, amount_fen: 1000, key: "d1".into() }).await.unwrap();
-        assert_eq!(dep, Outcome::Balance { balance_fen: 1000, repeat: false });
-        let again = w.run(Op::Deposit { user: 1, amount_fen: 1000, key: "d1".into() }).await.unwrap();
-        assert_eq!(again, Outcome::Balance { balance_fen: 1000, repeat: true });
-        assert_eq!(w.run(Op::Deposit { user: 1, amount_fen: 5, key: "d1".into() }).await, Err(OpError::KeyConflict));
+        let dep = w.run(deposit(1000, "d1")).await.unwrap();
+        assert_eq!(dep, MoneyMoved { balance_fen: 1000, repeat: false });
+        let again = w.run(deposit(1000, "d1")).await.unwrap();
+        assert_eq!(again, MoneyMoved { balance_fen: 1000, repeat: true });
+        assert_eq!(w.run(deposit(5, "d1")).await, Err(OpError::KeyConflict));
         assert!(matches!(
-            w.run(Op::Withdraw { user: 1, amount_fen: 5000, key: "w1".into() }).await,
+            w.run(Withdraw { user: 1, amount_fen: 5000, key: "w1".into(), at_ms: 1 }).await,
             Err(OpError::InsufficientFunds { balance_fen: 1000, needed_fen: 5000 })
         ));
 
         let id = make_packet_id(0, 1);
-        let funded = w
-            .run(Op::FundPacket { packet: Box::new(new_packet(id, 1, 300, 3)), key: "p1".into(), notice: vec![1] })
-            .await
-            .unwrap();
-        let Outcome::Funded { existing: None, messages } = funded else { panic!("{funded:?}") };
+        let fund = |packet, key: &str, notice| FundPacket { packet, key: key.into(), notice, at_ms: 1 };
+        let funded = w.run(fund(new_packet(id, 1, 300, 3), "p1", vec![1])).await.unwrap();
+        let Funded::New { messages } = funded else { panic!("{funded:?}") };
         assert_eq!(messages.len(), 3);
-        let retry = w
-            .run(Op::FundPacket { packet: Box::new(new_packet(id + 1, 1, 300, 3)), key: "p1".into(), notice: vec![] })
-            .await
-            .unwrap();
-        assert!(matches!(retry, Outcome::Funded { existing: Some(ExistingPacket { id: i, .. }), .. } if i == id));
+        let retry = w.run(fund(new_packet(id + 1, 1, 300, 3), "p1", vec![])).await.unwrap();
+        assert!(matches!(retry, Funded::Repeat(ExistingPacket { id: i, .. }) if i == id));
 
-        w.run(Op::Open { packet: id, user: 2, amount_fen: 100, seq: 0, at_ms: 1, finished: None }).await.unwrap();
-        w.run(Op::Refund { packet: id, sender: 1, amount_fen: 200, at_ms: 3, notice: vec![2] }).await.unwrap();
+        w.run(OpenShare { packet: id, user: 2, amount_fen: 100, seq: 0, at_ms: 1, best_luck: None }).await.unwrap();
+        let refunded = w.run(Refund { packet: id, sender: 1, amount_fen: 200, at_ms: 3, notice: vec![2] }).await;
+        assert!(matches!(refunded, Ok(Refunded { message: Some(_) })));
         // A second refund finds nothing to refund.
-        assert!(w.run(Op::Refund { packet: id, sender: 1, amount_fen: 0, at_ms: 4, notice: vec![] }).await.is_err());
+        assert!(w.run(Refund { packet: id, sender: 1, amount_fen: 0, at_ms: 4, notice: vec![] }).await.is_err());
     });
     assert_eq!(store.reader.balance(1).unwrap(), 900);
     assert_eq!(store.reader.balance(2).unwrap(), 100);
@@ -74,7 +72,7 @@ fn campaigns_fund_win_and_refund_the_rest_once() {
     let store = Store::open(dir.path()).unwrap();
     let w = store.writer.clone();
     runtime().block_on(async {
-        w.run(Op::Deposit { user: 9, amount_fen: 10_000, key: "d".into() }).await.unwrap();
+        w.run(Deposit { user: 9, amount_fen: 10_000, key: "d".into(), at_ms: 0 }).await.unwrap();
         let spec = CampaignSpec {
             funder: 9,
             total_fen: 5000,
@@ -82,21 +80,20 @@ fn campaigns_fund_win_and_refund_the_rest_once() {
             rate_per_s: 10,
             win_cap_per_user: None,
         };
-        let Outcome::CampaignCreated { id, .. } =
-            w.run(Op::CreateCampaign { spec: spec.clone(), key: "c".into(), at_ms: 0 }).await.unwrap()
-        else {
-            panic!()
-        };
+        let CampaignCreated { id, .. } =
+            w.run(CreateCampaign { spec: spec.clone(), key: "c".into(), at_ms: 0 }).await.unwrap();
         let pk = make_packet_id(1, 5);
-        let win = Op::ShakeWin { campaign: id, packet: pk, user: 3, amount_fen: 700, at_ms: 1, key: Some("s1".into()) };
-        assert_eq!(w.run(win).await.unwrap(), Outcome::ShakeWon { repeat: None });
+        let win = ShakeWin { campaign: id, packet: pk, user: 3, amount_fen: 700, at_ms: 1, key: Some("s1".into()) };
+        assert_eq!(w.run(win).await.unwrap(), ShakeWon::Won);
         let retry =
-            Op::ShakeWin { campaign: id, packet: pk + 1, user: 3, amount_fen: 50, at_ms: 2, key: Some("s1".into()) };
-        assert_eq!(w.run(retry).await.unwrap(), Outcome::ShakeWon { repeat: Some((id, pk, 700)) });
-        let closed = w.run(Op::CloseCampaign { id, status: CampaignStatus::Stopped }).await.unwrap();
-        assert_eq!(closed, Outcome::CampaignClosed { refunded_fen: 4300 });
-        let twice = w.run(Op::CloseCampaign { id, status: CampaignStatus::Stopped }).await.unwrap();
-        assert_eq!(twice, Outcome::CampaignClosed { refunded_fen: 0 });
+            ShakeWin { campaign: id, packet: pk + 1, user: 3, amount_fen: 50, at_ms: 2, key: Some("s1".into()) };
+        let first = FirstWin { campaign: id, packet: pk, amount_fen: 700 };
+        assert_eq!(w.run(retry).await.unwrap(), ShakeWon::Repeat(first));
+        assert_eq!(w.run(FindShakeWin { user: 3, key: "s1".into() }).await.unwrap(), Some(first));
+        assert_eq!(w.run(FindShakeWin { user: 3, key: "s2".into() }).await.unwrap(), None);
+        let close = CloseCampaign { id, status: CampaignStatus::Stopped, at_ms: 3 };
+        assert_eq!(w.run(close.clone()).await.unwrap(), CampaignClosed { refunded_fen: 4300 });
+        assert_eq!(w.run(close).await.unwrap(), CampaignClosed { refunded_fen: 0 });
     });
     let row = store.reader.campaign(1).unwrap().unwrap();
     assert_eq!((row.won, row.won_fen, row.refunded_fen, row.escrow_fen), (1, 700, 4300, 0));
@@ -109,7 +106,7 @@ fn audit_reports_tampering_precisely() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Store::open(dir.path()).unwrap();
-        runtime().block_on(store.writer.run(Op::Deposit { user: 1, amount_fen: 50, key: "d".into() })).unwrap();
+        runtime().block_on(store.writer.run(Deposit { user: 1, amount_fen: 50, key: "d".into(), at_ms: 0 })).unwrap();
     }
     let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
     conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1", []).unwrap();
@@ -123,13 +120,43 @@ fn groups_are_bounded_and_an_over_limit_change_touches_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let w = store.writer.clone();
+    let change = |change| ChangeGroup { group: 1, change };
     runtime().block_on(async {
-        let r = w.run(Op::ChangeGroup { group: 1, add: vec![3, 1, 2], remove: vec![], replace: true }).await.unwrap();
-        assert_eq!(r, Outcome::GroupChanged { members: vec![1, 2, 3] });
+        assert_eq!(w.run(change(GroupChange::Replace(vec![3, 1, 2]))).await.unwrap(), vec![1, 2, 3]);
         let too_many: Vec<u64> = (10..1000).collect();
-        assert!(w.run(Op::ChangeGroup { group: 1, add: too_many, remove: vec![], replace: false }).await.is_err());
+        assert!(w.run(change(GroupChange::Add(too_many))).await.is_err());
+        assert_eq!(w.run(change(GroupChange::Remove(vec![2, 7]))).await.unwrap(), vec![1, 3]);
+        assert_eq!(w.run(change(GroupChange::Add(vec![2]))).await.unwrap(), vec![1, 2, 3]);
     });
     assert_eq!(store.reader.groups().unwrap()[&1], vec![1, 2, 3]);
+}
+
+#[test]
+fn a_full_queue_refuses_at_once_and_queues_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let w = store.writer.clone();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    assert!(w.try_submit(Barrier, move |_| {
+        held_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+    }));
+    held_rx.recv().unwrap();
+    let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut refused = None;
+    for _ in 0..hongbao_core::limits::WRITER_QUEUE_MAX + 1 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if !w.try_submit(Barrier, move |r| drop(tx.send(r))) {
+            refused = Some(rx.try_recv().expect("told at once"));
+            break;
+        }
+        queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    assert_eq!(refused, Some(Err(OpError::QueueFull)));
+    assert_eq!(queued.load(std::sync::atomic::Ordering::Relaxed), hongbao_core::limits::WRITER_QUEUE_MAX);
+    release_tx.send(()).unwrap();
+    runtime().block_on(w.run(Barrier)).unwrap();
 }
 
 #[test]
@@ -139,41 +166,39 @@ fn opens_committed_together_update_their_packet_as_one_at_a_time_would() {
     let w = store.writer.clone();
     let (a, b) = (make_packet_id(0, 1), make_packet_id(0, 2));
     runtime().block_on(async {
-        w.run(Op::Deposit { user: 1, amount_fen: 1000, key: "d".into() }).await.unwrap();
+        w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
         for (id, total, count, key) in [(a, 300, 3, "a"), (b, 100, 2, "b")] {
-            let p = Box::new(new_packet(id, 1, total, count));
-            w.run(Op::FundPacket { packet: p, key: key.into(), notice: vec![] }).await.unwrap();
+            let p = new_packet(id, 1, total, count);
+            w.run(FundPacket { packet: p, key: key.into(), notice: vec![], at_ms: 0 }).await.unwrap();
         }
     });
     // Hold the writer inside a completion so every op below joins one batch.
     let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let hold: Done = Box::new(move |_| {
+    assert!(w.try_submit(Barrier, move |_| {
         held_tx.send(()).unwrap();
         release_rx.recv().unwrap();
-    });
-    assert!(w.try_submit(Op::Barrier, hold).is_ok());
+    }));
     held_rx.recv().unwrap();
-    let open = |packet, user, amount_fen, seq, finished| Op::Open { packet, user, amount_fen, seq, at_ms: 5, finished };
-    let ops = [
-        open(a, 2, 100, 0, None),
-        open(b, 2, 40, 0, None),
-        open(a, 3, 50, 1, None),
-        // Reads packet b's row: b's open must be written before it.
-        Op::Refund { packet: b, sender: 1, amount_fen: 60, at_ms: 6, notice: vec![] },
-        open(a, 4, 150, 2, Some(4)),
-    ];
-    let mut replies = Vec::new();
-    for op in ops {
-        let (tx, rx) = std::sync::mpsc::channel();
-        assert!(w.try_submit(op, Box::new(move |r| tx.send(r).unwrap())).is_ok());
-        replies.push(rx);
-    }
+    let (replies_tx, replies) = std::sync::mpsc::channel::<Result<(), OpError>>();
+    let open = |packet, user, amount_fen, seq, best_luck| {
+        let tx = replies_tx.clone();
+        let op = OpenShare { packet, user, amount_fen, seq, at_ms: 5, best_luck };
+        assert!(w.try_submit(op, move |r| tx.send(r).unwrap()));
+    };
+    open(a, 2, 100, 0, None);
+    open(b, 2, 40, 0, None);
+    open(a, 3, 50, 1, None);
+    // Reads packet b's row: b's open must be written before it.
+    let tx = replies_tx.clone();
+    let refund = Refund { packet: b, sender: 1, amount_fen: 60, at_ms: 6, notice: vec![] };
+    assert!(w.try_submit(refund, move |r| tx.send(r.map(drop)).unwrap()));
+    open(a, 4, 150, 2, Some(4));
+    drop(replies_tx);
     let commits = w.stats.commits.load(std::sync::atomic::Ordering::Relaxed);
     release_tx.send(()).unwrap();
-    for rx in replies {
-        rx.recv().unwrap().unwrap();
-    }
+    let results: Vec<_> = replies.iter().collect();
+    assert_eq!(results, vec![Ok(()); 5]);
     let after = w.stats.commits.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(after - commits, 1, "one batch for all five ops");
     let pa = store.reader.packet(a).unwrap().unwrap();

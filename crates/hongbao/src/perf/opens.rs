@@ -197,7 +197,7 @@ async fn measure(
         .prefix(&format!("hongbao-perf-opens-{name}-"))
         .tempdir_in(base)
         .context("temporary data directory")?;
-    let config = EngineConfig { shards: args.shards, packet_rules: PacketRules::default() };
+    let config = EngineConfig { shards: args.shards, packet_rules: PacketRules::default(), ..EngineConfig::default() };
     let engine = Engine::open_with_commit_mode(config, mode, dir.path()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // Setup (not timed): fund senders, send the packets.

@@ -94,8 +94,7 @@ struct State {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Nothing panics while holding the lock; recover the state anyway.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 }
 
@@ -170,8 +169,9 @@ impl Outbox {
         }
     }
 
-    /// The link a forwarding outbox sends to; `None` for a local one.
-    pub(crate) fn sink(&self) -> Option<&Arc<dyn FrameSink>> {
+    /// The link a forwarding outbox sends to; `None` for a local one. A
+    /// broadcast crosses each link once instead of once per connection.
+    pub fn sink(&self) -> Option<&Arc<dyn FrameSink>> {
         match &self.kind {
             Kind::Local(_) => None,
             Kind::Forward(fwd) => Some(&fwd.sink),

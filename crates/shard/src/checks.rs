@@ -1,0 +1,77 @@
+//! Checks of request fields and the mapping of storage errors to the
+//! boundary error, shared by the engine and its shards. A leaf.
+
+use hongbao_boundary::EngineError;
+use hongbao_core::limits;
+use hongbao_core::packet::OpenError;
+use hongbao_core::UserId;
+use hongbao_proto::{ErrorCode, PushBody, Reply, ShakeResult};
+use hongbao_store::OpError;
+
+pub(crate) fn op_error(e: OpError) -> EngineError {
+    match e {
+        OpError::InsufficientFunds { balance_fen, needed_fen } => {
+            EngineError::InsufficientFunds { balance_fen, needed_fen }
+        }
+        OpError::KeyConflict => EngineError::KeyConflict,
+        OpError::NotFound(what) => EngineError::NotFound(what),
+        OpError::Invalid(msg) => EngineError::Invalid(msg),
+        OpError::QueueFull => EngineError::Overload,
+        OpError::Storage(msg) => EngineError::Internal(msg),
+    }
+}
+
+pub(crate) fn store_error(e: hongbao_store::StoreError) -> EngineError {
+    EngineError::Internal(e.to_string())
+}
+
+pub(crate) fn valid_user(user: UserId) -> Result<(), EngineError> {
+    if user == 0 || user > hongbao_core::ID_MAX {
+        return Err(EngineError::Invalid(format!("user id {user} is not between 1 and 2^53-1")));
+    }
+    Ok(())
+}
+
+pub(crate) fn valid_key(key: &str) -> Result<(), EngineError> {
+    if key.is_empty() || key.len() > limits::IDEMPOTENCY_KEY_BYTES_MAX {
+        return Err(EngineError::Invalid(format!(
+            "idempotency key must be 1 to {} bytes",
+            limits::IDEMPOTENCY_KEY_BYTES_MAX
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn valid_amount(amount_fen: i64) -> Result<(), EngineError> {
+    if amount_fen <= 0 || amount_fen > limits::AMOUNT_FEN_MAX {
+        return Err(EngineError::Invalid(format!(
+            "amount must be between 1 and {} fen, got {amount_fen}",
+            limits::AMOUNT_FEN_MAX
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn open_error_reply(e: OpenError) -> Reply {
+    let code = match e {
+        OpenError::NotEligible => ErrorCode::NotEligible,
+        OpenError::Finished => ErrorCode::Finished,
+        OpenError::Expired => ErrorCode::Expired,
+    };
+    Reply::error(code, e.to_string())
+}
+
+/// The `result` label of `hongbao_shakes_total`.
+pub(crate) fn shake_label(result: &ShakeResult) -> &'static str {
+    match result {
+        ShakeResult::Won { .. } => "won",
+        ShakeResult::None => "none",
+        ShakeResult::Overload => "overload",
+        ShakeResult::NotRunning => "not_running",
+    }
+}
+
+/// A push body as stored for offline users (opaque bytes to the store).
+pub(crate) fn encode_body(body: &PushBody) -> Vec<u8> {
+    postcard::to_allocvec(body).expect("push bodies serialise")
+}

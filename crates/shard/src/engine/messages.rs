@@ -1,0 +1,99 @@
+//! Pushes to users: unicast and multicast (transient or stored), broadcast
+//! tasks, and registering connections with the push hub.
+
+use hongbao_boundary::{EngineError, Outbox};
+use hongbao_core::limits::{GROUP_MEMBERS_MAX, MESSAGES_ON_CONNECT_MAX};
+use hongbao_core::{PacketId, UserId};
+use hongbao_proto::{PacketDetail, Push, PushBody, ServerFrame};
+use hongbao_store::ops::StoreMessages;
+
+use super::requests::detail;
+use super::Engine;
+use crate::checks::{encode_body, op_error, valid_user};
+use crate::push::{Connection, PushReceipt, PushTarget};
+use crate::types::TaskInfo;
+
+impl Engine {
+    /// Committed state of a packet and every claim.
+    pub async fn packet_detail(&self, id: PacketId) -> Result<PacketDetail, EngineError> {
+        let p = self.read(move |r| r.packet(id)).await?.ok_or_else(|| EngineError::NotFound(format!("packet {id}")))?;
+        Ok(detail(&p))
+    }
+
+    /// Unicast or multicast. Persistent messages are stored (durably) for
+    /// every target and delivered now to those online; transient ones only go
+    /// to those online.
+    pub async fn push(&self, target: PushTarget, body: PushBody, persistent: bool) -> Result<PushReceipt, EngineError> {
+        let users = self.target_users(&target)?;
+        let targets = users.len() as u64;
+        if persistent {
+            self.push_stored(users, body).await
+        } else {
+            let push = Push { msg: 0, body };
+            let delivered = users.into_iter().map(|u| self.parts.push_hub.deliver(u, &push) as u64).sum();
+            Ok(PushReceipt { targets, delivered, stored: 0 })
+        }
+    }
+
+    async fn push_stored(&self, users: Vec<UserId>, body: PushBody) -> Result<PushReceipt, EngineError> {
+        let targets = users.len() as u64;
+        let op = StoreMessages { users, body: encode_body(&body), at_ms: self.parts.clock.now_ms() };
+        let ids = self.parts.writer.run(op).await.map_err(op_error)?;
+        let mut receipt = PushReceipt { targets, delivered: 0, stored: ids.len() as u64 };
+        for (u, msg) in ids {
+            receipt.delivered += self.parts.push_hub.deliver(u, &Push { msg, body: body.clone() }) as u64;
+        }
+        Ok(receipt)
+    }
+
+    fn target_users(&self, target: &PushTarget) -> Result<Vec<UserId>, EngineError> {
+        let users = match target {
+            PushTarget::User(u) => vec![*u],
+            PushTarget::Users(us) => us.clone(),
+            PushTarget::Group(g) => self.group(*g).ok_or_else(|| EngineError::NotFound(format!("group {g}")))?,
+        };
+        if users.len() > GROUP_MEMBERS_MAX {
+            return Err(EngineError::Invalid(format!("at most {GROUP_MEMBERS_MAX} users per push; use a broadcast")));
+        }
+        for &u in &users {
+            valid_user(u)?;
+        }
+        Ok(users)
+    }
+
+    /// Starts a transient broadcast to everyone online, as a stoppable task.
+    pub fn broadcast(&self, body: PushBody) -> TaskInfo {
+        self.parts.push_hub.broadcast(body)
+    }
+
+    pub fn task(&self, id: u64) -> Option<TaskInfo> {
+        self.parts.push_hub.task(id)
+    }
+
+    pub fn stop_task(&self, id: u64) -> Option<TaskInfo> {
+        self.parts.push_hub.stop_task(id)
+    }
+
+    pub fn tasks(&self) -> Vec<TaskInfo> {
+        self.parts.push_hub.tasks()
+    }
+
+    /// Registers a connection for pushes; the returned guard unregisters it
+    /// when dropped. Pending persistent messages are queued to `outbox` first.
+    pub async fn connect(&self, user: UserId, outbox: Outbox) -> Result<Connection, EngineError> {
+        valid_user(user)?;
+        // Register first so nothing pushed from now on is missed; a message
+        // may then arrive twice (live and from storage): clients dedupe by `msg`.
+        let conn = Connection::register(&self.parts.push_hub, user, outbox.clone());
+        let pending = self.read(move |r| r.messages(user, MESSAGES_ON_CONNECT_MAX)).await?;
+        for (msg, body) in pending {
+            match postcard::from_bytes::<PushBody>(&body) {
+                Ok(body) => {
+                    outbox.send(ServerFrame::Push(Push { msg, body }));
+                }
+                Err(e) => tracing::warn!(msg, error = %e, "undecodable stored message skipped"),
+            }
+        }
+        Ok(conn)
+    }
+}

@@ -1,0 +1,295 @@
+//! The control plane: `Engine`, the handle the gateway and the admin API
+//! hold. It recovers state at start-up, routes each client request to the
+//! shard that owns it (or answers it inline), and runs what is not a
+//! packet's: money in and out, groups, campaigns across shards, pushes and
+//! stats.
+//!
+//! Reads in one direction: this module drives the shards (`crate::shard`),
+//! the push hub and the writer; none of them knows it.
+
+mod campaigns;
+mod groups;
+mod messages;
+mod money;
+mod requests;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use hongbao_boundary::{EngineError, GateView};
+use hongbao_core::campaign::CampaignStatus;
+use hongbao_core::ids::{shard_of, IdAllocator};
+use hongbao_core::limits::{self, ID_BLOCK_SIZE};
+use hongbao_core::packet::Packet;
+use hongbao_core::{CampaignId, GroupId, UserId};
+use hongbao_store::ops::{Close, ReserveIds};
+use hongbao_store::{Reader, Store, Writer};
+use rand::SeedableRng;
+use tokio::sync::{oneshot, watch};
+
+use crate::checks::{op_error, store_error};
+use crate::clock::Clock;
+use crate::push::PushHub;
+use crate::shard::{self, Event, ShardHandle, ShardSetup};
+use crate::types::{CampaignLive, Counters, EngineConfig, Stats};
+
+/// The running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    parts: Arc<Parts>,
+}
+
+/// Everything the engine holds, behind one `Arc`.
+struct Parts {
+    clock: Clock,
+    push_hub: Arc<PushHub>,
+    shards: Vec<ShardHandle>,
+    writer: Writer,
+    reader: Arc<Reader>,
+    /// Group membership; read when a packet is sent, written by the admin API.
+    groups: RwLock<HashMap<GroupId, Arc<[UserId]>>>,
+    /// Serialises campaign starts and stops.
+    campaign_control: tokio::sync::Mutex<()>,
+    /// Serialises group changes, so the in-memory map follows commit order.
+    group_control: tokio::sync::Mutex<()>,
+    live_campaigns: Mutex<HashMap<CampaignId, Arc<CampaignLive>>>,
+    /// Release counts of campaigns closed by this process, so their status
+    /// still says how many were released (in memory only, like releases).
+    closed_released: Mutex<HashMap<CampaignId, u64>>,
+    counters: Arc<Counters>,
+    shutting_down: AtomicBool,
+    gate_changes: Arc<watch::Sender<u64>>,
+    /// `hongbao_shakes_total{result=none|not_running}`, made once: the
+    /// `counter!` macro looks its labels up in the registry on every call,
+    /// which on the busiest path of all was a few percent of server CPU.
+    inline_shake_counters: (metrics::Counter, metrics::Counter),
+}
+
+/// What recovery read from storage.
+struct Recovered {
+    marks: HashMap<u16, u64>,
+    packets_by_shard: Vec<Vec<Packet>>,
+    groups: HashMap<GroupId, Vec<UserId>>,
+}
+
+impl Engine {
+    /// Opens (or creates) the data directory, recovers every open packet,
+    /// expiry timer, running campaign and id block, and starts the shards.
+    pub async fn open(config: EngineConfig, data_dir: &std::path::Path) -> Result<Engine, EngineError> {
+        let dir = data_dir.to_owned();
+        Engine::start(config, move || Store::open(&dir)).await
+    }
+
+    /// `open` with the transaction-per-operation baseline that `hongbao perf
+    /// opens` measures group commit against (feature `per-op-baseline`,
+    /// which only the measuring tools enable). Durability is the same in
+    /// both modes: a reply that reports moved money is sent only after the
+    /// transaction holding it has committed.
+    #[cfg(any(test, feature = "per-op-baseline"))]
+    pub async fn open_with_commit_mode(
+        config: EngineConfig,
+        commit_mode: hongbao_store::CommitMode,
+        data_dir: &std::path::Path,
+    ) -> Result<Engine, EngineError> {
+        let dir = data_dir.to_owned();
+        Engine::start(config, move || Store::open_with(&dir, commit_mode)).await
+    }
+
+    async fn start(
+        config: EngineConfig,
+        open_store: impl FnOnce() -> Result<Store, hongbao_store::StoreError> + Send + 'static,
+    ) -> Result<Engine, EngineError> {
+        if config.shards == 0 || config.shards as usize > limits::SHARDS_MAX {
+            return Err(EngineError::Invalid(format!("shards must be between 1 and {}", limits::SHARDS_MAX)));
+        }
+        let store = tokio::task::spawn_blocking(open_store)
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(store_error)?;
+        let Store { writer, reader, writer_thread: _ } = store;
+        let reader = Arc::new(reader);
+        let recovered = recover(&reader, config.shards)?;
+        tracing::info!(seed = config.seed, "engine random seed (EngineConfig::seed reproduces its draws)");
+        let engine = Engine::start_shards(config, writer, reader, recovered).await?;
+        engine.resume_campaigns().await?;
+        Ok(engine)
+    }
+
+    async fn start_shards(
+        config: EngineConfig,
+        writer: Writer,
+        reader: Arc<Reader>,
+        recovered: Recovered,
+    ) -> Result<Engine, EngineError> {
+        let Recovered { marks, packets_by_shard, groups } = recovered;
+        let hub = PushHub::new(config.clock.clone());
+        let counters = Arc::new(Counters::default());
+        let gate_changes = Arc::new(watch::channel(0u64).0);
+        let open_packets: usize = packets_by_shard.iter().map(Vec::len).sum();
+        let mut shards = Vec::with_capacity(packets_by_shard.len());
+        for (index, packets) in packets_by_shard.into_iter().enumerate() {
+            let index = index as u16;
+            let mut ids = IdAllocator::new(index, marks.get(&index).copied().unwrap_or(0), ID_BLOCK_SIZE);
+            // Reserve the first block before taking any request.
+            let mark = ids.request_next_block();
+            writer.run(ReserveIds { shard: index, mark }).await.map_err(op_error)?;
+            ids.extend(mark);
+            let setup = ShardSetup {
+                index,
+                ids,
+                // Each shard draws from its own stream of the one seed.
+                rng: rand::rngs::SmallRng::seed_from_u64(config.seed ^ (u64::from(index) << 48)),
+                clock: config.clock.clone(),
+                writer: writer.clone(),
+                reader: reader.clone(),
+                hub: hub.clone(),
+                rules: config.packet_rules.clone(),
+                counters: counters.clone(),
+                gate_changes: gate_changes.clone(),
+            };
+            shards.push(shard::spawn(setup, packets));
+        }
+        tracing::info!(shards = config.shards, open_packets, "engine recovered");
+        let parts = Parts {
+            clock: config.clock.clone(),
+            push_hub: hub,
+            shards,
+            writer,
+            reader,
+            groups: RwLock::new(groups.into_iter().map(|(g, m)| (g, Arc::from(m))).collect()),
+            campaign_control: tokio::sync::Mutex::new(()),
+            group_control: tokio::sync::Mutex::new(()),
+            live_campaigns: Mutex::new(HashMap::new()),
+            closed_released: Mutex::new(HashMap::new()),
+            counters,
+            shutting_down: AtomicBool::new(false),
+            gate_changes,
+            inline_shake_counters: (
+                metrics::counter!("hongbao_shakes_total", "result" => "none"),
+                metrics::counter!("hongbao_shakes_total", "result" => "not_running"),
+            ),
+        };
+        Ok(Engine { parts: Arc::new(parts) })
+    }
+
+    fn shard_count(&self) -> u16 {
+        self.parts.shards.len() as u16
+    }
+
+    /// The shard that holds a user's campaign wins (and win caps).
+    fn user_shard(&self, user: UserId) -> usize {
+        (user % self.parts.shards.len() as u64) as usize
+    }
+
+    /// Runs a read of committed state off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Reader) -> Result<T, hongbao_store::StoreError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let reader = self.parts.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(store_error)
+    }
+
+    /// Every shard's gate, for a gateway in another process.
+    pub fn gate_view(&self) -> GateView {
+        GateView { gates: self.parts.shards.iter().map(|s| s.gate.state()).collect() }
+    }
+
+    /// Changes whenever `gate_view` would answer differently.
+    pub fn gate_changes(&self) -> watch::Receiver<u64> {
+        self.parts.gate_changes.subscribe()
+    }
+
+    pub async fn stats(&self) -> Stats {
+        let p = &self.parts;
+        let totals = self.read(|r| r.totals()).await.unwrap_or_default();
+        Stats {
+            shards: self.shard_count(),
+            connections: p.push_hub.connections(),
+            users_online: p.push_hub.users_online(),
+            packets_in_memory: p.counters.packets_in_memory.load(Ordering::Relaxed),
+            campaigns_running: hongbao_boundary::sync::lock(&p.live_campaigns).len() as u64,
+            shakes: p.counters.shakes.load(Ordering::Relaxed),
+            shake_wins: p.counters.shake_wins.load(Ordering::Relaxed),
+            opens: p.counters.opens.load(Ordering::Relaxed),
+            commits: p.writer.stats.commits.load(Ordering::Relaxed),
+            committed_ops: p.writer.stats.committed_ops.load(Ordering::Relaxed),
+            writer_queue_depth: p.writer.queue_depth(),
+            shard_queue_depth: p.shards.iter().map(|s| (s.tx.max_capacity() - s.tx.capacity()) as u64).sum(),
+            user_balances_fen: totals.user_balances_fen,
+            packet_escrow_fen: totals.packet_escrow_fen,
+            campaign_escrow_fen: totals.campaign_escrow_fen,
+            deposits_minus_withdrawals_fen: -totals.world_fen,
+        }
+    }
+
+    /// Stops taking requests, lets the writer commit what is queued, and stops.
+    pub async fn shutdown(&self) {
+        let p = &self.parts;
+        if p.shutting_down.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let _guard = p.campaign_control.lock().await;
+        hongbao_boundary::sync::lock(&p.live_campaigns).clear();
+        for shard in &p.shards {
+            let (ack, done) = oneshot::channel();
+            if shard.tx.send(Event::Shutdown { ack }).await.is_ok() {
+                let _ = done.await;
+            }
+        }
+        // Everything acknowledged is already committed; closing the writer
+        // commits whatever is still queued, so those requests get answers
+        // too, and releases the data directory.
+        let _ = p.writer.run(Close).await;
+        tracing::info!("engine stopped");
+    }
+
+    /// After a test moved the clock: every shard fires what is due, then
+    /// everything they handed to the writer commits.
+    #[cfg(test)]
+    pub(crate) async fn catch_up(&self) {
+        for shard in &self.parts.shards {
+            let (ack, done) = oneshot::channel();
+            if shard.tx.send(Event::CatchUp { ack }).await.is_ok() {
+                let _ = done.await;
+            }
+        }
+        let _ = self.parts.writer.run(hongbao_store::ops::Barrier).await;
+    }
+
+    /// Restarts the pools of every campaign that was running.
+    async fn resume_campaigns(&self) -> Result<(), EngineError> {
+        for row in self.read(|r| r.campaigns()).await? {
+            if row.status == CampaignStatus::Running {
+                let _guard = self.parts.campaign_control.lock().await;
+                self.run_pools(&row).await?;
+                tracing::info!(campaign = row.id, "campaign resumed");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads what the shards start from: id marks, open packets by shard, and
+/// groups.
+fn recover(reader: &Reader, shards: u16) -> Result<Recovered, EngineError> {
+    let marks = reader.id_marks().map_err(store_error)?;
+    let open_packets = reader.open_packets().map_err(store_error)?;
+    let groups = reader.groups().map_err(store_error)?;
+    if let Some(p) = open_packets.iter().find(|p| shard_of(p.id) >= shards) {
+        return Err(EngineError::Invalid(format!(
+            "the data has open packets of shard {} but only {shards} shards are configured; use at least {}",
+            shard_of(p.id),
+            shard_of(p.id) + 1
+        )));
+    }
+    let mut packets_by_shard: Vec<Vec<Packet>> = (0..shards).map(|_| Vec::new()).collect();
+    for p in open_packets {
+        packets_by_shard[shard_of(p.id) as usize].push(p);
+    }
+    Ok(Recovered { marks, packets_by_shard, groups })
+}

@@ -1,0 +1,44 @@
+//! Money in and out of the system, and balances.
+
+use hongbao_boundary::EngineError;
+use hongbao_core::UserId;
+use hongbao_store::ops::{Deposit, MoneyMoved, Withdraw};
+
+use super::Engine;
+use crate::checks::{op_error, valid_amount, valid_key, valid_user};
+use crate::types::MoneyReceipt;
+
+/// Checks what a deposit and a withdrawal both need.
+fn check_move(user: UserId, amount_fen: i64, key: &str) -> Result<(), EngineError> {
+    valid_user(user)?;
+    valid_amount(amount_fen)?;
+    valid_key(key)
+}
+
+fn receipt(user: UserId, amount_fen: i64, moved: MoneyMoved) -> MoneyReceipt {
+    MoneyReceipt { user, amount_fen, balance_fen: moved.balance_fen, repeat: moved.repeat }
+}
+
+impl Engine {
+    /// Money in from outside, keyed: a retry returns the first receipt.
+    pub async fn deposit(&self, user: UserId, amount_fen: i64, key: &str) -> Result<MoneyReceipt, EngineError> {
+        check_move(user, amount_fen, key)?;
+        let op = Deposit { user, amount_fen, key: key.to_owned(), at_ms: self.parts.clock.now_ms() };
+        let moved = self.parts.writer.run(op).await.map_err(op_error)?;
+        Ok(receipt(user, amount_fen, moved))
+    }
+
+    /// Money out to outside, keyed like `deposit`.
+    pub async fn withdraw(&self, user: UserId, amount_fen: i64, key: &str) -> Result<MoneyReceipt, EngineError> {
+        check_move(user, amount_fen, key)?;
+        let op = Withdraw { user, amount_fen, key: key.to_owned(), at_ms: self.parts.clock.now_ms() };
+        let moved = self.parts.writer.run(op).await.map_err(op_error)?;
+        Ok(receipt(user, amount_fen, moved))
+    }
+
+    /// The committed balance.
+    pub async fn balance(&self, user: UserId) -> Result<i64, EngineError> {
+        valid_user(user)?;
+        self.read(move |r| r.balance(user)).await
+    }
+}

@@ -1,0 +1,279 @@
+//! Group packets in their shard: sends, grabs, opens, expiry and eviction.
+
+use std::sync::atomic::Ordering;
+
+use hongbao_boundary::Responder;
+use hongbao_core::packet::{GrabState, OpenDecision, OpenError, Packet, PacketSpec, PacketStatus, Recipients};
+use hongbao_core::split::SplitKind;
+use hongbao_core::{PacketId, UserId};
+use hongbao_proto::{ErrorCode, Push, PushBody, Reply};
+use hongbao_store::ops::{Barrier, FundPacket, Funded, NewPacket, OpenShare, Refund, Refunded};
+use hongbao_store::OpError;
+
+use super::{Completed, ShardState, TimerKind, RETAIN_CLOSED_MS};
+use crate::checks::{encode_body, op_error, open_error_reply, valid_key};
+use crate::push::PushHub;
+
+/// A send, with its recipients resolved by the engine.
+pub(crate) struct SendArgs {
+    pub amount_fen: i64,
+    pub count: u32,
+    pub kind: SplitKind,
+    pub recipients: Recipients,
+    pub greeting: String,
+    pub key: String,
+}
+
+fn sent(p: &Packet, repeat: bool) -> Reply {
+    Reply::Sent { packet: p.id, amount_fen: p.total_fen, count: p.count, expires_ms: p.expires_ms, repeat }
+}
+
+fn received_notice(p: &Packet) -> PushBody {
+    PushBody::PacketReceived {
+        packet: p.id,
+        sender: p.sender,
+        amount_fen: p.total_fen,
+        count: p.count,
+        kind: p.kind,
+        greeting: p.greeting.clone(),
+    }
+}
+
+/// The writer's answer to a send: a new packet goes back to its shard, which
+/// adopts it and then replies, so no open can arrive before the packet is in
+/// place; a repeat is answered at once.
+fn fund_committed(
+    r: Result<Funded, OpError>,
+    packet: Packet,
+    completions: &tokio::sync::mpsc::UnboundedSender<Completed>,
+    reply: Responder,
+) {
+    match r {
+        Ok(Funded::New { messages }) => {
+            let _ = completions.send(Completed::Funded { packet: Box::new(packet), messages, reply });
+        }
+        Ok(Funded::Repeat(e)) => reply.send(Reply::Sent {
+            packet: e.id,
+            amount_fen: e.total_fen,
+            count: e.count,
+            expires_ms: e.expires_ms,
+            repeat: true,
+        }),
+        Err(e) => reply.send(op_error(e).to_reply()),
+    }
+}
+
+/// What an open tells once committed: the opener its share, the sender
+/// who opened (and who had the best luck, when it was the last share).
+struct OpenNotice {
+    packet: PacketId,
+    user: UserId,
+    amount_fen: i64,
+    finished: bool,
+    sender: UserId,
+    remaining_count: u32,
+    best_luck: Option<UserId>,
+}
+
+fn open_committed(r: Result<(), OpError>, notice: OpenNotice, hub: &PushHub, reply: Responder) {
+    let OpenNotice { packet, user, amount_fen, finished, sender, remaining_count, best_luck } = notice;
+    if let Err(e) = r {
+        return reply.send(op_error(e).to_reply());
+    }
+    metrics::counter!("hongbao_opens_total", "result" => "opened").increment(1);
+    reply.send(Reply::Opened { packet, amount_fen, repeat: false, finished });
+    // Sender notifications are transient: the packet detail has them all.
+    let opened = PushBody::PacketOpened { packet, user, amount_fen, remaining_count };
+    hub.deliver(sender, &Push { msg: 0, body: opened });
+    if let Some(best_luck) = best_luck {
+        hub.deliver(sender, &Push { msg: 0, body: PushBody::PacketFinished { packet, best_luck } });
+    }
+}
+
+fn refund_committed(r: Result<Refunded, OpError>, packet: PacketId, sender: UserId, body: PushBody, hub: &PushHub) {
+    match r {
+        Ok(Refunded { message }) => {
+            metrics::counter!("hongbao_refunds_total").increment(1);
+            if let Some(msg) = message {
+                hub.deliver(sender, &Push { msg, body });
+            }
+        }
+        Err(e) => tracing::error!(packet, error = %e, "refund failed; it is retried after a restart"),
+    }
+}
+
+impl ShardState {
+    pub(super) async fn send(&mut self, user: UserId, send: SendArgs, reply: Responder) {
+        let SendArgs { amount_fen, count, kind, recipients, greeting, key } = send;
+        if let Err(e) = valid_key(&key) {
+            return reply.send(e.to_reply());
+        }
+        let spec = PacketSpec { sender: user, total_fen: amount_fen, count, kind, recipients, greeting };
+        if let Err(e) = spec.validate(&self.rules) {
+            return reply.send(Reply::error(ErrorCode::InvalidRequest, e.to_string()));
+        }
+        let Some(id) = self.next_id() else {
+            return reply.send(Reply::error(ErrorCode::Overload, "packet ids are being reserved, retry"));
+        };
+        let now = self.clock.now_ms();
+        let expires_ms = now + self.rules.expiry_s.saturating_mul(1000);
+        let packet = Packet::new(id, spec, now, expires_ms);
+        let new = NewPacket {
+            id,
+            sender: user,
+            kind: packet.kind,
+            total_fen: packet.total_fen,
+            count: packet.count,
+            recipients: packet.recipients.clone(),
+            greeting: packet.greeting.clone(),
+            created_ms: now,
+            expires_ms,
+        };
+        let op = FundPacket { packet: new, key, notice: encode_body(&received_notice(&packet)), at_ms: now };
+        let completions = self.completions.clone();
+        self.writer.submit(op, move |r| fund_committed(r, packet, &completions, reply)).await;
+    }
+
+    /// A new packet is committed: reply, tell its recipients, then hold it.
+    pub(super) fn funded(&mut self, p: Packet, messages: Vec<(UserId, u64)>, reply: Responder) {
+        reply.send(sent(&p, false));
+        let body = received_notice(&p);
+        for (user, msg) in messages {
+            self.hub.deliver(user, &Push { msg, body: body.clone() });
+        }
+        metrics::counter!("hongbao_packets_sent_total").increment(1);
+        self.adopt(p);
+    }
+
+    pub(super) fn grab(&mut self, user: UserId, packet: PacketId, reply: Responder) {
+        match self.packets.get(&packet) {
+            Some(p) => reply.send(Reply::Grab { packet, state: p.grab(user, self.clock.now_ms()) }),
+            None => self.grab_from_storage(user, packet, reply),
+        }
+    }
+
+    pub(super) async fn open(&mut self, user: UserId, packet: PacketId, reply: Responder) {
+        let now = self.clock.now_ms();
+        let Some(p) = self.packets.get_mut(&packet) else {
+            return self.open_from_storage(user, packet, reply);
+        };
+        let decision = match p.open(user, now, &mut self.rng) {
+            Ok(d) => d,
+            Err(e) => {
+                metrics::counter!("hongbao_opens_total", "result" => "rejected").increment(1);
+                return reply.send(open_error_reply(e));
+            }
+        };
+        match decision {
+            OpenDecision::Repeat { amount_fen } => {
+                let finished = p.status == PacketStatus::Finished;
+                // The first open may not be committed yet: a barrier completes
+                // only after everything queued before it has committed.
+                let answer = move |r: Result<(), OpError>| match r {
+                    Ok(()) => reply.send(Reply::Opened { packet, amount_fen, repeat: true, finished }),
+                    Err(e) => reply.send(op_error(e).to_reply()),
+                };
+                self.writer.submit(Barrier, answer).await;
+            }
+            OpenDecision::New { amount_fen, finished, best_luck } => {
+                self.counters.opens.fetch_add(1, Ordering::Relaxed);
+                let seq = (p.claims.len() - 1) as u32;
+                let notice = OpenNotice {
+                    packet,
+                    user,
+                    amount_fen,
+                    finished,
+                    sender: p.sender,
+                    remaining_count: p.remaining_count(),
+                    best_luck,
+                };
+                if finished {
+                    self.timers.remove(&(p.expires_ms, packet, TimerKind::Expire));
+                    self.timers.insert((now + RETAIN_CLOSED_MS, packet, TimerKind::Evict));
+                }
+                let op = OpenShare { packet, user, amount_fen, seq, at_ms: now, best_luck };
+                let hub = self.hub.clone();
+                self.writer.submit(op, move |r| open_committed(r, notice, &hub, reply)).await;
+            }
+        }
+    }
+
+    /// A grab of a packet no longer (or never) in memory, answered from
+    /// committed state off the shard's loop.
+    fn grab_from_storage(&self, user: UserId, packet: PacketId, reply: Responder) {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            reply.send(match stored_grab(&reader, user, packet) {
+                Ok((_, state)) => Reply::Grab { packet, state },
+                Err((code, message)) => Reply::error(code, message),
+            })
+        });
+    }
+
+    /// An open of a packet no longer (or never) in memory: only a repeat or
+    /// a refusal can be answered from committed state.
+    fn open_from_storage(&self, user: UserId, packet: PacketId, reply: Responder) {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let (finished, state) = match stored_grab(&reader, user, packet) {
+                Ok(found) => found,
+                Err((code, message)) => return reply.send(Reply::error(code, message)),
+            };
+            reply.send(match state {
+                GrabState::AlreadyOpened { amount_fen } => Reply::Opened { packet, amount_fen, repeat: true, finished },
+                GrabState::NotEligible => open_error_reply(OpenError::NotEligible),
+                GrabState::Finished => open_error_reply(OpenError::Finished),
+                GrabState::Expired => open_error_reply(OpenError::Expired),
+                GrabState::CanOpen => Reply::error(ErrorCode::Overload, "packet is being loaded, retry"),
+            })
+        });
+    }
+
+    pub(super) async fn fire_timers(&mut self) {
+        let now = self.clock.now_ms();
+        while let Some(&(at, packet, kind)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            match kind {
+                TimerKind::Evict => {
+                    if self.packets.remove(&packet).is_some() {
+                        self.counters.packets_in_memory.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                TimerKind::Expire => self.expire(packet, now).await,
+            }
+        }
+    }
+
+    /// Refunds an expired packet's remainder to its sender, once.
+    async fn expire(&mut self, packet: PacketId, now: u64) {
+        let Some(p) = self.packets.get_mut(&packet) else { return };
+        let Some(amount_fen) = p.expire(now) else { return };
+        let sender = p.sender;
+        self.timers.insert((now + RETAIN_CLOSED_MS, packet, TimerKind::Evict));
+        let body = PushBody::PacketRefunded { packet, amount_fen };
+        let op = Refund { packet, sender, amount_fen, at_ms: now, notice: encode_body(&body) };
+        let hub = self.hub.clone();
+        self.writer.submit(op, move |r| refund_committed(r, packet, sender, body, &hub)).await;
+    }
+}
+
+/// A stored packet as `user` finds it: whether it finished, and the grab
+/// state; or the error for a packet that cannot be read.
+fn stored_grab(
+    reader: &hongbao_store::Reader,
+    user: UserId,
+    packet: PacketId,
+) -> Result<(bool, GrabState), (ErrorCode, String)> {
+    let p = match reader.packet(packet) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err((ErrorCode::NotFound, format!("packet {packet} not found"))),
+        Err(e) => return Err((ErrorCode::Internal, e.to_string())),
+    };
+    // Expiry is judged by status here: an open packet not in memory is
+    // being loaded or refunded, and is reported as its row says.
+    let state = p.grab(user, if p.status == PacketStatus::Refunded { u64::MAX } else { 0 });
+    Ok((p.status == PacketStatus::Finished, state))
+}

@@ -1,0 +1,110 @@
+//! The types the engine's parts share and its callers see. A leaf: it
+//! imports nothing else of this crate.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use hongbao_core::campaign::{AmountRule, CampaignStatus};
+use hongbao_core::limits::PacketRules;
+use hongbao_core::{CampaignId, UserId};
+use serde::Serialize;
+
+use crate::clock::Clock;
+
+/// Engine settings; `serve` fills them from flags, environment and TOML.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Number of shards (packet owners). Fixed for the life of a data
+    /// directory's packets: ids carry their shard.
+    pub shards: u16,
+    pub packet_rules: PacketRules,
+    /// Where the engine reads the time.
+    pub clock: Clock,
+    /// Seeds every random draw (shares, releases): the same seed and the
+    /// same requests in the same order give the same amounts.
+    pub seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { shards: 4, packet_rules: PacketRules::default(), clock: Clock::system(), seed: rand::random() }
+    }
+}
+
+/// Result of a deposit or withdrawal.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MoneyReceipt {
+    pub user: UserId,
+    pub amount_fen: i64,
+    pub balance_fen: i64,
+    /// True when this was a retry and the first result is returned.
+    pub repeat: bool,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct CampaignInfo {
+    pub id: CampaignId,
+    pub funder: UserId,
+    pub total_fen: i64,
+    pub rule: AmountRule,
+    pub rate_per_s: u32,
+    pub win_cap_per_user: Option<u32>,
+    pub status: CampaignStatus,
+    pub created_ms: u64,
+    /// Packets released since the server started (in memory; not durable).
+    pub released: u64,
+    pub won: u64,
+    pub won_fen: i64,
+    pub refunded_fen: i64,
+    /// Money still in the campaign's escrow.
+    pub escrow_fen: i64,
+}
+
+/// A broadcast task's progress.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub id: u64,
+    /// `running`, `stopping`, `done` or `stopped`.
+    pub state: String,
+    pub targets: u64,
+    pub delivered: u64,
+    pub created_ms: u64,
+}
+
+/// Counters for `/v1/stats` and the dashboard.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct Stats {
+    pub shards: u16,
+    pub connections: u64,
+    pub users_online: u64,
+    pub packets_in_memory: u64,
+    pub campaigns_running: u64,
+    pub shakes: u64,
+    pub shake_wins: u64,
+    pub opens: u64,
+    pub commits: u64,
+    pub committed_ops: u64,
+    pub writer_queue_depth: u64,
+    pub shard_queue_depth: u64,
+    pub user_balances_fen: i64,
+    pub packet_escrow_fen: i64,
+    pub campaign_escrow_fen: i64,
+    pub deposits_minus_withdrawals_fen: i64,
+}
+
+/// Request counters the shards add to and `Engine::stats` reads.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub shakes: AtomicU64,
+    pub shake_wins: AtomicU64,
+    pub opens: AtomicU64,
+    pub packets_in_memory: AtomicU64,
+}
+
+/// Live counters of a running campaign, shared by its shards and read by
+/// the engine (its status, and when to close it as finished).
+#[derive(Default)]
+pub(crate) struct CampaignLive {
+    pub released: AtomicU64,
+    /// Shards whose share can release nothing more and whose pool is empty.
+    pub exhausted: AtomicU32,
+}
