@@ -1,12 +1,18 @@
 //! Shake campaigns: an operator-funded pool released at a fixed rate.
 //!
-//! A campaign's budget and packet count are split evenly across shards when it
-//! starts (and again, from what is left, after a restart). Each shard then
-//! releases from its own share on its own clock, so no shard's users starve and
-//! no shake touches another shard. Shard `i` of `n` has released
-//! `floor((floor(rate × t) + i) / n)` packets after `t` seconds; summed over the
-//! shards that is exactly `floor(rate × t)`, so the campaign rate holds without
-//! any coordination.
+//! Two things are shared out differently. The *schedule* is split across
+//! shards: shard `i` of `n` has released `floor((floor(rate × t) + i) / n)`
+//! packets after `t` seconds (`ReleaseSchedule`); summed over the shards that
+//! is exactly `floor(rate × t)`, so the campaign rate holds without any
+//! coordination and no shard's users starve. The *money* is not split: one
+//! `CampaignBudget` per campaign, which every shard draws its releases from,
+//! so the campaign pays exactly what its rule says whatever the number of
+//! shards — N packets summing to the budget, or packets in `[min, max]` until
+//! the budget runs out — even when there are fewer packets than shards.
+//! (Splitting the budget per shard, as an earlier version did, refunded the
+//! share of any shard that had no packet and could not pay a packet larger
+//! than one shard's share.) A release is a few per second per shard, so the
+//! lock around the shared budget is never contended on a hot path.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -114,41 +120,26 @@ impl CampaignStatus {
     }
 }
 
-/// One shard's part of a running campaign: what it may still release.
+/// What is left of a running campaign's money and packets, shared by all of
+/// its shards (behind a lock in the engine). Rebuilt after a restart from
+/// what storage says is left: the escrow balance and the packets not won.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolShare {
-    pub rule: AmountRule,
-    /// Money not yet released by this shard.
-    pub budget_fen: i64,
-    /// Packets not yet released (Count rule only).
-    pub packets_left: u64,
-    pub shard_index: u32,
-    pub shards: u32,
-    pub rate_per_s: u32,
-}
-
-/// Splits what is left of a campaign across `shards` shards.
-/// `packets_left` is only used by the Count rule.
-pub fn split_pool(
+pub struct CampaignBudget {
     rule: AmountRule,
+    /// Money not yet released.
     budget_fen: i64,
+    /// Packets not yet released (Count rule only).
     packets_left: u64,
-    rate_per_s: u32,
-    shards: u32,
-) -> Vec<PoolShare> {
-    assert!(shards >= 1 && budget_fen >= 0);
-    let n = shards as i64;
-    (0..shards)
-        .map(|i| {
-            let budget = (budget_fen + i as i64) / n;
-            let packets = (packets_left + i as u64) / shards as u64;
-            PoolShare { rule, budget_fen: budget, packets_left: packets, shard_index: i, shards, rate_per_s }
-        })
-        .collect()
 }
 
-impl PoolShare {
-    /// True when this share can release nothing more.
+impl CampaignBudget {
+    /// `packets_left` is only used by the Count rule.
+    pub fn new(rule: AmountRule, budget_fen: i64, packets_left: u64) -> CampaignBudget {
+        assert!(budget_fen >= 0, "a campaign's escrow is never negative");
+        CampaignBudget { rule, budget_fen, packets_left }
+    }
+
+    /// True when nothing more can be released.
     pub fn exhausted(&self) -> bool {
         match self.rule {
             AmountRule::Count { .. } => self.packets_left == 0 || self.budget_fen < self.packets_left as i64,
@@ -171,11 +162,49 @@ impl PoolShare {
             AmountRule::Range { min_fen, max_fen } => rng.random_range(min_fen..=max_fen.min(self.budget_fen)),
         };
         self.budget_fen = self.budget_fen.checked_sub(amount).expect("release never exceeds budget");
-        debug_assert!(amount >= 1);
+        assert!(amount >= 1);
         Some(amount)
     }
 
-    /// Cumulative releases due `elapsed_ms` after the share started.
+    /// Money not yet released.
+    pub fn budget_fen(&self) -> i64 {
+        self.budget_fen
+    }
+}
+
+/// One shard's part of a running campaign's release schedule.
+///
+/// The campaign's releases are numbered in the order the schedule makes
+/// them due: release `k` (from 0) belongs to shard `n - 1 - (k mod n)`. With
+/// a fixed number of packets, a shard releases only the ones numbered below
+/// it, so each shard gets its fair part (`⌊N/n⌋` or `⌈N/n⌉`) however the
+/// shards' loops interleave, and together they release exactly N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReleaseSchedule {
+    pub shard_index: u32,
+    pub shards: u32,
+    pub rate_per_s: u32,
+    /// The campaign's packets still to release when it (re)started, for the
+    /// Count rule; `None`: until the budget runs out (Range rule).
+    pub packets: Option<u64>,
+}
+
+impl ReleaseSchedule {
+    /// The schedules of `shards` shards that together release `rate_per_s`,
+    /// `packets` in all when the number is fixed.
+    pub fn for_shards(rate_per_s: u32, shards: u32, packets: Option<u64>) -> Vec<ReleaseSchedule> {
+        assert!(shards >= 1);
+        (0..shards).map(|shard_index| ReleaseSchedule { shard_index, shards, rate_per_s, packets }).collect()
+    }
+
+    /// Whether this shard's next release (after `released` of its own) is
+    /// one of the campaign's packets.
+    pub fn allows(&self, released: u64) -> bool {
+        let number = released * self.shards as u64 + (self.shards - 1 - self.shard_index) as u64;
+        self.packets.is_none_or(|packets| number < packets)
+    }
+
+    /// Cumulative releases due `elapsed_ms` after the campaign (re)started.
     pub fn due_after(&self, elapsed_ms: u64) -> u64 {
         let campaign_total = (self.rate_per_s as u128 * elapsed_ms as u128 / 1000) as u64;
         (campaign_total + self.shard_index as u64) / self.shards as u64
@@ -186,38 +215,101 @@ impl PoolShare {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use rand::{rngs::SmallRng, SeedableRng};
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Runs a campaign to its end the way the engine does: every shard
+    /// releases on its own schedule, all from the one budget, shards taking
+    /// turns in an order `seed` shuffles. Returns each shard's amounts and
+    /// what is left of the budget.
+    fn run_by_shard(rule: AmountRule, total: i64, packets: u64, shards: u32, seed: u64) -> (Vec<Vec<i64>>, i64) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut budget = CampaignBudget::new(rule, total, packets);
+        let fixed = matches!(rule, AmountRule::Count { .. }).then_some(packets);
+        let schedules = ReleaseSchedule::for_shards(1000, shards, fixed);
+        let mut amounts = vec![Vec::new(); shards as usize];
+        let mut order: Vec<usize> = (0..shards as usize).collect();
+        for ms in (0..).step_by(10) {
+            order.rotate_left(rng.random_range(0..shards as usize));
+            for &s in &order {
+                let schedule = schedules[s];
+                while (amounts[s].len() as u64) < schedule.due_after(ms) && schedule.allows(amounts[s].len() as u64) {
+                    let Some(a) = budget.release_one(&mut rng) else { break };
+                    amounts[s].push(a);
+                }
+            }
+            if budget.exhausted() {
+                break;
+            }
+        }
+        (amounts, budget.budget_fen())
+    }
+
+    fn run_out(rule: AmountRule, total: i64, packets: u64, shards: u32, seed: u64) -> (Vec<i64>, i64) {
+        let (by_shard, left) = run_by_shard(rule, total, packets, shards, seed);
+        (by_shard.concat(), left)
+    }
 
     proptest! {
         #[test]
         fn shards_together_release_exactly_the_campaign_rate(rate in 1u32..100_000, shards in 1u32..16, ms in 0u64..100_000) {
-            let pools = split_pool(AmountRule::Count { packets: 1 }, 1, 1, rate, shards);
-            let sum: u64 = pools.iter().map(|p| p.due_after(ms)).sum();
+            let sum: u64 = ReleaseSchedule::for_shards(rate, shards, None).iter().map(|p| p.due_after(ms)).sum();
             prop_assert_eq!(sum, rate as u64 * ms / 1000);
         }
 
         #[test]
-        fn pools_never_release_more_than_the_budget(
-            total in 1i64..1_000_000, packets in 1u64..5000, shards in 1u32..8, seed in any::<u64>(), range in any::<bool>()
+        fn each_shard_gets_its_fair_part_of_a_fixed_number_of_packets(
+            packets in 1u64..300, shards in 1u32..16, seed in any::<u64>()
         ) {
-            let packets = packets.min(total as u64);
-            let rule = if range { AmountRule::Range { min_fen: 1, max_fen: (total / 10).max(1) } } else { AmountRule::Count { packets } };
-            let mut rng = SmallRng::seed_from_u64(seed);
-            let mut released = 0i64;
-            let mut n = 0u64;
-            let pools = split_pool(rule, total, packets, 100, shards);
-            prop_assert_eq!(pools.iter().map(|p| p.budget_fen).sum::<i64>(), total);
-            for mut p in pools {
-                while let Some(a) = p.release_one(&mut rng) {
-                    prop_assert!(a >= 1);
-                    released += a;
-                    n += 1;
-                }
+            let (by_shard, _) = run_by_shard(AmountRule::Count { packets }, packets as i64 * 3, packets, shards, seed);
+            let (floor, ceil) = (packets / shards as u64, packets.div_ceil(shards as u64));
+            for part in &by_shard {
+                prop_assert!(part.len() as u64 == floor || part.len() as u64 == ceil, "{by_shard:?}");
             }
-            prop_assert!(released <= total);
-            if !range {
-                prop_assert!(n <= packets);
-            }
+        }
+
+        /// The regression of issue 9: with fewer packets than shards, a
+        /// budget split per shard paid wrong amounts and refunded the rest.
+        #[test]
+        fn a_count_campaign_pays_exactly_n_packets_summing_to_its_budget(
+            packets in 1u64..300, extra in 0i64..100_000, shards in 1u32..16, seed in any::<u64>()
+        ) {
+            let total = packets as i64 + extra;
+            let (amounts, left) = run_out(AmountRule::Count { packets }, total, packets, shards, seed);
+            prop_assert_eq!(amounts.len() as u64, packets);
+            prop_assert!(amounts.iter().all(|&a| a >= 1));
+            prop_assert_eq!(amounts.iter().sum::<i64>(), total);
+            prop_assert_eq!(left, 0);
+        }
+
+        #[test]
+        fn a_range_campaign_pays_packets_in_range_until_the_budget_runs_out(
+            min in 1i64..500, spread in 0i64..500, total in 1i64..50_000, shards in 1u32..16, seed in any::<u64>()
+        ) {
+            let max = min + spread;
+            prop_assume!(max <= total);
+            let (amounts, left) = run_out(AmountRule::Range { min_fen: min, max_fen: max }, total, 0, shards, seed);
+            prop_assert!(amounts.iter().all(|&a| a >= min && a <= max), "{amounts:?} outside [{min}, {max}]");
+            prop_assert_eq!(amounts.iter().sum::<i64>() + left, total);
+            prop_assert!(left < min, "{left} fen left could still pay a packet of at least {min}");
+        }
+    }
+
+    #[test]
+    fn the_reported_campaigns_pay_what_the_docs_promise() {
+        // Each was wrong with 4 shards (issue 9): 8+8+7 and 7 refunded; one
+        // win of 250 and 750 refunded; 250+250; nothing at all.
+        for shards in [1, 4, 7] {
+            let count = |packets, total| run_out(AmountRule::Count { packets }, total, packets, shards, 7);
+            let (a, left) = count(3, 30);
+            assert_eq!((a.len(), a.iter().sum::<i64>(), left), (3, 30, 0));
+            assert_eq!(count(1, 1_000), (vec![1_000], 0));
+            let (a, left) = count(2, 1_000);
+            assert_eq!((a.len(), a.iter().sum::<i64>(), left), (2, 1_000, 0));
+            let range = |min_fen, max_fen, total| run_out(AmountRule::Range { min_fen, max_fen }, total, 0, shards, 7);
+            let (a, left) = range(10, 20, 30);
+            assert!(!a.is_empty() && a.iter().sum::<i64>() + left == 30 && left < 10, "{a:?} {left}");
+            assert_eq!(range(20, 20, 20), (vec![20], 0));
         }
     }
 }

@@ -352,6 +352,58 @@ async fn a_campaign_that_runs_out_finishes_by_itself() {
     assert_audit(dir.path());
 }
 
+/// Issue 9: with fewer packets than shards, the budget used to be split per
+/// shard first, so a shard with no packet refunded its share and a packet
+/// could not be larger than one shard's part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_campaigns_pay_exactly_what_their_rule_says_on_any_shard_count() {
+    let cases = [
+        (AmountRule::Count { packets: 3 }, 30),
+        (AmountRule::Count { packets: 1 }, 1_000),
+        (AmountRule::Count { packets: 2 }, 1_000),
+        (AmountRule::Range { min_fen: 10, max_fen: 20 }, 30),
+        (AmountRule::Range { min_fen: 20, max_fen: 20 }, 20),
+    ];
+    for shards in [1, 4] {
+        for (i, (rule, total_fen)) in cases.into_iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let config = EngineConfig { shards, ..config(3600) };
+            let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+            engine.deposit(100, total_fen, "d").await.unwrap();
+            let spec = CampaignSpec { funder: 100, total_fen, rule, rate_per_s: 1_000, win_cap_per_user: None };
+            let c = engine.create_campaign(spec, &format!("c{i}")).await.unwrap();
+            engine.start_campaign(c.id).await.unwrap();
+            advance(&engine, &config, 1_000).await;
+            let mut wins = Vec::new();
+            for user in 1..=8u64 {
+                for _ in 0..4 {
+                    if let Reply::Shake(ShakeResult::Won { amount_fen, .. }) =
+                        engine.call(user, Request::Shake { campaign: c.id, key: None }).await
+                    {
+                        wins.push(amount_fen);
+                    }
+                }
+            }
+            let info = engine.stop_campaign(c.id).await.unwrap();
+            let case =
+                format!("{shards} shards, {rule:?} over {total_fen} fen: won {wins:?}, refunded {}", info.refunded_fen);
+            assert_eq!(wins.iter().sum::<i64>() + info.refunded_fen, total_fen, "{case}");
+            assert_eq!(info.won_fen, wins.iter().sum::<i64>(), "{case}");
+            match rule {
+                AmountRule::Count { packets } => {
+                    assert_eq!((wins.len() as u64, info.refunded_fen), (packets, 0), "{case}")
+                }
+                AmountRule::Range { min_fen, max_fen } => {
+                    assert!(!wins.is_empty() && wins.iter().all(|&a| (min_fen..=max_fen).contains(&a)), "{case}");
+                    assert!(info.refunded_fen < min_fen, "{case}");
+                }
+            }
+            engine.shutdown().await;
+            assert_audit(dir.path());
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packet_ids_are_never_reused_across_restarts() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,9 @@
 //! imports nothing else of this crate.
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Mutex;
 
-use hongbao_core::campaign::{AmountRule, CampaignStatus};
+use hongbao_core::campaign::{AmountRule, CampaignBudget, CampaignStatus};
 use hongbao_core::limits::PacketRules;
 use hongbao_core::{CampaignId, UserId};
 use serde::Serialize;
@@ -100,11 +101,19 @@ pub(crate) struct Counters {
     pub packets_in_memory: AtomicU64,
 }
 
-/// Live counters of a running campaign, shared by its shards and read by
-/// the engine (its status, and when to close it as finished).
-#[derive(Default)]
+/// A running campaign as its shards share it: the money they all release
+/// from, and live counters the engine reads (its status, and when to close
+/// it as finished).
 pub(crate) struct CampaignLive {
+    /// Locked for one release at a time: a few per second per shard.
+    pub budget: Mutex<CampaignBudget>,
     pub released: AtomicU64,
-    /// Shards whose share can release nothing more and whose pool is empty.
+    /// Shards that can release nothing more and whose pool is empty.
     pub exhausted: AtomicU32,
+}
+
+impl CampaignLive {
+    pub fn new(budget: CampaignBudget) -> CampaignLive {
+        CampaignLive { budget: Mutex::new(budget), released: AtomicU64::new(0), exhausted: AtomicU32::new(0) }
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 
 use hongbao_boundary::sync::lock;
 use hongbao_boundary::EngineError;
-use hongbao_core::campaign::{split_pool, AmountRule, CampaignSpec, CampaignStatus};
+use hongbao_core::campaign::{AmountRule, CampaignBudget, CampaignSpec, CampaignStatus, ReleaseSchedule};
 use hongbao_core::{CampaignId, UserId};
 use hongbao_store::ops::{CloseCampaign, CreateCampaign, StartCampaign};
 use hongbao_store::CampaignRow;
@@ -86,24 +86,26 @@ impl Engine {
         }
     }
 
-    /// Splits what is left of a campaign over the shards and starts
-    /// releasing, with a watcher that closes the campaign once every shard is
-    /// exhausted. Called with `campaign_control` held.
+    /// Starts every shard releasing on its part of the schedule, all from
+    /// one budget of what is left of the campaign, with a watcher that closes
+    /// the campaign once every shard is exhausted. Called with
+    /// `campaign_control` held.
     pub(super) async fn run_pools(&self, row: &CampaignRow) -> Result<(), EngineError> {
         let id = row.id;
         let packets_left = match row.spec.rule {
-            AmountRule::Count { packets } => packets.saturating_sub(row.won),
-            AmountRule::Range { .. } => 0,
+            AmountRule::Count { packets } => Some(packets.saturating_sub(row.won)),
+            AmountRule::Range { .. } => None,
         };
         let shards = self.shard_count() as u32;
-        let shares = split_pool(row.spec.rule, row.escrow_fen, packets_left, row.spec.rate_per_s, shards);
+        let schedules = ReleaseSchedule::for_shards(row.spec.rate_per_s, shards, packets_left);
         let wins_by_shard = self.wins_by_shard(row).await?;
-        let live = Arc::new(CampaignLive::default());
+        let live =
+            Arc::new(CampaignLive::new(CampaignBudget::new(row.spec.rule, row.escrow_fen, packets_left.unwrap_or(0))));
         lock(&self.parts.live_campaigns).insert(id, live.clone());
         let started_ms = self.parts.clock.now_ms();
-        for ((share, wins), shard) in shares.into_iter().zip(wins_by_shard).zip(&self.parts.shards) {
+        for ((schedule, wins), shard) in schedules.into_iter().zip(wins_by_shard).zip(&self.parts.shards) {
             let win_cap = row.spec.win_cap_per_user;
-            let ev = Event::StartPool { campaign: id, share, started_ms, win_cap, wins, live: live.clone() };
+            let ev = Event::StartPool { campaign: id, schedule, started_ms, win_cap, wins, live: live.clone() };
             shard.tx.send(ev).await.map_err(|_| EngineError::Internal("shard stopped".into()))?;
         }
         let clock = self.parts.clock.clone();

@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use hongbao_boundary::Responder;
-use hongbao_core::campaign::PoolShare;
+use hongbao_core::campaign::ReleaseSchedule;
 use hongbao_core::ids::{shard_of, IdAllocator};
 use hongbao_core::limits::{self, COMMIT_BATCH_RECORDS_MAX, WRITER_QUEUE_MAX};
 use hongbao_core::packet::Packet;
@@ -77,7 +77,7 @@ pub(crate) enum Event {
     },
     StartPool {
         campaign: CampaignId,
-        share: PoolShare,
+        schedule: ReleaseSchedule,
         /// When the campaign (re)started: one time for every shard, so that
         /// together they release exactly the campaign's rate.
         started_ms: u64,
@@ -222,6 +222,13 @@ impl ShardState {
                         break;
                     }
                     for _ in 0..DRAIN_MAX {
+                        // Completions still come first: a completion that
+                        // answered a client (a keyed shake's repeat) may have
+                        // arrived while this turn ran, and the client's next
+                        // request must find its effect in place.
+                        while let Ok(done) = completions.try_recv() {
+                            self.completed(done);
+                        }
                         let Ok(ev) = requests.try_recv() else { break };
                         if self.handle(ev).await.is_break() {
                             return;
@@ -259,8 +266,8 @@ impl ShardState {
             Event::Grab { user, packet, reply } => self.grab(user, packet, reply),
             Event::Open { user, packet, reply } => self.open(user, packet, reply).await,
             Event::Send { user, send, reply } => self.send(user, *send, reply).await,
-            Event::StartPool { campaign, share, started_ms, win_cap, wins, live } => {
-                self.start_pool(campaign, share, started_ms, win_cap, wins, live)
+            Event::StartPool { campaign, schedule, started_ms, win_cap, wins, live } => {
+                self.start_pool(campaign, schedule, started_ms, win_cap, wins, live)
             }
             Event::StopPool { campaign, ack } => self.stop_pool(campaign, ack),
             Event::Shutdown { ack } => {

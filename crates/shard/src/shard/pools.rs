@@ -5,8 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use hongbao_boundary::sync::lock;
 use hongbao_boundary::Responder;
-use hongbao_core::campaign::PoolShare;
+use hongbao_core::campaign::ReleaseSchedule;
 use hongbao_core::limits::{IDEMPOTENCY_KEY_BYTES_MAX, SHAKE_POOL_MAX};
 use hongbao_core::{CampaignId, PacketId, UserId};
 use hongbao_proto::{ErrorCode, Reply, ShakeResult};
@@ -18,9 +19,10 @@ use super::{Completed, ShardState};
 use crate::checks::{op_error, shake_label};
 use crate::types::CampaignLive;
 
-/// One shard's share of a running campaign.
+/// One shard's part of a running campaign: its release schedule, and the
+/// packets it released that nobody has won yet.
 pub(super) struct Pool {
-    share: PoolShare,
+    schedule: ReleaseSchedule,
     /// When this shard started releasing (engine clock, ms).
     started_ms: u64,
     released_count: u64,
@@ -86,14 +88,14 @@ impl ShardState {
     pub(super) fn start_pool(
         &mut self,
         campaign: CampaignId,
-        share: PoolShare,
+        schedule: ReleaseSchedule,
         started_ms: u64,
         win_cap: Option<u32>,
         wins: HashMap<UserId, u32>,
         live: Arc<CampaignLive>,
     ) {
         let pool = Pool {
-            share,
+            schedule,
             started_ms,
             released_count: 0,
             ready: VecDeque::new(),
@@ -190,7 +192,8 @@ impl ShardState {
         for id in pool_ids {
             self.release_pool(id, now_ms);
             let pool = self.pools.get_mut(&id).expect("pool exists");
-            if pool.share.exhausted() && pool.ready.is_empty() && !pool.reported_exhausted {
+            let spent = !pool.schedule.allows(pool.released_count) || lock(&pool.live.budget).exhausted();
+            if pool.ready.is_empty() && !pool.reported_exhausted && spent {
                 pool.reported_exhausted = true;
                 pool.live.exhausted.fetch_add(1, Ordering::Relaxed);
             }
@@ -200,8 +203,8 @@ impl ShardState {
     fn release_pool(&mut self, id: CampaignId, now_ms: u64) {
         loop {
             let pool = self.pools.get_mut(&id).expect("pool exists");
-            let due = pool.share.due_after(now_ms.saturating_sub(pool.started_ms));
-            if pool.released_count >= due || pool.share.exhausted() {
+            let due = pool.schedule.due_after(now_ms.saturating_sub(pool.started_ms));
+            if pool.released_count >= due || !pool.schedule.allows(pool.released_count) {
                 return;
             }
             if pool.ready.len() >= SHAKE_POOL_MAX {
@@ -213,7 +216,9 @@ impl ShardState {
                 return;
             };
             let pool = self.pools.get_mut(&id).expect("pool exists");
-            let Some(amount) = pool.share.release_one(&mut self.rng) else { return };
+            // From the campaign's one budget: it pays what its rule says,
+            // however many shards draw from it.
+            let Some(amount) = lock(&pool.live.budget).release_one(&mut self.rng) else { return };
             pool.ready.push_back((packet, amount));
             pool.released_count += 1;
             pool.live.released.fetch_add(1, Ordering::Relaxed);
