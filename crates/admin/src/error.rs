@@ -69,6 +69,8 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
             StatusCode::SERVICE_UNAVAILABLE
         }
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 
@@ -84,7 +86,8 @@ impl From<EngineError> for ApiError {
                 StatusCode::CONFLICT
             }
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
-            EngineError::Overload => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::Overload | EngineError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.code(), e.to_string())

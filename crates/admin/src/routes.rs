@@ -13,7 +13,7 @@ use hongbao_core::ID_MAX;
 use hongbao_proto::{PushBody, Reply, Request, SplitKind, Target};
 use hongbao_shard::PushTarget;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::error::ApiError;
 use crate::extract::{ApiJson, PathId};
@@ -41,8 +41,17 @@ fn ok<T: serde::Serialize>(status: StatusCode, body: T) -> ApiResult {
     Ok((status, Json(body)).into_response())
 }
 
-pub(crate) async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// 200 `{"status":"ok"}` while the server can move money; 503 with the
+/// storage failure while it cannot (it recovers by itself; the answer turns
+/// 200 again when it has).
+pub(crate) async fn health(State(app): Shared) -> Response {
+    match app.engine.storage_failure() {
+        None => Json(json!({"status": "ok"})).into_response(),
+        Some(failure) => {
+            let body = json!({"status": "unavailable", "storage": failure});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
 }
 
 pub(crate) async fn metrics(State(app): Shared) -> Response {

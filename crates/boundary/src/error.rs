@@ -20,6 +20,11 @@ pub enum EngineError {
     Overload,
     #[error("internal error: {0}")]
     Internal(String),
+    /// Storage cannot commit right now; nothing was done.
+    #[error("storage unavailable: {0}; nothing was done, retry later")]
+    Unavailable(String),
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl EngineError {
@@ -32,6 +37,8 @@ impl EngineError {
             EngineError::KeyConflict => ErrorCode::KeyConflict,
             EngineError::Overload => ErrorCode::Overload,
             EngineError::Internal(_) => ErrorCode::Internal,
+            EngineError::Unavailable(_) => ErrorCode::Unavailable,
+            EngineError::RateLimited(_) => ErrorCode::RateLimited,
         }
     }
 

@@ -233,6 +233,12 @@ pub enum ErrorCode {
     /// Too many requests in flight on this connection, or a queue is full: retry later.
     Overload,
     Internal,
+    /// Storage cannot commit right now (disk full, database locked or
+    /// unreachable): nothing was done; retry later with the same key.
+    Unavailable,
+    /// This user sends faster than allowed, or too many of its notices are
+    /// still undelivered: retry later.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -271,6 +277,8 @@ impl ErrorCode {
             ErrorCode::KeyConflict => "key_conflict",
             ErrorCode::Overload => "overload",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }

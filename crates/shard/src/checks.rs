@@ -17,7 +17,9 @@ pub(crate) fn op_error(e: OpError) -> EngineError {
         OpError::NotFound(what) => EngineError::NotFound(what),
         OpError::Invalid(msg) => EngineError::Invalid(msg),
         OpError::QueueFull => EngineError::Overload,
-        OpError::Storage(msg) => EngineError::Internal(msg),
+        OpError::Storage(msg) => EngineError::Unavailable(msg),
+        // Only opens can be stale, and the shard answers those itself.
+        OpError::Stale(what) => EngineError::Unavailable(format!("{what}; retry")),
     }
 }
 

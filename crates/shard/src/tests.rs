@@ -517,3 +517,75 @@ async fn shakes_with_nothing_to_give_are_answered_inline() {
     engine.shutdown().await;
     assert_audit(dir.path());
 }
+
+/// Issue 9: storage fails in the middle of a packet being raced. Opens that
+/// did not commit are refused (never reported opened), the packet is
+/// reloaded from what is committed, and once storage is back the race ends
+/// with exactly `count` shares summing to the amount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_survive_a_storage_failure_without_a_share_lost_or_paid_twice() {
+    const K: u32 = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    engine.deposit(1, 10_000, "d").await.unwrap();
+    let users: Vec<u64> = (2..=31).collect();
+    let packet = sent_packet(&engine, 1, send(1_000, K, Target::Users(users.clone()), "p")).await;
+    let mut opened = std::collections::HashMap::new();
+    for user in 2..=4u64 {
+        let Reply::Opened { amount_fen, .. } = engine.call(user, Request::Open { packet }).await else { panic!() };
+        opened.insert(user, amount_fen);
+    }
+    // Another connection holds the write lock past the busy timeout.
+    let lock = rusqlite::Connection::open(dir.path().join(hongbao_store::DB_FILE)).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let racing: Vec<_> = (5..=12u64)
+        .map(|user| {
+            let engine = engine.clone();
+            tokio::spawn(async move { (user, engine.call(user, Request::Open { packet }).await) })
+        })
+        .collect();
+    for task in racing {
+        match task.await.unwrap() {
+            (_, Reply::Error { code: ErrorCode::Unavailable | ErrorCode::Overload, .. }) => {}
+            // Memory counted the shares that were then not committed: the
+            // packet looked finished until it was reloaded (advisory only;
+            // no money moved, and a retry below is answered for good).
+            (_, Reply::Error { code: ErrorCode::Finished, .. }) => {}
+            (user, other) => panic!("user {user} while storage fails: {other:?}"),
+        }
+    }
+    assert!(engine.storage_failure().is_some());
+    let refused = engine.call(13, Request::Open { packet }).await;
+    assert!(matches!(refused, Reply::Error { code: ErrorCode::Unavailable, .. }), "{refused:?}");
+    lock.execute_batch("COMMIT").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while engine.storage_failure().is_some() {
+        assert!(std::time::Instant::now() < deadline, "storage never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Everyone retries until answered for good.
+    for &user in &users {
+        for attempt in 0.. {
+            match engine.call(user, Request::Open { packet }).await {
+                Reply::Opened { amount_fen, .. } => {
+                    if let Some(first) = opened.insert(user, amount_fen) {
+                        assert_eq!(first, amount_fen, "a repeat answers the first share");
+                    }
+                    break;
+                }
+                Reply::Error { code: ErrorCode::Finished, .. } => break,
+                Reply::Error { code: ErrorCode::Overload, .. } if attempt < 500 => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => panic!("user {user}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(opened.len(), K as usize, "exactly K opens: {opened:?}");
+    assert_eq!(opened.values().sum::<i64>(), 1_000);
+    let detail = engine.packet_detail(packet).await.unwrap();
+    let committed: std::collections::HashMap<u64, i64> = detail.claims.iter().map(|c| (c.user, c.amount_fen)).collect();
+    assert_eq!(committed, opened, "every reply is what storage holds");
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}

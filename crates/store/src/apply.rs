@@ -37,9 +37,10 @@ pub(crate) struct BatchTx<'a> {
 /// A packet's opens in the current batch, written as one `UPDATE` per packet
 /// and batch: a packet row carries its recipient list, and rewriting it once
 /// per open was the costliest statement of an open.
-#[derive(Default)]
 struct PacketOpens {
     taken_fen: i64,
+    /// What is left after this batch's opens so far.
+    remaining_fen: i64,
     /// Best luck, once an open of this batch finished the packet.
     finished: Option<UserId>,
 }
@@ -67,6 +68,7 @@ impl<'a> BatchTx<'a> {
             Command::Withdraw(s) => s.decided(self.withdraw(&s.op)?),
             Command::FundPacket(s) => s.decided(self.fund_packet(&s.op)?),
             Command::OpenShare(s) => s.decided(self.open_share(&s.op)?),
+            Command::FindClaim(s) => s.decided(Ok(self.find_claim(&s.op)?)),
             Command::Refund(s) => {
                 // Only a refund reads a packet row's `remaining`; everything
                 // else may run on rows whose opens are still pending.
@@ -229,6 +231,9 @@ impl<'a> BatchTx<'a> {
     }
 
     fn open_share(&mut self, op: &OpenShare) -> Applied<()> {
+        if let Err(e) = self.check_remaining(op)? {
+            return Ok(Err(e));
+        }
         let t = Transfer { from: Account::PACKET_ESCROW, to: Account::user(op.user), amount_fen: op.amount_fen };
         let meta =
             EntryMeta { kind: EntryKind::PacketOpen, reference: op.packet, user: Some(op.user), at_ms: op.at_ms };
@@ -241,13 +246,50 @@ impl<'a> BatchTx<'a> {
             .prepare_cached("INSERT INTO claims (packet, user, seq, amount, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
             .execute(params![op.packet as i64, op.user as i64, op.seq, op.amount_fen, op.at_ms as i64])?;
         // The packet row is updated once per batch (`flush_opens`).
-        let o = self.opened.entry(op.packet).or_default();
+        let o = self.opened.get_mut(&op.packet).expect("checked above");
         // The shard never opens a finished packet; the stored row's checks
         // in `flush_opens` would refuse it too.
         assert!(o.finished.is_none(), "open of packet {} after the open that finished it", op.packet);
         o.taken_fen = o.taken_fen.checked_add(op.amount_fen).expect("a packet's shares sum to at most its amount");
+        o.remaining_fen -= op.amount_fen;
+        assert!(o.remaining_fen >= 0, "packet {} paid out more than it holds", op.packet);
         o.finished = op.best_luck;
         Ok(Ok(()))
+    }
+
+    /// Checks that storage (as committed, plus this batch's earlier opens)
+    /// holds what the shard saw left in the packet before this share, and
+    /// starts the packet's entry for this batch. A difference means an open
+    /// this one was decided after did not commit: this one must not either.
+    fn check_remaining(&mut self, op: &OpenShare) -> Applied<()> {
+        let remaining_fen = match self.opened.get(&op.packet) {
+            Some(o) => Some(o.remaining_fen),
+            None => self
+                .tx
+                .prepare_cached("SELECT remaining FROM packets WHERE id = ?1 AND status = 'open'")?
+                .query_row(params![op.packet as i64], |r| r.get::<_, i64>(0))
+                .optional()?,
+        };
+        if remaining_fen != Some(op.remaining_before_fen) {
+            let what = format!(
+                "packet {} (storage holds {remaining_fen:?} fen, the open saw {})",
+                op.packet, op.remaining_before_fen
+            );
+            return Ok(Err(OpError::Stale(what)));
+        }
+        self.opened.entry(op.packet).or_insert(PacketOpens {
+            taken_fen: 0,
+            remaining_fen: op.remaining_before_fen,
+            finished: None,
+        });
+        Ok(Ok(()))
+    }
+
+    fn find_claim(&mut self, op: &FindClaim) -> rusqlite::Result<Option<i64>> {
+        self.tx
+            .prepare_cached("SELECT amount FROM claims WHERE packet = ?1 AND user = ?2")?
+            .query_row(params![op.packet as i64, op.user as i64], |r| r.get(0))
+            .optional()
     }
 
     /// Writes pending opens to their packet rows. Runs before a refund (the

@@ -22,7 +22,7 @@ mod writer;
 
 pub use ops::{Op, OpError};
 pub use reader::{CampaignRow, MoneyTotals, Reader};
-pub use writer::{Writer, WriterStats};
+pub use writer::{StorageFailure, Writer, WriterStats};
 
 pub use audit::audit_dir;
 
@@ -100,15 +100,8 @@ impl Store {
         let conn = schema::connect(&path, false)?;
         schema::migrate(&conn)?;
         let reader = Reader::new(schema::connect(&path, true)?);
-        let ledger = hongbao_core::ledger::Ledger::from_balances(reader.balances()?);
-        if ledger.total() != 0 {
-            return Err(StoreError::Corrupt(format!(
-                "stored balances sum to {} fen, not 0; run `hongbao audit`",
-                ledger.total()
-            )));
-        }
-        let next_campaign = reader.next_campaign_id()?;
-        let (writer, writer_thread) = Writer::start(conn, ledger, next_campaign, lock, batch_ops_max);
+        let (ledger, next_campaign) = schema::load_writer_state(&conn)?;
+        let (writer, writer_thread) = Writer::start(path, conn, ledger, next_campaign, lock, batch_ops_max);
         Ok(Store { writer, reader, writer_thread })
     }
 }

@@ -14,9 +14,9 @@ use hongbao_core::packet::Recipients;
 use hongbao_core::split::SplitKind;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 
-/// Why an operation did not happen. Every variant but `Storage` and
-/// `QueueFull` is a decision on the request itself; with those two nothing
-/// was applied and the same request may be retried.
+/// Why an operation did not happen. Every variant but `Storage`,
+/// `QueueFull` and `Stale` is a decision on the request itself; with those
+/// three nothing was applied and the same request may be retried.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum OpError {
     #[error("insufficient funds: balance {balance_fen} fen, needs {needed_fen} fen")]
@@ -33,6 +33,10 @@ pub enum OpError {
     /// `Writer::try_submit` found the queue full; nothing was queued.
     #[error("the writer's queue is full")]
     QueueFull,
+    /// The operation was decided on state that storage no longer has (an
+    /// earlier operation it built on failed); the caller reloads and retries.
+    #[error("{0} changed since this was decided")]
+    Stale(String),
 }
 
 impl From<hongbao_core::ledger::LedgerError> for OpError {
@@ -151,6 +155,8 @@ commands! {
     FundPacket => Funded, "fund_packet";
     /// One share of a packet to a user.
     OpenShare => (), "open";
+    /// The committed share of a user in a packet, if any.
+    FindClaim => Option<i64>, "find_claim";
     /// An expired packet's remainder back to its sender, once.
     Refund => Refunded, "refund";
     ReserveIds => (), "reserve_ids";
@@ -246,6 +252,17 @@ pub struct OpenShare {
     pub at_ms: u64,
     /// Set when this open was the packet's last: who had the best luck.
     pub best_luck: Option<UserId>,
+    /// What the shard saw left in the packet before this share. Storage must
+    /// have the same (committed plus this batch's earlier opens), or the open
+    /// is refused as `Stale`: an earlier open it was decided after failed.
+    pub remaining_before_fen: i64,
+}
+
+/// Looks up a committed claim: the answer to a repeated open must be durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FindClaim {
+    pub packet: PacketId,
+    pub user: UserId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

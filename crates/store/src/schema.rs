@@ -109,9 +109,14 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_user ON messages (user, id);
 "#;
 
+/// How long a statement waits for a lock another process holds (the sqlite3
+/// shell, a backup) before it fails: a transient lock is waited out, a
+/// lasting one fails the batch and the writer retries with backoff.
+pub const BUSY_TIMEOUT_MS: u64 = 5_000;
+
 /// Opens a connection with the settings every connection needs: WAL so
 /// readers never block the writer, synchronous=FULL so a commit is fsync'd
-/// before it returns (DESIGN.md §4.2), and a busy timeout for readers.
+/// before it returns (DESIGN.md §4.2), and a busy timeout.
 pub fn connect(path: &std::path::Path, read_only: bool) -> rusqlite::Result<Connection> {
     use rusqlite::OpenFlags;
     let flags = if read_only {
@@ -120,7 +125,7 @@ pub fn connect(path: &std::path::Path, read_only: bool) -> rusqlite::Result<Conn
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
     if !read_only {
         conn.pragma_update(None, "journal_mode", "WAL")?;
     }
@@ -143,6 +148,30 @@ pub fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
         }
     }
     Ok(())
+}
+
+/// What the writer starts from: every balance as committed, and the id the
+/// next campaign gets. Checks that the balances sum to zero.
+pub fn load_writer_state(
+    conn: &Connection,
+) -> Result<(hongbao_core::ledger::Ledger, hongbao_core::CampaignId), crate::StoreError> {
+    use hongbao_core::ledger::{Account, Ledger};
+    let mut balances = Vec::new();
+    let mut stmt = conn.prepare("SELECT id, balance FROM accounts")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+        let (id, balance) = row?;
+        let account = Account::from_id(id).ok_or_else(|| crate::StoreError::Corrupt(format!("account id {id}")))?;
+        balances.push((account, balance));
+    }
+    let ledger = Ledger::from_balances(balances);
+    if ledger.total() != 0 {
+        return Err(crate::StoreError::Corrupt(format!(
+            "stored balances sum to {} fen, not 0; run `hongbao audit`",
+            ledger.total()
+        )));
+    }
+    let max: Option<i64> = conn.query_row("SELECT max(id) FROM campaigns", [], |r| r.get(0))?;
+    Ok((ledger, max.map(|m| m as u64 + 1).unwrap_or(1)))
 }
 
 pub fn encode_users(users: &[u64]) -> Vec<u8> {

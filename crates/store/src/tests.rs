@@ -51,7 +51,20 @@ fn money_moves_are_committed_idempotent_and_audited() {
         let retry = w.run(fund(new_packet(id + 1, 1, 300, 3), "p1", vec![])).await.unwrap();
         assert!(matches!(retry, Funded::Repeat(ExistingPacket { id: i, .. }) if i == id));
 
-        w.run(OpenShare { packet: id, user: 2, amount_fen: 100, seq: 0, at_ms: 1, best_luck: None }).await.unwrap();
+        let open = |user, amount_fen, remaining_before_fen| OpenShare {
+            packet: id,
+            user,
+            amount_fen,
+            seq: 0,
+            at_ms: 1,
+            best_luck: None,
+            remaining_before_fen,
+        };
+        // Decided on a state storage does not have: refused, nothing moves.
+        assert!(matches!(w.run(open(2, 100, 250)).await, Err(OpError::Stale(_))));
+        assert_eq!(w.run(FindClaim { packet: id, user: 2 }).await.unwrap(), None);
+        w.run(open(2, 100, 300)).await.unwrap();
+        assert_eq!(w.run(FindClaim { packet: id, user: 2 }).await.unwrap(), Some(100));
         let refunded = w.run(Refund { packet: id, sender: 1, amount_fen: 200, at_ms: 3, notice: vec![2] }).await;
         assert!(matches!(refunded, Ok(Refunded { message: Some(_) })));
         // A second refund finds nothing to refund.
@@ -181,19 +194,19 @@ fn opens_committed_together_update_their_packet_as_one_at_a_time_would() {
     }));
     held_rx.recv().unwrap();
     let (replies_tx, replies) = std::sync::mpsc::channel::<Result<(), OpError>>();
-    let open = |packet, user, amount_fen, seq, best_luck| {
+    let open = |packet, user, amount_fen, seq, best_luck, remaining_before_fen| {
         let tx = replies_tx.clone();
-        let op = OpenShare { packet, user, amount_fen, seq, at_ms: 5, best_luck };
+        let op = OpenShare { packet, user, amount_fen, seq, at_ms: 5, best_luck, remaining_before_fen };
         assert!(w.try_submit(op, move |r| tx.send(r).unwrap()));
     };
-    open(a, 2, 100, 0, None);
-    open(b, 2, 40, 0, None);
-    open(a, 3, 50, 1, None);
+    open(a, 2, 100, 0, None, 300);
+    open(b, 2, 40, 0, None, 100);
+    open(a, 3, 50, 1, None, 200);
     // Reads packet b's row: b's open must be written before it.
     let tx = replies_tx.clone();
     let refund = Refund { packet: b, sender: 1, amount_fen: 60, at_ms: 6, notice: vec![] };
     assert!(w.try_submit(refund, move |r| tx.send(r.map(drop)).unwrap()));
-    open(a, 4, 150, 2, Some(4));
+    open(a, 4, 150, 2, Some(4), 150);
     drop(replies_tx);
     let commits = w.stats.commits.load(std::sync::atomic::Ordering::Relaxed);
     release_tx.send(()).unwrap();
@@ -205,6 +218,82 @@ fn opens_committed_together_update_their_packet_as_one_at_a_time_would() {
     assert_eq!((pa.remaining_fen, pa.claims.len(), pa.status.as_str()), (0, 3, "finished"));
     let pb = store.reader.packet(b).unwrap().unwrap();
     assert_eq!((pb.remaining_fen, pb.refunded_fen, pb.claims.len(), pb.status.as_str()), (0, 60, 1, "refunded"));
+    let report = audit_dir(dir.path()).unwrap();
+    assert!(report.passed(), "{:?}", report.violations);
+}
+
+/// Holds the database's write lock from another connection (as the sqlite3
+/// shell's `BEGIN IMMEDIATE` would) until told to let go.
+fn hold_write_lock(dir: &std::path::Path) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let conn = rusqlite::Connection::open(dir.join(DB_FILE)).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let _ = release_rx.recv();
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    (release_tx, holder)
+}
+
+#[test]
+fn a_lock_held_elsewhere_for_a_moment_is_waited_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let w = store.writer.clone();
+    let (release, holder) = hold_write_lock(dir.path());
+    let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let seen = released.clone();
+    let deposit = Deposit { user: 1, amount_fen: 50, key: "d".into(), at_ms: 0 };
+    assert!(w.try_submit(deposit, move |r| {
+        done_tx.send((r, seen.load(std::sync::atomic::Ordering::SeqCst))).unwrap();
+    }));
+    // Well inside the busy timeout: the writer waits instead of failing.
+    std::thread::sleep(std::time::Duration::from_millis(2_000));
+    released.store(true, std::sync::atomic::Ordering::SeqCst);
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let (result, after_release) = done_rx.recv().unwrap();
+    assert_eq!(result, Ok(MoneyMoved { balance_fen: 50, repeat: false }));
+    assert!(after_release, "committed only once the other connection let go");
+    assert!(!w.is_failing());
+    assert_eq!(store.reader.balance(1).unwrap(), 50);
+}
+
+/// Issue 9: a storage error used to stop the writer for good while the
+/// server kept answering. Now the batch fails, everything after it fails
+/// fast while storage does, and the writer comes back by itself.
+#[test]
+fn a_failing_storage_fails_fast_and_the_writer_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let w = store.writer.clone();
+    let rt = runtime();
+    rt.block_on(w.run(Deposit { user: 1, amount_fen: 100, key: "before".into(), at_ms: 0 })).unwrap();
+    let (release, holder) = hold_write_lock(dir.path());
+    // Longer than the busy timeout: this batch fails, none of it applied.
+    let failed = rt.block_on(w.run(Deposit { user: 1, amount_fen: 7, key: "during".into(), at_ms: 0 }));
+    assert!(matches!(failed, Err(OpError::Storage(_))), "{failed:?}");
+    assert!(w.is_failing());
+    let failure = w.failure().expect("the failure is reported");
+    assert!(failure.reason.contains("locked"), "{failure:?}");
+    // Meanwhile every operation is refused at once, not after the timeout.
+    let started = std::time::Instant::now();
+    let refused = rt.block_on(w.run(Deposit { user: 1, amount_fen: 9, key: "fast".into(), at_ms: 0 }));
+    assert!(matches!(refused, Err(OpError::Storage(_))), "{refused:?}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(crate::schema::BUSY_TIMEOUT_MS / 2));
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    // Recovers by itself within the backoff; nothing of the failed batch stuck.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while w.is_failing() {
+        assert!(std::time::Instant::now() < deadline, "the writer never recovered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(w.failure(), None);
+    let again = rt.block_on(w.run(Deposit { user: 1, amount_fen: 7, key: "during".into(), at_ms: 0 })).unwrap();
+    assert_eq!(again, MoneyMoved { balance_fen: 107, repeat: false }, "the failed deposit never happened");
+    assert_eq!(store.reader.balance(1).unwrap(), 107);
     let report = audit_dir(dir.path()).unwrap();
     assert!(report.passed(), "{:?}", report.violations);
 }

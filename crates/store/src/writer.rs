@@ -6,22 +6,53 @@
 //! the only code that moves money, so "can this account pay?" is decided here,
 //! sequentially, with no database lock contention and no read per request.
 //!
-//! Crash-only on storage failure: if a statement or a commit fails, every
-//! operation of the batch is failed (none was acknowledged), the writer stops
-//! taking work and the server must be restarted; recovery reads the last
-//! committed state. Nothing acknowledged is ever rolled back.
+//! Storage failures are survived, not fatal. A transaction takes the write
+//! lock up front (`BEGIN IMMEDIATE`) and waits out a lock held elsewhere for
+//! up to `schema::BUSY_TIMEOUT_MS`. If a statement or the commit fails (a
+//! lock held too long, a full disk, an I/O error), the transaction is rolled
+//! back and every operation of the batch fails: none was acknowledged, and
+//! nothing of it is kept. The writer then fails every operation at once
+//! (`OpError::Storage`, quickly) while it retries with backoff: it reopens
+//! the database, reloads the balances from what is committed (so nothing of
+//! the failed batch lingers in memory, and after a failed fsync the state is
+//! whatever the file now says), and commits a probe. When the probe commits,
+//! service resumes by itself. `Writer::failure` says meanwhile what is wrong.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hongbao_core::ledger::Ledger;
 use hongbao_core::CampaignId;
-use rusqlite::Connection;
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::apply::BatchTx;
 use crate::ops::{Command, Completion, Op, OpError, Slot};
+use crate::schema;
+
+/// First pause before storage is tried again after a failure; it doubles
+/// with each failed try up to `RETRY_BACKOFF_MAX_MS`.
+const RETRY_BACKOFF_MIN_MS: u64 = 100;
+/// Longest pause between tries: a full disk freed by an operator is noticed
+/// within this.
+const RETRY_BACKOFF_MAX_MS: u64 = 5_000;
+/// While storage fails, operations that queued are failed at least this
+/// often, so nobody waits for the backoff to end to hear the answer.
+const FAIL_FAST_INTERVAL_MS: u64 = 10;
+const _: () = assert!(FAIL_FAST_INTERVAL_MS < RETRY_BACKOFF_MIN_MS && RETRY_BACKOFF_MIN_MS < RETRY_BACKOFF_MAX_MS);
+
+/// Why storage is failing now.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StorageFailure {
+    /// The error of the last failed try.
+    pub reason: String,
+    /// When the failure began (wall-clock ms).
+    pub since_ms: u64,
+    /// Batches and probes that failed since.
+    pub failed_tries: u64,
+}
 
 /// Counters the engine reports.
 #[derive(Default, Debug)]
@@ -29,7 +60,16 @@ pub struct WriterStats {
     pub commits: AtomicU64,
     pub committed_ops: AtomicU64,
     pub queued: AtomicU64,
-    pub failed: AtomicBool,
+    /// True while storage is failing (the cheap check for every request).
+    pub failing: AtomicBool,
+    failure: Mutex<Option<StorageFailure>>,
+}
+
+impl WriterStats {
+    fn failure_lock(&self) -> std::sync::MutexGuard<'_, Option<StorageFailure>> {
+        // A completion never runs under this lock; recover rather than panic.
+        self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Handle to the writer thread. Cheap to clone.
@@ -40,14 +80,20 @@ pub struct Writer {
 }
 
 fn stopped() -> OpError {
-    OpError::Storage("writer stopped".into())
+    OpError::Storage("the writer has stopped".into())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Writer {
-    /// Starts the writer thread. `batch_ops_max` is how many operations one
-    /// transaction holds: `COMMIT_BATCH_RECORDS_MAX`, or 1 for the
-    /// transaction-per-operation baseline.
+    /// Starts the writer thread on the database at `path`. `batch_ops_max`
+    /// is how many operations one transaction holds:
+    /// `COMMIT_BATCH_RECORDS_MAX`, or 1 for the transaction-per-operation
+    /// baseline.
     pub(crate) fn start(
+        path: PathBuf,
         conn: Connection,
         ledger: Ledger,
         next_campaign: CampaignId,
@@ -57,7 +103,8 @@ impl Writer {
         assert!(batch_ops_max >= 1);
         let (tx, rx) = mpsc::channel(hongbao_core::limits::WRITER_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
-        let state = WriterState { conn, ledger, next_campaign, stats: stats.clone(), batch_ops_max, _lock: lock };
+        metrics::gauge!("hongbao_storage_up").set(1.0);
+        let state = WriterState { path, conn, ledger, next_campaign, stats: stats.clone(), batch_ops_max, _lock: lock };
         let handle = std::thread::Builder::new()
             .name("hongbao-writer".into())
             .spawn(move || state.run(rx))
@@ -108,11 +155,23 @@ impl Writer {
     pub fn queue_depth(&self) -> u64 {
         self.stats.queued.load(Ordering::Relaxed)
     }
+
+    /// True while storage is failing: whatever is submitted now fails.
+    pub fn is_failing(&self) -> bool {
+        self.stats.failing.load(Ordering::Relaxed)
+    }
+
+    /// What is wrong with storage, while it fails.
+    pub fn failure(&self) -> Option<StorageFailure> {
+        self.stats.failure_lock().clone()
+    }
 }
 
 struct WriterState {
     /// Held for the writer's life: one server per data directory.
     _lock: std::fs::File,
+    /// The database, reopened after a failure.
+    path: PathBuf,
     conn: Connection,
     /// Every account's balance as committed plus the batch being applied.
     ledger: Ledger,
@@ -121,6 +180,12 @@ struct WriterState {
     stats: Arc<WriterStats>,
     /// Most operations one transaction holds.
     batch_ops_max: usize,
+}
+
+/// How the writer's loop ended a batch.
+enum Next {
+    Continue,
+    Stop,
 }
 
 impl WriterState {
@@ -144,7 +209,12 @@ impl WriterState {
                     self.settle_committed(&mut batch);
                     metrics::histogram!("hongbao_commit_seconds").record(started.elapsed().as_secs_f64());
                 }
-                Err(e) => return self.fail(batch, rx, e),
+                Err(e) => {
+                    let failure = self.batch_failed(&mut batch, &e);
+                    if let Next::Stop = self.fail_until_recovered(&mut rx, failure) {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -174,30 +244,105 @@ impl WriterState {
         for command in batch.drain(..) {
             command.settle(None);
         }
-        let closed = OpError::Storage("writer closed".into());
+        let closed = OpError::Storage("the writer has closed".into());
         while let Ok(command) = rx.try_recv() {
             command.settle(Some(&closed));
         }
     }
 
-    /// Crash-only: the batch failed, so none of it is acknowledged; nothing
-    /// queued after it is applied either.
-    fn fail(self, batch: Vec<Command>, mut rx: mpsc::Receiver<Command>, e: rusqlite::Error) {
-        tracing::error!(error = %e, "storage failed; failing the batch and stopping the writer. Restart the server to recover.");
-        self.stats.failed.store(true, Ordering::Relaxed);
+    /// The batch did not commit (its transaction was rolled back): none of it
+    /// is acknowledged. Starts or extends the failure.
+    fn batch_failed(&mut self, batch: &mut Vec<Command>, e: &rusqlite::Error) -> OpError {
+        tracing::error!(error = %e, ops = batch.len(), "storage failed; the batch is failed and the writer retries with backoff");
+        self.note_failure(e.to_string());
         let failure = OpError::Storage(e.to_string());
-        for command in batch {
+        for command in batch.drain(..) {
             command.settle(Some(&failure));
         }
-        rx.close();
-        while let Ok(command) = rx.try_recv() {
-            command.settle(Some(&failure));
+        failure
+    }
+
+    fn note_failure(&self, reason: String) {
+        metrics::counter!("hongbao_storage_failures_total").increment(1);
+        metrics::gauge!("hongbao_storage_up").set(0.0);
+        let mut failure = self.stats.failure_lock();
+        match failure.as_mut() {
+            Some(f) => {
+                f.reason = reason;
+                f.failed_tries += 1;
+            }
+            None => *failure = Some(StorageFailure { reason, since_ms: unix_ms(), failed_tries: 1 }),
+        }
+        self.stats.failing.store(true, Ordering::Relaxed);
+    }
+
+    /// While storage fails: every operation that arrives is failed at once
+    /// with `failure`, and storage is tried again with backoff until a probe
+    /// commits. A `Close` stops the writer (nothing more can be committed).
+    fn fail_until_recovered(&mut self, rx: &mut mpsc::Receiver<Command>, mut failure: OpError) -> Next {
+        let mut backoff = Duration::from_millis(RETRY_BACKOFF_MIN_MS);
+        let mut retry_at = Instant::now() + backoff;
+        loop {
+            while let Ok(command) = rx.try_recv() {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                let closing = matches!(command, Command::Close(_));
+                command.settle(Some(&failure));
+                if closing {
+                    rx.close();
+                    while let Ok(command) = rx.try_recv() {
+                        command.settle(Some(&failure));
+                    }
+                    return Next::Stop;
+                }
+            }
+            if rx.is_closed() && rx.is_empty() {
+                return Next::Stop;
+            }
+            let now = Instant::now();
+            if now < retry_at {
+                std::thread::sleep((retry_at - now).min(Duration::from_millis(FAIL_FAST_INTERVAL_MS)));
+                continue;
+            }
+            match self.recover() {
+                Ok(()) => {
+                    let was = self.stats.failure_lock().take();
+                    self.stats.failing.store(false, Ordering::Relaxed);
+                    metrics::gauge!("hongbao_storage_up").set(1.0);
+                    tracing::info!(failure = ?was, "storage recovered; the writer commits again");
+                    return Next::Continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "storage still failing");
+                    self.note_failure(e.to_string());
+                    failure = OpError::Storage(e.to_string());
+                    backoff = (backoff * 2).min(Duration::from_millis(RETRY_BACKOFF_MAX_MS));
+                    retry_at = Instant::now() + backoff;
+                }
+            }
         }
     }
 
+    /// Reopens the database, reloads what is committed, and commits a probe.
+    fn recover(&mut self) -> Result<(), crate::StoreError> {
+        let mut conn = schema::connect(&self.path, false)?;
+        let (ledger, next_campaign) = schema::load_writer_state(&conn)?;
+        let probe = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        probe.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('writer_probe_ms', ?1)",
+            [unix_ms().to_string()],
+        )?;
+        probe.commit()?;
+        self.conn = conn;
+        self.ledger = ledger;
+        self.next_campaign = next_campaign;
+        Ok(())
+    }
+
     /// Applies every command of the batch in one transaction and commits it.
+    /// The write lock is taken up front, so a lock held elsewhere is waited
+    /// out (up to the busy timeout) before anything is applied.
     fn commit(&mut self, batch: &mut [Command]) -> rusqlite::Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut applying = BatchTx::new(&tx, &mut self.ledger, &mut self.next_campaign);
         for command in batch.iter_mut() {
             applying.apply(command)?;

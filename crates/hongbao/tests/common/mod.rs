@@ -75,6 +75,20 @@ impl Server {
         }
     }
 
+    /// A server the caller spawned itself (`data` is not removed).
+    pub fn from_parts(child: Child, addrs: hongbao_client::ServerAddrs, data: &Path) -> Server {
+        Server {
+            tcp: addrs.tcp,
+            ws: addrs.ws,
+            admin_addr: addrs.admin,
+            data: data.to_owned(),
+            admin_key: None,
+            gateway_pids: addrs.gateway_pids,
+            child,
+            _tmp: None,
+        }
+    }
+
     pub fn admin(&self) -> Admin {
         Admin::new(self.admin_addr, self.admin_key.clone())
     }

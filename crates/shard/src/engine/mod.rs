@@ -194,6 +194,12 @@ impl Engine {
             .map_err(store_error)
     }
 
+    /// What is wrong with storage while it fails (`None`: it works). Money
+    /// cannot move meanwhile; it recovers by itself.
+    pub fn storage_failure(&self) -> Option<hongbao_store::StorageFailure> {
+        self.parts.writer.failure()
+    }
+
     /// Every shard's gate, for a gateway in another process.
     pub fn gate_view(&self) -> GateView {
         GateView { gates: self.parts.shards.iter().map(|s| s.gate.state()).collect() }

@@ -89,6 +89,14 @@ impl Engine {
         if self.parts.shutting_down.load(Ordering::Relaxed) {
             return reply.send(Reply::error(ErrorCode::Overload, "server is shutting down"));
         }
+        if self.parts.writer.is_failing() && moves_money(&req) {
+            // Told at once, before any shard decides anything that could
+            // not be committed.
+            return reply.send(match req {
+                Request::Shake { .. } => Reply::Shake(ShakeResult::Overload),
+                _ => unavailable(self.parts.writer.failure()),
+            });
+        }
         let (shard, event) = match req {
             Request::Shake { campaign, key } => (self.user_shard(user), Event::Shake { user, campaign, key, reply }),
             Request::Send { amount_fen, count, kind, to, greeting, key } => {
@@ -185,6 +193,18 @@ impl Engine {
         let writer = self.parts.writer.clone();
         tokio::spawn(async move { writer.submit(AckMessage { user, msg }, acked).await });
     }
+}
+
+/// Requests whose answer needs a commit (a shake only if it wins, which is
+/// why shakes that cannot win are answered inline before this is asked).
+fn moves_money(req: &Request) -> bool {
+    matches!(req, Request::Shake { .. } | Request::Send { .. } | Request::Open { .. } | Request::Ack { .. })
+}
+
+/// The answer while storage fails.
+fn unavailable(failure: Option<hongbao_store::StorageFailure>) -> Reply {
+    let reason = failure.map(|f| f.reason).unwrap_or_else(|| "storage is failing".into());
+    Reply::error(ErrorCode::Unavailable, format!("storage unavailable ({reason}); nothing was done, retry later"))
 }
 
 fn not_found(packet: PacketId) -> Reply {

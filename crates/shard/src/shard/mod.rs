@@ -14,7 +14,7 @@
 mod packets;
 mod pools;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use hongbao_boundary::Responder;
@@ -114,13 +114,34 @@ pub(crate) enum Completed {
     IdsReserved {
         mark: u64,
     },
-    /// A keyed shake raced an earlier one with the same key and lost: the
-    /// packet it took goes back to the front of the pool, unspent.
-    ShakeRepeated {
+    /// The block of ids asked for was not reserved (storage failed).
+    IdsNotReserved,
+    /// A shake's win was not paid: the key had won before, or the commit
+    /// failed. The packet it took goes back to the front of the pool.
+    ShakeUnspent {
         campaign: CampaignId,
         packet: PacketId,
         amount_fen: i64,
         user: UserId,
+    },
+    /// A write about this packet failed, so memory may hold what storage
+    /// does not: reload it from what is committed.
+    Reload {
+        packet: PacketId,
+    },
+    /// Everything handed to the writer before the reload began is settled:
+    /// the packet can be read as committed.
+    Settled {
+        packet: PacketId,
+    },
+    /// A reload read the packet as committed (`None`: it is not stored).
+    Loaded {
+        packet: PacketId,
+        stored: Option<Box<Packet>>,
+    },
+    /// A reload could not read storage; it is tried again later.
+    LoadFailed {
+        packet: PacketId,
     },
 }
 
@@ -128,6 +149,8 @@ pub(crate) enum Completed {
 enum TimerKind {
     Expire,
     Evict,
+    /// Read a packet from storage again after a failed reload.
+    Reload,
 }
 
 /// The engine's handle to one shard.
@@ -161,6 +184,7 @@ pub(crate) fn spawn(setup: ShardSetup, packets: Vec<Packet>) -> ShardHandle {
         packets: HashMap::new(),
         timers: BTreeSet::new(),
         ids,
+        reloading: HashSet::new(),
         pools: HashMap::new(),
         next_release_ms: 0,
         rng,
@@ -188,6 +212,9 @@ struct ShardState {
     /// Expiries and evictions by due time.
     timers: BTreeSet<(u64, PacketId, TimerKind)>,
     ids: IdAllocator,
+    /// Packets taken out of memory to be read again from storage, after a
+    /// write about them failed; requests meanwhile are answered from storage.
+    reloading: HashSet<PacketId>,
     pools: HashMap<CampaignId, Pool>,
     /// When the pools release next (each `RELEASE_TICK_MS` while any runs).
     next_release_ms: u64,
@@ -215,7 +242,7 @@ impl ShardState {
                 // Completions first: a packet's `Funded` must be in place
                 // before any request that learned its id can arrive.
                 biased;
-                Some(done) = completions.recv() => self.completed(done),
+                Some(done) = completions.recv() => self.completed(done).await,
                 ev = requests.recv() => {
                     let Some(ev) = ev else { break };
                     if self.handle(ev).await.is_break() {
@@ -227,7 +254,7 @@ impl ShardState {
                         // arrived while this turn ran, and the client's next
                         // request must find its effect in place.
                         while let Ok(done) = completions.try_recv() {
-                            self.completed(done);
+                            self.completed(done).await;
                         }
                         let Ok(ev) = requests.try_recv() else { break };
                         if self.handle(ev).await.is_break() {
@@ -284,13 +311,18 @@ impl ShardState {
         std::ops::ControlFlow::Continue(())
     }
 
-    fn completed(&mut self, done: Completed) {
+    async fn completed(&mut self, done: Completed) {
         match done {
             Completed::Funded { packet, messages, reply } => self.funded(*packet, messages, reply),
             Completed::IdsReserved { mark } => self.ids.extend(mark),
-            Completed::ShakeRepeated { campaign, packet, amount_fen, user } => {
-                self.shake_repeated(campaign, packet, amount_fen, user)
+            Completed::IdsNotReserved => self.ids.cancel_block_request(),
+            Completed::ShakeUnspent { campaign, packet, amount_fen, user } => {
+                self.shake_unspent(campaign, packet, amount_fen, user)
             }
+            Completed::Reload { packet } => self.reload(packet).await,
+            Completed::Settled { packet } => self.read_back(packet),
+            Completed::Loaded { packet, stored } => self.loaded(packet, stored.map(|p| *p)),
+            Completed::LoadFailed { packet } => self.load_failed(packet),
         }
     }
 
@@ -311,6 +343,10 @@ impl ShardState {
             hongbao_core::packet::PacketStatus::Open => (p.expires_ms, TimerKind::Expire),
             _ => (self.clock.now_ms() + RETAIN_CLOSED_MS, TimerKind::Evict),
         };
+        self.hold(p, at, kind);
+    }
+
+    fn hold(&mut self, p: Packet, at: u64, kind: TimerKind) {
         self.timers.insert((at, p.id, kind));
         if self.packets.insert(p.id, p).is_none() {
             self.counters.packets_in_memory.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -328,9 +364,10 @@ impl ShardState {
         let completions = self.completions.clone();
         let op = hongbao_store::ops::ReserveIds { shard: self.index, mark };
         let queued = self.writer.try_submit(op, move |r| {
-            if r.is_ok() {
-                let _ = completions.send(Completed::IdsReserved { mark });
-            }
+            let _ = completions.send(match r {
+                Ok(()) => Completed::IdsReserved { mark },
+                Err(_) => Completed::IdsNotReserved,
+            });
         });
         if !queued {
             self.ids.cancel_block_request();

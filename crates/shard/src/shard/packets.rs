@@ -7,10 +7,15 @@ use hongbao_core::packet::{GrabState, OpenDecision, OpenError, Packet, PacketSpe
 use hongbao_core::split::SplitKind;
 use hongbao_core::{PacketId, UserId};
 use hongbao_proto::{ErrorCode, Push, PushBody, Reply};
-use hongbao_store::ops::{Barrier, FundPacket, Funded, NewPacket, OpenShare, Refund, Refunded};
+use hongbao_store::ops::{Barrier, FindClaim, FundPacket, Funded, NewPacket, OpenShare, Refund, Refunded};
 use hongbao_store::OpError;
+use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Completed, ShardState, TimerKind, RETAIN_CLOSED_MS};
+
+/// Pause before a packet whose refund failed is refunded again, or a failed
+/// reload is read again: storage is failing, and retrying at once would spin.
+const REFUND_RETRY_MS: u64 = 1_000;
 use crate::checks::{encode_body, op_error, open_error_reply, valid_key};
 use crate::push::PushHub;
 
@@ -45,7 +50,7 @@ fn received_notice(p: &Packet) -> PushBody {
 fn fund_committed(
     r: Result<Funded, OpError>,
     packet: Packet,
-    completions: &tokio::sync::mpsc::UnboundedSender<Completed>,
+    completions: &UnboundedSender<Completed>,
     reply: Responder,
 ) {
     match r {
@@ -75,10 +80,29 @@ struct OpenNotice {
     best_luck: Option<UserId>,
 }
 
-fn open_committed(r: Result<(), OpError>, notice: OpenNotice, hub: &PushHub, reply: Responder) {
+/// The reply to an open whose share was not committed: the client may
+/// retry; the shard reloads the packet, since memory holds a claim storage
+/// does not (and any open decided after it is refused as stale).
+fn open_failed(e: OpError, packet: PacketId, completions: &UnboundedSender<Completed>) -> Reply {
+    let _ = completions.send(Completed::Reload { packet });
+    match e {
+        OpError::Stale(_) | OpError::QueueFull => {
+            Reply::error(ErrorCode::Overload, format!("packet {packet} is being reloaded, retry"))
+        }
+        e => op_error(e).to_reply(),
+    }
+}
+
+fn open_committed(
+    r: Result<(), OpError>,
+    notice: OpenNotice,
+    hub: &PushHub,
+    completions: &UnboundedSender<Completed>,
+    reply: Responder,
+) {
     let OpenNotice { packet, user, amount_fen, finished, sender, remaining_count, best_luck } = notice;
     if let Err(e) = r {
-        return reply.send(op_error(e).to_reply());
+        return reply.send(open_failed(e, packet, completions));
     }
     metrics::counter!("hongbao_opens_total", "result" => "opened").increment(1);
     reply.send(Reply::Opened { packet, amount_fen, repeat: false, finished });
@@ -90,7 +114,29 @@ fn open_committed(r: Result<(), OpError>, notice: OpenNotice, hub: &PushHub, rep
     }
 }
 
-fn refund_committed(r: Result<Refunded, OpError>, packet: PacketId, sender: UserId, body: PushBody, hub: &PushHub) {
+/// The answer to a repeated open: the share, once storage confirms it is
+/// committed (the first open may have failed since memory recorded it).
+fn repeat_confirmed(
+    r: Result<Option<i64>, OpError>,
+    packet: PacketId,
+    finished: bool,
+    completions: &UnboundedSender<Completed>,
+    reply: Responder,
+) {
+    match r {
+        Ok(Some(amount_fen)) => reply.send(Reply::Opened { packet, amount_fen, repeat: true, finished }),
+        Ok(None) => reply.send(open_failed(OpError::Stale(format!("packet {packet}")), packet, completions)),
+        Err(e) => reply.send(op_error(e).to_reply()),
+    }
+}
+
+fn refund_committed(
+    r: Result<Refunded, OpError>,
+    notice: (PacketId, UserId, PushBody),
+    hub: &PushHub,
+    completions: &UnboundedSender<Completed>,
+) {
+    let (packet, sender, body) = notice;
     match r {
         Ok(Refunded { message }) => {
             metrics::counter!("hongbao_refunds_total").increment(1);
@@ -98,7 +144,12 @@ fn refund_committed(r: Result<Refunded, OpError>, packet: PacketId, sender: User
                 hub.deliver(sender, &Push { msg, body });
             }
         }
-        Err(e) => tracing::error!(packet, error = %e, "refund failed; it is retried after a restart"),
+        Err(e) => {
+            // Memory says refunded, storage does not: reload the packet, and
+            // its expiry refunds it again after `REFUND_RETRY_MS`.
+            tracing::warn!(packet, error = %e, "refund failed; retried after a reload");
+            let _ = completions.send(Completed::Reload { packet });
+        }
     }
 }
 
@@ -164,16 +215,14 @@ impl ShardState {
                 return reply.send(open_error_reply(e));
             }
         };
+        let completions = self.completions.clone();
         match decision {
-            OpenDecision::Repeat { amount_fen } => {
+            OpenDecision::Repeat { .. } => {
                 let finished = p.status == PacketStatus::Finished;
-                // The first open may not be committed yet: a barrier completes
-                // only after everything queued before it has committed.
-                let answer = move |r: Result<(), OpError>| match r {
-                    Ok(()) => reply.send(Reply::Opened { packet, amount_fen, repeat: true, finished }),
-                    Err(e) => reply.send(op_error(e).to_reply()),
-                };
-                self.writer.submit(Barrier, answer).await;
+                // The first open may not be committed yet, or may have
+                // failed: the lookup is queued behind it and reads storage.
+                let answer = move |r| repeat_confirmed(r, packet, finished, &completions, reply);
+                self.writer.submit(FindClaim { packet, user }, answer).await;
             }
             OpenDecision::New { amount_fen, finished, best_luck } => {
                 self.counters.opens.fetch_add(1, Ordering::Relaxed);
@@ -191,9 +240,10 @@ impl ShardState {
                     self.timers.remove(&(p.expires_ms, packet, TimerKind::Expire));
                     self.timers.insert((now + RETAIN_CLOSED_MS, packet, TimerKind::Evict));
                 }
-                let op = OpenShare { packet, user, amount_fen, seq, at_ms: now, best_luck };
+                let remaining_before_fen = p.remaining_fen + amount_fen;
+                let op = OpenShare { packet, user, amount_fen, seq, at_ms: now, best_luck, remaining_before_fen };
                 let hub = self.hub.clone();
-                self.writer.submit(op, move |r| open_committed(r, notice, &hub, reply)).await;
+                self.writer.submit(op, move |r| open_committed(r, notice, &hub, &completions, reply)).await;
             }
         }
     }
@@ -237,12 +287,9 @@ impl ShardState {
             }
             self.timers.pop_first();
             match kind {
-                TimerKind::Evict => {
-                    if self.packets.remove(&packet).is_some() {
-                        self.counters.packets_in_memory.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
+                TimerKind::Evict => self.evict(packet),
                 TimerKind::Expire => self.expire(packet, now).await,
+                TimerKind::Reload => self.reload(packet).await,
             }
         }
     }
@@ -256,7 +303,74 @@ impl ShardState {
         let body = PushBody::PacketRefunded { packet, amount_fen };
         let op = Refund { packet, sender, amount_fen, at_ms: now, notice: encode_body(&body) };
         let hub = self.hub.clone();
-        self.writer.submit(op, move |r| refund_committed(r, packet, sender, body, &hub)).await;
+        let completions = self.completions.clone();
+        self.writer.submit(op, move |r| refund_committed(r, (packet, sender, body), &hub, &completions)).await;
+    }
+
+    /// Drops a closed packet from memory; later questions about it are
+    /// answered from storage. An open packet stays (an evict timer can
+    /// outlive a reload that brought the packet back open).
+    fn evict(&mut self, packet: PacketId) {
+        if self.packets.get(&packet).is_some_and(|p| p.status != PacketStatus::Open) {
+            self.packets.remove(&packet);
+            self.counters.packets_in_memory.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a packet out of memory and reads it again from what is
+    /// committed. Meanwhile its requests are answered from storage (an open
+    /// hears `overload`, retry), so nothing more is decided on what memory
+    /// held. The read waits for a barrier queued behind every operation the
+    /// shard has handed to the writer, so no operation decided on the old
+    /// state can commit after the packet was read.
+    pub(super) async fn reload(&mut self, packet: PacketId) {
+        if self.packets.remove(&packet).is_some() {
+            self.counters.packets_in_memory.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.timers.retain(|t| t.1 != packet);
+        if !self.reloading.insert(packet) {
+            return;
+        }
+        metrics::counter!("hongbao_packet_reloads_total").increment(1);
+        let completions = self.completions.clone();
+        let settled = move |_| drop(completions.send(Completed::Settled { packet }));
+        self.writer.submit(Barrier, settled).await;
+    }
+
+    /// The second half of `reload`: the read itself, off the loop.
+    pub(super) fn read_back(&self, packet: PacketId) {
+        let (reader, completions) = (self.reader.clone(), self.completions.clone());
+        tokio::task::spawn_blocking(move || {
+            let _ = completions.send(match reader.packet(packet) {
+                Ok(stored) => Completed::Loaded { packet, stored: stored.map(Box::new) },
+                Err(e) => {
+                    tracing::warn!(packet, error = %e, "reloading a packet failed; retried");
+                    Completed::LoadFailed { packet }
+                }
+            });
+        });
+    }
+
+    /// A reloaded packet goes back into memory as committed. If it is open
+    /// and past its expiry (its refund failed), the refund is tried again
+    /// after `REFUND_RETRY_MS`, not at once in a loop.
+    pub(super) fn loaded(&mut self, packet: PacketId, stored: Option<Packet>) {
+        self.reloading.remove(&packet);
+        let Some(p) = stored else { return };
+        let now = self.clock.now_ms();
+        match p.status {
+            PacketStatus::Open => {
+                let at = if p.expires_ms > now { p.expires_ms } else { now + REFUND_RETRY_MS };
+                self.hold(p, at, TimerKind::Expire);
+            }
+            _ => self.hold(p, now + RETAIN_CLOSED_MS, TimerKind::Evict),
+        }
+    }
+
+    pub(super) fn load_failed(&mut self, packet: PacketId) {
+        // Still reloading: requests keep being answered from storage.
+        self.reloading.remove(&packet);
+        self.timers.insert((self.clock.now_ms() + REFUND_RETRY_MS, packet, TimerKind::Reload));
     }
 }
 

@@ -58,14 +58,25 @@ fn shake_win_committed(
     completions: &tokio::sync::mpsc::UnboundedSender<Completed>,
     reply: Responder,
 ) {
+    let unspent = || {
+        let FirstWin { campaign, packet, amount_fen } = taken;
+        let _ = completions.send(Completed::ShakeUnspent { campaign, packet, amount_fen, user });
+    };
     let result = match r {
         Ok(ShakeWon::Won) => won(taken),
         Ok(ShakeWon::Repeat(first)) => {
-            let FirstWin { campaign, packet, amount_fen } = taken;
-            let _ = completions.send(Completed::ShakeRepeated { campaign, packet, amount_fen, user });
+            unspent();
             won(first)
         }
-        Err(e) => return reply.send(op_error(e).to_reply()),
+        // Not paid: the packet is offered again, and the shake may be retried.
+        Err(OpError::Storage(_) | OpError::QueueFull) => {
+            unspent();
+            ShakeResult::Overload
+        }
+        Err(e) => {
+            unspent();
+            return reply.send(op_error(e).to_reply());
+        }
     };
     count_shake(&result);
     reply.send(Reply::Shake(result));
@@ -116,7 +127,7 @@ impl ShardState {
         let _ = ack.send(());
     }
 
-    pub(super) fn shake_repeated(&mut self, campaign: CampaignId, packet: PacketId, amount_fen: i64, user: UserId) {
+    pub(super) fn shake_unspent(&mut self, campaign: CampaignId, packet: PacketId, amount_fen: i64, user: UserId) {
         if let Some(pool) = self.pools.get_mut(&campaign) {
             pool.ready.push_front((packet, amount_fen));
             // It is on offer again: the pool is not spent after all.
