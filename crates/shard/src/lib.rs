@@ -19,7 +19,7 @@
 //! Layout, read in one direction: `engine` (the control plane: recovery,
 //! routing, money, groups, campaigns, pushes, stats) drives `shard` (the data
 //! plane: one event loop per shard; `packets` and `pools` by concern), and
-//! both use the leaves `push`, `gate`, `types`, `checks` and `clock`. No
+//! both use the leaves `push`, `gate`, `reads`, `types`, `checks` and `clock`. No
 //! module imports one that imports it.
 //!
 //! Time and randomness come in through `EngineConfig` (`clock`, `seed`), so
@@ -30,6 +30,7 @@ mod clock;
 mod engine;
 mod gate;
 mod push;
+mod reads;
 mod shard;
 mod types;
 

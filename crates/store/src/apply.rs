@@ -90,8 +90,10 @@ impl<'a> BatchTx<'a> {
         Ok(())
     }
 
-    /// Writes back what the batch changed, after its last command.
-    pub(crate) fn finish(mut self) -> rusqlite::Result<()> {
+    /// Writes back what the batch changed, after its last command, and
+    /// returns the new balance of every account it changed (to publish once
+    /// the batch has committed).
+    pub(crate) fn finish(mut self) -> rusqlite::Result<Vec<(Account, i64)>> {
         self.flush_opens()?;
         // Money only moves between accounts: the batch changed the sum of
         // all balances by nothing (the ledger's own checks, verified by
@@ -101,13 +103,16 @@ impl<'a> BatchTx<'a> {
         let mut stmt = self.tx.prepare_cached(
             "INSERT INTO accounts (id, balance) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET balance = excluded.balance",
         )?;
+        let mut changed = Vec::with_capacity(self.touched.len());
         for account in self.touched.keys() {
-            stmt.execute(params![account.id(), self.ledger.balance(*account)])?;
+            let balance = self.ledger.balance(*account);
+            stmt.execute(params![account.id(), balance])?;
+            changed.push((*account, balance));
         }
         // Conservation of the whole ledger on every committed batch in debug
         // builds (it is a scan of every account); `hongbao audit` checks it always.
         debug_assert_eq!(self.ledger.total(), 0, "ledger does not balance");
-        Ok(())
+        Ok(changed)
     }
 
     fn deposit(&mut self, op: &Deposit) -> Applied<MoneyMoved> {

@@ -15,11 +15,13 @@ pub use hongbao_core::audit::AuditReport;
 
 mod apply;
 mod audit;
+mod committed;
 pub mod ops;
 mod reader;
 mod schema;
 mod writer;
 
+pub use committed::CommittedBalances;
 pub use ops::{Op, OpError};
 pub use reader::{CampaignRow, MoneyTotals, Reader};
 pub use writer::{StorageFailure, Writer, WriterStats};
@@ -99,7 +101,10 @@ impl Store {
         let path = dir.join(DB_FILE);
         let conn = schema::connect(&path, false)?;
         schema::migrate(&conn)?;
-        let reader = Reader::new(schema::connect(&path, true)?);
+        let readers = (0..hongbao_core::limits::STORAGE_READS_INFLIGHT_MAX)
+            .map(|_| schema::connect(&path, true))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let reader = Reader::new(readers);
         let (ledger, next_campaign) = schema::load_writer_state(&conn)?;
         let (writer, writer_thread) = Writer::start(path, conn, ledger, next_campaign, lock, batch_ops_max);
         Ok(Store { writer, reader, writer_thread })

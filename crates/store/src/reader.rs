@@ -36,8 +36,11 @@ pub struct MoneyTotals {
     pub world_fen: i64,
 }
 
+/// Reads of committed state over a few connections. Each read takes one
+/// free connection; the engine bounds how many reads run at once (no more
+/// than there are connections), so a read never waits here for long.
 pub struct Reader {
-    conn: Mutex<Connection>,
+    conns: Box<[Mutex<Connection>]>,
 }
 
 fn corrupt(what: impl Into<String>) -> StoreError {
@@ -77,12 +80,28 @@ fn packet_from_row(r: &Row<'_>) -> rusqlite::Result<(Packet, String)> {
 }
 
 impl Reader {
-    pub(crate) fn new(conn: Connection) -> Reader {
-        Reader { conn: Mutex::new(conn) }
+    pub(crate) fn new(conns: Vec<Connection>) -> Reader {
+        assert!(!conns.is_empty());
+        Reader { conns: conns.into_iter().map(Mutex::new).collect() }
     }
 
+    /// How many reads can run at once.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// A free connection, else (more reads than connections) the first.
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().expect("reader connection poisoned")
+        // A poisoned connection is still usable: a statement cut short by a
+        // panic is reset when it is next prepared.
+        for conn in self.conns.iter() {
+            match conn.try_lock() {
+                Ok(guard) => return guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        self.conns[0].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn balance(&self, user: UserId) -> Result<i64, StoreError> {

@@ -29,6 +29,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::apply::BatchTx;
+use crate::committed::CommittedBalances;
 use crate::ops::{Command, Completion, Op, OpError, Slot};
 use crate::schema;
 
@@ -77,6 +78,8 @@ impl WriterStats {
 pub struct Writer {
     tx: mpsc::Sender<Command>,
     pub stats: Arc<WriterStats>,
+    /// Balances as committed, published after each commit.
+    pub committed: Arc<CommittedBalances>,
 }
 
 fn stopped() -> OpError {
@@ -104,12 +107,22 @@ impl Writer {
         let (tx, rx) = mpsc::channel(hongbao_core::limits::WRITER_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
         metrics::gauge!("hongbao_storage_up").set(1.0);
-        let state = WriterState { path, conn, ledger, next_campaign, stats: stats.clone(), batch_ops_max, _lock: lock };
+        let committed = Arc::new(CommittedBalances::new(&ledger));
+        let state = WriterState {
+            path,
+            conn,
+            ledger,
+            next_campaign,
+            stats: stats.clone(),
+            committed: committed.clone(),
+            batch_ops_max,
+            _lock: lock,
+        };
         let handle = std::thread::Builder::new()
             .name("hongbao-writer".into())
             .spawn(move || state.run(rx))
             .expect("spawn writer thread");
-        (Writer { tx, stats }, handle)
+        (Writer { tx, stats, committed }, handle)
     }
 
     /// Queues an operation; waits while the queue is full (back-pressure).
@@ -178,6 +191,7 @@ struct WriterState {
     /// The id the next new campaign gets.
     next_campaign: CampaignId,
     stats: Arc<WriterStats>,
+    committed: Arc<CommittedBalances>,
     /// Most operations one transaction holds.
     batch_ops_max: usize,
 }
@@ -332,6 +346,7 @@ impl WriterState {
             [unix_ms().to_string()],
         )?;
         probe.commit()?;
+        self.committed.replace_all(&ledger);
         self.conn = conn;
         self.ledger = ledger;
         self.next_campaign = next_campaign;
@@ -349,7 +364,10 @@ impl WriterState {
             let ok = if command.succeeded() { "true" } else { "false" };
             metrics::counter!("hongbao_writer_ops_total", "op" => command.name(), "ok" => ok).increment(1);
         }
-        applying.finish()?;
-        tx.commit()
+        let changed = applying.finish()?;
+        tx.commit()?;
+        // Before any completion runs: whoever hears of the commit can read it.
+        self.committed.publish(changed);
+        Ok(())
     }
 }

@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, watch};
 use crate::checks::{op_error, store_error};
 use crate::clock::Clock;
 use crate::push::PushHub;
+use crate::reads::Reads;
 use crate::shard::{self, Event, ShardHandle, ShardSetup};
 use crate::types::{CampaignLive, Counters, EngineConfig, Stats};
 
@@ -46,7 +47,8 @@ struct Parts {
     push_hub: Arc<PushHub>,
     shards: Vec<ShardHandle>,
     writer: Writer,
-    reader: Arc<Reader>,
+    /// Every read of storage goes through this bounded gate.
+    reads: Arc<Reads>,
     /// Group membership; read when a packet is sent, written by the admin API.
     groups: RwLock<HashMap<GroupId, Arc<[UserId]>>>,
     /// Serialises campaign starts and stops.
@@ -108,10 +110,9 @@ impl Engine {
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(store_error)?;
         let Store { writer, reader, writer_thread: _ } = store;
-        let reader = Arc::new(reader);
         let recovered = recover(&reader, config.shards)?;
         tracing::info!(seed = config.seed, "engine random seed (EngineConfig::seed reproduces its draws)");
-        let engine = Engine::start_shards(config, writer, reader, recovered).await?;
+        let engine = Engine::start_shards(config, writer, Reads::new(Arc::new(reader)), recovered).await?;
         engine.resume_campaigns().await?;
         Ok(engine)
     }
@@ -119,7 +120,7 @@ impl Engine {
     async fn start_shards(
         config: EngineConfig,
         writer: Writer,
-        reader: Arc<Reader>,
+        reads: Arc<Reads>,
         recovered: Recovered,
     ) -> Result<Engine, EngineError> {
         let Recovered { marks, packets_by_shard, groups } = recovered;
@@ -142,7 +143,7 @@ impl Engine {
                 rng: rand::rngs::SmallRng::seed_from_u64(config.seed ^ (u64::from(index) << 48)),
                 clock: config.clock.clone(),
                 writer: writer.clone(),
-                reader: reader.clone(),
+                reads: reads.clone(),
                 hub: hub.clone(),
                 rules: config.packet_rules.clone(),
                 counters: counters.clone(),
@@ -156,7 +157,7 @@ impl Engine {
             push_hub: hub,
             shards,
             writer,
-            reader,
+            reads,
             groups: RwLock::new(groups.into_iter().map(|(g, m)| (g, Arc::from(m))).collect()),
             campaign_control: tokio::sync::Mutex::new(()),
             group_control: tokio::sync::Mutex::new(()),
@@ -182,16 +183,13 @@ impl Engine {
         (user % self.parts.shards.len() as u64) as usize
     }
 
-    /// Runs a read of committed state off the async threads.
+    /// Runs a read of committed state off the async threads, through the
+    /// bounded gate (`overload` when too many reads are queued).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Reader) -> Result<T, hongbao_store::StoreError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        let reader = self.parts.reader.clone();
-        tokio::task::spawn_blocking(move || f(&reader))
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?
-            .map_err(store_error)
+        self.parts.reads.run(f).await
     }
 
     /// What is wrong with storage while it fails (`None`: it works). Money
@@ -212,7 +210,8 @@ impl Engine {
 
     pub async fn stats(&self) -> Stats {
         let p = &self.parts;
-        let totals = self.read(|r| r.totals()).await.unwrap_or_default();
+        // Running totals the writer keeps as it commits: no read of storage.
+        let totals = p.writer.committed.totals();
         Stats {
             shards: self.shard_count(),
             connections: p.push_hub.connections(),

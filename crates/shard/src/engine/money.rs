@@ -36,9 +36,9 @@ impl Engine {
         Ok(receipt(user, amount_fen, moved))
     }
 
-    /// The committed balance.
+    /// The committed balance (as the writer published it: no read).
     pub async fn balance(&self, user: UserId) -> Result<i64, EngineError> {
         valid_user(user)?;
-        self.read(move |r| r.balance(user)).await
+        Ok(self.parts.writer.committed.balance(hongbao_core::ledger::Account::user(user)))
     }
 }

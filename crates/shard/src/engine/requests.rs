@@ -162,27 +162,18 @@ impl Engine {
     }
 
     fn detail_for(&self, user: UserId, packet: PacketId, reply: Responder) {
-        let reader = self.parts.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            reply.send(match reader.packet(packet) {
-                Ok(Some(p)) if p.sender == user || p.recipients.contains(user) => Reply::Detail(detail(&p)),
-                Ok(Some(_)) => {
-                    Reply::error(ErrorCode::NotEligible, "only the sender and recipients may see this packet")
-                }
-                Ok(None) => not_found(packet),
-                Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
-            })
+        self.parts.reads.reply_with(reply, move |reader| match reader.packet(packet) {
+            Ok(Some(p)) if p.sender == user || p.recipients.contains(user) => Reply::Detail(detail(&p)),
+            Ok(Some(_)) => Reply::error(ErrorCode::NotEligible, "only the sender and recipients may see this packet"),
+            Ok(None) => not_found(packet),
+            Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
         });
     }
 
+    /// From the balances the writer publishes as it commits: no read.
     fn balance_for(&self, user: UserId, reply: Responder) {
-        let reader = self.parts.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            reply.send(match reader.balance(user) {
-                Ok(balance_fen) => Reply::Balance { balance_fen },
-                Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
-            })
-        });
+        let balance_fen = self.parts.writer.committed.balance(hongbao_core::ledger::Account::user(user));
+        reply.send(Reply::Balance { balance_fen });
     }
 
     fn ack_for(&self, user: UserId, msg: u64, reply: Responder) {

@@ -23,13 +23,14 @@ use hongbao_core::ids::{shard_of, IdAllocator};
 use hongbao_core::limits::{self, COMMIT_BATCH_RECORDS_MAX, WRITER_QUEUE_MAX};
 use hongbao_core::packet::Packet;
 use hongbao_core::{CampaignId, PacketId, UserId};
-use hongbao_store::{Reader, Writer};
+use hongbao_store::Writer;
 use rand::rngs::SmallRng;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::Clock;
 use crate::gate::ShakeGate;
 use crate::push::PushHub;
+use crate::reads::Reads;
 use crate::types::{CampaignLive, Counters};
 
 pub(crate) use packets::SendArgs;
@@ -166,7 +167,7 @@ pub(crate) struct ShardSetup {
     pub rng: SmallRng,
     pub clock: Clock,
     pub writer: Writer,
-    pub reader: Arc<Reader>,
+    pub reads: Arc<Reads>,
     pub hub: Arc<PushHub>,
     pub rules: limits::PacketRules,
     pub counters: Arc<Counters>,
@@ -178,7 +179,7 @@ pub(crate) fn spawn(setup: ShardSetup, packets: Vec<Packet>) -> ShardHandle {
     let (tx, rx) = mpsc::channel(limits::SHARD_QUEUE_MAX);
     let (completions_tx, completions_rx) = mpsc::unbounded_channel();
     let gate = Arc::new(ShakeGate::default());
-    let ShardSetup { index, ids, rng, clock, writer, reader, hub, rules, counters, gate_changes } = setup;
+    let ShardSetup { index, ids, rng, clock, writer, reads, hub, rules, counters, gate_changes } = setup;
     let mut state = ShardState {
         index,
         packets: HashMap::new(),
@@ -190,7 +191,7 @@ pub(crate) fn spawn(setup: ShardSetup, packets: Vec<Packet>) -> ShardHandle {
         rng,
         clock,
         writer,
-        reader,
+        reads,
         hub,
         completions: completions_tx,
         rules,
@@ -221,7 +222,8 @@ struct ShardState {
     rng: SmallRng,
     clock: Clock,
     writer: Writer,
-    reader: Arc<Reader>,
+    /// Reads of storage, through the engine's bounded gate.
+    reads: Arc<Reads>,
     hub: Arc<PushHub>,
     completions: mpsc::UnboundedSender<Completed>,
     rules: limits::PacketRules,

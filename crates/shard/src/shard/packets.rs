@@ -8,7 +8,7 @@ use hongbao_core::split::SplitKind;
 use hongbao_core::{PacketId, UserId};
 use hongbao_proto::{ErrorCode, Push, PushBody, Reply};
 use hongbao_store::ops::{Barrier, FindClaim, FundPacket, Funded, NewPacket, OpenShare, Refund, Refunded};
-use hongbao_store::OpError;
+use hongbao_store::{OpError, Reader};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Completed, ShardState, TimerKind, RETAIN_CLOSED_MS};
@@ -251,31 +251,27 @@ impl ShardState {
     /// A grab of a packet no longer (or never) in memory, answered from
     /// committed state off the shard's loop.
     fn grab_from_storage(&self, user: UserId, packet: PacketId, reply: Responder) {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            reply.send(match stored_grab(&reader, user, packet) {
-                Ok((_, state)) => Reply::Grab { packet, state },
-                Err((code, message)) => Reply::error(code, message),
-            })
+        self.reads.reply_with(reply, move |reader| match stored_grab(reader, user, packet) {
+            Ok((_, state)) => Reply::Grab { packet, state },
+            Err((code, message)) => Reply::error(code, message),
         });
     }
 
     /// An open of a packet no longer (or never) in memory: only a repeat or
     /// a refusal can be answered from committed state.
     fn open_from_storage(&self, user: UserId, packet: PacketId, reply: Responder) {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let (finished, state) = match stored_grab(&reader, user, packet) {
+        self.reads.reply_with(reply, move |reader| {
+            let (finished, state) = match stored_grab(reader, user, packet) {
                 Ok(found) => found,
-                Err((code, message)) => return reply.send(Reply::error(code, message)),
+                Err((code, message)) => return Reply::error(code, message),
             };
-            reply.send(match state {
+            match state {
                 GrabState::AlreadyOpened { amount_fen } => Reply::Opened { packet, amount_fen, repeat: true, finished },
                 GrabState::NotEligible => open_error_reply(OpenError::NotEligible),
                 GrabState::Finished => open_error_reply(OpenError::Finished),
                 GrabState::Expired => open_error_reply(OpenError::Expired),
                 GrabState::CanOpen => Reply::error(ErrorCode::Overload, "packet is being loaded, retry"),
-            })
+            }
         });
     }
 
@@ -339,16 +335,19 @@ impl ShardState {
 
     /// The second half of `reload`: the read itself, off the loop.
     pub(super) fn read_back(&self, packet: PacketId) {
-        let (reader, completions) = (self.reader.clone(), self.completions.clone());
-        tokio::task::spawn_blocking(move || {
-            let _ = completions.send(match reader.packet(packet) {
-                Ok(stored) => Completed::Loaded { packet, stored: stored.map(Box::new) },
-                Err(e) => {
-                    tracing::warn!(packet, error = %e, "reloading a packet failed; retried");
-                    Completed::LoadFailed { packet }
-                }
-            });
-        });
+        let (completions, refused) = (self.completions.clone(), self.completions.clone());
+        self.reads.spawn(
+            move |reader| {
+                let _ = completions.send(match reader.packet(packet) {
+                    Ok(stored) => Completed::Loaded { packet, stored: stored.map(Box::new) },
+                    Err(e) => {
+                        tracing::warn!(packet, error = %e, "reloading a packet failed; retried");
+                        Completed::LoadFailed { packet }
+                    }
+                });
+            },
+            move || drop(refused.send(Completed::LoadFailed { packet })),
+        );
     }
 
     /// A reloaded packet goes back into memory as committed. If it is open
@@ -376,11 +375,7 @@ impl ShardState {
 
 /// A stored packet as `user` finds it: whether it finished, and the grab
 /// state; or the error for a packet that cannot be read.
-fn stored_grab(
-    reader: &hongbao_store::Reader,
-    user: UserId,
-    packet: PacketId,
-) -> Result<(bool, GrabState), (ErrorCode, String)> {
+fn stored_grab(reader: &Reader, user: UserId, packet: PacketId) -> Result<(bool, GrabState), (ErrorCode, String)> {
     let p = match reader.packet(packet) {
         Ok(Some(p)) => p,
         Ok(None) => return Err((ErrorCode::NotFound, format!("packet {packet} not found"))),
