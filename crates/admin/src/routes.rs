@@ -287,7 +287,7 @@ pub(crate) async fn push(State(app): Shared, ApiJson(body): ApiJson<PushRequest>
 /// `/v1/tasks/{id}`.
 pub(crate) async fn broadcast(State(app): Shared, ApiJson(body): ApiJson<BroadcastRequest>) -> ApiResult {
     let notice = PushBody::Notice { topic: body.topic, text: body.text };
-    ok(StatusCode::ACCEPTED, app.engine.broadcast(notice))
+    ok(StatusCode::ACCEPTED, app.engine.broadcast(notice)?)
 }
 
 pub(crate) async fn tasks(State(app): Shared) -> ApiResult {

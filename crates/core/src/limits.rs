@@ -29,8 +29,16 @@ pub const PACKET_RECIPIENTS_MAX: usize = 500;
 pub const GREETING_BYTES_MAX: usize = 256;
 /// Idempotency key length in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 64;
-/// Persistent messages kept for one offline user; older ones are dropped first.
+/// Notices from other users (a packet was sent to you) kept for one offline
+/// user; older ones are dropped first. Counted apart from system messages.
 pub const PENDING_MESSAGES_PER_USER_MAX: usize = 1000;
+/// System messages (operator pushes, refunds) kept for one offline user;
+/// only newer system messages drop older ones, never user traffic.
+pub const PENDING_SYSTEM_MESSAGES_PER_USER_MAX: usize = 1000;
+/// Undelivered notices one sender may have stored across all recipients: a
+/// send that would pass it is refused (`rate_limited`) until they are read.
+/// 20 sends to full 500-member groups of offline users.
+pub const PENDING_MESSAGES_PER_SENDER_MAX: usize = 10_000;
 /// Persistent messages delivered on connect in one go.
 pub const MESSAGES_ON_CONNECT_MAX: usize = 200;
 /// Largest amount any single request may move (deposits, campaign funds), fen.
@@ -57,6 +65,8 @@ const _: () = assert!(COMMIT_BATCH_RECORDS_MAX <= WRITER_QUEUE_MAX);
 const _: () = assert!(CONNECTION_INFLIGHT_MAX < CONNECTION_OUTBOX_FRAMES_MAX);
 const _: () = assert!(PACKET_RECIPIENTS_MAX <= GROUP_MEMBERS_MAX);
 const _: () = assert!(MESSAGES_ON_CONNECT_MAX < CONNECTION_OUTBOX_FRAMES_MAX);
+// One send to a full group always fits a sender's budget.
+const _: () = assert!(GROUP_MEMBERS_MAX <= PENDING_MESSAGES_PER_SENDER_MAX);
 // The sum of all amounts the system can hold must stay far from i64 overflow.
 const _: () = assert!(AMOUNT_FEN_MAX < i64::MAX / 1_000_000);
 
@@ -70,10 +80,16 @@ pub struct PacketRules {
     pub count_max: u32,
     /// Seconds until an unopened remainder is refunded.
     pub expiry_s: u64,
+    /// Packets one user may send per second, on average.
+    pub sends_per_s: u32,
+    /// Packets one user may send at once before the rate applies.
+    pub send_burst: u32,
 }
 
 impl Default for PacketRules {
     fn default() -> Self {
-        PacketRules { amount_fen_max: 20_000, count_max: 100, expiry_s: 24 * 3600 }
+        // 10 a second with bursts of 20: far above what a person sends, far
+        // below a spammer's 1,000 packets in 10 s (issue 9).
+        PacketRules { amount_fen_max: 20_000, count_max: 100, expiry_s: 24 * 3600, sends_per_s: 10, send_burst: 20 }
     }
 }

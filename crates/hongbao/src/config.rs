@@ -85,6 +85,14 @@ pub struct ServeArgs {
     /// Largest number of shares in one group packet [default: 100]
     #[arg(long, env = "HONGBAO_PACKET_COUNT_MAX", value_name = "N")]
     pub packet_count_max: Option<u32>,
+    /// Group packets one user may send per second on average; 0: no limit
+    /// [default: 10]
+    #[arg(long, env = "HONGBAO_SENDS_PER_S", value_name = "N")]
+    pub sends_per_s: Option<u32>,
+    /// Group packets one user may send at once before the rate applies
+    /// [default: 20]
+    #[arg(long, env = "HONGBAO_SEND_BURST", value_name = "N")]
+    pub send_burst: Option<u32>,
 }
 
 /// The `--config` TOML file. Every field is optional and named like its flag
@@ -118,6 +126,8 @@ pub struct Config {
     pub packet_expiry_s: Option<u64>,
     pub packet_amount_max_fen: Option<i64>,
     pub packet_count_max: Option<u32>,
+    pub sends_per_s: Option<u32>,
+    pub send_burst: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +213,8 @@ impl Settings {
                     .unwrap_or(rules.amount_fen_max),
                 count_max: args.packet_count_max.or(file.packet_count_max).unwrap_or(rules.count_max),
                 expiry_s: args.packet_expiry_s.or(file.packet_expiry_s).unwrap_or(rules.expiry_s),
+                sends_per_s: args.sends_per_s.or(file.sends_per_s).unwrap_or(rules.sends_per_s),
+                send_burst: args.send_burst.or(file.send_burst).unwrap_or(rules.send_burst),
             },
         };
         s.validate()?;
@@ -228,6 +240,9 @@ impl Settings {
         }
         if self.packet_rules.expiry_s < 1 {
             return invalid("packet_expiry_s must be at least 1".into());
+        }
+        if self.packet_rules.send_burst < 1 {
+            return invalid("send_burst must be at least 1".into());
         }
         for (name, value) in [("secret", &self.secret), ("admin_key", &self.admin_key)] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {

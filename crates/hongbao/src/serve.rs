@@ -39,8 +39,8 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    DataDir(#[from] hongbao_store::StoreError),
     #[error("key file: {0}")]
     Keys(#[from] KeyError),
     #[error("engine: {0}")]
@@ -89,7 +89,7 @@ pub struct Server {
 /// API. On failure everything already started is stopped again.
 pub async fn start(settings: Settings, prometheus: PrometheusHandle) -> Result<Server, ServeError> {
     let data = &settings.data;
-    std::fs::create_dir_all(data).map_err(|source| ServeError::DataDir { path: data.clone(), source })?;
+    hongbao_store::prepare_data_dir(data)?;
     let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.clone());
     // The wall clock and a fresh seed (logged at start-up).
     let engine_config = EngineConfig {

@@ -406,7 +406,7 @@ mod tests {
         let push = good.recv().await.unwrap();
         assert_eq!(push, Down::Frame { conn: 1, frame: ServerFrame::Push(Push { msg: 0, body: body.clone() }) });
         // A broadcast crosses the link once, for the gateway to fan out.
-        let task = engine.broadcast(body.clone());
+        let task = engine.broadcast(body.clone()).unwrap();
         assert_eq!(good.recv().await.unwrap(), Down::ToAll(ServerFrame::Push(Push { msg: 0, body: body.clone() })));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while engine.task(task.id).unwrap().state != "done" {

@@ -4,7 +4,7 @@
 use hongbao_boundary::EngineError;
 use hongbao_core::limits;
 use hongbao_core::packet::OpenError;
-use hongbao_core::UserId;
+use hongbao_core::{GroupId, UserId};
 use hongbao_proto::{ErrorCode, PushBody, Reply, ShakeResult};
 use hongbao_store::OpError;
 
@@ -17,6 +17,7 @@ pub(crate) fn op_error(e: OpError) -> EngineError {
         OpError::NotFound(what) => EngineError::NotFound(what),
         OpError::Invalid(msg) => EngineError::Invalid(msg),
         OpError::QueueFull => EngineError::Overload,
+        OpError::RateLimited(why) => EngineError::RateLimited(why),
         OpError::Storage(msg) => EngineError::Unavailable(msg),
         // Only opens can be stale, and the shard answers those itself.
         OpError::Stale(what) => EngineError::Unavailable(format!("{what}; retry")),
@@ -30,6 +31,14 @@ pub(crate) fn store_error(e: hongbao_store::StoreError) -> EngineError {
 pub(crate) fn valid_user(user: UserId) -> Result<(), EngineError> {
     if user == 0 || user > hongbao_core::ID_MAX {
         return Err(EngineError::Invalid(format!("user id {user} is not between 1 and 2^53-1")));
+    }
+    Ok(())
+}
+
+/// Group ids are in the same range as user ids (they travel in JSON too).
+pub(crate) fn valid_group(group: GroupId) -> Result<(), EngineError> {
+    if group == 0 || group > hongbao_core::ID_MAX {
+        return Err(EngineError::Invalid(format!("group id {group} is not between 1 and 2^53-1")));
     }
     Ok(())
 }

@@ -24,6 +24,9 @@ use crate::types::TaskInfo;
 const STRIPES: usize = 64;
 /// Broadcast tasks remembered (finished ones are forgotten oldest first).
 const TASKS_KEPT_MAX: usize = 128;
+/// Broadcast tasks delivering at once.
+const BROADCASTS_RUNNING_MAX: usize = 4;
+const _: () = assert!(BROADCASTS_RUNNING_MAX < TASKS_KEPT_MAX);
 /// Deliveries between yields in a broadcast, so it shares the runtime.
 const BROADCAST_CHUNK: usize = 1024;
 
@@ -48,6 +51,13 @@ pub struct PushReceipt {
 struct Task {
     info: Mutex<TaskInfo>,
     stop: AtomicBool,
+}
+
+impl Task {
+    /// Still delivering (`running`, or `stopping` until its loop notices).
+    fn is_running(&self) -> bool {
+        matches!(lock(&self.info).state.as_str(), "running" | "stopping")
+    }
 }
 
 /// One stripe of presence: each online user's devices.
@@ -197,7 +207,10 @@ impl PushHub {
         self.stripes.iter().map(|s| lock(s).len() as u64).sum()
     }
 
-    pub(crate) fn broadcast(self: &Arc<Self>, body: PushBody) -> TaskInfo {
+    /// Starts a broadcast task; `None` when `BROADCASTS_RUNNING_MAX` run
+    /// already (each holds a snapshot of up to a stripe of outboxes and
+    /// takes turns on the runtime: an unbounded number would be a flood).
+    pub(crate) fn broadcast(self: &Arc<Self>, body: PushBody) -> Option<TaskInfo> {
         let id = self.next_task.fetch_add(1, Ordering::Relaxed);
         let info = TaskInfo {
             id,
@@ -207,13 +220,8 @@ impl PushHub {
             created_ms: self.clock.now_ms(),
         };
         let task = Arc::new(Task { info: Mutex::new(info.clone()), stop: AtomicBool::new(false) });
-        {
-            let mut tasks = lock(&self.tasks);
-            while tasks.len() >= TASKS_KEPT_MAX {
-                let oldest = *tasks.keys().next().expect("non-empty");
-                tasks.remove(&oldest);
-            }
-            tasks.insert(id, task.clone());
+        if !remember(&mut lock(&self.tasks), id, task.clone()) {
+            return None;
         }
         let hub = self.clone();
         tokio::spawn(async move {
@@ -255,7 +263,7 @@ impl PushHub {
             info.delivered = delivered;
             info.state = if task.stop.load(Ordering::Relaxed) { "stopped".into() } else { "done".into() };
         });
-        info
+        Some(info)
     }
 
     pub(crate) fn task(&self, id: u64) -> Option<TaskInfo> {
@@ -277,6 +285,22 @@ impl PushHub {
         let tasks = lock(&self.tasks);
         tasks.values().map(|t| lock(&t.info).clone()).collect()
     }
+}
+
+/// Adds a new running task unless `BROADCASTS_RUNNING_MAX` run already.
+/// Forgets the oldest finished tasks to stay within `TASKS_KEPT_MAX`; a
+/// running one is never forgotten (it could no longer be stopped), and
+/// fewer run than are kept, so there is always a finished one to forget.
+fn remember(tasks: &mut BTreeMap<u64, Arc<Task>>, id: u64, task: Arc<Task>) -> bool {
+    if tasks.values().filter(|t| t.is_running()).count() >= BROADCASTS_RUNNING_MAX {
+        return false;
+    }
+    while tasks.len() >= TASKS_KEPT_MAX {
+        let oldest_finished = tasks.iter().find(|(_, t)| !t.is_running()).map(|(id, _)| *id);
+        tasks.remove(&oldest_finished.expect("fewer tasks run than are kept"));
+    }
+    tasks.insert(id, task);
+    true
 }
 
 /// A registered connection; unregisters itself when dropped.
@@ -347,5 +371,32 @@ mod tests {
         assert_eq!(hub.deliver(1, &push), 0);
         let received = tokio::time::timeout(std::time::Duration::from_secs(1), ra.recv(64)).await.unwrap();
         assert_eq!(received, Err(hongbao_boundary::Overflow));
+    }
+
+    /// Issue 9: broadcast tasks had no limit, and forgetting the oldest of
+    /// the remembered tasks could forget one still running, which then could
+    /// not be stopped.
+    #[test]
+    fn broadcasts_running_at_once_are_bounded_and_a_running_one_is_never_forgotten() {
+        let task = |state: &str| {
+            let info = TaskInfo { id: 0, state: state.into(), targets: 0, delivered: 0, created_ms: 0 };
+            Arc::new(Task { info: Mutex::new(info), stop: AtomicBool::new(false) })
+        };
+        let mut tasks = BTreeMap::new();
+        // The oldest task still runs, behind it finished ones up to the limit.
+        assert!(remember(&mut tasks, 1, task("running")));
+        for id in 2..=TASKS_KEPT_MAX as u64 {
+            assert!(remember(&mut tasks, id, task("done")));
+        }
+        for id in 1_000..1_000 + TASKS_KEPT_MAX as u64 {
+            assert!(remember(&mut tasks, id, task("stopped")));
+            assert!(tasks.len() <= TASKS_KEPT_MAX);
+            assert!(tasks.contains_key(&1), "the running task was forgotten");
+        }
+        for id in 2_000..2_000 + BROADCASTS_RUNNING_MAX as u64 - 1 {
+            assert!(remember(&mut tasks, id, task("running")));
+        }
+        assert!(!remember(&mut tasks, 3_000, task("running")), "one more than may run at once");
+        assert!(!tasks.contains_key(&3_000));
     }
 }

@@ -7,9 +7,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use std::sync::Mutex;
-
-use hongbao_boundary::sync::lock;
 use hongbao_boundary::{EngineError, Responder};
 use hongbao_core::limits::{STORAGE_READS_INFLIGHT_MAX, STORAGE_READS_WAITING_MAX};
 use hongbao_proto::{ErrorCode, Reply};
@@ -82,9 +79,28 @@ impl Reads {
     /// background, or, when too many reads are queued already, calls
     /// `refused` at once instead.
     pub(crate) fn spawn(self: &Arc<Self>, f: impl FnOnce(&Reader) + Send + 'static, refused: impl FnOnce()) {
-        if self.queue().is_err() {
-            return refused();
+        match self.queue() {
+            Ok(()) => self.spawn_queued(f),
+            Err(ReadsFull) => refused(),
         }
+    }
+
+    /// Answers `reply` with what `answer` makes of a read of storage, or
+    /// with `refused` when too many reads are queued.
+    pub(crate) fn reply_with(
+        self: &Arc<Self>,
+        reply: Responder,
+        refused: Reply,
+        answer: impl FnOnce(&Reader) -> Reply + Send + 'static,
+    ) {
+        match self.queue() {
+            Ok(()) => self.spawn_queued(move |reader| reply.send(answer(reader))),
+            Err(ReadsFull) => reply.send(refused),
+        }
+    }
+
+    /// Runs `f` once a reader is free, having a place in the queue.
+    fn spawn_queued(self: &Arc<Self>, f: impl FnOnce(&Reader) + Send + 'static) {
         let reads = self.clone();
         tokio::spawn(async move {
             let permit = reads.permit_when_queued().await;
@@ -98,27 +114,9 @@ impl Reads {
     }
 }
 
-impl Reads {
-    /// Answers `reply` with what `answer` makes of a read of storage, or
-    /// `overload` when too many reads are queued.
-    pub(crate) fn reply_with(
-        self: &Arc<Self>,
-        reply: Responder,
-        answer: impl FnOnce(&Reader) -> Reply + Send + 'static,
-    ) {
-        // Shared with the refusal: exactly one of the two answers.
-        let slot = Arc::new(Mutex::new(Some(reply)));
-        let refused_slot = slot.clone();
-        let send = |slot: &Mutex<Option<Responder>>, r: Reply| {
-            if let Some(reply) = lock(slot).take() {
-                reply.send(r);
-            }
-        };
-        self.spawn(
-            move |reader| send(&slot, answer(reader)),
-            move || send(&refused_slot, Reply::error(ErrorCode::Overload, "too many reads of storage queued, retry")),
-        );
-    }
+/// The refusal of a read when too many are queued (`overload`, retry).
+pub(crate) fn reads_full() -> Reply {
+    Reply::error(ErrorCode::Overload, "too many reads of storage queued, retry")
 }
 
 #[cfg(test)]

@@ -589,3 +589,122 @@ async fn opens_survive_a_storage_failure_without_a_share_lost_or_paid_twice() {
     engine.shutdown().await;
     assert_audit(dir.path());
 }
+
+/// Issue 9: one user sent 1,000 one-fen packets to a victim (and 499 others)
+/// in 10 s; the victim's oldest stored message, an operator's notice, was
+/// pushed out, and the database grew by 500,000 rows. Now sends are rate
+/// limited per sender, user notices never push out system messages, and a
+/// sender has a budget of undelivered notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_spam_is_limited_and_never_evicts_system_messages() {
+    use hongbao_core::limits::{PENDING_MESSAGES_PER_SENDER_MAX, PENDING_MESSAGES_PER_USER_MAX};
+    use hongbao_proto::{PushBody, ServerFrame};
+
+    // The rate: a burst, then `sends_per_s`.
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(3600);
+    let rules = config.packet_rules.clone();
+    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+    engine.deposit(1, 1_000, "d").await.unwrap();
+    for i in 0..rules.send_burst {
+        sent_packet(&engine, 1, send(1, 1, Target::User(2), &format!("b{i}"))).await;
+    }
+    let limited = engine.call(1, send(1, 1, Target::User(2), "over")).await;
+    assert!(matches!(limited, Reply::Error { code: ErrorCode::RateLimited, .. }), "{limited:?}");
+    advance(&engine, &config, 1_000 / rules.sends_per_s as u64).await;
+    sent_packet(&engine, 1, send(1, 1, Target::User(2), "later")).await;
+    engine.shutdown().await;
+
+    // Without a rate, a flood of notices to one victim keeps its cap and
+    // leaves the operator's message alone; a sender's budget holds.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config.clone();
+    config.packet_rules.sends_per_s = 0;
+    let engine = Engine::open(config, dir.path()).await.unwrap();
+    let victim = 9;
+    let notice = PushBody::Notice { topic: "ops".into(), text: "maintenance at 02:00".into() };
+    engine.push(crate::PushTarget::User(victim), notice.clone(), true).await.unwrap();
+    engine.deposit(1, 1_000_000, "d").await.unwrap();
+    let spam = (0..=PENDING_MESSAGES_PER_USER_MAX).map(|i| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.call(1, send(1, 1, Target::User(victim), &format!("s{i}"))).await })
+    });
+    for task in spam.collect::<Vec<_>>() {
+        assert!(matches!(task.await.unwrap(), Reply::Sent { .. }));
+    }
+    let (outbox, mut inbox) = hongbao_boundary::Outbox::new(1_000);
+    let _connection = engine.connect(victim, outbox).await.unwrap();
+    let Some(ServerFrame::Push(first)) = inbox.try_recv() else { panic!("stored messages are delivered") };
+    assert_eq!(first.body, notice, "the operator's message survived and comes first");
+
+    // Another sender fills its budget of undelivered notices.
+    engine.deposit(2, 1_000_000, "d2").await.unwrap();
+    let group: Vec<u64> = (1_000..1_500).collect();
+    let sends = PENDING_MESSAGES_PER_SENDER_MAX / group.len();
+    for i in 0..sends {
+        sent_packet(&engine, 2, send(100, 100, Target::Users(group.clone()), &format!("g{i}"))).await;
+    }
+    let over = engine.call(2, send(100, 100, Target::Users(group.clone()), "over")).await;
+    assert!(matches!(over, Reply::Error { code: ErrorCode::RateLimited, .. }), "{over:?}");
+    // A recipient reads one: room for one more notice.
+    let (outbox, mut inbox) = hongbao_boundary::Outbox::new(1_000);
+    let _reader = engine.connect(1_000, outbox).await.unwrap();
+    let Some(ServerFrame::Push(read)) = inbox.try_recv() else { panic!() };
+    assert_eq!(engine.call(1_000, Request::Ack { msg: read.msg }).await, Reply::Acked { msg: read.msg });
+    sent_packet(&engine, 2, send(1, 1, Target::User(1_000), "one more")).await;
+    engine.shutdown().await;
+    assert_audit(dir.path());
+}
+
+/// Issue 9: every keyed shake that found nothing cost a turn of the writer
+/// (8 flooding connections took an admin deposit from 1.2 to 144 ms). Its
+/// lookup is a bounded read of committed wins now, and the writer is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_shakes_that_find_nothing_leave_the_writer_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    engine.deposit(100, 1_000, "d").await.unwrap();
+    let before = engine.stats().await;
+    let shakes = (0..2_000u64).map(|i| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine.call(1 + i % 40, Request::Shake { campaign: 0, key: Some(format!("k{i}")) }).await
+        })
+    });
+    for task in shakes.collect::<Vec<_>>() {
+        match task.await.unwrap() {
+            // Beyond the read gate's queue: refused at once, still no writer.
+            Reply::Shake(ShakeResult::NotRunning | ShakeResult::Overload) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let after = engine.stats().await;
+    assert_eq!((after.commits, after.committed_ops), (before.commits, before.committed_ops), "no writer turn");
+    engine.shutdown().await;
+}
+
+/// Issue 9: `{"group": 0}` answered 404 `not_found`; ids are documented as
+/// 1..2^53-1, so it is an invalid request like `users: [0]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_zero_is_an_invalid_request_not_a_missing_group() {
+    use hongbao_boundary::EngineError;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    engine.deposit(1, 100, "d").await.unwrap();
+    let body = hongbao_proto::PushBody::Notice { topic: "t".into(), text: "x".into() };
+    for group in [0, hongbao_core::ID_MAX + 1] {
+        assert!(matches!(
+            engine.push(crate::PushTarget::Group(group), body.clone(), false).await,
+            Err(EngineError::Invalid(_))
+        ));
+        assert!(matches!(engine.set_group(group, vec![1]).await, Err(EngineError::Invalid(_))));
+        let reply = engine.call(1, send(10, 1, Target::Group(group), "g")).await;
+        assert!(matches!(reply, Reply::Error { code: ErrorCode::InvalidRequest, .. }), "{reply:?}");
+    }
+    let reply = engine.call(1, send(10, 1, Target::Group(5), "g")).await;
+    assert!(
+        matches!(reply, Reply::Error { code: ErrorCode::NotFound, .. }),
+        "a valid id that names no group: {reply:?}"
+    );
+    engine.shutdown().await;
+}

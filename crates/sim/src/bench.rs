@@ -33,7 +33,12 @@ use crate::worker::{Control, WorkerReport};
 pub const USERS_PER_WORKER_DEFAULT: u64 = 15_000;
 /// Account ids of the bench's own money, far above the simulated users.
 const CAMPAIGN_FUNDER: u64 = 900_000_000_001;
-const GROUP_SENDER: u64 = 900_000_000_002;
+/// The first of the users that send the group packets (see `group_senders`).
+const GROUP_SENDER_FIRST: u64 = 900_000_000_100;
+/// Group packets one sending user sends per second: half the server's
+/// default per-user send rate (`sends_per_s` = 10), so the group phase
+/// stays within it with room for timing jitter.
+const GROUP_SENDS_PER_USER_PER_S: u64 = 5;
 /// Average campaign packet (1 yuan); group packets are 3..=20 yuan.
 const CAMPAIGN_PACKET_AVG_FEN: i64 = 100;
 const GROUP_PACKET_FEN: std::ops::RangeInclusive<i64> = 300..=2_000;
@@ -303,6 +308,12 @@ pub struct Summary {
     pub files: Vec<String>,
 }
 
+/// How many users send the group packets: enough that none sends faster
+/// than `GROUP_SENDS_PER_USER_PER_S`, as many real senders would.
+fn group_senders(plan: &Plan) -> u64 {
+    plan.group_rate.div_ceil(GROUP_SENDS_PER_USER_PER_S).max(1)
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -458,10 +469,11 @@ pub fn run(
     // Money first, so a plan the server cannot fund fails before any load.
     let campaign_packets = plan.campaign_rate * (plan.shake_s() + 10);
     let campaign_fen = campaign_packets as i64 * CAMPAIGN_PACKET_AVG_FEN;
-    let group_fen = plan.group_packets as i64 * GROUP_PACKET_FEN.end();
     deposit(&admin, CAMPAIGN_FUNDER, campaign_fen, &format!("bench-{run_id}-campaign"))?;
-    if group_fen > 0 {
-        deposit(&admin, GROUP_SENDER, group_fen, &format!("bench-{run_id}-group"))?;
+    let senders = group_senders(plan);
+    let sender_fen = plan.group_packets.div_ceil(senders) as i64 * GROUP_PACKET_FEN.end();
+    for sender in 0..senders.min(plan.group_packets) {
+        deposit(&admin, GROUP_SENDER_FIRST + sender, sender_fen, &format!("bench-{run_id}-group-{sender}"))?;
     }
 
     let workers_n = plan.workers() as usize;
@@ -986,7 +998,7 @@ fn run_phases(
                         let sent = admin_call(admin.post(
                             "/v1/packets",
                             &json!({
-                                "sender": GROUP_SENDER, "amount_fen": amount, "count": GROUP_PACKET_COUNT,
+                                "sender": GROUP_SENDER_FIRST + i % group_senders(plan), "amount_fen": amount, "count": GROUP_PACKET_COUNT,
                                 "kind": "lucky", "to": {"users": users}, "greeting": "恭喜发财",
                                 "key": format!("bench-{run_id}-group-{i}"),
                             }),

@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use hongbao_core::audit::EntryKind;
 use hongbao_core::campaign::CampaignStatus;
 use hongbao_core::ledger::{Account, Ledger, Transfer};
-use hongbao_core::limits::{GROUP_MEMBERS_MAX, PENDING_MESSAGES_PER_USER_MAX};
+use hongbao_core::limits::{
+    GROUP_MEMBERS_MAX, PENDING_MESSAGES_PER_SENDER_MAX, PENDING_MESSAGES_PER_USER_MAX,
+    PENDING_SYSTEM_MESSAGES_PER_USER_MAX,
+};
 use hongbao_core::packet::Recipients;
 use hongbao_core::{CampaignId, PacketId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -26,6 +29,8 @@ pub(crate) struct BatchTx<'a> {
     tx: &'a Connection,
     ledger: &'a mut Ledger,
     next_campaign: &'a mut CampaignId,
+    /// Undelivered user notices by sender, kept as messages come and go.
+    pending_by_sender: &'a mut HashMap<UserId, u32>,
     /// Each account this batch moved money in or out of, with its balance
     /// before the batch: written back once per batch, and checked to sum to
     /// no change at all (money only moves between accounts).
@@ -57,8 +62,13 @@ struct EntryMeta {
 }
 
 impl<'a> BatchTx<'a> {
-    pub(crate) fn new(tx: &'a Connection, ledger: &'a mut Ledger, next_campaign: &'a mut CampaignId) -> BatchTx<'a> {
-        BatchTx { tx, ledger, next_campaign, touched: HashMap::new(), opened: HashMap::new() }
+    pub(crate) fn new(
+        tx: &'a Connection,
+        ledger: &'a mut Ledger,
+        next_campaign: &'a mut CampaignId,
+        pending_by_sender: &'a mut HashMap<UserId, u32>,
+    ) -> BatchTx<'a> {
+        BatchTx { tx, ledger, next_campaign, pending_by_sender, touched: HashMap::new(), opened: HashMap::new() }
     }
 
     /// Applies one command, recording its decision in its slot.
@@ -170,6 +180,12 @@ impl<'a> BatchTx<'a> {
         if let Some(repeat) = self.funded_before(p, &op.key)? {
             return Ok(repeat);
         }
+        let pending = self.pending_by_sender.get(&p.sender).copied().unwrap_or(0) as usize;
+        if pending + p.recipients.list().len() > PENDING_MESSAGES_PER_SENDER_MAX {
+            return Ok(Err(OpError::RateLimited(format!(
+                "{pending} of your notices are still undelivered (at most {PENDING_MESSAGES_PER_SENDER_MAX}); retry later"
+            ))));
+        }
         let t = Transfer { from: Account::user(p.sender), to: Account::PACKET_ESCROW, amount_fen: p.total_fen };
         let meta = EntryMeta { kind: EntryKind::PacketFund, reference: p.id, user: None, at_ms: op.at_ms };
         if let Err(e) = self.transfer(t, meta)? {
@@ -201,7 +217,7 @@ impl<'a> BatchTx<'a> {
             ])?;
         let mut messages = Vec::with_capacity(p.recipients.list().len());
         for &user in p.recipients.list() {
-            messages.push((user, self.store_message(user, &op.notice, op.at_ms)?));
+            messages.push((user, self.store_message(user, &op.notice, op.at_ms, Author::User(p.sender))?));
         }
         Ok(Ok(Funded::New { messages }))
     }
@@ -335,7 +351,7 @@ impl<'a> BatchTx<'a> {
         if let Err(e) = self.transfer(t, meta)? {
             panic!("refund of packet {} does not balance: {e}", op.packet);
         }
-        let message = self.store_message(op.sender, &op.notice, op.at_ms)?;
+        let message = self.store_message(op.sender, &op.notice, op.at_ms, Author::System)?;
         Ok(Ok(Refunded { message: Some(message) }))
     }
 
@@ -465,17 +481,34 @@ impl<'a> BatchTx<'a> {
     fn store_messages(&mut self, op: &StoreMessages) -> Applied<Vec<(UserId, u64)>> {
         let mut ids = Vec::with_capacity(op.users.len());
         for &u in &op.users {
-            ids.push((u, self.store_message(u, &op.body, op.at_ms)?));
+            ids.push((u, self.store_message(u, &op.body, op.at_ms, Author::System)?));
         }
         Ok(Ok(ids))
     }
 
     fn ack_message(&mut self, op: &AckMessage) -> Applied<bool> {
-        let n = self
+        let deleted: Option<(String, i64)> = self
             .tx
-            .prepare_cached("DELETE FROM messages WHERE id = ?1 AND user = ?2")?
-            .execute(params![op.msg as i64, op.user as i64])?;
-        Ok(Ok(n > 0))
+            .prepare_cached("DELETE FROM messages WHERE id = ?1 AND user = ?2 RETURNING kind, sender")?
+            .query_row(params![op.msg as i64, op.user as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((kind, sender)) = &deleted {
+            self.forget_pending(kind, *sender as u64, 1);
+        }
+        Ok(Ok(deleted.is_some()))
+    }
+
+    /// A sender's notices that left storage (read, or dropped by a cap).
+    fn forget_pending(&mut self, kind: &str, sender: UserId, n: u32) {
+        if kind != Author::USER {
+            return;
+        }
+        if let Some(count) = self.pending_by_sender.get_mut(&sender) {
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                self.pending_by_sender.remove(&sender);
+            }
+        }
     }
 
     fn change_group(&mut self, op: &ChangeGroup) -> Applied<Vec<UserId>> {
@@ -536,17 +569,44 @@ impl<'a> BatchTx<'a> {
     }
 
     /// Stores a persistent message and bounds what one offline user can
-    /// accumulate: the oldest beyond the limit are dropped.
-    fn store_message(&self, user: UserId, body: &[u8], at_ms: u64) -> rusqlite::Result<u64> {
+    /// accumulate of its kind: the oldest beyond the limit are dropped, so
+    /// user notices never push out system messages.
+    fn store_message(&mut self, user: UserId, body: &[u8], at_ms: u64, author: Author) -> rusqlite::Result<u64> {
+        let (kind, sender, kept) = match author {
+            Author::User(sender) => (Author::USER, sender, PENDING_MESSAGES_PER_USER_MAX),
+            Author::System => (Author::SYSTEM, 0, PENDING_SYSTEM_MESSAGES_PER_USER_MAX),
+        };
         self.tx
-            .prepare_cached("INSERT INTO messages (user, body, created_ms) VALUES (?1, ?2, ?3)")?
-            .execute(params![user as i64, body, at_ms as i64])?;
+            .prepare_cached("INSERT INTO messages (user, body, created_ms, kind, sender) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![user as i64, body, at_ms as i64, kind, sender as i64])?;
         let id = self.tx.last_insert_rowid() as u64;
-        self.tx
-            .prepare_cached(
-                "DELETE FROM messages WHERE user = ?1 AND id <= (SELECT id FROM messages WHERE user = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-            )?
-            .execute(params![user as i64, PENDING_MESSAGES_PER_USER_MAX as i64])?;
+        if let Author::User(sender) = author {
+            *self.pending_by_sender.entry(sender).or_insert(0) += 1;
+        }
+        let mut dropped = self.tx.prepare_cached(
+            "DELETE FROM messages WHERE user = ?1 AND kind = ?2 AND id <= (SELECT id FROM messages WHERE user = ?1 AND kind = ?2 ORDER BY id DESC LIMIT 1 OFFSET ?3) RETURNING sender",
+        )?;
+        let senders: Vec<i64> = dropped
+            .query_map(params![user as i64, kind, kept as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        drop(dropped);
+        for sender in senders {
+            self.forget_pending(kind, sender as u64, 1);
+        }
         Ok(id)
     }
+}
+
+/// Who a stored message is from, which decides which cap it counts toward.
+#[derive(Clone, Copy)]
+enum Author {
+    /// Another user (a packet's notice): capped per recipient, and per sender.
+    User(UserId),
+    /// The operator or the system (pushes, refunds): never dropped for user traffic.
+    System,
+}
+
+impl Author {
+    const USER: &'static str = "user";
+    const SYSTEM: &'static str = "system";
 }

@@ -9,6 +9,7 @@
 //! do), or know about sockets and client messages. Push bodies arrive as
 //! opaque bytes.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub use hongbao_core::audit::AuditReport;
@@ -87,18 +88,20 @@ impl Store {
     }
 
     fn open_batched(dir: &Path, batch_ops_max: usize) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
+        prepare_data_dir(dir)?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(&lock_path)
             .map_err(|source| StoreError::Io { path: lock_path.clone(), source })?;
         if lock.try_lock().is_err() {
             return Err(StoreError::Locked(dir.to_owned()));
         }
         let path = dir.join(DB_FILE);
+        private_db_files(&path)?;
         let conn = schema::connect(&path, false)?;
         schema::migrate(&conn)?;
         let readers = (0..hongbao_core::limits::STORAGE_READS_INFLIGHT_MAX)
@@ -106,9 +109,47 @@ impl Store {
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let reader = Reader::new(readers);
         let (ledger, next_campaign) = schema::load_writer_state(&conn)?;
-        let (writer, writer_thread) = Writer::start(path, conn, ledger, next_campaign, lock, batch_ops_max);
+        let (writer, writer_thread) = Writer::start(path, conn, ledger, next_campaign, lock, batch_ops_max)?;
         Ok(Store { writer, reader, writer_thread })
     }
+}
+
+/// The data directory holds money records and the server's secrets: only
+/// the server's user may list, read or write it.
+const DIR_MODE: u32 = 0o700;
+/// Every file the store creates: readable and writable by the server's user only.
+const FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` (and its parents) if needed and makes it private to this
+/// user, also when it already existed with wider permissions.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |source| StoreError::Io { path: dir.to_owned(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(io)
+}
+
+/// The database file is created private before SQLite opens it (SQLite gives
+/// its WAL and shared-memory files the database file's permissions), and
+/// files of an older data directory are made private too.
+fn private_db_files(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |path: &Path, source| StoreError::Io { path: path.to_owned(), source };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(FILE_MODE)
+        .open(db)
+        .map_err(|e| io(db, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = PathBuf::from(format!("{}{suffix}", db.display()));
+        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(FILE_MODE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path, e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -33,6 +33,9 @@ pub enum OpError {
     /// `Writer::try_submit` found the queue full; nothing was queued.
     #[error("the writer's queue is full")]
     QueueFull,
+    /// The sender has too many undelivered notices stored.
+    #[error("{0}")]
+    RateLimited(String),
     /// The operation was decided on state that storage no longer has (an
     /// earlier operation it built on failed); the caller reloads and retries.
     #[error("{0} changed since this was decided")]

@@ -272,6 +272,16 @@ impl Reader {
         Ok(out)
     }
 
+    /// The first win of a shake key, as committed: (campaign, packet, amount).
+    pub fn first_shake_win(&self, user: UserId, key: &str) -> Result<Option<(CampaignId, PacketId, i64)>, StoreError> {
+        let first: Option<(i64, i64, i64)> = self
+            .conn()
+            .prepare_cached("SELECT campaign, packet, amount FROM shake_wins WHERE user = ?1 AND idem_key = ?2")?
+            .query_row(params![user as i64, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        Ok(first.map(|(c, p, a)| (c as u64, p as u64, a)))
+    }
+
     /// Wins per user in one campaign (for win caps after a restart).
     pub fn win_counts(&self, campaign: CampaignId) -> Result<HashMap<UserId, u32>, StoreError> {
         let conn = self.conn();
@@ -282,10 +292,13 @@ impl Reader {
         Ok(counts)
     }
 
-    /// Oldest-first persistent messages for a user, at most `limit`.
+    /// A user's persistent messages, at most `limit`: system messages first
+    /// (a flood of notices from other users cannot hide an operator's
+    /// message), each kind oldest first.
     pub fn messages(&self, user: UserId, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT id, body FROM messages WHERE user = ?1 ORDER BY id LIMIT ?2")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT id, body FROM messages WHERE user = ?1 ORDER BY kind = 'user', id LIMIT ?2")?;
         let msgs = stmt
             .query_map(params![user as i64, limit as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;

@@ -6,7 +6,8 @@
 
 use rusqlite::Connection;
 
-pub const SCHEMA_VERSION: i64 = 1;
+/// The version `SCHEMA` plus every migration below brings a database to.
+pub const SCHEMA_VERSION: i64 = 2;
 
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -134,20 +135,55 @@ pub fn connect(path: &std::path::Path, read_only: bool) -> rusqlite::Result<Conn
     Ok(conn)
 }
 
+/// Numbered changes after version 1 (`SCHEMA`), each applied once, in its
+/// own transaction, in order.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    2,
+    // A message's kind and sender: user notices (a packet's
+    // `packet_received`) are capped per recipient apart from system messages
+    // (operator pushes, refunds), so user traffic never evicts those, and
+    // each sender has a budget of undelivered notices. Older rows were
+    // stored before the split; they count as system messages.
+    "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'system';
+     ALTER TABLE messages ADD COLUMN sender INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX IF NOT EXISTS messages_by_user_kind ON messages (user, kind, id);",
+)];
+const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
+
 pub fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
     conn.execute_batch(SCHEMA)?;
     let version: Option<String> =
         conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
-    match version {
+    let mut version = match version {
         None => {
-            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION.to_string()])?;
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')", [])?;
+            1
         }
-        Some(v) if v == SCHEMA_VERSION.to_string() => {}
-        Some(v) => {
-            return Err(crate::StoreError::Corrupt(format!("schema version {v}, this build knows {SCHEMA_VERSION}")))
-        }
+        Some(v) => v.parse::<i64>().map_err(|_| crate::StoreError::Corrupt(format!("schema version {v:?}")))?,
+    };
+    if version > SCHEMA_VERSION {
+        return Err(crate::StoreError::Corrupt(format!(
+            "schema version {version}, this build knows up to {SCHEMA_VERSION}"
+        )));
+    }
+    let from = version;
+    for &(to, sql) in MIGRATIONS.iter().filter(|(to, _)| *to > from) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'schema_version'", [to.to_string()])?;
+        tx.commit()?;
+        tracing::info!(from = version, to, "database schema migrated");
+        version = to;
     }
     Ok(())
+}
+
+/// Undelivered user notices by sender (a sender's budget is checked
+/// against these).
+pub fn pending_by_sender(conn: &Connection) -> rusqlite::Result<std::collections::HashMap<u64, u32>> {
+    let mut stmt = conn.prepare("SELECT sender, count(*) FROM messages WHERE kind = 'user' GROUP BY sender")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u32>(1)?)))?;
+    rows.collect()
 }
 
 /// What the writer starts from: every balance as committed, and the id the

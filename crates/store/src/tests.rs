@@ -297,3 +297,28 @@ fn a_failing_storage_fails_fast_and_the_writer_recovers_by_itself() {
     let report = audit_dir(dir.path()).unwrap();
     assert!(report.passed(), "{:?}", report.violations);
 }
+
+/// Issue 9: the data directory was created 0755 and the database files
+/// 0644. They are private now, also when an older directory was wider.
+#[test]
+fn the_data_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let fresh = root.path().join("a/b/data");
+    {
+        let store = Store::open(&fresh).unwrap();
+        runtime().block_on(store.writer.run(Deposit { user: 1, amount_fen: 5, key: "d".into(), at_ms: 0 })).unwrap();
+        for file in [DB_FILE, "hongbao.db-wal", "hongbao.db-shm", LOCK_FILE] {
+            assert_eq!(mode(&fresh.join(file)), 0o600, "{file}");
+        }
+    }
+    assert_eq!(mode(&fresh), 0o700);
+    let old = root.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(old.join(DB_FILE), b"").unwrap();
+    std::fs::set_permissions(old.join(DB_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(Store::open(&old).unwrap());
+    assert_eq!((mode(&old), mode(&old.join(DB_FILE))), (0o700, 0o600));
+}

@@ -18,13 +18,14 @@
 //! whatever the file now says), and commits a probe. When the probe commits,
 //! service resumes by itself. `Writer::failure` says meanwhile what is wrong.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hongbao_core::ledger::Ledger;
-use hongbao_core::CampaignId;
+use hongbao_core::{CampaignId, UserId};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
@@ -102,7 +103,8 @@ impl Writer {
         next_campaign: CampaignId,
         lock: std::fs::File,
         batch_ops_max: usize,
-    ) -> (Writer, std::thread::JoinHandle<()>) {
+    ) -> Result<(Writer, std::thread::JoinHandle<()>), crate::StoreError> {
+        let pending_by_sender = schema::pending_by_sender(&conn)?;
         assert!(batch_ops_max >= 1);
         let (tx, rx) = mpsc::channel(hongbao_core::limits::WRITER_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
@@ -113,6 +115,7 @@ impl Writer {
             conn,
             ledger,
             next_campaign,
+            pending_by_sender,
             stats: stats.clone(),
             committed: committed.clone(),
             batch_ops_max,
@@ -122,7 +125,7 @@ impl Writer {
             .name("hongbao-writer".into())
             .spawn(move || state.run(rx))
             .expect("spawn writer thread");
-        (Writer { tx, stats, committed }, handle)
+        Ok((Writer { tx, stats, committed }, handle))
     }
 
     /// Queues an operation; waits while the queue is full (back-pressure).
@@ -190,6 +193,8 @@ struct WriterState {
     ledger: Ledger,
     /// The id the next new campaign gets.
     next_campaign: CampaignId,
+    /// Undelivered user notices by sender, for each sender's budget.
+    pending_by_sender: HashMap<UserId, u32>,
     stats: Arc<WriterStats>,
     committed: Arc<CommittedBalances>,
     /// Most operations one transaction holds.
@@ -340,6 +345,7 @@ impl WriterState {
     fn recover(&mut self) -> Result<(), crate::StoreError> {
         let mut conn = schema::connect(&self.path, false)?;
         let (ledger, next_campaign) = schema::load_writer_state(&conn)?;
+        let pending_by_sender = schema::pending_by_sender(&conn)?;
         let probe = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         probe.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('writer_probe_ms', ?1)",
@@ -347,6 +353,7 @@ impl WriterState {
         )?;
         probe.commit()?;
         self.committed.replace_all(&ledger);
+        self.pending_by_sender = pending_by_sender;
         self.conn = conn;
         self.ledger = ledger;
         self.next_campaign = next_campaign;
@@ -358,7 +365,7 @@ impl WriterState {
     /// out (up to the busy timeout) before anything is applied.
     fn commit(&mut self, batch: &mut [Command]) -> rusqlite::Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut applying = BatchTx::new(&tx, &mut self.ledger, &mut self.next_campaign);
+        let mut applying = BatchTx::new(&tx, &mut self.ledger, &mut self.next_campaign, &mut self.pending_by_sender);
         for command in batch.iter_mut() {
             applying.apply(command)?;
             let ok = if command.succeeded() { "true" } else { "false" };

@@ -9,7 +9,7 @@ use hongbao_core::{GroupId, UserId};
 use hongbao_store::ops::{ChangeGroup, GroupChange};
 
 use super::Engine;
-use crate::checks::{op_error, valid_user};
+use crate::checks::{op_error, valid_group, valid_user};
 
 impl Engine {
     /// Replaces a group's members (at most `GROUP_MEMBERS_MAX`).
@@ -30,7 +30,7 @@ impl Engine {
     }
 
     async fn change_group(&self, group: GroupId, change: GroupChange) -> Result<Vec<UserId>, EngineError> {
-        valid_user(group).map_err(|_| EngineError::Invalid(format!("group id {group} is not between 1 and 2^53-1")))?;
+        valid_group(group)?;
         let (GroupChange::Replace(users) | GroupChange::Add(users) | GroupChange::Remove(users)) = &change;
         for &u in users {
             valid_user(u)?;

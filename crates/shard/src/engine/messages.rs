@@ -9,7 +9,7 @@ use hongbao_store::ops::StoreMessages;
 
 use super::requests::detail;
 use super::Engine;
-use crate::checks::{encode_body, op_error, valid_user};
+use crate::checks::{encode_body, op_error, valid_group, valid_user};
 use crate::push::{Connection, PushReceipt, PushTarget};
 use crate::types::TaskInfo;
 
@@ -50,7 +50,10 @@ impl Engine {
         let users = match target {
             PushTarget::User(u) => vec![*u],
             PushTarget::Users(us) => us.clone(),
-            PushTarget::Group(g) => self.group(*g).ok_or_else(|| EngineError::NotFound(format!("group {g}")))?,
+            PushTarget::Group(g) => {
+                valid_group(*g)?;
+                self.group(*g).ok_or_else(|| EngineError::NotFound(format!("group {g}")))?
+            }
         };
         if users.len() > GROUP_MEMBERS_MAX {
             return Err(EngineError::Invalid(format!("at most {GROUP_MEMBERS_MAX} users per push; use a broadcast")));
@@ -62,8 +65,9 @@ impl Engine {
     }
 
     /// Starts a transient broadcast to everyone online, as a stoppable task.
-    pub fn broadcast(&self, body: PushBody) -> TaskInfo {
-        self.parts.push_hub.broadcast(body)
+    /// `Overload` while the most broadcasts that may run at once are running.
+    pub fn broadcast(&self, body: PushBody) -> Result<TaskInfo, EngineError> {
+        self.parts.push_hub.broadcast(body).ok_or(EngineError::Overload)
     }
 
     pub fn task(&self, id: u64) -> Option<TaskInfo> {

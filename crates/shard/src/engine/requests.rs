@@ -14,8 +14,9 @@ use hongbao_store::ops::AckMessage;
 use tokio::sync::{mpsc, watch};
 
 use super::Engine;
-use crate::checks::op_error;
+use crate::checks::{op_error, valid_group};
 use crate::push::Connection;
+use crate::reads::reads_full;
 use crate::shard::{Event, SendArgs};
 
 /// A packet's committed state as its sender and recipients see it.
@@ -145,6 +146,9 @@ impl Engine {
     /// A send's recipients, resolved here, off the shard: the packet keeps
     /// this snapshot of a group.
     fn recipients(&self, user: UserId, to: Target) -> Result<Recipients, (ErrorCode, String)> {
+        if let Target::Group(g) = to {
+            valid_group(g).map_err(|e| (e.code(), e.to_string()))?;
+        }
         match to {
             Target::Group(g) => match hongbao_boundary::sync::read(&self.parts.groups).get(&g) {
                 Some(members) if members.binary_search(&user).is_ok() => {
@@ -162,7 +166,7 @@ impl Engine {
     }
 
     fn detail_for(&self, user: UserId, packet: PacketId, reply: Responder) {
-        self.parts.reads.reply_with(reply, move |reader| match reader.packet(packet) {
+        self.parts.reads.reply_with(reply, reads_full(), move |reader| match reader.packet(packet) {
             Ok(Some(p)) if p.sender == user || p.recipients.contains(user) => Reply::Detail(detail(&p)),
             Ok(Some(_)) => Reply::error(ErrorCode::NotEligible, "only the sender and recipients may see this packet"),
             Ok(None) => not_found(packet),

@@ -13,6 +13,7 @@
 
 mod packets;
 mod pools;
+mod rate;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use crate::types::{CampaignLive, Counters};
 
 pub(crate) use packets::SendArgs;
 use pools::Pool;
+use rate::SendLimits;
 
 /// How long a finished or refunded packet stays in memory for cheap repeat
 /// answers; after that, questions about it are answered from storage.
@@ -125,6 +127,11 @@ pub(crate) enum Completed {
         amount_fen: i64,
         user: UserId,
     },
+    /// A keyed shake's win is settled (committed, repeated or failed).
+    KeySettled {
+        user: UserId,
+        key: String,
+    },
     /// A write about this packet failed, so memory may hold what storage
     /// does not: reload it from what is committed.
     Reload {
@@ -187,6 +194,7 @@ pub(crate) fn spawn(setup: ShardSetup, packets: Vec<Packet>) -> ShardHandle {
         ids,
         reloading: HashSet::new(),
         pools: HashMap::new(),
+        unsettled_keys: HashMap::new(),
         next_release_ms: 0,
         rng,
         clock,
@@ -194,6 +202,7 @@ pub(crate) fn spawn(setup: ShardSetup, packets: Vec<Packet>) -> ShardHandle {
         reads,
         hub,
         completions: completions_tx,
+        send_limits: SendLimits::new(rules.sends_per_s, rules.send_burst),
         rules,
         counters,
         gate: gate.clone(),
@@ -217,6 +226,9 @@ struct ShardState {
     /// write about them failed; requests meanwhile are answered from storage.
     reloading: HashSet<PacketId>,
     pools: HashMap<CampaignId, Pool>,
+    /// Keyed shake wins handed to the writer and not yet settled, by (user,
+    /// key). Bounded by the writer's queue: one entry per win in it.
+    unsettled_keys: HashMap<(UserId, String), u32>,
     /// When the pools release next (each `RELEASE_TICK_MS` while any runs).
     next_release_ms: u64,
     rng: SmallRng,
@@ -227,6 +239,8 @@ struct ShardState {
     hub: Arc<PushHub>,
     completions: mpsc::UnboundedSender<Completed>,
     rules: limits::PacketRules,
+    /// Each sender's send rate (`rules.sends_per_s`, `rules.send_burst`).
+    send_limits: SendLimits,
     counters: Arc<Counters>,
     gate: Arc<ShakeGate>,
     /// Bumped when this shard's gate turns open/closed or ready/empty, for
@@ -321,6 +335,7 @@ impl ShardState {
             Completed::ShakeUnspent { campaign, packet, amount_fen, user } => {
                 self.shake_unspent(campaign, packet, amount_fen, user)
             }
+            Completed::KeySettled { user, key } => self.key_settled(user, key),
             Completed::Reload { packet } => self.reload(packet).await,
             Completed::Settled { packet } => self.read_back(packet),
             Completed::Loaded { packet, stored } => self.loaded(packet, stored.map(|p| *p)),

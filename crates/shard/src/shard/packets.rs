@@ -18,6 +18,7 @@ use super::{Completed, ShardState, TimerKind, RETAIN_CLOSED_MS};
 const REFUND_RETRY_MS: u64 = 1_000;
 use crate::checks::{encode_body, op_error, open_error_reply, valid_key};
 use crate::push::PushHub;
+use crate::reads::reads_full;
 
 /// A send, with its recipients resolved by the engine.
 pub(crate) struct SendArgs {
@@ -155,6 +156,15 @@ fn refund_committed(
 
 impl ShardState {
     pub(super) async fn send(&mut self, user: UserId, send: SendArgs, reply: Responder) {
+        let now = self.clock.now_ms();
+        if !self.send_limits.allow(user, now) {
+            metrics::counter!("hongbao_rate_limited_total", "op" => "send").increment(1);
+            let message = format!(
+                "sending too fast: at most {} packets a second (bursts of {})",
+                self.rules.sends_per_s, self.rules.send_burst
+            );
+            return reply.send(Reply::error(ErrorCode::RateLimited, message));
+        }
         let SendArgs { amount_fen, count, kind, recipients, greeting, key } = send;
         if let Err(e) = valid_key(&key) {
             return reply.send(e.to_reply());
@@ -166,7 +176,6 @@ impl ShardState {
         let Some(id) = self.next_id() else {
             return reply.send(Reply::error(ErrorCode::Overload, "packet ids are being reserved, retry"));
         };
-        let now = self.clock.now_ms();
         let expires_ms = now + self.rules.expiry_s.saturating_mul(1000);
         let packet = Packet::new(id, spec, now, expires_ms);
         let new = NewPacket {
@@ -251,7 +260,7 @@ impl ShardState {
     /// A grab of a packet no longer (or never) in memory, answered from
     /// committed state off the shard's loop.
     fn grab_from_storage(&self, user: UserId, packet: PacketId, reply: Responder) {
-        self.reads.reply_with(reply, move |reader| match stored_grab(reader, user, packet) {
+        self.reads.reply_with(reply, reads_full(), move |reader| match stored_grab(reader, user, packet) {
             Ok((_, state)) => Reply::Grab { packet, state },
             Err((code, message)) => Reply::error(code, message),
         });
@@ -260,7 +269,7 @@ impl ShardState {
     /// An open of a packet no longer (or never) in memory: only a repeat or
     /// a refusal can be answered from committed state.
     fn open_from_storage(&self, user: UserId, packet: PacketId, reply: Responder) {
-        self.reads.reply_with(reply, move |reader| {
+        self.reads.reply_with(reply, reads_full(), move |reader| {
             let (finished, state) = match stored_grab(reader, user, packet) {
                 Ok(found) => found,
                 Err((code, message)) => return Reply::error(code, message),

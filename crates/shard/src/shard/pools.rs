@@ -159,11 +159,32 @@ impl ShardState {
             *pool.wins.entry(user).or_insert(0) += 1;
         }
         self.counters.shake_wins.fetch_add(1, Ordering::Relaxed);
+        if let Some(key) = &key {
+            *self.unsettled_keys.entry((user, key.clone())).or_insert(0) += 1;
+        }
         let at_ms = self.clock.now_ms();
+        let settled_key = key.clone();
         let op = ShakeWin { campaign: pool_id, packet, user, amount_fen, at_ms, key };
         let taken = FirstWin { campaign: pool_id, packet, amount_fen };
         let completions = self.completions.clone();
-        self.writer.submit(op, move |r| shake_win_committed(r, taken, user, &completions, reply)).await;
+        let done = move |r| {
+            if let Some(key) = settled_key {
+                let _ = completions.send(Completed::KeySettled { user, key });
+            }
+            shake_win_committed(r, taken, user, &completions, reply)
+        };
+        self.writer.submit(op, done).await;
+    }
+
+    /// A keyed win handed to the writer has been settled.
+    pub(super) fn key_settled(&mut self, user: UserId, key: String) {
+        let entry = (user, key);
+        if let Some(n) = self.unsettled_keys.get_mut(&entry) {
+            *n -= 1;
+            if *n == 0 {
+                self.unsettled_keys.remove(&entry);
+            }
+        }
     }
 
     /// The pool a shake for `campaign` (0: any running one) takes from.
@@ -177,20 +198,30 @@ impl ShardState {
     }
 
     /// A shake that found nothing to take. A keyed one answers its key's
-    /// first win, whatever the pool holds now: the lookup is queued behind
-    /// every win this shard has handed to the writer, so a concurrent retry
-    /// sees the win its twin just took, and a full writer queue answers
-    /// `overload` rather than stall the shard.
+    /// first win, whatever the pool holds now. Usually that is a read of
+    /// committed wins (through the bounded read gate: a flood of keyed shakes
+    /// costs the writer nothing). Only while a win of that very key is with
+    /// the writer is the lookup queued to the writer, behind that win, so a
+    /// retry racing its twin still sees the twin's win; a full writer queue
+    /// answers `overload` rather than stall the shard.
     fn shake_missed(&self, user: UserId, key: Option<String>, miss: ShakeResult, reply: Responder) {
-        match key {
-            Some(key) => {
-                self.writer.try_submit(FindShakeWin { user, key }, move |r| keyed_miss_found(r, miss, reply));
-            }
-            None => {
-                count_shake(&miss);
-                reply.send(Reply::Shake(miss));
-            }
+        let Some(key) = key else {
+            count_shake(&miss);
+            return reply.send(Reply::Shake(miss));
+        };
+        if self.unsettled_keys.contains_key(&(user, key.clone())) {
+            self.writer.try_submit(FindShakeWin { user, key }, move |r| keyed_miss_found(r, miss, reply));
+            return;
         }
+        self.reads.reply_with(reply, Reply::Shake(ShakeResult::Overload), move |reader| {
+            let result = match reader.first_shake_win(user, &key) {
+                Ok(Some((campaign, packet, amount_fen))) => ShakeResult::Won { campaign, packet, amount_fen },
+                Ok(None) => miss,
+                Err(e) => return Reply::error(ErrorCode::Internal, e.to_string()),
+            };
+            count_shake(&result);
+            Reply::Shake(result)
+        });
     }
 
     /// Releases what each campaign share owes by now. A pool holding
