@@ -4,7 +4,8 @@
 //! pushes and broadcast tasks, client tokens, stats), API-key
 //! authentication of operators, the error format
 //! (`{"error":{"code","message"}}`) and its HTTP statuses, `/health`, the
-//! Prometheus scrape endpoint `/metrics`, and its own HTTP server: the accept loop, the connection cap and every
+//! Prometheus scrape endpoint `/metrics` (money totals only for the key),
+//! and its own HTTP server: the accept loop, the connection cap and every
 //! time and size bound on a connection (`limits`). The route list and
 //! examples are in `docs/api.md`.
 //!
@@ -189,6 +190,8 @@ impl AdminLimits {
     }
 }
 
+pub(crate) const WRONG_KEY: &str = "missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`";
+
 /// The label and auth requirement of one route, handed to `guard`.
 #[derive(Clone)]
 struct RouteCtx {
@@ -241,8 +244,7 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
 async fn guard(State(ctx): State<RouteCtx>, req: Request, next: Next) -> Response {
     let label = RouteLabel(format!("{} {}", req.method(), ctx.path));
     let mut response = if ctx.auth && !authorized(ctx.app.api_key.as_deref(), req.headers()) {
-        ApiError::unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
-            .into_response()
+        ApiError::unauthorized(WRONG_KEY).into_response()
     } else {
         next.run(req).await
     };
@@ -266,16 +268,32 @@ pub(crate) fn count_request(route: &str, status: StatusCode) {
         .increment(1);
 }
 
-fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
-    let Some(expected) = expected else { return true };
+/// Who sent a request, as far as the admin key tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// The right key, or no key is configured (the API is open).
+    Operator,
+    /// No key offered.
+    Anonymous,
+    /// A key offered, and wrong.
+    Refused,
+}
+
+pub(crate) fn caller(expected: Option<&str>, headers: &HeaderMap) -> Caller {
+    let Some(expected) = expected else { return Caller::Operator };
     let header_str = |name| headers.get(name).and_then(|v| v.to_str().ok());
     let bearer = header_str(header::AUTHORIZATION.as_str())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     match bearer.or_else(|| header_str("x-api-key").map(str::trim)) {
-        Some(given) => constant_time_eq(given.as_bytes(), expected.as_bytes()),
-        None => false,
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Caller::Operator,
+        Some(_) => Caller::Refused,
+        None => Caller::Anonymous,
     }
+}
+
+fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
+    caller(expected, headers) == Caller::Operator
 }
 
 /// Compares without an early exit, so the time taken does not tell an

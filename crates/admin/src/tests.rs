@@ -456,6 +456,46 @@ async fn an_error_answer_with_a_late_body_keeps_the_connection_usable() {
     c.closed_within(WAIT).await.unwrap();
 }
 
+const MONEY_GAUGES: [&str; 4] = [
+    "hongbao_user_balances_fen",
+    "hongbao_packet_escrow_fen",
+    "hongbao_campaign_escrow_fen",
+    "hongbao_deposits_minus_withdrawals_fen",
+];
+
+#[tokio::test]
+async fn metrics_show_money_only_to_the_key() {
+    let api = api(Some(KEY)).await;
+    let r = api.call("POST", "/v1/accounts/1/deposit", Some(json!({"amount_fen": 1234, "key": "m1"}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let open = api.raw("GET", "/metrics", &[], "").await;
+    assert_eq!(open.status, 200);
+    for name in MONEY_GAUGES {
+        assert!(!open.text.contains(name), "{name} shown without the key:\n{}", open.text);
+    }
+    let bearer = format!("Bearer {KEY}");
+    for header in [("authorization", bearer.as_str()), ("x-api-key", KEY)] {
+        let with_key = api.raw("GET", "/metrics", &[header], "").await;
+        assert_eq!(with_key.status, 200);
+        for name in MONEY_GAUGES {
+            assert!(with_key.text.contains(&format!("\n{name} ")), "{name} missing:\n{}", with_key.text);
+        }
+        assert!(with_key.text.contains("\nhongbao_user_balances_fen 1234\n"), "{}", with_key.text);
+        assert!(with_key.text.contains("\nhongbao_deposits_minus_withdrawals_fen 1234\n"), "{}", with_key.text);
+    }
+    // A key that is offered and wrong is refused, as on `/v1`: a scraper
+    // with a stale key should fail loudly, not lose the money gauges quietly.
+    assert_error(&api.raw("GET", "/metrics", &[("authorization", "Bearer nope")], "").await, 401, "bad_token");
+
+    // No key configured (dev mode): everything, as before.
+    let open_api = self::api(None).await;
+    let all = open_api.raw("GET", "/metrics", &[], "").await;
+    for name in MONEY_GAUGES {
+        assert!(all.text.contains(name), "{name} missing in an open API:\n{}", all.text);
+    }
+}
+
 #[tokio::test]
 async fn shutdown_finishes_requests_in_flight_and_drops_stuck_connections() {
     // Header timeout far beyond the grace: only the grace ends the stuck one.
