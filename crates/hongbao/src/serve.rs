@@ -174,7 +174,7 @@ async fn start_front(
     let gateway = hongbao_gateway::start(gateway_config.clone(), engine.clone(), stop_rx.clone()).await?;
     let gateway_config = GatewayConfig { tcp_addr: gateway.tcp_addr(), ws_addr: gateway.ws_addr(), ..gateway_config };
 
-    let limits = AdminLimits::default();
+    let limits = AdminLimits { connections_max: settings.admin_connections_max, ..AdminLimits::default() };
     let admin_config = AdminConfig { addr: settings.admin, api_key: admin_key, dev: settings.dev, limits };
     let (admin_addr, admin) =
         match hongbao_admin::start(admin_config, engine.clone(), signer, prometheus.clone(), stop_rx.clone()).await {
