@@ -3,9 +3,27 @@
 //! Owns: the routes under `/v1` (accounts, groups, packets, campaigns,
 //! pushes and broadcast tasks, client tokens, stats), API-key
 //! authentication of operators, the error format
-//! (`{"error":{"code","message"}}`) and its HTTP statuses, request bounds
-//! (body size), `/health`, and the Prometheus scrape endpoint `/metrics`.
-//! The route list and examples are in `docs/api.md`.
+//! (`{"error":{"code","message"}}`) and its HTTP statuses, `/health`, the
+//! Prometheus scrape endpoint `/metrics` (money totals only for the key),
+//! and its own HTTP server: the accept loop, the connection cap and every
+//! time and size bound on a connection (`limits`). The route list and
+//! examples are in `docs/api.md`.
+//!
+//! The server (`server`, `conn`) is hyper's HTTP/1.1 connection under our
+//! own accept loop, because `axum::serve` bounds nothing: a peer that sends
+//! half a request and goes quiet held a connection forever (issue 9).
+//! - **Cap:** a semaphore permit per connection, taken at accept; over the
+//!   cap a connection is closed at once and counted.
+//! - **Time:** a head must arrive within the header timeout, a body within
+//!   the body timeout (else 408), the next request within the idle
+//!   timeout; a failing `accept` backs off and logs at most once per
+//!   interval.
+//! - **Keep-alive is honest:** every body is read (bounded) before routing,
+//!   so an answer never goes out with its body unread, which is when hyper
+//!   closes the connection under the client; the few answers sent before
+//!   the body was read say `Connection: close`.
+//! - **Shutdown:** stop accepting, let requests in flight finish within a
+//!   grace, drop the rest, end the task.
 //!
 //! Must not: hold money rules, packet state or SQL. Every decision is the
 //! engine's; a handler only parses, calls `hongbao_shard::Engine`, and maps
@@ -13,9 +31,12 @@
 //! through `Engine::call` exactly like one sent over a client connection, so
 //! there is no second, subtly different path for money to move.
 
+mod conn;
 mod error;
 mod extract;
+pub mod limits;
 mod routes;
+mod server;
 #[cfg(test)]
 mod tests;
 
@@ -23,7 +44,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
@@ -38,10 +59,7 @@ use tokio::task::JoinHandle;
 pub use error::{status_for, ApiError};
 pub use routes::{TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX};
 
-/// Largest request body accepted. The biggest legitimate body is a group of
-/// `GROUP_MEMBERS_MAX` (500) ids, well under 16 KiB; 64 KiB leaves room for
-/// long notices without letting one request buffer megabytes.
-pub const BODY_BYTES_MAX: usize = 64 * 1024;
+pub use limits::BODY_BYTES_MAX;
 
 /// Where and how the admin API listens.
 #[derive(Clone, Debug)]
@@ -55,23 +73,52 @@ pub struct AdminConfig {
     pub api_key: Option<String>,
     /// Dev mode: only changes how loudly an open API is reported.
     pub dev: bool,
+    /// Connection cap and timeouts.
+    pub limits: AdminLimits,
 }
 
-/// Why the admin API could not start or stopped badly.
+/// The bounds the server holds its connections to. `Default` gives the
+/// production values from `limits`, where each one's reason is written; tests
+/// shorten them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Connections held at once (`limits::ADMIN_CONNECTIONS_MAX`).
+    pub connections_max: usize,
+    /// `limits::HEADER_READ_TIMEOUT_MS`.
+    pub header_read_timeout_ms: u64,
+    /// `limits::BODY_READ_TIMEOUT_MS`.
+    pub body_read_timeout_ms: u64,
+    /// `limits::IDLE_TIMEOUT_MS`.
+    pub idle_timeout_ms: u64,
+    /// `limits::SHUTDOWN_GRACE_MS`.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for AdminLimits {
+    fn default() -> AdminLimits {
+        AdminLimits {
+            connections_max: limits::ADMIN_CONNECTIONS_MAX,
+            header_read_timeout_ms: limits::HEADER_READ_TIMEOUT_MS,
+            body_read_timeout_ms: limits::BODY_READ_TIMEOUT_MS,
+            idle_timeout_ms: limits::IDLE_TIMEOUT_MS,
+            shutdown_grace_ms: limits::SHUTDOWN_GRACE_MS,
+        }
+    }
+}
+
+/// Why the admin API could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("invalid admin config: {0}")]
     Config(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("admin server failed: {0}")]
-    Serve(std::io::Error),
 }
 
-/// What every handler shares.
 /// How old a stats reading may be when served again.
 const STATS_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// What every handler shares.
 pub(crate) struct AppState {
     engine: Engine,
     /// Signs the client tokens issued by `POST /v1/tokens`; the same secret
@@ -89,17 +136,20 @@ pub(crate) struct AppState {
 
 /// Binds `config.addr` and serves until `shutdown` becomes `true` (or its
 /// sender is dropped). Returns the bound address and the server task, which
-/// ends once in-flight requests are answered.
+/// ends once in-flight requests are answered, or `shutdown_grace_ms` after
+/// the signal at the latest. Once started, nothing stops the server but the
+/// signal: a failing `accept` is retried, a failing connection ends alone.
 pub async fn start(
     config: AdminConfig,
     engine: Engine,
     signer: TokenSigner,
     prometheus: PrometheusHandle,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(SocketAddr, JoinHandle<Result<(), AdminError>>), AdminError> {
+    shutdown: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>), AdminError> {
     if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
         return Err(AdminError::Config("the admin API key must not be empty".into()));
     }
+    config.limits.validate()?;
     let listener =
         TcpListener::bind(config.addr).await.map_err(|source| AdminError::Bind { addr: config.addr, source })?;
     let addr = listener.local_addr().map_err(|source| AdminError::Bind { addr: config.addr, source })?;
@@ -112,17 +162,35 @@ pub async fn start(
     }
     let app =
         router(Arc::new(AppState { engine, signer, prometheus, api_key: config.api_key, stats: Default::default() }));
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                // A dropped sender also means "stop": nobody is left to say otherwise.
-                let _ = shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-            .map_err(AdminError::Serve)
-    });
+    let shared = Arc::new(conn::ConnShared::new(app, config.limits));
+    let task = tokio::spawn(server::serve(listener, shared, shutdown));
     Ok((addr, task))
 }
+
+impl AdminLimits {
+    fn validate(&self) -> Result<(), AdminError> {
+        if self.connections_max == 0 || self.connections_max > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(AdminError::Config(format!(
+                "the admin connection cap must be between 1 and {}, got {}",
+                tokio::sync::Semaphore::MAX_PERMITS,
+                self.connections_max
+            )));
+        }
+        let timeouts = [
+            ("header read", self.header_read_timeout_ms),
+            ("body read", self.body_read_timeout_ms),
+            ("idle", self.idle_timeout_ms),
+        ];
+        for (name, ms) in timeouts {
+            if ms == 0 {
+                return Err(AdminError::Config(format!("the admin {name} timeout must be at least 1 ms")));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) const WRONG_KEY: &str = "missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`";
 
 /// The label and auth requirement of one route, handed to `guard`.
 #[derive(Clone)]
@@ -176,8 +244,7 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
 async fn guard(State(ctx): State<RouteCtx>, req: Request, next: Next) -> Response {
     let label = RouteLabel(format!("{} {}", req.method(), ctx.path));
     let mut response = if ctx.auth && !authorized(ctx.app.api_key.as_deref(), req.headers()) {
-        ApiError::unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
-            .into_response()
+        ApiError::unauthorized(WRONG_KEY).into_response()
     } else {
         next.run(req).await
     };
@@ -188,22 +255,45 @@ async fn guard(State(ctx): State<RouteCtx>, req: Request, next: Next) -> Respons
 /// Around everything: one count per request by route and status.
 async fn count(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
-    let route = response.extensions().get::<RouteLabel>().map(|l| l.0.clone()).unwrap_or_else(|| "unmatched".into());
-    metrics::counter!("hongbao_admin_requests_total", "route" => route, "status" => response.status().as_u16().to_string())
-        .increment(1);
+    match response.extensions().get::<RouteLabel>() {
+        Some(label) => count_request(&label.0, response.status()),
+        None => count_request("unmatched", response.status()),
+    }
     response
 }
 
-fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
-    let Some(expected) = expected else { return true };
+/// `hongbao_admin_requests_total{route,status}`.
+pub(crate) fn count_request(route: &str, status: StatusCode) {
+    metrics::counter!("hongbao_admin_requests_total", "route" => route.to_owned(), "status" => status.as_u16().to_string())
+        .increment(1);
+}
+
+/// Who sent a request, as far as the admin key tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// The right key, or no key is configured (the API is open).
+    Operator,
+    /// No key offered.
+    Anonymous,
+    /// A key offered, and wrong.
+    Refused,
+}
+
+pub(crate) fn caller(expected: Option<&str>, headers: &HeaderMap) -> Caller {
+    let Some(expected) = expected else { return Caller::Operator };
     let header_str = |name| headers.get(name).and_then(|v| v.to_str().ok());
     let bearer = header_str(header::AUTHORIZATION.as_str())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     match bearer.or_else(|| header_str("x-api-key").map(str::trim)) {
-        Some(given) => constant_time_eq(given.as_bytes(), expected.as_bytes()),
-        None => false,
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Caller::Operator,
+        Some(_) => Caller::Refused,
+        None => Caller::Anonymous,
     }
+}
+
+fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
+    caller(expected, headers) == Caller::Operator
 }
 
 /// Compares without an early exit, so the time taken does not tell an

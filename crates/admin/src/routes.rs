@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hongbao_core::campaign::{AmountRule, CampaignSpec};
@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::extract::{ApiJson, PathId};
-use crate::AppState;
+use crate::{AppState, Caller};
 
 type Shared = State<Arc<AppState>>;
 type ApiResult = Result<Response, ApiError>;
@@ -54,26 +54,63 @@ pub(crate) async fn health(State(app): Shared) -> Response {
     }
 }
 
-pub(crate) async fn metrics(State(app): Shared) -> Response {
-    // Levels (queue depths, money totals, what is in memory) are read at
-    // scrape time, so they are never stale and cost nothing between scrapes.
+/// Prometheus text. Operational metrics for anyone; the money totals (the
+/// same figures `/v1/stats` guards with the key) only for a scrape that
+/// carries the key, or when no key is configured. A wrong key is a 401, as
+/// on `/v1`, so a scraper with a stale key fails loudly instead of quietly
+/// losing the money gauges.
+pub(crate) async fn metrics(State(app): Shared, headers: HeaderMap) -> Response {
+    let with_money = match crate::caller(app.api_key.as_deref(), &headers) {
+        Caller::Operator => true,
+        Caller::Anonymous => false,
+        Caller::Refused => return ApiError::unauthorized(crate::WRONG_KEY).into_response(),
+    };
+    // Levels (queue depths, what is in memory) are read at scrape time, so
+    // they are never stale and cost nothing between scrapes.
     let s = app.stats().await;
-    let levels: [(&'static str, f64); 9] = [
+    let levels: [(&'static str, f64); 5] = [
         ("hongbao_users_online", s.users_online as f64),
         ("hongbao_packets_in_memory", s.packets_in_memory as f64),
         ("hongbao_campaigns_running", s.campaigns_running as f64),
         ("hongbao_writer_queue_depth", s.writer_queue_depth as f64),
         ("hongbao_shard_queue_depth", s.shard_queue_depth as f64),
-        ("hongbao_user_balances_fen", s.user_balances_fen as f64),
-        ("hongbao_packet_escrow_fen", s.packet_escrow_fen as f64),
-        ("hongbao_campaign_escrow_fen", s.campaign_escrow_fen as f64),
-        ("hongbao_deposits_minus_withdrawals_fen", s.deposits_minus_withdrawals_fen as f64),
     ];
     for (name, value) in levels {
         metrics::gauge!(name).set(value);
     }
-    let text = app.prometheus.render();
+    let mut text = app.prometheus.render();
+    if with_money {
+        append_money(&mut text, &s);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// The money totals as Prometheus gauges. Written here rather than kept in
+/// the metrics recorder, which renders everything it holds for every
+/// scrape; integers, so the figures are exact.
+fn append_money(text: &mut String, s: &hongbao_shard::Stats) {
+    use std::fmt::Write;
+    let money: [(&str, &str, i64); 4] = [
+        ("hongbao_user_balances_fen", "Sum of user balances, fen (committed).", s.user_balances_fen),
+        ("hongbao_packet_escrow_fen", "Money in unopened packet shares, fen (committed).", s.packet_escrow_fen),
+        (
+            "hongbao_campaign_escrow_fen",
+            "Money in campaign budgets not yet won, fen (committed).",
+            s.campaign_escrow_fen,
+        ),
+        (
+            "hongbao_deposits_minus_withdrawals_fen",
+            "Deposits minus withdrawals, fen (committed); equals the three totals above.",
+            s.deposits_minus_withdrawals_fen,
+        ),
+    ];
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    for (name, help, value) in money {
+        // Writing to a String cannot fail.
+        let _ = write!(text, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
+    }
 }
 
 // ---- accounts -------------------------------------------------------------

@@ -3,6 +3,7 @@
 //! bytes an operator's curl would).
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use hongbao_boundary::TokenSigner;
 use hongbao_shard::{Engine, EngineConfig};
@@ -11,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::{start, AdminConfig};
+use crate::{start, AdminConfig, AdminLimits};
 
 const KEY: &str = "test-admin-key-0123456789";
 
@@ -19,16 +20,21 @@ struct Api {
     addr: SocketAddr,
     engine: Engine,
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), crate::AdminError>>,
+    task: tokio::task::JoinHandle<()>,
     _tmp: tempfile::TempDir,
 }
 
 async fn api(api_key: Option<&str>) -> Api {
+    api_with(api_key, AdminLimits::default()).await
+}
+
+async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
     let tmp = tempfile::tempdir().unwrap();
     let engine = Engine::open(EngineConfig::default(), tmp.path()).await.unwrap();
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = watch::channel(false);
-    let config = AdminConfig { addr: "127.0.0.1:0".parse().unwrap(), api_key: api_key.map(str::to_owned), dev: false };
+    let config =
+        AdminConfig { addr: "127.0.0.1:0".parse().unwrap(), api_key: api_key.map(str::to_owned), dev: false, limits };
     let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
     let (addr, task) = start(config, engine.clone(), signer, prometheus, rx).await.unwrap();
     Api { addr, engine, stop, task, _tmp: tmp }
@@ -177,6 +183,351 @@ async fn money_groups_packets_and_tokens() {
     assert_eq!(signer.verify(t.body["token"].as_str().unwrap(), now), Ok(42));
 
     let _ = api.stop.send(true);
-    api.task.await.unwrap().unwrap();
+    api.task.await.unwrap();
+    api.engine.shutdown().await;
+}
+
+// ---- connections: timeouts, cap, keep-alive, shutdown ----------------------
+//
+// Timing bounds below are generous on purpose (a loaded 2-core machine): a
+// lower bound only says a timer did not fire early, an upper bound is many
+// times the timeout.
+
+/// How long any single step may take before the test fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Short timeouts so these tests run in seconds.
+fn quick(connections_max: usize) -> AdminLimits {
+    AdminLimits {
+        connections_max,
+        header_read_timeout_ms: 500,
+        body_read_timeout_ms: 500,
+        idle_timeout_ms: 1_500,
+        shutdown_grace_ms: 1_000,
+    }
+}
+
+/// One response as read off a connection.
+#[derive(Debug)]
+struct Head {
+    status: u16,
+    /// Header names lower-cased.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    fn says_close(&self) -> bool {
+        self.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+}
+
+/// A client connection speaking raw HTTP/1.1, for what one-shot requests
+/// cannot show: keep-alive, half-sent requests, who closes and when.
+struct Conn {
+    stream: TcpStream,
+    /// Bytes read past the last response.
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        Conn { stream: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &str) -> std::io::Result<()> {
+        self.stream.write_all(bytes.as_bytes()).await
+    }
+
+    /// Reads one response (a 1xx has no body). Err if the connection ends
+    /// first or nothing comes within `WAIT`.
+    async fn response(&mut self) -> Result<Head, String> {
+        tokio::time::timeout(WAIT, self.read_response()).await.map_err(|_| format!("no response within {WAIT:?}"))?
+    }
+
+    async fn read_response(&mut self) -> Result<Head, String> {
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill().await?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().and_then(|l| l.get(9..12)).and_then(|s| s.parse().ok()).ok_or(head.clone())?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let len: usize =
+            headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+        while self.buf.len() < head_end + len {
+            self.fill().await?;
+        }
+        let body = String::from_utf8_lossy(&self.buf[head_end..head_end + len]).into_owned();
+        self.buf.drain(..head_end + len);
+        Ok(Head { status, headers, body })
+    }
+
+    async fn fill(&mut self) -> Result<(), String> {
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk).await {
+            Ok(0) => Err(format!("connection closed ({} bytes unparsed)", self.buf.len())),
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+            Err(e) => Err(format!("read failed: {e}")),
+        }
+    }
+
+    /// Waits up to `within` for the server to close the connection (EOF or
+    /// reset). Returns how long that took and any bytes that came first.
+    async fn closed_within(&mut self, within: Duration) -> Result<(Duration, Vec<u8>), String> {
+        let began = Instant::now();
+        let mut got = std::mem::take(&mut self.buf);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let left = within.saturating_sub(began.elapsed());
+            match tokio::time::timeout(left, self.stream.read(&mut chunk)).await {
+                Err(_) => return Err(format!("still open after {within:?} ({} bytes read)", got.len())),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok((began.elapsed(), got)),
+                Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n")
+}
+
+/// True once `/health` is answered on a fresh connection; a connection
+/// refused over the cap is closed without an answer.
+async fn health_answers(addr: SocketAddr) -> bool {
+    let mut c = Conn::open(addr).await;
+    if c.send(&get("/health")).await.is_err() {
+        return false;
+    }
+    matches!(c.response().await, Ok(h) if h.status == 200)
+}
+
+#[tokio::test]
+async fn half_a_request_is_closed_after_its_timeout() {
+    let limits = quick(8);
+    let api = api_with(Some(KEY), limits).await;
+
+    // Half a head, then silence: closed without an answer by the header timeout.
+    let mut c = Conn::open(api.addr).await;
+    c.send("GET /health HTTP/1.1\r\nhost: te").await.unwrap();
+    let (took, bytes) = c.closed_within(WAIT).await.unwrap();
+    assert!(took >= Duration::from_millis(limits.header_read_timeout_ms / 2), "closed early: {took:?}");
+    assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
+
+    // Nothing at all after connecting: the same.
+    let mut c = Conn::open(api.addr).await;
+    c.closed_within(WAIT).await.unwrap();
+
+    // The head and half the body: 408 with `Connection: close`, then closed.
+    let mut c = Conn::open(api.addr).await;
+    let head = format!(
+        "POST /v1/accounts/1/deposit HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {KEY}\r\ncontent-length: 40\r\n\r\n"
+    );
+    c.send(&head).await.unwrap();
+    c.send(r#"{"amount_fen": 1"#).await.unwrap();
+    let began = Instant::now();
+    let r = c.response().await.unwrap();
+    assert!(began.elapsed() >= Duration::from_millis(limits.body_read_timeout_ms / 2));
+    assert_eq!(r.status, 408, "{r:?}");
+    assert!(r.says_close(), "{r:?}");
+    assert!(r.body.contains("\"idle_timeout\""), "{r:?}");
+    c.closed_within(WAIT).await.unwrap();
+
+    // Nothing moved, and the server still answers.
+    assert_eq!(api.call("GET", "/v1/accounts/1", None).await.body["balance_fen"], 0);
+    assert!(health_answers(api.addr).await);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once() {
+    // A header timeout long enough that the held connections are all still
+    // there when the one over the cap arrives.
+    let limits = AdminLimits { header_read_timeout_ms: 3_000, ..quick(8) };
+    let api = api_with(Some(KEY), limits).await;
+    let mut held = Vec::new();
+    for _ in 0..limits.connections_max {
+        let mut c = Conn::open(api.addr).await;
+        c.send("GET /health HTTP/1.1\r\n").await.unwrap();
+        held.push(c);
+    }
+    // One over: a whole request, closed unanswered. (Accepted in order, so
+    // the held ones have their permits first.)
+    let mut over = Conn::open(api.addr).await;
+    let _ = over.send(&get("/health")).await;
+    let (_, bytes) = over.closed_within(WAIT).await.unwrap();
+    assert!(bytes.is_empty(), "answered over the cap: {}", String::from_utf8_lossy(&bytes));
+
+    // The held ones time out; then a fresh connection is served again.
+    for c in &mut held {
+        c.closed_within(WAIT).await.unwrap();
+    }
+    let began = Instant::now();
+    while !health_answers(api.addr).await {
+        assert!(began.elapsed() < WAIT, "/health not answered after the held connections closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    // Idle much longer than the header timeout: a pause between requests is
+    // not a slow head.
+    let limits = AdminLimits { header_read_timeout_ms: 300, idle_timeout_ms: 2_000, ..quick(8) };
+    let api = api_with(Some(KEY), limits).await;
+    let mut c = Conn::open(api.addr).await;
+    c.send(&get("/health")).await.unwrap();
+    assert_eq!(c.response().await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    c.send(&get("/health")).await.unwrap();
+    let r = c.response().await.unwrap();
+    assert!(r.status == 200 && !r.says_close(), "{r:?}");
+    let (took, bytes) = c.closed_within(WAIT).await.unwrap();
+    assert!(took >= Duration::from_millis(limits.idle_timeout_ms / 2), "closed early: {took:?}");
+    assert!(bytes.is_empty());
+}
+
+#[tokio::test]
+async fn an_error_answer_with_a_late_body_keeps_the_connection_usable() {
+    // Issue 9, item 4: the 400 for `abc` used to be sent before its body had
+    // arrived, without `Connection: close`, and then the socket was closed
+    // under the client's next request.
+    let api = api(Some(KEY)).await;
+    let mut c = Conn::open(api.addr).await;
+    let body = r#"{"amount_fen": 10, "key": "late-body"}"#;
+    let head = format!(
+        "POST /v1/accounts/abc/deposit HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {KEY}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    for round in 0..3 {
+        c.send(&head).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.send(body).await.unwrap();
+        let r = c.response().await.unwrap();
+        assert_eq!(r.status, 400, "round {round}: {r:?}");
+        assert!(!r.says_close(), "round {round}: {r:?}");
+    }
+    // The same socket serves the next request.
+    c.send(&format!("GET /v1/stats HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {KEY}\r\n\r\n")).await.unwrap();
+    assert_eq!(c.response().await.unwrap().status, 200);
+
+    // A 401 and a 404 with a body read it too.
+    for path in ["/v1/accounts/1/deposit", "/v1/nowhere"] {
+        let head = format!("POST {path} HTTP/1.1\r\nhost: test\r\ncontent-length: {}\r\n\r\n", body.len());
+        c.send(&head).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.send(body).await.unwrap();
+        let r = c.response().await.unwrap();
+        assert!(matches!(r.status, 401 | 404) && !r.says_close(), "{path}: {r:?}");
+    }
+    c.send(&get("/health")).await.unwrap();
+    assert_eq!(c.response().await.unwrap().status, 200);
+
+    // A body over the limit is refused from its length, unread, so that
+    // answer says the connection ends.
+    let mut c = Conn::open(api.addr).await;
+    let head = format!(
+        "POST /v1/broadcast HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {KEY}\r\ncontent-length: {}\r\n\r\n",
+        crate::BODY_BYTES_MAX + 1
+    );
+    c.send(&head).await.unwrap();
+    let r = c.response().await.unwrap();
+    assert!(r.status == 413 && r.says_close(), "{r:?}");
+    c.closed_within(WAIT).await.unwrap();
+
+    // A head over `HEADER_BYTES_MAX` is refused by hyper, and closed.
+    let mut c = Conn::open(api.addr).await;
+    let filler = "x".repeat(crate::limits::HEADER_BYTES_MAX);
+    let _ = c.send(&format!("GET /health HTTP/1.1\r\nhost: test\r\nx-filler: {filler}\r\n\r\n")).await;
+    let r = c.response().await.unwrap();
+    assert_eq!(r.status, 431, "{r:?}");
+    c.closed_within(WAIT).await.unwrap();
+}
+
+const MONEY_GAUGES: [&str; 4] = [
+    "hongbao_user_balances_fen",
+    "hongbao_packet_escrow_fen",
+    "hongbao_campaign_escrow_fen",
+    "hongbao_deposits_minus_withdrawals_fen",
+];
+
+#[tokio::test]
+async fn metrics_show_money_only_to_the_key() {
+    let api = api(Some(KEY)).await;
+    let r = api.call("POST", "/v1/accounts/1/deposit", Some(json!({"amount_fen": 1234, "key": "m1"}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let open = api.raw("GET", "/metrics", &[], "").await;
+    assert_eq!(open.status, 200);
+    for name in MONEY_GAUGES {
+        assert!(!open.text.contains(name), "{name} shown without the key:\n{}", open.text);
+    }
+    let bearer = format!("Bearer {KEY}");
+    for header in [("authorization", bearer.as_str()), ("x-api-key", KEY)] {
+        let with_key = api.raw("GET", "/metrics", &[header], "").await;
+        assert_eq!(with_key.status, 200);
+        for name in MONEY_GAUGES {
+            assert!(with_key.text.contains(&format!("\n{name} ")), "{name} missing:\n{}", with_key.text);
+        }
+        assert!(with_key.text.contains("\nhongbao_user_balances_fen 1234\n"), "{}", with_key.text);
+        assert!(with_key.text.contains("\nhongbao_deposits_minus_withdrawals_fen 1234\n"), "{}", with_key.text);
+    }
+    // A key that is offered and wrong is refused, as on `/v1`: a scraper
+    // with a stale key should fail loudly, not lose the money gauges quietly.
+    assert_error(&api.raw("GET", "/metrics", &[("authorization", "Bearer nope")], "").await, 401, "bad_token");
+
+    // No key configured (dev mode): everything, as before.
+    let open_api = self::api(None).await;
+    let all = open_api.raw("GET", "/metrics", &[], "").await;
+    for name in MONEY_GAUGES {
+        assert!(all.text.contains(name), "{name} missing in an open API:\n{}", all.text);
+    }
+}
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight_and_drops_stuck_connections() {
+    // Header timeout far beyond the grace: only the grace ends the stuck one.
+    let limits = AdminLimits { header_read_timeout_ms: 60_000, body_read_timeout_ms: 5_000, ..quick(8) };
+    let api = api_with(Some(KEY), limits).await;
+    let mut stuck = Conn::open(api.addr).await;
+    stuck.send("GET /health HTTP/1.1\r\nhost").await.unwrap();
+
+    // A request in flight: its head is in (hyper asks for the body with
+    // `100 Continue` only once the request is being served).
+    let mut busy = Conn::open(api.addr).await;
+    let body = r#"{"amount_fen": 77, "key": "in-flight"}"#;
+    busy.send(&format!(
+        "POST /v1/accounts/5/deposit HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {KEY}\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(busy.response().await.unwrap().status, 100);
+
+    let _ = api.stop.send(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    busy.send(body).await.unwrap();
+    let r = busy.response().await.unwrap();
+    assert!(r.status == 200 && r.says_close(), "{r:?}");
+    assert_eq!(serde_json::from_str::<Value>(&r.body).unwrap()["balance_fen"], 77);
+    busy.closed_within(WAIT).await.unwrap();
+
+    let began = Instant::now();
+    tokio::time::timeout(WAIT, api.task).await.expect("the server task ends after the grace").unwrap();
+    assert!(began.elapsed() < WAIT);
+    stuck.closed_within(WAIT).await.unwrap();
+    assert!(TcpStream::connect(api.addr).await.is_err(), "still accepting after shutdown");
     api.engine.shutdown().await;
 }

@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// Client connections held at once by each gateway process [default: 18000]
     #[arg(long, env = "HONGBAO_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Admin API connections held at once; more are closed as soon as they
+    /// are accepted [default: 64]
+    #[arg(long, env = "HONGBAO_ADMIN_CONNECTIONS_MAX", value_name = "N")]
+    pub admin_connections_max: Option<usize>,
     /// Gateway processes sharing the client ports (SO_REUSEPORT): this one
     /// and N-1 children linked to it over a Unix socket. One process may hold
     /// at most ~20,000 files here, so N × max-connections is the server's
@@ -122,6 +126,7 @@ pub struct Config {
     pub idle_timeout_s: Option<u32>,
     pub hello_timeout_s: Option<u32>,
     pub max_connections: Option<usize>,
+    pub admin_connections_max: Option<usize>,
     pub gateways: Option<u16>,
     pub packet_expiry_s: Option<u64>,
     pub packet_amount_max_fen: Option<i64>,
@@ -156,6 +161,7 @@ pub struct Settings {
     pub idle_timeout_s: u32,
     pub hello_timeout_s: u32,
     pub max_connections: usize,
+    pub admin_connections_max: usize,
     pub gateways: u16,
     pub packet_rules: PacketRules,
 }
@@ -205,6 +211,10 @@ impl Settings {
             idle_timeout_s: idle_timeout_s.unwrap_or(gw::IDLE_TIMEOUT_S_DEFAULT),
             hello_timeout_s: args.hello_timeout_s.or(file.hello_timeout_s).unwrap_or(gw::HELLO_TIMEOUT_S_DEFAULT),
             max_connections: args.max_connections.or(file.max_connections).unwrap_or(gw::MAX_CONNECTIONS_DEFAULT),
+            admin_connections_max: args
+                .admin_connections_max
+                .or(file.admin_connections_max)
+                .unwrap_or(hongbao_admin::limits::ADMIN_CONNECTIONS_MAX),
             gateways: args.gateways.or(file.gateways).unwrap_or(1),
             packet_rules: PacketRules {
                 amount_fen_max: args
@@ -231,6 +241,9 @@ impl Settings {
         }
         if self.gateways == 0 || usize::from(self.gateways) > GATEWAYS_MAX {
             return invalid(format!("gateways must be between 1 and {GATEWAYS_MAX}, got {}", self.gateways));
+        }
+        if self.admin_connections_max < 1 {
+            return invalid("admin_connections_max must be at least 1".into());
         }
         if self.packet_rules.amount_fen_max < 1 {
             return invalid("packet_amount_max_fen must be at least 1".into());
@@ -302,6 +315,7 @@ mod tests {
         assert!(toml::from_str::<Config>("shard = 8").is_err());
         assert!(Settings::merge(args(&["--shards", "0"]), Config::default()).is_err());
         assert!(Settings::merge(args(&["--secret", " "]), Config::default()).is_err());
+        assert!(Settings::merge(args(&["--admin-connections-max", "0"]), Config::default()).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hongbao_admin::{AdminConfig, AdminError};
+use hongbao_admin::{AdminConfig, AdminError, AdminLimits};
 use hongbao_boundary::{EngineError, TokenSigner};
 use hongbao_gateway::{Gateway, GatewayConfig, GatewayError};
 use hongbao_shard::{Engine, EngineConfig};
@@ -33,6 +33,8 @@ use crate::keys::{self, KeyError};
 /// after the shutdown signal. Past it the engine is shut down anyway: a stuck
 /// peer must not keep queued commits from reaching the disk.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+// The admin API bounds its own drain, so its task ends before we give up on it.
+const _: () = assert!(hongbao_admin::limits::SHUTDOWN_GRACE_MS < STOP_TIMEOUT.as_millis() as u64);
 /// How often the Prometheus recorder drains histograms. `install_recorder`
 /// leaves this to the caller; without it histogram memory grows unbounded.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -80,7 +82,7 @@ pub struct Server {
     gateway: Gateway,
     /// The other gateway processes, if any.
     workers: Option<Workers>,
-    admin: JoinHandle<Result<(), AdminError>>,
+    admin: JoinHandle<()>,
     /// `true` tells the gateways and the admin API to stop.
     shutdown: watch::Sender<bool>,
 }
@@ -172,7 +174,8 @@ async fn start_front(
     let gateway = hongbao_gateway::start(gateway_config.clone(), engine.clone(), stop_rx.clone()).await?;
     let gateway_config = GatewayConfig { tcp_addr: gateway.tcp_addr(), ws_addr: gateway.ws_addr(), ..gateway_config };
 
-    let admin_config = AdminConfig { addr: settings.admin, api_key: admin_key, dev: settings.dev };
+    let limits = AdminLimits { connections_max: settings.admin_connections_max, ..AdminLimits::default() };
+    let admin_config = AdminConfig { addr: settings.admin, api_key: admin_key, dev: settings.dev, limits };
     let (admin_addr, admin) =
         match hongbao_admin::start(admin_config, engine.clone(), signer, prometheus.clone(), stop_rx.clone()).await {
             Ok(started) => started,
@@ -230,8 +233,7 @@ impl Server {
             workers.wait().await;
         }
         match tokio::time::timeout(STOP_TIMEOUT, &mut admin).await {
-            Ok(Ok(Ok(()))) => tracing::info!("admin API stopped"),
-            Ok(Ok(Err(e))) => first_error = first_error.or(Some(ServeError::Admin(e))),
+            Ok(Ok(())) => tracing::info!("admin API stopped"),
             Ok(Err(join)) => first_error = first_error.or(Some(ServeError::Task(join.to_string()))),
             Err(_) => {
                 tracing::warn!(timeout_s = STOP_TIMEOUT.as_secs(), "admin API did not stop in time; going on");

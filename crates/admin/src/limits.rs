@@ -1,0 +1,88 @@
+//! Every bound of the admin HTTP server, in one place, with the reason for
+//! its value. The timeouts and the connection cap are defaults of
+//! `AdminLimits` (so tests can shorten them); the rest are fixed.
+//!
+//! Who connects here: a few operators and their scripts, one or two
+//! Prometheus servers, the bench. None of them needs more than a handful of
+//! connections or more than a few milliseconds to send a request, so every
+//! bound below is generous for them and short for a peer that holds a
+//! connection open without using it (the "slowloris" of issue 9).
+
+/// Largest request body accepted. The biggest legitimate body is a group of
+/// `GROUP_MEMBERS_MAX` (500) ids, well under 16 KiB; 64 KiB leaves room for
+/// long notices without letting one request buffer megabytes. Bodies are
+/// read whole before routing, so this times `ADMIN_CONNECTIONS_MAX` is the
+/// most request bodies can hold at once: 64 KiB × 64 = 4 MiB.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Admin connections held at once; one more is closed as soon as it is
+/// accepted (`hongbao_admin_connections_rejected_total`). The clients above
+/// use fewer than ten. Each connection is a file descriptor taken from the
+/// same per-process budget as the gateway's clients (20,000 here, 18,000 of
+/// them for `max_connections`), so the cap keeps a flood of admin
+/// connections from starving the gateway of descriptors, and it bounds what
+/// a peer can hold before the timeouts below catch up with it.
+pub const ADMIN_CONNECTIONS_MAX: usize = 64;
+
+/// From accept (or the first byte of a request on a kept-alive connection)
+/// to the end of the request head. curl, ureq and Prometheus send the head
+/// in one packet, so 10 s is generous even over a congested link; a peer
+/// that sends half a head and stops holds a connection for at most this.
+pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// From the end of the head to the end of the body. At most
+/// `BODY_BYTES_MAX` arrives in this time: a client must send at least
+/// 13 KiB/s, trivial for any client we have (they send the body with the
+/// head). A body that does not arrive in time is answered 408 with
+/// `Connection: close`. Shorter than `SHUTDOWN_GRACE_MS`, so a body still
+/// arriving when shutdown begins may finish.
+pub const BODY_READ_TIMEOUT_MS: u64 = 5_000;
+
+/// From a response handed to the connection to the first byte of the next
+/// request: how long a kept-alive connection may sit idle (it also bounds
+/// how long a peer may take to read its response). Four scrapes at
+/// Prometheus' default 15 s interval, so a scraper keeps one connection;
+/// an idle connection is a file descriptor and a slot under the cap.
+pub const IDLE_TIMEOUT_MS: u64 = 60_000;
+
+/// After the shutdown signal: how long requests already being served get to
+/// finish before their connections are dropped. An admin request is a few
+/// engine calls (a commit is milliseconds) after its body, which gets its
+/// full `BODY_READ_TIMEOUT_MS`. `serve` waits 10 s for the whole admin API
+/// (`STOP_TIMEOUT`, asserted there to be longer) before it goes on without
+/// it, so the server task ends on its own first.
+pub const SHUTDOWN_GRACE_MS: u64 = 8_000;
+
+/// Largest request head (request line and headers) hyper buffers. The
+/// longest legitimate head is a path, a host, an API key and a few
+/// standard headers, well under 1 KiB; hyper refuses a bigger head with 431.
+/// hyper's own floor for this setting is 8 KiB.
+pub const HEADER_BYTES_MAX: usize = 16 * 1024;
+
+/// First pause after a failed `accept` that is not about one connection
+/// (out of file descriptors, out of memory); doubled on each further
+/// failure. Long enough that a failing accept does not spin a core.
+pub const ACCEPT_BACKOFF_MIN_MS: u64 = 10;
+
+/// Longest pause between accept attempts while they keep failing: the
+/// delay before a freed descriptor is used again for a new connection.
+pub const ACCEPT_BACKOFF_MAX_MS: u64 = 1_000;
+
+/// At most one log line per this interval for failed accepts (and one for
+/// connections refused over the cap); the line says how many were not
+/// logged since the last one. Every one of them is still counted in a
+/// metric.
+pub const ACCEPT_LOG_INTERVAL_MS: u64 = 10_000;
+
+// Relations between the bounds.
+const _: () = assert!(ADMIN_CONNECTIONS_MAX >= 1);
+// hyper panics below 8 KiB.
+const _: () = assert!(HEADER_BYTES_MAX >= 8 * 1024);
+const _: () = assert!(HEADER_READ_TIMEOUT_MS >= 1 && BODY_READ_TIMEOUT_MS >= 1 && IDLE_TIMEOUT_MS >= 1);
+// A request whose body is still arriving at shutdown may finish.
+const _: () = assert!(BODY_READ_TIMEOUT_MS < SHUTDOWN_GRACE_MS);
+// A keep-alive connection outlives a Prometheus scrape interval (15 s).
+const _: () = assert!(IDLE_TIMEOUT_MS > 15_000);
+const _: () = assert!(0 < ACCEPT_BACKOFF_MIN_MS && ACCEPT_BACKOFF_MIN_MS <= ACCEPT_BACKOFF_MAX_MS);
+// Several failures fall into one log interval, so the summary says something.
+const _: () = assert!(ACCEPT_BACKOFF_MAX_MS < ACCEPT_LOG_INTERVAL_MS);
