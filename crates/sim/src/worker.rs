@@ -20,7 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::stats::{encode_histogram, rss_bytes, SecondRow, Stats};
+use hongbao_client::procfs;
+
+use crate::stats::{encode_histogram, SecondRow, Stats};
 use crate::user::{self, Shared};
 
 /// How long users get to finish in-flight requests after `stop`.
@@ -77,6 +79,11 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Resident set size of this process (0 if /proc cannot tell).
+fn rss_bytes() -> u64 {
+    procfs::rss_bytes(std::process::id()).unwrap_or(0)
+}
+
 fn emit(out: &mut impl Write, report: &WorkerReport) -> Result<(), WorkerError> {
     let line = serde_json::to_string(report).expect("reports serialise");
     writeln!(out, "{line}").and_then(|_| out.flush()).map_err(WorkerError::Stdout)
@@ -112,7 +119,7 @@ pub fn run(
         let _ = stop_tx.send(true);
     });
 
-    emit(&mut out, &WorkerReport::Ready { rss_bytes: rss_bytes().unwrap_or(0) })?;
+    emit(&mut out, &WorkerReport::Ready { rss_bytes: rss_bytes() })?;
     let shared = Arc::new(Shared {
         server: config.server,
         users_total: config.users_total,
@@ -153,7 +160,7 @@ pub fn run(
                 let _ = tokio::time::timeout(STOP_GRACE, async { while users.join_next().await.is_some() {} }).await;
                 users.abort_all();
                 let (row, h) = stats.take(unix_ms() / 1000);
-                let rss = rss_bytes().unwrap_or(0);
+                let rss = rss_bytes();
                 emit(
                     &mut out,
                     &WorkerReport::Second { row: Box::new(row), histogram: encode_histogram(&h), rss_bytes: rss },
@@ -161,11 +168,8 @@ pub fn run(
                 return emit(&mut out, &WorkerReport::Done { rss_bytes: rss });
             }
             let (row, h) = stats.take(next_second - 1);
-            let report = WorkerReport::Second {
-                row: Box::new(row),
-                histogram: encode_histogram(&h),
-                rss_bytes: rss_bytes().unwrap_or(0),
-            };
+            let report =
+                WorkerReport::Second { row: Box::new(row), histogram: encode_histogram(&h), rss_bytes: rss_bytes() };
             emit(&mut out, &report)?;
         }
     })
