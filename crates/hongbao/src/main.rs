@@ -7,7 +7,6 @@ mod bench;
 mod config;
 mod gateways;
 mod keys;
-mod perf;
 mod serve;
 mod token;
 
@@ -77,7 +76,7 @@ enum Command {
     /// Measure one performance figure (used by bench/run.sh); prints
     /// `FIGURE <name> <value> <unit> [baseline=… ratio=…]` lines.
     #[command(subcommand)]
-    Perf(perf::Figure),
+    Perf(hongbao_perf::Figure),
     /// One simulator process (started by `bench` and `demo`; JSON lines on
     /// stdin and stdout).
     #[command(hide = true)]
@@ -103,7 +102,7 @@ fn main() -> ExitCode {
         Command::Demo { quick, plan } => checked(bench::run(bench::Kind::Demo { quick }, plan, Default::default())),
         Command::Bench { plan, remote } => checked(bench::run(bench::Kind::Bench, plan, remote)),
         Command::SimWorker(args) => report(bench::sim_worker(args)),
-        Command::Perf(figure) => report(perf::run(figure)),
+        Command::Perf(figure) => report(hongbao_perf::run(figure)),
         Command::Serve(args) => report(serve(*args)),
         Command::GatewayWorker(args) => report(gateways::worker(args)),
         Command::Audit { data, json } => match audit::run(&data, json) {

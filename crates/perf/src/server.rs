@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use hongbao_client::Admin;
 
-use super::clients::Transport;
+use crate::clients::Transport;
 
 /// How long to wait for the ready line (every gateway listening).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);

@@ -16,8 +16,8 @@ use anyhow::{bail, ensure, Context};
 use hongbao_client::Admin;
 use tokio::runtime::Runtime;
 
-use super::clients::{unix_ns, Clients, SlowReaders, Spread, Transport, PER_PROCESS_DEFAULT, TOPIC};
-use super::server::{Reading, ServerChild};
+use crate::clients::{unix_ns, Clients, SlowReaders, Spread, Transport, PER_PROCESS_DEFAULT, TOPIC};
+use crate::server::{Reading, ServerChild};
 
 /// Connections unless told otherwise: as many as one gateway process holds
 /// here (a process may hold at most 20,000 open files).
@@ -201,7 +201,7 @@ pub fn conn_memory(args: ConnMemoryArgs) -> anyhow::Result<()> {
             1 => format!("conn_memory_{}", transport.name()),
             _ => format!("conn_memory_{}_gateways", transport.name()),
         };
-        super::figure(&name, median.per_conn() as f64, "B/conn", None);
+        crate::figure(&name, median.per_conn() as f64, "B/conn", None);
     }
     Ok(())
 }
@@ -343,7 +343,7 @@ pub fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     if task["state"] != "done" {
         bail!("the broadcast task ended {} instead of done", task["state"]);
     }
-    super::figure("broadcast_ms", max, "ms", None);
+    crate::figure("broadcast_ms", max, "ms", None);
     Ok(())
 }
 

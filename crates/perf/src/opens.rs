@@ -26,7 +26,7 @@ use hongbao_core::split::SplitKind;
 use hongbao_proto::{ErrorCode, Reply, Request, Target};
 use hongbao_shard::{CommitMode, Engine, EngineConfig};
 
-use super::figure;
+use crate::figure;
 
 /// Shares per packet: the largest count a packet may have.
 const SHARES: u32 = 100;
