@@ -6,7 +6,8 @@
 //! group commit against the transaction-per-open baseline), `conns`
 //! (`conn-memory` and `broadcast` against a real server child, `server`),
 //! and the lean client connections those hold, spread over `perf hold`
-//! client processes (`clients`).
+//! client processes (`clients`). Frames, the handshake, source addresses
+//! and `/proc` readings come from `hongbao-client`.
 //!
 //! Runs inside the `hongbao` binary: it starts that binary again
 //! (`std::env::current_exe()`) as the server child (`serve --dev`) and as
