@@ -14,7 +14,8 @@
 //! the `perf hold` client processes, so the binary must offer both.
 //!
 //! Must not: be linked by the server, or give the server's crates an API
-//! that only a benchmark uses. Everything here is bounded in count and time,
+//! that only a benchmark uses (the one call for the per-op baseline is
+//! `opens::open_engine`). Everything here is bounded in count and time,
 //! targets loopback only, and ends the processes it started (by their PID).
 //!
 //! Errors are `anyhow`: this crate is the body of a command-line
