@@ -13,8 +13,9 @@
 //! (`std::env::current_exe()`) as the server child (`serve --dev`) and as
 //! the `perf hold` client processes, so the binary must offer both.
 //!
-//! Must not: be linked by the server, or give the server's crates an API
-//! that only a benchmark uses (the one call for the per-op baseline is
+//! Must not: be linked by the server (the `hongbao` binary links it only
+//! with its `tools` feature), or give the server's crates an API that only
+//! a benchmark uses (the one call for the per-op baseline is
 //! `opens::open_engine`). Everything here is bounded in count and time,
 //! targets loopback only, and ends the processes it started (by their PID).
 //!
