@@ -1,11 +1,23 @@
-//! Client side of hongbao: a TCP protocol client and a small admin-API client.
+//! The client-side toolkit of hongbao, shared by the black-box tests, the
+//! load simulator (`hongbao-sim`) and the perf figures (`hongbao-perf`):
+//! - `Client`: a TCP protocol client (replies matched to requests by id,
+//!   pushes collected), and `Admin`, a blocking admin-API client;
+//! - `frames` (binary frames: encode client frames, split or read server
+//!   frames), `handshake` (hello, welcome) and `net` (connections from a
+//!   chosen loopback address and port): the pieces the lean clients of the
+//!   simulator and the perf figures are built from;
+//! - `spawn_server` (start a `hongbao serve` child and read its ready line)
+//!   and `procfs` (CPU time, memory, sockets and limits of processes).
 //!
-//! Used by the black-box tests and by the load simulator. Owns: framing on
-//! the client side, matching replies to requests by id, collecting pushes.
 //! Must not: know anything about the server's internals; it speaks only the
-//! documented protocol (docs/protocol.md) and HTTP API (docs/api.md).
+//! documented protocol (docs/protocol.md) and HTTP API (docs/api.md), and
+//! reads other processes only through `/proc`.
 
+pub mod frames;
+pub mod handshake;
+pub mod net;
 mod process;
+pub mod procfs;
 
 pub use process::{spawn_server, ServerAddrs, SpawnError};
 
@@ -15,8 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hongbao_proto::{binary, ClientFrame, ErrorCode, Push, Reply, Request, ServerFrame, FRAME_HEADER_BYTES};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use hongbao_proto::{ErrorCode, Push, Reply, Request, ServerFrame};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -69,17 +81,8 @@ impl Client {
         let reader = {
             let (pending, closed, dropped) = (pending.clone(), closed.clone(), dropped_pushes.clone());
             tokio::spawn(async move {
-                let mut header = [0u8; FRAME_HEADER_BYTES];
                 loop {
-                    if read.read_exact(&mut header).await.is_err() {
-                        break;
-                    }
-                    let Ok(Some(len)) = binary::body_len(&header) else { break };
-                    let mut body = vec![0u8; len];
-                    if read.read_exact(&mut body).await.is_err() {
-                        break;
-                    }
-                    match binary::decode_server(&body) {
+                    match frames::read(&mut read).await {
                         Ok(ServerFrame::Reply { id, reply }) => {
                             if let Some(tx) = pending.lock().expect("pending poisoned").remove(&id) {
                                 let _ = tx.send(reply);
@@ -128,7 +131,7 @@ impl Client {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending poisoned").insert(id, tx);
-        self.send_raw(&binary::encode_client(&ClientFrame { id, req })).await?;
+        self.send_raw(&frames::encode(id, req)).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(self.close_error()),

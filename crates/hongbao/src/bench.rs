@@ -1,7 +1,8 @@
 //! `hongbao demo`, `hongbao bench` and the hidden `hongbao sim-worker`: the
 //! command-line side of the simulator (`hongbao_sim`). Without a server
 //! address the bench starts one in this process on a temporary embedded
-//! store, stops it after the run and audits its data.
+//! store, stops it after the run and audits its data. Built with the `tools`
+//! feature only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

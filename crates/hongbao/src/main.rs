@@ -1,13 +1,18 @@
 //! The `hongbao` binary: parses the command line, sets up logging, and hands
 //! over to one module per subcommand. Logs go to stderr; stdout carries only
-//! what scripts read (the `HONGBAO_READY` line, audit reports, tokens).
+//! what scripts read (the `HONGBAO_READY` line, audit reports, tokens,
+//! `FIGURE` lines).
+//!
+//! The measuring tools (`demo`, `bench`, `perf` and the hidden `sim-worker`)
+//! come with the `tools` feature, on by default; without it the binary is
+//! the server alone.
 
 mod audit;
+#[cfg(feature = "tools")]
 mod bench;
 mod config;
 mod gateways;
 mod keys;
-mod perf;
 mod serve;
 mod token;
 
@@ -58,6 +63,7 @@ enum Command {
     /// at two rates while a campaign releases packets, a group-packet phase,
     /// then reconciliation, audit and a report (exit code 0 only if every
     /// check passes).
+    #[cfg(feature = "tools")]
     Demo {
         /// A small plan that finishes in well under a minute.
         #[arg(long)]
@@ -68,6 +74,7 @@ enum Command {
     /// The load simulator: the same phases at the reference's scale (as far
     /// as one machine goes), every figure a flag, against a local server or
     /// a running one (--tcp and --admin).
+    #[cfg(feature = "tools")]
     Bench {
         #[command(flatten)]
         plan: bench::PlanArgs,
@@ -76,10 +83,12 @@ enum Command {
     },
     /// Measure one performance figure (used by bench/run.sh); prints
     /// `FIGURE <name> <value> <unit> [baseline=… ratio=…]` lines.
+    #[cfg(feature = "tools")]
     #[command(subcommand)]
-    Perf(perf::Figure),
+    Perf(hongbao_perf::Figure),
     /// One simulator process (started by `bench` and `demo`; JSON lines on
     /// stdin and stdout).
+    #[cfg(feature = "tools")]
     #[command(hide = true)]
     SimWorker(bench::WorkerArgs),
     /// One extra gateway process (started by `serve --gateways N`; linked
@@ -90,20 +99,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // demo and bench send the log of their local server to the report folder.
-    if !matches!(cli.command, Command::Demo { .. } | Command::Bench { .. }) {
-        // perf prints figures; the engine's start/stop lines would only clutter them.
-        let default = if matches!(cli.command, Command::Perf(_)) { "warn" } else { "info" };
+    if let Some(default) = cli.command.log_level() {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
 
     match cli.command {
+        #[cfg(feature = "tools")]
         Command::Demo { quick, plan } => checked(bench::run(bench::Kind::Demo { quick }, plan, Default::default())),
+        #[cfg(feature = "tools")]
         Command::Bench { plan, remote } => checked(bench::run(bench::Kind::Bench, plan, remote)),
+        #[cfg(feature = "tools")]
         Command::SimWorker(args) => report(bench::sim_worker(args)),
-        Command::Perf(figure) => report(perf::run(figure)),
+        #[cfg(feature = "tools")]
+        Command::Perf(figure) => report(hongbao_perf::run(figure)),
         Command::Serve(args) => report(serve(*args)),
         Command::GatewayWorker(args) => report(gateways::worker(args)),
         Command::Audit { data, json } => match audit::run(&data, json) {
@@ -120,6 +130,22 @@ fn main() -> ExitCode {
     }
 }
 
+impl Command {
+    /// The default level of the log on stderr, or `None` for a command that
+    /// sets up its own log.
+    fn log_level(&self) -> Option<&'static str> {
+        #[cfg(feature = "tools")]
+        match self {
+            // demo and bench send the log of their local server to the report folder.
+            Command::Demo { .. } | Command::Bench { .. } => return None,
+            // perf prints figures; the engine's start/stop lines would only clutter them.
+            Command::Perf(_) => return Some("warn"),
+            _ => {}
+        }
+        Some("info")
+    }
+}
+
 fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
     let settings = config::Settings::resolve(args)?;
     let runtime =
@@ -128,6 +154,7 @@ fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Exit code 0 when every check passed, 1 when one failed, 2 on an error.
+#[cfg(feature = "tools")]
 fn checked(result: anyhow::Result<bool>) -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,

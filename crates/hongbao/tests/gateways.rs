@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hongbao_client::procfs;
 use hongbao_proto::{PushBody, Reply, Request};
 use serde_json::json;
 
@@ -16,18 +17,12 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Sockets a process holds (its TCP connections, listeners and link).
 fn sockets(pid: u32) -> usize {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
-    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("socket:"))
-        .count()
+    procfs::socket_fds(pid).unwrap_or(0)
 }
 
 /// Whether `pid` is gone (or a zombie nobody has reaped yet).
 fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
-    }
+    procfs::stat(pid).is_none_or(|s| s.exited())
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use hongbao_client::Admin;
+use hongbao_client::{procfs, Admin};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::seq::index::sample;
 use rand::Rng;
@@ -381,18 +381,6 @@ struct PhaseMark {
     sim_cpu_s: Option<f64>,
 }
 
-/// User + system CPU seconds of process `pid` so far, from /proc (Linux).
-pub fn process_cpu_s(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ")".
-    // Clock ticks are 100 per second on every Linux this runs on (USER_HZ).
-    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
-}
-
 /// Live terminal output: a bar per phase, a line per second.
 struct Live {
     multi: MultiProgress,
@@ -422,6 +410,72 @@ impl Live {
     }
 }
 
+/// What a run shares between its phases and its threads.
+struct Run<'a> {
+    plan: &'a Plan,
+    admin: Admin,
+    /// Unix ms at the start: makes this run's idempotency keys its own.
+    run_id: u64,
+    started_unix_ms: u64,
+    live: Arc<Live>,
+    phases: PhaseLog,
+    /// The server's processes (CPU time per phase); empty when remote.
+    server_pids: Vec<u32>,
+    /// The worker processes, once started.
+    worker_pids: Mutex<Vec<u32>>,
+    collected: Arc<Mutex<Collected>>,
+    /// The server's counters, polled once a second.
+    samples: Arc<Mutex<Vec<ServerSample>>>,
+    /// The campaign, once created: the poller reads its released count.
+    campaign_id: Arc<Mutex<Option<u64>>>,
+}
+
+impl Run<'_> {
+    fn new<'a>(plan: &'a Plan, server: &ServerTarget) -> Run<'a> {
+        let workers_n = plan.workers() as usize;
+        Run {
+            plan,
+            admin: Admin::new(server.admin, server.admin_key.clone()),
+            run_id: unix_ms(),
+            started_unix_ms: unix_ms(),
+            live: Arc::new(Live { multi: MultiProgress::new(), bar: Mutex::new(None) }),
+            phases: Arc::default(),
+            server_pids: server.pids.clone(),
+            worker_pids: Mutex::default(),
+            collected: Arc::new(Mutex::new(Collected {
+                connected: vec![0; workers_n],
+                rss: vec![0; workers_n],
+                ready_rss: vec![0; workers_n],
+                done: vec![false; workers_n],
+                ..Default::default()
+            })),
+            samples: Arc::default(),
+            campaign_id: Arc::default(),
+        }
+    }
+
+    /// Records a phase boundary, with the CPU time the server's and the
+    /// workers' processes have used so far.
+    fn mark(&self, name: &str, rate: u64) {
+        let cpu_s = |pids: &[u32]| if pids.is_empty() { None } else { pids.iter().copied().map(procfs::cpu_s).sum() };
+        let server_cpu_s = cpu_s(&self.server_pids);
+        let worker_pids = self.worker_pids.lock().expect("pids poisoned").clone();
+        let sim_cpu_s = cpu_s(&worker_pids);
+        self.phases.lock().expect("phases poisoned").push(PhaseMark {
+            at_ms: unix_ms(),
+            name: name.to_owned(),
+            rate,
+            server_cpu_s,
+            sim_cpu_s,
+        })
+    }
+
+    /// Why a worker failed, once one has.
+    fn failure(&self) -> Option<String> {
+        self.collected.lock().expect("collected poisoned").failure.clone()
+    }
+}
+
 /// Runs `plan` against `server`, writes the report into `out` and returns
 /// the summary. `finish` runs after the simulation (e.g. stops the server
 /// and audits its data) and adds its checks.
@@ -434,30 +488,10 @@ pub fn run(
 ) -> Result<Summary, BenchError> {
     plan.validate()?;
     std::fs::create_dir_all(out)?;
-    let admin = Admin::new(server.admin, server.admin_key.clone());
-    let run_id = unix_ms();
     let started = Instant::now();
-    let started_unix_ms = unix_ms();
-    let live = Arc::new(Live { multi: MultiProgress::new(), bar: Mutex::new(None) });
-    let phases: PhaseLog = Arc::default();
-    let server_pids = server.pids.clone();
-    let worker_pids: Arc<Mutex<Vec<u32>>> = Arc::default();
-    let mark = |name: &str, rate: u64| {
-        let server_cpu_s =
-            if server_pids.is_empty() { None } else { server_pids.iter().copied().map(process_cpu_s).sum() };
-        let pids = worker_pids.lock().expect("pids poisoned").clone();
-        let sim_cpu_s = if pids.is_empty() { None } else { pids.into_iter().map(process_cpu_s).sum() };
-        phases.lock().expect("phases poisoned").push(PhaseMark {
-            at_ms: unix_ms(),
-            name: name.to_owned(),
-            rate,
-            server_cpu_s,
-            sim_cpu_s,
-        })
-    };
-
-    admin_call(admin.get("/health"))?;
-    live.line(&format!(
+    let run = Run::new(plan, server);
+    admin_call(run.admin.get("/health"))?;
+    run.live.line(&format!(
         "hongbao bench: {} users in {} worker(s) against {} (admin {}), ~{} s planned",
         plan.users,
         plan.workers(),
@@ -465,36 +499,78 @@ pub fn run(
         server.admin,
         plan.expected_s()
     ));
+    fund(&run)?;
+    let mut outcome = simulate(&run, server, launcher)?;
 
-    // Money first, so a plan the server cannot fund fails before any load.
+    // Reconcile against the server's ledger.
+    let collected = run.collected.lock().expect("collected poisoned");
+    let totals = collected.totals.clone();
+    let (ledger, reconciled) = reconcile(&run, &outcome, &totals)?;
+    let mut checks = std::mem::take(&mut outcome.checks);
+    checks.extend(reconciled);
+    let all_latency = collected.all_latency.clone();
+    let rows = timeline(&collected, &run.phases, &run.samples, run.started_unix_ms);
+    let phases = summarise_phases(&collected, &rows, &run.phases, run.started_unix_ms);
+    drop(collected);
+    checks.extend(held_checks(&phases));
+    checks.extend(finish());
+
+    let mut files = vec![out.join("seconds.csv")];
+    report::write_csv(&files[0], &rows)?;
+    files.extend(report::write_plots(out, &rows)?);
+    let results = Results { totals, ledger, all_latency, rows, phases, checks };
+    let mut summary = summary(&run, started, outcome, results);
+    files.push(out.join("summary.json"));
+    summary.files = files.iter().map(|f| f.display().to_string()).collect();
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary).expect("summary serialises"))?;
+    Ok(summary)
+}
+
+/// Money first, so a plan the server cannot fund fails before any load.
+fn fund(run: &Run) -> Result<(), BenchError> {
+    let plan = run.plan;
     let campaign_packets = plan.campaign_rate * (plan.shake_s() + 10);
     let campaign_fen = campaign_packets as i64 * CAMPAIGN_PACKET_AVG_FEN;
-    deposit(&admin, CAMPAIGN_FUNDER, campaign_fen, &format!("bench-{run_id}-campaign"))?;
+    deposit(&run.admin, CAMPAIGN_FUNDER, campaign_fen, &format!("bench-{}-campaign", run.run_id))?;
     let senders = group_senders(plan);
     let sender_fen = plan.group_packets.div_ceil(senders) as i64 * GROUP_PACKET_FEN.end();
     for sender in 0..senders.min(plan.group_packets) {
-        deposit(&admin, GROUP_SENDER_FIRST + sender, sender_fen, &format!("bench-{run_id}-group-{sender}"))?;
+        let key = format!("bench-{}-group-{sender}", run.run_id);
+        deposit(&run.admin, GROUP_SENDER_FIRST + sender, sender_fen, &key)?;
     }
+    Ok(())
+}
 
-    let workers_n = plan.workers() as usize;
-    let collected = Arc::new(Mutex::new(Collected {
-        connected: vec![0; workers_n],
-        rss: vec![0; workers_n],
-        ready_rss: vec![0; workers_n],
-        done: vec![false; workers_n],
-        ..Default::default()
-    }));
+/// The simulation proper: the phase plan, with the worker processes, the
+/// server poller and the live printer around it, all stopped whatever the
+/// plan's outcome.
+fn simulate(run: &Run, server: &ServerTarget, launcher: &WorkerLauncher) -> Result<PhaseOutcome, BenchError> {
+    let workers_n = run.plan.workers() as usize;
     let (second_tx, second_rx) = mpsc::channel::<u64>();
-    let mut workers = spawn_workers(plan, server, launcher, &collected, second_tx)?;
-    *worker_pids.lock().expect("pids poisoned") = workers.iter().map(|w| w.child.id()).collect();
+    let mut workers = spawn_workers(run.plan, server, launcher, &run.collected, second_tx)?;
+    *run.worker_pids.lock().expect("pids poisoned") = workers.iter().map(|w| w.child.id()).collect();
     let stop_poll = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let campaign_id: Arc<Mutex<Option<u64>>> = Arc::default();
-    let samples: Arc<Mutex<Vec<ServerSample>>> = Arc::default();
-    let poller = spawn_poller(admin.clone(), campaign_id.clone(), samples.clone(), stop_poll.clone());
-    let printer = spawn_printer(second_rx, collected.clone(), phases.clone(), samples.clone(), live.clone(), workers_n);
+    let poller = spawn_poller(run.admin.clone(), run.campaign_id.clone(), run.samples.clone(), stop_poll.clone());
+    let (collected, phases, samples) = (run.collected.clone(), run.phases.clone(), run.samples.clone());
+    let printer = spawn_printer(second_rx, collected, phases, samples, run.live.clone(), workers_n);
 
-    let result = run_phases(plan, &admin, run_id, &live, &mark, &collected, &mut workers, &campaign_id);
-    for w in &mut workers {
+    let result = run_phases(run, &mut workers);
+    stop_workers(&mut workers, &run.collected);
+    stop_poll.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = poller.join();
+    let _ = printer.join();
+    run.live.finish();
+    let outcome = result?;
+    if let Some(failure) = run.failure() {
+        return Err(BenchError::Worker(failure));
+    }
+    Ok(outcome)
+}
+
+/// Tells every worker to stop, gives them 20 s to report their last second
+/// and exit, then kills (by PID) and reaps any that are left.
+fn stop_workers(workers: &mut [Worker], collected: &Mutex<Collected>) {
+    for w in workers.iter_mut() {
         w.send(&Control::Stop);
         w.stdin = None;
     }
@@ -502,44 +578,52 @@ pub fn run(
     while Instant::now() < deadline && !collected.lock().expect("collected poisoned").done.iter().all(|d| *d) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for w in &mut workers {
+    for w in workers.iter_mut() {
         if matches!(w.child.try_wait(), Ok(None)) {
             let _ = w.child.kill();
         }
         let _ = w.child.wait();
     }
-    stop_poll.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = poller.join();
-    let _ = printer.join();
-    live.finish();
-    let phase_outcome = result?;
-    if let Some(failure) = collected.lock().expect("collected poisoned").failure.clone() {
-        return Err(BenchError::Worker(failure));
-    }
+}
 
-    // Reconcile against the server's ledger.
-    let collected = collected.lock().expect("collected poisoned");
-    let totals = collected.totals.clone();
-    let mut checks = phase_outcome.checks;
-    let campaign = admin_call(admin.get(&format!("/v1/campaigns/{}", phase_outcome.campaign)))?;
-    let server_won = campaign["won"].as_u64().unwrap_or(0);
-    let server_won_fen = campaign["won_fen"].as_i64().unwrap_or(0);
-    let released = campaign["released"].as_u64().unwrap_or(0);
+/// The campaign as the server's ledger has it after the run.
+struct CampaignLedger {
+    won: u64,
+    won_fen: i64,
+    released: u64,
+}
+
+/// The checks against the server's ledger (shake wins, released packets,
+/// group packets) and of the simulator's own totals.
+fn reconcile(
+    run: &Run,
+    outcome: &PhaseOutcome,
+    totals: &SecondRow,
+) -> Result<(CampaignLedger, Vec<Check>), BenchError> {
+    let plan = run.plan;
+    let mut checks = Vec::new();
+    let campaign = admin_call(run.admin.get(&format!("/v1/campaigns/{}", outcome.campaign)))?;
+    let ledger = CampaignLedger {
+        won: campaign["won"].as_u64().unwrap_or(0),
+        won_fen: campaign["won_fen"].as_i64().unwrap_or(0),
+        released: campaign["released"].as_u64().unwrap_or(0),
+    };
     checks.push(Check::new(
         "shake wins reconcile",
-        totals.won == server_won && totals.amount_won_fen == server_won_fen && server_won > 0,
+        totals.won == ledger.won && totals.amount_won_fen == ledger.won_fen && ledger.won > 0,
         format!(
             "client saw {} wins / {} fen; the server's ledger holds {} wins / {} fen",
-            totals.won, totals.amount_won_fen, server_won, server_won_fen
+            totals.won, totals.amount_won_fen, ledger.won, ledger.won_fen
         ),
     ));
-    let running_s = phase_outcome.campaign_running_ms as f64 / 1000.0;
+    let running_s = outcome.campaign_running_ms as f64 / 1000.0;
     let expected = plan.campaign_rate as f64 * running_s;
-    let per_second: Vec<f64> = server_seconds(&samples.lock().expect("samples poisoned"))
+    let per_second: Vec<f64> = server_seconds(&run.samples.lock().expect("samples poisoned"))
         .values()
         .map(|s| s.released_per_s)
         .filter(|r| *r > 0.0)
         .collect();
+    let released = ledger.released;
     checks.push(Check::new(
         "packets released at the campaign rate",
         (released as f64 - expected).abs() <= expected * RELEASE_TOLERANCE + 1.0,
@@ -551,8 +635,7 @@ pub fn run(
             median(per_second)
         ),
     ));
-    let groups = reconcile_groups(&admin, &phase_outcome.group_packets, &totals)?;
-    checks.extend(groups);
+    checks.extend(reconcile_groups(&run.admin, &outcome.group_packets, totals)?);
     checks.push(Check::new(
         "every shake answered",
         totals.shakes_answered + totals.shake_errors == totals.shakes_sent && totals.shake_errors == 0,
@@ -561,33 +644,46 @@ pub fn run(
             totals.shakes_sent, totals.shakes_answered, totals.shake_errors, totals.reconnects
         ),
     ));
-    let rss_per_user = phase_outcome.rss_per_user;
-    let all_latency = collected.all_latency.clone();
-    let rows = timeline(&collected, &phases, &samples, started_unix_ms);
-    let phase_summaries = summarise_phases(&collected, &rows, &phases, started_unix_ms);
-    drop(collected);
-    for p in phase_summaries.iter().filter(|p| p.name.starts_with("shake")) {
-        let overload_share = p.overload as f64 / p.shakes_answered.max(1) as f64;
-        checks.push(Check::new(
-            &format!("{} held {}/s", p.name, p.target_rate),
-            p.answered_per_s_median >= p.target_rate as f64 * (1.0 - SHAKE_RATE_TOLERANCE) && overload_share < 0.01,
-            format!(
-                "median {:.0} answered/s (within {}% of target required), {:.2}% overload (< 1% required)",
-                p.answered_per_s_median,
-                SHAKE_RATE_TOLERANCE * 100.0,
-                overload_share * 100.0
-            ),
-        ));
-    }
-    checks.extend(finish());
+    Ok((ledger, checks))
+}
 
-    let mut files = Vec::new();
-    let csv = out.join("seconds.csv");
-    report::write_csv(&csv, &rows)?;
-    files.push(csv);
-    files.extend(report::write_plots(out, &rows)?);
-    let summary = Summary {
-        pass: checks.iter().all(|c| c.pass),
+/// One check per shake phase: its median second held the target rate, with
+/// under 1 % `overload` answers.
+fn held_checks(phases: &[PhaseSummary]) -> Vec<Check> {
+    phases
+        .iter()
+        .filter(|p| p.name.starts_with("shake"))
+        .map(|p| {
+            let overload_share = p.overload as f64 / p.shakes_answered.max(1) as f64;
+            Check::new(
+                &format!("{} held {}/s", p.name, p.target_rate),
+                p.answered_per_s_median >= p.target_rate as f64 * (1.0 - SHAKE_RATE_TOLERANCE) && overload_share < 0.01,
+                format!(
+                    "median {:.0} answered/s (within {}% of target required), {:.2}% overload (< 1% required)",
+                    p.answered_per_s_median,
+                    SHAKE_RATE_TOLERANCE * 100.0,
+                    overload_share * 100.0
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Everything the summary reports besides the plan and the phases' outcome.
+struct Results {
+    totals: SecondRow,
+    ledger: CampaignLedger,
+    all_latency: Option<Histogram<u64>>,
+    rows: Vec<TimelineRow>,
+    phases: Vec<PhaseSummary>,
+    checks: Vec<Check>,
+}
+
+/// `summary.json`'s content (its list of files is filled in by the caller).
+fn summary(run: &Run, started: Instant, outcome: PhaseOutcome, r: Results) -> Summary {
+    let (plan, totals) = (run.plan, &r.totals);
+    Summary {
+        pass: r.checks.iter().all(|c| c.pass),
         users: plan.users,
         workers: plan.workers(),
         duration_s: started.elapsed().as_secs_f64(),
@@ -600,29 +696,24 @@ pub fn run(
             not_running: totals.not_running,
         },
         shake_errors: totals.shake_errors,
-        packets_released: released,
-        packets_won: server_won,
+        packets_released: r.ledger.released,
+        packets_won: r.ledger.won,
         amount_won_fen: totals.amount_won_fen,
-        server_amount_won_fen: server_won_fen,
-        group_packets_sent: phase_outcome.group_packets.len() as u64,
+        server_amount_won_fen: r.ledger.won_fen,
+        group_packets_sent: outcome.group_packets.len() as u64,
         group_opens: totals.opens,
         group_amount_opened_fen: totals.amount_opened_fen,
-        achieved_qps_max: rows.iter().map(|r| r.client.shakes_answered).max().unwrap_or(0),
-        latency_ms: all_latency.as_ref().map(LatencyMs::of).unwrap_or_default(),
-        sim_rss_bytes_per_user: rss_per_user,
+        achieved_qps_max: r.rows.iter().map(|r| r.client.shakes_answered).max().unwrap_or(0),
+        latency_ms: r.all_latency.as_ref().map(LatencyMs::of).unwrap_or_default(),
+        sim_rss_bytes_per_user: outcome.rss_per_user,
         conn_errors: totals.conn_errors,
         reconnects: totals.reconnects,
-        phases: phase_summaries,
-        checks,
+        phases: r.phases,
+        checks: r.checks,
         plan: plan.clone(),
-        started_unix_ms,
+        started_unix_ms: run.started_unix_ms,
         files: Vec::new(),
-    };
-    let mut summary = summary;
-    files.push(out.join("summary.json"));
-    summary.files = files.iter().map(|f| f.display().to_string()).collect();
-    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary).expect("summary serialises"))?;
-    Ok(summary)
+    }
 }
 
 fn admin_call(r: Result<hongbao_client::AdminResponse, String>) -> Result<Value, BenchError> {
@@ -874,40 +965,49 @@ fn parse_rate_command(line: &str) -> Option<u64> {
     }
 }
 
+/// (packet id, amount in fen) of each group packet sent.
+type GroupPackets = Vec<(u64, i64)>;
+
 struct PhaseOutcome {
     campaign: u64,
     campaign_running_ms: u64,
-    group_packets: Vec<(u64, i64)>,
+    group_packets: GroupPackets,
     rss_per_user: u64,
     checks: Vec<Check>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_phases(
-    plan: &Plan,
-    admin: &Admin,
-    run_id: u64,
-    live: &Live,
-    mark: &dyn Fn(&str, u64),
-    collected: &Arc<Mutex<Collected>>,
-    workers: &mut [Worker],
-    campaign_id: &Mutex<Option<u64>>,
-) -> Result<PhaseOutcome, BenchError> {
+/// The plan's phases in order: connect, shake (while a campaign releases
+/// packets), group packets, drain.
+fn run_phases(run: &Run, workers: &mut [Worker]) -> Result<PhaseOutcome, BenchError> {
     let rate_override = RateOverride::from_stdin();
     let mut checks = Vec::new();
-    let broadcast = |workers: &mut [Worker], c: Control| workers.iter_mut().for_each(|w| w.send(&c));
-    let failed = || collected.lock().expect("collected poisoned").failure.clone();
+    let (rss_per_user, connected) = connect_phase(run)?;
+    checks.push(connected);
+    let (campaign, campaign_running_ms) = shake_phases(run, workers, &rate_override)?;
+    let (group_packets, sent) = group_phase(run)?;
+    checks.extend(sent);
+    drain_phase(run);
+    Ok(PhaseOutcome { campaign, campaign_running_ms, group_packets, rss_per_user, checks })
+}
 
-    // Phase 1: connect everyone.
-    mark("connect", 0);
-    let bar = live.phase("connect", plan.users, "users");
+/// Sends `c` to every worker.
+fn tell(workers: &mut [Worker], c: Control) {
+    workers.iter_mut().for_each(|w| w.send(&c));
+}
+
+/// Phase 1: connect everyone. Returns the simulator's memory per connected
+/// user and the check that everyone connected.
+fn connect_phase(run: &Run) -> Result<(u64, Check), BenchError> {
+    let plan = run.plan;
+    run.mark("connect", 0);
+    let bar = run.live.phase("connect", plan.users, "users");
     let deadline = Instant::now() + Duration::from_secs(plan.users / plan.connect_per_s + plan.connect_timeout_s);
     let mut connected = 0;
     while Instant::now() < deadline {
-        if let Some(f) = failed() {
+        if let Some(f) = run.failure() {
             return Err(BenchError::Worker(f));
         }
-        connected = collected.lock().expect("collected poisoned").connected().max(0) as u64;
+        connected = run.collected.lock().expect("collected poisoned").connected().max(0) as u64;
         bar.set_position(connected);
         if connected >= plan.users {
             break;
@@ -917,100 +1017,96 @@ fn run_phases(
     // One more report so every worker's RSS reflects its connected users.
     std::thread::sleep(Duration::from_millis(1_100));
     let rss_per_user = {
-        let c = collected.lock().expect("collected poisoned");
+        let c = run.collected.lock().expect("collected poisoned");
         let grown: u64 = c.rss.iter().zip(&c.ready_rss).map(|(now, base)| now.saturating_sub(*base)).sum();
         grown / (c.connected().max(1) as u64)
     };
-    checks.push(Check::new(
+    let check = Check::new(
         "all users connected",
         connected >= plan.users,
         format!("{connected} of {} users logged in; simulator memory {rss_per_user} B per user", plan.users),
-    ));
+    );
+    Ok((rss_per_user, check))
+}
 
-    // Phases 2 and 3: shake while a campaign releases packets.
+/// Phases 2 and 3 (and any further shake steps): shake while a campaign
+/// releases packets, then let the answers in flight settle and stop the
+/// campaign. Returns the campaign and how long it ran, in ms.
+fn shake_phases(run: &Run, workers: &mut [Worker], rate_override: &RateOverride) -> Result<(u64, u64), BenchError> {
+    let plan = run.plan;
     let campaign_packets = plan.campaign_rate * (plan.shake_s() + 10);
-    let created = admin_call(admin.post(
+    let created = admin_call(run.admin.post(
         "/v1/campaigns",
         &json!({
             "funder": CAMPAIGN_FUNDER,
             "total_fen": campaign_packets as i64 * CAMPAIGN_PACKET_AVG_FEN,
             "rule": {"count": {"packets": campaign_packets}},
             "rate_per_s": plan.campaign_rate,
-            "key": format!("bench-{run_id}-campaign"),
+            "key": format!("bench-{}-campaign", run.run_id),
         }),
     ))?;
     let campaign = created["id"].as_u64().ok_or_else(|| BenchError::Admin(format!("no campaign id in {created}")))?;
-    admin_call(admin.post(&format!("/v1/campaigns/{campaign}/start"), &json!({})))?;
+    admin_call(run.admin.post(&format!("/v1/campaigns/{campaign}/start"), &json!({})))?;
     let campaign_started = Instant::now();
-    *campaign_id.lock().expect("campaign poisoned") = Some(campaign);
+    *run.campaign_id.lock().expect("campaign poisoned") = Some(campaign);
     for (i, step) in plan.shakes.iter().enumerate() {
-        let (name, rate, secs) = (format!("shake-{}", i + 1), step.rate, step.secs);
-        // A `rate N` typed before this phase was meant for another one.
-        let _ = rate_override.take();
-        let name = name.as_str();
-        mark(name, rate);
-        broadcast(workers, Control::Rate(rate));
-        let bar = live.phase(name, secs, "s");
-        bar.set_message(format!("target {rate}/s"));
-        let end = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < end {
-            if let Some(f) = failed() {
-                return Err(BenchError::Worker(f));
-            }
-            if let Some(rate) = rate_override.take() {
-                mark(name, rate);
-                broadcast(workers, Control::Rate(rate));
-                bar.set_message(format!("target {rate}/s (changed from stdin)"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-            bar.set_position(secs - end.saturating_duration_since(Instant::now()).as_secs());
-        }
+        shake_step(run, workers, rate_override, &format!("shake-{}", i + 1), *step)?;
     }
-    mark("settle", 0);
-    broadcast(workers, Control::Rate(0));
+    run.mark("settle", 0);
+    tell(workers, Control::Rate(0));
     std::thread::sleep(SHAKE_SETTLE);
     let campaign_running_ms = campaign_started.elapsed().as_millis() as u64;
-    admin_call(admin.post(&format!("/v1/campaigns/{campaign}/stop"), &json!({})))?;
+    admin_call(run.admin.post(&format!("/v1/campaigns/{campaign}/stop"), &json!({})))?;
+    Ok((campaign, campaign_running_ms))
+}
 
-    // Phase 4: group packets to three random users each.
-    mark("group", 0);
-    let bar = live.phase("group", plan.group_packets, "packets");
+/// One shake phase: `step.rate` for `step.secs`, or the rate typed on stdin.
+fn shake_step(
+    run: &Run,
+    workers: &mut [Worker],
+    rate_override: &RateOverride,
+    name: &str,
+    step: ShakeStep,
+) -> Result<(), BenchError> {
+    let (rate, secs) = (step.rate, step.secs);
+    // A `rate N` typed before this phase was meant for another one.
+    let _ = rate_override.take();
+    run.mark(name, rate);
+    tell(workers, Control::Rate(rate));
+    let bar = run.live.phase(name, secs, "s");
+    bar.set_message(format!("target {rate}/s"));
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if let Some(f) = run.failure() {
+            return Err(BenchError::Worker(f));
+        }
+        if let Some(rate) = rate_override.take() {
+            run.mark(name, rate);
+            tell(workers, Control::Rate(rate));
+            bar.set_message(format!("target {rate}/s (changed from stdin)"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        bar.set_position(secs - end.saturating_duration_since(Instant::now()).as_secs());
+    }
+    Ok(())
+}
+
+/// Phase 4: group packets to three random users each, at the planned rate.
+/// Returns (packet, amount) of each and the check of the rate.
+fn group_phase(run: &Run) -> Result<(GroupPackets, Option<Check>), BenchError> {
+    let plan = run.plan;
+    run.mark("group", 0);
+    let bar = run.live.phase("group", plan.group_packets, "packets");
     // Several senders, each keeping its share of the schedule: one admin
     // call waits for its commit, so a single sender would fall behind the
     // rate on a slow disk or a debug build.
     let began = Instant::now();
     let sent_count = std::sync::atomic::AtomicU64::new(0);
-    let results: Vec<Result<Vec<(u64, i64)>, BenchError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<GroupPackets, BenchError>> = std::thread::scope(|scope| {
         let senders: Vec<_> = (0..GROUP_SENDERS)
             .map(|sender| {
-                let (admin, bar, sent_count) = (admin.clone(), &bar, &sent_count);
-                scope.spawn(move || {
-                    let mut rng = rand::rng();
-                    let mut mine = Vec::new();
-                    for i in (sender..plan.group_packets).step_by(GROUP_SENDERS as usize) {
-                        let due = began + Duration::from_micros(i * 1_000_000 / plan.group_rate);
-                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                        let users: Vec<u64> = sample(&mut rng, plan.users as usize, GROUP_PACKET_COUNT as usize)
-                            .into_iter()
-                            .map(|i| i as u64 + 1)
-                            .collect();
-                        let amount = rng.random_range(GROUP_PACKET_FEN);
-                        let sent = admin_call(admin.post(
-                            "/v1/packets",
-                            &json!({
-                                "sender": GROUP_SENDER_FIRST + i % group_senders(plan), "amount_fen": amount, "count": GROUP_PACKET_COUNT,
-                                "kind": "lucky", "to": {"users": users}, "greeting": "恭喜发财",
-                                "key": format!("bench-{run_id}-group-{i}"),
-                            }),
-                        ))?;
-                        let packet = sent["packet"]
-                            .as_u64()
-                            .ok_or_else(|| BenchError::Admin(format!("no packet id in {sent}")))?;
-                        mine.push((packet, amount));
-                        bar.set_position(sent_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
-                    }
-                    Ok(mine)
-                })
+                let (bar, sent_count) = (&bar, &sent_count);
+                scope.spawn(move || send_group_packets(run, sender, began, bar, sent_count))
             })
             .collect();
         senders.into_iter().map(|h| h.join().expect("sender thread panicked")).collect()
@@ -1020,8 +1116,8 @@ fn run_phases(
         group_packets.extend(r?);
     }
     let send_s = began.elapsed().as_secs_f64();
-    if plan.group_packets > 0 {
-        checks.push(Check::new(
+    let check = (plan.group_packets > 0).then(|| {
+        Check::new(
             "group packets sent at the planned rate",
             plan.group_packets as f64 / send_s.max(0.001) >= plan.group_rate as f64 * 0.95,
             format!(
@@ -1030,18 +1126,57 @@ fn run_phases(
                 plan.group_packets as f64 / send_s.max(0.001),
                 plan.group_rate
             ),
-        ));
-    }
+        )
+    });
+    Ok((group_packets, check))
+}
 
-    // Phase 5: drain until every share is opened, or opens stop moving.
-    mark("drain", 0);
+/// One sender's share of the group packets: packets `sender`,
+/// `sender + GROUP_SENDERS`, …, each at its time on the plan's schedule.
+fn send_group_packets(
+    run: &Run,
+    sender: u64,
+    began: Instant,
+    bar: &ProgressBar,
+    sent_count: &std::sync::atomic::AtomicU64,
+) -> Result<GroupPackets, BenchError> {
+    let plan = run.plan;
+    let mut rng = rand::rng();
+    let mut mine = Vec::new();
+    for i in (sender..plan.group_packets).step_by(GROUP_SENDERS as usize) {
+        let due = began + Duration::from_micros(i * 1_000_000 / plan.group_rate);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let users: Vec<u64> = sample(&mut rng, plan.users as usize, GROUP_PACKET_COUNT as usize)
+            .into_iter()
+            .map(|i| i as u64 + 1)
+            .collect();
+        let amount = rng.random_range(GROUP_PACKET_FEN);
+        let sent = admin_call(run.admin.post(
+            "/v1/packets",
+            &json!({
+                "sender": GROUP_SENDER_FIRST + i % group_senders(plan), "amount_fen": amount, "count": GROUP_PACKET_COUNT,
+                "kind": "lucky", "to": {"users": users}, "greeting": "恭喜发财",
+                "key": format!("bench-{}-group-{i}", run.run_id),
+            }),
+        ))?;
+        let packet = sent["packet"].as_u64().ok_or_else(|| BenchError::Admin(format!("no packet id in {sent}")))?;
+        mine.push((packet, amount));
+        bar.set_position(sent_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+    }
+    Ok(mine)
+}
+
+/// Phase 5: drain until every share is opened, or opens stop moving.
+fn drain_phase(run: &Run) {
+    let plan = run.plan;
+    run.mark("drain", 0);
     let want = plan.group_packets * GROUP_PACKET_COUNT;
-    let bar = live.phase("drain", want, "opens");
+    let bar = run.live.phase("drain", want, "opens");
     let deadline = Instant::now() + Duration::from_secs(plan.drain_timeout_s);
     let (mut last, mut last_change) = (u64::MAX, Instant::now());
     while Instant::now() < deadline {
         let opens = {
-            let c = collected.lock().expect("collected poisoned");
+            let c = run.collected.lock().expect("collected poisoned");
             c.totals.opens + c.totals.open_rejects
         };
         bar.set_position(opens.min(want));
@@ -1055,8 +1190,7 @@ fn run_phases(
     }
     // The last second's counters arrive with the next report.
     std::thread::sleep(Duration::from_millis(1_100));
-    mark("end", 0);
-    Ok(PhaseOutcome { campaign, campaign_running_ms, group_packets, rss_per_user, checks })
+    run.mark("end", 0);
 }
 
 fn reconcile_groups(admin: &Admin, packets: &[(u64, i64)], totals: &SecondRow) -> Result<Vec<Check>, BenchError> {
@@ -1272,12 +1406,11 @@ mod tests {
     }
 
     #[test]
-    fn shake_steps_parse_and_cpu_time_is_readable() {
+    fn shake_steps_parse() {
         let steps = ShakeStep::parse_list("20000:8, 40000:10").unwrap();
         assert_eq!(steps, vec![ShakeStep { rate: 20_000, secs: 8 }, ShakeStep { rate: 40_000, secs: 10 }]);
         assert!(ShakeStep::parse_list("20000").is_err());
         assert!(ShakeStep::parse_list("a:1").is_err());
-        assert!(process_cpu_s(std::process::id()).is_some());
     }
 
     #[test]

@@ -187,14 +187,6 @@ pub fn decode_histogram(hex: &str) -> Option<Histogram<u64>> {
     Deserializer::new().deserialize(&mut bytes?.as_slice()).ok()
 }
 
-/// Resident set size of this process, from /proc (Linux).
-pub fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

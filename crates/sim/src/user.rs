@@ -6,16 +6,16 @@
 //! large frame, and a short list of requests in flight (no channels, no
 //! per-user timers beyond the one the task sleeps on).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hongbao_proto::{
-    binary, ClientFrame, GrabState, PushBody, Reply, Request, ServerFrame, ShakeResult, FRAME_HEADER_BYTES,
-};
+use hongbao_client::net::{self, ConnectError, SOURCE_PORTS};
+use hongbao_client::{frames, handshake};
+use hongbao_proto::{GrabState, PushBody, Reply, Request, ServerFrame, ShakeResult};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -40,32 +40,29 @@ pub struct Shared {
     pub token: Box<dyn Fn(u64) -> String + Send + Sync>,
     pub stats: Arc<Stats>,
     /// Address to connect from (`WorkerConfig::source`); user `index`
-    /// connects from port `SOURCE_PORT_BASE + index - first_index`.
+    /// connects from port `net::SOURCE_PORTS.start + index - first_index`,
+    /// the same one on every reconnect.
     pub source: Option<Ipv4Addr>,
     /// The first user index of this process.
     pub first_index: u64,
 }
 
-/// Source ports of users with a source address: below the ephemeral range
-/// (32768–60999), so they never collide with a port the system hands out.
-const SOURCE_PORTS: std::ops::Range<u64> = 10_000..32_768;
-
 /// A connection to the server; from the worker's own address and the user's
-/// own port when there is one. Closing it resets the connection (`SO_LINGER`
-/// 0), so the port is free again at once for a reconnect or the next run.
+/// own port when there is one (`net::connect_from`: closing it resets the
+/// connection, so the port is free again at once for a reconnect or the next
+/// run).
 async fn open_socket(shared: &Shared, index: u64) -> std::io::Result<TcpStream> {
-    let port = SOURCE_PORTS.start + index.saturating_sub(shared.first_index);
-    let (Some(ip), true) = (shared.source, SOURCE_PORTS.contains(&port)) else {
-        return TcpStream::connect(shared.server).await;
-    };
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    if socket.bind((ip, port as u16).into()).is_err() {
-        // Held by another program: let the system choose instead.
-        return TcpStream::connect(shared.server).await;
+    let port = u64::from(SOURCE_PORTS.start) + index.saturating_sub(shared.first_index);
+    let port = u16::try_from(port).ok().filter(|p| SOURCE_PORTS.contains(p));
+    if let (Some(ip), Some(port)) = (shared.source, port) {
+        match net::connect_from(shared.server, SocketAddrV4::new(ip, port)).await {
+            Ok(stream) => return Ok(stream),
+            // Held by another program: let the system choose instead.
+            Err(ConnectError::Bind { .. }) => {}
+            Err(e) => return Err(std::io::Error::other(e)),
+        }
     }
-    socket.set_zero_linger()?;
-    socket.connect(shared.server).await
+    TcpStream::connect(shared.server).await
 }
 
 #[derive(Clone, Copy)]
@@ -126,18 +123,12 @@ impl Conn {
         self.next_id += 1;
         self.pending.push((id, kind, Instant::now()));
         self.last_sent = Instant::now();
-        self.stream.write_all(&binary::encode_client(&ClientFrame { id, req })).await
+        self.stream.write_all(&frames::encode(id, req)).await
     }
 
     /// Pops one complete frame from the buffer, if there is one.
     fn frame(&mut self) -> Result<Option<ServerFrame>, ()> {
-        let Some(len) = binary::body_len(&self.buf).map_err(|_| ())? else { return Ok(None) };
-        if self.buf.len() < FRAME_HEADER_BYTES + len {
-            return Ok(None);
-        }
-        let frame = binary::decode_server(&self.buf[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len]).map_err(|_| ())?;
-        self.buf.drain(..FRAME_HEADER_BYTES + len);
-        Ok(Some(frame))
+        frames::take(&mut self.buf).map_err(drop)
     }
 
     fn take_pending(&mut self, id: u64) -> Option<(Pending, Instant)> {
@@ -150,27 +141,18 @@ impl Conn {
 async fn connect(shared: &Shared, index: u64) -> Option<Conn> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, open_socket(shared, index)).await.ok()?.ok()?;
     stream.set_nodelay(true).ok()?;
-    let mut conn = Conn { stream, buf: Vec::new(), next_id: 1, pending: Vec::new(), last_sent: Instant::now() };
-    conn.send(Request::Hello { token: (shared.token)(index + 1) }, Pending::Other).await.ok()?;
-    let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        loop {
-            match conn.frame() {
-                Ok(Some(ServerFrame::Reply { reply: Reply::Welcome { .. }, .. })) => return true,
-                Ok(Some(ServerFrame::Push(_))) => continue,
-                Ok(Some(_)) | Err(()) => return false,
-                Ok(None) => {}
-            }
-            match conn.stream.read_buf(&mut conn.buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    if welcome != Ok(true) {
-        return None;
-    }
-    conn.pending.clear();
+    // The hello is request 1; pushes before the welcome are skipped, and
+    // whatever follows it stays in the buffer for `drive`.
+    let mut conn = Conn {
+        stream,
+        buf: Vec::new(),
+        next_id: handshake::HELLO_ID + 1,
+        pending: Vec::new(),
+        last_sent: Instant::now(),
+    };
+    let token = (shared.token)(index + 1);
+    let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::hello(&mut conn.stream, &mut conn.buf, &token));
+    welcome.await.ok()?.ok()?;
     Some(conn)
 }
 

@@ -20,7 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::stats::{encode_histogram, rss_bytes, SecondRow, Stats};
+use hongbao_client::procfs;
+
+use crate::stats::{encode_histogram, SecondRow, Stats};
 use crate::user::{self, Shared};
 
 /// How long users get to finish in-flight requests after `stop`.
@@ -77,6 +79,11 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Resident set size of this process (0 if /proc cannot tell).
+fn rss_bytes() -> u64 {
+    procfs::rss_bytes(std::process::id()).unwrap_or(0)
+}
+
 fn emit(out: &mut impl Write, report: &WorkerReport) -> Result<(), WorkerError> {
     let line = serde_json::to_string(report).expect("reports serialise");
     writeln!(out, "{line}").and_then(|_| out.flush()).map_err(WorkerError::Stdout)
@@ -98,21 +105,10 @@ pub fn run(
     let stats = Arc::new(Stats::default());
     let (rate_tx, rate_rx) = watch::channel(0u64);
     let (stop_tx, stop_rx) = watch::channel(false);
-
     // stdin is blocking; one plain thread turns lines into watch updates.
-    std::thread::spawn(move || {
-        for line in control.lines() {
-            let Ok(line) = line else { break };
-            match serde_json::from_str::<Control>(line.trim()) {
-                Ok(Control::Rate(rate)) => drop(rate_tx.send(rate)),
-                Ok(Control::Stop) => break,
-                Err(e) => eprintln!("sim-worker: ignoring control line {line:?}: {e}"),
-            }
-        }
-        let _ = stop_tx.send(true);
-    });
+    std::thread::spawn(move || read_control(control, rate_tx, stop_tx));
 
-    emit(&mut out, &WorkerReport::Ready { rss_bytes: rss_bytes().unwrap_or(0) })?;
+    emit(&mut out, &WorkerReport::Ready { rss_bytes: rss_bytes() })?;
     let shared = Arc::new(Shared {
         server: config.server,
         users_total: config.users_total,
@@ -123,52 +119,82 @@ pub fn run(
         first_index: config.first_index,
     });
     runtime.block_on(async move {
-        let mut users = tokio::task::JoinSet::new();
-        let started = tokio::time::Instant::now();
-        let per_s = config.connect_per_s.max(1);
-        for k in 0..config.count {
-            let (shared, rate, mut stop) = (shared.clone(), rate_rx.clone(), stop_rx.clone());
-            let start_at = started + Duration::from_micros(k * 1_000_000 / per_s);
-            users.spawn(async move {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(start_at) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                user::run(shared, config.first_index + k, rate, stop).await;
-            });
-        }
-
-        let mut stop = stop_rx.clone();
-        loop {
-            // Wake just after each whole wall-clock second, so rows from
-            // different workers describe the same second.
-            let now = unix_ms();
-            let next_second = now / 1000 + 1;
-            let wait = Duration::from_millis(next_second * 1000 + 20 - now);
-            let stopping = tokio::select! {
-                _ = tokio::time::sleep(wait) => false,
-                _ = stop.wait_for(|s| *s) => true,
-            };
-            if stopping {
-                let _ = tokio::time::timeout(STOP_GRACE, async { while users.join_next().await.is_some() {} }).await;
-                users.abort_all();
-                let (row, h) = stats.take(unix_ms() / 1000);
-                let rss = rss_bytes().unwrap_or(0);
-                emit(
-                    &mut out,
-                    &WorkerReport::Second { row: Box::new(row), histogram: encode_histogram(&h), rss_bytes: rss },
-                )?;
-                return emit(&mut out, &WorkerReport::Done { rss_bytes: rss });
-            }
-            let (row, h) = stats.take(next_second - 1);
-            let report = WorkerReport::Second {
-                row: Box::new(row),
-                histogram: encode_histogram(&h),
-                rss_bytes: rss_bytes().unwrap_or(0),
-            };
-            emit(&mut out, &report)?;
-        }
+        let users = spawn_users(&config, shared, rate_rx, stop_rx.clone());
+        report_seconds(&stats, users, stop_rx, &mut out).await
     })
+}
+
+/// Turns control lines into watch updates until `stop` or the end of input,
+/// then tells everyone to stop.
+fn read_control(control: impl BufRead, rate_tx: watch::Sender<u64>, stop_tx: watch::Sender<bool>) {
+    for line in control.lines() {
+        let Ok(line) = line else { break };
+        match serde_json::from_str::<Control>(line.trim()) {
+            Ok(Control::Rate(rate)) => drop(rate_tx.send(rate)),
+            Ok(Control::Stop) => break,
+            Err(e) => eprintln!("sim-worker: ignoring control line {line:?}: {e}"),
+        }
+    }
+    let _ = stop_tx.send(true);
+}
+
+/// One task per user, each starting at its turn of the ramp
+/// (`connect_per_s`), unless told to stop first.
+fn spawn_users(
+    config: &WorkerConfig,
+    shared: Arc<Shared>,
+    rate_rx: watch::Receiver<u64>,
+    stop_rx: watch::Receiver<bool>,
+) -> tokio::task::JoinSet<()> {
+    let mut users = tokio::task::JoinSet::new();
+    let started = tokio::time::Instant::now();
+    let per_s = config.connect_per_s.max(1);
+    for k in 0..config.count {
+        let (shared, rate, mut stop) = (shared.clone(), rate_rx.clone(), stop_rx.clone());
+        let start_at = started + Duration::from_micros(k * 1_000_000 / per_s);
+        let index = config.first_index + k;
+        users.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(start_at) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            user::run(shared, index, rate, stop).await;
+        });
+    }
+    users
+}
+
+/// Reports every whole wall-clock second until told to stop; then gives the
+/// users `STOP_GRACE` to finish, reports the last partial second and `done`.
+async fn report_seconds(
+    stats: &Stats,
+    mut users: tokio::task::JoinSet<()>,
+    mut stop: watch::Receiver<bool>,
+    out: &mut impl Write,
+) -> Result<(), WorkerError> {
+    loop {
+        // Wake just after each whole wall-clock second, so rows from
+        // different workers describe the same second.
+        let now = unix_ms();
+        let next_second = now / 1000 + 1;
+        let wait = Duration::from_millis(next_second * 1000 + 20 - now);
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if stopping {
+            let _ = tokio::time::timeout(STOP_GRACE, async { while users.join_next().await.is_some() {} }).await;
+            users.abort_all();
+            let (row, h) = stats.take(unix_ms() / 1000);
+            let rss = rss_bytes();
+            emit(out, &WorkerReport::Second { row: Box::new(row), histogram: encode_histogram(&h), rss_bytes: rss })?;
+            return emit(out, &WorkerReport::Done { rss_bytes: rss });
+        }
+        let (row, h) = stats.take(next_second - 1);
+        let report =
+            WorkerReport::Second { row: Box::new(row), histogram: encode_histogram(&h), rss_bytes: rss_bytes() };
+        emit(out, &report)?;
+    }
 }
 
 #[cfg(test)]

@@ -12,9 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use hongbao_client::procfs::{self, Memory};
 use hongbao_client::Admin;
 
-use super::clients::Transport;
+use crate::clients::Transport;
 
 /// How long to wait for the ready line (every gateway listening).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -32,15 +33,8 @@ const SETTLE_TOLERANCE: f64 = 0.002;
 /// after 10 s; they are not what an idle connection costs.
 const THREADS_SETTLE_MAX: Duration = Duration::from_secs(20);
 
-/// Memory of one server process (bytes), from /proc/<pid>/status.
-#[derive(Clone, Copy, Debug)]
-pub struct Memory {
-    pub rss: u64,
-    pub anon: u64,
-    pub threads: u64,
-}
-
-/// One reading of every server process, in `ServerChild::pids` order.
+/// One reading of every server process (`/proc/<pid>/status`), in
+/// `ServerChild::pids` order.
 #[derive(Clone, Debug)]
 pub struct Reading(pub Vec<Memory>);
 
@@ -66,13 +60,13 @@ struct Started {
 
 impl Started {
     fn of(pid: u32) -> anyhow::Result<Started> {
-        let start_ticks = start_ticks(pid).with_context(|| format!("gateway process {pid} is not running"))?;
-        Ok(Started { pid, start_ticks })
+        let stat = procfs::stat(pid).with_context(|| format!("gateway process {pid} is not running"))?;
+        Ok(Started { pid, start_ticks: stat.start_ticks })
     }
 
     /// Still running (a zombie waiting for its parent to reap it is not).
     fn alive(self) -> bool {
-        start_ticks(self.pid) == Some(self.start_ticks) && state(self.pid).is_some_and(|s| s != 'Z' && s != 'X')
+        procfs::stat(self.pid).is_some_and(|s| s.start_ticks == self.start_ticks && !s.exited())
     }
 }
 
@@ -261,46 +255,12 @@ fn signal(sig: &str, pid: u32) {
     let _ = Command::new("kill").args([sig, &pid.to_string()]).stderr(Stdio::null()).status();
 }
 
-/// /proc/<pid>/stat: the state letter and the start time (clock ticks after
-/// boot). The command name in parentheses may hold spaces, so fields are
-/// counted after its closing parenthesis.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
-
-fn state(pid: u32) -> Option<char> {
-    stat_fields(pid)?.first()?.chars().next()
-}
-
-fn start_ticks(pid: u32) -> Option<u64> {
-    // Field 22 of stat; the 20th after the command name.
-    stat_fields(pid)?.get(19)?.parse().ok()
-}
-
 fn memory(pid: u32) -> anyhow::Result<Memory> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("server process {pid} is not running"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} for {pid}"))?;
-        let kb: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse()?;
-        Ok(kb * 1024)
-    };
-    let threads = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Threads for {pid}"))?;
-    Ok(Memory { rss: field("VmRSS:")?, anon: field("RssAnon:")?, threads })
+    procfs::memory(pid).with_context(|| format!("memory of server process {pid}"))
 }
 
 fn sockets(pid: u32) -> anyhow::Result<usize> {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("open files of {pid}"))?;
-    Ok(fds
-        .flatten()
-        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
-        .count())
+    procfs::socket_fds(pid).with_context(|| format!("open files of {pid}"))
 }
 
 #[cfg(test)]
@@ -308,10 +268,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stat_fields_read_this_process() {
-        let me = std::process::id();
-        assert!(start_ticks(me).is_some());
-        assert!(matches!(state(me), Some('R' | 'S')));
-        assert!(Started::of(me).unwrap().alive());
+    fn a_running_process_is_alive_and_a_reused_pid_is_not() {
+        let me = Started::of(std::process::id()).unwrap();
+        assert!(me.alive());
+        assert!(!Started { start_ticks: me.start_ticks + 1, ..me }.alive());
+        assert!(Started::of(u32::MAX).is_err());
     }
 }

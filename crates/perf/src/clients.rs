@@ -22,15 +22,17 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context};
 use futures_util::{SinkExt, StreamExt};
-use hongbao_proto::{binary, ClientFrame, Push, PushBody, Reply, Request, ServerFrame, FRAME_HEADER_BYTES};
+use hongbao_client::net::SourcePorts;
+use hongbao_client::{frames, handshake, procfs};
+use hongbao_proto::{Push, PushBody, ServerFrame};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::{Notify, Semaphore};
@@ -53,11 +55,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a holder gets to answer `report`, and to exit after `stop`.
 const HOLDER_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Source addresses of holders: 127.0.0.2 up to 127.0.0.254.
+/// Source addresses of holders: 127.0.0.2 up to 127.0.0.254 (each binds
+/// `hongbao_client::net::SOURCE_PORTS` on its own).
 const HOLDERS_MAX: usize = 253;
-/// Ports a holder binds on its own address: below the ephemeral range
-/// (32768–60999 here) and above the fixed ports servers use (7070, …).
-const SOURCE_PORTS: Range<u32> = 10_000..32_768;
 /// Topic of the broadcast notice, so other pushes are not mistaken for it.
 pub const TOPIC: &str = "bench";
 
@@ -193,7 +193,7 @@ impl Holding {
         source: Option<Ipv4Addr>,
         notices: Option<SlowReaders>,
     ) -> anyhow::Result<Holding> {
-        let source = source.map(|ip| Arc::new(SourcePorts { ip, next: AtomicU32::new(SOURCE_PORTS.start) }));
+        let source = source.map(|ip| Arc::new(SourcePorts::new(ip)));
         let Some(slow) = notices else {
             let idle = match transport {
                 Transport::Tcp => Idle::Tcp(open_all(users, move |u| tcp_hello(addr, source.clone(), u)).await?),
@@ -230,7 +230,7 @@ impl Holding {
 async fn read_notices(i: usize, mut s: TcpStream, receipts: Arc<Receipts>) {
     let mut buf = Vec::new();
     loop {
-        while let Some(frame) = take_frame(&mut buf) {
+        while let Some(frame) = frames::take(&mut buf).transpose() {
             let Ok(frame) = frame else { return };
             if let ServerFrame::Push(Push { body: PushBody::Notice { topic, .. }, .. }) = frame {
                 if topic == TOPIC && receipts.unix_ns[i].load(Ordering::Relaxed) == 0 {
@@ -255,25 +255,6 @@ async fn read_notices(i: usize, mut s: TcpStream, receipts: Arc<Receipts>) {
 
 /// Room for a notice frame and then some, per read.
 const NOTICE_READ_BYTES: usize = 256;
-
-/// The first whole frame in `buf`, removed from it; `None` until one is there.
-fn take_frame(buf: &mut Vec<u8>) -> Option<anyhow::Result<ServerFrame>> {
-    if buf.len() < FRAME_HEADER_BYTES {
-        return None;
-    }
-    let len = match binary::body_len(&buf[..FRAME_HEADER_BYTES]) {
-        Ok(Some(len)) => len,
-        Ok(None) => return None,
-        Err(e) => return Some(Err(e.into())),
-    };
-    let end = FRAME_HEADER_BYTES + len;
-    if buf.len() < end {
-        return None;
-    }
-    let frame = binary::decode_server(&buf[FRAME_HEADER_BYTES..end]).map_err(anyhow::Error::from);
-    buf.drain(..end);
-    Some(frame)
-}
 
 pub fn unix_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
@@ -304,71 +285,27 @@ where
     Ok(out)
 }
 
-/// A client process's own loopback address and the next port to bind on it.
-///
-/// Ports are chosen here, not by bind(port 0): that would take them from the
-/// ephemeral range, and the kernel's connect() skips every port some socket
-/// was bound to explicitly, whatever its address, so 100,000 such sockets
-/// would leave no port for any other connect() on the machine (the perf
-/// process's own connections, the admin client, other programs).
-struct SourcePorts {
-    ip: Ipv4Addr,
-    next: AtomicU32,
-}
-
-impl SourcePorts {
-    fn bind(&self, socket: &TcpSocket) -> anyhow::Result<()> {
-        loop {
-            let port = self.next.fetch_add(1, Ordering::Relaxed);
-            ensure!(SOURCE_PORTS.contains(&port), "no source port left on {} in {SOURCE_PORTS:?}", self.ip);
-            match socket.bind((self.ip, port as u16).into()) {
-                Ok(()) => return Ok(()),
-                // Taken (say, by a listener on every address): the next one.
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
-                Err(e) => return Err(e).with_context(|| format!("bind {}:{port}", self.ip)),
-            }
-        }
-    }
-}
-
 /// A connected socket from `source` (None: address and port chosen by the
-/// system). Closing it sends a reset (`SO_LINGER` 0) instead of leaving it in
-/// TIME_WAIT for a minute: the next run binds the same addresses and ports.
+/// system, `SO_LINGER` 0 all the same). Closing it sends a reset instead of
+/// leaving it in TIME_WAIT for a minute: the next run binds the same
+/// addresses and ports.
 async fn connect(addr: SocketAddr, source: Option<Arc<SourcePorts>>) -> anyhow::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(source) = source {
-        source.bind(&socket)?;
+        return Ok(source.connect(addr).await?);
     }
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_zero_linger()?;
     socket.set_nodelay(true)?;
     socket.connect(addr).await.with_context(|| format!("connect {addr}"))
 }
 
-fn hello_frame(user: u64) -> ClientFrame {
-    ClientFrame { id: 1, req: Request::Hello { token: user.to_string() } }
-}
-
-fn check_welcome(user: u64, frame: ServerFrame) -> anyhow::Result<()> {
-    match frame {
-        ServerFrame::Reply { reply: Reply::Welcome { user: u, .. }, .. } if u == user => Ok(()),
-        other => bail!("user {user}: expected welcome, got {other:?}"),
-    }
-}
-
+/// Connects and completes the handshake as `user` (a dev token: the bare
+/// id), reading nothing past the welcome.
 async fn tcp_hello(addr: SocketAddr, source: Option<Arc<SourcePorts>>, user: u64) -> anyhow::Result<TcpStream> {
     let mut s = connect(addr, source).await?;
-    s.write_all(&binary::encode_client(&hello_frame(user))).await?;
-    check_welcome(user, read_frame(&mut s).await?)?;
+    let welcome = handshake::hello_exact(&mut s, &user.to_string()).await;
+    welcome.and_then(|w| w.for_user(user)).with_context(|| format!("user {user}"))?;
     Ok(s)
-}
-
-async fn read_frame(s: &mut TcpStream) -> anyhow::Result<ServerFrame> {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    s.read_exact(&mut header).await?;
-    let len = binary::body_len(&header)?.context("short header")?;
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).await?;
-    Ok(binary::decode_server(&body)?)
 }
 
 async fn ws_hello(
@@ -380,11 +317,14 @@ async fn ws_hello(
     // Small buffers: a process holds up to 18,000 of these.
     let config = WebSocketConfig::default().read_buffer_size(1024).write_buffer_size(0);
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(format!("ws://{addr}/"), s, Some(config)).await?;
-    ws.send(Message::text(serde_json::to_string(&hello_frame(user))?)).await?;
+    ws.send(Message::text(serde_json::to_string(&handshake::hello_frame(&user.to_string()))?)).await?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
-                check_welcome(user, serde_json::from_str(text.as_str())?)?;
+                let welcome = handshake::welcome(serde_json::from_str(text.as_str())?);
+                // A push: the welcome is still to come.
+                let Some(welcome) = welcome.with_context(|| format!("user {user}"))? else { continue };
+                welcome.for_user(user).with_context(|| format!("user {user}"))?;
                 return Ok(ws);
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -397,13 +337,7 @@ async fn ws_hello(
 
 /// Refuses a connection count one process cannot hold (open-file limit).
 pub fn check_fd_room(connections: usize) -> anyhow::Result<()> {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let soft = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse::<usize>().ok());
-    if let Some(soft) = soft {
+    if let Some(soft) = procfs::open_files_limit().map(|soft| soft as usize) {
         if connections + FDS_SPARE > soft {
             bail!(
                 "{connections} connections in one process need about {} open files, but a process may hold {soft} \

@@ -1,9 +1,27 @@
-//! `hongbao perf <figure>`: the measurements behind `bench/run.sh`. Each
+//! The measurements behind `bench/run.sh`: `hongbao perf <figure>`. Each
 //! prints a plain-language line of what it ran and lines of the form
 //! `FIGURE <name> <value> <unit> [baseline=<value> ratio=<value>]`.
 //!
-//! Everything here is bounded in count and time, targets loopback only, and
-//! ends the processes it started (by their PID).
+//! Owns: `opens` (durable opens per second in-process against the engine,
+//! group commit against the transaction-per-open baseline), `conns`
+//! (`conn-memory` and `broadcast` against a real server child, `server`),
+//! and the lean client connections those hold, spread over `perf hold`
+//! client processes (`clients`). Frames, the handshake, source addresses
+//! and `/proc` readings come from `hongbao-client`.
+//!
+//! Runs inside the `hongbao` binary: it starts that binary again
+//! (`std::env::current_exe()`) as the server child (`serve --dev`) and as
+//! the `perf hold` client processes, so the binary must offer both.
+//!
+//! Must not: be linked by the server (the `hongbao` binary links it only
+//! with its `tools` feature), or give the server's crates an API that only
+//! a benchmark uses (the one call for the per-op baseline is
+//! `opens::open_engine`). Everything here is bounded in count and time,
+//! targets loopback only, and ends the processes it started (by their PID).
+//!
+//! Errors are `anyhow`: this crate is the body of a command-line
+//! subcommand, and every error it returns is printed for a person, never
+//! matched on.
 
 mod clients;
 mod conns;
@@ -26,6 +44,7 @@ pub enum Figure {
     Hold(clients::HoldArgs),
 }
 
+/// Measures `figure` and prints its lines: the body of `hongbao perf`.
 pub fn run(figure: Figure) -> anyhow::Result<()> {
     match figure {
         Figure::Opens(args) => opens::run(args),
@@ -36,7 +55,7 @@ pub fn run(figure: Figure) -> anyhow::Result<()> {
 }
 
 /// One result line, in the format `bench/run.sh` and docs/benchmarks.md use.
-pub fn figure(name: &str, value: f64, unit: &str, baseline: Option<f64>) {
+fn figure(name: &str, value: f64, unit: &str, baseline: Option<f64>) {
     match baseline {
         Some(b) if b > 0.0 => println!("FIGURE {name} {value:.1} {unit} baseline={b:.1} ratio={:.2}", value / b),
         _ => println!("FIGURE {name} {value:.1} {unit}"),

@@ -16,8 +16,8 @@ use anyhow::{bail, ensure, Context};
 use hongbao_client::Admin;
 use tokio::runtime::Runtime;
 
-use super::clients::{unix_ns, Clients, SlowReaders, Spread, Transport, PER_PROCESS_DEFAULT, TOPIC};
-use super::server::{Reading, ServerChild};
+use crate::clients::{unix_ns, Clients, SlowReaders, Spread, Transport, PER_PROCESS_DEFAULT, TOPIC};
+use crate::server::{Reading, ServerChild};
 
 /// Connections unless told otherwise: as many as one gateway process holds
 /// here (a process may hold at most 20,000 open files).
@@ -144,66 +144,71 @@ pub fn conn_memory(args: ConnMemoryArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     for &transport in transports {
         let mut runs = Vec::new();
-        for run in 0..args.runs {
-            let m = measure_idle(&rt, transport, n, layout)
-                .with_context(|| format!("{} run {}", transport.name(), run + 1))?;
-            eprintln!(
-                "  {} run {}: {} connections, VmRSS {} -> {} ({} B/conn; anon {} B/conn; server threads {} -> {}; \
-                 per server process, serve first: sockets added [{}], RSS growth [{}])",
-                transport.name(),
-                run + 1,
-                n,
-                mib(m.before.rss()),
-                mib(m.after.rss()),
-                m.per_conn(),
-                m.anon_per_conn(),
-                m.before.threads(),
-                m.after.threads(),
-                list(&m.spread),
-                m.after
-                    .0
-                    .iter()
-                    .zip(&m.before.0)
-                    .map(|(a, b)| mib(a.rss.saturating_sub(b.rss)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
+        for run in 1..=args.runs {
+            let m =
+                measure_idle(&rt, transport, n, layout).with_context(|| format!("{} run {run}", transport.name()))?;
+            eprintln!("{}", run_line(transport, run, &m));
             runs.push(m);
         }
         runs.sort_by_key(|m| m.per_conn());
-        let median = &runs[runs.len() / 2];
-        let all: Vec<String> = runs.iter().map(|m| m.per_conn().to_string()).collect();
-        let spread = if layout.gateways > 1 {
-            format!(" (sockets added per server process, serve first: {})", list(&median.spread))
-        } else {
-            String::new()
-        };
-        println!(
-            "{} idle {} connections (hello done) on {}{} from {} client process(es): server VmRSS{} {} -> {}, \
-             {} B per connection (anonymous memory {} B), target={} B; {} of {} run(s) [{}]{}",
-            n,
-            transport.label(),
-            layout.servers(),
-            spread,
-            median.clients,
-            if layout.gateways > 1 { " summed over them" } else { "" },
-            mib(median.before.rss()),
-            mib(median.after.rss()),
-            median.per_conn(),
-            median.anon_per_conn(),
-            TARGET_BYTES_PER_CONN,
-            if runs.len() > 1 { "median" } else { "one" },
-            runs.len(),
-            all.join(", "),
-            if median.per_conn() <= TARGET_BYTES_PER_CONN { "" } else { " -- ABOVE TARGET" },
-        );
-        let name = match layout.gateways {
-            1 => format!("conn_memory_{}", transport.name()),
-            _ => format!("conn_memory_{}_gateways", transport.name()),
-        };
-        super::figure(&name, median.per_conn() as f64, "B/conn", None);
+        report_idle(transport, layout, &runs);
     }
     Ok(())
+}
+
+/// One run's readings in detail (stderr), per server process too.
+fn run_line(transport: Transport, run: u32, m: &Idle) -> String {
+    format!(
+        "  {} run {}: {} connections, VmRSS {} -> {} ({} B/conn; anon {} B/conn; server threads {} -> {}; \
+         per server process, serve first: sockets added [{}], RSS growth [{}])",
+        transport.name(),
+        run,
+        m.n,
+        mib(m.before.rss()),
+        mib(m.after.rss()),
+        m.per_conn(),
+        m.anon_per_conn(),
+        m.before.threads(),
+        m.after.threads(),
+        list(&m.spread),
+        m.after.0.iter().zip(&m.before.0).map(|(a, b)| mib(a.rss.saturating_sub(b.rss))).collect::<Vec<_>>().join(", "),
+    )
+}
+
+/// The line and the figure of one transport: the median of `runs`, which
+/// are sorted by bytes per connection.
+fn report_idle(transport: Transport, layout: &Layout, runs: &[Idle]) {
+    let median = &runs[runs.len() / 2];
+    let all: Vec<String> = runs.iter().map(|m| m.per_conn().to_string()).collect();
+    let spread = if layout.gateways > 1 {
+        format!(" (sockets added per server process, serve first: {})", list(&median.spread))
+    } else {
+        String::new()
+    };
+    println!(
+        "{} idle {} connections (hello done) on {}{} from {} client process(es): server VmRSS{} {} -> {}, \
+         {} B per connection (anonymous memory {} B), target={} B; {} of {} run(s) [{}]{}",
+        median.n,
+        transport.label(),
+        layout.servers(),
+        spread,
+        median.clients,
+        if layout.gateways > 1 { " summed over them" } else { "" },
+        mib(median.before.rss()),
+        mib(median.after.rss()),
+        median.per_conn(),
+        median.anon_per_conn(),
+        TARGET_BYTES_PER_CONN,
+        if runs.len() > 1 { "median" } else { "one" },
+        runs.len(),
+        all.join(", "),
+        if median.per_conn() <= TARGET_BYTES_PER_CONN { "" } else { " -- ABOVE TARGET" },
+    );
+    let name = match layout.gateways {
+        1 => format!("conn_memory_{}", transport.name()),
+        _ => format!("conn_memory_{}_gateways", transport.name()),
+    };
+    crate::figure(&name, median.per_conn() as f64, "B/conn", None);
 }
 
 /// Memory readings of one run, summed over the server processes.
@@ -275,9 +280,35 @@ pub fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
         bail!("--slow must be in [0, 1)");
     }
     let layout = &args.layout;
-    let slow_count = ((n as f64) * args.slow).round() as usize;
+    let slow = SlowReaders { slow: ((n as f64) * args.slow).round() as usize, total: n };
     let rt = runtime()?;
     let mut server = ServerChild::start(layout.max_connections(n)?, layout.gateways)?;
+    let delivery = deliver(&rt, &server, layout, slow)?;
+    server.stop()?;
+    report_broadcast(layout, slow, &delivery)
+}
+
+/// What one broadcast did.
+struct Delivery {
+    /// Client connections each server process took, serve first.
+    per_server: Vec<usize>,
+    /// Client processes, and the connections among them that read notices.
+    processes: usize,
+    readers: usize,
+    /// Milliseconds from just before the POST until each reader that got
+    /// the notice had it, sorted.
+    ms: Vec<f64>,
+    /// How long the POST took to answer.
+    posted: Duration,
+    id: u64,
+    /// The broadcast task once it stopped running.
+    task: serde_json::Value,
+}
+
+/// Opens every connection, waits until the server has them all, posts one
+/// broadcast, collects when each reader got it, and closes the clients.
+fn deliver(rt: &Runtime, server: &ServerChild, layout: &Layout, slow: SlowReaders) -> anyhow::Result<Delivery> {
+    let n = slow.total;
     let admin = server.admin();
     let sockets_before = server.sockets()?;
     let spread = Spread {
@@ -286,11 +317,11 @@ pub fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
         users: 1..1 + n as u64,
         local: layout.per_process(),
         per_process: layout.per_process(),
-        notices: Some(SlowReaders { slow: slow_count, total: n }),
+        notices: Some(slow),
     };
-    let mut clients = with_log(&server, Clients::open(&rt, &spread))?;
-    let expected = clients.readers();
-    with_log(&server, wait_for_connections(&admin, n))?;
+    let mut clients = with_log(server, Clients::open(rt, &spread))?;
+    let readers = clients.readers();
+    with_log(server, wait_for_connections(&admin, n))?;
     let per_server: Vec<usize> =
         server.sockets()?.iter().zip(&sockets_before).map(|(a, b)| a.saturating_sub(*b)).collect();
     std::thread::sleep(Duration::from_secs(1));
@@ -310,15 +341,21 @@ pub fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
 
     let mut ms: Vec<f64> = times.iter().map(|&t| t.saturating_sub(start_ns) as f64 / 1e6).collect();
     ms.sort_by(f64::total_cmp);
+    let processes = clients.processes();
+    clients.close(rt)?;
+    Ok(Delivery { per_server, processes, readers, ms, posted, id, task })
+}
+
+/// The broadcast's line, then its figure only if every reader got it and
+/// the task ended `done`.
+fn report_broadcast(layout: &Layout, slow: SlowReaders, d: &Delivery) -> anyhow::Result<()> {
+    let (n, slow_count, processes, expected, id) = (slow.total, slow.slow, d.processes, d.readers, d.id);
+    let ms = &d.ms;
     let delivered = ms.len();
     let pct = |q: f64| if ms.is_empty() { f64::NAN } else { ms[((ms.len() - 1) as f64 * q).round() as usize] };
     let max = ms.last().copied().unwrap_or(f64::NAN);
-    let processes = clients.processes();
-    clients.close(&rt)?;
-    server.stop()?;
-
     let spread = if layout.gateways > 1 {
-        format!(" (connections per server process, serve first: {})", list(&per_server))
+        format!(" (connections per server process, serve first: {})", list(&d.per_server))
     } else {
         String::new()
     };
@@ -330,20 +367,20 @@ pub fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
         layout.servers(),
         pct(0.5),
         pct(0.99),
-        posted.as_secs_f64() * 1e3,
-        task["state"].as_str().unwrap_or("?"),
-        task["delivered"],
-        task["targets"],
+        d.posted.as_secs_f64() * 1e3,
+        d.task["state"].as_str().unwrap_or("?"),
+        d.task["delivered"],
+        d.task["targets"],
     );
     // No figure for a broadcast that did not reach everyone: the time of
     // those it reached would flatter it.
     if delivered < expected {
         bail!("{} readers did not get the broadcast within {:?}", expected - delivered, DELIVERY_TIMEOUT);
     }
-    if task["state"] != "done" {
-        bail!("the broadcast task ended {} instead of done", task["state"]);
+    if d.task["state"] != "done" {
+        bail!("the broadcast task ended {} instead of done", d.task["state"]);
     }
-    super::figure("broadcast_ms", max, "ms", None);
+    crate::figure("broadcast_ms", max, "ms", None);
     Ok(())
 }
 

@@ -26,7 +26,7 @@ use hongbao_core::split::SplitKind;
 use hongbao_proto::{ErrorCode, Reply, Request, Target};
 use hongbao_shard::{CommitMode, Engine, EngineConfig};
 
-use super::figure;
+use crate::figure;
 
 /// Shares per packet: the largest count a packet may have.
 const SHARES: u32 = 100;
@@ -132,12 +132,12 @@ pub fn run(mut args: OpensArgs) -> anyhow::Result<()> {
     let per_op = rt.block_on(measure(
         &args,
         &base,
-        CommitMode::PerOp,
+        Mode::PerOp,
         args.baseline_opens,
         Some(Duration::from_secs_f64(args.baseline_secs)),
     ))?;
     report("per-op", &per_op);
-    let group = rt.block_on(measure(&args, &base, CommitMode::Group, args.opens, None))?;
+    let group = rt.block_on(measure(&args, &base, Mode::Group, args.opens, None))?;
     report("group commit", &group);
 
     figure("opens_per_op", per_op.per_s(), "opens/s", None);
@@ -182,27 +182,94 @@ struct UserLog {
     latencies_us: Vec<u32>,
 }
 
+/// How the store commits: the figure and its baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Many operations per transaction and fsync: what `serve` runs.
+    Group,
+    /// One transaction and one fsync per operation: the baseline.
+    PerOp,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Group => "group",
+            Mode::PerOp => "per-op",
+        }
+    }
+}
+
+/// A fresh engine on `dir` committing in `mode`. The only place that asks
+/// the engine for the per-op baseline, which exists for this figure alone.
+async fn open_engine(config: EngineConfig, mode: Mode, dir: &Path) -> anyhow::Result<Engine> {
+    let engine = match mode {
+        Mode::Group => Engine::open(config, dir).await,
+        Mode::PerOp => Engine::open_with_commit_mode(config, CommitMode::PerOp, dir).await,
+    };
+    engine.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// One mode's run: a fresh engine, the packets (not timed), the timed open
+/// phase, then the checks against committed state and the audit.
 async fn measure(
     args: &OpensArgs,
     base: &Path,
-    mode: CommitMode,
+    mode: Mode,
     opens: u64,
     limit: Option<Duration>,
 ) -> anyhow::Result<Measured> {
-    let name = match mode {
-        CommitMode::Group => "group",
-        CommitMode::PerOp => "per-op",
-    };
     let dir = tempfile::Builder::new()
-        .prefix(&format!("hongbao-perf-opens-{name}-"))
+        .prefix(&format!("hongbao-perf-opens-{}-", mode.name()))
         .tempdir_in(base)
         .context("temporary data directory")?;
-    let config = EngineConfig { shards: args.shards, packet_rules: PacketRules::default(), ..EngineConfig::default() };
-    let engine = Engine::open_with_commit_mode(config, mode, dir.path()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Packets are sent by a few senders as fast as setup can: the send rate
+    // limit is not what this measures.
+    let packet_rules = PacketRules { sends_per_s: 0, ..PacketRules::default() };
+    let config = EngineConfig { shards: args.shards, packet_rules, ..EngineConfig::default() };
+    let engine = open_engine(config, mode, dir.path()).await?;
 
-    // Setup (not timed): fund senders, send the packets.
     let setup_start = Instant::now();
     let packets = opens.div_ceil(SHARES as u64) as usize;
+    let ids = send_packets(&engine, packets, args).await?;
+    let todo = openers(packets, args);
+    let setup_secs = setup_start.elapsed().as_secs_f64();
+
+    let before = engine.stats().await;
+    let start = Instant::now();
+    let logs = open_phase(&engine, &ids, todo, limit.map(|l| start + l)).await?;
+    let secs = start.elapsed().as_secs_f64();
+    let after = engine.stats().await;
+
+    let outcome = check_committed(&engine, &ids, &logs).await?;
+    let shares = packets as u64 * SHARES as u64;
+    if limit.is_none() {
+        ensure!(outcome.opened == shares, "{} opens for {shares} shares", outcome.opened);
+    }
+    ensure!(outcome.opened > 0, "no open succeeded");
+    engine.shutdown().await;
+    drop(engine);
+    audit(dir.path()).await?;
+
+    let mut latencies = outcome.latencies_us;
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    Ok(Measured {
+        opened: outcome.opened,
+        finished_replies: outcome.finished_replies,
+        setup_secs,
+        secs,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        commits: after.commits - before.commits,
+        committed_ops: after.committed_ops - before.committed_ops,
+    })
+}
+
+/// Setup: funds the senders and sends `packets` packets of `SHARES` shares,
+/// packet i to `openers_per_packet` consecutive users (mod the user count).
+/// Returns the packet ids by index.
+async fn send_packets(engine: &Engine, packets: usize, args: &OpensArgs) -> anyhow::Result<Arc<[u64]>> {
     let users = args.concurrency as u64;
     let m = args.openers_per_packet as u64;
     let senders = packets.min(SENDERS_MAX);
@@ -218,7 +285,6 @@ async fn measure(
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut sent = Vec::new();
             for i in (s..packets).step_by(senders) {
-                // Packet i's openers: m consecutive users (mod the user count).
                 let to: Vec<u64> = (0..m).map(|k| (i as u64 * m + k) % users + 1).collect();
                 let req = Request::Send {
                     amount_fen: PACKET_FEN,
@@ -242,23 +308,32 @@ async fn measure(
             ids[i] = id;
         }
     }
-    let ids: Arc<[u64]> = ids.into();
-    // Each user's packets, in packet order: at any moment about
-    // concurrency / openers_per_packet packets are being raced.
+    Ok(ids.into())
+}
+
+/// Each user's packets, in packet order: at any moment about
+/// concurrency / openers_per_packet packets are being raced.
+fn openers(packets: usize, args: &OpensArgs) -> Vec<Vec<usize>> {
+    let (users, m) = (args.concurrency as u64, args.openers_per_packet as u64);
     let mut todo: Vec<Vec<usize>> = vec![Vec::new(); args.concurrency];
     for i in 0..packets {
         for k in 0..m {
             todo[((i as u64 * m + k) % users) as usize].push(i);
         }
     }
+    todo
+}
 
-    let setup_secs = setup_start.elapsed().as_secs_f64();
-
-    // The open phase.
-    let before = engine.stats().await;
-    let start = Instant::now();
-    let deadline = limit.map(|l| start + l);
-    let mut tasks = Vec::with_capacity(args.concurrency);
+/// The timed phase: one task per user, each opening its packets one at a
+/// time (one open in flight, like a client waiting for its reply), until
+/// done or `deadline`. Returns each user's id and log.
+async fn open_phase(
+    engine: &Engine,
+    ids: &Arc<[u64]>,
+    todo: Vec<Vec<usize>>,
+    deadline: Option<Instant>,
+) -> anyhow::Result<Vec<(u64, UserLog)>> {
+    let mut tasks = Vec::with_capacity(todo.len());
     for (u, mine) in todo.into_iter().enumerate() {
         let (engine, ids) = (engine.clone(), ids.clone());
         let user = u as u64 + 1;
@@ -285,69 +360,69 @@ async fn measure(
     for t in tasks {
         logs.push(t.await??);
     }
-    let secs = start.elapsed().as_secs_f64();
-    let after = engine.stats().await;
+    Ok(logs)
+}
 
-    // Checks against committed state.
+/// What the users were told, once it has been checked against the ledger.
+struct Outcome {
+    /// Acknowledged opens (distinct packet and user).
+    opened: u64,
+    finished_replies: u64,
+    latencies_us: Vec<u32>,
+}
+
+/// Checks every packet's committed state against the replies: no user paid
+/// twice, claims ≤ count, shares + remainder = amount, every committed claim
+/// is what its user was told, and as many claims as acknowledged opens.
+async fn check_committed(engine: &Engine, ids: &[u64], logs: &[(u64, UserLog)]) -> anyhow::Result<Outcome> {
     let mut told: HashMap<(usize, u64), i64> = HashMap::new();
-    let mut latencies: Vec<u32> = Vec::new();
+    let mut latencies_us: Vec<u32> = Vec::new();
     let mut finished_replies = 0;
-    for (user, log) in &logs {
+    for (user, log) in logs {
         for &(i, amount) in &log.opened {
             ensure!(told.insert((i, *user), amount).is_none(), "user {user} was paid twice from packet {}", ids[i]);
         }
         finished_replies += log.finished;
-        latencies.extend_from_slice(&log.latencies_us);
+        latencies_us.extend_from_slice(&log.latencies_us);
     }
     let opened = told.len() as u64;
     let mut claims_total = 0u64;
     for (i, &id) in ids.iter().enumerate() {
-        let d = engine.packet_detail(id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let n = d.claims.len() as u32;
-        ensure!(n <= d.count, "packet {id}: {n} claims for {} shares", d.count);
-        let claimed: i64 = d.claims.iter().map(|c| c.amount_fen).sum();
-        ensure!(claimed + d.remaining_fen + d.refunded_fen == d.amount_fen, "packet {id} does not add up: {d:?}");
-        let distinct: HashSet<u64> = d.claims.iter().map(|c| c.user).collect();
-        ensure!(distinct.len() == d.claims.len(), "packet {id}: a user opened twice");
-        if n == d.count {
-            ensure!(d.status == "finished" && d.remaining_fen == 0, "packet {id}: all shares opened but {d:?}");
-        }
-        for c in &d.claims {
-            ensure!(
-                told.get(&(i, c.user)) == Some(&c.amount_fen),
-                "packet {id}: committed claim of user {} ({} fen) is not what the user was told",
-                c.user,
-                c.amount_fen
-            );
-        }
-        claims_total += n as u64;
+        claims_total += check_packet(engine, i, id, &told).await?;
     }
     ensure!(claims_total == opened, "{claims_total} committed claims but {opened} acknowledged opens");
-    let shares = packets as u64 * SHARES as u64;
-    if limit.is_none() {
-        ensure!(opened == shares, "{opened} opens for {shares} shares");
-    }
-    ensure!(opened > 0, "no open succeeded");
-    engine.shutdown().await;
-    drop(engine);
-    let audit = {
-        let dir = dir.path().to_path_buf();
-        tokio::task::spawn_blocking(move || hongbao_store::audit_dir(&dir)).await??
-    };
-    ensure!(audit.passed(), "audit failed: {:?}", audit.violations);
+    Ok(Outcome { opened, finished_replies, latencies_us })
+}
 
-    latencies.sort_unstable();
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
-    Ok(Measured {
-        opened,
-        finished_replies,
-        setup_secs,
-        secs,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        commits: after.commits - before.commits,
-        committed_ops: after.committed_ops - before.committed_ops,
-    })
+/// Checks packet `id` (index `i`); returns its committed claims.
+async fn check_packet(engine: &Engine, i: usize, id: u64, told: &HashMap<(usize, u64), i64>) -> anyhow::Result<u64> {
+    let d = engine.packet_detail(id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let n = d.claims.len() as u32;
+    ensure!(n <= d.count, "packet {id}: {n} claims for {} shares", d.count);
+    let claimed: i64 = d.claims.iter().map(|c| c.amount_fen).sum();
+    ensure!(claimed + d.remaining_fen + d.refunded_fen == d.amount_fen, "packet {id} does not add up: {d:?}");
+    let distinct: HashSet<u64> = d.claims.iter().map(|c| c.user).collect();
+    ensure!(distinct.len() == d.claims.len(), "packet {id}: a user opened twice");
+    if n == d.count {
+        ensure!(d.status == "finished" && d.remaining_fen == 0, "packet {id}: all shares opened but {d:?}");
+    }
+    for c in &d.claims {
+        ensure!(
+            told.get(&(i, c.user)) == Some(&c.amount_fen),
+            "packet {id}: committed claim of user {} ({} fen) is not what the user was told",
+            c.user,
+            c.amount_fen
+        );
+    }
+    Ok(n as u64)
+}
+
+/// The full audit of a stopped engine's data directory.
+async fn audit(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir.to_path_buf();
+    let audit = tokio::task::spawn_blocking(move || hongbao_store::audit_dir(&dir)).await??;
+    ensure!(audit.passed(), "audit failed: {:?}", audit.violations);
+    Ok(())
 }
 
 /// Median time of a 4 KiB write plus `fdatasync` in `dir`: what one commit

@@ -1,0 +1,212 @@
+//! What the tools read about processes from `/proc` (Linux): CPU time, memory,
+//! open sockets, the open-file limit. One reader for the simulator, the perf
+//! figures and the black-box tests.
+//!
+//! Each reader is a file read plus a parser of its text; the parsers are
+//! plain functions on `&str`, tested on sample text, and return `None` on
+//! anything unexpected instead of panicking: a process may exit between two
+//! reads, and a field may be missing on another kernel.
+
+use std::path::PathBuf;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`): 100 on
+/// every Linux this runs on.
+pub const TICKS_PER_S: f64 = 100.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    /// The file is not there or not readable: usually, the process is gone.
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} has no readable {field}")]
+    Field { path: PathBuf, field: &'static str },
+}
+
+/// What `/proc/<pid>/stat` says about a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// `R`, `S`, `D`, `Z` (zombie: exited, not yet reaped), `X` (dead), …
+    pub state: char,
+    /// CPU time in user and in kernel mode, clock ticks.
+    pub utime_ticks: u64,
+    pub stime_ticks: u64,
+    /// When the process started, clock ticks after boot: with the pid, it
+    /// tells a process from a later one that reuses its pid.
+    pub start_ticks: u64,
+}
+
+impl Stat {
+    /// Parses the text of a stat file. The command name in parentheses may
+    /// hold spaces and parentheses, so fields are counted after the last `)`.
+    pub fn parse(text: &str) -> Option<Stat> {
+        let (_, rest) = text.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        // stat fields 3 (state), 14 (utime), 15 (stime) and 22 (starttime),
+        // counted from 1: the 1st, 12th, 13th and 20th after the name.
+        Some(Stat {
+            state: fields.first()?.chars().next()?,
+            utime_ticks: number(11)?,
+            stime_ticks: number(12)?,
+            start_ticks: number(19)?,
+        })
+    }
+
+    /// User plus system CPU seconds.
+    pub fn cpu_s(&self) -> f64 {
+        (self.utime_ticks + self.stime_ticks) as f64 / TICKS_PER_S
+    }
+
+    /// The process has exited (a zombie waiting to be reaped counts).
+    pub fn exited(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// `/proc/<pid>/stat`, or `None` if the process is gone or the file odd.
+pub fn stat(pid: u32) -> Option<Stat> {
+    Stat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// User plus system CPU seconds of process `pid` so far.
+pub fn cpu_s(pid: u32) -> Option<f64> {
+    stat(pid).map(|s| s.cpu_s())
+}
+
+/// Memory of a process, from `/proc/<pid>/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    /// Resident set size (`VmRSS`), bytes.
+    pub rss: u64,
+    /// Its anonymous part (`RssAnon`: heap and stacks, not file pages), bytes.
+    pub anon: u64,
+    pub threads: u64,
+}
+
+impl Memory {
+    /// Parses the text of a status file; `Err` names the first field missing.
+    pub fn parse(text: &str) -> Result<Memory, &'static str> {
+        Ok(Memory {
+            rss: status_kb(text, "VmRSS").ok_or("VmRSS")? * 1024,
+            anon: status_kb(text, "RssAnon").ok_or("RssAnon")? * 1024,
+            threads: status_field(text, "Threads").and_then(|v| v.parse().ok()).ok_or("Threads")?,
+        })
+    }
+}
+
+/// The value of `<name>:` in a status file's text, trimmed.
+fn status_field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim)
+}
+
+/// A `<name>: <n> kB` field of a status file's text, in kB.
+fn status_kb(text: &str, name: &str) -> Option<u64> {
+    let value = status_field(text, name)?;
+    value.strip_suffix("kB").unwrap_or(value).trim().parse().ok()
+}
+
+/// Memory of process `pid` now.
+pub fn memory(pid: u32) -> Result<Memory, ProcError> {
+    let path = PathBuf::from(format!("/proc/{pid}/status"));
+    let text = std::fs::read_to_string(&path).map_err(|source| ProcError::Read { path: path.clone(), source })?;
+    Memory::parse(&text).map_err(|field| ProcError::Field { path, field })
+}
+
+/// Resident set size of process `pid`, bytes (only `VmRSS` is needed).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(status_kb(&text, "VmRSS")? * 1024)
+}
+
+/// Socket descriptors process `pid` holds: connections, listeners, socket
+/// pairs (`/proc/<pid>/fd` entries linking to `socket:[…]`). Reading another
+/// user's process needs the right to.
+pub fn socket_fds(pid: u32) -> Result<usize, ProcError> {
+    let path = PathBuf::from(format!("/proc/{pid}/fd"));
+    let fds = std::fs::read_dir(&path).map_err(|source| ProcError::Read { path, source })?;
+    // A descriptor closed between the listing and the readlink is skipped.
+    Ok(fds.flatten().filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| is_socket_link(&l))).count())
+}
+
+fn is_socket_link(target: &std::path::Path) -> bool {
+    target.to_string_lossy().starts_with("socket:")
+}
+
+/// The soft limit on open files of this process (`Max open files` in
+/// `/proc/self/limits`); `None` if unlimited or unreadable.
+pub fn open_files_limit() -> Option<u64> {
+    parse_open_files_limit(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
+/// The soft `Max open files` limit in the text of a limits file.
+pub fn parse_open_files_limit(text: &str) -> Option<u64> {
+    let values = text.lines().find_map(|l| l.strip_prefix("Max open files"))?;
+    values.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "4242 (tokio (rt) x) S 1 4242 4242 0 -1 4194560 1534 0 0 0 250 130 0 0 20 0 3 0 \
+                        987654 2223456256 4321 18446744073709551615 1 1 0 0 0 0 0 4096 17610 0 0 0 17 1 0 0 0 0 0\n";
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        let s = Stat::parse(STAT).unwrap();
+        assert_eq!(s, Stat { state: 'S', utime_ticks: 250, stime_ticks: 130, start_ticks: 987654 });
+        assert_eq!(s.cpu_s(), 3.8);
+        assert!(!s.exited());
+        assert!(Stat::parse("7 (x) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0").unwrap().exited());
+    }
+
+    #[test]
+    fn odd_stat_text_is_none_not_a_panic() {
+        for text in ["", "4242", "4242 (x", "4242 (x) ", "4242 (x) S 1 2", "4242 (x) S 1 2 3 4 5 6 7 8 9 ten 11"] {
+            assert_eq!(Stat::parse(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn status_fields_parse_and_a_missing_one_is_named() {
+        let status = "Name:\thongbao\nState:\tS (sleeping)\nThreads:\t5\nVmRSS:\t   10240 kB\nRssAnon:\t    4096 kB\n\
+                      RssFile:\t    6144 kB\n";
+        assert_eq!(Memory::parse(status), Ok(Memory { rss: 10_485_760, anon: 4_194_304, threads: 5 }));
+        assert_eq!(Memory::parse("VmRSS:\t1 kB\nThreads:\t1\n"), Err("RssAnon"));
+        assert_eq!(Memory::parse("VmRSS:\tlots kB\n"), Err("VmRSS"));
+        assert_eq!(Memory::parse(""), Err("VmRSS"));
+        // A field whose name only starts like another's is not mistaken for it.
+        assert_eq!(status_kb("VmRSSx:\t1 kB\n", "VmRSS"), None);
+    }
+
+    #[test]
+    fn the_soft_open_files_limit_is_read() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max cpu time              unlimited            unlimited            seconds   \n\
+                      Max open files            20000                40000                files     \n";
+        assert_eq!(parse_open_files_limit(limits), Some(20_000));
+        assert_eq!(parse_open_files_limit("Max open files            unlimited            unlimited  files"), None);
+        assert_eq!(parse_open_files_limit("Max cpu time  unlimited  unlimited  seconds\n"), None);
+        assert_eq!(parse_open_files_limit(""), None);
+    }
+
+    #[test]
+    fn this_process_is_readable() {
+        let me = std::process::id();
+        let s = stat(me).unwrap();
+        assert!(matches!(s.state, 'R' | 'S'), "{s:?}");
+        assert!(cpu_s(me).is_some());
+        let m = memory(me).unwrap();
+        assert!(m.rss > 0 && m.anon <= m.rss && m.threads >= 1, "{m:?}");
+        assert!(rss_bytes(me).is_some_and(|r| r > 0));
+        assert!(socket_fds(me).is_ok());
+        assert!(stat(u32::MAX).is_none() && matches!(memory(u32::MAX), Err(ProcError::Read { .. })));
+    }
+
+    #[test]
+    fn only_socket_links_count_as_sockets() {
+        assert!(is_socket_link(std::path::Path::new("socket:[123]")));
+        assert!(!is_socket_link(std::path::Path::new("/dev/null")));
+        assert!(!is_socket_link(std::path::Path::new("pipe:[9]")));
+    }
+}
