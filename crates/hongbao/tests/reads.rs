@@ -10,11 +10,8 @@ use common::*;
 use futures_util::future::join_all;
 use hongbao_proto::{ErrorCode, Reply, Request, Target};
 
-/// Threads of a process, from /proc.
-fn threads(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+fn threads(pid: u32) -> u64 {
+    hongbao_client::procfs::memory(pid).unwrap().threads
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
