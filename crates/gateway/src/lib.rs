@@ -62,7 +62,17 @@ pub mod limits {
     /// reconnect storm arrives faster than one accept loop turns.
     pub const LISTEN_BACKLOG: u32 = 1024;
 
+    /// How long a slow consumer's close gets: the rest of the write it was
+    /// cut off in (so the close frame starts on a frame boundary), the
+    /// `Close { slow_consumer }` frame, and the shutdown. A peer that reads
+    /// at all frees room in its receive window within a round trip; one
+    /// that read nothing while 256 frames queued will not in this time, and
+    /// its connection is already unregistered meanwhile.
+    pub const SLOW_CONSUMER_CLOSE_MS: u64 = 500;
+
     use hongbao_core::limits::{CONNECTION_INFLIGHT_MAX, CONNECTION_OUTBOX_FRAMES_MAX};
+    // A slow consumer is cut off well before a stuck write would time out.
+    const _: () = assert!(SLOW_CONSUMER_CLOSE_MS * 10 <= WRITE_TIMEOUT_S * 1000);
     // A batch never needs more frames than the outbox can hold.
     const _: () = assert!(WRITE_BATCH_FRAMES_MAX <= CONNECTION_OUTBOX_FRAMES_MAX);
     // Every in-flight request's reply must fit in the outbox next to pushes.

@@ -16,6 +16,7 @@
 //! text is UTF-8. Pings are answered with a pong of the same payload (the
 //! latest ping wins); a close frame ends the connection and is echoed.
 
+use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use hongbao_core::limits::FRAME_BYTES_MAX;
@@ -161,8 +162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for WsIo<S> {
         }
     }
 
-    async fn send(&mut self, frames: &[ServerFrame]) -> std::io::Result<()> {
-        // Encoded for this write only: an idle connection holds no buffer.
+    fn encode(&mut self, frames: &[ServerFrame]) -> std::io::Result<Vec<u8>> {
         let mut out = self.pong.take().map(Vec::from).unwrap_or_default();
         for frame in frames {
             match self.encoding.unwrap_or(Encoding::Json) {
@@ -175,10 +175,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for WsIo<S> {
                 }
             }
         }
-        if !out.is_empty() {
-            self.stream.write_all(&out).await?;
-        }
-        self.stream.flush().await
+        Ok(out)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, bytes)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     async fn close(&mut self, code: ErrorCode) {
