@@ -45,9 +45,10 @@ pub(crate) enum Incoming {
 
 /// Frame-level reading and writing for one transport.
 pub(crate) trait FrameIo {
-    /// The next frame. All progress lives in `self`: the connection polls
+    /// The next frame, of at most `frame_bytes_max` body bytes (smaller
+    /// before `hello`). All progress lives in `self`: the connection polls
     /// this beside its other event sources, holding no read future.
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Incoming>;
+    fn poll_recv(&mut self, cx: &mut Context<'_>, frame_bytes_max: usize) -> Poll<Incoming>;
     /// Encodes `frames` for one write, after anything the transport owes
     /// the peer first (a WebSocket pong). The bytes live only for that
     /// write, so an idle connection holds no write buffer.
@@ -122,8 +123,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TcpIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for TcpIo<S> {
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Incoming> {
-        self.reader.poll_read_frame(cx, &mut self.stream).map(|read| match read {
+    fn poll_recv(&mut self, cx: &mut Context<'_>, frame_bytes_max: usize) -> Poll<Incoming> {
+        self.reader.poll_read_frame(cx, &mut self.stream, frame_bytes_max).map(|read| match read {
             Ok(ReadOutcome::Frame(frame)) => Incoming::Frame(Box::new(frame)),
             Ok(ReadOutcome::Eof) => Incoming::Closed,
             Ok(ReadOutcome::Truncated) => Incoming::Truncated,
