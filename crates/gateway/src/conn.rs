@@ -504,6 +504,10 @@ impl<B: Backend> Session<B> {
                 return Err(fatal(e.code(), e.to_string()));
             }
         };
+        // No longer a stranger: its room among those waiting for hello goes
+        // to the next, before the welcome is written (a client that has its
+        // welcome is no longer waiting).
+        self.pending = None;
         let welcome = Reply::Welcome {
             user,
             protocol: PROTOCOL_VERSION,
@@ -517,9 +521,6 @@ impl<B: Backend> Session<B> {
                 self.registration = Some(guard);
                 // The engine refuses user 0; `None` would only mean not logged in.
                 self.user = NonZeroU64::new(user);
-                // No longer a stranger: its room among those waiting for
-                // hello goes to the next.
-                self.pending = None;
                 Ok(())
             }
             Err(e) => Err(fatal(e.code(), format!("cannot register connection: {e}"))),

@@ -75,17 +75,26 @@ pub mod limits {
     pub const HELLO_JSON_OVERHEAD_BYTES_MAX: usize =
         r#"{"id":18446744073709551615,"req":{"hello":{"token":""}}}"#.len();
     /// Default share of `max_connections` that may be waiting for `hello` at
-    /// once (`max_pending_hello = max_connections / this`): the rest stays
-    /// for authenticated clients however many strangers connect. A real
-    /// client is pending for one round trip, so even a reconnect storm of
-    /// every client fits through it in a few turns.
+    /// once (`max_pending_hello = max_connections / this`, but at least
+    /// `PENDING_HELLO_DEFAULT_MIN`): the rest stays for authenticated
+    /// clients however many strangers connect. A real client is pending for
+    /// one round trip, so even a reconnect storm of every client fits
+    /// through it in a few turns.
     pub const PENDING_HELLO_SHARE_DIVISOR: usize = 4;
+    /// Smallest default `max_pending_hello` (unless `max_connections` is
+    /// smaller): a small server still lets a burst of handshakes through.
+    pub const PENDING_HELLO_DEFAULT_MIN: usize = 1024;
     /// Default share of `max_pending_hello` one source address (an IPv6 /64)
-    /// may hold (`max_pending_hello_per_ip = max_pending_hello / this`): one
-    /// address cycling connections leaves at least half the pending room to
-    /// everyone else, while a NAT or a loopback test client with a few
-    /// hundred handshakes under way is not refused.
+    /// may hold (`max_pending_hello_per_ip = max_pending_hello / this`, but
+    /// at least `PENDING_HELLO_PER_IP_DEFAULT_MIN`): one address cycling
+    /// connections leaves at least half the pending room to everyone else.
     pub const PENDING_HELLO_PER_IP_SHARE_DIVISOR: usize = 2;
+    /// Smallest default `max_pending_hello_per_ip` (unless
+    /// `max_pending_hello` is smaller): many clients share one address
+    /// behind a NAT, and a host opening connections in bulk (`hongbao perf`
+    /// sets up 256 at a time from each address) may have a few hundred
+    /// handshakes under way at once.
+    pub const PENDING_HELLO_PER_IP_DEFAULT_MIN: usize = 256;
     /// Capacity below which the table of pending connections per source
     /// address is not shrunk: small enough to be no memory worth giving
     /// back, large enough that a steady trickle of connections does not
@@ -104,8 +113,11 @@ pub mod limits {
     // The longest genuine hello fits before hello, and is all that does.
     const _: () = assert!(TOKEN_BYTES_MAX + HELLO_JSON_OVERHEAD_BYTES_MAX <= HELLO_FRAME_BYTES_MAX);
     const _: () = assert!(HELLO_FRAME_BYTES_MAX < FRAME_BYTES_MAX / 64);
-    // Some pending room is always left to others than the first address.
+    // Past the minimums, some room is always left to authenticated clients
+    // and to others than the first address.
     const _: () = assert!(PENDING_HELLO_SHARE_DIVISOR >= 2 && PENDING_HELLO_PER_IP_SHARE_DIVISOR >= 2);
+    // With the default minimums, one address leaves others a share too.
+    const _: () = assert!(PENDING_HELLO_PER_IP_DEFAULT_MIN * 2 < PENDING_HELLO_DEFAULT_MIN);
     // A slow consumer is cut off well before a stuck write would time out.
     const _: () = assert!(SLOW_CONSUMER_CLOSE_MS * 10 <= WRITE_TIMEOUT_S * 1000);
     // A batch never needs more frames than the outbox can hold.
@@ -125,16 +137,19 @@ pub const HELLO_TIMEOUT_S_DEFAULT: u32 = 10;
 /// descriptors here, and listeners, the database and logs need some.
 pub const MAX_CONNECTIONS_DEFAULT: usize = 18_000;
 
-/// Default cap on connections waiting for `hello`, for a connection cap
-/// (a quarter of it: 4,500 of the default 18,000).
+/// Default cap on connections waiting for `hello`, for a connection cap: a
+/// quarter of it (4,500 of the default 18,000), at least 1,024, at most all.
 pub fn max_pending_hello_default(max_connections: usize) -> usize {
-    (max_connections / limits::PENDING_HELLO_SHARE_DIVISOR).max(1)
+    (max_connections / limits::PENDING_HELLO_SHARE_DIVISOR).max(limits::PENDING_HELLO_DEFAULT_MIN).min(max_connections)
 }
 
 /// Default cap on connections waiting for `hello` from one source address,
-/// for a `max_pending_hello` (half of it: 2,250 by default).
+/// for a `max_pending_hello`: half of it (2,250 by default), at least 256,
+/// at most all.
 pub fn max_pending_hello_per_ip_default(max_pending_hello: usize) -> usize {
-    (max_pending_hello / limits::PENDING_HELLO_PER_IP_SHARE_DIVISOR).max(1)
+    (max_pending_hello / limits::PENDING_HELLO_PER_IP_SHARE_DIVISOR)
+        .max(limits::PENDING_HELLO_PER_IP_DEFAULT_MIN)
+        .min(max_pending_hello)
 }
 
 /// Everything `start` needs besides the engine.

@@ -71,12 +71,12 @@ pub struct ServeArgs {
     #[arg(long, env = "HONGBAO_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// Of those, connections that have not completed hello yet; more are
-    /// refused (overload) [default: max-connections / 4]
+    /// refused (overload) [default: max-connections / 4, at least 1024]
     #[arg(long, env = "HONGBAO_MAX_PENDING_HELLO", value_name = "N")]
     pub max_pending_hello: Option<usize>,
     /// Connections without hello from one source address (IPv6: one /64);
     /// behind a proxy, set it to max-pending-hello [default:
-    /// max-pending-hello / 2]
+    /// max-pending-hello / 2, at least 256]
     #[arg(long, env = "HONGBAO_MAX_PENDING_HELLO_PER_IP", value_name = "N")]
     pub max_pending_hello_per_ip: Option<usize>,
     /// Gateway processes sharing the client ports (SO_REUSEPORT): this one
@@ -323,7 +323,11 @@ mod tests {
         let s = Settings::merge(ServeArgs::default(), Config::default()).unwrap();
         assert_eq!((s.max_connections, s.max_pending_hello, s.max_pending_hello_per_ip), (18_000, 4_500, 2_250));
         let s = Settings::merge(args(&["--max-connections", "1000"]), Config::default()).unwrap();
-        assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (250, 125));
+        assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (1000, 500));
+        let s = Settings::merge(args(&["--max-connections", "400"]), Config::default()).unwrap();
+        assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (400, 256));
+        let s = Settings::merge(args(&["--max-connections", "100"]), Config::default()).unwrap();
+        assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (100, 100));
         let s = Settings::merge(args(&["--max-pending-hello-per-ip", "4500"]), Config::default()).unwrap();
         assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (4_500, 4_500));
         assert!(Settings::merge(args(&["--max-pending-hello", "18001"]), Config::default()).is_err());

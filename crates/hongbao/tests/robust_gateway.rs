@@ -76,8 +76,18 @@ fn refused(stream: &TcpStream) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_holding_connections_without_hello_does_not_starve_the_others() {
     // 200 connections, at most 50 of them without hello, at most 25 of
-    // those from one address (the defaults for 200: / 4, then / 2).
-    let server = Server::dev(&["--max-connections", "200", "--hello-timeout-s", "60"]);
+    // those from one address (the default ratios, / 4 then / 2, without the
+    // minimums a server this small gets by default).
+    let server = Server::dev(&[
+        "--max-connections",
+        "200",
+        "--max-pending-hello",
+        "50",
+        "--max-pending-hello-per-ip",
+        "25",
+        "--hello-timeout-s",
+        "60",
+    ]);
     let stranger = Ipv4Addr::new(127, 0, 0, 1);
     // One address opens more connections than the server holds, each
     // sending the start of a frame and then nothing.
@@ -135,6 +145,27 @@ async fn one_address_holding_connections_without_hello_does_not_starve_the_other
     for c in &mut clients {
         c.write_all(&binary::encode_client(&ClientFrame { id: 2, req: Request::Ping })).await.unwrap();
         assert_eq!(read_frame(c).await, Some(ServerFrame::Reply { id: 2, reply: Reply::Pong }));
+    }
+}
+
+/// The review's case with the default caps: one address holds more
+/// connections without hello than the server takes, and 49 clients from
+/// other addresses say hello (46 of them failed before the caps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_default_caps_one_address_cannot_take_every_slot() {
+    // Defaults for 1,000: 1,000 without hello (the minimum of 1,024, at
+    // most all), 500 of them from one address.
+    let server = Server::dev(&["--max-connections", "1000", "--hello-timeout-s", "60"]);
+    let mut held = Vec::new();
+    for _ in 0..1100 {
+        held.push(connect_from(Ipv4Addr::new(127, 0, 0, 1), server.tcp).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(held.iter().filter(|s| !refused(s)).count(), 500);
+    for i in 0..49u8 {
+        let mut c = connect_from(Ipv4Addr::new(127, 0, 4, i + 1), server.tcp).await;
+        let answer = hello(&mut c, 2000 + u64::from(i)).await;
+        assert!(is_welcome(&answer), "client {i}: {answer:?}");
     }
 }
 
