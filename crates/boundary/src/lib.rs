@@ -7,8 +7,10 @@
 //! a link to gateways in other processes, shake gates included), where replies and pushes
 //! for one connection go (`Outbox`, `Responder`, `FrameSink`), the boundary
 //! error (`EngineError`) with its client error code, the shake gate as a
-//! remote gateway sees it (`GateView`), and client token signing
-//! (`TokenSigner`), which the gateway verifies and the admin API issues.
+//! remote gateway sees it (`GateView`), client token signing
+//! (`TokenSigner`), which the gateway verifies and the admin API issues,
+//! and the constant-time comparison of keys a peer presents
+//! (`constant_time_eq`).
 //!
 //! Must not: hold money logic, packet state, SQL, sockets or HTTP. It links
 //! no engine and no database, so a gateway process that depends on it alone
@@ -26,4 +28,4 @@ pub use backend::{Backend, LinkedEngine};
 pub use error::EngineError;
 pub use gate::{inline_shake_result, GateState, GateView};
 pub use outbox::{FrameSink, Outbox, OutboxReceiver, Overflow, Responder};
-pub use token::{AuthError, TokenSigner, TOKEN_BYTES_MAX, USER_ID_MAX};
+pub use token::{constant_time_eq, AuthError, TokenSigner, TOKEN_BYTES_MAX, USER_ID_MAX};

@@ -7,6 +7,12 @@
 //! else an idle connection holds. Frames sit in a `VecDeque` that the
 //! receiver takes whole, so the queue's memory leaves with the frames.
 //!
+//! A frame an outbox refuses is counted in `hongbao_outbox_dropped_total`
+//! with the reason (`slow_consumer`: the queue overflowed, so the connection
+//! is being closed; `closed`: the connection is gone; `link`: the link to
+//! the gateway holding it refused it) and the kind of frame (`push`,
+//! `reply`, `close`), so no delivery is lost without a trace.
+//!
 //! A connection held by a gateway in another process has a forwarding
 //! outbox instead: its frames go, tagged with the connection's id on that
 //! link, to a `FrameSink` (the link to that gateway), whose own bound and
@@ -87,9 +93,59 @@ struct State {
     frames: VecDeque<ServerFrame>,
     /// The receiver's task, while it waits.
     waker: Option<Waker>,
+    /// A frame found the queue full. From then on the outbox takes nothing
+    /// (the connection is being closed as a slow consumer) and what it held
+    /// is dropped: none of it will be written.
     overflowed: bool,
     /// The receiver is gone.
     closed: bool,
+}
+
+/// Why an outbox refused a frame: the `reason` label of
+/// `hongbao_outbox_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dropped {
+    /// The queue overflowed: the connection does not read fast enough.
+    SlowConsumer,
+    /// The connection is gone.
+    Closed,
+    /// The link to the gateway process holding the connection refused it.
+    Link,
+}
+
+impl Dropped {
+    fn as_str(self) -> &'static str {
+        match self {
+            Dropped::SlowConsumer => "slow_consumer",
+            Dropped::Closed => "closed",
+            Dropped::Link => "link",
+        }
+    }
+}
+
+/// The `frame` label of `hongbao_outbox_dropped_total`.
+const FRAME_KINDS: [&str; 3] = ["push", "reply", "close"];
+
+fn frame_kind(frame: &ServerFrame) -> usize {
+    match frame {
+        ServerFrame::Push(_) => 0,
+        ServerFrame::Reply { .. } => 1,
+        ServerFrame::Close { .. } => 2,
+    }
+}
+
+/// Counts frames an outbox refused, or dropped unsent.
+fn count_dropped<'a>(reason: Dropped, frames: impl IntoIterator<Item = &'a ServerFrame>) {
+    let mut counts = [0u64; FRAME_KINDS.len()];
+    for frame in frames {
+        counts[frame_kind(frame)] += 1;
+    }
+    for (kind, n) in FRAME_KINDS.into_iter().zip(counts) {
+        if n > 0 {
+            metrics::counter!("hongbao_outbox_dropped_total", "reason" => reason.as_str(), "frame" => kind)
+                .increment(n);
+        }
+    }
 }
 
 impl Shared {
@@ -125,46 +181,63 @@ impl Outbox {
             Kind::Local(shared) => shared,
             Kind::Forward(fwd) => {
                 if fwd.closed.load(Ordering::Acquire) {
+                    count_dropped(Dropped::Closed, [&frame]);
                     return false;
                 }
+                let kind = FRAME_KINDS[frame_kind(&frame)];
                 let forwarded = fwd.sink.forward(fwd.conn, frame);
                 if !forwarded {
                     // Like a local overflow: the sink has told the connection
                     // to close; nothing more goes its way.
                     fwd.closed.store(true, Ordering::Release);
+                    let reason = Dropped::Link.as_str();
+                    metrics::counter!("hongbao_outbox_dropped_total", "reason" => reason, "frame" => kind).increment(1);
                 }
                 return forwarded;
             }
         };
         let mut state = shared.lock();
-        if state.closed {
+        if state.closed || state.overflowed {
+            let reason = if state.closed { Dropped::Closed } else { Dropped::SlowConsumer };
+            drop(state);
+            count_dropped(reason, [&frame]);
             return false;
         }
-        let queued = if state.frames.len() < shared.capacity {
+        if state.frames.len() < shared.capacity {
             if state.frames.capacity() == 0 {
                 // Usually one frame at a time: room for one, not the default four.
                 state.frames.reserve_exact(1);
             }
             state.frames.push_back(frame);
-            true
-        } else {
-            state.overflowed = true;
-            false
-        };
+            let waker = state.waker.take();
+            drop(state);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+            return true;
+        }
+        // Full: the peer does not read. Nothing queued will be written now
+        // (the connection is closed as a slow consumer), so it is freed here.
+        state.overflowed = true;
+        let unsent = std::mem::take(&mut state.frames);
         let waker = state.waker.take();
         drop(state);
-        if !queued {
-            metrics::counter!("hongbao_outbox_overflows_total").increment(1);
-        }
+        metrics::counter!("hongbao_outbox_overflows_total").increment(1);
+        count_dropped(Dropped::SlowConsumer, unsent.iter().chain([&frame]));
         if let Some(waker) = waker {
             waker.wake();
         }
-        queued
+        false
     }
 
+    /// True once the outbox takes no more frames: its connection is gone,
+    /// or is being closed as a slow consumer.
     pub fn is_closed(&self) -> bool {
         match &self.kind {
-            Kind::Local(shared) => shared.lock().closed,
+            Kind::Local(shared) => {
+                let state = shared.lock();
+                state.closed || state.overflowed
+            }
             Kind::Forward(fwd) => fwd.closed.load(Ordering::Acquire),
         }
     }
@@ -218,6 +291,22 @@ impl OutboxReceiver {
         Poll::Ready(Ok(frames))
     }
 
+    /// Ready once the outbox has overflowed; until then the task is woken
+    /// at every frame queued. For a connection busy writing: it learns
+    /// that its peer is too slow while the write still waits, and the
+    /// frames queued meanwhile stay queued.
+    pub fn poll_overflow(&mut self, cx: &mut Context<'_>) -> Poll<Overflow> {
+        let mut state = self.shared.lock();
+        if state.overflowed {
+            return Poll::Ready(Overflow);
+        }
+        match &mut state.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
     /// The oldest queued frame, if any, without waiting.
     pub fn try_recv(&mut self) -> Option<ServerFrame> {
         let mut state = self.shared.lock();
@@ -239,6 +328,7 @@ impl OutboxReceiver {
         // Free the frames now, not when the last sender clone goes.
         let frames = std::mem::take(&mut state.frames);
         drop(state);
+        count_dropped(Dropped::Closed, &frames);
         drop(frames);
     }
 }
@@ -308,6 +398,23 @@ mod tests {
         let (tx, mut rx) = Outbox::new(2);
         assert!(tx.send(push(1)) && tx.send(push(2)));
         assert!(!tx.send(push(3)));
+        assert_eq!(rx.recv(64).await, Err(Overflow));
+    }
+
+    #[tokio::test]
+    async fn an_overflow_refuses_everything_after_and_frees_what_was_queued() {
+        let (tx, mut rx) = Outbox::new(2);
+        let waiting = poll_fn(|cx| Poll::Ready(rx.poll_overflow(cx).is_pending())).await;
+        assert!(waiting, "no overflow yet");
+        assert!(tx.send(push(1)) && tx.send(push(2)));
+        assert!(!tx.is_closed());
+        assert!(!tx.send(push(3)));
+        assert!(tx.is_closed(), "an overflowed outbox takes nothing more");
+        assert_eq!(rx.shared.lock().frames.capacity(), 0, "the frames that will never be written are freed");
+        // Even once the receiver made room, nothing more is queued: the
+        // connection is being closed.
+        assert!(!tx.send(push(4)));
+        assert_eq!(poll_fn(|cx| Poll::Ready(rx.poll_overflow(cx))).await, Poll::Ready(Overflow));
         assert_eq!(rx.recv(64).await, Err(Overflow));
     }
 

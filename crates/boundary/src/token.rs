@@ -135,6 +135,17 @@ impl TokenSigner {
     }
 }
 
+/// True if `given` equals the secret `expected`, in a time that tells an
+/// attacker neither how many leading bytes of a guess were right nor the
+/// secret's length: both are hashed (SHA-256, whose time depends on the
+/// length only), and the digests compared in constant time (`subtle`,
+/// through `digest::CtOutput`). For every key a peer presents: the link key
+/// here, the admin API key.
+pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    use hmac::digest::{CtOutput, Digest};
+    CtOutput::<Sha256>::new(Sha256::digest(given)) == CtOutput::<Sha256>::new(Sha256::digest(expected))
+}
+
 /// Plain ASCII digits only: `u64::from_str` would also take a leading `+`,
 /// which no issuer writes.
 fn parse_decimal(s: &str) -> Option<u64> {
@@ -159,6 +170,16 @@ mod tests {
 
     fn signer() -> TokenSigner {
         TokenSigner::new("a test secret of reasonable length")
+    }
+
+    #[test]
+    fn keys_compare_equal_only_when_equal() {
+        assert!(constant_time_eq(b"the link key", b"the link key"));
+        assert!(constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"the link key", b"the link kez"));
+        assert!(!constant_time_eq(b"xhe link key", b"the link key"));
+        assert!(!constant_time_eq(b"the link key", b"the link key "));
+        assert!(!constant_time_eq(b"", b"k"));
     }
 
     #[test]

@@ -75,27 +75,34 @@ impl FrameReader {
 
     #[cfg(test)]
     pub async fn read_frame<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> std::io::Result<ReadOutcome> {
-        std::future::poll_fn(|cx| self.poll_read_frame(cx, io)).await
+        std::future::poll_fn(|cx| self.poll_read_frame(cx, io, FRAME_BYTES_MAX)).await
     }
 
+    /// The next frame, whose body may be at most `frame_bytes_max` bytes
+    /// (`FRAME_BYTES_MAX`, or less before `hello`).
     pub fn poll_read_frame<R: AsyncRead + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         io: &mut R,
+        frame_bytes_max: usize,
     ) -> Poll<std::io::Result<ReadOutcome>> {
         loop {
             let mut frame_len = None;
             if self.buf.len() >= FRAME_HEADER_BYTES {
                 // Checked before anything is allocated for the body.
-                let body_len = match binary::body_len(&self.buf[..FRAME_HEADER_BYTES]) {
-                    Ok(Some(len)) => len,
+                let checked = match binary::body_len(&self.buf[..FRAME_HEADER_BYTES]) {
+                    Ok(Some(len)) => check_frame_len(len, frame_bytes_max).map(|()| len),
                     Ok(None) => unreachable!("a full header always has a length"),
+                    Err(e) => Err(e.into()),
+                };
+                let body_len = match checked {
+                    Ok(len) => len,
                     Err(e) => {
                         self.buf = Vec::new();
-                        return Poll::Ready(Ok(ReadOutcome::Bad(e.into())));
+                        return Poll::Ready(Ok(ReadOutcome::Bad(e)));
                     }
                 };
-                debug_assert!(body_len <= FRAME_BYTES_MAX);
+                debug_assert!(body_len <= frame_bytes_max && body_len <= FRAME_BYTES_MAX);
                 let end = FRAME_HEADER_BYTES + body_len;
                 if self.buf.len() >= end {
                     let outcome = match binary::decode_client(&self.buf[FRAME_HEADER_BYTES..end]) {
@@ -119,6 +126,16 @@ impl FrameReader {
             }
         }
     }
+}
+
+/// Refuses a frame (or WebSocket message) of `len` bytes over `max`: the
+/// connection's limit now, which is smaller before `hello`.
+pub(crate) fn check_frame_len(len: usize, max: usize) -> Result<(), FrameError> {
+    if len <= max {
+        return Ok(());
+    }
+    let when = if max < FRAME_BYTES_MAX { " before hello" } else { "" };
+    Err(FrameError::new(ErrorCode::FrameTooLarge, format!("frame of {len} bytes exceeds the maximum of {max}{when}")))
 }
 
 /// Reads more bytes into `buf`, which holds the start of a frame ending at
@@ -364,6 +381,32 @@ mod tests {
         let bytes = ((FRAME_BYTES_MAX + 1) as u32).to_be_bytes().to_vec();
         let out = read_all(bytes).await;
         assert!(matches!(&out[..], [ReadOutcome::Bad(e)] if e.code == ErrorCode::FrameTooLarge), "{out:?}");
+    }
+
+    #[test]
+    fn the_longest_hello_fits_the_limit_before_hello() {
+        use crate::limits::{HELLO_FRAME_BYTES_MAX, HELLO_JSON_OVERHEAD_BYTES_MAX};
+        use hongbao_boundary::TOKEN_BYTES_MAX;
+        let hello = ClientFrame { id: u64::MAX, req: Request::Hello { token: "t".repeat(TOKEN_BYTES_MAX) } };
+        let json = serde_json::to_vec(&hello).unwrap();
+        let body = binary::encode_client(&hello).len() - FRAME_HEADER_BYTES;
+        assert_eq!(json.len(), TOKEN_BYTES_MAX + HELLO_JSON_OVERHEAD_BYTES_MAX);
+        assert_eq!((json.len(), body), (312, 269), "as docs/protocol.md says");
+        assert!(json.len() <= HELLO_FRAME_BYTES_MAX && body <= HELLO_FRAME_BYTES_MAX);
+        assert_eq!(check_frame_len(HELLO_FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX), Ok(()));
+        let refused = check_frame_len(HELLO_FRAME_BYTES_MAX + 1, HELLO_FRAME_BYTES_MAX).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::FrameTooLarge);
+        assert!(refused.message.ends_with("before hello"), "{}", refused.message);
+    }
+
+    #[tokio::test]
+    async fn a_header_over_the_connections_limit_is_refused_before_the_body() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(&513u32.to_be_bytes()).await.unwrap();
+        let mut reader = FrameReader::new();
+        let read = std::future::poll_fn(|cx| reader.poll_read_frame(cx, &mut server, 512)).await.unwrap();
+        assert!(matches!(&read, ReadOutcome::Bad(e) if e.code == ErrorCode::FrameTooLarge), "{read:?}");
+        assert_eq!(reader.buf.capacity(), 0);
     }
 
     #[tokio::test]

@@ -25,14 +25,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hongbao_boundary::{Backend, Outbox, OutboxReceiver, Responder};
-use hongbao_core::limits::{CONNECTION_INFLIGHT_MAX, CONNECTION_OUTBOX_FRAMES_MAX};
+use hongbao_core::limits::{CONNECTION_INFLIGHT_MAX, CONNECTION_OUTBOX_FRAMES_MAX, FRAME_BYTES_MAX};
 use hongbao_proto::{ClientFrame, ErrorCode, Reply, Request, ServerFrame, ShakeResult, PROTOCOL_VERSION};
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 
-use crate::io::{FrameIo, Incoming, TcpIo, Transport};
-use crate::limits::{WRITE_BATCH_FRAMES_MAX, WRITE_TIMEOUT_S};
-use crate::shared::{Admission, HotCounters, Shared};
+use crate::io::{FrameIo, Incoming, TcpIo, Transport, Unsent};
+use crate::limits::{HELLO_FRAME_BYTES_MAX, SLOW_CONSUMER_CLOSE_MS, WRITE_BATCH_FRAMES_MAX, WRITE_TIMEOUT_S};
+use crate::shared::{Admission, HotCounters, PendingHello, Shared};
 use crate::ws::{self, WsIo};
 
 /// Runs one accepted raw TCP connection to its end.
@@ -45,8 +45,9 @@ pub(crate) fn run_tcp<B: Backend>(
     stream: TcpStream,
     shared: Arc<Shared<B>>,
     admission: Admission,
+    pending: PendingHello,
 ) -> impl Future<Output = ()> + Send {
-    let mut conn = Conn::new(TcpIo::new(stream), shared, Transport::Tcp);
+    let mut conn = Conn::new(TcpIo::new(stream), shared, Transport::Tcp, Some(Box::new(pending)));
     async move {
         let end = conn.run().await;
         Box::pin(conn.finish(end)).await;
@@ -59,8 +60,9 @@ pub(crate) fn run_ws<B: Backend>(
     stream: TcpStream,
     shared: Arc<Shared<B>>,
     admission: Admission,
+    pending: PendingHello,
 ) -> impl Future<Output = ()> + Send {
-    let mut conn = Conn::new(WsIo::new(stream), shared, Transport::Ws);
+    let mut conn = Conn::new(WsIo::new(stream), shared, Transport::Ws, Some(Box::new(pending)));
     async move {
         // Boxed: the upgrade's state is needed once, not for the connection's life.
         if Box::pin(upgrade(conn.io.stream_mut(), conn.hello_deadline)).await {
@@ -87,22 +89,29 @@ async fn upgrade(stream: &mut TcpStream, deadline: Instant) -> bool {
     }
 }
 
-/// One connection: its transport, its session and its outbox.
+/// One connection: its transport and its session.
 pub(crate) struct Conn<B: Backend, I> {
     io: I,
     session: Session<B>,
-    rx: OutboxReceiver,
     /// Counted from accept, so a WebSocket client cannot hold a connection
     /// by upgrading slowly.
     hello_deadline: Instant,
 }
 
 impl<B: Backend, I: FrameIo> Conn<B, I> {
-    pub(crate) fn new(io: I, shared: Arc<Shared<B>>, transport: Transport) -> Conn<B, I> {
+    /// `pending` is the connection's place among those not yet past
+    /// `hello`, given up when `hello` succeeds.
+    pub(crate) fn new(
+        io: I,
+        shared: Arc<Shared<B>>,
+        transport: Transport,
+        pending: Option<Box<PendingHello>>,
+    ) -> Conn<B, I> {
         let (outbox, rx) = Outbox::new(CONNECTION_OUTBOX_FRAMES_MAX);
         let hello_deadline = Instant::now() + Duration::from_secs(shared.config.hello_timeout_s.into());
-        let session = Session { shared, transport, user: None, registration: None, outbox, inflight: Vec::new() };
-        Conn { io, session, rx, hello_deadline }
+        let session =
+            Session { shared, transport, user: None, registration: None, outbox, rx, inflight: Vec::new(), pending };
+        Conn { io, session, hello_deadline }
     }
 
     /// Serves the connection until it ends, then tells the peer why (if it
@@ -118,10 +127,11 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
     /// peer why the connection ends (if it should hear) and closes it.
     async fn finish(&mut self, end: End) {
         self.session.registration = None;
-        self.rx.close();
+        self.session.rx.close();
         let io = &mut self.io;
         let write_timeout = Duration::from_secs(WRITE_TIMEOUT_S);
         match end {
+            End::SlowConsumer(rest) => close_slow_consumer(io, self.session.user, rest).await,
             End::Fatal(code, message) => {
                 tracing::debug!(user = ?self.session.user, code = code.as_str(), %message, "closing connection");
                 if code != ErrorCode::ShuttingDown {
@@ -151,7 +161,8 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
             // so their state exists only while they run.
             let event = {
                 let mut changed = pin!(shutdown.changed());
-                poll_fn(|cx| next_event(cx, changed.as_mut(), &mut self.rx, &mut self.io, deadline.as_mut())).await
+                let session = &mut self.session;
+                poll_fn(|cx| next_event(cx, changed.as_mut(), session, &mut self.io, deadline.as_mut())).await
             };
             let (session, io) = (&mut self.session, &mut self.io);
             match event {
@@ -161,9 +172,7 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
                         return fatal(ErrorCode::ShuttingDown, "server is shutting down");
                     }
                 }
-                Event::Overflow => {
-                    return fatal(ErrorCode::SlowConsumer, "too many replies and pushes queued; read faster");
-                }
+                Event::Overflow => return End::SlowConsumer(Unsent::default()),
                 Event::Write(batch) => {
                     if let Some(end) = Box::pin(session.write_outbox(io, batch)).await {
                         return end;
@@ -209,6 +218,10 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
 pub(crate) enum End {
     /// Close with this code and message (a `Close` frame is still to be sent).
     Fatal(ErrorCode, String),
+    /// The peer does not read fast enough: its outbox overflowed, or a write
+    /// to it stalled for `WRITE_TIMEOUT_S`. Holds what is left of the write
+    /// it was cut off in (see `close_slow_consumer`).
+    SlowConsumer(Unsent),
     /// The peer is gone, or it has already been sent its `Close` frame.
     Quiet,
 }
@@ -258,10 +271,10 @@ enum Event {
 /// Polls a connection's event sources in priority order: shutdown and
 /// slow-consumer checks first, then writing what is queued before reading
 /// more, so a client that floods requests is held back by its own replies.
-fn next_event<I: FrameIo>(
+fn next_event<B: Backend, I: FrameIo>(
     cx: &mut Context<'_>,
     shutdown: std::pin::Pin<&mut impl Future<Output = Result<(), tokio::sync::watch::error::RecvError>>>,
-    rx: &mut OutboxReceiver,
+    session: &mut Session<B>,
     io: &mut I,
     deadline: std::pin::Pin<&mut tokio::time::Sleep>,
 ) -> Poll<Event> {
@@ -269,16 +282,49 @@ fn next_event<I: FrameIo>(
         return Poll::Ready(Event::Shutdown(changed));
     }
     // An overflow comes out before any queued frame.
-    if let Poll::Ready(received) = rx.poll_recv(cx, WRITE_BATCH_FRAMES_MAX) {
+    if let Poll::Ready(received) = session.rx.poll_recv(cx, WRITE_BATCH_FRAMES_MAX) {
         return Poll::Ready(received.map_or(Event::Overflow, Event::Write));
     }
-    if let Poll::Ready(incoming) = io.poll_recv(cx) {
+    if let Poll::Ready(incoming) = io.poll_recv(cx, session.frame_bytes_max()) {
         return Poll::Ready(Event::Read(incoming));
     }
     if deadline.poll(cx).is_ready() {
         return Poll::Ready(Event::Deadline);
     }
     Poll::Pending
+}
+
+/// How a write ended.
+enum Written {
+    Done(std::io::Result<()>),
+    /// The outbox overflowed or the write stalled: the peer does not read.
+    Stuck,
+}
+
+/// Closes a slow consumer, already unregistered (nothing more is queued for
+/// it). Within `SLOW_CONSUMER_CLOSE_MS` in all: the rest of the write it was
+/// cut off in (a frame half written must be finished for the next to be
+/// read), then `Close { slow_consumer }`, then the shutdown. A peer that read
+/// nothing meanwhile does not make room in that time: its socket is then
+/// closed without the frame, and `hongbao_slow_consumer_closes_total` counts
+/// the close as `close_frame="unsent"`.
+async fn close_slow_consumer<I: FrameIo>(io: &mut I, user: Option<NonZeroU64>, mut rest: Unsent) {
+    tracing::debug!(?user, "closing a slow consumer");
+    count_protocol_error(ErrorCode::SlowConsumer);
+    rest.skip_if_unstarted();
+    let close = ServerFrame::Close {
+        code: ErrorCode::SlowConsumer,
+        message: "too many replies and pushes queued; read faster".into(),
+    };
+    let closing = async {
+        rest.write_all(io).await?;
+        io.send(&[close]).await?;
+        io.close(ErrorCode::SlowConsumer).await;
+        Ok::<(), std::io::Error>(())
+    };
+    let sent = matches!(timeout(Duration::from_millis(SLOW_CONSUMER_CLOSE_MS), closing).await, Ok(Ok(())));
+    let close_frame = if sent { "sent" } else { "unsent" };
+    metrics::counter!("hongbao_slow_consumer_closes_total", "close_frame" => close_frame).increment(1);
 }
 
 /// A request handed to the engine and not yet answered.
@@ -297,15 +343,33 @@ struct Session<B: Backend> {
     registration: Option<B::Guard>,
     /// Cloned into every request's `Responder` and into the push hub.
     outbox: Outbox,
+    /// Its receiving end: drained by the loop, and watched for an overflow
+    /// while a write waits.
+    rx: OutboxReceiver,
     /// Submitted requests not yet answered, for the in-flight limit and the
     /// latency histogram. A `Vec` because it holds at most
     /// `CONNECTION_INFLIGHT_MAX` entries, and most connections have none.
     inflight: Vec<InFlight>,
+    /// The connection's place among those not past `hello` yet (the
+    /// `max_pending_hello` caps); `None` once `hello` succeeded. Boxed: a
+    /// pointer in every connection's task instead of 32 bytes, and the box
+    /// is freed at `hello`.
+    pending: Option<Box<PendingHello>>,
 }
 
 impl<B: Backend> Session<B> {
     fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.shared.config.idle_timeout_s.into())
+    }
+
+    /// The largest frame body the peer may send now: a stranger gets room
+    /// for a hello only.
+    fn frame_bytes_max(&self) -> usize {
+        if self.user.is_some() {
+            FRAME_BYTES_MAX
+        } else {
+            HELLO_FRAME_BYTES_MAX
+        }
     }
 
     /// Writes frames from the outbox, settling the in-flight record of each
@@ -348,19 +412,37 @@ impl<B: Backend> Session<B> {
         count_request(&self.shared.hot_counters, done.op, reply);
     }
 
-    /// Writes frames with a deadline; a peer that does not read is cut off.
+    /// Writes frames. A peer that does not read is cut off as a slow
+    /// consumer as soon as its outbox overflows meanwhile (replies and
+    /// pushes kept coming while it read nothing), or after
+    /// `WRITE_TIMEOUT_S` at the latest.
     async fn write<I: FrameIo>(&mut self, io: &mut I, frames: &[ServerFrame]) -> Result<(), End> {
-        match timeout(Duration::from_secs(WRITE_TIMEOUT_S), io.send(frames)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
+        let mut out = match io.encode(frames) {
+            Ok(bytes) => Unsent::new(bytes),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a frame");
+                return Err(End::Quiet);
+            }
+        };
+        let mut stalled = pin!(sleep(Duration::from_secs(WRITE_TIMEOUT_S)));
+        let rx = &mut self.rx;
+        let written = poll_fn(|cx| {
+            if let Poll::Ready(done) = out.poll_write_all(cx, io) {
+                return Poll::Ready(Written::Done(done));
+            }
+            if rx.poll_overflow(cx).is_ready() || stalled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Written::Stuck);
+            }
+            Poll::Pending
+        })
+        .await;
+        match written {
+            Written::Done(Ok(())) => Ok(()),
+            Written::Done(Err(e)) => {
                 tracing::debug!(error = %e, transport = self.transport.as_str(), "write failed");
                 Err(End::Quiet)
             }
-            Err(_) => {
-                // The socket is stuck mid-frame; a Close frame would not get through either.
-                count_protocol_error(ErrorCode::SlowConsumer);
-                Err(End::Quiet)
-            }
+            Written::Stuck => Err(End::SlowConsumer(out)),
         }
     }
 
@@ -422,6 +504,10 @@ impl<B: Backend> Session<B> {
                 return Err(fatal(e.code(), e.to_string()));
             }
         };
+        // No longer a stranger: its room among those waiting for hello goes
+        // to the next, before the welcome is written (a client that has its
+        // welcome is no longer waiting).
+        self.pending = None;
         let welcome = Reply::Welcome {
             user,
             protocol: PROTOCOL_VERSION,
@@ -447,9 +533,10 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::Mutex;
 
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use hongbao_boundary::EngineError;
-    use hongbao_core::limits::FRAME_BYTES_MAX;
-    use hongbao_proto::{binary, FRAME_HEADER_BYTES};
+    use hongbao_proto::{binary, Push, PushBody, FRAME_HEADER_BYTES};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::sync::watch;
 
@@ -460,11 +547,33 @@ mod tests {
     #[derive(Clone, Default)]
     struct FakeEngine {
         held: Option<Arc<Mutex<Vec<Responder>>>>,
+        /// The outbox of every connection that said hello, as the push hub
+        /// would hold it, and how many of them are still registered.
+        registered: Arc<Mutex<Vec<Outbox>>>,
+        live: Arc<AtomicUsize>,
+    }
+
+    /// Counts a live registration, like the push hub's entry.
+    struct Registration(Arc<AtomicUsize>);
+
+    impl Drop for Registration {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl FakeEngine {
+        fn outbox(&self) -> Outbox {
+            self.registered.lock().unwrap().last().expect("a registered connection").clone()
+        }
+        fn live(&self) -> usize {
+            self.live.load(Ordering::SeqCst)
+        }
     }
 
     impl Backend for FakeEngine {
-        type Guard = ();
-        fn submit(&self, _connection: &(), _user: u64, req: Request, responder: Responder) {
+        type Guard = Registration;
+        fn submit(&self, _connection: &Registration, _user: u64, req: Request, responder: Responder) {
             if let Some(held) = &self.held {
                 held.lock().unwrap().push(responder);
                 return;
@@ -475,8 +584,10 @@ mod tests {
                 _ => Reply::error(ErrorCode::NotFound, "nothing here"),
             });
         }
-        async fn connect(&self, _user: u64, _outbox: Outbox) -> Result<(), EngineError> {
-            Ok(())
+        async fn connect(&self, _user: u64, outbox: Outbox) -> Result<Registration, EngineError> {
+            self.registered.lock().unwrap().push(outbox);
+            self.live.fetch_add(1, Ordering::SeqCst);
+            Ok(Registration(self.live.clone()))
         }
     }
 
@@ -490,14 +601,19 @@ mod tests {
 
     impl Client {
         fn start(engine: FakeEngine) -> Client {
+            Client::with_pipe(engine, FRAME_BYTES_MAX)
+        }
+
+        /// A client whose end of the connection buffers `pipe_bytes` each way.
+        fn with_pipe(engine: FakeEngine, pipe_bytes: usize) -> Client {
             let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
             let mut config = GatewayConfig::new(addr, addr, TokenSigner::new(SECRET));
             config.dev = true;
             let (shutdown, shutdown_rx) = watch::channel(false);
             let (shared, _done) = Shared::new(config, engine, shutdown_rx);
-            let (io, server) = tokio::io::duplex(FRAME_BYTES_MAX);
+            let (io, server) = tokio::io::duplex(pipe_bytes);
             let task = tokio::spawn(async move {
-                Conn::new(TcpIo::new(server), shared, Transport::Tcp).serve().await;
+                Conn::new(TcpIo::new(server), shared, Transport::Tcp, None).serve().await;
             });
             Client { io, shutdown, task }
         }
@@ -537,9 +653,10 @@ mod tests {
     }
 
     /// What an idle connection costs is mostly its task, whose size is this
-    /// future's plus ~130 bytes, rounded up to 128: 768 bytes today (with
-    /// the real engine's guard, 24 bytes more than here). An unboxed await
-    /// or a large new field in the connection loop shows up here.
+    /// future's plus ~130 bytes, rounded up to 128: 768 bytes today (the
+    /// real engine's guard is 32 bytes, this fake's 8). An unboxed await
+    /// or a large new field in the connection loop shows up here. (The
+    /// pending-hello place added 8 bytes, a pointer: tcp 576, ws 632 now.)
     #[tokio::test]
     async fn connection_tasks_stay_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -550,8 +667,9 @@ mod tests {
         let (shared, _done) = Shared::new(config, FakeEngine::default(), shutdown_rx);
         let permits = Arc::new(tokio::sync::Semaphore::new(2));
         let admission = || Admission::new(permits.clone().try_acquire_owned().unwrap(), metrics::gauge!("test"));
-        let tcp = run_tcp(TcpStream::connect(addr).await.unwrap(), shared.clone(), admission());
-        let ws = run_ws(TcpStream::connect(addr).await.unwrap(), shared.clone(), admission());
+        let pending = || shared.pending.admit(addr.ip()).unwrap();
+        let tcp = run_tcp(TcpStream::connect(addr).await.unwrap(), shared.clone(), admission(), pending());
+        let ws = run_ws(TcpStream::connect(addr).await.unwrap(), shared.clone(), admission(), pending());
         let (tcp, ws) = (std::mem::size_of_val(&tcp), std::mem::size_of_val(&ws));
         eprintln!("connection futures: tcp {tcp} bytes, ws {ws} bytes");
         assert!(tcp <= 640 && ws <= 704, "connection futures grew: tcp {tcp} bytes, ws {ws} bytes");
@@ -630,7 +748,7 @@ mod tests {
     #[tokio::test]
     async fn requests_over_the_in_flight_limit_are_refused_without_submitting() {
         let held = Arc::new(Mutex::new(Vec::new()));
-        let mut c = Client::start(FakeEngine { held: Some(held.clone()) });
+        let mut c = Client::start(FakeEngine { held: Some(held.clone()), ..FakeEngine::default() });
         c.hello().await;
         for id in 0..CONNECTION_INFLIGHT_MAX as u64 {
             c.send(100 + id, Request::Open { packet: 1 }).await;
@@ -651,5 +769,111 @@ mod tests {
         c.send(1002, Request::Ping).await;
         assert_eq!(c.recv().await, ServerFrame::Reply { id: 1002, reply: Reply::Pong });
         assert_eq!(held.lock().unwrap().len(), CONNECTION_INFLIGHT_MAX);
+    }
+
+    #[tokio::test]
+    async fn before_hello_only_a_hello_sized_frame_is_read() {
+        // Announcing more than a hello needs closes at once, from the header.
+        let mut c = Client::start(FakeEngine::default());
+        c.io.write_all(&((HELLO_FRAME_BYTES_MAX + 1) as u32).to_be_bytes()).await.unwrap();
+        c.expect_close(ErrorCode::FrameTooLarge).await;
+        // The longest token with the largest id passes.
+        let mut c = Client::start(FakeEngine::default());
+        let token = TokenSigner::new(SECRET).issue(42, 3600, unix_now().as_secs());
+        let token = format!("{token}{}", " ".repeat(hongbao_boundary::TOKEN_BYTES_MAX - token.len()));
+        c.send(u64::MAX, Request::Hello { token }).await;
+        c.expect_close(ErrorCode::BadToken).await;
+        // After hello, frames up to FRAME_BYTES_MAX are read again.
+        let mut c = Client::start(FakeEngine::default());
+        c.hello().await;
+        c.send(2, Request::Hello { token: "7".repeat(FRAME_BYTES_MAX / 2) }).await;
+        c.expect_close(ErrorCode::HelloRequired).await;
+    }
+
+    fn notice(n: u64) -> ServerFrame {
+        ServerFrame::Push(Push { msg: n, body: PushBody::Notice { topic: "t".into(), text: "x".repeat(100) } })
+    }
+
+    /// Pushes to a client that reads nothing until its outbox refuses one:
+    /// the pipe fills first (the connection waits on its write), then the
+    /// outbox. Returns the outbox and when it refused.
+    async fn flood_until_refused(engine: &FakeEngine) -> (Outbox, Instant) {
+        let outbox = engine.outbox();
+        for n in 0.. {
+            if !outbox.send(notice(n)) {
+                return (outbox, Instant::now());
+            }
+            assert!(n < 10 * CONNECTION_OUTBOX_FRAMES_MAX as u64, "the outbox never overflowed");
+            // Lets the connection write what fits.
+            tokio::task::yield_now().await;
+        }
+        unreachable!()
+    }
+
+    /// Bytes each way between a test client and its connection: a few
+    /// pushes' worth, so a client that does not read stalls the writes soon.
+    const SMALL_PIPE_BYTES: usize = 4096;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_nothing_is_cut_off_as_soon_as_its_outbox_overflows() {
+        let engine = FakeEngine::default();
+        let mut c = Client::with_pipe(engine.clone(), SMALL_PIPE_BYTES);
+        c.hello().await;
+        let (outbox, overflowed) = flood_until_refused(&engine).await;
+        // Deliveries stop and the connection is unregistered at once (the
+        // clock is paused: only timers move it).
+        assert!(outbox.is_closed());
+        while engine.live() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let unregistered = overflowed.elapsed();
+        // The socket is closed within the slow consumer's bound, though the
+        // client still reads nothing: far sooner than a write would time out.
+        (&mut c.task).await.unwrap();
+        let closed = overflowed.elapsed();
+        eprintln!("unregistered after {unregistered:?}, closed after {closed:?}");
+        assert!(unregistered <= Duration::from_millis(1), "unregistered {unregistered:?} after the overflow");
+        assert!(closed <= Duration::from_millis(SLOW_CONSUMER_CLOSE_MS + 1), "closed {closed:?} after the overflow");
+        assert!(closed < Duration::from_secs(WRITE_TIMEOUT_S) / 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_consumer_that_reads_in_time_gets_its_close_frame_after_whole_frames() {
+        let engine = FakeEngine::default();
+        let mut c = Client::with_pipe(engine.clone(), SMALL_PIPE_BYTES);
+        c.hello().await;
+        flood_until_refused(&engine).await;
+        while engine.live() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Reading now lets the write it was cut off in finish, then the close.
+        let mut pushes = 0;
+        loop {
+            match c.recv().await {
+                ServerFrame::Push(_) => pushes += 1,
+                ServerFrame::Close { code, .. } => {
+                    assert_eq!(code, ErrorCode::SlowConsumer);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(pushes > 0);
+        assert_eq!(c.io.read(&mut [0u8; 1]).await.unwrap(), 0, "then EOF");
+        c.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overflow_while_not_writing_closes_with_the_close_frame() {
+        let engine = FakeEngine::default();
+        let mut c = Client::start(engine.clone());
+        c.hello().await;
+        // Queued faster than the connection runs: the outbox overflows
+        // before the connection writes anything.
+        let outbox = engine.outbox();
+        let sent = (0..).take_while(|n| outbox.send(notice(*n))).count();
+        assert_eq!(sent, CONNECTION_OUTBOX_FRAMES_MAX);
+        c.expect_close(ErrorCode::SlowConsumer).await;
+        assert_eq!(engine.live(), 0);
     }
 }

@@ -2,7 +2,9 @@
 //! reader and writer (`FrameIo`), with raw TCP's here and WebSocket's in
 //! `ws`. A leaf beside `codec`: it knows frames, not connections.
 
-use std::task::{Context, Poll};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use hongbao_proto::{binary, ClientFrame, ErrorCode, ServerFrame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -43,13 +45,69 @@ pub(crate) enum Incoming {
 
 /// Frame-level reading and writing for one transport.
 pub(crate) trait FrameIo {
-    /// The next frame. All progress lives in `self`: the connection polls
+    /// The next frame, of at most `frame_bytes_max` body bytes (smaller
+    /// before `hello`). All progress lives in `self`: the connection polls
     /// this beside its other event sources, holding no read future.
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Incoming>;
-    /// Writes and flushes `frames` (an empty slice just flushes).
-    async fn send(&mut self, frames: &[ServerFrame]) -> std::io::Result<()>;
+    fn poll_recv(&mut self, cx: &mut Context<'_>, frame_bytes_max: usize) -> Poll<Incoming>;
+    /// Encodes `frames` for one write, after anything the transport owes
+    /// the peer first (a WebSocket pong). The bytes live only for that
+    /// write, so an idle connection holds no write buffer.
+    fn encode(&mut self, frames: &[ServerFrame]) -> std::io::Result<Vec<u8>>;
+    /// Writes some of `bytes` to the socket.
+    fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>>;
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
     /// Closes the connection politely (FIN, or a WebSocket close frame).
     async fn close(&mut self, code: ErrorCode);
+
+    /// Writes and flushes `frames` (an empty slice just flushes, or sends a
+    /// pong that is due).
+    async fn send(&mut self, frames: &[ServerFrame]) -> std::io::Result<()>
+    where
+        Self: Sized,
+    {
+        let mut out = Unsent::new(self.encode(frames)?);
+        poll_fn(|cx| out.poll_write_all(cx, self)).await
+    }
+}
+
+/// Encoded frames on their way to the socket; what is left of them when a
+/// write is given up (the peer does not read), so a `Close` frame can still
+/// follow on a frame boundary.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Unsent {
+    bytes: Vec<u8>,
+    /// How many of `bytes` the socket took.
+    written: usize,
+}
+
+impl Unsent {
+    pub fn new(bytes: Vec<u8>) -> Unsent {
+        Unsent { bytes, written: 0 }
+    }
+
+    /// Writes the rest, then flushes.
+    pub fn poll_write_all<I: FrameIo>(&mut self, cx: &mut Context<'_>, io: &mut I) -> Poll<std::io::Result<()>> {
+        while self.written < self.bytes.len() {
+            let n = ready!(io.poll_write(cx, &self.bytes[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        io.poll_flush(cx)
+    }
+
+    /// Drops the rest if none of it was written: the socket is then on a
+    /// frame boundary already, and those frames need not go out first.
+    pub fn skip_if_unstarted(&mut self) {
+        if self.written == 0 {
+            self.bytes = Vec::new();
+        }
+    }
+
+    pub async fn write_all<I: FrameIo>(&mut self, io: &mut I) -> std::io::Result<()> {
+        poll_fn(|cx| self.poll_write_all(cx, io)).await
+    }
 }
 
 /// Raw TCP: `[u32 BE length][postcard]` both ways.
@@ -65,8 +123,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TcpIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for TcpIo<S> {
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Incoming> {
-        self.reader.poll_read_frame(cx, &mut self.stream).map(|read| match read {
+    fn poll_recv(&mut self, cx: &mut Context<'_>, frame_bytes_max: usize) -> Poll<Incoming> {
+        self.reader.poll_read_frame(cx, &mut self.stream, frame_bytes_max).map(|read| match read {
             Ok(ReadOutcome::Frame(frame)) => Incoming::Frame(Box::new(frame)),
             Ok(ReadOutcome::Eof) => Incoming::Closed,
             Ok(ReadOutcome::Truncated) => Incoming::Truncated,
@@ -75,10 +133,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for TcpIo<S> {
         })
     }
 
-    async fn send(&mut self, frames: &[ServerFrame]) -> std::io::Result<()> {
-        // The encoded batch lives only for this write (one `write_all`), so
-        // an idle connection holds no write buffer.
-        let bytes = match frames {
+    fn encode(&mut self, frames: &[ServerFrame]) -> std::io::Result<Vec<u8>> {
+        Ok(match frames {
             [frame] => binary::encode_server(frame),
             frames => {
                 let mut bytes = Vec::new();
@@ -87,9 +143,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for TcpIo<S> {
                 }
                 bytes
             }
-        };
-        self.stream.write_all(&bytes).await?;
-        self.stream.flush().await
+        })
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, bytes)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     async fn close(&mut self, _code: ErrorCode) {

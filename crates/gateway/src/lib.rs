@@ -62,7 +62,64 @@ pub mod limits {
     /// reconnect storm arrives faster than one accept loop turns.
     pub const LISTEN_BACKLOG: u32 = 1024;
 
-    use hongbao_core::limits::{CONNECTION_INFLIGHT_MAX, CONNECTION_OUTBOX_FRAMES_MAX};
+    /// Largest frame body (binary body, or whole WebSocket message) accepted
+    /// before `hello` succeeds. A peer that has not authenticated is nobody
+    /// yet: it may make the server buffer one small frame, not 64 KiB (1,900
+    /// such peers each holding 65,535 bytes of a frame took 129 MB). A hello
+    /// is one token of at most `TOKEN_BYTES_MAX` bytes plus at most
+    /// `HELLO_JSON_OVERHEAD_BYTES_MAX` around it (JSON with the largest id;
+    /// the binary form needs 13: id varint, variant, length varint); the
+    /// rest is slack for whitespace a JSON encoder may add.
+    pub const HELLO_FRAME_BYTES_MAX: usize = 2 * TOKEN_BYTES_MAX;
+    /// Bytes a hello needs besides its token: the JSON form with the largest id.
+    pub const HELLO_JSON_OVERHEAD_BYTES_MAX: usize =
+        r#"{"id":18446744073709551615,"req":{"hello":{"token":""}}}"#.len();
+    /// Default share of `max_connections` that may be waiting for `hello` at
+    /// once (`max_pending_hello = max_connections / this`, but at least
+    /// `PENDING_HELLO_DEFAULT_MIN`): the rest stays for authenticated
+    /// clients however many strangers connect. A real client is pending for
+    /// one round trip, so even a reconnect storm of every client fits
+    /// through it in a few turns.
+    pub const PENDING_HELLO_SHARE_DIVISOR: usize = 4;
+    /// Smallest default `max_pending_hello` (unless `max_connections` is
+    /// smaller): a small server still lets a burst of handshakes through.
+    pub const PENDING_HELLO_DEFAULT_MIN: usize = 1024;
+    /// Default share of `max_pending_hello` one source address (an IPv6 /64)
+    /// may hold (`max_pending_hello_per_ip = max_pending_hello / this`, but
+    /// at least `PENDING_HELLO_PER_IP_DEFAULT_MIN`): one address cycling
+    /// connections leaves at least half the pending room to everyone else.
+    pub const PENDING_HELLO_PER_IP_SHARE_DIVISOR: usize = 2;
+    /// Smallest default `max_pending_hello_per_ip` (unless
+    /// `max_pending_hello` is smaller): many clients share one address
+    /// behind a NAT, and a host opening connections in bulk (`hongbao perf`
+    /// sets up 256 at a time from each address) may have a few hundred
+    /// handshakes under way at once.
+    pub const PENDING_HELLO_PER_IP_DEFAULT_MIN: usize = 256;
+    /// Capacity below which the table of pending connections per source
+    /// address is not shrunk: small enough to be no memory worth giving
+    /// back, large enough that a steady trickle of connections does not
+    /// shrink and regrow it.
+    pub const PENDING_TABLE_SHRINK_MIN: usize = 1024;
+    /// How long a slow consumer's close gets: the rest of the write it was
+    /// cut off in (so the close frame starts on a frame boundary), the
+    /// `Close { slow_consumer }` frame, and the shutdown. A peer that reads
+    /// at all frees room in its receive window within a round trip; one
+    /// that read nothing while 256 frames queued will not in this time, and
+    /// its connection is already unregistered meanwhile.
+    pub const SLOW_CONSUMER_CLOSE_MS: u64 = 500;
+
+    use hongbao_boundary::TOKEN_BYTES_MAX;
+    use hongbao_core::limits::{CONNECTION_INFLIGHT_MAX, CONNECTION_OUTBOX_FRAMES_MAX, FRAME_BYTES_MAX};
+    // The longest genuine hello fits before hello, and is all that does.
+    const _: () = assert!(TOKEN_BYTES_MAX + HELLO_JSON_OVERHEAD_BYTES_MAX <= HELLO_FRAME_BYTES_MAX);
+    const _: () = assert!(HELLO_FRAME_BYTES_MAX < FRAME_BYTES_MAX / 64);
+    // Past the minimums, some room is always left to authenticated clients
+    // and to others than the first address.
+    const _: () = assert!(PENDING_HELLO_SHARE_DIVISOR >= 2 && PENDING_HELLO_PER_IP_SHARE_DIVISOR >= 2);
+    // With the default minimums, one address leaves others a share too.
+    const _: () = assert!(PENDING_HELLO_PER_IP_DEFAULT_MIN * 2 < PENDING_HELLO_DEFAULT_MIN);
+    // A slow consumer is cut off well before a stuck write would time out.
+    const _: () = assert!(SLOW_CONSUMER_CLOSE_MS * 10 <= WRITE_TIMEOUT_S * 1000);
     // A batch never needs more frames than the outbox can hold.
     const _: () = assert!(WRITE_BATCH_FRAMES_MAX <= CONNECTION_OUTBOX_FRAMES_MAX);
     // Every in-flight request's reply must fit in the outbox next to pushes.
@@ -79,6 +136,21 @@ pub const HELLO_TIMEOUT_S_DEFAULT: u32 = 10;
 /// Default connection cap: a process may hold at most 20,000 file
 /// descriptors here, and listeners, the database and logs need some.
 pub const MAX_CONNECTIONS_DEFAULT: usize = 18_000;
+
+/// Default cap on connections waiting for `hello`, for a connection cap: a
+/// quarter of it (4,500 of the default 18,000), at least 1,024, at most all.
+pub fn max_pending_hello_default(max_connections: usize) -> usize {
+    (max_connections / limits::PENDING_HELLO_SHARE_DIVISOR).max(limits::PENDING_HELLO_DEFAULT_MIN).min(max_connections)
+}
+
+/// Default cap on connections waiting for `hello` from one source address,
+/// for a `max_pending_hello`: half of it (2,250 by default), at least 256,
+/// at most all.
+pub fn max_pending_hello_per_ip_default(max_pending_hello: usize) -> usize {
+    (max_pending_hello / limits::PENDING_HELLO_PER_IP_SHARE_DIVISOR)
+        .max(limits::PENDING_HELLO_PER_IP_DEFAULT_MIN)
+        .min(max_pending_hello)
+}
 
 /// Everything `start` needs besides the engine.
 #[derive(Clone, Debug)]
@@ -100,6 +172,14 @@ pub struct GatewayConfig {
     pub hello_timeout_s: u32,
     /// Connections held at once across both listeners (of this process).
     pub max_connections: usize,
+    /// Of those, connections that have not completed `hello` yet (from
+    /// accept, WebSocket upgrade included). Over it a new connection is
+    /// refused (`overload`): strangers cannot take the slots of clients.
+    pub max_pending_hello: usize,
+    /// Connections waiting for `hello` from one source address (an IPv6
+    /// /64). Behind a proxy every client has the proxy's address: set it
+    /// to `max_pending_hello` there.
+    pub max_pending_hello_per_ip: usize,
     /// Join the listen ports' SO_REUSEPORT group, shared with the other
     /// gateway processes of this server (`serve --gateways N`).
     pub reuse_port: bool,
@@ -117,6 +197,10 @@ impl GatewayConfig {
             idle_timeout_s: IDLE_TIMEOUT_S_DEFAULT,
             hello_timeout_s: HELLO_TIMEOUT_S_DEFAULT,
             max_connections: MAX_CONNECTIONS_DEFAULT,
+            max_pending_hello: max_pending_hello_default(MAX_CONNECTIONS_DEFAULT),
+            max_pending_hello_per_ip: max_pending_hello_per_ip_default(max_pending_hello_default(
+                MAX_CONNECTIONS_DEFAULT,
+            )),
             reuse_port: false,
         }
     }
@@ -131,6 +215,12 @@ impl GatewayConfig {
         }
         if self.max_connections == 0 || self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
             return invalid("max_connections out of range");
+        }
+        if self.max_pending_hello == 0 || self.max_pending_hello > self.max_connections {
+            return invalid("max_pending_hello must be between 1 and max_connections");
+        }
+        if self.max_pending_hello_per_ip == 0 || self.max_pending_hello_per_ip > self.max_pending_hello {
+            return invalid("max_pending_hello_per_ip must be between 1 and max_pending_hello");
         }
         if !self.dev && self.signer.secret_len() < limits::TOKEN_SECRET_BYTES_MIN {
             return invalid("token secret too short (at least 16 bytes outside dev mode)");

@@ -1,8 +1,14 @@
 //! Listeners, admission and shutdown.
 //!
 //! Each listener has one accept loop. A connection is admitted with a permit
-//! from a semaphore of `max_connections`; over capacity it is told
-//! `Close { overload }` and dropped. Each admitted connection is one task
+//! from a semaphore of `max_connections`, and a place among the connections
+//! that have not said `hello` yet (`max_pending_hello` in all,
+//! `max_pending_hello_per_ip` from one address), held until `hello`
+//! succeeds; over any cap it is told `Close { overload }` and dropped, and
+//! counted in `hongbao_connections_rejected_total{reason}`. A stranger
+//! therefore never holds more than its share: connections that cannot
+//! authenticate cannot take the slots of clients that can, and one address
+//! cycling connections cannot take every stranger's. Each admitted connection is one task
 //! (`conn`), which holds its permit and the shared state for its whole
 //! life: when the last reference to that state is gone, every connection has finished, which is
 //! how `Gateway::wait` knows shutdown is complete (as in mini-redis).
@@ -113,8 +119,8 @@ async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, sh
             // A dropped sender also means nobody can tell us to run on.
             _ = shutdown.changed() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning; connections
                 // that close will free descriptors.
@@ -127,24 +133,33 @@ async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, sh
         // Small frames must leave at once; we batch writes ourselves.
         let _ = stream.set_nodelay(true);
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            reject(stream, transport, &shared);
+            reject(stream, transport, &shared, "capacity", "server at connection capacity");
             continue;
+        };
+        let pending = match shared.pending.admit(peer.ip()) {
+            Ok(pending) => pending,
+            Err(refused) => {
+                reject(stream, transport, &shared, refused.as_str(), refused.message());
+                continue;
+            }
         };
         // One task type per transport, so a raw TCP connection's task is
         // not sized for the WebSocket upgrade.
         let admission = Admission::new(permit, open.clone());
         match transport {
-            Transport::Tcp => tokio::spawn(conn::run_tcp(stream, shared.clone(), admission)),
-            Transport::Ws => tokio::spawn(conn::run_ws(stream, shared.clone(), admission)),
+            Transport::Tcp => tokio::spawn(conn::run_tcp(stream, shared.clone(), admission, pending)),
+            Transport::Ws => tokio::spawn(conn::run_ws(stream, shared.clone(), admission, pending)),
         };
     }
     tracing::info!(transport = transport.as_str(), "accept loop stopped");
 }
 
-/// Tells a connection over capacity `overload`, best effort and bounded.
-fn reject<B>(stream: TcpStream, transport: Transport, shared: &Shared<B>) {
-    metrics::counter!("hongbao_connections_rejected_total", "transport" => transport.as_str()).increment(1);
-    let close = ServerFrame::Close { code: ErrorCode::Overload, message: "server at connection capacity".into() };
+/// Tells a connection over a cap (`reason`, the metric label) `overload`,
+/// best effort and bounded.
+fn reject<B>(stream: TcpStream, transport: Transport, shared: &Shared<B>, reason: &'static str, message: &str) {
+    metrics::counter!("hongbao_connections_rejected_total", "transport" => transport.as_str(), "reason" => reason)
+        .increment(1);
+    let close = ServerFrame::Close { code: ErrorCode::Overload, message: message.into() };
     match transport {
         Transport::Tcp => {
             // A fresh socket's send buffer is empty, so a small frame fits

@@ -7,24 +7,25 @@
 //! largest batch it ever wrote and two waker cells: several KiB per idle
 //! connection. Here an idle connection holds a 14-byte header array and no
 //! heap memory: a frame's payload grows as its bytes arrive once its header
-//! is checked (length against `FRAME_BYTES_MAX` before anything is
-//! allocated, as in the binary `FrameReader`) and is freed once decoded.
+//! is checked (length against the connection's limit — `FRAME_BYTES_MAX`,
+//! `HELLO_FRAME_BYTES_MAX` before `hello` — before anything is allocated,
+//! as in the binary `FrameReader`) and is freed once decoded.
 //!
 //! What the server enforces: client frames are masked, reserved bits are
 //! clear, opcodes are known, control frames are unfragmented and at most 125
-//! bytes, data frames and whole messages are at most `FRAME_BYTES_MAX`, and
+//! bytes, data frames and whole messages are within the limit, and
 //! text is UTF-8. Pings are answered with a pong of the same payload (the
 //! latest ping wins); a close frame ends the connection and is echoed.
 
+use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use hongbao_core::limits::FRAME_BYTES_MAX;
 use hongbao_proto::{binary, ErrorCode, ServerFrame, FRAME_HEADER_BYTES};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
-use crate::codec::{decode_json, poll_read_more, FrameError};
+use crate::codec::{check_frame_len, decode_json, poll_read_more, FrameError};
 use crate::io::{FrameIo, Incoming};
 
 /// Longest frame header: 2 bytes, a 64-bit length, a 4-byte mask.
@@ -34,6 +35,12 @@ const CONTROL_PAYLOAD_MAX: usize = 125;
 /// Read buffer of the tungstenite stream used for the upgrade only; it is
 /// dropped as soon as the upgrade is done.
 const HANDSHAKE_READ_BUFFER_BYTES: usize = 256;
+/// Largest HTTP upgrade request read, in bytes. A browser's is well under
+/// 1 KiB without cookies, and this leaves room for a cookie or two (4 KiB
+/// each at most, RFC 6265 §6.1); it is what a stranger may make the server
+/// buffer before `hello` on the WebSocket port (the frame limit is
+/// `HELLO_FRAME_BYTES_MAX` after it).
+const UPGRADE_REQUEST_BYTES_MAX: usize = 8 * 1024;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -52,10 +59,51 @@ const CLOSE_SIZE: u16 = 1009;
 ///
 /// Tungstenite refuses bytes sent after the upgrade request before its
 /// response (`JunkAfterRequest`), so the stream it wraps for the upgrade has
-/// nothing buffered when it is dropped: no client frame is lost.
+/// nothing buffered when it is dropped: no client frame is lost. It reads at
+/// most `UPGRADE_REQUEST_BYTES_MAX` (tungstenite alone would buffer 64 KiB
+/// of a stranger's request).
 pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<(), WsError> {
     let config = WebSocketConfig::default().read_buffer_size(HANDSHAKE_READ_BUFFER_BYTES).write_buffer_size(0);
-    tokio_tungstenite::accept_async_with_config(stream, Some(config)).await.map(drop)
+    let limited = UpgradeStream { inner: stream, left: UPGRADE_REQUEST_BYTES_MAX };
+    tokio_tungstenite::accept_async_with_config(limited, Some(config)).await.map(drop)
+}
+
+/// The socket as the upgrade sees it: reads stop with an error once
+/// `left` bytes have been read.
+struct UpgradeStream<'a, S> {
+    inner: &'a mut S,
+    left: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for UpgradeStream<'_, S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidData, "upgrade request too large");
+            return Poll::Ready(Err(e));
+        }
+        // Through a chunk on the stack: a `ReadBuf` cannot be shortened and
+        // advanced again without `unsafe`.
+        let mut chunk = [0u8; HANDSHAKE_READ_BUFFER_BYTES];
+        let want = chunk.len().min(this.left).min(buf.remaining());
+        let mut limited = ReadBuf::new(&mut chunk[..want]);
+        ready!(Pin::new(&mut *this.inner).poll_read(cx, &mut limited))?;
+        this.left -= limited.filled().len();
+        buf.put_slice(limited.filled());
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for UpgradeStream<'_, S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, bytes)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// How a client wants server frames encoded.
@@ -106,9 +154,9 @@ impl<S> WsIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for WsIo<S> {
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Incoming> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>, frame_bytes_max: usize) -> Poll<Incoming> {
         loop {
-            let (head, payload) = match ready!(self.reader.poll_frame(cx, &mut self.stream)) {
+            let (head, payload) = match ready!(self.reader.poll_frame(cx, &mut self.stream, frame_bytes_max)) {
                 // A socket error or EOF, between frames or in one: the peer is gone.
                 Err(_) | Ok(Read::Eof) => return Poll::Ready(Incoming::Closed),
                 Ok(Read::Bad(e)) => return Poll::Ready(Incoming::Bad(e)),
@@ -161,8 +209,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for WsIo<S> {
         }
     }
 
-    async fn send(&mut self, frames: &[ServerFrame]) -> std::io::Result<()> {
-        // Encoded for this write only: an idle connection holds no buffer.
+    fn encode(&mut self, frames: &[ServerFrame]) -> std::io::Result<Vec<u8>> {
         let mut out = self.pong.take().map(Vec::from).unwrap_or_default();
         for frame in frames {
             match self.encoding.unwrap_or(Encoding::Json) {
@@ -175,10 +222,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for WsIo<S> {
                 }
             }
         }
-        if !out.is_empty() {
-            self.stream.write_all(&out).await?;
-        }
-        self.stream.flush().await
+        Ok(out)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, bytes)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     async fn close(&mut self, code: ErrorCode) {
@@ -268,13 +320,20 @@ fn head_len(bytes: &[u8]) -> usize {
 }
 
 impl FrameReader {
-    fn poll_frame<R: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut R) -> Poll<std::io::Result<Read>> {
+    /// The next frame; a data message may be at most `message_bytes_max`
+    /// bytes, all its frames together.
+    fn poll_frame<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut R,
+        message_bytes_max: usize,
+    ) -> Poll<std::io::Result<Read>> {
         loop {
             let need = head_len(&self.buf);
             let mut frame_end = None;
             if self.buf.len() >= need {
                 // Checked before anything is allocated for the payload.
-                let head = match parse_head(&self.buf[..need]) {
+                let head = match parse_head(&self.buf[..need], message_bytes_max) {
                     Ok(head) => head,
                     Err(e) => {
                         self.buf = Vec::new();
@@ -282,10 +341,9 @@ impl FrameReader {
                     }
                 };
                 if head.opcode == OP_CONTINUATION {
-                    let so_far = self.partial.len();
-                    if so_far + head.len > FRAME_BYTES_MAX {
+                    if let Err(e) = check_frame_len(self.partial.len() + head.len, message_bytes_max) {
                         self.buf = Vec::new();
-                        return Poll::Ready(Ok(Read::Bad(too_large(so_far + head.len))));
+                        return Poll::Ready(Ok(Read::Bad(e)));
                     }
                 }
                 let end = need + head.len;
@@ -311,15 +369,9 @@ impl FrameReader {
     }
 }
 
-fn too_large(len: usize) -> FrameError {
-    FrameError::new(
-        ErrorCode::FrameTooLarge,
-        format!("message of {len} bytes exceeds the maximum of {FRAME_BYTES_MAX}"),
-    )
-}
-
-/// Checks a complete header (`head` is exactly as long as it says).
-fn parse_head(head: &[u8]) -> Result<Head, FrameError> {
+/// Checks a complete header (`head` is exactly as long as it says); a data
+/// frame may carry at most `message_bytes_max` bytes.
+fn parse_head(head: &[u8], message_bytes_max: usize) -> Result<Head, FrameError> {
     let malformed = |m: String| FrameError::new(ErrorCode::Malformed, m);
     let (b0, b1) = (head[0], head[1]);
     if b0 & 0x70 != 0 {
@@ -341,9 +393,7 @@ fn parse_head(head: &[u8]) -> Result<Head, FrameError> {
     let opcode = b0 & 0x0F;
     match opcode {
         OP_CONTINUATION | OP_TEXT | OP_BINARY => {
-            if len > FRAME_BYTES_MAX as u64 {
-                return Err(too_large(usize::try_from(len).unwrap_or(usize::MAX)));
-            }
+            check_frame_len(usize::try_from(len).unwrap_or(usize::MAX), message_bytes_max)?;
         }
         OP_CLOSE | OP_PING | OP_PONG => {
             if !fin || len > CONTROL_PAYLOAD_MAX as u64 {
@@ -368,6 +418,7 @@ pub(crate) async fn reject(mut stream: tokio::net::TcpStream, close: ServerFrame
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hongbao_core::limits::FRAME_BYTES_MAX;
     use hongbao_proto::{ClientFrame, Reply, Request};
     use tokio::io::AsyncReadExt;
 
@@ -401,7 +452,7 @@ mod tests {
         let mut io = WsIo::new(server);
         let mut out = Vec::new();
         loop {
-            let incoming = std::future::poll_fn(|cx| io.poll_recv(cx)).await;
+            let incoming = std::future::poll_fn(|cx| io.poll_recv(cx, FRAME_BYTES_MAX)).await;
             let last = !matches!(incoming, Incoming::Frame(_) | Incoming::Heartbeat);
             out.push(incoming);
             if last {
@@ -488,6 +539,48 @@ mod tests {
         let json = hello_json();
         let (out, _, _) = read_all(client_frame(true, OP_TEXT, &json)[..10].to_vec()).await;
         assert!(matches!(&out[..], [Incoming::Closed]), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn before_hello_frames_and_messages_over_the_hello_limit_are_refused() {
+        use crate::limits::HELLO_FRAME_BYTES_MAX;
+        let limit = HELLO_FRAME_BYTES_MAX;
+        let read = |bytes: Vec<u8>| async move {
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            client.write_all(&bytes).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut io = WsIo::new(server);
+            std::future::poll_fn(|cx| io.poll_recv(cx, limit)).await
+        };
+        // One frame announcing more (only its header is sent), and a
+        // message whose fragments add up to more.
+        let mut big = client_frame(true, OP_TEXT, &vec![b' '; limit + 1]);
+        big.truncate(8);
+        let fragmented =
+            [client_frame(false, OP_TEXT, &vec![b' '; limit]), client_frame(true, OP_CONTINUATION, b" ")].concat();
+        for bytes in [big, fragmented] {
+            let got = read(bytes).await;
+            assert!(matches!(&got, Incoming::Bad(e) if e.code == ErrorCode::FrameTooLarge), "{got:?}");
+        }
+        // A hello within the limit is read.
+        assert!(matches!(read(client_frame(true, OP_TEXT, &hello_json())).await, Incoming::Frame(_)));
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_request_over_its_limit_is_refused() {
+        let upgrade = |padding: usize| async move {
+            let (mut client, mut server) = tokio::io::duplex(1 << 16);
+            let request = format!(
+                "GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Pad: {}\r\n\r\n",
+                "p".repeat(padding)
+            );
+            client.write_all(request.as_bytes()).await.unwrap();
+            handshake(&mut server).await
+        };
+        assert!(upgrade(10).await.is_ok());
+        assert!(upgrade(UPGRADE_REQUEST_BYTES_MAX - 300).await.is_ok());
+        assert!(upgrade(UPGRADE_REQUEST_BYTES_MAX).await.is_err());
     }
 
     #[tokio::test]

@@ -74,6 +74,15 @@ pub struct ServeArgs {
     /// are accepted [default: 64]
     #[arg(long, env = "HONGBAO_ADMIN_CONNECTIONS_MAX", value_name = "N")]
     pub admin_connections_max: Option<usize>,
+    /// Of those, connections that have not completed hello yet; more are
+    /// refused (overload) [default: max-connections / 4, at least 1024]
+    #[arg(long, env = "HONGBAO_MAX_PENDING_HELLO", value_name = "N")]
+    pub max_pending_hello: Option<usize>,
+    /// Connections without hello from one source address (IPv6: one /64);
+    /// behind a proxy, set it to max-pending-hello [default:
+    /// max-pending-hello / 2, at least 256]
+    #[arg(long, env = "HONGBAO_MAX_PENDING_HELLO_PER_IP", value_name = "N")]
+    pub max_pending_hello_per_ip: Option<usize>,
     /// Gateway processes sharing the client ports (SO_REUSEPORT): this one
     /// and N-1 children linked to it over a Unix socket. One process may hold
     /// at most ~20,000 files here, so N × max-connections is the server's
@@ -127,6 +136,8 @@ pub struct Config {
     pub hello_timeout_s: Option<u32>,
     pub max_connections: Option<usize>,
     pub admin_connections_max: Option<usize>,
+    pub max_pending_hello: Option<usize>,
+    pub max_pending_hello_per_ip: Option<usize>,
     pub gateways: Option<u16>,
     pub packet_expiry_s: Option<u64>,
     pub packet_amount_max_fen: Option<i64>,
@@ -162,6 +173,8 @@ pub struct Settings {
     pub hello_timeout_s: u32,
     pub max_connections: usize,
     pub admin_connections_max: usize,
+    pub max_pending_hello: usize,
+    pub max_pending_hello_per_ip: usize,
     pub gateways: u16,
     pub packet_rules: PacketRules,
 }
@@ -198,6 +211,15 @@ impl Settings {
             Some(idle) => (idle / 3).clamp(1, gw::HEARTBEAT_S_DEFAULT),
             None => gw::HEARTBEAT_S_DEFAULT,
         });
+        let max_connections = args.max_connections.or(file.max_connections).unwrap_or(gw::MAX_CONNECTIONS_DEFAULT);
+        let max_pending_hello = args
+            .max_pending_hello
+            .or(file.max_pending_hello)
+            .unwrap_or_else(|| gw::max_pending_hello_default(max_connections));
+        let max_pending_hello_per_ip = args
+            .max_pending_hello_per_ip
+            .or(file.max_pending_hello_per_ip)
+            .unwrap_or_else(|| gw::max_pending_hello_per_ip_default(max_pending_hello));
         let s = Settings {
             data: args.data.or(file.data).unwrap_or_else(|| PathBuf::from(DATA_DEFAULT)),
             dev: args.dev.or(file.dev).unwrap_or(false),
@@ -210,11 +232,13 @@ impl Settings {
             heartbeat_s,
             idle_timeout_s: idle_timeout_s.unwrap_or(gw::IDLE_TIMEOUT_S_DEFAULT),
             hello_timeout_s: args.hello_timeout_s.or(file.hello_timeout_s).unwrap_or(gw::HELLO_TIMEOUT_S_DEFAULT),
-            max_connections: args.max_connections.or(file.max_connections).unwrap_or(gw::MAX_CONNECTIONS_DEFAULT),
             admin_connections_max: args
                 .admin_connections_max
                 .or(file.admin_connections_max)
                 .unwrap_or(hongbao_admin::limits::ADMIN_CONNECTIONS_MAX),
+            max_connections,
+            max_pending_hello,
+            max_pending_hello_per_ip,
             gateways: args.gateways.or(file.gateways).unwrap_or(1),
             packet_rules: PacketRules {
                 amount_fen_max: args
@@ -241,6 +265,18 @@ impl Settings {
         }
         if self.gateways == 0 || usize::from(self.gateways) > GATEWAYS_MAX {
             return invalid(format!("gateways must be between 1 and {GATEWAYS_MAX}, got {}", self.gateways));
+        }
+        if self.max_pending_hello == 0 || self.max_pending_hello > self.max_connections {
+            return invalid(format!(
+                "max_pending_hello must be between 1 and max_connections ({}), got {}",
+                self.max_connections, self.max_pending_hello
+            ));
+        }
+        if self.max_pending_hello_per_ip == 0 || self.max_pending_hello_per_ip > self.max_pending_hello {
+            return invalid(format!(
+                "max_pending_hello_per_ip must be between 1 and max_pending_hello ({}), got {}",
+                self.max_pending_hello, self.max_pending_hello_per_ip
+            ));
         }
         if self.admin_connections_max < 1 {
             return invalid("admin_connections_max must be at least 1".into());
@@ -308,6 +344,22 @@ mod tests {
         assert_eq!((s.heartbeat_s, s.idle_timeout_s), (3, 9));
         let s = Settings::merge(args(&["--idle-timeout-s", "9", "--heartbeat-s", "4"]), Config::default()).unwrap();
         assert_eq!(s.heartbeat_s, 4);
+    }
+
+    #[test]
+    fn pending_hello_caps_follow_the_connection_cap_unless_given() {
+        let s = Settings::merge(ServeArgs::default(), Config::default()).unwrap();
+        assert_eq!((s.max_connections, s.max_pending_hello, s.max_pending_hello_per_ip), (18_000, 4_500, 2_250));
+        let s = Settings::merge(args(&["--max-connections", "1000"]), Config::default()).unwrap();
+        assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (1000, 500));
+        let s = Settings::merge(args(&["--max-connections", "400"]), Config::default()).unwrap();
+        assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (400, 256));
+        let s = Settings::merge(args(&["--max-connections", "100"]), Config::default()).unwrap();
+        assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (100, 100));
+        let s = Settings::merge(args(&["--max-pending-hello-per-ip", "4500"]), Config::default()).unwrap();
+        assert_eq!((s.max_pending_hello, s.max_pending_hello_per_ip), (4_500, 4_500));
+        assert!(Settings::merge(args(&["--max-pending-hello", "18001"]), Config::default()).is_err());
+        assert!(Settings::merge(args(&["--max-pending-hello-per-ip", "0"]), Config::default()).is_err());
     }
 
     #[test]

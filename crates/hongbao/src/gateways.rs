@@ -72,6 +72,8 @@ impl Workers {
             .args(["--idle-timeout-s", &config.idle_timeout_s.to_string()])
             .args(["--hello-timeout-s", &config.hello_timeout_s.to_string()])
             .args(["--max-connections", &config.max_connections.to_string()])
+            .args(["--max-pending-hello", &config.max_pending_hello.to_string()])
+            .args(["--max-pending-hello-per-ip", &config.max_pending_hello_per_ip.to_string()])
             .env(ENV_LINK_KEY, &key)
             .env(ENV_TOKEN_SECRET, secret)
             .stdin(Stdio::null())
@@ -158,6 +160,10 @@ pub struct WorkerArgs {
     hello_timeout_s: u32,
     #[arg(long)]
     max_connections: usize,
+    #[arg(long)]
+    max_pending_hello: usize,
+    #[arg(long)]
+    max_pending_hello_per_ip: usize,
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
@@ -183,6 +189,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             idle_timeout_s: args.idle_timeout_s,
             hello_timeout_s: args.hello_timeout_s,
             max_connections: args.max_connections,
+            max_pending_hello: args.max_pending_hello,
+            max_pending_hello_per_ip: args.max_pending_hello_per_ip,
             reuse_port: true,
         };
         let (stop_tx, stop_rx) = watch::channel(false);

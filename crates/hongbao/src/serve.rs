@@ -169,6 +169,8 @@ async fn start_front(
         idle_timeout_s: settings.idle_timeout_s,
         hello_timeout_s: settings.hello_timeout_s,
         max_connections: settings.max_connections,
+        max_pending_hello: settings.max_pending_hello,
+        max_pending_hello_per_ip: settings.max_pending_hello_per_ip,
         reuse_port: settings.gateways > 1,
     };
     let gateway = hongbao_gateway::start(gateway_config.clone(), engine.clone(), stop_rx.clone()).await?;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hongbao_boundary::sync::lock;
-use hongbao_boundary::{FrameSink, LinkedEngine, Outbox, Responder};
+use hongbao_boundary::{constant_time_eq, FrameSink, LinkedEngine, Outbox, Responder};
 use hongbao_proto::{ErrorCode, ServerFrame, ShakeResult};
 use tokio::io::BufReader;
 use tokio::net::{UnixListener, UnixStream};
@@ -240,7 +240,8 @@ async fn run_link<E: LinkedEngine>(
     let hello =
         tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), wire::read::<Up, _>(&mut reader, &mut body));
     let pid = match hello.await {
-        Ok(Ok(Some(Up::Hello { key: given, pid }))) if *given == *key => pid,
+        // Compared in constant time: a local process may guess the key.
+        Ok(Ok(Some(Up::Hello { key: given, pid }))) if constant_time_eq(given.as_bytes(), key.as_bytes()) => pid,
         Ok(Ok(Some(Up::Hello { .. }))) => return tracing::warn!("a gateway link with a wrong key was refused"),
         Ok(Err(e)) => return tracing::warn!(error = %e, "a gateway link failed before its hello"),
         _ => return tracing::warn!("a gateway link sent no hello in time"),
