@@ -53,9 +53,9 @@ pub const SHARDS_MAX: usize = 256;
 /// Devices of one user connected at once to one gateway.
 pub const DEVICES_PER_USER_MAX: usize = 8;
 /// Reads of storage (packet details, packets no longer in memory, stored
-/// messages on connect, admin queries) running at once: one per reader
-/// connection, so a flood of reads cannot take the blocking thread pool
-/// (it grew to 516 threads) or starve other users' reads.
+/// messages on connect, admin queries) running at once: the reader threads,
+/// one per reader connection, so a flood of reads cannot take the blocking
+/// thread pool (it grew to 516 threads) or starve other users' reads.
 pub const STORAGE_READS_INFLIGHT_MAX: usize = 4;
 /// Reads waiting for a reader; beyond this a read is answered `overload`.
 pub const STORAGE_READS_WAITING_MAX: usize = 1024;

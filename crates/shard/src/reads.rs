@@ -4,113 +4,99 @@
 //! at once (`overload`), so a flood of reads from one user costs others a
 //! short queue, never a stall. A leaf.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hongbao_boundary::{EngineError, Responder};
 use hongbao_core::limits::{STORAGE_READS_INFLIGHT_MAX, STORAGE_READS_WAITING_MAX};
 use hongbao_proto::{ErrorCode, Reply};
 use hongbao_store::{Reader, StoreError};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::checks::store_error;
 
-pub(crate) struct Reads {
-    reader: Arc<Reader>,
-    permits: Arc<Semaphore>,
-    waiting: AtomicUsize,
-}
+/// A read, run on one of the reader threads.
+type Job = Box<dyn FnOnce(&Reader) + Send>;
 
-/// The gate was full; nothing was read.
-#[derive(Debug)]
-pub(crate) struct ReadsFull;
+/// `STORAGE_READS_INFLIGHT_MAX` reader threads, each running one read at a
+/// time (so each finds a free reader connection), fed from one queue of
+/// `STORAGE_READS_WAITING_MAX` reads. Dedicated threads rather than tokio's
+/// blocking pool: that pool starts a thread for any blocking task that finds
+/// none idle, which is how a flood of reads once took it to 516 threads.
+pub(crate) struct Reads {
+    jobs: mpsc::Sender<Job>,
+}
 
 impl Reads {
     pub(crate) fn new(reader: Arc<Reader>) -> Arc<Reads> {
         assert!(reader.connections() >= STORAGE_READS_INFLIGHT_MAX);
-        Arc::new(Reads {
-            reader,
-            permits: Arc::new(Semaphore::new(STORAGE_READS_INFLIGHT_MAX)),
-            waiting: AtomicUsize::new(0),
-        })
-    }
-
-    /// Takes a place in the queue of waiting reads, if there is one.
-    fn queue(&self) -> Result<(), ReadsFull> {
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= STORAGE_READS_WAITING_MAX {
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
-            metrics::counter!("hongbao_overload_total", "where" => "storage_reads").increment(1);
-            return Err(ReadsFull);
+        let (jobs, queue) = mpsc::channel::<Job>(STORAGE_READS_WAITING_MAX);
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..STORAGE_READS_INFLIGHT_MAX {
+            let (queue, reader) = (queue.clone(), reader.clone());
+            std::thread::Builder::new()
+                .name(format!("hongbao-reader-{i}"))
+                .spawn(move || loop {
+                    // One thread waits on the queue at a time; the others
+                    // wait for the lock. Ends when the engine is gone.
+                    let Some(job) = hongbao_boundary::sync::lock(&queue).blocking_recv() else { return };
+                    job(&reader);
+                })
+                .expect("spawn a reader thread");
         }
-        Ok(())
+        Arc::new(Reads { jobs })
     }
 
-    /// Waits for a reader, having a place in the queue.
-    async fn permit_when_queued(&self) -> OwnedSemaphorePermit {
-        let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        permit
+    /// Queues `job`; false when the queue is full (the read is refused).
+    fn queue(&self, job: Job) -> bool {
+        match self.jobs.try_send(job) {
+            Ok(()) => true,
+            Err(_) => {
+                metrics::counter!("hongbao_overload_total", "where" => "storage_reads").increment(1);
+                false
+            }
+        }
     }
 
-    /// Runs `f` on a reader connection, off the async threads.
+    /// Runs `f` on a reader thread; `Overload` when too many reads are queued.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                self.queue().map_err(|ReadsFull| EngineError::Overload)?;
-                self.permit_when_queued().await
-            }
-        };
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = f(&reader);
-            drop(permit);
-            result
-        })
-        .await
-        .map_err(|e| EngineError::Internal(e.to_string()))?
-        .map_err(store_error)
+        let (tx, rx) = oneshot::channel();
+        if !self.queue(Box::new(move |reader| drop(tx.send(f(reader))))) {
+            return Err(EngineError::Overload);
+        }
+        rx.await.map_err(|_| EngineError::Internal("the reader threads have stopped".into()))?.map_err(store_error)
     }
 
-    /// For callers that cannot wait (a shard's loop): runs `f` in the
-    /// background, or, when too many reads are queued already, calls
-    /// `refused` at once instead.
-    pub(crate) fn spawn(self: &Arc<Self>, f: impl FnOnce(&Reader) + Send + 'static, refused: impl FnOnce()) {
-        match self.queue() {
-            Ok(()) => self.spawn_queued(f),
-            Err(ReadsFull) => refused(),
+    /// For callers that cannot wait (a shard's loop): runs `f` on a reader
+    /// thread, or, when too many reads are queued already, calls `refused`
+    /// at once instead.
+    pub(crate) fn spawn(&self, f: impl FnOnce(&Reader) + Send + 'static, refused: impl FnOnce()) {
+        if !self.queue(Box::new(f)) {
+            refused();
         }
     }
 
     /// Answers `reply` with what `answer` makes of a read of storage, or
     /// with `refused` when too many reads are queued.
     pub(crate) fn reply_with(
-        self: &Arc<Self>,
+        &self,
         reply: Responder,
         refused: Reply,
         answer: impl FnOnce(&Reader) -> Reply + Send + 'static,
     ) {
-        match self.queue() {
-            Ok(()) => self.spawn_queued(move |reader| reply.send(answer(reader))),
-            Err(ReadsFull) => reply.send(refused),
-        }
-    }
-
-    /// Runs `f` once a reader is free, having a place in the queue.
-    fn spawn_queued(self: &Arc<Self>, f: impl FnOnce(&Reader) + Send + 'static) {
-        let reads = self.clone();
-        tokio::spawn(async move {
-            let permit = reads.permit_when_queued().await;
-            let reader = reads.reader.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                f(&reader);
-                drop(permit);
-            })
-            .await;
-        });
+        // The job and the refusal both want the responder: the job carries
+        // it, and a refused job is dropped unrun, so the refusal needs its
+        // own way back to it.
+        let slot = Arc::new(Mutex::new(Some(reply)));
+        let job_slot = slot.clone();
+        let send = |slot: &Mutex<Option<Responder>>, r: Reply| {
+            if let Some(reply) = hongbao_boundary::sync::lock(slot).take() {
+                reply.send(r);
+            }
+        };
+        self.spawn(move |reader| send(&job_slot, answer(reader)), || send(&slot, refused));
     }
 }
 
@@ -121,6 +107,8 @@ pub(crate) fn reads_full() -> Reply {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,9 +128,8 @@ mod tests {
             };
             held.push(tokio::spawn(async move { reads.run(hold).await }));
         }
-        while reads.permits.available_permits() > 0 {
-            tokio::task::yield_now().await;
-        }
+        // Let every reader thread take its held read.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         // Fill the queue, then one more is refused at once.
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         for _ in 0..STORAGE_READS_WAITING_MAX {
