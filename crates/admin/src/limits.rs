@@ -59,21 +59,6 @@ pub const SHUTDOWN_GRACE_MS: u64 = 8_000;
 /// hyper's own floor for this setting is 8 KiB.
 pub const HEADER_BYTES_MAX: usize = 16 * 1024;
 
-/// First pause after a failed `accept` that is not about one connection
-/// (out of file descriptors, out of memory); doubled on each further
-/// failure. Long enough that a failing accept does not spin a core.
-pub const ACCEPT_BACKOFF_MIN_MS: u64 = 10;
-
-/// Longest pause between accept attempts while they keep failing: the
-/// delay before a freed descriptor is used again for a new connection.
-pub const ACCEPT_BACKOFF_MAX_MS: u64 = 1_000;
-
-/// At most one log line per this interval for failed accepts (and one for
-/// connections refused over the cap); the line says how many were not
-/// logged since the last one. Every one of them is still counted in a
-/// metric.
-pub const ACCEPT_LOG_INTERVAL_MS: u64 = 10_000;
-
 // Relations between the bounds.
 const _: () = assert!(ADMIN_CONNECTIONS_MAX >= 1);
 // hyper panics below 8 KiB.
@@ -83,6 +68,3 @@ const _: () = assert!(HEADER_READ_TIMEOUT_MS >= 1 && BODY_READ_TIMEOUT_MS >= 1 &
 const _: () = assert!(BODY_READ_TIMEOUT_MS < SHUTDOWN_GRACE_MS);
 // A keep-alive connection outlives a Prometheus scrape interval (15 s).
 const _: () = assert!(IDLE_TIMEOUT_MS > 15_000);
-const _: () = assert!(0 < ACCEPT_BACKOFF_MIN_MS && ACCEPT_BACKOFF_MIN_MS <= ACCEPT_BACKOFF_MAX_MS);
-// Several failures fall into one log interval, so the summary says something.
-const _: () = assert!(ACCEPT_BACKOFF_MAX_MS < ACCEPT_LOG_INTERVAL_MS);

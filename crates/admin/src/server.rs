@@ -6,7 +6,6 @@
 //! busy ones after their answer), wait for them up to `shutdown_grace_ms`,
 //! drop whatever is left, and return.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
 use crate::conn::{self, ConnShared};
-use crate::limits::{ACCEPT_BACKOFF_MAX_MS, ACCEPT_BACKOFF_MIN_MS, ACCEPT_LOG_INTERVAL_MS};
+use hongbao_boundary::listen::{is_connection_error, AcceptBackoff, LogLimiter};
 
 /// Serves `listener` until `shutdown` becomes `true` (or its sender is
 /// dropped), then ends within about `shutdown_grace_ms`.
@@ -26,10 +25,9 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<ConnShared>, mut sh
     // task ends.
     let permits = Arc::new(Semaphore::new(limits.connections_max));
     let mut connections = JoinSet::new();
-    let mut backoff = AcceptBackoff::new();
-    let log_interval = Duration::from_millis(ACCEPT_LOG_INTERVAL_MS);
-    let mut accept_log = LogLimiter::new(log_interval);
-    let mut over_cap_log = LogLimiter::new(log_interval);
+    let mut backoff = AcceptBackoff::default();
+    let mut accept_log = LogLimiter::for_accepts();
+    let mut over_cap_log = LogLimiter::for_accepts();
     loop {
         let accepted = tokio::select! {
             () = stopped(&mut shutdown) => break,
@@ -110,102 +108,5 @@ fn report_ended(ended: Result<(), JoinError>) {
         if e.is_panic() {
             tracing::error!(error = %e, "admin connection task panicked");
         }
-    }
-}
-
-/// Accept errors that concern one connection only; the next accept works.
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-    )
-}
-
-/// The pause after each failed accept: `ACCEPT_BACKOFF_MIN_MS`, doubling up
-/// to `ACCEPT_BACKOFF_MAX_MS`, back to the start after an accept succeeds.
-#[derive(Debug)]
-struct AcceptBackoff {
-    next_ms: u64,
-}
-
-impl AcceptBackoff {
-    fn new() -> AcceptBackoff {
-        AcceptBackoff { next_ms: ACCEPT_BACKOFF_MIN_MS }
-    }
-
-    fn failed(&mut self) -> Duration {
-        let pause_ms = self.next_ms;
-        self.next_ms = pause_ms.saturating_mul(2).min(ACCEPT_BACKOFF_MAX_MS);
-        Duration::from_millis(pause_ms)
-    }
-
-    fn succeeded(&mut self) {
-        self.next_ms = ACCEPT_BACKOFF_MIN_MS;
-    }
-}
-
-/// At most one log line per interval for a recurring event.
-#[derive(Debug)]
-struct LogLimiter {
-    interval: Duration,
-    /// When the last line was written.
-    last: Option<Instant>,
-    /// Events since then that were not logged.
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    fn new(interval: Duration) -> LogLimiter {
-        LogLimiter { interval, last: None, suppressed: 0 }
-    }
-
-    /// `Some(n)`: log this event now, saying `n` were left unlogged since
-    /// the last line. `None`: stay quiet (it is counted).
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.saturating_duration_since(last) < self.interval => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_backoff_doubles_to_its_cap_and_resets() {
-        let mut b = AcceptBackoff::new();
-        let pauses: Vec<u64> = (0..10).map(|_| b.failed().as_millis() as u64).collect();
-        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1_000, 1_000, 1_000]);
-        b.succeeded();
-        assert_eq!(b.failed(), Duration::from_millis(ACCEPT_BACKOFF_MIN_MS));
-    }
-
-    #[test]
-    fn the_log_limiter_writes_one_line_per_interval_with_the_count() {
-        let t0 = Instant::now();
-        let mut log = LogLimiter::new(Duration::from_secs(10));
-        assert_eq!(log.admit(t0), Some(0));
-        // 20 a second for 9.95 s: all quiet.
-        for i in 1..200 {
-            assert_eq!(log.admit(t0 + Duration::from_millis(50 * i)), None);
-        }
-        assert_eq!(log.admit(t0 + Duration::from_secs(10)), Some(199));
-        assert_eq!(log.admit(t0 + Duration::from_secs(11)), None);
-        assert_eq!(log.admit(t0 + Duration::from_secs(25)), Some(1));
-    }
-
-    #[test]
-    fn only_per_connection_errors_skip_the_backoff() {
-        assert!(is_connection_error(&io::Error::from(io::ErrorKind::ConnectionAborted)));
-        // EMFILE, "Too many open files".
-        assert!(!is_connection_error(&io::Error::from_raw_os_error(24)));
     }
 }

@@ -20,6 +20,7 @@
 mod backend;
 mod error;
 mod gate;
+pub mod listen;
 pub mod outbox;
 pub mod sync;
 pub mod token;

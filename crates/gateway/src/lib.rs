@@ -55,9 +55,6 @@ pub mod limits {
     /// Shortest token secret accepted outside dev mode (HMAC-SHA256 wants
     /// at least as many secret bytes as a guess would need to cover).
     pub const TOKEN_SECRET_BYTES_MIN: usize = 16;
-    /// Pause after a failed `accept` (usually out of file descriptors), so
-    /// the accept loop does not spin while the condition lasts.
-    pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
     /// Pending connections a listener queues before `accept` takes them: a
     /// reconnect storm arrives faster than one accept loop turns.
     pub const LISTEN_BACKLOG: u32 = 1024;

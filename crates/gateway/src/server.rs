@@ -24,9 +24,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::io::Transport;
-use crate::limits::{ACCEPT_ERROR_BACKOFF_MS, LISTEN_BACKLOG, REJECT_TIMEOUT_S};
+use crate::limits::{LISTEN_BACKLOG, REJECT_TIMEOUT_S};
 use crate::shared::{Admission, Shared};
 use crate::{conn, ws, GatewayConfig, GatewayError};
+use hongbao_boundary::listen::{is_connection_error, AcceptBackoff, LogLimiter};
 
 /// A running gateway.
 #[derive(Debug)]
@@ -110,6 +111,8 @@ async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, sh
     // Made once: each connection task holds a clone (a reference count),
     // not a handle of its own.
     let open = metrics::gauge!("hongbao_connections_open", "transport" => transport.as_str());
+    let mut backoff = AcceptBackoff::default();
+    let mut accept_log = LogLimiter::for_accepts();
     loop {
         if *shutdown.borrow_and_update() {
             break;
@@ -121,14 +124,25 @@ async fn accept_loop<B: Backend>(listener: TcpListener, transport: Transport, sh
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
+            // About one connection only (it was reset before we took it).
+            Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
-                // Usually EMFILE: back off instead of spinning; connections
-                // that close will free descriptors.
-                tracing::warn!(error = %e, transport = transport.as_str(), "accept failed");
-                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
-                continue;
+                // Usually EMFILE: back off instead of spinning (connections
+                // that close will free descriptors), and say so once per
+                // interval, not once per try.
+                let pause = backoff.failed();
+                metrics::counter!("hongbao_accept_errors_total", "transport" => transport.as_str()).increment(1);
+                if let Some(suppressed) = accept_log.admit(tokio::time::Instant::now()) {
+                    let pause_ms = pause.as_millis() as u64;
+                    tracing::warn!(error = %e, transport = transport.as_str(), pause_ms, suppressed, "accept failed; pausing before the next try (suppressed = failures not logged since the last line)");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = shutdown.changed() => break,
+                }
             }
         };
+        backoff.succeeded();
         metrics::counter!("hongbao_connections_accepted_total", "transport" => transport.as_str()).increment(1);
         // Small frames must leave at once; we batch writes ourselves.
         let _ = stream.set_nodelay(true);

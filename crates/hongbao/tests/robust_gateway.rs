@@ -268,3 +268,37 @@ async fn a_client_that_reads_nothing_is_cut_off_promptly_and_its_drops_are_count
     assert!(matches!(last, None | Some(ServerFrame::Close { code: ErrorCode::SlowConsumer, .. })), "{last:?}");
     assert!(seen < pushes, "{seen} of {pushes} pushes reached a client that read nothing");
 }
+
+/// Issue 9: out of file descriptors, the gateway's accept loop retried every
+/// 50 ms and logged each failure (410 lines, 20 a second). Now it backs off
+/// and logs one line per 10 s with a count, and recovers when descriptors
+/// free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_failures_back_off_and_are_logged_once_per_interval() {
+    let server = Server::dev(&[]);
+    let pid = server.child.id();
+    let fds = hongbao_client::procfs::socket_fds(pid).unwrap() + 24;
+    let limit = |n: &str| {
+        let ok =
+            std::process::Command::new("prlimit").args(["--pid", &pid.to_string(), &format!("--nofile={n}")]).status();
+        assert!(ok.unwrap().success(), "prlimit --nofile={n}");
+    };
+    // A little room above what the server holds now, then fill it.
+    limit(&format!("{}:", fds + 8));
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(server.tcp)).await {
+            Ok(Ok(stream)) => held.push(stream),
+            _ => break,
+        }
+    }
+    // Accepts keep failing for 3 s while the backlog holds connections.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines = server.log().lines().filter(|l| l.contains("accept failed")).count();
+    assert!((1..=2).contains(&lines), "{lines} 'accept failed' lines in 3 s");
+    // Descriptors come back: new clients get in again.
+    drop(held);
+    limit("20000:");
+    let mut client = connect_from(Ipv4Addr::new(127, 0, 0, 9), server.tcp).await;
+    assert!(is_welcome(&hello(&mut client, 7).await), "a client gets in after the limit is lifted");
+}

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hongbao_boundary::listen::{AcceptBackoff, LogLimiter};
 use hongbao_boundary::sync::lock;
 use hongbao_boundary::{constant_time_eq, FrameSink, LinkedEngine, Outbox, Responder};
 use hongbao_proto::{ErrorCode, ServerFrame, ShakeResult};
@@ -93,6 +94,8 @@ async fn accept_loop<E: LinkedEngine>(
     listening: mpsc::Sender<u32>,
 ) {
     let mut links = JoinSet::new();
+    let mut backoff = AcceptBackoff::default();
+    let mut accept_log = LogLimiter::for_accepts();
     loop {
         let accepted = tokio::select! {
             accepted = listener.listener.accept() => accepted,
@@ -102,6 +105,7 @@ async fn accept_loop<E: LinkedEngine>(
         };
         match accepted {
             Ok((stream, _)) => {
+                backoff.succeeded();
                 let link = run_link(
                     stream,
                     listener.key.clone(),
@@ -112,8 +116,11 @@ async fn accept_loop<E: LinkedEngine>(
                 links.spawn(link);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "link accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let pause = backoff.failed();
+                if let Some(suppressed) = accept_log.admit(tokio::time::Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "link accept failed; pausing before the next try");
+                }
+                tokio::time::sleep(pause).await;
             }
         }
     }
