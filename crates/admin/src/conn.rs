@@ -82,7 +82,7 @@ pub(crate) async fn serve(
     tokio::pin!(conn);
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
-        () = crate::server::stopped(&mut shutdown) => {
+        () = stopped(&mut shutdown) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -396,6 +396,12 @@ async fn collect(mut body: Incoming, limit_bytes: usize) -> Result<Bytes, BodyEr
         bytes.extend_from_slice(&data);
     }
     Ok(Bytes::from(bytes))
+}
+
+/// Returns once `shutdown` says stop, or its sender is gone (nobody is
+/// left to say otherwise). Holds no borrow of the value past its return.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 #[cfg(test)]

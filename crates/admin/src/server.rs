@@ -14,7 +14,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
-use crate::conn::{self, ConnShared};
+use crate::conn::{self, stopped, ConnShared};
 use hongbao_boundary::listen::{is_connection_error, AcceptBackoff, LogLimiter};
 
 /// Serves `listener` until `shutdown` becomes `true` (or its sender is
@@ -77,12 +77,6 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<ConnShared>, mut sh
     }
     drop(listener);
     drain(connections, Duration::from_millis(limits.shutdown_grace_ms)).await;
-}
-
-/// Returns once `shutdown` says stop, or its sender is gone (nobody is
-/// left to say otherwise). Holds no borrow of the value past its return.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Waits for the connections to finish, up to `grace`; then drops the rest.

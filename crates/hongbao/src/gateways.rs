@@ -27,7 +27,6 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use crate::keys;
-use crate::serve::ServeError;
 
 /// The link socket's file in the data directory.
 pub const LINK_SOCKET_FILE: &str = "link.sock";
@@ -41,6 +40,17 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CHILD_POLL: Duration = Duration::from_millis(100);
 /// How long a child gets to close its connections and exit once told to.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the extra gateway processes could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkersError {
+    #[error("{0}")]
+    Start(String),
+    #[error("link key: {0}")]
+    Key(#[from] crate::keys::KeyError),
+    #[error("gateway link: {0}")]
+    Link(#[from] hongbao_link::LinkError),
+}
 
 /// The running children.
 pub struct Workers {
@@ -58,10 +68,10 @@ impl Workers {
         secret: &str,
         engine: Engine,
         stop: watch::Receiver<bool>,
-    ) -> Result<Workers, ServeError> {
+    ) -> Result<Workers, WorkersError> {
         let key = keys::random_key()?;
         let listener = LinkListener::bind(&data.join(LINK_SOCKET_FILE), key.clone(), engine)?;
-        let exe = std::env::current_exe().map_err(|e| ServeError::Workers(format!("cannot find own binary: {e}")))?;
+        let exe = std::env::current_exe().map_err(|e| WorkersError::Start(format!("cannot find own binary: {e}")))?;
         let mut command = Command::new(exe);
         command
             .arg("gateway-worker")
@@ -86,13 +96,13 @@ impl Workers {
         let mut link = listener.start(stop);
         let mut children = Vec::with_capacity(count);
         for _ in 0..count {
-            children.push(command.spawn().map_err(|e| ServeError::Workers(format!("cannot start a gateway: {e}")))?);
+            children.push(command.spawn().map_err(|e| WorkersError::Start(format!("cannot start a gateway: {e}")))?);
         }
         let mut listening = 0;
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         while listening < count {
             if tokio::time::Instant::now() >= deadline {
-                return Err(ServeError::Workers(format!(
+                return Err(WorkersError::Start(format!(
                     "{listening} of {count} gateway processes listening after {READY_TIMEOUT:?}"
                 )));
             }
@@ -103,7 +113,7 @@ impl Workers {
             }
             for child in &mut children {
                 if let Ok(Some(status)) = child.try_wait() {
-                    return Err(ServeError::Workers(format!("a gateway process exited while starting: {status}")));
+                    return Err(WorkersError::Start(format!("a gateway process exited while starting: {status}")));
                 }
             }
         }

@@ -60,7 +60,7 @@ pub enum ServeError {
     #[error("gateway link: {0}")]
     Link(#[from] hongbao_link::LinkError),
     #[error("gateway processes: {0}")]
-    Workers(String),
+    Workers(#[from] crate::gateways::WorkersError),
 }
 
 /// What a started server announces; printed as the `HONGBAO_READY` line.
@@ -117,7 +117,7 @@ pub async fn start(settings: Settings, prometheus: PrometheusHandle) -> Result<S
             }
             Err(e) => {
                 let _ = server.shutdown().await;
-                return Err(e);
+                return Err(e.into());
             }
         }
     }
