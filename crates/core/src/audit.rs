@@ -207,7 +207,16 @@ impl Auditor {
 
     pub fn finish(mut self) -> AuditReport {
         let mut v = std::mem::take(&mut self.violations);
-        // 1. Every stored balance equals the one re-derived from entries.
+        self.check_accounts(&mut v);
+        self.check_packets(&mut v);
+        self.check_campaigns(&mut v);
+        AuditReport { totals: self.totals, violations: v }
+    }
+
+    /// Every stored balance equals the one re-derived from entries; double
+    /// entry: all balances sum to zero, and what users and escrow hold is
+    /// exactly deposits minus withdrawals.
+    fn check_accounts(&mut self, v: &mut Vec<String>) {
         let ids: HashSet<i64> = self.stored_balances.keys().chain(self.derived_balances.keys()).copied().collect();
         let mut total: i128 = 0;
         for id in ids {
@@ -228,32 +237,29 @@ impl Auditor {
                 v.push(format!("account {id} is negative: {balance} fen"));
             }
         }
-        // 2. Double entry: all balances sum to zero, and what users and escrow
-        //    hold is exactly deposits minus withdrawals.
         if total != 0 {
             v.push(format!("balances sum to {total} fen, not 0"));
         }
+        let net_deposits = self.totals.deposits_fen - self.totals.withdrawals_fen;
         let world = self.stored_balances.get(&Account::WORLD.id()).copied().unwrap_or(0);
-        if -world != self.totals.deposits_fen - self.totals.withdrawals_fen {
-            v.push(format!(
-                "world account is {world} fen but deposits - withdrawals = {} fen",
-                self.totals.deposits_fen - self.totals.withdrawals_fen
-            ));
+        if -world != net_deposits {
+            v.push(format!("world account is {world} fen but deposits - withdrawals = {net_deposits} fen"));
         }
         let held = self.totals.user_balances_fen as i128
             + self.totals.packet_escrow_fen as i128
             + self.totals.campaign_escrow_fen as i128;
-        if held != (self.totals.deposits_fen - self.totals.withdrawals_fen) as i128 {
-            v.push(format!(
-                "users + escrow hold {held} fen, deposits - withdrawals = {} fen",
-                self.totals.deposits_fen - self.totals.withdrawals_fen
-            ));
+        if held != net_deposits as i128 {
+            v.push(format!("users + escrow hold {held} fen, deposits - withdrawals = {net_deposits} fen"));
         }
-        // 3. Every packet: funded = opened + refunded + remaining, and its claims agree.
+    }
+
+    /// Every packet: funded = opened + refunded + remaining, and its claims
+    /// agree; the packet escrow holds exactly the open packets' remainders.
+    fn check_packets(&mut self, v: &mut Vec<String>) {
         let mut remaining_total: i64 = 0;
         let packets = std::mem::take(&mut self.packets);
         for p in &packets {
-            self.check_packet(p, &mut v);
+            self.check_packet(p, v);
             remaining_total += p.remaining_fen;
         }
         let known: HashSet<PacketId> = packets.iter().map(|p| p.id).collect();
@@ -268,7 +274,11 @@ impl Auditor {
                 "packet escrow holds {escrow} fen but open packets' remainders sum to {remaining_total} fen"
             ));
         }
-        // 4. Every campaign: escrow = funded - won - refunded; closed ones hold nothing.
+    }
+
+    /// Every campaign: escrow = funded - won - refunded; closed ones hold
+    /// nothing; refunded at most once.
+    fn check_campaigns(&self, v: &mut Vec<String>) {
         for c in &self.campaigns {
             let funded = self.sum(EntryKind::CampaignFund, c.id);
             let won = self.sum(EntryKind::ShakeWin, c.id);
@@ -290,7 +300,6 @@ impl Auditor {
                 v.push(format!("campaign {} was refunded more than once", c.id));
             }
         }
-        AuditReport { totals: self.totals, violations: v }
     }
 
     fn check_packet(&self, p: &PacketRecord, v: &mut Vec<String>) {

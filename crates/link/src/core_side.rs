@@ -17,8 +17,9 @@ use std::time::Duration;
 use hongbao_boundary::listen::{AcceptBackoff, LogLimiter};
 use hongbao_boundary::sync::lock;
 use hongbao_boundary::{constant_time_eq, FrameSink, LinkedEngine, Outbox, Responder};
-use hongbao_proto::{ErrorCode, ServerFrame, ShakeResult};
+use hongbao_proto::{ErrorCode, Request, ServerFrame, ShakeResult};
 use tokio::io::BufReader;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -244,15 +245,7 @@ async fn run_link<E: LinkedEngine>(
     let (read, write) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
     let mut body = Vec::new();
-    let hello =
-        tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), wire::read::<Up, _>(&mut reader, &mut body));
-    let pid = match hello.await {
-        // Compared in constant time: a local process may guess the key.
-        Ok(Ok(Some(Up::Hello { key: given, pid }))) if constant_time_eq(given.as_bytes(), key.as_bytes()) => pid,
-        Ok(Ok(Some(Up::Hello { .. }))) => return tracing::warn!("a gateway link with a wrong key was refused"),
-        Ok(Err(e)) => return tracing::warn!(error = %e, "a gateway link failed before its hello"),
-        _ => return tracing::warn!("a gateway link sent no hello in time"),
-    };
+    let Some(pid) = hello(&mut reader, &mut body, &key).await else { return };
     tracing::info!(gateway_pid = pid, "gateway linked");
     let sink = Arc::new(DownSink { queue: SendQueue::new(QUEUE_MESSAGES_MAX) });
     let writer = {
@@ -269,60 +262,19 @@ async fn run_link<E: LinkedEngine>(
         })
     };
     let gates = tokio::spawn(send_gates(engine.clone(), sink.clone()));
-    let conns = Arc::new(Conns::<E::Registration>::new());
-    let sink_dyn: Arc<dyn FrameSink> = sink.clone();
+    let link = LinkedGateway { engine, conns: Arc::new(Conns::new()), sink: sink.clone(), pid, listening };
     let end = loop {
-        let msg = match wire::read::<Up, _>(&mut reader, &mut body).await {
-            Ok(Some(msg)) => msg,
+        match wire::read::<Up, _>(&mut reader, &mut body).await {
+            Ok(Some(msg)) => {
+                if let Err(e) = link.handle(msg) {
+                    break Err(e);
+                }
+            }
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
-        };
-        match msg {
-            Up::Request { conn, id, req } => {
-                let Some((user, outbox)) = conns.lock().get(&conn).map(|c| (c.user, c.outbox.clone())) else {
-                    // The connection ended while its request was on the way.
-                    continue;
-                };
-                match engine.answer_inline(user, &req) {
-                    Some(reply) => {
-                        outbox.send(ServerFrame::Reply { id, reply });
-                    }
-                    None => engine.submit(user, req, Responder::Client { outbox, request_id: id }),
-                }
-            }
-            Up::Connect { conn, user } => {
-                let outbox = Outbox::forwarding(conn, sink_dyn.clone());
-                let replaced =
-                    conns.lock().insert(conn, RemoteConn { user, outbox: outbox.clone(), registration: None });
-                if let Some(old) = replaced {
-                    // Dropped outside the lock (unregistering takes a hub lock).
-                    old.outbox.close_forwarding();
-                    drop(old);
-                    break Err(LinkError::Protocol(format!("connection id {conn} used twice")));
-                }
-                let (engine, conns) = (engine.clone(), conns.clone());
-                tokio::spawn(async move {
-                    match engine.register(user, outbox.clone()).await {
-                        Ok(registration) => conns.attach(conn, &outbox, registration),
-                        Err(e) => {
-                            let message = format!("cannot register connection: {e}");
-                            outbox.send(ServerFrame::Close { code: e.code(), message });
-                        }
-                    }
-                });
-            }
-            Up::Disconnect { conn } => conns.remove(conn),
-            Up::InlineShakes { none, not_running } => {
-                engine.count_remote_shakes(&ShakeResult::None, none);
-                engine.count_remote_shakes(&ShakeResult::NotRunning, not_running);
-            }
-            Up::Listening => {
-                let _ = listening.try_send(pid);
-            }
-            Up::Hello { .. } => break Err(LinkError::Protocol("a second hello".into())),
         }
     };
-    let dropped = conns.remove_all();
+    let dropped = link.conns.remove_all();
     match end {
         // The stopper has finished only if shutdown was asked for.
         Ok(()) if stopper.is_finished() => tracing::info!(gateway_pid = pid, "gateway link closed"),
@@ -334,6 +286,98 @@ async fn run_link<E: LinkedEngine>(
     sink.queue.close();
     if let Ok(Err(e)) = writer.await {
         tracing::debug!(gateway_pid = pid, error = %e, "link writer ended");
+    }
+}
+
+/// The gateway's first message must carry the link key: its pid, if it did
+/// in time; `None` (logged) ends the link.
+async fn hello(reader: &mut BufReader<OwnedReadHalf>, body: &mut Vec<u8>, key: &str) -> Option<u32> {
+    let hello = tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), wire::read::<Up, _>(reader, body));
+    match hello.await {
+        // Compared in constant time: a local process may guess the key.
+        Ok(Ok(Some(Up::Hello { key: given, pid }))) if constant_time_eq(given.as_bytes(), key.as_bytes()) => Some(pid),
+        Ok(Ok(Some(Up::Hello { .. }))) => {
+            tracing::warn!("a gateway link with a wrong key was refused");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "a gateway link failed before its hello");
+            None
+        }
+        _ => {
+            tracing::warn!("a gateway link sent no hello in time");
+            None
+        }
+    }
+}
+
+/// One linked gateway process as the core serves it.
+struct LinkedGateway<E: LinkedEngine> {
+    engine: E,
+    conns: Arc<Conns<E::Registration>>,
+    sink: Arc<DownSink>,
+    pid: u32,
+    /// Told the gateway's pid once its listeners are up.
+    listening: mpsc::Sender<u32>,
+}
+
+impl<E: LinkedEngine> LinkedGateway<E> {
+    /// One message from the gateway; an error ends the link.
+    fn handle(&self, msg: Up) -> Result<(), LinkError> {
+        match msg {
+            Up::Request { conn, id, req } => self.request(conn, id, req),
+            Up::Connect { conn, user } => return self.connect(conn, user),
+            Up::Disconnect { conn } => self.conns.remove(conn),
+            Up::InlineShakes { none, not_running } => {
+                self.engine.count_remote_shakes(&ShakeResult::None, none);
+                self.engine.count_remote_shakes(&ShakeResult::NotRunning, not_running);
+            }
+            Up::Listening => {
+                let _ = self.listening.try_send(self.pid);
+            }
+            Up::Hello { .. } => return Err(LinkError::Protocol("a second hello".into())),
+        }
+        Ok(())
+    }
+
+    /// A request of a remote connection, handed to the engine exactly as the
+    /// in-process gateway does.
+    fn request(&self, conn: u64, id: u64, req: Request) {
+        let Some((user, outbox)) = self.conns.lock().get(&conn).map(|c| (c.user, c.outbox.clone())) else {
+            // The connection ended while its request was on the way.
+            return;
+        };
+        match self.engine.answer_inline(user, &req) {
+            Some(reply) => {
+                outbox.send(ServerFrame::Reply { id, reply });
+            }
+            None => self.engine.submit(user, req, Responder::Client { outbox, request_id: id }),
+        }
+    }
+
+    /// A new remote connection: registered with the engine behind a
+    /// forwarding outbox, in the background.
+    fn connect(&self, conn: u64, user: u64) -> Result<(), LinkError> {
+        let sink: Arc<dyn FrameSink> = self.sink.clone();
+        let outbox = Outbox::forwarding(conn, sink);
+        let replaced = self.conns.lock().insert(conn, RemoteConn { user, outbox: outbox.clone(), registration: None });
+        if let Some(old) = replaced {
+            // Dropped outside the lock (unregistering takes a hub lock).
+            old.outbox.close_forwarding();
+            drop(old);
+            return Err(LinkError::Protocol(format!("connection id {conn} used twice")));
+        }
+        let (engine, conns) = (self.engine.clone(), self.conns.clone());
+        tokio::spawn(async move {
+            match engine.register(user, outbox.clone()).await {
+                Ok(registration) => conns.attach(conn, &outbox, registration),
+                Err(e) => {
+                    let message = format!("cannot register connection: {e}");
+                    outbox.send(ServerFrame::Close { code: e.code(), message });
+                }
+            }
+        });
+        Ok(())
     }
 }
 

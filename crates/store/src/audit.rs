@@ -7,6 +7,8 @@ use hongbao_core::campaign::CampaignStatus;
 use hongbao_core::packet::{Claim, PacketStatus};
 use hongbao_core::split::SplitKind;
 
+use rusqlite::Connection;
+
 use crate::{schema, StoreError, DB_FILE};
 
 /// Re-derives every balance and packet in the data directory `dir` and checks
@@ -21,13 +23,32 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
     // One read transaction: every query sees the same committed state.
     conn.execute_batch("BEGIN")?;
     let mut a = Auditor::default();
-    let bad = |what: String| StoreError::Corrupt(what);
+    feed_accounts(&conn, &mut a)?;
+    feed_entries(&conn, &mut a)?;
+    feed_packets(&conn, &mut a)?;
+    feed_claims(&conn, &mut a)?;
+    feed_campaigns(&conn, &mut a)?;
+    let wins = shake_wins_against_entries(&conn)?;
+    conn.execute_batch("COMMIT")?;
+    let mut report = a.finish();
+    report.violations.extend(wins);
+    Ok(report)
+}
 
+fn bad(what: String) -> StoreError {
+    StoreError::Corrupt(what)
+}
+
+fn feed_accounts(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
     let mut stmt = conn.prepare("SELECT id, balance FROM accounts")?;
     for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
         let (id, balance) = row?;
         a.account(id, balance);
     }
+    Ok(())
+}
+
+fn feed_entries(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
     let mut stmt =
         conn.prepare("SELECT id, from_account, to_account, amount, kind, reference, user FROM entries ORDER BY id")?;
     let rows = stmt.query_map([], |r| {
@@ -44,16 +65,13 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
     for row in rows {
         let (id, from, to, amount_fen, kind, reference, user) = row?;
         let kind = EntryKind::parse(&kind).ok_or_else(|| bad(format!("entry {id} has unknown kind {kind}")))?;
-        a.entry(EntryRecord {
-            id,
-            from,
-            to,
-            amount_fen,
-            kind,
-            reference: reference as u64,
-            user: user.map(|u| u as u64),
-        });
+        let (reference, user) = (reference as u64, user.map(|u| u as u64));
+        a.entry(EntryRecord { id, from, to, amount_fen, kind, reference, user });
     }
+    Ok(())
+}
+
+fn feed_packets(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
     let mut stmt =
         conn.prepare("SELECT id, sender, kind, total, count, remaining, refunded, status, best_luck FROM packets")?;
     let rows = stmt.query_map([], |r| {
@@ -83,6 +101,10 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
             best_luck: best_luck.map(|u| u as u64),
         });
     }
+    Ok(())
+}
+
+fn feed_claims(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
     let mut stmt = conn.prepare("SELECT packet, user, amount, at_ms FROM claims ORDER BY packet, seq")?;
     let rows = stmt.query_map([], |r| {
         Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)?, r.get::<_, i64>(3)? as u64))
@@ -91,6 +113,10 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
         let (packet, user, amount_fen, at_ms) = row?;
         a.claim(packet, Claim { user, amount_fen, at_ms });
     }
+    Ok(())
+}
+
+fn feed_campaigns(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
     let mut stmt = conn.prepare("SELECT id, funder, total, status FROM campaigns")?;
     let rows = stmt.query_map([], |r| {
         Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
@@ -100,21 +126,14 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
         let status = CampaignStatus::parse(&status).ok_or_else(|| bad(format!("campaign {id} has status {status}")))?;
         a.campaign(CampaignRecord { id, funder, total_fen, status });
     }
-    // Shake wins must match their ledger entries one for one.
-    let (wins, win_sum): (i64, i64) =
-        conn.query_row("SELECT count(*), coalesce(sum(amount), 0) FROM shake_wins", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-    let (entries, entry_sum): (i64, i64) =
-        conn.query_row("SELECT count(*), coalesce(sum(amount), 0) FROM entries WHERE kind = 'shake_win'", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-    conn.execute_batch("COMMIT")?;
-    let mut report = a.finish();
-    if (wins, win_sum) != (entries, entry_sum) {
-        report
-            .violations
-            .push(format!("shake wins: {wins} rows / {win_sum} fen, ledger entries: {entries} / {entry_sum} fen"));
-    }
-    Ok(report)
+    Ok(())
+}
+
+/// Shake wins must match their ledger entries one for one.
+fn shake_wins_against_entries(conn: &Connection) -> Result<Option<String>, StoreError> {
+    let sums = |sql: &str| conn.query_row(sql, [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)));
+    let (wins, win_sum) = sums("SELECT count(*), coalesce(sum(amount), 0) FROM shake_wins")?;
+    let (entries, entry_sum) = sums("SELECT count(*), coalesce(sum(amount), 0) FROM entries WHERE kind = 'shake_win'")?;
+    Ok(((wins, win_sum) != (entries, entry_sum))
+        .then(|| format!("shake wins: {wins} rows / {win_sum} fen, ledger entries: {entries} / {entry_sum} fen")))
 }
