@@ -12,6 +12,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -176,8 +177,10 @@ impl ServerChild {
             _dir: None,
         };
         // From here on, a failure stops the server (and what has started) on drop.
+        LIVE.register(server.child.id());
         for pid in ready.gateway_pids {
             server.gateways.push(Started::of(pid)?);
+            LIVE.register(pid);
         }
         ensure!(
             server.gateways.len() + 1 == gateways as usize,
@@ -254,6 +257,7 @@ impl ServerChild {
         for g in self.gateways.iter().filter(|g| g.alive()) {
             kill_started(*g);
         }
+        self.forget();
         if server_killed {
             bail!("server {} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed", self.child.id());
         }
@@ -283,8 +287,14 @@ impl ServerChild {
         for g in self.gateways.iter().filter(|g| g.alive()) {
             kill_started(*g);
         }
+        self.forget();
         ensure!(left.is_empty(), "gateway processes {left:?} outlived the killed server by {STOP_TIMEOUT:?}; killed");
         Ok(())
+    }
+
+    /// Every process of this server is gone (reaped, or killed by PID).
+    fn forget(&self) {
+        LIVE.forget(&self.pids());
     }
 
     /// The server's log so far (stderr of every server process), for error
@@ -306,6 +316,44 @@ impl Drop for ServerChild {
             eprintln!("warning: {e}");
         }
     }
+}
+
+/// The PIDs of every server process this process started and has not seen
+/// end: what `kill_servers_on_signal` kills.
+struct Live(Mutex<Vec<u32>>);
+
+static LIVE: Live = Live(Mutex::new(Vec::new()));
+
+impl Live {
+    fn register(&self, pid: u32) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+    }
+
+    fn forget(&self, pids: &[u32]) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| !pids.contains(p));
+    }
+}
+
+/// On SIGINT or SIGTERM this process would die without running any drop,
+/// leaving its server children behind: instead, every server process still
+/// running is killed by PID, then this process exits (status 130). Call it
+/// once, inside the runtime that should watch.
+pub fn kill_servers_on_signal(rt: &tokio::runtime::Runtime) {
+    rt.spawn(async {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let pids = std::mem::take(&mut *LIVE.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for &pid in &pids {
+            signal("-KILL", pid);
+        }
+        eprintln!("interrupted: killed the server processes this run had started ({pids:?})");
+        std::process::exit(130);
+    });
 }
 
 /// SIGTERM to the child by PID, then SIGKILL if it has not exited within

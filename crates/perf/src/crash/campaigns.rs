@@ -57,8 +57,9 @@ impl Run {
         self.deposit(&admin, self.cast.funder, total_fen, format!("fund{k}"))?;
         let mut body = json!({"funder": self.cast.funder, "total_fen": total_fen, "rule": rule,
             "rate_per_s": rng.random_range(50..=300), "key": format!("camp{k}")});
-        if rng.random_bool(0.5) {
-            body["win_cap_per_user"] = json!(rng.random_range(5..=30));
+        // Sometimes a cap per user: 8 shakers reach it, and then only "none".
+        if rng.random_bool(0.25) {
+            body["win_cap_per_user"] = json!(rng.random_range(10..=50));
         }
         let created =
             admin.post("/v1/campaigns", &body).map_err(anyhow::Error::msg)?.ok().map_err(anyhow::Error::msg)?;

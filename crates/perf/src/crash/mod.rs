@@ -248,6 +248,7 @@ fn torture(spec: ServerSpec, cast: Cast, seed: u64, cycles: u32, load_ms: (u64, 
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    crate::server::kill_servers_on_signal(&rt);
     let server = ServerChild::start_spec(&spec)?;
     let mut run = Run {
         server,
@@ -373,7 +374,9 @@ impl Run {
         let unanswered = out.unanswered();
         self.audit(&mut out)?;
         let restarted = Instant::now();
-        let (checked, clients) = match ServerChild::start_spec(&self.spec) {
+        let started = ServerChild::start_spec(&self.spec);
+        let restart = restarted.elapsed();
+        let (checked, clients) = match started {
             Ok(server) => {
                 self.server = server;
                 self.ready_ms = unix_ms();
@@ -385,7 +388,6 @@ impl Run {
                 (Checked::default(), None)
             }
         };
-        let restart = restarted.elapsed();
         let violations = out.violations.clone();
         let campaign = self.campaign_line();
         self.absorb(out);
