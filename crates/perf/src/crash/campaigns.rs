@@ -136,6 +136,10 @@ impl Run {
             (StopAnswer::Acknowledged, other) => {
                 out.violation(format!("campaign {id}: its stop was acknowledged, and now it is {other}"))
             }
+            (StopAnswer::Finished, "finished") => {}
+            (StopAnswer::Finished, other) => {
+                out.violation(format!("campaign {id}: a stop found it finished, and now it is {other}"))
+            }
             (_, "stopped") => out.violation(format!("campaign {id}: stopped, though no stop was applied: {now}")),
             (_, "finished") => {}
             (_, "running") if !c.closed => {

@@ -50,6 +50,9 @@ pub struct RefundNotice {
 pub enum StopAnswer {
     NotAsked,
     Acknowledged,
+    /// Answered with the campaign finished already: it had released and
+    /// been won in full before the stop came (a stop then changes nothing).
+    Finished,
     /// Sent, and the server died before answering.
     Unanswered,
     /// Answered with an error status (nothing done).
@@ -352,6 +355,7 @@ pub fn stopper(admin: Admin, board: Arc<Board>, campaign: u64, after: Duration) 
     let answer = match admin.post(&format!("/v1/campaigns/{campaign}/stop"), &json!({})) {
         Err(_) => StopAnswer::Unanswered,
         Ok(r) if r.status == 200 && r.body["status"] == "stopped" => StopAnswer::Acknowledged,
+        Ok(r) if r.status == 200 && r.body["status"] == "finished" => StopAnswer::Finished,
         Ok(r) if r.status == 200 => {
             lock(&board.out).violation(format!("stop of campaign {campaign} answered 200 with {}", r.body));
             StopAnswer::Acknowledged
