@@ -118,6 +118,13 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(status_kb(&text, "VmRSS")? * 1024)
 }
 
+/// The CPUs process `pid` may run on, as its status lists them
+/// (`Cpus_allowed_list`: `0`, `0-1`, `0,2-3`); `None` if it is gone.
+pub fn cpus_allowed(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_field(&text, "Cpus_allowed_list").map(str::to_owned)
+}
+
 /// Socket descriptors process `pid` holds: connections, listeners, socket
 /// pairs (`/proc/<pid>/fd` entries linking to `socket:[…]`). Reading another
 /// user's process needs the right to.
@@ -199,6 +206,7 @@ mod tests {
         let m = memory(me).unwrap();
         assert!(m.rss > 0 && m.anon <= m.rss && m.threads >= 1, "{m:?}");
         assert!(rss_bytes(me).is_some_and(|r| r > 0));
+        assert!(cpus_allowed(me).is_some_and(|c| c.starts_with(|ch: char| ch.is_ascii_digit())));
         assert!(socket_fds(me).is_ok());
         assert!(stat(u32::MAX).is_none() && matches!(memory(u32::MAX), Err(ProcError::Read { .. })));
     }

@@ -27,6 +27,7 @@ mod clients;
 mod conns;
 mod crash;
 mod opens;
+mod overload;
 mod server;
 
 /// The figures `hongbao perf` can measure.
@@ -42,6 +43,9 @@ pub enum Figure {
     /// restart on the same data, and checks that every acknowledged outcome
     /// is there exactly once and the audit passes.
     Crash(crash::CrashArgs),
+    /// The server at twice its capacity (shakes, keyed shakes, opens):
+    /// memory bounded, every request answered, a probe's ping latency.
+    Overload(overload::OverloadArgs),
     /// One client process of conn-memory or broadcast: opens a share of the
     /// connections and holds them (started by them; JSON lines on stdin and
     /// stdout).
@@ -56,6 +60,7 @@ pub fn run(figure: Figure) -> anyhow::Result<()> {
         Figure::ConnMemory(args) => conns::conn_memory(args),
         Figure::Broadcast(args) => conns::broadcast(args),
         Figure::Crash(args) => crash::run(args),
+        Figure::Overload(args) => overload::run(args),
         Figure::Hold(args) => clients::hold(args),
     }
 }

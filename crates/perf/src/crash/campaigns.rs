@@ -228,16 +228,19 @@ fn post(admin: &Admin, path: &str) -> anyhow::Result<Value> {
 mod tests {
     use super::*;
 
+    /// A campaign as the admin API shows it: total 100 fen, 3 wins of 30 fen.
+    fn campaign(refunded_fen: i64, escrow_fen: i64, status: &str) -> Value {
+        json!({"total_fen": 100, "won": 3, "won_fen": 30, "refunded_fen": refunded_fen, "escrow_fen": escrow_fen,
+               "status": status})
+    }
+
     #[test]
     fn campaign_money_must_add_up() {
-        let c = json!({"total_fen": 100, "won": 3, "won_fen": 30, "refunded_fen": 0, "escrow_fen": 70, "status": "running"});
-        assert!(money(100, 3, 30, &c).is_empty());
-        assert!(money(100, 4, 30, &c)[0].contains("4 wins of 30 fen were acknowledged"));
-        let lost = json!({"total_fen": 100, "won": 3, "won_fen": 30, "refunded_fen": 0, "escrow_fen": 60, "status": "running"});
-        assert!(money(100, 3, 30, &lost)[0].contains("won + refunded + escrow != total"));
-        let stopped = json!({"total_fen": 100, "won": 3, "won_fen": 30, "refunded_fen": 70, "escrow_fen": 0, "status": "stopped"});
-        assert!(money(100, 3, 30, &stopped).is_empty());
-        let kept = json!({"total_fen": 100, "won": 3, "won_fen": 30, "refunded_fen": 60, "escrow_fen": 10, "status": "stopped"});
-        assert!(money(100, 3, 30, &kept).iter().any(|v| v.contains("closed, but")));
+        let running = campaign(0, 70, "running");
+        assert!(money(100, 3, 30, &running).is_empty());
+        assert!(money(100, 4, 30, &running)[0].contains("4 wins of 30 fen were acknowledged"));
+        assert!(money(100, 3, 30, &campaign(0, 60, "running"))[0].contains("won + refunded + escrow != total"));
+        assert!(money(100, 3, 30, &campaign(70, 0, "stopped")).is_empty());
+        assert!(money(100, 3, 30, &campaign(60, 10, "stopped")).iter().any(|v| v.contains("closed, but")));
     }
 }

@@ -283,8 +283,8 @@ fn torture(spec: ServerSpec, cast: Cast, seed: u64, cycles: u32, load_ms: (u64, 
 impl CycleReport {
     fn line(&self, k: u32, cycles: u32) -> String {
         format!(
-            "cycle {k}/{cycles}: killed after {:.2} s of load; acknowledged {}; unanswered {}; audit PASS; restarted in \
-             {:.2} s; checked {}; campaign {}; {} ({:.1} s)",
+            "cycle {k}/{cycles}: killed after {:.2} s of load; acknowledged {}; unanswered {}; audit PASS; \
+             restarted in {:.2} s; checked {}; campaign {}; {} ({:.1} s)",
             self.load.as_secs_f64(),
             self.acknowledged,
             self.unanswered,

@@ -1,0 +1,168 @@
+//! One kind of work through its two steps: capacity (closed loop), then
+//! the paced overload phase with the RSS watch and the probe, then the
+//! drain that lets every request in flight be answered.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use tokio::runtime::Runtime;
+
+use super::lean::{Fleet, Work, WINDOW};
+use super::probe::Probe;
+use super::{cores, cpu, open_setup, Capacity, Phase, Plan, DRAIN_TIMEOUT, PROBE_USER, SENDERS, WARMUP};
+use crate::server::ServerChild;
+
+/// Open packets prepared beyond the measured capacity, so the phase never
+/// runs out of packets to open.
+const OPEN_SHARES_MARGIN: f64 = 1.3;
+/// Senders of the packets sent after the capacity is known.
+const SENDERS_LATER: u64 = SENDERS + 500_000;
+
+/// The paced phase at `plan.factor` times the capacity, with the RSS watch
+/// and the probe, then the drain. `earlier` is what the connections of the
+/// capacity steps ended with, when the phase has connections of its own.
+pub(super) fn overload(
+    rt: &Runtime,
+    server: &ServerChild,
+    plan: &Plan,
+    fleet: &Fleet,
+    capacity: Capacity,
+    earlier: Option<Ended>,
+) -> anyhow::Result<Phase> {
+    let what = fleet.work().name();
+    let capacity_per_s = capacity.per_s;
+    let offered_per_s = plan.factor * capacity_per_s;
+    let probe = Probe::start(server.tcp, PROBE_USER)?;
+    let (before, cpu_a, start) = (fleet.tally.counts(), cpu(server), Instant::now());
+    let until = start + plan.phase;
+    let rss = rt.block_on(async {
+        let ((), rss) = tokio::join!(fleet.paced(offered_per_s, until), watch(server, fleet, start, until));
+        rss
+    });
+    let (after, cpu_b, took) = (fleet.tally.counts(), cpu(server), start.elapsed());
+    let probe = probe.finish()?;
+    let left_in_flight = rt.block_on(fleet.drain(DRAIN_TIMEOUT));
+    Ok(Phase {
+        what,
+        capacity,
+        offered_per_s,
+        during: after.since(&before),
+        cores: cores(cpu_a, cpu_b, took),
+        total: fleet.tally.counts(),
+        left_in_flight,
+        ended: merge(fleet.ended(), earlier),
+        odd: fleet.tally.odd(),
+        rss,
+        probe,
+    })
+}
+
+/// Connections the server closed, by reason, and the requests lost with them.
+pub(super) type Ended = (BTreeMap<String, u64>, u64);
+
+fn merge(mut a: Ended, b: Option<Ended>) -> Ended {
+    if let Some((why, lost)) = b {
+        for (k, v) in why {
+            *a.0.entry(k).or_default() += v;
+        }
+        a.1 += lost;
+    }
+    a
+}
+
+/// The useful answers per second of a closed loop with every connection's
+/// window full (the most batching); if the server shed load there (1 % or
+/// more `overload`), also of one with about `plan.capacity_in_flight`
+/// requests in flight in all, below where it sheds, and the better of two.
+pub(super) fn capacity(rt: &Runtime, server: &ServerChild, plan: &Plan, fleet: &Fleet) -> anyhow::Result<Capacity> {
+    let what = fleet.work().name();
+    let few = plan.capacity_in_flight.div_ceil(fleet.len() as u64).clamp(1, u64::from(WINDOW)) as u32;
+    let mut best: Option<Capacity> = None;
+    for window in [WINDOW, few] {
+        let shed = best.as_ref().is_some_and(|b| b.counts.overload * 100 >= b.counts.answered.max(1));
+        if best.as_ref().is_some_and(|b| b.window == window || !shed) {
+            continue;
+        }
+        fleet.closed_loop(window);
+        std::thread::sleep(WARMUP);
+        let (c0, cpu0, t0) = (fleet.tally.counts(), cpu(server), Instant::now());
+        std::thread::sleep(plan.capacity);
+        let (c1, cpu1, dt) = (fleet.tally.counts(), cpu(server), t0.elapsed());
+        fleet.idle();
+        rt.block_on(fleet.drain(DRAIN_TIMEOUT));
+        let counts = c1.since(&c0);
+        let per_s = counts.useful() as f64 / dt.as_secs_f64();
+        ensure!(
+            fleet.work() != Work::Open || fleet.queued() > 0,
+            "open: the packets ran out during a capacity step ({per_s:.0} opens/s counted): raise --open-guess-per-s \
+             above the capacity"
+        );
+        let in_flight = u64::from(window) * fleet.len() as u64;
+        eprintln!(
+            "  {what}: closed loop of {in_flight} in flight ({window} per connection): {per_s:.0} useful/s, {counts:?}"
+        );
+        let step = Capacity { per_s, counts, cores: cores(cpu0, cpu1, dt), window, in_flight };
+        if best.as_ref().is_none_or(|b| step.per_s > b.per_s) {
+            best = Some(step);
+        }
+    }
+    let best = best.expect("two steps ran");
+    ensure!(best.per_s > 0.0, "{what}: no useful answer in the capacity steps: {:?}", best.counts);
+    Ok(best)
+}
+
+/// Sends enough packets for the overload phase of opens (each open that
+/// takes a share uses one up, and about the capacity take one a second;
+/// the rest are answered `overload` and tried again later), given what is
+/// left in each user's queue; returns each user's new packets.
+pub(super) fn more_packets(
+    rt: &Runtime,
+    server: &ServerChild,
+    plan: &Plan,
+    users: &[u64],
+    queues: &[VecDeque<u64>],
+    capacity_per_s: f64,
+) -> anyhow::Result<Vec<VecDeque<u64>>> {
+    let n = users.len() as u64;
+    let need_per_user = (capacity_per_s * plan.phase.as_secs_f64() * OPEN_SHARES_MARGIN / n as f64).ceil() as u64;
+    let have_per_user = queues.iter().map(VecDeque::len).min().unwrap_or(0) as u64;
+    let per_block = need_per_user.saturating_sub(have_per_user);
+    if per_block == 0 {
+        return Ok(vec![VecDeque::new(); users.len()]);
+    }
+    open_setup(rt, server, users, per_block, SENDERS_LATER)
+}
+
+/// Every second until `until`: the server's RSS (all its processes) and
+/// what was sent and answered that second, on stderr; returns the RSS
+/// readings (seconds into the phase, bytes), the first at the start.
+async fn watch(server: &ServerChild, fleet: &Fleet, start: Instant, until: Instant) -> Vec<(f64, u64)> {
+    let mut rss = Vec::new();
+    let mut last = fleet.tally.counts();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let t = start.elapsed().as_secs_f64();
+        let Ok(memory) = server.memory() else { break };
+        rss.push((t, memory.rss()));
+        let now = fleet.tally.counts();
+        let d = now.since(&last);
+        last = now;
+        eprintln!(
+            "  t={t:4.1} s: sent {}, answered {} (useful {}, overload {}), held back {}, in flight {}, server RSS \
+             {:.1} MiB",
+            d.sent,
+            d.answered,
+            d.useful(),
+            d.overload,
+            d.held_back,
+            fleet.in_flight(),
+            memory.rss() as f64 / (1 << 20) as f64
+        );
+        if Instant::now() >= until {
+            break;
+        }
+    }
+    rss
+}
