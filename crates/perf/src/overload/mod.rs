@@ -25,7 +25,7 @@ mod probe;
 mod report;
 mod setup;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,6 +144,9 @@ struct Phase {
     /// (seconds into the phase, summed RSS bytes), one a second.
     rss: Vec<(f64, u64)>,
     probe: Latencies,
+    /// Threads of the server and of this process during the phase.
+    server_threads: Waits,
+    load_threads: Waits,
 }
 
 pub fn run(args: OverloadArgs) -> anyhow::Result<()> {
@@ -316,6 +319,41 @@ fn open_setup(
         started.elapsed().as_secs_f64()
     );
     Ok(setup::queues(&blocks, &packets))
+}
+
+/// Scheduler statistics of every thread of `pids`, by thread id.
+fn sched(pids: &[u32]) -> HashMap<u32, (String, procfs::SchedStat)> {
+    pids.iter().flat_map(|&p| procfs::thread_schedstats(p)).map(|(tid, name, s)| (tid, (name, s))).collect()
+}
+
+/// Per thread name (threads alive at both readings): how many, and the
+/// milliseconds per second of `over` they ran and waited runnable for a CPU.
+#[derive(Clone, Debug)]
+struct Waits(Vec<(String, usize, f64, f64)>);
+
+impl Waits {
+    fn between(
+        a: &HashMap<u32, (String, procfs::SchedStat)>,
+        b: &HashMap<u32, (String, procfs::SchedStat)>,
+        over: Duration,
+    ) -> Waits {
+        let mut by: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
+        for (tid, (name, after)) in b {
+            if let Some((_, before)) = a.get(tid) {
+                let d = after.since(before);
+                let e = by.entry(name.clone()).or_default();
+                *e = (e.0 + 1, e.1 + d.run_ns, e.2 + d.wait_ns);
+            }
+        }
+        let ms_per_s = |ns: u64| ns as f64 / 1e6 / over.as_secs_f64();
+        Waits(by.into_iter().map(|(name, (n, run, wait))| (name, n, ms_per_s(run), ms_per_s(wait))).collect())
+    }
+
+    fn line(&self) -> String {
+        let parts: Vec<String> =
+            self.0.iter().map(|(name, n, run, wait)| format!("{name} x{n} ran {run:.0}, waited {wait:.0}")).collect();
+        parts.join("; ")
+    }
 }
 
 /// CPU seconds of the server's processes and of this one.

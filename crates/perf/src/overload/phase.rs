@@ -10,7 +10,7 @@ use tokio::runtime::Runtime;
 
 use super::lean::{Fleet, Work, WINDOW};
 use super::probe::Probe;
-use super::{cores, cpu, open_setup, Capacity, Phase, Plan, DRAIN_TIMEOUT, PROBE_USER, SENDERS, WARMUP};
+use super::{cores, cpu, open_setup, sched, Capacity, Phase, Plan, Waits, DRAIN_TIMEOUT, PROBE_USER, SENDERS, WARMUP};
 use crate::server::ServerChild;
 
 /// Open packets prepared beyond the measured capacity, so the phase never
@@ -34,6 +34,8 @@ pub(super) fn overload(
     let capacity_per_s = capacity.per_s;
     let offered_per_s = plan.factor * capacity_per_s;
     let probe = Probe::start(server.tcp, PROBE_USER)?;
+    let me = [std::process::id()];
+    let (sched_server, sched_load) = (sched(&server.pids()), sched(&me));
     let (before, cpu_a, start) = (fleet.tally.counts(), cpu(server), Instant::now());
     let until = start + plan.phase;
     let rss = rt.block_on(async {
@@ -41,6 +43,8 @@ pub(super) fn overload(
         rss
     });
     let (after, cpu_b, took) = (fleet.tally.counts(), cpu(server), start.elapsed());
+    let server_threads = Waits::between(&sched_server, &sched(&server.pids()), took);
+    let load_threads = Waits::between(&sched_load, &sched(&me), took);
     let probe = probe.finish()?;
     let left_in_flight = rt.block_on(fleet.drain(DRAIN_TIMEOUT));
     Ok(Phase {
@@ -55,6 +59,8 @@ pub(super) fn overload(
         odd: fleet.tally.odd(),
         rss,
         probe,
+        server_threads,
+        load_threads,
     })
 }
 

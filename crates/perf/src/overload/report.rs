@@ -125,6 +125,12 @@ pub(super) fn report(p: &Phase, factor: f64, phase_s: f64) {
         l.lost,
         if l.ms(0.99) < PROBE_P99_TARGET_MS { "met" } else { "NOT MET" }
     );
+    println!(
+        "{w}: threads, ms per second of the phase on a CPU and runnable but waiting for one: server [{}]; load \
+         process [{}]",
+        p.server_threads.line(),
+        p.load_threads.line()
+    );
     let f = |name: &str, v: f64, unit: &str| figure(&format!("overload_{w}_{name}"), v, unit, None);
     f("capacity", p.capacity.per_s, "req/s");
     f("offered", p.offered_per_s, "req/s");
