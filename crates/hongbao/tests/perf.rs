@@ -74,6 +74,7 @@ fn overload_answers_every_request_and_prints_its_figures() {
         "100",
         "--open-guess-per-s",
         "40000",
+        "--full-windows-only",
     ]);
     for what in ["shake_plain", "shake_keyed", "open"] {
         for name in ["capacity", "offered", "sent", "answered", "rss_start", "rss_peak", "rss_end", "probe_p99"] {

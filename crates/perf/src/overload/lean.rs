@@ -178,7 +178,7 @@ struct Conn {
     credits: AtomicU64,
     wake: Notify,
     /// Open requests in flight: request id → packet, so a packet answered
-    /// `overload` goes back into the queue.
+    /// `overload` goes back to the front of the queue.
     opens: Mutex<HashMap<u64, u64>>,
     queue: Mutex<VecDeque<u64>>,
     /// The connection ended (server close or EOF); `close` says why.
@@ -425,7 +425,7 @@ fn request(work: Work, conn_index: u64, id: u64, conn: &Conn) -> Option<Request>
 }
 
 /// Reads answers in batches and counts them; a packet answered `overload`
-/// goes back to the end of the queue. Pushes are read and dropped.
+/// goes back to the front of the queue. Pushes are read and dropped.
 async fn read_answers(mut r: OwnedReadHalf, mut buf: Vec<u8>, conn: Arc<Conn>, tally: Arc<Tally>, mode: Arc<AtomicU8>) {
     loop {
         let mut replies = 0;
@@ -460,10 +460,14 @@ async fn read_answers(mut r: OwnedReadHalf, mut buf: Vec<u8>, conn: Arc<Conn>, t
     }
 }
 
+/// A packet answered `overload` is the next one this user tries again, as
+/// a client told "retry later" would: the users of a block keep racing for
+/// the same packets (each batch of the writer holds many opens of one
+/// packet), instead of drifting apart over their queues.
 fn answered(id: u64, reply: &Reply, conn: &Conn) {
     let packet = conn.opens.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     if let (Some(packet), Reply::Error { code: ErrorCode::Overload, .. }) = (packet, reply) {
-        conn.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(packet);
+        conn.queue.lock().unwrap_or_else(|e| e.into_inner()).push_front(packet);
     }
 }
 

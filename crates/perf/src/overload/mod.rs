@@ -73,10 +73,6 @@ pub struct OverloadArgs {
     /// Offered rate over capacity.
     #[arg(long, default_value_t = 2.0)]
     factor: f64,
-    /// Requests in flight in all in the second capacity step (the first
-    /// fills every window): below where the server sheds load.
-    #[arg(long, default_value_t = 512)]
-    capacity_in_flight: u64,
     /// Connections of the shake phases (one user each).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     connections: u64,
@@ -98,13 +94,19 @@ pub struct OverloadArgs {
     /// at this rate); more are sent once the capacity is known.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     open_guess_per_s: u64,
+    /// Capacity from closed loops with full windows only, without the steps
+    /// at fewer requests in flight (quicker; may read low where the server
+    /// sheds load).
+    #[arg(long)]
+    full_windows_only: bool,
     /// Do not pin (the server and the load then share every CPU).
     #[arg(long)]
     no_pin: bool,
     /// Gateway processes of the server (`serve --gateways`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     gateways: u32,
-    /// Phases of 5 s, capacity over 1 s, 32 connections, 100 open users.
+    /// Phases of 5 s, capacity over 1 s with full windows only, 32
+    /// connections, 100 open users.
     #[arg(long)]
     quick: bool,
 }
@@ -116,8 +118,9 @@ struct Plan {
     factor: f64,
     connections: u64,
     open_users: u64,
-    capacity_in_flight: u64,
     open_guess_per_s: u64,
+    /// Capacity from several levels of concurrency, not only full windows.
+    sweep: bool,
 }
 
 /// The capacity step that answered the most.
@@ -147,6 +150,8 @@ struct Phase {
     /// Threads of the server and of this process during the phase.
     server_threads: Waits,
     load_threads: Waits,
+    /// Group commits and the operations in them during the phase.
+    commits: Option<(u64, u64)>,
 }
 
 pub fn run(args: OverloadArgs) -> anyhow::Result<()> {
@@ -157,8 +162,8 @@ pub fn run(args: OverloadArgs) -> anyhow::Result<()> {
             factor: args.factor,
             connections: 32,
             open_users: 100,
-            capacity_in_flight: args.capacity_in_flight,
             open_guess_per_s: args.open_guess_per_s,
+            sweep: false,
         }
     } else {
         Plan {
@@ -167,8 +172,8 @@ pub fn run(args: OverloadArgs) -> anyhow::Result<()> {
             factor: args.factor,
             connections: args.connections,
             open_users: args.open_users - args.open_users % setup::BLOCK,
-            capacity_in_flight: args.capacity_in_flight,
             open_guess_per_s: args.open_guess_per_s,
+            sweep: !args.full_windows_only,
         }
     };
     let pinned = pin(&args)?;
@@ -228,11 +233,11 @@ fn header(server: &ServerChild, plan: &Plan, pinned: bool, gateways: u32) {
     println!(
         "overload: serve --dev on loopback ({gateways} gateway process(es), --sends-per-s 0 for the open setup); \
          {pinning}; shakes during a campaign releasing {} packets/s; lean pipelined connections of up to {WINDOW} \
-         requests in flight each; capacity = the most useful answers/s of two closed loops ({WINDOW} in flight per \
-         connection, and ~{} in all) over {:.0} s each after {:.0} s of warm-up; then {:.1}x that rate offered for \
-         {:.0} s, paced every 5 ms; a probe pings every {} ms on its own connection",
+         requests in flight each; capacity = the most useful answers/s of closed loops at a few levels of \
+         concurrency (every window full, then ~512, 4,096, 16,384 and 65,536 in flight in all) over {:.0} s each \
+         after {:.0} s of warm-up; then {:.1}x that rate offered for {:.0} s, paced every 5 ms; a probe pings every \
+         {} ms on its own connection",
         setup::campaign_rate(),
-        plan.capacity_in_flight,
         plan.capacity.as_secs_f64(),
         WARMUP.as_secs_f64(),
         plan.factor,
@@ -256,8 +261,10 @@ fn measure(rt: &Runtime, server: &ServerChild, plan: &Plan, what: What) -> anyho
         }
         What::Open => {
             let users: Vec<u64> = (OPEN_USERS..OPEN_USERS + plan.open_users).collect();
-            // Enough for two capacity steps at the guessed rate; more once it is known.
-            let per_block = (2 * plan.open_guess_per_s * (plan.capacity + WARMUP).as_secs()).div_ceil(plan.open_users);
+            // Enough for the capacity steps at the guessed rate; more once it is known.
+            let steps = phase::windows(plan.open_users as usize, plan.sweep).len() as u64;
+            let shares = steps * plan.open_guess_per_s * (plan.capacity + WARMUP).as_secs();
+            let per_block = shares.div_ceil(plan.open_users);
             let queues = open_setup(rt, server, &users, per_block, SENDERS)?;
             (Work::Open, users, queues)
         }

@@ -36,6 +36,7 @@ pub(super) fn overload(
     let probe = Probe::start(server.tcp, PROBE_USER)?;
     let me = [std::process::id()];
     let (sched_server, sched_load) = (sched(&server.pids()), sched(&me));
+    let commits_before = commits(server);
     let (before, cpu_a, start) = (fleet.tally.counts(), cpu(server), Instant::now());
     let until = start + plan.phase;
     let rss = rt.block_on(async {
@@ -43,6 +44,7 @@ pub(super) fn overload(
         rss
     });
     let (after, cpu_b, took) = (fleet.tally.counts(), cpu(server), start.elapsed());
+    let commits = commits(server).zip(commits_before).map(|(a, b)| (a.0 - b.0, a.1 - b.1));
     let server_threads = Waits::between(&sched_server, &sched(&server.pids()), took);
     let load_threads = Waits::between(&sched_load, &sched(&me), took);
     let probe = probe.finish()?;
@@ -61,7 +63,15 @@ pub(super) fn overload(
         probe,
         server_threads,
         load_threads,
+        commits,
     })
+}
+
+/// The writer's group commits and the operations in them so far, from the
+/// admin API's stats (`None` if it did not answer).
+fn commits(server: &ServerChild) -> Option<(u64, u64)> {
+    let stats = server.admin().get("/v1/stats").ok()?.ok().ok()?;
+    Some((stats["commits"].as_u64()?, stats["committed_ops"].as_u64()?))
 }
 
 /// Connections the server closed, by reason, and the requests lost with them.
@@ -77,19 +87,16 @@ fn merge(mut a: Ended, b: Option<Ended>) -> Ended {
     a
 }
 
-/// The useful answers per second of a closed loop with every connection's
-/// window full (the most batching); if the server shed load there (1 % or
-/// more `overload`), also of one with about `plan.capacity_in_flight`
-/// requests in flight in all, below where it sheds, and the better of two.
+/// The most useful answers per second of closed loops at a few levels of
+/// concurrency (every answer making room for the next request): every
+/// connection's window full, then about `CAPACITY_IN_FLIGHT` requests in
+/// flight in all. Too few in flight leaves the server waiting for round
+/// trips; too many makes it shed load (`overload`), and answering those
+/// costs what the useful work needed.
 pub(super) fn capacity(rt: &Runtime, server: &ServerChild, plan: &Plan, fleet: &Fleet) -> anyhow::Result<Capacity> {
     let what = fleet.work().name();
-    let few = plan.capacity_in_flight.div_ceil(fleet.len() as u64).clamp(1, u64::from(WINDOW)) as u32;
     let mut best: Option<Capacity> = None;
-    for window in [WINDOW, few] {
-        let shed = best.as_ref().is_some_and(|b| b.counts.overload * 100 >= b.counts.answered.max(1));
-        if best.as_ref().is_some_and(|b| b.window == window || !shed) {
-            continue;
-        }
+    for window in windows(fleet.len(), plan.sweep) {
         fleet.closed_loop(window);
         std::thread::sleep(WARMUP);
         let (c0, cpu0, t0) = (fleet.tally.counts(), cpu(server), Instant::now());
@@ -113,9 +120,27 @@ pub(super) fn capacity(rt: &Runtime, server: &ServerChild, plan: &Plan, fleet: &
             best = Some(step);
         }
     }
-    let best = best.expect("two steps ran");
+    let best = best.expect("a step ran");
     ensure!(best.per_s > 0.0, "{what}: no useful answer in the capacity steps: {:?}", best.counts);
     Ok(best)
+}
+
+/// Total requests in flight of the capacity steps after the one with every
+/// window full.
+const CAPACITY_IN_FLIGHT: [u64; 4] = [512, 4_096, 16_384, 65_536];
+
+/// Requests in flight per connection of each capacity step, for
+/// `connections` connections: distinct, at most `WINDOW`; only the first
+/// without `sweep`.
+pub(super) fn windows(connections: usize, sweep: bool) -> Vec<u32> {
+    let mut w = vec![WINDOW];
+    for total in CAPACITY_IN_FLIGHT.into_iter().filter(|_| sweep) {
+        let per = total.div_ceil(connections as u64).clamp(1, u64::from(WINDOW)) as u32;
+        if !w.contains(&per) {
+            w.push(per);
+        }
+    }
+    w
 }
 
 /// Sends enough packets for the overload phase of opens (each open that
@@ -171,4 +196,17 @@ async fn watch(server: &ServerChild, fleet: &Fleet, start: Instant, until: Insta
         }
     }
     rss
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_steps_go_from_full_windows_to_a_few_in_flight_in_all() {
+        assert_eq!(windows(256, true), vec![64, 2, 16]);
+        assert_eq!(windows(2_000, true), vec![64, 1, 3, 9, 33]);
+        assert_eq!(windows(100, true), vec![64, 6, 41]);
+        assert_eq!(windows(2_000, false), vec![64]);
+    }
 }

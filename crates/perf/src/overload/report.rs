@@ -125,6 +125,14 @@ pub(super) fn report(p: &Phase, factor: f64, phase_s: f64) {
         l.lost,
         if l.ms(0.99) < PROBE_P99_TARGET_MS { "met" } else { "NOT MET" }
     );
+    if let Some((commits, ops)) = p.commits {
+        println!(
+            "{w}: the writer committed {:.0} operations/s in {:.1} group commits/s ({:.0} operations per commit)",
+            per_s(ops),
+            per_s(commits),
+            ops as f64 / commits.max(1) as f64
+        );
+    }
     println!(
         "{w}: threads, ms per second of the phase on a CPU and runnable but waiting for one: server [{}]; load \
          process [{}]",
