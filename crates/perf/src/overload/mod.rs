@@ -261,9 +261,10 @@ fn measure(rt: &Runtime, server: &ServerChild, plan: &Plan, what: What) -> anyho
         }
         What::Open => {
             let users: Vec<u64> = (OPEN_USERS..OPEN_USERS + plan.open_users).collect();
-            // Enough for the capacity steps at the guessed rate; more once it is known.
+            // Enough for the capacity steps at the guessed rate, with half
+            // again to spare; more once the capacity is known.
             let steps = phase::windows(plan.open_users as usize, plan.sweep).len() as u64;
-            let shares = steps * plan.open_guess_per_s * (plan.capacity + WARMUP).as_secs();
+            let shares = steps * plan.open_guess_per_s * (plan.capacity + WARMUP).as_secs() * 3 / 2;
             let per_block = shares.div_ceil(plan.open_users);
             let queues = open_setup(rt, server, &users, per_block, SENDERS)?;
             (Work::Open, users, queues)
