@@ -13,7 +13,13 @@
 #   broadcast    one broadcast to 100,000 connections over 6 gateway processes
 #                (1% slow readers that never read), time until every reader has it
 #   demo         wall time of the default `hongbao demo`
+#   overload     the server pinned to one CPU, the load to the other: capacity of
+#                plain shakes, keyed shakes and opens, then 2x each for 30 s: RSS,
+#                every request answered, a probe's ping p50/p99
 #   all          every figure above
+#   crash        (not in all) crash torture: 200 cycles of load, kill -9, audit,
+#                restart, checks that every acknowledged outcome is there once
+#                (docs/robustness.md); --quick: 5 short cycles
 # --quick runs a small version of each (under a minute) as a smoke check; the
 # full runs are what docs/benchmarks.md quotes. Quick conn-memory: 2,000 TCP
 # connections on one gateway and 3,000 WebSocket connections over 2 gateways
@@ -31,15 +37,15 @@ case "${2:-}" in
     *) echo "unknown option: $2 (only --quick)"; exit 2 ;;
 esac
 case "$figure" in
-    conn-memory|shake-max|opens|broadcast|demo|all) ;;
+    conn-memory|shake-max|opens|broadcast|demo|overload|crash|all) ;;
     "") ;;
-    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, broadcast, demo, all)"; exit 2 ;;
+    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, broadcast, demo, overload, crash, all)"; exit 2 ;;
 esac
 out_root="${BENCH_OUT:-target/bench}"
 mkdir -p "$out_root"
 
 if [ -z "$figure" ]; then
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -136,6 +142,19 @@ broadcast() {
     fi
 }
 
+# Pins the server to CPU 0 and itself (load and probe) to CPU 1 (taskset).
+overload() {
+    "$HB" perf overload $quick
+}
+
+crash() {
+    if [ -n "$quick" ]; then
+        "$HB" perf crash --quick
+    else
+        "$HB" perf crash --cycles 200
+    fi
+}
+
 run_one() {
     case "$1" in
         conn-memory) conn_memory ;;
@@ -143,12 +162,14 @@ run_one() {
         opens) "$HB" perf opens $quick ;;
         broadcast) broadcast ;;
         demo) demo ;;
+        overload) overload ;;
+        crash) crash ;;
     esac
 }
 
 if [ "$figure" = "all" ]; then
     failed=()
-    for f in conn-memory shake-max opens broadcast demo; do
+    for f in conn-memory shake-max opens broadcast overload demo; do
         echo "== $f"
         run_one "$f" || failed+=("$f")
     done

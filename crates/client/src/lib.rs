@@ -50,7 +50,15 @@ pub enum ClientError {
     Protocol(String),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
+/// Requests waiting for their reply, and whether the reader has ended: a
+/// request made after that would wait for a reply that cannot come.
+#[derive(Default)]
+struct Waiting {
+    replies: HashMap<u64, oneshot::Sender<Reply>>,
+    ended: bool,
+}
+
+type Pending = Arc<Mutex<Waiting>>;
 
 /// One TCP connection speaking binary frames.
 pub struct Client {
@@ -84,7 +92,7 @@ impl Client {
                 loop {
                     match frames::read(&mut read).await {
                         Ok(ServerFrame::Reply { id, reply }) => {
-                            if let Some(tx) = pending.lock().expect("pending poisoned").remove(&id) {
+                            if let Some(tx) = pending.lock().expect("pending poisoned").replies.remove(&id) {
                                 let _ = tx.send(reply);
                             }
                         }
@@ -100,8 +108,11 @@ impl Client {
                         Err(_) => break,
                     }
                 }
-                // Wake everyone still waiting: their replies will not come.
-                pending.lock().expect("pending poisoned").clear();
+                // Wake everyone still waiting: their replies will not come;
+                // nor will those of later requests.
+                let mut waiting = pending.lock().expect("pending poisoned");
+                waiting.ended = true;
+                waiting.replies.clear();
             })
         };
         Ok(Client {
@@ -130,13 +141,19 @@ impl Client {
     pub async fn request_timeout(&self, req: Request, timeout: Duration) -> Result<Reply, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending poisoned").insert(id, tx);
+        {
+            let mut waiting = self.pending.lock().expect("pending poisoned");
+            if waiting.ended {
+                return Err(self.close_error());
+            }
+            waiting.replies.insert(id, tx);
+        }
         self.send_raw(&frames::encode(id, req)).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(self.close_error()),
             Err(_) => {
-                self.pending.lock().expect("pending poisoned").remove(&id);
+                self.pending.lock().expect("pending poisoned").replies.remove(&id);
                 Err(ClientError::Timeout)
             }
         }
@@ -266,5 +283,25 @@ impl Admin {
 
     pub fn put(&self, path: &str, body: &serde_json::Value) -> Result<AdminResponse, String> {
         self.send_raw("PUT", path, &body.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request made after the server closed the connection fails as
+    /// disconnected instead of waiting out its time limit for a reply that
+    /// cannot come.
+    #[tokio::test]
+    async fn a_request_after_the_connection_ended_fails_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = Client::connect(addr).await.unwrap();
+        drop(listener.accept().await.unwrap());
+        assert!(client.wait_closed(Duration::from_secs(30)).await.is_none(), "closed without a close frame");
+        assert!(client.is_closed());
+        let r = client.request_timeout(Request::Ping, Duration::from_secs(3600)).await;
+        assert!(matches!(r, Err(ClientError::Disconnected)), "{r:?}");
     }
 }

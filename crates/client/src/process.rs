@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 /// Where a started server listens.
@@ -24,6 +25,8 @@ pub enum SpawnError {
     Start(std::io::Error),
     #[error("the server printed no ready line within {0:?}")]
     NotReady(Duration),
+    #[error("the server ended (or closed its stdout) before printing a ready line")]
+    Exited,
     #[error("unreadable ready line {line:?}: {why}")]
     BadReadyLine { line: String, why: String },
 }
@@ -52,7 +55,8 @@ pub fn spawn_server(cmd: &mut Command, timeout: Duration) -> Result<(Child, Serv
     };
     let line = match rx.recv_timeout(timeout) {
         Ok(line) => line,
-        Err(_) => return fail(child, SpawnError::NotReady(timeout)),
+        Err(RecvTimeoutError::Timeout) => return fail(child, SpawnError::NotReady(timeout)),
+        Err(RecvTimeoutError::Disconnected) => return fail(child, SpawnError::Exited),
     };
     match parse_ready(&line) {
         Ok(addrs) => Ok((child, addrs)),
@@ -93,5 +97,11 @@ mod tests {
         let r = spawn_server(Command::new("sleep").arg("30"), Duration::from_millis(300));
         assert!(matches!(r, Err(SpawnError::NotReady(_))));
         assert!(started.elapsed() < Duration::from_secs(10), "killed, not waited for");
+    }
+
+    #[test]
+    fn a_child_that_exits_without_a_ready_line_is_told_apart_from_a_slow_one() {
+        let r = spawn_server(Command::new("true").arg("serve"), Duration::from_secs(3600));
+        assert!(matches!(r, Err(SpawnError::Exited)), "{r:?}");
     }
 }

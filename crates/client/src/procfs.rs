@@ -118,6 +118,61 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(status_kb(&text, "VmRSS")? * 1024)
 }
 
+/// The CPUs process `pid` may run on, as its status lists them
+/// (`Cpus_allowed_list`: `0`, `0-1`, `0,2-3`); `None` if it is gone.
+pub fn cpus_allowed(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_field(&text, "Cpus_allowed_list").map(str::to_owned)
+}
+
+/// What the scheduler says about a thread (`schedstat`): time on a CPU,
+/// time runnable but waiting for one, and how many times it got one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedStat {
+    pub run_ns: u64,
+    pub wait_ns: u64,
+    pub slices: u64,
+}
+
+impl SchedStat {
+    /// Parses the text of a schedstat file: three numbers.
+    pub fn parse(text: &str) -> Option<SchedStat> {
+        let mut n = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+        Some(SchedStat { run_ns: n.next()??, wait_ns: n.next()??, slices: n.next()?? })
+    }
+
+    /// What changed since `before` (the same thread earlier).
+    pub fn since(&self, before: &SchedStat) -> SchedStat {
+        SchedStat {
+            run_ns: self.run_ns.saturating_sub(before.run_ns),
+            wait_ns: self.wait_ns.saturating_sub(before.wait_ns),
+            slices: self.slices.saturating_sub(before.slices),
+        }
+    }
+}
+
+/// Every thread of process `pid`: (thread id, name, schedstat); empty if
+/// the process is gone. A thread that ends between the listing and the
+/// read is left out.
+pub fn thread_schedstats(pid: u32) -> Vec<(u32, String, SchedStat)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else { continue };
+        let name = std::fs::read_to_string(task.path().join("comm")).map(|n| n.trim().to_owned());
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok().and_then(|t| SchedStat::parse(&t));
+        if let (Ok(name), Some(stat)) = (name, stat) {
+            out.push((tid, name, stat));
+        }
+    }
+    out
+}
+
+/// The calling thread's schedstat.
+pub fn this_thread_schedstat() -> Option<SchedStat> {
+    SchedStat::parse(&std::fs::read_to_string("/proc/thread-self/schedstat").ok()?)
+}
+
 /// Socket descriptors process `pid` holds: connections, listeners, socket
 /// pairs (`/proc/<pid>/fd` entries linking to `socket:[…]`). Reading another
 /// user's process needs the right to.
@@ -180,6 +235,16 @@ mod tests {
     }
 
     #[test]
+    fn schedstat_is_three_numbers() {
+        let s = SchedStat::parse("102059766 217507490 8244\n").unwrap();
+        assert_eq!(s, SchedStat { run_ns: 102_059_766, wait_ns: 217_507_490, slices: 8244 });
+        let later = SchedStat { run_ns: 102_059_800, wait_ns: 217_507_500, slices: 8245 };
+        assert_eq!(later.since(&s), SchedStat { run_ns: 34, wait_ns: 10, slices: 1 });
+        assert_eq!(SchedStat::parse("1 2"), None);
+        assert_eq!(SchedStat::parse("1 x 3"), None);
+    }
+
+    #[test]
     fn the_soft_open_files_limit_is_read() {
         let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
                       Max cpu time              unlimited            unlimited            seconds   \n\
@@ -199,6 +264,9 @@ mod tests {
         let m = memory(me).unwrap();
         assert!(m.rss > 0 && m.anon <= m.rss && m.threads >= 1, "{m:?}");
         assert!(rss_bytes(me).is_some_and(|r| r > 0));
+        assert!(cpus_allowed(me).is_some_and(|c| c.starts_with(|ch: char| ch.is_ascii_digit())));
+        assert!(thread_schedstats(me).iter().any(|(tid, _, s)| *tid == me && s.slices > 0));
+        assert!(this_thread_schedstat().is_some_and(|s| s.run_ns > 0));
         assert!(socket_fds(me).is_ok());
         assert!(stat(u32::MAX).is_none() && matches!(memory(u32::MAX), Err(ProcError::Read { .. })));
     }

@@ -55,3 +55,38 @@ fn conn_memory_and_broadcast_span_gateway_and_client_processes() {
     assert!(out.contains("from 3 client process(es)") && out.contains("594 of 594 readers got it"), "{out}");
     assert!(out.contains("ended done with 600 of 600 delivered"), "{out}");
 }
+
+/// A tiny overload run in a debug build: each kind of work gets its
+/// capacity step and a short phase at twice that rate; the checks come out
+/// in their shape (every request answered, RSS read, the probe's pings)
+/// and every figure is printed. No speed is asserted.
+#[test]
+fn overload_answers_every_request_and_prints_its_figures() {
+    let out = perf(&[
+        "overload",
+        "--phase-s",
+        "2",
+        "--capacity-s",
+        "1",
+        "--connections",
+        "8",
+        "--open-users",
+        "100",
+        "--open-guess-per-s",
+        "40000",
+        "--full-windows-only",
+    ]);
+    for what in ["shake_plain", "shake_keyed", "open"] {
+        for name in ["capacity", "offered", "sent", "answered", "rss_start", "rss_peak", "rss_end", "probe_p99"] {
+            figure(&out, &format!("overload_{what}_{name}"));
+        }
+        assert!(figure(&out, &format!("overload_{what}_capacity")) > 0.0);
+        assert!(figure(&out, &format!("overload_{what}_rss_peak")) > 0.0);
+        let answered = out.lines().find(|l| l.starts_with(&format!("{what}: ")) && l.contains(" requests sent over"));
+        let answered = answered.unwrap_or_else(|| panic!("no answer count for {what}:\n{out}"));
+        assert!(answered.ends_with("-> every request answered"), "{answered}");
+        let probe = out.lines().find(|l| l.starts_with(&format!("{what}: probe ping"))).expect("probe line");
+        assert!(probe.contains("(0 unanswered)"), "{probe}");
+    }
+    assert!(out.contains("overload: PASS"), "{out}");
+}

@@ -25,7 +25,9 @@
 
 mod clients;
 mod conns;
+mod crash;
 mod opens;
+mod overload;
 mod server;
 
 /// The figures `hongbao perf` can measure.
@@ -37,6 +39,13 @@ pub enum Figure {
     ConnMemory(conns::ConnMemoryArgs),
     /// Time for one broadcast to reach every connected client.
     Broadcast(conns::BroadcastArgs),
+    /// Crash torture: cycles of mixed load, kill -9 at a random instant,
+    /// restart on the same data, and checks that every acknowledged outcome
+    /// is there exactly once and the audit passes.
+    Crash(crash::CrashArgs),
+    /// The server at twice its capacity (shakes, keyed shakes, opens):
+    /// memory bounded, every request answered, a probe's ping latency.
+    Overload(overload::OverloadArgs),
     /// One client process of conn-memory or broadcast: opens a share of the
     /// connections and holds them (started by them; JSON lines on stdin and
     /// stdout).
@@ -50,6 +59,8 @@ pub fn run(figure: Figure) -> anyhow::Result<()> {
         Figure::Opens(args) => opens::run(args),
         Figure::ConnMemory(args) => conns::conn_memory(args),
         Figure::Broadcast(args) => conns::broadcast(args),
+        Figure::Crash(args) => crash::run(args),
+        Figure::Overload(args) => overload::run(args),
         Figure::Hold(args) => clients::hold(args),
     }
 }

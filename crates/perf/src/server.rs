@@ -1,14 +1,18 @@
-//! The server child of `conn-memory` and `broadcast`: `hongbao serve --dev
-//! --gateways N` on loopback port 0 in a temporary data directory.
+//! The server child of the figures: `hongbao serve --dev --gateways N` on
+//! loopback port 0, in a temporary data directory (`conn-memory`,
+//! `broadcast`) or in one the caller keeps across restarts (`crash`), and
+//! optionally pinned to some CPUs (`overload`).
 //!
 //! With N > 1 the server is several processes: the serve process (which has
 //! a gateway of its own) and N-1 gateway children it starts, all listening on
 //! the same ports (`SO_REUSEPORT`). Their PIDs come from the `gateway_pids`
 //! field of the `HONGBAO_READY` line. Memory is read from every one of them,
-//! and stopping the server makes sure every one of them is gone.
+//! and stopping (or killing) the server makes sure every one of them is gone.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -70,6 +74,61 @@ impl Started {
     }
 }
 
+/// How to start a server child.
+#[derive(Clone, Debug)]
+pub struct ServerSpec {
+    /// The data directory (created by the server if missing).
+    pub data: PathBuf,
+    /// Where its stderr goes (appended to: a restarted server adds to it).
+    pub log: PathBuf,
+    pub gateways: u32,
+    /// `--max-connections` of each gateway process.
+    pub max_connections: usize,
+    /// Further `serve` flags (`--packet-expiry-s 2`, …).
+    pub args: Vec<String>,
+    /// Runs it under `taskset -c <cpus>` (its gateway children inherit it).
+    pub cpus: Option<String>,
+}
+
+impl ServerSpec {
+    /// A spec for `data`, logging to `log`, with one gateway process.
+    pub fn new(data: PathBuf, log: PathBuf) -> ServerSpec {
+        ServerSpec { data, log, gateways: 1, max_connections: 18_000, args: Vec::new(), cpus: None }
+    }
+
+    fn command(&self) -> anyhow::Result<Command> {
+        let exe = std::env::current_exe().context("own executable")?;
+        let mut cmd = match &self.cpus {
+            Some(cpus) => {
+                // taskset execs the server: the child's PID is the server's.
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", cpus]).arg(exe);
+                cmd
+            }
+            None => Command::new(exe),
+        };
+        cmd.arg("serve")
+            .arg("--dev")
+            .arg("--data")
+            .arg(&self.data)
+            .args(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--max-connections", &self.max_connections.to_string()])
+            // Room for a slow machine to open every connection before the
+            // first ones idle out; an idle connection's memory is the same.
+            .args(["--idle-timeout-s", "600"])
+            .args(["--gateways", &self.gateways.to_string()])
+            .args(&self.args);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("HONGBAO_") {
+                cmd.env_remove(key);
+            }
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).context("server log file")?;
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::from(log));
+        Ok(cmd)
+    }
+}
+
 pub struct ServerChild {
     child: Child,
     pub tcp: SocketAddr,
@@ -77,41 +136,36 @@ pub struct ServerChild {
     admin: SocketAddr,
     gateways: Vec<Started>,
     stopped: bool,
-    /// Removed (with the data and log) when the server is dropped.
-    dir: tempfile::TempDir,
+    log: PathBuf,
+    /// Removed (with the data and log) when the server is dropped, if the
+    /// server made it (`start`); a caller's directory is the caller's.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl ServerChild {
     /// Starts the server with `gateways` gateway processes, each holding at
-    /// most `max_connections` client connections.
+    /// most `max_connections` client connections, in a temporary directory.
     pub fn start(max_connections: usize, gateways: u32) -> anyhow::Result<ServerChild> {
         let dir = tempfile::Builder::new().prefix("hongbao-perf-").tempdir().context("temporary directory")?;
-        let data = dir.path().join("data");
-        let log = std::fs::File::create(dir.path().join("server.log")).context("server log file")?;
-        let mut cmd = Command::new(std::env::current_exe().context("own executable")?);
-        cmd.arg("serve")
-            .arg("--dev")
-            .arg("--data")
-            .arg(&data)
-            .args(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--max-connections", &max_connections.to_string()])
-            // Room for a slow machine to open every connection before the
-            // first ones idle out; an idle connection's memory is the same.
-            .args(["--idle-timeout-s", "600"])
-            .args(["--gateways", &gateways.to_string()]);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("HONGBAO_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("RUST_LOG", "warn").stderr(Stdio::from(log));
+        let mut spec = ServerSpec::new(dir.path().join("data"), dir.path().join("server.log"));
+        spec.gateways = gateways;
+        spec.max_connections = max_connections;
+        let mut server = ServerChild::start_spec(&spec)?;
+        server._dir = Some(dir);
+        Ok(server)
+    }
+
+    /// Starts the server `spec` describes and waits for its ready line.
+    pub fn start_spec(spec: &ServerSpec) -> anyhow::Result<ServerChild> {
+        let mut cmd = spec.command()?;
         let (child, ready) = match hongbao_client::spawn_server(&mut cmd, READY_TIMEOUT) {
             Ok(started) => started,
             Err(e) => {
-                let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
-                bail!("{e}; the server's log:\n{log}");
+                let log = std::fs::read_to_string(&spec.log).unwrap_or_default();
+                bail!("{e}; the server's log:\n{}", tail(&log, 40));
             }
         };
+        let gateways = spec.gateways;
         let mut server = ServerChild {
             child,
             tcp: ready.tcp,
@@ -119,11 +173,14 @@ impl ServerChild {
             admin: ready.admin,
             gateways: Vec::new(),
             stopped: false,
-            dir,
+            log: spec.log.clone(),
+            _dir: None,
         };
         // From here on, a failure stops the server (and what has started) on drop.
+        LIVE.register(server.child.id());
         for pid in ready.gateway_pids {
             server.gateways.push(Started::of(pid)?);
+            LIVE.register(pid);
         }
         ensure!(
             server.gateways.len() + 1 == gateways as usize,
@@ -200,6 +257,7 @@ impl ServerChild {
         for g in self.gateways.iter().filter(|g| g.alive()) {
             kill_started(*g);
         }
+        self.forget();
         if server_killed {
             bail!("server {} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed", self.child.id());
         }
@@ -209,11 +267,47 @@ impl ServerChild {
         Ok(())
     }
 
+    /// SIGKILL to the serve process by PID: no shutdown path runs. Its
+    /// gateway children stop when their link to it breaks; any still there
+    /// after `STOP_TIMEOUT` are killed by PID too. Returns once every server
+    /// process is gone.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        // `Child::kill` is SIGKILL to this child's PID.
+        let _ = self.child.kill();
+        self.child.wait().context("reaping the killed server")?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline && self.gateways.iter().any(|g| g.alive()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left: Vec<u32> = self.gateways.iter().filter(|g| g.alive()).map(|g| g.pid).collect();
+        for g in self.gateways.iter().filter(|g| g.alive()) {
+            kill_started(*g);
+        }
+        self.forget();
+        ensure!(left.is_empty(), "gateway processes {left:?} outlived the killed server by {STOP_TIMEOUT:?}; killed");
+        Ok(())
+    }
+
+    /// Every process of this server is gone (reaped, or killed by PID).
+    fn forget(&self) {
+        LIVE.forget(&self.pids());
+    }
+
     /// The server's log so far (stderr of every server process), for error
     /// messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 impl Drop for ServerChild {
@@ -222,6 +316,44 @@ impl Drop for ServerChild {
             eprintln!("warning: {e}");
         }
     }
+}
+
+/// The PIDs of every server process this process started and has not seen
+/// end: what `kill_servers_on_signal` kills.
+struct Live(Mutex<Vec<u32>>);
+
+static LIVE: Live = Live(Mutex::new(Vec::new()));
+
+impl Live {
+    fn register(&self, pid: u32) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+    }
+
+    fn forget(&self, pids: &[u32]) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| !pids.contains(p));
+    }
+}
+
+/// On SIGINT or SIGTERM this process would die without running any drop,
+/// leaving its server children behind: instead, every server process still
+/// running is killed by PID, then this process exits (status 130). Call it
+/// once, inside the runtime that should watch.
+pub fn kill_servers_on_signal(rt: &tokio::runtime::Runtime) {
+    rt.spawn(async {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let pids = std::mem::take(&mut *LIVE.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for &pid in &pids {
+            signal("-KILL", pid);
+        }
+        eprintln!("interrupted: killed the server processes this run had started ({pids:?})");
+        std::process::exit(130);
+    });
 }
 
 /// SIGTERM to the child by PID, then SIGKILL if it has not exited within
