@@ -31,7 +31,10 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::io::{FrameIo, Incoming, TcpIo, Transport, Unsent};
-use crate::limits::{HELLO_FRAME_BYTES_MAX, SLOW_CONSUMER_CLOSE_MS, WRITE_BATCH_FRAMES_MAX, WRITE_TIMEOUT_S};
+use crate::limits::{
+    FRAMES_PER_TURN_MAX, HELLO_FRAME_BYTES_MAX, OVERLOAD_PAUSE_MAX_MS, OVERLOAD_PAUSE_MIN_MS, SLOW_CONSUMER_CLOSE_MS,
+    WRITE_BATCH_FRAMES_MAX, WRITE_TIMEOUT_S,
+};
 use crate::shared::{Admission, HotCounters, PendingHello, Shared};
 use crate::ws::{self, WsIo};
 
@@ -109,8 +112,19 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
     ) -> Conn<B, I> {
         let (outbox, rx) = Outbox::new(CONNECTION_OUTBOX_FRAMES_MAX);
         let hello_deadline = Instant::now() + Duration::from_secs(shared.config.hello_timeout_s.into());
-        let session =
-            Session { shared, transport, user: None, registration: None, outbox, rx, inflight: Vec::new(), pending };
+        let session = Session {
+            shared,
+            transport,
+            user: None,
+            registration: None,
+            outbox,
+            rx,
+            inflight: Vec::new(),
+            pending,
+            frames_this_turn: 0,
+            overload_pause_ms: 0,
+            answered_overload: false,
+        };
         Conn { io, session, hello_deadline }
     }
 
@@ -177,6 +191,7 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
                     if let Some(end) = Box::pin(session.write_outbox(io, batch)).await {
                         return end;
                     }
+                    Box::pin(session.take_turns()).await;
                 }
                 Event::Read(Incoming::Frame(frame)) => {
                     if let Err(end) = Box::pin(session.handle(io, *frame)).await {
@@ -185,6 +200,7 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
                     if session.user.is_some() {
                         deadline.as_mut().reset(Instant::now() + session.idle_timeout());
                     }
+                    Box::pin(session.take_turns()).await;
                 }
                 Event::Read(Incoming::Heartbeat) => {
                     if session.user.is_some() {
@@ -355,6 +371,13 @@ struct Session<B: Backend> {
     /// pointer in every connection's task instead of 32 bytes, and the box
     /// is freed at `hello`.
     pending: Option<Box<PendingHello>>,
+    /// Frames handled since this connection last let the others run.
+    frames_this_turn: u8,
+    /// How long this connection's reading pauses after its next `overload`
+    /// answer (0: not overloaded lately); doubles while overloads continue.
+    overload_pause_ms: u16,
+    /// An `overload` answer went out since the loop last looked.
+    answered_overload: bool,
 }
 
 impl<B: Backend> Session<B> {
@@ -381,7 +404,10 @@ impl<B: Backend> Session<B> {
         let mut upto = batch.len();
         for (i, frame) in batch.iter().enumerate() {
             match frame {
-                ServerFrame::Reply { id, reply } => self.settle(*id, reply),
+                ServerFrame::Reply { id, reply } => {
+                    self.settle(*id, reply);
+                    self.note_load(reply);
+                }
                 ServerFrame::Push(_) => {}
                 ServerFrame::Close { code, .. } => {
                     tracing::debug!(code = code.as_str(), "engine closed connection");
@@ -395,6 +421,41 @@ impl<B: Backend> Session<B> {
             return Some(end);
         }
         closing.then_some(End::Quiet)
+    }
+
+    /// Fairness and flow control between connections on one worker: a
+    /// connection that keeps many requests coming lets the others run every
+    /// `FRAMES_PER_TURN_MAX` frames (a connection that only pings is then
+    /// answered after a few frames of each busy one, not after all they have
+    /// queued); and one that was just told `overload` reads nothing for a
+    /// moment (`OVERLOAD_PAUSE_MIN_MS`, doubling while overloads continue,
+    /// up to `OVERLOAD_PAUSE_MAX_MS`), so that, over capacity, the server
+    /// spends its time on the work it can do rather than on reading and
+    /// refusing more.
+    async fn take_turns(&mut self) {
+        self.frames_this_turn += 1;
+        if self.frames_this_turn >= FRAMES_PER_TURN_MAX {
+            self.frames_this_turn = 0;
+            tokio::task::yield_now().await;
+        }
+        if std::mem::take(&mut self.answered_overload) {
+            self.overload_pause_ms =
+                (self.overload_pause_ms.saturating_mul(2)).clamp(OVERLOAD_PAUSE_MIN_MS, OVERLOAD_PAUSE_MAX_MS);
+            metrics::counter!("hongbao_overload_read_pauses_total").increment(1);
+            tokio::time::sleep(Duration::from_millis(self.overload_pause_ms.into())).await;
+        }
+    }
+
+    /// Notes what an answer says about load: `overload` starts or lengthens
+    /// the pause before this connection is read again; anything else ends it.
+    fn note_load(&mut self, reply: &Reply) {
+        let overload =
+            matches!(reply, Reply::Shake(ShakeResult::Overload) | Reply::Error { code: ErrorCode::Overload, .. });
+        if overload {
+            self.answered_overload = true;
+        } else {
+            self.overload_pause_ms = 0;
+        }
     }
 
     /// Records the latency and result of a reply the engine sent.
@@ -449,6 +510,7 @@ impl<B: Backend> Session<B> {
     /// Writes one reply made by the gateway itself.
     async fn reply<I: FrameIo>(&mut self, io: &mut I, id: u64, op: &'static str, reply: Reply) -> Result<(), End> {
         count_request(&self.shared.hot_counters, op, &reply);
+        self.note_load(&reply);
         self.write(io, &[ServerFrame::Reply { id, reply }]).await
     }
 
