@@ -102,11 +102,7 @@ impl FrameReader {
                         Ok(frame) => ReadOutcome::Frame(frame),
                         Err(e) => ReadOutcome::Bad(e.into()),
                     };
-                    if self.buf.len() == end {
-                        self.buf = Vec::new();
-                    } else {
-                        self.buf.drain(..end);
-                    }
+                    consume_frame(&mut self.buf, end);
                     return Poll::Ready(Ok(outcome));
                 }
                 frame_len = Some(end);
@@ -150,6 +146,25 @@ pub(crate) fn poll_read_more<R: AsyncRead + Unpin>(
             buf.extend_from_slice(&chunk[..n]);
             Poll::Ready(Ok(n))
         }
+    }
+}
+
+/// Capacity a reader's buffer may keep for the bytes that came after a
+/// frame (at most one read chunk of them).
+pub(crate) const BUF_KEPT_BYTES_MAX: usize = 2 * READ_CHUNK_BYTES;
+
+/// Drops the first `end` bytes of `buf`, a frame just decoded, and keeps
+/// what came after it. Those are less than one read chunk, so a buffer that
+/// grew for a large frame is not kept for them: a peer that sent a large
+/// frame and one byte of the next, then went quiet, held the large frame's
+/// allocation for as long as it stayed (found by fuzzing, docs/fuzzing.md).
+pub(crate) fn consume_frame(buf: &mut Vec<u8>, end: usize) {
+    if buf.len() == end {
+        *buf = Vec::new();
+    } else if buf.capacity() > BUF_KEPT_BYTES_MAX {
+        *buf = buf[end..].to_vec();
+    } else {
+        buf.drain(..end);
     }
 }
 
@@ -356,6 +371,23 @@ mod tests {
         assert!(stalled.is_err(), "no frame yet");
         assert!(reader.buf.capacity() <= BODY_CHUNK_BYTES, "{} bytes held for 8 received", reader.buf.capacity());
         assert_eq!(reader.buf.len(), 8, "header and the 4 body bytes");
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_leaves_no_large_buffer_behind() {
+        // A large frame and the first byte of the next one, then the peer
+        // goes quiet: the reader keeps that byte, not the large allocation.
+        // (4,298 bytes: the body grows to 4 KiB, then the last read is a
+        // chunk that takes the next byte too.)
+        let big = ClientFrame { id: 1, req: Request::Hello { token: "t".repeat(4290) } };
+        let mut bytes = binary::encode_client(&big);
+        bytes.push(0);
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(&bytes).await.unwrap();
+        let mut reader = FrameReader::new();
+        assert!(matches!(reader.read_frame(&mut server).await.unwrap(), ReadOutcome::Frame(f) if f == big));
+        assert_eq!(reader.buf, [0]);
+        assert!(reader.buf.capacity() <= BUF_KEPT_BYTES_MAX, "{} bytes kept for 1", reader.buf.capacity());
     }
 
     #[tokio::test]
