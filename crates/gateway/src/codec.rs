@@ -183,6 +183,15 @@ pub(crate) fn grow_for_read(buf: &mut Vec<u8>, filled: usize, len: usize) {
     }
 }
 
+/// For the fuzz targets (`fuzz/`): the heap the reader holds, to check that
+/// memory follows the bytes received and never passes the frame limit.
+#[cfg(fuzzing)]
+impl FrameReader {
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
 /// One `read` into `buf`; `Ok(0)` is end of stream.
 fn poll_read<R: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut R, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
     let mut buf = ReadBuf::new(buf);
@@ -361,19 +370,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_announced_length_alone_allocates_little() {
-        // Announces the largest body, sends 4 bytes of it, then stalls.
-        let (mut client, mut server) = tokio::io::duplex(1024);
-        client.write_all(&(FRAME_BYTES_MAX as u32).to_be_bytes()).await.unwrap();
-        client.write_all(&[1, 2, 3, 4]).await.unwrap();
-        let mut reader = FrameReader::new();
-        let stalled = tokio::time::timeout(std::time::Duration::from_millis(50), reader.read_frame(&mut server)).await;
-        assert!(stalled.is_err(), "no frame yet");
-        assert!(reader.buf.capacity() <= BODY_CHUNK_BYTES, "{} bytes held for 8 received", reader.buf.capacity());
-        assert_eq!(reader.buf.len(), 8, "header and the 4 body bytes");
-    }
-
-    #[tokio::test]
     async fn a_large_frame_leaves_no_large_buffer_behind() {
         // A large frame and the first byte of the next one, then the peer
         // goes quiet: the reader keeps that byte, not the large allocation.
@@ -388,6 +384,19 @@ mod tests {
         assert!(matches!(reader.read_frame(&mut server).await.unwrap(), ReadOutcome::Frame(f) if f == big));
         assert_eq!(reader.buf, [0]);
         assert!(reader.buf.capacity() <= BUF_KEPT_BYTES_MAX, "{} bytes kept for 1", reader.buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn an_announced_length_alone_allocates_little() {
+        // Announces the largest body, sends 4 bytes of it, then stalls.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(&(FRAME_BYTES_MAX as u32).to_be_bytes()).await.unwrap();
+        client.write_all(&[1, 2, 3, 4]).await.unwrap();
+        let mut reader = FrameReader::new();
+        let stalled = tokio::time::timeout(std::time::Duration::from_millis(50), reader.read_frame(&mut server)).await;
+        assert!(stalled.is_err(), "no frame yet");
+        assert!(reader.buf.capacity() <= BODY_CHUNK_BYTES, "{} bytes held for 8 received", reader.buf.capacity());
+        assert_eq!(reader.buf.len(), 8, "header and the 4 body bytes");
     }
 
     #[tokio::test]

@@ -203,6 +203,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for WsIo<S> {
     }
 }
 
+/// For the fuzz targets (`fuzz/`): the heap the reader holds (the frame
+/// being read and a fragmented message's bytes so far).
+#[cfg(fuzzing)]
+impl<S> WsIo<S> {
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.reader.buf.capacity() + self.reader.partial.capacity()
+    }
+}
+
 /// Appends one unmasked, unfragmented server frame.
 fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.reserve(HEAD_BYTES_MAX + payload.len());
