@@ -94,8 +94,11 @@ for t in "${targets[@]}"; do
         "${corp:-}" "$result" >>target/logs/history.tsv
 done
 
+passed=$((${#targets[@]} - ${#failed[@]}))
 if [ ${#failed[@]} -gt 0 ]; then
-    echo "FAIL: ${failed[*]} found a crash; see above" >&2
+    echo "FAIL: ${failed[*]} found a crash; see above"
+    echo "fuzz: $passed passed, ${#failed[@]} failed"
     exit 1
 fi
 echo "PASS: ${#targets[@]} targets, ${seconds} s each, nothing found"
+echo "fuzz: $passed passed, 0 failed"

@@ -69,7 +69,7 @@ impl Plan {
 
     fn stall(&mut self) -> bool {
         self.reads = self.reads.wrapping_add(1);
-        self.stall_every != 0 && self.reads % (self.stall_every + 1) == 0
+        self.stall_every != 0 && self.reads.is_multiple_of(self.stall_every + 1)
     }
 
     fn piece_bytes(&mut self) -> usize {
@@ -78,7 +78,7 @@ impl Plan {
         }
         // Mostly the largest piece, sometimes any size up to it.
         let r = self.next_random() as usize;
-        if r % 4 == 0 {
+        if r.is_multiple_of(4) {
             1 + (r >> 2) % self.piece_bytes_max
         } else {
             self.piece_bytes_max
