@@ -327,7 +327,14 @@ fn admin_bodies() -> Vec<(String, Vec<u8>)> {
         ("unknown_field", 0, r#"{"amount_fen": 1, "key": "k", "extra": 1}"#),
         ("empty", 7, ""),
     ];
-    bodies.iter().map(|(name, which, text)| (name.to_string(), [&[*which][..], text.as_bytes()].concat())).collect()
+    let mut out: Vec<(String, Vec<u8>)> = bodies
+        .iter()
+        .map(|(name, which, text)| (name.to_string(), [&[*which][..], text.as_bytes()].concat()))
+        .collect();
+    // Not UTF-8 inside a field the rule skips: once taken as JSON.
+    let not_utf8 = b"{\"funder\": 1, \"total_fen\": 50, \"rule\": {\"range\": {\"min_fen\": 1, \"max_fen\": 9, \"x\": \"\xa3\"}}, \"rate_per_s\": 5, \"key\": \"c\"}";
+    out.push(("campaign_not_utf8".into(), [&[4u8][..], &not_utf8[..]].concat()));
+    out
 }
 
 fn all() -> BTreeMap<&'static str, Vec<(String, Vec<u8>)>> {
