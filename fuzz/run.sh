@@ -53,7 +53,14 @@ trap cleanup EXIT
 trap 'cleanup; exit 130' INT TERM
 
 echo "== building ${targets[*]}"
-cargo fuzz build "${targets[@]}"
+if [ $# -eq 0 ]; then
+    cargo fuzz build
+else
+    # `cargo fuzz build` takes one target or all of them.
+    for t in "${targets[@]}"; do
+        cargo fuzz build "$t"
+    done
+fi
 triple=$(rustc -vV | sed -n 's/^host: //p')
 bin_dir="target/$triple/release"
 
