@@ -43,11 +43,18 @@ where
 
 /// Parses a body, telling broken JSON apart from JSON of the wrong shape
 /// (a missing field, a string where a number belongs, a number out of range).
+///
+/// The body is checked to be UTF-8 first: `serde_json::from_slice` checks
+/// only the strings it keeps, so bytes that are not UTF-8 inside a field it
+/// skips (an unknown field of a nested object) passed as JSON (found by
+/// fuzzing, docs/fuzzing.md).
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::invalid("request body is empty; expected a JSON object"));
     }
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+    let text =
+        std::str::from_utf8(bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: not UTF-8 ({e})")))?;
+    serde_json::from_str(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::invalid(format!("invalid request body: {e}")),
         _ => ApiError::invalid(format!("malformed JSON body: {e}")),
     })
@@ -66,6 +73,29 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
                 "the id in the path must be a non-negative integer: {}",
                 rejection.body_text()
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hongbao_core::campaign::AmountRule;
+
+    #[test]
+    fn bodies_that_are_not_utf8_are_refused_even_where_skipped() {
+        // A campaign's rule skips fields it does not know.
+        let good = b"{\"range\": {\"min_fen\": 1, \"max_fen\": 9, \"note\": \"x\"}}";
+        assert_eq!(parse_json::<AmountRule>(good), Ok(AmountRule::Range { min_fen: 1, max_fen: 9 }));
+        // The same body with a byte that is not UTF-8 in the skipped field,
+        // then in a skipped key.
+        for bad in [
+            &b"{\"range\": {\"min_fen\": 1, \"max_fen\": 9, \"note\": \"\xff\"}}"[..],
+            &b"{\"range\": {\"min_fen\": 1, \"max_fen\": 9, \"n\xa3\": 2}}"[..],
+        ] {
+            let e = parse_json::<AmountRule>(bad).unwrap_err();
+            assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest));
+            assert!(e.message.contains("not UTF-8"), "{}", e.message);
         }
     }
 }

@@ -60,6 +60,9 @@ pub use error::{status_for, ApiError};
 pub use routes::{TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX};
 
 pub use limits::BODY_BYTES_MAX;
+/// The request bodies as the handlers parse them, for the fuzz targets.
+#[cfg(fuzzing)]
+pub use routes::fuzz;
 
 /// Where and how the admin API listens.
 #[derive(Clone, Debug)]

@@ -19,6 +19,9 @@ use crate::error::ApiError;
 use crate::extract::{ApiJson, PathId};
 use crate::{AppState, Caller};
 
+#[cfg(fuzzing)]
+pub mod fuzz;
+
 type Shared = State<Arc<AppState>>;
 type ApiResult = Result<Response, ApiError>;
 

@@ -109,11 +109,7 @@ impl FrameReader {
                         Ok(frame) => ReadOutcome::Frame(frame),
                         Err(e) => ReadOutcome::Bad(e.into()),
                     };
-                    if self.buf.len() == end {
-                        self.buf = Vec::new();
-                    } else {
-                        self.buf.drain(..end);
-                    }
+                    consume_frame(&mut self.buf, end);
                     return Poll::Ready(Ok(outcome));
                 }
                 frame_len = Some(end);
@@ -170,6 +166,25 @@ pub(crate) fn poll_read_more<R: AsyncRead + Unpin>(
     }
 }
 
+/// Capacity a reader's buffer may keep for the bytes that came after a
+/// frame (at most one read chunk of them).
+pub(crate) const BUF_KEPT_BYTES_MAX: usize = 2 * READ_CHUNK_BYTES;
+
+/// Drops the first `end` bytes of `buf`, a frame just decoded, and keeps
+/// what came after it. Those are less than one read chunk, so a buffer that
+/// grew for a large frame is not kept for them: a peer that sent a large
+/// frame and one byte of the next, then went quiet, held the large frame's
+/// allocation for as long as it stayed (found by fuzzing, docs/fuzzing.md).
+pub(crate) fn consume_frame(buf: &mut Vec<u8>, end: usize) {
+    if buf.len() == end {
+        *buf = Vec::new();
+    } else if buf.capacity() > BUF_KEPT_BYTES_MAX {
+        *buf = buf[end..].to_vec();
+    } else {
+        buf.drain(..end);
+    }
+}
+
 /// First allocation for a frame body; it doubles from there up to the length
 /// the header announced.
 const BODY_CHUNK_BYTES: usize = 1024;
@@ -182,6 +197,15 @@ pub(crate) fn grow_for_read(buf: &mut Vec<u8>, filled: usize, len: usize) {
     if filled == buf.len() {
         let next = (filled * 2).max(BODY_CHUNK_BYTES).min(len);
         buf.resize(next, 0);
+    }
+}
+
+/// For the fuzz targets (`fuzz/`): the heap the reader holds, to check that
+/// memory follows the bytes received and never passes the frame limit.
+#[cfg(fuzzing)]
+impl FrameReader {
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.buf.capacity()
     }
 }
 
@@ -360,6 +384,23 @@ mod tests {
             assert!(matches!(reader.read_frame(&mut server).await.unwrap(), ReadOutcome::Frame(f) if f == small));
         }
         assert_eq!(reader.buf.capacity(), 0, "an idle reader holds no memory");
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_leaves_no_large_buffer_behind() {
+        // A large frame and the first byte of the next one, then the peer
+        // goes quiet: the reader keeps that byte, not the large allocation.
+        // (4,298 bytes: the body grows to 4 KiB, then the last read is a
+        // chunk that takes the next byte too.)
+        let big = ClientFrame { id: 1, req: Request::Hello { token: "t".repeat(4290) } };
+        let mut bytes = binary::encode_client(&big);
+        bytes.push(0);
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(&bytes).await.unwrap();
+        let mut reader = FrameReader::new();
+        assert!(matches!(reader.read_frame(&mut server).await.unwrap(), ReadOutcome::Frame(f) if f == big));
+        assert_eq!(reader.buf, [0]);
+        assert!(reader.buf.capacity() <= BUF_KEPT_BYTES_MAX, "{} bytes kept for 1", reader.buf.capacity());
     }
 
     #[tokio::test]

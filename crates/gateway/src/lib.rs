@@ -27,6 +27,8 @@
 
 mod codec;
 mod conn;
+#[cfg(fuzzing)]
+pub mod fuzz;
 mod io;
 mod server;
 mod shared;

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
-use crate::codec::{check_frame_len, decode_json, poll_read_more, FrameError};
+use crate::codec::{check_frame_len, consume_frame, decode_json, poll_read_more, FrameError};
 use crate::io::{FrameIo, Incoming};
 
 /// Longest frame header: 2 bytes, a 64-bit length, a 4-byte mask.
@@ -255,6 +255,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameIo for WsIo<S> {
     }
 }
 
+/// For the fuzz targets (`fuzz/`): the heap the reader holds (the frame
+/// being read and a fragmented message's bytes so far).
+#[cfg(fuzzing)]
+impl<S> WsIo<S> {
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.reader.buf.capacity() + self.reader.partial.capacity()
+    }
+}
+
 /// Appends one unmasked, unfragmented server frame.
 fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.reserve(HEAD_BYTES_MAX + payload.len());
@@ -349,11 +358,7 @@ impl FrameReader {
                 let end = need + head.len;
                 if self.buf.len() >= end {
                     let mut payload = self.buf[need..end].to_vec();
-                    if self.buf.len() == end {
-                        self.buf = Vec::new();
-                    } else {
-                        self.buf.drain(..end);
-                    }
+                    consume_frame(&mut self.buf, end);
                     for (i, byte) in payload.iter_mut().enumerate() {
                         *byte ^= head.mask[i % 4];
                     }
@@ -601,6 +606,24 @@ mod tests {
         expected.extend_from_slice(&json);
         expected.extend_from_slice(&[0x80 | OP_CLOSE, 2, 0x03, 0xE8]);
         assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_leaves_no_large_buffer_behind() {
+        // A large frame and the first byte of the next one, then the peer
+        // goes quiet: the reader keeps that byte, not the large allocation.
+        // (4,308 bytes: the payload grows to 4 KiB, then the last read is a
+        // chunk that takes the next byte too.)
+        let mut bytes = client_frame(true, OP_BINARY, &[7; 4300]);
+        bytes.push(0x80 | OP_TEXT);
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(&bytes).await.unwrap();
+        let mut reader = FrameReader::default();
+        let read = std::future::poll_fn(|cx| reader.poll_frame(cx, &mut server, FRAME_BYTES_MAX)).await.unwrap();
+        assert!(matches!(&read, Read::Frame(head, payload) if head.opcode == OP_BINARY && payload.len() == 4300));
+        assert_eq!(reader.buf, [0x80 | OP_TEXT]);
+        let kept = reader.buf.capacity();
+        assert!(kept <= crate::codec::BUF_KEPT_BYTES_MAX, "{kept} bytes kept for 1");
     }
 
     #[test]

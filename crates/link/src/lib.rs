@@ -21,6 +21,8 @@
 //! processes can speak for users.
 
 pub mod core_side;
+#[cfg(fuzzing)]
+pub mod fuzz;
 pub mod gateway_side;
 mod wire;
 
