@@ -18,18 +18,7 @@ use serde_json::json;
 /// size limit makes writes fail with EFBIG instead of killing it.
 fn start(data: &Path, log_dir: &Path, ignore_xfsz: bool) -> Server {
     let log = std::fs::File::create(log_dir.join("server.log")).unwrap();
-    let args = [
-        "serve",
-        "--dev",
-        "--data",
-        data.to_str().unwrap(),
-        "--tcp",
-        "127.0.0.1:0",
-        "--ws",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-    ];
+    let args = Server::serve_args(data, true, &[]);
     let mut cmd = if ignore_xfsz {
         let mut sh = Command::new("sh");
         sh.arg("-c").arg("trap '' XFSZ; exec \"$0\" \"$@\"").arg(bin()).args(args);

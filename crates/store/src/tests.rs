@@ -144,18 +144,25 @@ fn groups_are_bounded_and_an_over_limit_change_touches_nothing() {
     assert_eq!(store.reader.groups().unwrap()[&1], vec![1, 2, 3]);
 }
 
+/// Holds the writer inside a completion until the returned sender is used
+/// (or dropped), so that what is submitted meanwhile waits in its queue.
+fn hold_writer(w: &Writer) -> std::sync::mpsc::Sender<()> {
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    assert!(w.try_submit(Barrier, move |_| {
+        held_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+    }));
+    held_rx.recv().unwrap();
+    release_tx
+}
+
 #[test]
 fn a_full_queue_refuses_at_once_and_queues_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let w = store.writer.clone();
-    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    assert!(w.try_submit(Barrier, move |_| {
-        held_tx.send(()).unwrap();
-        release_rx.recv().unwrap();
-    }));
-    held_rx.recv().unwrap();
+    let release_tx = hold_writer(&w);
     let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut refused = None;
     for _ in 0..hongbao_core::limits::WRITER_QUEUE_MAX + 1 {
@@ -186,13 +193,7 @@ fn opens_committed_together_update_their_packet_as_one_at_a_time_would() {
         }
     });
     // Hold the writer inside a completion so every op below joins one batch.
-    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    assert!(w.try_submit(Barrier, move |_| {
-        held_tx.send(()).unwrap();
-        release_rx.recv().unwrap();
-    }));
-    held_rx.recv().unwrap();
+    let release_tx = hold_writer(&w);
     let (replies_tx, replies) = std::sync::mpsc::channel::<Result<(), OpError>>();
     let open = |packet, user, amount_fen, seq, best_luck, remaining_before_fen| {
         let tx = replies_tx.clone();

@@ -38,7 +38,9 @@ impl Server {
         s
     }
 
-    pub fn start_in(data: &Path, dev: bool, extra: &[&str]) -> Server {
+    /// The arguments of `hongbao serve` on loopback port 0 with its data
+    /// in `data`, then `extra`.
+    pub fn serve_args<'a>(data: &'a Path, dev: bool, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "serve",
             "--data",
@@ -54,6 +56,11 @@ impl Server {
             args.push("--dev");
         }
         args.extend_from_slice(extra);
+        args
+    }
+
+    pub fn start_in(data: &Path, dev: bool, extra: &[&str]) -> Server {
+        let args = Server::serve_args(data, dev, extra);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log")).unwrap();
         let mut cmd = Command::new(bin());
         cmd.args(&args).env("RUST_LOG", "info").stderr(Stdio::from(log));
