@@ -37,7 +37,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const _: () = assert!(hongbao_admin::limits::SHUTDOWN_GRACE_MS < STOP_TIMEOUT.as_millis() as u64);
 /// How often the Prometheus recorder drains histograms. `install_recorder`
 /// leaves this to the caller; without it histogram memory grows unbounded.
-const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// A drain costs in proportion to the samples since the last one (one per
+/// request answered), so it runs often and on a thread of its own
+/// (`MetricsUpkeep`).
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -53,6 +56,8 @@ pub enum ServeError {
     Admin(#[from] AdminError),
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    #[error("cannot start the metrics upkeep thread: {0}")]
+    MetricsThread(std::io::Error),
     #[error("cannot listen for signals: {0}")]
     Signal(std::io::Error),
     #[error("a server task failed: {0}")]
@@ -85,6 +90,47 @@ pub struct Server {
     admin: JoinHandle<()>,
     /// `true` tells the gateways and the admin API to stop.
     shutdown: watch::Sender<bool>,
+    /// Stops with the server (dropped last).
+    _metrics_upkeep: MetricsUpkeep,
+}
+
+/// Drains the recorder's histograms into their summaries every
+/// `METRICS_UPKEEP_INTERVAL`, on a thread of its own. A drain takes time in
+/// proportion to the requests answered since the last one; as a task it
+/// held the runtime's worker for all of it, and every connection on that
+/// worker waited it out (at 600,000 shakes a second and a drain every 5 s:
+/// a ping's p99 of 38 ms, where it was a few ms between drains).
+struct MetricsUpkeep {
+    /// Dropped to stop the thread.
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MetricsUpkeep {
+    fn start(prometheus: PrometheusHandle) -> Result<MetricsUpkeep, ServeError> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("hongbao-metrics".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(METRICS_UPKEEP_INTERVAL)
+                {
+                    prometheus.run_upkeep();
+                }
+            })
+            .map_err(ServeError::MetricsThread)?;
+        Ok(MetricsUpkeep { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for MetricsUpkeep {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        // At most one drain's time: the thread sees the channel closed next.
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Opens the engine in `settings.data` and starts the gateway and the admin
@@ -133,6 +179,8 @@ async fn start_front(
     engine: Engine,
     prometheus: PrometheusHandle,
 ) -> Result<(Server, GatewayConfig, String), ServeError> {
+    // First, so that a failure here leaves nothing else to stop.
+    let metrics_upkeep = MetricsUpkeep::start(prometheus.clone())?;
     let secret = match &settings.secret {
         Some(s) => s.clone(),
         None => {
@@ -190,7 +238,6 @@ async fn start_front(
             }
         };
 
-    tokio::spawn(metrics_upkeep(prometheus, stop_rx));
     let ready = Ready {
         tcp: gateway.tcp_addr(),
         ws: gateway.ws_addr(),
@@ -199,17 +246,8 @@ async fn start_front(
         dev: settings.dev,
         gateway_pids: Vec::new(),
     };
-    Ok((Server { ready, engine, gateway, workers: None, admin, shutdown }, gateway_config, secret))
-}
-
-async fn metrics_upkeep(prometheus: PrometheusHandle, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => prometheus.run_upkeep(),
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
+    let server = Server { ready, engine, gateway, workers: None, admin, shutdown, _metrics_upkeep: metrics_upkeep };
+    Ok((server, gateway_config, secret))
 }
 
 impl Server {
