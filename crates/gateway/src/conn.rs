@@ -124,6 +124,7 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
             frames_this_turn: 0,
             overload_pause_ms: 0,
             answered_overload: false,
+            read_paused: None,
         };
         Conn { io, session, hello_deadline }
     }
@@ -191,7 +192,6 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
                     if let Some(end) = Box::pin(session.write_outbox(io, batch)).await {
                         return end;
                     }
-                    Box::pin(session.take_turns()).await;
                 }
                 Event::Read(Incoming::Frame(frame)) => {
                     if let Err(end) = Box::pin(session.handle(io, *frame)).await {
@@ -200,7 +200,6 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
                     if session.user.is_some() {
                         deadline.as_mut().reset(Instant::now() + session.idle_timeout());
                     }
-                    Box::pin(session.take_turns()).await;
                 }
                 Event::Read(Incoming::Heartbeat) => {
                     if session.user.is_some() {
@@ -219,10 +218,29 @@ impl<B: Backend, I: FrameIo> Conn<B, I> {
                 }
                 Event::Read(Incoming::Bad(e)) => return End::Fatal(e.code, e.message),
                 Event::Deadline => {
+                    if let Some(idle_deadline) = session.read_paused.take() {
+                        // The pause is over: read again, under the idle
+                        // deadline it stood in for (past already: it fires).
+                        deadline.as_mut().reset(idle_deadline);
+                        continue;
+                    }
                     return match session.user {
                         None => fatal(ErrorCode::IdleTimeout, "no hello in time"),
                         Some(_) => fatal(ErrorCode::IdleTimeout, "no frame within the idle timeout"),
                     };
+                }
+            }
+            match session.take_turn() {
+                Turn::Go => {}
+                Turn::Yield => tokio::task::yield_now().await,
+                Turn::PauseReading(pause) => {
+                    // The deadline timer stands in for the end of the pause
+                    // (no timer of its own in every connection's task); the
+                    // idle deadline comes back when it fires.
+                    if session.read_paused.is_none() {
+                        session.read_paused = Some(deadline.deadline());
+                    }
+                    deadline.as_mut().reset(Instant::now() + pause);
                 }
             }
         }
@@ -273,6 +291,10 @@ fn count_request(hot: &HotCounters, op: &'static str, reply: &Reply) {
     }
 }
 
+fn is_overload(reply: &Reply) -> bool {
+    matches!(reply, Reply::Shake(ShakeResult::Overload) | Reply::Error { code: ErrorCode::Overload, .. })
+}
+
 /// What woke a connection.
 enum Event {
     Shutdown(Result<(), tokio::sync::watch::error::RecvError>),
@@ -301,8 +323,12 @@ fn next_event<B: Backend, I: FrameIo>(
     if let Poll::Ready(received) = session.rx.poll_recv(cx, WRITE_BATCH_FRAMES_MAX) {
         return Poll::Ready(received.map_or(Event::Overflow, Event::Write));
     }
-    if let Poll::Ready(incoming) = io.poll_recv(cx, session.frame_bytes_max()) {
-        return Poll::Ready(Event::Read(incoming));
+    // While reading pauses (after `overload`), replies and pushes still go
+    // out and shutdown is still seen; the peer's requests wait in its socket.
+    if session.read_paused.is_none() {
+        if let Poll::Ready(incoming) = io.poll_recv(cx, session.frame_bytes_max()) {
+            return Poll::Ready(Event::Read(incoming));
+        }
     }
     if deadline.poll(cx).is_ready() {
         return Poll::Ready(Event::Deadline);
@@ -378,6 +404,18 @@ struct Session<B: Backend> {
     overload_pause_ms: u16,
     /// An `overload` answer went out since the loop last looked.
     answered_overload: bool,
+    /// While reading pauses: the idle deadline to restore when it ends (the
+    /// deadline timer meanwhile says when the pause ends).
+    read_paused: Option<Instant>,
+}
+
+/// What a connection does after handling one event (`Session::take_turn`).
+enum Turn {
+    Go,
+    /// Let the other connections on this worker run first.
+    Yield,
+    /// Stop reading for this long; replies and pushes still go out.
+    PauseReading(Duration),
 }
 
 impl<B: Backend> Session<B> {
@@ -423,35 +461,37 @@ impl<B: Backend> Session<B> {
         closing.then_some(End::Quiet)
     }
 
-    /// Fairness and flow control between connections on one worker: a
-    /// connection that keeps many requests coming lets the others run every
-    /// `FRAMES_PER_TURN_MAX` frames (a connection that only pings is then
-    /// answered after a few frames of each busy one, not after all they have
-    /// queued); and one that was just told `overload` reads nothing for a
-    /// moment (`OVERLOAD_PAUSE_MIN_MS`, doubling while overloads continue,
-    /// up to `OVERLOAD_PAUSE_MAX_MS`), so that, over capacity, the server
-    /// spends its time on the work it can do rather than on reading and
-    /// refusing more.
-    async fn take_turns(&mut self) {
-        self.frames_this_turn += 1;
-        if self.frames_this_turn >= FRAMES_PER_TURN_MAX {
-            self.frames_this_turn = 0;
-            tokio::task::yield_now().await;
-        }
+    /// Fairness and flow control between connections on one worker, after
+    /// every event: a connection that keeps many requests coming lets the
+    /// others run every `FRAMES_PER_TURN_MAX` events (a connection that only
+    /// pings is then answered after a few frames of each busy one, not after
+    /// all they have queued); and one that was just told `overload` reads
+    /// nothing for a moment (`OVERLOAD_PAUSE_MIN_MS`, doubling while the
+    /// engine's answers stay `overload`, up to `OVERLOAD_PAUSE_MAX_MS`), so
+    /// that, over capacity, the server spends its time on the work it can
+    /// do rather than on reading and refusing more. Only reading pauses.
+    fn take_turn(&mut self) -> Turn {
         if std::mem::take(&mut self.answered_overload) {
             self.overload_pause_ms =
                 (self.overload_pause_ms.saturating_mul(2)).clamp(OVERLOAD_PAUSE_MIN_MS, OVERLOAD_PAUSE_MAX_MS);
-            metrics::counter!("hongbao_overload_read_pauses_total").increment(1);
-            tokio::time::sleep(Duration::from_millis(self.overload_pause_ms.into())).await;
+            self.frames_this_turn = 0;
+            self.shared.hot_counters.overload_read_pauses.increment(1);
+            return Turn::PauseReading(Duration::from_millis(self.overload_pause_ms.into()));
         }
+        self.frames_this_turn += 1;
+        if self.frames_this_turn >= FRAMES_PER_TURN_MAX {
+            self.frames_this_turn = 0;
+            return Turn::Yield;
+        }
+        Turn::Go
     }
 
-    /// Notes what an answer says about load: `overload` starts or lengthens
-    /// the pause before this connection is read again; anything else ends it.
+    /// Notes what the engine's answer says about load: `overload` starts or
+    /// lengthens the pause before this connection is read again; any other
+    /// answer of the engine ends it. (Answers the gateway makes itself —
+    /// pongs, shakes answered inline — say nothing about the engine's load.)
     fn note_load(&mut self, reply: &Reply) {
-        let overload =
-            matches!(reply, Reply::Shake(ShakeResult::Overload) | Reply::Error { code: ErrorCode::Overload, .. });
-        if overload {
+        if is_overload(reply) {
             self.answered_overload = true;
         } else {
             self.overload_pause_ms = 0;
@@ -469,7 +509,7 @@ impl<B: Backend> Session<B> {
             // An idle connection keeps no request records.
             self.inflight = Vec::new();
         }
-        metrics::histogram!("hongbao_request_seconds", "op" => done.op).record(done.started.elapsed().as_secs_f64());
+        self.shared.hot_counters.record_latency(done.op, done.started.elapsed().as_secs_f64());
         count_request(&self.shared.hot_counters, done.op, reply);
     }
 
@@ -510,7 +550,9 @@ impl<B: Backend> Session<B> {
     /// Writes one reply made by the gateway itself.
     async fn reply<I: FrameIo>(&mut self, io: &mut I, id: u64, op: &'static str, reply: Reply) -> Result<(), End> {
         count_request(&self.shared.hot_counters, op, &reply);
-        self.note_load(&reply);
+        // A refusal made here (the in-flight limit, a shutdown) pauses the
+        // reading too; other answers made here do not end a pause.
+        self.answered_overload |= is_overload(&reply);
         self.write(io, &[ServerFrame::Reply { id, reply }]).await
     }
 
@@ -641,6 +683,7 @@ mod tests {
                 return;
             }
             responder.send(match req {
+                Request::Open { packet: OVERLOADED_PACKET } => Reply::error(ErrorCode::Overload, "shard queue full"),
                 Request::Open { packet } => Reply::Opened { packet, amount_fen: 5, repeat: false, finished: false },
                 Request::Shake { .. } => Reply::Shake(ShakeResult::None),
                 _ => Reply::error(ErrorCode::NotFound, "nothing here"),
@@ -654,6 +697,8 @@ mod tests {
     }
 
     const SECRET: &str = "a test secret of reasonable length";
+    /// Opens of this packet are answered `overload` by the fake engine.
+    const OVERLOADED_PACKET: u64 = 13;
 
     struct Client {
         io: DuplexStream,
@@ -718,7 +763,8 @@ mod tests {
     /// future's plus ~130 bytes, rounded up to 128: 768 bytes today (the
     /// real engine's guard is 32 bytes, this fake's 8). An unboxed await
     /// or a large new field in the connection loop shows up here. (The
-    /// pending-hello place added 8 bytes, a pointer: tcp 576, ws 632 now.)
+    /// pending-hello place added 8 bytes, a pointer; the read pause's saved
+    /// idle deadline 16: tcp 592, ws 648 now.)
     #[tokio::test]
     async fn connection_tasks_stay_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -875,6 +921,41 @@ mod tests {
     /// Bytes each way between a test client and its connection: a few
     /// pushes' worth, so a client that does not read stalls the writes soon.
     const SMALL_PIPE_BYTES: usize = 4096;
+
+    /// After an `overload` answer the connection stops reading for a while
+    /// (the clock is paused: only the pause's timer moves it), but what the
+    /// engine sends meanwhile goes out at once, and the pause doubles while
+    /// the engine keeps answering `overload`.
+    #[tokio::test(start_paused = true)]
+    async fn overload_pauses_reading_but_not_writing() {
+        let engine = FakeEngine::default();
+        let mut c = Client::start(engine.clone());
+        c.hello().await;
+        let overloaded = |id| ServerFrame::Reply { id, reply: Reply::error(ErrorCode::Overload, "shard queue full") };
+        for (id, pause_ms) in [(2, OVERLOAD_PAUSE_MIN_MS), (4, 2 * OVERLOAD_PAUSE_MIN_MS)] {
+            c.send(id, Request::Open { packet: OVERLOADED_PACKET }).await;
+            assert_eq!(c.recv().await, overloaded(id));
+            let told = Instant::now();
+            c.send(id + 1, Request::Ping).await;
+            // A push queued during the pause is written without waiting for it.
+            let push = ServerFrame::Push(Push { msg: id, body: PushBody::Notice { topic: "t".into(), text: "x".into() } });
+            assert!(engine.outbox().send(push.clone()));
+            assert_eq!(c.recv().await, push);
+            assert_eq!(told.elapsed(), Duration::ZERO, "the push waited for the pause");
+            // The ping is read only when the pause ends.
+            assert_eq!(c.recv().await, ServerFrame::Reply { id: id + 1, reply: Reply::Pong });
+            assert!(told.elapsed() >= Duration::from_millis(pause_ms.into()), "pong after {:?}", told.elapsed());
+        }
+        // An answer of the engine that is not `overload` ends the doubling.
+        c.send(6, Request::Open { packet: 9 }).await;
+        assert!(matches!(c.recv().await, ServerFrame::Reply { id: 6, reply: Reply::Opened { .. } }));
+        c.send(7, Request::Open { packet: OVERLOADED_PACKET }).await;
+        assert_eq!(c.recv().await, overloaded(7));
+        let told = Instant::now();
+        c.send(8, Request::Ping).await;
+        assert_eq!(c.recv().await, ServerFrame::Reply { id: 8, reply: Reply::Pong });
+        assert_eq!(told.elapsed(), Duration::from_millis(OVERLOAD_PAUSE_MIN_MS.into()));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_reads_nothing_is_cut_off_as_soon_as_its_outbox_overflows() {

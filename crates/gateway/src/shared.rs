@@ -209,13 +209,20 @@ impl Drop for PendingHello {
     }
 }
 
-/// `hongbao_requests_total` handles of the requests a busy server answers
-/// most (shakes that find nothing, heartbeats), made once per gateway: the
-/// `counter!` macro looks its labels up in the registry on every call.
+/// Metric handles of what a busy server does most, made once per gateway
+/// (the `counter!` and `histogram!` macros look their labels up in the
+/// registry on every call): `hongbao_requests_total` of shakes that find
+/// nothing and heartbeats (answered here), `hongbao_request_seconds` of the
+/// requests the engine answers most (shakes that reach a shard, opens).
 pub(crate) struct HotCounters {
     shake_none: metrics::Counter,
     shake_not_running: metrics::Counter,
     ping: metrics::Counter,
+    shake_seconds: metrics::Histogram,
+    open_seconds: metrics::Histogram,
+    /// `hongbao_overload_read_pauses_total`: counted when the server is
+    /// saturated, so it too is looked up once.
+    pub(crate) overload_read_pauses: metrics::Counter,
 }
 
 impl HotCounters {
@@ -225,6 +232,18 @@ impl HotCounters {
             shake_none: requests("shake", "none"),
             shake_not_running: requests("shake", "not_running"),
             ping: requests("ping", "ok"),
+            shake_seconds: metrics::histogram!("hongbao_request_seconds", "op" => "shake"),
+            open_seconds: metrics::histogram!("hongbao_request_seconds", "op" => "open"),
+            overload_read_pauses: metrics::counter!("hongbao_overload_read_pauses_total"),
+        }
+    }
+
+    /// Records how long a request of `op` took to answer.
+    pub(crate) fn record_latency(&self, op: &'static str, seconds: f64) {
+        match op {
+            "shake" => self.shake_seconds.record(seconds),
+            "open" => self.open_seconds.record(seconds),
+            _ => metrics::histogram!("hongbao_request_seconds", "op" => op).record(seconds),
         }
     }
 
