@@ -938,7 +938,8 @@ mod tests {
             let told = Instant::now();
             c.send(id + 1, Request::Ping).await;
             // A push queued during the pause is written without waiting for it.
-            let push = ServerFrame::Push(Push { msg: id, body: PushBody::Notice { topic: "t".into(), text: "x".into() } });
+            let push =
+                ServerFrame::Push(Push { msg: id, body: PushBody::Notice { topic: "t".into(), text: "x".into() } });
             assert!(engine.outbox().send(push.clone()));
             assert_eq!(c.recv().await, push);
             assert_eq!(told.elapsed(), Duration::ZERO, "the push waited for the pause");

@@ -155,7 +155,12 @@ impl PushHub {
     pub(crate) fn register(&self, user: UserId, outbox: Outbox) {
         let mut map = lock(self.stripe(user));
         let devices = map.entry(user).or_insert(Devices::Many(Vec::new()));
+        // Devices whose outbox takes nothing more (gone, or being closed as
+        // slow consumers) make room; each was counted once, so it is
+        // uncounted here (its own `unregister` then finds nothing).
+        let before = devices.len();
         devices.retain(|o| !o.is_closed());
+        self.connections.fetch_sub((before - devices.len()) as u64, Ordering::Relaxed);
         if devices.len() >= DEVICES_PER_USER_MAX {
             if let Some(oldest) = devices.remove_oldest() {
                 oldest.send(ServerFrame::Close {
@@ -358,6 +363,26 @@ mod tests {
         for (o, _) in &devices[1..] {
             hub.unregister(3, o);
         }
+        assert_eq!((hub.connections(), hub.users_online()), (0, 0));
+    }
+
+    /// A device whose outbox overflowed is dropped when the same user
+    /// registers another, and counted out once: its own `unregister` later
+    /// finds nothing (the count used to stay one too high).
+    #[tokio::test]
+    async fn an_overflowed_device_is_counted_out_once() {
+        let hub = PushHub::new(Clock::system());
+        let (slow, _slow_rx) = Outbox::new(1);
+        hub.register(5, slow.clone());
+        let push = Push { msg: 0, body: PushBody::Notice { topic: "t".into(), text: "x".into() } };
+        assert_eq!(hub.deliver(5, &push), 1);
+        assert_eq!(hub.deliver(5, &push), 0, "the second overflows the outbox");
+        let (other, _other_rx) = Outbox::new(4);
+        hub.register(5, other.clone());
+        assert_eq!(hub.connections(), 1);
+        hub.unregister(5, &slow);
+        assert_eq!(hub.connections(), 1);
+        hub.unregister(5, &other);
         assert_eq!((hub.connections(), hub.users_online()), (0, 0));
     }
 

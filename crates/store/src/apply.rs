@@ -420,6 +420,17 @@ impl<'a> BatchTx<'a> {
                 return Ok(Ok(ShakeWon::Repeat(first)));
             }
         }
+        // A packet is won once. A second win of it is a decision, not a
+        // storage failure: it can only come after a commit that reported
+        // failure yet reached the disk, and must not fail the whole batch.
+        let won_before = self
+            .tx
+            .prepare_cached("SELECT 1 FROM shake_wins WHERE packet = ?1")?
+            .query_row(params![op.packet as i64], |_| Ok(()))
+            .optional()?;
+        if won_before.is_some() {
+            return Ok(Err(OpError::Stale(format!("campaign packet {} was won before", op.packet))));
+        }
         let t =
             Transfer { from: Account::campaign(op.campaign), to: Account::user(op.user), amount_fen: op.amount_fen };
         let meta =

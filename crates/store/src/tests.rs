@@ -102,6 +102,11 @@ fn campaigns_fund_win_and_refund_the_rest_once() {
             ShakeWin { campaign: id, packet: pk + 1, user: 3, amount_fen: 50, at_ms: 2, key: Some("s1".into()) };
         let first = FirstWin { campaign: id, packet: pk, amount_fen: 700 };
         assert_eq!(w.run(retry).await.unwrap(), ShakeWon::Repeat(first));
+        // The same packet won again (only after a commit that reported
+        // failure but reached the disk): refused as a decision; the writer
+        // and the next op go on.
+        let again = ShakeWin { campaign: id, packet: pk, user: 4, amount_fen: 700, at_ms: 2, key: None };
+        assert!(matches!(w.run(again).await, Err(OpError::Stale(_))));
         assert_eq!(w.run(FindShakeWin { user: 3, key: "s1".into() }).await.unwrap(), Some(first));
         assert_eq!(w.run(FindShakeWin { user: 3, key: "s2".into() }).await.unwrap(), None);
         let close = CloseCampaign { id, status: CampaignStatus::Stopped, at_ms: 3 };

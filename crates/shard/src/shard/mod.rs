@@ -105,6 +105,16 @@ pub(crate) enum Event {
     },
 }
 
+/// A campaign packet a shake took and did not pay (`Completed::ShakeUnspent`).
+pub(crate) struct Unspent {
+    pub(crate) campaign: CampaignId,
+    pub(crate) packet: PacketId,
+    pub(crate) amount_fen: i64,
+    pub(crate) user: UserId,
+    /// Back on offer; `false` when storage holds a win of it already.
+    pub(crate) offer_again: bool,
+}
+
 /// What the writer's completions hand back to the shard, ahead of any
 /// request (see `COMPLETIONS_QUEUED_MAX` for why this queue is unbounded).
 pub(crate) enum Completed {
@@ -120,13 +130,9 @@ pub(crate) enum Completed {
     /// The block of ids asked for was not reserved (storage failed).
     IdsNotReserved,
     /// A shake's win was not paid: the key had won before, or the commit
-    /// failed. The packet it took goes back to the front of the pool.
-    ShakeUnspent {
-        campaign: CampaignId,
-        packet: PacketId,
-        amount_fen: i64,
-        user: UserId,
-    },
+    /// failed. The packet it took goes back to the front of the pool,
+    /// unless it had been won after all.
+    ShakeUnspent(Unspent),
     /// A keyed shake's win is settled (committed, repeated or failed).
     KeySettled {
         user: UserId,
@@ -332,9 +338,7 @@ impl ShardState {
             Completed::Funded { packet, messages, reply } => self.funded(*packet, messages, reply),
             Completed::IdsReserved { mark } => self.ids.extend(mark),
             Completed::IdsNotReserved => self.ids.cancel_block_request(),
-            Completed::ShakeUnspent { campaign, packet, amount_fen, user } => {
-                self.shake_unspent(campaign, packet, amount_fen, user)
-            }
+            Completed::ShakeUnspent(unspent) => self.shake_unspent(unspent),
             Completed::KeySettled { user, key } => self.key_settled(user, key),
             Completed::Reload { packet } => self.reload(packet).await,
             Completed::Settled { packet } => self.read_back(packet),

@@ -65,7 +65,16 @@ fn fund_committed(
             expires_ms: e.expires_ms,
             repeat: true,
         }),
-        Err(e) => reply.send(op_error(e).to_reply()),
+        Err(e) => {
+            // A commit that failed may still have reached the disk (the
+            // writer reads the file again before it goes on): read the
+            // packet back, so a packet funded after all is held and its
+            // opens and refund work, instead of waiting for a restart.
+            if matches!(e, OpError::Storage(_)) {
+                let _ = completions.send(Completed::Reload { packet: packet.id });
+            }
+            reply.send(op_error(e).to_reply())
+        }
     }
 }
 
@@ -157,14 +166,6 @@ fn refund_committed(
 impl ShardState {
     pub(super) async fn send(&mut self, user: UserId, send: SendArgs, reply: Responder) {
         let now = self.clock.now_ms();
-        if !self.send_limits.allow(user, now) {
-            metrics::counter!("hongbao_rate_limited_total", "op" => "send").increment(1);
-            let message = format!(
-                "sending too fast: at most {} packets a second (bursts of {})",
-                self.rules.sends_per_s, self.rules.send_burst
-            );
-            return reply.send(Reply::error(ErrorCode::RateLimited, message));
-        }
         let SendArgs { amount_fen, count, kind, recipients, greeting, key } = send;
         if let Err(e) = valid_key(&key) {
             return reply.send(e.to_reply());
@@ -172,6 +173,15 @@ impl ShardState {
         let spec = PacketSpec { sender: user, total_fen: amount_fen, count, kind, recipients, greeting };
         if let Err(e) = spec.validate(&self.rules) {
             return reply.send(Reply::error(ErrorCode::InvalidRequest, e.to_string()));
+        }
+        // After the checks: a refused request spends none of the sender's rate.
+        if !self.send_limits.allow(user, now) {
+            metrics::counter!("hongbao_rate_limited_total", "op" => "send").increment(1);
+            let message = format!(
+                "sending too fast: at most {} packets a second (bursts of {})",
+                self.rules.sends_per_s, self.rules.send_burst
+            );
+            return reply.send(Reply::error(ErrorCode::RateLimited, message));
         }
         let Some(id) = self.next_id() else {
             return reply.send(Reply::error(ErrorCode::Overload, "packet ids are being reserved, retry"));
@@ -329,12 +339,14 @@ impl ShardState {
     /// shard has handed to the writer, so no operation decided on the old
     /// state can commit after the packet was read.
     pub(super) async fn reload(&mut self, packet: PacketId) {
+        if !self.reloading.insert(packet) {
+            // Already out of memory and being read again (each failed op of
+            // the packet asks): nothing to take out, no timer to scan for.
+            return;
+        }
         if self.packets.remove(&packet).is_some() {
             self.counters.packets_in_memory.fetch_sub(1, Ordering::Relaxed);
-        }
-        self.timers.retain(|t| t.1 != packet);
-        if !self.reloading.insert(packet) {
-            return;
+            self.timers.retain(|t| t.1 != packet);
         }
         metrics::counter!("hongbao_packet_reloads_total").increment(1);
         let completions = self.completions.clone();

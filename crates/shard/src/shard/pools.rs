@@ -15,7 +15,7 @@ use hongbao_store::ops::{FindShakeWin, FirstWin, ShakeWin, ShakeWon};
 use hongbao_store::OpError;
 use tokio::sync::oneshot;
 
-use super::{Completed, ShardState};
+use super::{Completed, ShardState, Unspent};
 use crate::checks::{op_error, shake_label};
 use crate::types::CampaignLive;
 
@@ -58,23 +58,29 @@ fn shake_win_committed(
     completions: &tokio::sync::mpsc::UnboundedSender<Completed>,
     reply: Responder,
 ) {
-    let unspent = || {
+    let unspent = |offer_again| {
         let FirstWin { campaign, packet, amount_fen } = taken;
-        let _ = completions.send(Completed::ShakeUnspent { campaign, packet, amount_fen, user });
+        let _ = completions.send(Completed::ShakeUnspent(Unspent { campaign, packet, amount_fen, user, offer_again }));
     };
     let result = match r {
         Ok(ShakeWon::Won) => won(taken),
         Ok(ShakeWon::Repeat(first)) => {
-            unspent();
+            unspent(true);
             won(first)
         }
         // Not paid: the packet is offered again, and the shake may be retried.
         Err(OpError::Storage(_) | OpError::QueueFull) => {
-            unspent();
+            unspent(true);
+            ShakeResult::Overload
+        }
+        // The packet was won already (a failed commit that reached the
+        // disk): not offered again; this shake may be retried.
+        Err(OpError::Stale(_)) => {
+            unspent(false);
             ShakeResult::Overload
         }
         Err(e) => {
-            unspent();
+            unspent(true);
             return reply.send(op_error(e).to_reply());
         }
     };
@@ -127,11 +133,17 @@ impl ShardState {
         let _ = ack.send(());
     }
 
-    pub(super) fn shake_unspent(&mut self, campaign: CampaignId, packet: PacketId, amount_fen: i64, user: UserId) {
+    pub(super) fn shake_unspent(&mut self, unspent: Unspent) {
+        let Unspent { campaign, packet, amount_fen, user, offer_again } = unspent;
         if let Some(pool) = self.pools.get_mut(&campaign) {
-            pool.ready.push_front((packet, amount_fen));
-            // It is on offer again: the pool is not spent after all.
-            pool.reported_exhausted = false;
+            if offer_again {
+                pool.ready.push_front((packet, amount_fen));
+                // It is on offer again: the pool is not spent after all, and
+                // the campaign must not count this shard as done.
+                if std::mem::take(&mut pool.reported_exhausted) {
+                    pool.live.exhausted.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
             if let Some(wins) = pool.wins.get_mut(&user) {
                 *wins = wins.saturating_sub(1);
             }
