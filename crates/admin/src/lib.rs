@@ -289,7 +289,7 @@ pub(crate) fn caller(expected: Option<&str>, headers: &HeaderMap) -> Caller {
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     match bearer.or_else(|| header_str("x-api-key").map(str::trim)) {
-        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Caller::Operator,
+        Some(given) if hongbao_boundary::constant_time_eq(given.as_bytes(), expected.as_bytes()) => Caller::Operator,
         Some(_) => Caller::Refused,
         None => Caller::Anonymous,
     }
@@ -297,16 +297,6 @@ pub(crate) fn caller(expected: Option<&str>, headers: &HeaderMap) -> Caller {
 
 fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
     caller(expected, headers) == Caller::Operator
-}
-
-/// Compares without an early exit, so the time taken does not tell an
-/// attacker how many leading bytes of a guessed key were right. (The length
-/// can leak; keys are fixed-length random strings.)
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl AppState {

@@ -415,6 +415,13 @@ pub fn hold(args: HoldArgs) -> anyhow::Result<()> {
 }
 
 fn hold_share(args: HoldArgs) -> anyhow::Result<()> {
+    // Load runs target this machine only.
+    anyhow::ensure!(
+        args.addr.ip().is_loopback() && args.source.is_loopback(),
+        "perf hold connects over loopback only (127.0.0.0/8), not {} from {}",
+        args.addr,
+        args.source
+    );
     check_fd_room(args.count as usize)?;
     let notices = match (args.read_notices, args.users_total) {
         (true, Some(total)) => Some(SlowReaders { slow: args.slow_readers, total }),

@@ -400,8 +400,12 @@ fn wait_for_task(admin: &Admin, id: u64) -> anyhow::Result<serde_json::Value> {
 
 // ---- helpers ----------------------------------------------------------------
 
+/// The runtime of a conn-memory or broadcast run: SIGINT/SIGTERM kills the
+/// servers it started before this process exits.
 fn runtime() -> anyhow::Result<Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    crate::server::kill_servers_on_signal(&rt);
+    Ok(rt)
 }
 
 /// Polls GET /v1/stats until the server (all gateways) has `n` registered

@@ -41,7 +41,7 @@ const SENDER_BASE: u64 = 10_000_000;
 pub struct OpensArgs {
     /// Successful opens to measure with group commit (rounded up to whole
     /// packets of 100 shares).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
     opens: u64,
     /// Opens for the transaction-per-open baseline; it also stops issuing
     /// opens after --baseline-secs.

@@ -159,6 +159,15 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The extra gateway processes (`--gateways N`) stop when their link
+        // to the killed server closes; one still there is killed too (if
+        // the pid is still a gateway worker: pids are reused).
+        for pid in &self.gateway_pids {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("gateway-worker") {
+                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).stderr(Stdio::null()).status();
+            }
+        }
     }
 }
 

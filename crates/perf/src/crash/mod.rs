@@ -72,10 +72,10 @@ pub struct CrashArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Shortest load before the kill, ms.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     load_ms_min: u64,
     /// Longest load before the kill, ms.
-    #[arg(long, default_value_t = 3_000)]
+    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     load_ms_max: u64,
     /// The server's `--packet-expiry-s`: short, so refunds race the kills.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]

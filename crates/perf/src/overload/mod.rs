@@ -70,8 +70,8 @@ pub struct OverloadArgs {
     /// Seconds of each capacity measurement (after 1 s of warm-up).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
     capacity_s: u64,
-    /// Offered rate over capacity.
-    #[arg(long, default_value_t = 2.0)]
+    /// Offered rate over capacity (0.1 to 10).
+    #[arg(long, default_value_t = 2.0, value_parser = factor_in_range)]
     factor: f64,
     /// Connections of the shake phases (one user each).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -372,4 +372,15 @@ fn cpu(server: &ServerChild) -> (f64, f64) {
 
 fn cores(a: (f64, f64), b: (f64, f64), over: Duration) -> (f64, f64) {
     ((b.0 - a.0) / over.as_secs_f64(), (b.1 - a.1) / over.as_secs_f64())
+}
+
+/// `--factor`: bounded, so the offered rate (and the counts derived from
+/// it) stay finite and the run stays a run.
+fn factor_in_range(text: &str) -> Result<f64, String> {
+    let factor: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if (0.1..=10.0).contains(&factor) {
+        Ok(factor)
+    } else {
+        Err(format!("{factor} is not within 0.1 to 10"))
+    }
 }
