@@ -69,9 +69,6 @@ fn acknowledged_outcomes_survive_kill_9_cycles() {
     let pairs = [(seen[0], done[0]), (seen[1], done[1]), (seen[2], done[2]), (seen[3], done[3]), (seen[5], done[4])];
     assert!(pairs.iter().all(|(c, d)| c >= d), "each acknowledged outcome checked: {checked}");
     assert!(seen[4] > 0, "expired packets were refunded and checked: {checked}");
-    // An audit after each kill and one after the clean stop.
-    assert_eq!(seen[6], 4, "{checked}");
-    assert!(stdout.contains("FIGURE crash_cycles 3 cycles"), "{stdout}");
     assert!(stdout.contains("crash: PASS"), "{stdout}");
 
     // What the run leaves is audited clean by the binary, and no server

@@ -76,7 +76,6 @@ async fn a_flood_of_reads_is_bounded_and_balance_needs_no_read() {
             other => panic!("a detail: {other:?}"),
         }
     }
-    assert_eq!(read + refused, 40 * 64);
     assert!(read > 0, "reads still get through");
     // Reads run on the server's four reader threads, started with it; the
     // flood starts no thread (it took the blocking pool to 516 before).

@@ -51,13 +51,19 @@ async fn by_default_a_flood_of_sends_is_rate_limited() {
     let server = Server::dev(&[]);
     server.deposit(1, 10_000).await;
     let spammer = server.client(1).await;
-    let mut limited = 0;
+    let (mut sent, mut limited) = (0u64, 0u64);
+    let started = std::time::Instant::now();
     for i in 0..100 {
         match spammer.request(one_fen_to(9, format!("s-{i}"))).await.unwrap() {
-            Reply::Sent { .. } => {}
+            Reply::Sent { .. } => sent += 1,
             Reply::Error { code: ErrorCode::RateLimited, .. } => limited += 1,
             other => panic!("send {i}: {other:?}"),
         }
     }
-    assert!(limited >= 50, "100 sends in well under a second: {limited} refused");
+    // The default bucket: bursts of 20, then 10 a second. However long the
+    // sends took, no more passed than it allows (however fast the machine).
+    let elapsed_s = started.elapsed().as_secs_f64();
+    let allowed = 20 + (10.0 * elapsed_s).ceil() as u64;
+    assert!(sent <= allowed, "{sent} sent in {elapsed_s:.2} s; the default rate allows {allowed}");
+    assert!(limited > 0 || allowed >= 100, "{sent} sent, none refused, in {elapsed_s:.2} s");
 }

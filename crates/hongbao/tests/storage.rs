@@ -187,10 +187,11 @@ fn a_full_disk_fails_money_fast_and_recovers_by_itself() {
     assert!(health["storage"]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{health}");
     let metrics = admin.get("/metrics").unwrap().body.to_string();
     assert!(metrics.contains("hongbao_storage_up 0"), "{metrics}");
-    // Refused at once while failing, not after a timeout.
+    // Refused without trying storage: an attempt would first wait out the
+    // 5 s busy timeout (a bound on behaviour, not a speed figure).
     let started = Instant::now();
     assert_eq!(deposit(&admin, 1, 10, "while-failing").status, 503);
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     refused.push("while-failing".into());
     // Reads still work; only what was acknowledged is there.
     assert_eq!(balance(&admin, 1), 1 + acknowledged);

@@ -294,11 +294,13 @@ impl Reader {
 
     /// A user's persistent messages, at most `limit`: system messages first
     /// (a flood of notices from other users cannot hide an operator's
-    /// message), each kind oldest first.
+    /// message), each kind oldest first. `'system'` sorts before `'user'`,
+    /// so the order is the index's (`messages_by_user_kind`): no sort.
     pub fn messages(&self, user: UserId, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        const _: () = assert!(b"system"[0] < b"user"[0]);
         let conn = self.conn();
         let mut stmt =
-            conn.prepare_cached("SELECT id, body FROM messages WHERE user = ?1 ORDER BY kind = 'user', id LIMIT ?2")?;
+            conn.prepare_cached("SELECT id, body FROM messages WHERE user = ?1 ORDER BY kind, id LIMIT ?2")?;
         let msgs = stmt
             .query_map(params![user as i64, limit as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;

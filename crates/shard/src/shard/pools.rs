@@ -255,29 +255,38 @@ impl ShardState {
     }
 
     fn release_pool(&mut self, id: CampaignId, now_ms: u64) {
+        let pool = self.pools.get_mut(&id).expect("pool exists");
+        let due = pool.schedule.due_after(now_ms.saturating_sub(pool.started_ms));
+        if pool.released_count >= due || !pool.schedule.allows(pool.released_count) {
+            return;
+        }
+        // The campaign's one budget, locked once for this tick's releases
+        // (every shard draws from it: it pays what its rule says, however
+        // many shards there are).
+        let live = pool.live.clone();
+        let mut budget = lock(&live.budget);
+        let mut released = 0u64;
         loop {
             let pool = self.pools.get_mut(&id).expect("pool exists");
-            let due = pool.schedule.due_after(now_ms.saturating_sub(pool.started_ms));
             if pool.released_count >= due || !pool.schedule.allows(pool.released_count) {
-                return;
+                break;
             }
             if pool.ready.len() >= SHAKE_POOL_MAX {
+                // Nobody is shaking: what is due meanwhile is skipped, not
+                // piled up; its money stays in escrow until the close.
                 pool.released_count = due;
-                return;
+                break;
             }
-            let Some(packet) = self.ids.next_id() else {
-                self.reserve_ids_if_needed();
-                return;
-            };
+            let Some(packet) = self.ids.next_id() else { break };
+            let Some(amount) = budget.release_one(&mut self.rng) else { break };
             let pool = self.pools.get_mut(&id).expect("pool exists");
-            // From the campaign's one budget: it pays what its rule says,
-            // however many shards draw from it.
-            let Some(amount) = lock(&pool.live.budget).release_one(&mut self.rng) else { return };
             pool.ready.push_back((packet, amount));
             pool.released_count += 1;
-            pool.live.released.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("hongbao_campaign_released_total").increment(1);
-            self.reserve_ids_if_needed();
+            released += 1;
         }
+        drop(budget);
+        live.released.fetch_add(released, Ordering::Relaxed);
+        metrics::counter!("hongbao_campaign_released_total").increment(released);
+        self.reserve_ids_if_needed();
     }
 }
