@@ -471,7 +471,9 @@ impl<B: Backend> Session<B> {
     /// that, over capacity, the server spends its time on the work it can
     /// do rather than on reading and refusing more. Only reading pauses.
     fn take_turn(&mut self) -> Turn {
-        if std::mem::take(&mut self.answered_overload) {
+        // Refusals that arrive while reading pauses answer requests read
+        // before it: the pause already stands for them.
+        if std::mem::take(&mut self.answered_overload) && self.read_paused.is_none() {
             self.overload_pause_ms =
                 (self.overload_pause_ms.saturating_mul(2)).clamp(OVERLOAD_PAUSE_MIN_MS, OVERLOAD_PAUSE_MAX_MS);
             self.frames_this_turn = 0;
