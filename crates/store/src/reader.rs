@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
-use hongbao_core::ledger::{Account, AccountKind};
+use hongbao_core::ledger::Account;
 use hongbao_core::packet::{Claim, Packet, PacketStatus, Recipients};
 use hongbao_core::split::SplitKind;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
@@ -171,35 +171,6 @@ impl Reader {
             groups.entry(g).or_default().push(u);
         }
         Ok(groups)
-    }
-
-    pub fn balances(&self) -> Result<Vec<(Account, i64)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, balance FROM accounts")?;
-        let mut out = Vec::new();
-        for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
-            let (id, b) = row?;
-            out.push((Account::from_id(id).ok_or_else(|| corrupt(format!("account id {id}")))?, b));
-        }
-        Ok(out)
-    }
-
-    pub fn totals(&self) -> Result<MoneyTotals, StoreError> {
-        let mut t = MoneyTotals::default();
-        for (a, b) in self.balances()? {
-            match a.kind {
-                AccountKind::User => t.user_balances_fen += b,
-                AccountKind::PacketEscrow => t.packet_escrow_fen += b,
-                AccountKind::CampaignEscrow => t.campaign_escrow_fen += b,
-                AccountKind::World => t.world_fen += b,
-            }
-        }
-        Ok(t)
-    }
-
-    pub fn next_campaign_id(&self) -> Result<CampaignId, StoreError> {
-        let max: Option<i64> = self.conn().query_row("SELECT max(id) FROM campaigns", [], |r| r.get(0))?;
-        Ok(max.map(|m| m as u64 + 1).unwrap_or(1))
     }
 
     pub fn campaign(&self, id: CampaignId) -> Result<Option<CampaignRow>, StoreError> {
