@@ -1,19 +1,18 @@
-//! `hongbao audit`: proves money conservation on a data directory (the
-//! checks themselves are `hongbao_core::audit`, run by `hongbao_store`).
+//! `hongbao audit`: proves money conservation on a store, a data directory
+//! or a PostgreSQL database (the checks themselves are
+//! `hongbao_core::audit`, fed by `hongbao_store`).
 
 use std::io::Write;
-use std::path::Path;
-
-use hongbao_store::{AuditReport, StoreError};
+use hongbao_store::{AuditReport, StoreError, StoreLocation};
 
 /// Runs the audit and prints the report (human text, or JSON with `json`).
 /// Returns whether it passed; `Err` when the data could not be read at all.
-pub fn run(data: &Path, json: bool) -> Result<bool, StoreError> {
-    let report = hongbao_store::audit_dir(data)?;
+pub fn run(store: &StoreLocation, json: bool) -> Result<bool, StoreError> {
+    let report = hongbao_store::audit(store)?;
     let text = if json {
         serde_json::to_string_pretty(&report).expect("an audit report always serialises")
     } else {
-        human(data, &report)
+        human(&store.describe(), &report)
     };
     let mut out = std::io::stdout().lock();
     // A closed stdout must not turn a failed audit into a pass or vice
@@ -22,9 +21,9 @@ pub fn run(data: &Path, json: bool) -> Result<bool, StoreError> {
     Ok(report.passed())
 }
 
-fn human(data: &Path, report: &AuditReport) -> String {
+fn human(store: &str, report: &AuditReport) -> String {
     let t = &report.totals;
-    let mut s = format!("hongbao audit of {}\n", data.display());
+    let mut s = format!("hongbao audit of {store}\n");
     let rows: [(&str, String); 11] = [
         ("accounts", t.accounts.to_string()),
         ("ledger entries", t.entries.to_string()),

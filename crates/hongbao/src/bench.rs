@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use hongbao_boundary::TokenSigner;
+use hongbao_shard::StoreLocation;
 use hongbao_sim::bench::{self, Check, Plan, ServerTarget, ShakeStep, Summary, WorkerLauncher};
 use hongbao_sim::worker::{self, WorkerConfig};
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -70,6 +71,11 @@ pub struct PlanArgs {
     /// removed afterwards]
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// Store of record of the local server (a postgres:// URL), audited
+    /// after the run; with --tcp/--admin, the running server's store to
+    /// audit [default: SQLite in the data directory]
+    #[arg(long, env = "HONGBAO_STORE", value_name = "URL", hide_env_values = true)]
+    pub store: Option<String>,
 }
 
 impl PlanArgs {
@@ -211,33 +217,32 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
                 admin_key: remote.admin_key.clone(),
                 pids: remote.server_pid.into_iter().collect(),
             };
-            let data = plan_args.data.clone();
-            let mut finish = move || match &data {
+            let store = match (&plan_args.store, &plan_args.data) {
+                (Some(url), _) => Some(StoreLocation::resolve(Some(url), Path::new(""))?),
+                (None, Some(data)) => Some(StoreLocation::Sqlite(data.clone())),
+                (None, None) => None,
+            };
+            let mut finish = move || match &store {
                 // A read transaction sees one committed state, so a live
-                // server's data can be audited while it runs.
-                Some(data) => vec![audit_check(data)],
+                // server's store can be audited while it runs.
+                Some(store) => vec![audit_check(store)],
                 None => {
-                    eprintln!("note: no --data given, so the server's data was not audited");
+                    eprintln!("note: no --data or --store given, so the server's store was not audited");
                     Vec::new()
                 }
             };
             bench::run(&plan, &target, &launcher, &out, &mut finish)?
         }
-        _ => run_local(&plan, plan_args.data.as_deref(), plan_args.gateways, &launcher, &out)?,
+        _ => run_local(&plan, &plan_args, &launcher, &out)?,
     };
     println!("\n{}", bench::summary_table(&summary, &out));
     Ok(summary.pass)
 }
 
 /// Starts a server in this process, runs the plan, stops it, audits it.
-fn run_local(
-    plan: &Plan,
-    data: Option<&Path>,
-    gateways: Option<u16>,
-    launcher: &WorkerLauncher,
-    out: &Path,
-) -> anyhow::Result<Summary> {
+fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: &Path) -> anyhow::Result<Summary> {
     init_logging(Some(&out.join("server.log")));
+    let data = plan_args.data.as_deref();
     let temp = match data {
         Some(_) => None,
         None => Some(tempfile::Builder::new().prefix("hongbao-demo-").tempdir().context("temporary data directory")?),
@@ -247,26 +252,31 @@ fn run_local(
     let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let args = ServeArgs {
         data: Some(data.clone()),
+        store: plan_args.store.clone(),
         dev: Some(true),
         tcp: Some(loopback(0)),
         ws: Some(loopback(0)),
         admin: Some(loopback(0)),
         // Room for every simulated user, whatever the default.
         max_connections: Some((plan.users as usize + 100).max(hongbao_gateway::MAX_CONNECTIONS_DEFAULT)),
-        gateways,
+        gateways: plan_args.gateways,
         ..ServeArgs::default()
     };
     let settings = Settings::resolve(args)?;
+    let store = match &settings.store {
+        StoreLocation::Sqlite(_) => None,
+        postgres => Some(postgres.clone()),
+    };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     let prometheus = PrometheusBuilder::new().install_recorder().context("cannot install the metrics recorder")?;
     let server = runtime.block_on(serve::start(settings, prometheus)).context("cannot start the local server")?;
     let ready = server.ready().clone();
     println!(
-        "local server (dev mode, in this process): tcp {} admin {} data {} (log: {})",
+        "local server (dev mode, in this process): tcp {} admin {} store {} (log: {})",
         ready.tcp,
         ready.admin,
-        ready.data.display(),
+        ready.store,
         out.join("server.log").display()
     );
     // The server runs in this process; the bench's own threads only read
@@ -284,7 +294,7 @@ fn run_local(
                 stopped.err().map(|e| e.to_string()).unwrap_or_else(|| "every queued commit written".to_owned()),
             ));
         }
-        checks.push(audit_check(&ready.data));
+        checks.push(audit_check(&store.clone().unwrap_or_else(|| StoreLocation::Sqlite(ready.data.clone()))));
         checks
     };
     let summary = bench::run(plan, &target, launcher, out, &mut finish);
@@ -295,14 +305,14 @@ fn run_local(
     Ok(summary?)
 }
 
-fn audit_check(data: &Path) -> Check {
-    match hongbao_store::audit_dir(data) {
+fn audit_check(store: &StoreLocation) -> Check {
+    match hongbao_store::audit(store) {
         Ok(report) => {
             let t = &report.totals;
             let detail = if report.passed() {
                 format!(
                     "PASS on {}: {} entries, {} packets, {} claims, {} shake wins; money is conserved",
-                    data.display(),
+                    store.describe(),
                     t.entries,
                     t.packets,
                     t.claims,
@@ -314,7 +324,7 @@ fn audit_check(data: &Path) -> Check {
             };
             Check::new("hongbao audit passes", report.passed(), detail)
         }
-        Err(e) => Check::new("hongbao audit passes", false, format!("cannot audit {}: {e}", data.display())),
+        Err(e) => Check::new("hongbao audit passes", false, format!("cannot audit {}: {e}", store.describe())),
     }
 }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use clap::builder::BoolishValueParser;
 use hongbao_core::limits::{PacketRules, SHARDS_MAX};
+use hongbao_shard::StoreLocation;
 
 /// Most gateway processes one server starts: each is a process with its
 /// own runtime, and 16 × 18,000 connections is past what one host serves.
@@ -30,6 +31,11 @@ pub struct ServeArgs {
     /// Data directory (database, secret.key, admin.key) [default: ./data]
     #[arg(long, env = "HONGBAO_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// Store of record: a postgres:// URL (several hosts and
+    /// target_session_attrs=read-write are understood) [default: SQLite in
+    /// the data directory]
+    #[arg(long, env = "HONGBAO_STORE", value_name = "URL", hide_env_values = true)]
+    pub store: Option<String>,
     /// Dev mode: bare user ids are accepted as tokens and the admin API is open.
     /// Never in production.
     #[arg(long, env = "HONGBAO_DEV", num_args = 0..=1, default_missing_value = "true",
@@ -116,6 +122,8 @@ pub struct ServeArgs {
 pub struct Config {
     /// Data directory; relative paths are relative to the working directory.
     pub data: Option<PathBuf>,
+    /// Store of record: a `postgres://` URL; without it, SQLite in `data`.
+    pub store: Option<String>,
     /// Dev mode (bare user ids as tokens, open admin API).
     pub dev: Option<bool>,
     /// Raw TCP listen address.
@@ -161,6 +169,8 @@ pub enum ConfigError {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub data: PathBuf,
+    /// Where money is stored: SQLite in `data`, or a PostgreSQL database.
+    pub store: StoreLocation,
     pub dev: bool,
     pub tcp: SocketAddr,
     pub ws: SocketAddr,
@@ -220,8 +230,12 @@ impl Settings {
             .max_pending_hello_per_ip
             .or(file.max_pending_hello_per_ip)
             .unwrap_or_else(|| gw::max_pending_hello_per_ip_default(max_pending_hello));
+        let data = args.data.or(file.data).unwrap_or_else(|| PathBuf::from(DATA_DEFAULT));
+        let store = StoreLocation::resolve(args.store.or(file.store).as_deref(), &data)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let s = Settings {
-            data: args.data.or(file.data).unwrap_or_else(|| PathBuf::from(DATA_DEFAULT)),
+            data,
+            store,
             dev: args.dev.or(file.dev).unwrap_or(false),
             tcp: args.tcp.or(file.tcp).unwrap_or_else(|| addr(TCP_DEFAULT)),
             ws: args.ws.or(file.ws).unwrap_or_else(|| addr(WS_DEFAULT)),

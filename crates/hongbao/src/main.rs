@@ -33,12 +33,16 @@ struct Cli {
 enum Command {
     /// Run the server: gateway (TCP and WebSocket), engine and admin API.
     Serve(Box<config::ServeArgs>),
-    /// Check money conservation on a data directory. Exit code 0: pass,
-    /// 1: violations found, 2: the data could not be read.
+    /// Check money conservation on a store: a data directory (SQLite) or a
+    /// PostgreSQL database (--store). Exit code 0: pass, 1: violations
+    /// found, 2: the data could not be read.
     Audit {
         /// Data directory to audit.
         #[arg(long, env = "HONGBAO_DATA", default_value = config::DATA_DEFAULT, value_name = "DIR")]
         data: PathBuf,
+        /// A postgres:// URL to audit instead of the data directory.
+        #[arg(long, env = "HONGBAO_STORE", value_name = "URL", hide_env_values = true)]
+        store: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -116,14 +120,18 @@ fn main() -> ExitCode {
         Command::Perf(figure) => report(hongbao_perf::run(figure)),
         Command::Serve(args) => report(serve(*args)),
         Command::GatewayWorker(args) => report(gateways::worker(args)),
-        Command::Audit { data, json } => match audit::run(&data, json) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::from(1),
-            Err(e) => {
-                eprintln!("error: cannot audit {}: {e}", data.display());
-                ExitCode::from(2)
+        Command::Audit { data, store, json } => {
+            let audited =
+                hongbao_store::StoreLocation::resolve(store.as_deref(), &data).and_then(|at| audit::run(&at, json));
+            match audited {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: cannot audit: {e}");
+                    ExitCode::from(2)
+                }
             }
-        },
+        }
         Command::Token { data, user, ttl_s, secret } => {
             report(token::issue(&data, user, ttl_s, secret).map(|t| println!("{t}")).context("cannot issue a token"))
         }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use hongbao_admin::{AdminConfig, AdminError, AdminLimits};
 use hongbao_boundary::{EngineError, TokenSigner};
 use hongbao_gateway::{Gateway, GatewayConfig, GatewayError};
-use hongbao_shard::{Engine, EngineConfig};
+use hongbao_shard::{Engine, EngineConfig, StoreLocation};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -75,6 +75,9 @@ pub struct Ready {
     pub ws: SocketAddr,
     pub admin: SocketAddr,
     pub data: PathBuf,
+    /// The store of record: the data directory (SQLite), or the PostgreSQL
+    /// URL without its password.
+    pub store: String,
     pub dev: bool,
     /// The gateway processes besides this one (`--gateways N`: N-1).
     pub gateway_pids: Vec<u32>,
@@ -145,7 +148,12 @@ pub async fn start(settings: Settings, prometheus: PrometheusHandle) -> Result<S
         packet_rules: settings.packet_rules.clone(),
         ..EngineConfig::default()
     };
-    let engine = Engine::open(engine_config, &data).await?;
+    let store = match &settings.store {
+        StoreLocation::Sqlite(_) => StoreLocation::Sqlite(data.clone()),
+        postgres => postgres.clone(),
+    };
+    tracing::info!(store = %store.describe(), "opening the store");
+    let engine = Engine::open_at(engine_config, &store).await?;
     let (mut server, gateway_config, secret) = match start_front(&settings, &data, engine.clone(), prometheus).await {
         Ok(started) => started,
         Err(e) => {
@@ -243,6 +251,10 @@ async fn start_front(
         ws: gateway.ws_addr(),
         admin: admin_addr,
         data: data.to_owned(),
+        store: match &settings.store {
+            StoreLocation::Sqlite(_) => data.display().to_string(),
+            postgres => postgres.describe(),
+        },
         dev: settings.dev,
         gateway_pids: Vec::new(),
     };

@@ -24,7 +24,7 @@ use anyhow::{bail, ensure, Context};
 use hongbao_core::limits::PacketRules;
 use hongbao_core::split::SplitKind;
 use hongbao_proto::{ErrorCode, Reply, Request, Target};
-use hongbao_shard::{CommitMode, Engine, EngineConfig};
+use hongbao_shard::{CommitMode, Engine, EngineConfig, StoreLocation};
 
 use crate::figure;
 
@@ -205,7 +205,7 @@ impl Mode {
 async fn open_engine(config: EngineConfig, mode: Mode, dir: &Path) -> anyhow::Result<Engine> {
     let engine = match mode {
         Mode::Group => Engine::open(config, dir).await,
-        Mode::PerOp => Engine::open_with_commit_mode(config, CommitMode::PerOp, dir).await,
+        Mode::PerOp => Engine::open_with_commit_mode(config, CommitMode::PerOp, &StoreLocation::Sqlite(dir.to_owned())).await,
     };
     engine.map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -39,7 +39,7 @@ pub use engine::Engine;
 /// How the store groups operations into transactions (the benchmark baseline).
 #[cfg(any(test, feature = "per-op-baseline"))]
 pub use hongbao_store::CommitMode;
-pub use hongbao_store::StorageFailure;
+pub use hongbao_store::{StorageFailure, StoreLocation};
 pub use push::{Connection, PushReceipt, PushTarget};
 pub use types::{CampaignInfo, EngineConfig, MoneyReceipt, Stats, TaskInfo};
 

@@ -1,11 +1,12 @@
-//! How each operation is applied to SQLite inside the batch transaction: one
+//! The decision on each operation, made inside the batch's transaction: one
 //! function per operation, each returning that operation's own outcome.
+//! Written once for every store: reads and writes go through `Rows`.
 //!
-//! A function's `rusqlite::Result` is the storage's verdict (an error fails
-//! the whole batch); the inner `Result` is the decision on the request
+//! A function's outer `Result` is the storage's verdict (an error fails the
+//! whole batch); the inner `Result` is the decision on the request
 //! (insufficient funds, key reused, …), which fails that operation alone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use hongbao_core::audit::EntryKind;
 use hongbao_core::campaign::CampaignStatus;
@@ -14,33 +15,70 @@ use hongbao_core::limits::{
     GROUP_MEMBERS_MAX, PENDING_MESSAGES_PER_SENDER_MAX, PENDING_MESSAGES_PER_USER_MAX,
     PENDING_SYSTEM_MESSAGES_PER_USER_MAX,
 };
-use hongbao_core::packet::Recipients;
 use hongbao_core::{CampaignId, PacketId, UserId};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::ops::*;
+use crate::rows::{EntryMeta, MessageKind, RowResult, Rows};
 
 /// The storage's verdict on one step, around the decision on the request.
-type Applied<T> = rusqlite::Result<Result<T, OpError>>;
+type Applied<T> = RowResult<Result<T, OpError>>;
 
-/// One batch being applied: the open transaction, the writer's ledger, and
-/// what must be written back before the commit.
-pub(crate) struct BatchTx<'a> {
-    tx: &'a Connection,
-    ledger: &'a mut Ledger,
-    next_campaign: &'a mut CampaignId,
-    /// Undelivered user notices by sender, kept as messages come and go.
-    pending_by_sender: &'a mut HashMap<UserId, u32>,
+/// What the writer keeps in memory between batches, reloaded from storage
+/// at start-up and after a failure.
+pub(crate) struct WriterMemory {
+    /// Every account's balance as committed plus the batch being applied.
+    pub ledger: Ledger,
+    /// The id the next new campaign gets.
+    pub next_campaign: CampaignId,
+    /// Undelivered user notices by sender, for each sender's budget.
+    pub pending_by_sender: HashMap<UserId, u32>,
+}
+
+impl WriterMemory {
+    /// The memory of a store's committed rows: balances by account id, the
+    /// highest campaign id, and pending user notices by sender. Checks that
+    /// the balances sum to zero.
+    pub(crate) fn from_stored(
+        balances: Vec<(i64, i64)>,
+        max_campaign: Option<i64>,
+        pending_by_sender: HashMap<UserId, u32>,
+    ) -> Result<WriterMemory, crate::StoreError> {
+        let mut accounts = Vec::with_capacity(balances.len());
+        for (id, balance) in balances {
+            let account =
+                Account::from_id(id).ok_or_else(|| crate::StoreError::Corrupt(format!("account id {id}")))?;
+            accounts.push((account, balance));
+        }
+        let ledger = Ledger::from_balances(accounts);
+        if ledger.total() != 0 {
+            return Err(crate::StoreError::Corrupt(format!(
+                "stored balances sum to {} fen, not 0; run `hongbao audit`",
+                ledger.total()
+            )));
+        }
+        let next_campaign = max_campaign.map(|m| m as u64 + 1).unwrap_or(1);
+        Ok(WriterMemory { ledger, next_campaign, pending_by_sender })
+    }
+}
+
+/// One batch being applied: the store's rows in the open transaction, the
+/// writer's memory, and what must be written back before the commit.
+pub(crate) struct BatchTx<'a, R: Rows> {
+    rows: &'a mut R,
+    memory: &'a mut WriterMemory,
     /// Each account this batch moved money in or out of, with its balance
     /// before the batch: written back once per batch, and checked to sum to
     /// no change at all (money only moves between accounts).
     touched: HashMap<Account, i64>,
     /// The opens of each packet not yet written to its row.
     opened: HashMap<PacketId, PacketOpens>,
+    /// Users who got a message of a kind in this batch: their oldest
+    /// beyond that kind's cap are dropped once, before the commit.
+    messaged: BTreeSet<(UserId, MessageKind)>,
 }
 
-/// A packet's opens in the current batch, written as one `UPDATE` per packet
-/// and batch: a packet row carries its recipient list, and rewriting it once
+/// A packet's opens in the current batch, written once per packet and
+/// batch: a packet row carries its recipient list, and rewriting it once
 /// per open was the costliest statement of an open.
 struct PacketOpens {
     taken_fen: i64,
@@ -50,46 +88,30 @@ struct PacketOpens {
     finished: Option<UserId>,
 }
 
-/// What a journal entry is for.
-#[derive(Clone, Copy)]
-struct EntryMeta {
-    kind: EntryKind,
-    /// The packet or campaign id (0 for deposits and withdrawals).
-    reference: u64,
-    /// The user an open or a win credits.
-    user: Option<UserId>,
-    at_ms: u64,
-}
-
-impl<'a> BatchTx<'a> {
-    pub(crate) fn new(
-        tx: &'a Connection,
-        ledger: &'a mut Ledger,
-        next_campaign: &'a mut CampaignId,
-        pending_by_sender: &'a mut HashMap<UserId, u32>,
-    ) -> BatchTx<'a> {
-        BatchTx { tx, ledger, next_campaign, pending_by_sender, touched: HashMap::new(), opened: HashMap::new() }
+impl<'a, R: Rows> BatchTx<'a, R> {
+    pub(crate) fn new(rows: &'a mut R, memory: &'a mut WriterMemory) -> BatchTx<'a, R> {
+        BatchTx { rows, memory, touched: HashMap::new(), opened: HashMap::new(), messaged: BTreeSet::new() }
     }
 
     /// Applies one command, recording its decision in its slot.
-    pub(crate) fn apply(&mut self, command: &mut Command) -> rusqlite::Result<()> {
+    pub(crate) fn apply(&mut self, command: &mut Command) -> RowResult<()> {
         match command {
             Command::Deposit(s) => s.decided(self.deposit(&s.op)?),
             Command::Withdraw(s) => s.decided(self.withdraw(&s.op)?),
             Command::FundPacket(s) => s.decided(self.fund_packet(&s.op)?),
             Command::OpenShare(s) => s.decided(self.open_share(&s.op)?),
-            Command::FindClaim(s) => s.decided(Ok(self.find_claim(&s.op)?)),
+            Command::FindClaim(s) => s.decided(Ok(self.rows.claim_amount(s.op.packet, s.op.user)?)),
             Command::Refund(s) => {
                 // Only a refund reads a packet row's `remaining`; everything
                 // else may run on rows whose opens are still pending.
                 self.flush_opens()?;
                 s.decided(self.refund(&s.op)?)
             }
-            Command::ReserveIds(s) => s.decided(self.reserve_ids(&s.op)?),
+            Command::ReserveIds(s) => s.decided(Ok(self.rows.raise_id_mark(s.op.shard, s.op.mark)?)),
             Command::CreateCampaign(s) => s.decided(self.create_campaign(&s.op)?),
             Command::StartCampaign(s) => s.decided(self.start_campaign(&s.op)?),
             Command::ShakeWin(s) => s.decided(self.shake_win(&s.op)?),
-            Command::FindShakeWin(s) => s.decided(Ok(self.first_shake_win(s.op.user, &s.op.key)?)),
+            Command::FindShakeWin(s) => s.decided(Ok(self.rows.shake_win_by_key(s.op.user, &s.op.key)?)),
             Command::CloseCampaign(s) => s.decided(self.close_campaign(&s.op)?),
             Command::StoreMessages(s) => s.decided(self.store_messages(&s.op)?),
             Command::AckMessage(s) => s.decided(self.ack_message(&s.op)?),
@@ -103,25 +125,21 @@ impl<'a> BatchTx<'a> {
     /// Writes back what the batch changed, after its last command, and
     /// returns the new balance of every account it changed (to publish once
     /// the batch has committed).
-    pub(crate) fn finish(mut self) -> rusqlite::Result<Vec<(Account, i64)>> {
+    pub(crate) fn finish(mut self) -> RowResult<Vec<(Account, i64)>> {
         self.flush_opens()?;
+        self.drop_messages_over_caps()?;
         // Money only moves between accounts: the batch changed the sum of
         // all balances by nothing (the ledger's own checks, verified by
         // independent arithmetic before anything is committed).
-        let net: i128 = self.touched.iter().map(|(a, before)| (self.ledger.balance(*a) - before) as i128).sum();
+        let net: i128 =
+            self.touched.iter().map(|(a, before)| (self.memory.ledger.balance(*a) - before) as i128).sum();
         assert_eq!(net, 0, "a batch created or destroyed {net} fen");
-        let mut stmt = self.tx.prepare_cached(
-            "INSERT INTO accounts (id, balance) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET balance = excluded.balance",
-        )?;
-        let mut changed = Vec::with_capacity(self.touched.len());
-        for account in self.touched.keys() {
-            let balance = self.ledger.balance(*account);
-            stmt.execute(params![account.id(), balance])?;
-            changed.push((*account, balance));
-        }
+        let changed: Vec<(Account, i64)> =
+            self.touched.keys().map(|account| (*account, self.memory.ledger.balance(*account))).collect();
+        self.rows.write_balances(&changed)?;
         // Conservation of the whole ledger on every committed batch in debug
         // builds (it is a scan of every account); `hongbao audit` checks it always.
-        debug_assert_eq!(self.ledger.total(), 0, "ledger does not balance");
+        debug_assert_eq!(self.memory.ledger.total(), 0, "ledger does not balance");
         Ok(changed)
     }
 
@@ -148,39 +166,28 @@ impl<'a> BatchTx<'a> {
         meta: EntryMeta,
     ) -> Applied<MoneyMoved> {
         let request = format!("{user}:{}", t.amount_fen);
-        match self.keyed(scope, key, &request)? {
-            Some(Ok(balance)) => {
-                return Ok(Ok(MoneyMoved { balance_fen: balance.parse().unwrap_or_default(), repeat: true }))
-            }
-            Some(Err(e)) => return Ok(Err(e)),
-            None => {}
+        if let Some((stored_request, result)) = self.rows.keyed_result(scope, key)? {
+            return Ok(if stored_request == request {
+                Ok(MoneyMoved { balance_fen: result.parse().unwrap_or_default(), repeat: true })
+            } else {
+                Err(OpError::KeyConflict)
+            });
         }
         if let Err(e) = self.transfer(t, meta)? {
             return Ok(Err(e));
         }
-        let balance = self.ledger.balance(Account::user(user));
-        self.tx
-            .prepare_cached("INSERT INTO idempotency (scope, key, request, result) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![scope, key, request, balance.to_string()])?;
+        let balance = self.memory.ledger.balance(Account::user(user));
+        self.rows.insert_keyed_result(scope, key, &request, &balance.to_string())?;
         Ok(Ok(MoneyMoved { balance_fen: balance, repeat: false }))
-    }
-
-    /// The stored result of `(scope, key)`, if that key was used.
-    fn keyed(&self, scope: &str, key: &str, request: &str) -> rusqlite::Result<Option<Result<String, OpError>>> {
-        let row: Option<(String, String)> = self
-            .tx
-            .prepare_cached("SELECT request, result FROM idempotency WHERE scope = ?1 AND key = ?2")?
-            .query_row(params![scope, key], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        Ok(row.map(|(req, result)| if req == request { Ok(result) } else { Err(OpError::KeyConflict) }))
     }
 
     fn fund_packet(&mut self, op: &FundPacket) -> Applied<Funded> {
         let p = &op.packet;
-        if let Some(repeat) = self.funded_before(p, &op.key)? {
-            return Ok(repeat);
+        if let Some((existing, kind)) = self.rows.packet_by_key(p.sender, &op.key)? {
+            let same = existing.total_fen == p.total_fen && existing.count == p.count && kind == p.kind.as_str();
+            return Ok(if same { Ok(Funded::Repeat(existing)) } else { Err(OpError::KeyConflict) });
         }
-        let pending = self.pending_by_sender.get(&p.sender).copied().unwrap_or(0) as usize;
+        let pending = self.memory.pending_by_sender.get(&p.sender).copied().unwrap_or(0) as usize;
         if pending + p.recipients.list().len() > PENDING_MESSAGES_PER_SENDER_MAX {
             return Ok(Err(OpError::RateLimited(format!(
                 "{pending} of your notices are still undelivered (at most {PENDING_MESSAGES_PER_SENDER_MAX}); retry later"
@@ -191,64 +198,12 @@ impl<'a> BatchTx<'a> {
         if let Err(e) = self.transfer(t, meta)? {
             return Ok(Err(e));
         }
-        let (target, grp) = match &p.recipients {
-            Recipients::Group { group, .. } => ("group", Some(*group as i64)),
-            Recipients::Users(_) => ("users", None),
-            Recipients::User(_) => ("user", None),
-        };
-        self.tx
-            .prepare_cached(
-                "INSERT INTO packets (id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, remaining, status, idem_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?4, 'open', ?12)",
-            )?
-            .execute(params![
-                p.id as i64,
-                p.sender as i64,
-                p.kind.as_str(),
-                p.total_fen,
-                p.count,
-                target,
-                grp,
-                crate::schema::encode_users(p.recipients.list()),
-                p.greeting,
-                p.created_ms as i64,
-                p.expires_ms as i64,
-                op.key
-            ])?;
+        self.rows.insert_packet(p, &op.key)?;
         let mut messages = Vec::with_capacity(p.recipients.list().len());
         for &user in p.recipients.list() {
             messages.push((user, self.store_message(user, &op.notice, op.at_ms, Author::User(p.sender))?));
         }
         Ok(Ok(Funded::New { messages }))
-    }
-
-    /// The answer to a send whose key already funded a packet: that packet,
-    /// or a conflict if the key was used for a different one.
-    fn funded_before(&self, p: &NewPacket, key: &str) -> rusqlite::Result<Option<Result<Funded, OpError>>> {
-        let existing = self
-            .tx
-            .prepare_cached(
-                "SELECT id, total, count, expires_ms, kind FROM packets WHERE sender = ?1 AND idem_key = ?2",
-            )?
-            .query_row(params![p.sender as i64, key], |r| {
-                Ok((
-                    ExistingPacket {
-                        id: r.get::<_, i64>(0)? as u64,
-                        total_fen: r.get(1)?,
-                        count: r.get(2)?,
-                        expires_ms: r.get::<_, i64>(3)? as u64,
-                    },
-                    r.get::<_, String>(4)?,
-                ))
-            })
-            .optional()?;
-        Ok(existing.map(|(e, kind)| {
-            if e.total_fen == p.total_fen && e.count == p.count && kind == p.kind.as_str() {
-                Ok(Funded::Repeat(e))
-            } else {
-                Err(OpError::KeyConflict)
-            }
-        }))
     }
 
     fn open_share(&mut self, op: &OpenShare) -> Applied<()> {
@@ -263,9 +218,7 @@ impl<'a> BatchTx<'a> {
         if let Err(e) = self.transfer(t, meta)? {
             return Ok(Err(e));
         }
-        self.tx
-            .prepare_cached("INSERT INTO claims (packet, user, seq, amount, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![op.packet as i64, op.user as i64, op.seq, op.amount_fen, op.at_ms as i64])?;
+        self.rows.insert_claim(op)?;
         // The packet row is updated once per batch (`flush_opens`).
         let o = self.opened.get_mut(&op.packet).expect("checked above");
         // The shard never opens a finished packet; the stored row's checks
@@ -285,11 +238,7 @@ impl<'a> BatchTx<'a> {
     fn check_remaining(&mut self, op: &OpenShare) -> Applied<()> {
         let remaining_fen = match self.opened.get(&op.packet) {
             Some(o) => Some(o.remaining_fen),
-            None => self
-                .tx
-                .prepare_cached("SELECT remaining FROM packets WHERE id = ?1 AND status = 'open'")?
-                .query_row(params![op.packet as i64], |r| r.get::<_, i64>(0))
-                .optional()?,
+            None => self.rows.open_remaining(op.packet)?,
         };
         if remaining_fen != Some(op.remaining_before_fen) {
             let what = format!(
@@ -306,40 +255,19 @@ impl<'a> BatchTx<'a> {
         Ok(Ok(()))
     }
 
-    fn find_claim(&mut self, op: &FindClaim) -> rusqlite::Result<Option<i64>> {
-        self.tx
-            .prepare_cached("SELECT amount FROM claims WHERE packet = ?1 AND user = ?2")?
-            .query_row(params![op.packet as i64, op.user as i64], |r| r.get(0))
-            .optional()
-    }
-
     /// Writes pending opens to their packet rows. Runs before a refund (the
     /// only operation that reads a row's `remaining`) and before the commit:
-    /// the transaction holds the same rows as with one `UPDATE` per open,
+    /// the transaction holds the same rows as with one update per open,
     /// under the same checks.
-    fn flush_opens(&mut self) -> rusqlite::Result<()> {
-        if self.opened.is_empty() {
-            return Ok(());
-        }
-        let mut stmt = self.tx.prepare_cached(
-            "UPDATE packets SET remaining = remaining - ?2, status = ?3, best_luck = ?4 WHERE id = ?1 AND status = 'open' AND remaining >= ?2",
-        )?;
+    fn flush_opens(&mut self) -> RowResult<()> {
         for (packet, o) in self.opened.drain() {
-            let status = if o.finished.is_some() { "finished" } else { "open" };
-            let changed = stmt.execute(params![packet as i64, o.taken_fen, status, o.finished.map(|u| u as i64)])?;
-            assert_eq!(changed, 1, "opens of packet {packet} do not match its stored state");
+            self.rows.write_opens(packet, o.taken_fen, o.finished)?;
         }
         Ok(())
     }
 
     fn refund(&mut self, op: &Refund) -> Applied<Refunded> {
-        let changed = self
-            .tx
-            .prepare_cached(
-                "UPDATE packets SET status = 'refunded', refunded = remaining, remaining = 0 WHERE id = ?1 AND status = 'open' AND remaining = ?2",
-            )?
-            .execute(params![op.packet as i64, op.amount_fen])?;
-        if changed == 0 {
+        if !self.rows.refund_packet(op.packet, op.amount_fen)? {
             let what = format!("open packet {} with {} fen remaining", op.packet, op.amount_fen);
             return Ok(Err(OpError::NotFound(what)));
         }
@@ -355,80 +283,43 @@ impl<'a> BatchTx<'a> {
         Ok(Ok(Refunded { message: Some(message) }))
     }
 
-    fn reserve_ids(&mut self, op: &ReserveIds) -> Applied<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO id_marks (shard, mark) VALUES (?1, ?2) ON CONFLICT (shard) DO UPDATE SET mark = max(mark, excluded.mark)",
-            )?
-            .execute(params![op.shard as i64, op.mark as i64])?;
-        Ok(Ok(()))
-    }
-
     fn create_campaign(&mut self, op: &CreateCampaign) -> Applied<CampaignCreated> {
         let spec = &op.spec;
         let rule = serde_json::to_string(&spec.rule).expect("rule serialises");
-        let existing: Option<(i64, i64, i64, String)> = self
-            .tx
-            .prepare_cached("SELECT id, funder, total, rule FROM campaigns WHERE idem_key = ?1")?
-            .query_row(params![op.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .optional()?;
-        if let Some((id, funder, total, r)) = existing {
-            let same = funder as u64 == spec.funder && total == spec.total_fen && r == rule;
+        if let Some(existing) = self.rows.campaign_by_key(&op.key)? {
+            let same = existing.funder == spec.funder && existing.total_fen == spec.total_fen && existing.rule == rule;
             return Ok(if same {
-                Ok(CampaignCreated { id: id as u64, repeat: true })
+                Ok(CampaignCreated { id: existing.id, repeat: true })
             } else {
                 Err(OpError::KeyConflict)
             });
         }
-        let id = *self.next_campaign;
+        let id = self.memory.next_campaign;
         let t = Transfer { from: Account::user(spec.funder), to: Account::campaign(id), amount_fen: spec.total_fen };
         let meta = EntryMeta { kind: EntryKind::CampaignFund, reference: id, user: None, at_ms: op.at_ms };
         if let Err(e) = self.transfer(t, meta)? {
             return Ok(Err(e));
         }
-        *self.next_campaign += 1;
-        self.tx
-            .prepare_cached(
-                "INSERT INTO campaigns (id, funder, total, rule, rate_per_s, win_cap, status, created_ms, idem_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8)",
-            )?
-            .execute(params![
-                id as i64,
-                spec.funder as i64,
-                spec.total_fen,
-                rule,
-                spec.rate_per_s,
-                spec.win_cap_per_user,
-                op.at_ms as i64,
-                op.key
-            ])?;
+        self.memory.next_campaign += 1;
+        self.rows.insert_campaign(id, spec, &rule, op.at_ms, &op.key)?;
         Ok(Ok(CampaignCreated { id, repeat: false }))
     }
 
     fn start_campaign(&mut self, op: &StartCampaign) -> Applied<()> {
-        let n = self
-            .tx
-            .prepare_cached(
-                "UPDATE campaigns SET status = 'running' WHERE id = ?1 AND status NOT IN ('stopped', 'finished')",
-            )?
-            .execute(params![op.id as i64])?;
-        Ok(if n == 0 { Err(OpError::NotFound(format!("open campaign {}", op.id))) } else { Ok(()) })
+        let started = self.rows.start_campaign(op.id)?;
+        Ok(if started { Ok(()) } else { Err(OpError::NotFound(format!("open campaign {}", op.id))) })
     }
 
     fn shake_win(&mut self, op: &ShakeWin) -> Applied<ShakeWon> {
         if let Some(key) = &op.key {
-            if let Some(first) = self.first_shake_win(op.user, key)? {
+            if let Some(first) = self.rows.shake_win_by_key(op.user, key)? {
                 return Ok(Ok(ShakeWon::Repeat(first)));
             }
         }
         // A packet is won once. A second win of it is a decision, not a
         // storage failure: it can only come after a commit that reported
         // failure yet reached the disk, and must not fail the whole batch.
-        let won_before = self
-            .tx
-            .prepare_cached("SELECT 1 FROM shake_wins WHERE packet = ?1")?
-            .query_row(params![op.packet as i64], |_| Ok(()))
-            .optional()?;
-        if won_before.is_some() {
+        if self.rows.packet_won(op.packet)? {
             return Ok(Err(OpError::Stale(format!("campaign packet {} was won before", op.packet))));
         }
         let t =
@@ -438,54 +329,26 @@ impl<'a> BatchTx<'a> {
         if let Err(e) = self.transfer(t, meta)? {
             return Ok(Err(e));
         }
-        self.tx
-            .prepare_cached(
-                "INSERT INTO shake_wins (packet, campaign, user, amount, at_ms, idem_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                op.packet as i64,
-                op.campaign as i64,
-                op.user as i64,
-                op.amount_fen,
-                op.at_ms as i64,
-                op.key
-            ])?;
+        self.rows.insert_shake_win(op)?;
         Ok(Ok(ShakeWon::Won))
     }
 
-    /// The first win of `(user, key)`, if that key has won.
-    fn first_shake_win(&self, user: UserId, key: &str) -> rusqlite::Result<Option<FirstWin>> {
-        let first: Option<(i64, i64, i64)> = self
-            .tx
-            .prepare_cached("SELECT campaign, packet, amount FROM shake_wins WHERE user = ?1 AND idem_key = ?2")?
-            .query_row(params![user as i64, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        Ok(first.map(|(c, p, a)| FirstWin { campaign: c as u64, packet: p as u64, amount_fen: a }))
-    }
-
     fn close_campaign(&mut self, op: &CloseCampaign) -> Applied<CampaignClosed> {
-        let row: Option<(i64, String)> = self
-            .tx
-            .prepare_cached("SELECT funder, status FROM campaigns WHERE id = ?1")?
-            .query_row(params![op.id as i64], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((funder, current)) = row else {
+        let Some((funder, current)) = self.rows.campaign_state(op.id)? else {
             return Ok(Err(OpError::NotFound(format!("campaign {}", op.id))));
         };
         if CampaignStatus::parse(&current).is_some_and(|s| s.is_closed()) {
             return Ok(Ok(CampaignClosed { refunded_fen: 0 }));
         }
-        let left = self.ledger.balance(Account::campaign(op.id));
+        let left = self.memory.ledger.balance(Account::campaign(op.id));
         if left > 0 {
-            let t = Transfer { from: Account::campaign(op.id), to: Account::user(funder as u64), amount_fen: left };
+            let t = Transfer { from: Account::campaign(op.id), to: Account::user(funder), amount_fen: left };
             let meta = EntryMeta { kind: EntryKind::CampaignRefund, reference: op.id, user: None, at_ms: op.at_ms };
             if let Err(e) = self.transfer(t, meta)? {
                 panic!("campaign {} refund does not balance: {e}", op.id);
             }
         }
-        self.tx
-            .prepare_cached("UPDATE campaigns SET status = ?2 WHERE id = ?1")?
-            .execute(params![op.id as i64, op.status.as_str()])?;
+        self.rows.set_campaign_status(op.id, op.status.as_str())?;
         Ok(Ok(CampaignClosed { refunded_fen: left }))
     }
 
@@ -498,40 +361,31 @@ impl<'a> BatchTx<'a> {
     }
 
     fn ack_message(&mut self, op: &AckMessage) -> Applied<bool> {
-        let deleted: Option<(String, i64)> = self
-            .tx
-            .prepare_cached("DELETE FROM messages WHERE id = ?1 AND user = ?2 RETURNING kind, sender")?
-            .query_row(params![op.msg as i64, op.user as i64], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        if let Some((kind, sender)) = &deleted {
-            self.forget_pending(kind, *sender as u64, 1);
+        let deleted = self.rows.delete_message(op.msg, op.user)?;
+        if let Some((kind, sender)) = deleted {
+            self.forget_pending(kind, sender, 1);
         }
         Ok(Ok(deleted.is_some()))
     }
 
     /// A sender's notices that left storage (read, or dropped by a cap).
-    fn forget_pending(&mut self, kind: &str, sender: UserId, n: u32) {
-        if kind != Author::USER {
+    fn forget_pending(&mut self, kind: MessageKind, sender: UserId, n: u32) {
+        if kind != MessageKind::User {
             return;
         }
-        if let Some(count) = self.pending_by_sender.get_mut(&sender) {
+        if let Some(count) = self.memory.pending_by_sender.get_mut(&sender) {
             *count = count.saturating_sub(n);
             if *count == 0 {
-                self.pending_by_sender.remove(&sender);
+                self.memory.pending_by_sender.remove(&sender);
             }
         }
     }
 
     fn change_group(&mut self, op: &ChangeGroup) -> Applied<Vec<UserId>> {
-        let group = op.group as i64;
         // Work out the new membership first so an over-limit change touches nothing.
-        let mut members: std::collections::BTreeSet<UserId> = match &op.change {
+        let mut members: BTreeSet<UserId> = match &op.change {
             GroupChange::Replace(_) => Default::default(),
-            GroupChange::Add(_) | GroupChange::Remove(_) => self
-                .tx
-                .prepare_cached("SELECT user FROM group_members WHERE grp = ?1")?
-                .query_map(params![group], |r| r.get::<_, i64>(0).map(|u| u as u64))?
-                .collect::<rusqlite::Result<_>>()?,
+            GroupChange::Add(_) | GroupChange::Remove(_) => self.rows.group_members(op.group)?.into_iter().collect(),
         };
         match &op.change {
             GroupChange::Replace(users) | GroupChange::Add(users) => members.extend(users.iter().copied()),
@@ -544,67 +398,55 @@ impl<'a> BatchTx<'a> {
         if members.len() > GROUP_MEMBERS_MAX {
             return Ok(Err(OpError::Invalid(format!("a group holds at most {GROUP_MEMBERS_MAX} members"))));
         }
-        self.tx.prepare_cached("DELETE FROM group_members WHERE grp = ?1")?.execute(params![group])?;
-        let mut insert = self.tx.prepare_cached("INSERT INTO group_members (grp, user) VALUES (?1, ?2)")?;
-        for u in &members {
-            insert.execute(params![group, *u as i64])?;
-        }
+        self.rows.replace_group(op.group, &members)?;
         Ok(Ok(members.into_iter().collect()))
     }
 
     /// Checks and applies one transfer to the ledger and the journal.
     fn transfer(&mut self, t: Transfer, meta: EntryMeta) -> Applied<()> {
-        if let Err(e) = self.ledger.check(&[t]) {
+        if let Err(e) = self.memory.ledger.check(&[t]) {
             return Ok(Err(e.into()));
         }
-        let EntryMeta { kind, reference, user, at_ms } = meta;
-        self.tx
-            .prepare_cached(
-                "INSERT INTO entries (from_account, to_account, amount, kind, reference, user, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                t.from.id(),
-                t.to.id(),
-                t.amount_fen,
-                kind.as_str(),
-                reference as i64,
-                user.map(|u| u as i64),
-                at_ms as i64
-            ])?;
+        self.rows.insert_entry(&t, meta)?;
         for account in [t.from, t.to] {
-            let before = self.ledger.balance(account);
+            let before = self.memory.ledger.balance(account);
             self.touched.entry(account).or_insert(before);
         }
-        self.ledger.apply(&[t]);
+        self.memory.ledger.apply(&[t]);
         Ok(Ok(()))
     }
 
-    /// Stores a persistent message and bounds what one offline user can
-    /// accumulate of its kind: the oldest beyond the limit are dropped, so
+    /// Stores a persistent message. What one offline user can accumulate of
+    /// each kind is bounded once per batch (`drop_messages_over_caps`), so
     /// user notices never push out system messages.
-    fn store_message(&mut self, user: UserId, body: &[u8], at_ms: u64, author: Author) -> rusqlite::Result<u64> {
-        let (kind, sender, kept) = match author {
-            Author::User(sender) => (Author::USER, sender, PENDING_MESSAGES_PER_USER_MAX),
-            Author::System => (Author::SYSTEM, 0, PENDING_SYSTEM_MESSAGES_PER_USER_MAX),
+    fn store_message(&mut self, user: UserId, body: &[u8], at_ms: u64, author: Author) -> RowResult<u64> {
+        let (kind, sender) = match author {
+            Author::User(sender) => (MessageKind::User, sender),
+            Author::System => (MessageKind::System, 0),
         };
-        self.tx
-            .prepare_cached("INSERT INTO messages (user, body, created_ms, kind, sender) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![user as i64, body, at_ms as i64, kind, sender as i64])?;
-        let id = self.tx.last_insert_rowid() as u64;
+        let id = self.rows.insert_message(user, body, at_ms, kind, sender)?;
         if let Author::User(sender) = author {
-            *self.pending_by_sender.entry(sender).or_insert(0) += 1;
+            *self.memory.pending_by_sender.entry(sender).or_insert(0) += 1;
         }
-        let mut dropped = self.tx.prepare_cached(
-            "DELETE FROM messages WHERE user = ?1 AND kind = ?2 AND id <= (SELECT id FROM messages WHERE user = ?1 AND kind = ?2 ORDER BY id DESC LIMIT 1 OFFSET ?3) RETURNING sender",
-        )?;
-        let senders: Vec<i64> = dropped
-            .query_map(params![user as i64, kind, kept as i64], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        drop(dropped);
-        for sender in senders {
-            self.forget_pending(kind, sender as u64, 1);
-        }
+        self.messaged.insert((user, kind));
         Ok(id)
+    }
+
+    /// Drops the oldest messages beyond each kind's cap of every user who
+    /// got one in this batch: the same rows as a cut after each message.
+    fn drop_messages_over_caps(&mut self) -> RowResult<()> {
+        if self.messaged.is_empty() {
+            return Ok(());
+        }
+        let owners = std::mem::take(&mut self.messaged);
+        let dropped = self.rows.prune_messages(&owners, |kind| match kind {
+            MessageKind::User => PENDING_MESSAGES_PER_USER_MAX,
+            MessageKind::System => PENDING_SYSTEM_MESSAGES_PER_USER_MAX,
+        })?;
+        for (kind, sender) in dropped {
+            self.forget_pending(kind, sender, 1);
+        }
+        Ok(())
     }
 }
 
@@ -615,9 +457,4 @@ enum Author {
     User(UserId),
     /// The operator or the system (pushes, refunds): never dropped for user traffic.
     System,
-}
-
-impl Author {
-    const USER: &'static str = "user";
-    const SYSTEM: &'static str = "system";
 }

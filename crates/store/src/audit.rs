@@ -1,4 +1,5 @@
-//! Feeds every stored record to `core::audit::Auditor`.
+//! `hongbao audit`'s data feed: every stored record of a store, read in one
+//! consistent snapshot, given to `core::audit::Auditor`.
 
 use std::path::Path;
 
@@ -7,133 +8,119 @@ use hongbao_core::campaign::CampaignStatus;
 use hongbao_core::packet::{Claim, PacketStatus};
 use hongbao_core::split::SplitKind;
 
-use rusqlite::Connection;
+use crate::{StoreError, StoreLocation};
 
-use crate::{schema, StoreError, DB_FILE};
-
-/// Re-derives every balance and packet in the data directory `dir` and checks
-/// every invariant. Read-only, and it reads one consistent snapshot, so it is
-/// safe to run against a live server's data.
-pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
-    let path = dir.join(DB_FILE);
-    if !path.exists() {
-        return Err(StoreError::Missing(dir.to_owned()));
+/// Re-derives every balance and packet in the store at `location` and
+/// checks every invariant. Read-only and one snapshot, so it is safe to run
+/// against a live server's store.
+pub fn audit(location: &StoreLocation) -> Result<AuditReport, StoreError> {
+    match location {
+        StoreLocation::Sqlite(dir) => crate::sqlite::audit::audit_dir(dir),
+        StoreLocation::Postgres(target) => crate::postgres::audit::audit(target),
     }
-    let conn = schema::connect(&path, true)?;
-    // One read transaction: every query sees the same committed state.
-    conn.execute_batch("BEGIN")?;
-    let mut a = Auditor::default();
-    feed_accounts(&conn, &mut a)?;
-    feed_entries(&conn, &mut a)?;
-    feed_packets(&conn, &mut a)?;
-    feed_claims(&conn, &mut a)?;
-    feed_campaigns(&conn, &mut a)?;
-    let wins = shake_wins_against_entries(&conn)?;
-    conn.execute_batch("COMMIT")?;
-    let mut report = a.finish();
-    report.violations.extend(wins);
-    Ok(report)
+}
+
+/// `audit` of the SQLite store in the data directory `dir`.
+pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
+    crate::sqlite::audit::audit_dir(dir)
+}
+
+/// Turns stored rows into the auditor's records, for every store: a kind or
+/// status this build does not know is reported as corrupt.
+#[derive(Default)]
+pub(crate) struct Feed {
+    auditor: Auditor,
 }
 
 fn bad(what: String) -> StoreError {
     StoreError::Corrupt(what)
 }
 
-fn feed_accounts(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare("SELECT id, balance FROM accounts")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
-        let (id, balance) = row?;
-        a.account(id, balance);
-    }
-    Ok(())
+/// The column of the user an entry, claim or win is for: `user` on SQLite,
+/// `user_id` on PostgreSQL (where `user` is reserved).
+pub(crate) fn audit_queries(user: &str) -> [String; 7] {
+    [
+        "SELECT id, balance FROM accounts".into(),
+        format!("SELECT id, from_account, to_account, amount, kind, reference, {user} FROM entries ORDER BY id"),
+        "SELECT id, sender, kind, total, count, remaining, refunded, status, best_luck FROM packets".into(),
+        format!("SELECT packet, {user}, amount, at_ms FROM claims ORDER BY packet, seq"),
+        "SELECT id, funder, total, status FROM campaigns".into(),
+        "SELECT count(*), CAST(coalesce(sum(amount), 0) AS BIGINT) FROM shake_wins".into(),
+        "SELECT count(*), CAST(coalesce(sum(amount), 0) AS BIGINT) FROM entries WHERE kind = 'shake_win'".into(),
+    ]
 }
 
-fn feed_entries(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
-    let mut stmt =
-        conn.prepare("SELECT id, from_account, to_account, amount, kind, reference, user FROM entries ORDER BY id")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, i64>(5)?,
-            r.get::<_, Option<i64>>(6)?,
-        ))
-    })?;
-    for row in rows {
-        let (id, from, to, amount_fen, kind, reference, user) = row?;
-        let kind = EntryKind::parse(&kind).ok_or_else(|| bad(format!("entry {id} has unknown kind {kind}")))?;
+impl Feed {
+    pub(crate) fn account(&mut self, id: i64, balance: i64) {
+        self.auditor.account(id, balance);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn entry(
+        &mut self,
+        id: i64,
+        from: i64,
+        to: i64,
+        amount_fen: i64,
+        kind: &str,
+        reference: i64,
+        user: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let kind = EntryKind::parse(kind).ok_or_else(|| bad(format!("entry {id} has unknown kind {kind}")))?;
         let (reference, user) = (reference as u64, user.map(|u| u as u64));
-        a.entry(EntryRecord { id, from, to, amount_fen, kind, reference, user });
+        self.auditor.entry(EntryRecord { id, from, to, amount_fen, kind, reference, user });
+        Ok(())
     }
-    Ok(())
-}
 
-fn feed_packets(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
-    let mut stmt =
-        conn.prepare("SELECT id, sender, kind, total, count, remaining, refunded, status, best_luck FROM packets")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)? as u64,
-            r.get::<_, i64>(1)? as u64,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, u32>(4)?,
-            r.get::<_, i64>(5)?,
-            r.get::<_, i64>(6)?,
-            r.get::<_, String>(7)?,
-            r.get::<_, Option<i64>>(8)?,
-        ))
-    })?;
-    for row in rows {
-        let (id, sender, kind, total_fen, count, remaining_fen, refunded_fen, status, best_luck) = row?;
-        a.packet(PacketRecord {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn packet(
+        &mut self,
+        id: i64,
+        sender: i64,
+        kind: &str,
+        total_fen: i64,
+        count: i64,
+        remaining_fen: i64,
+        refunded_fen: i64,
+        status: &str,
+        best_luck: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let id = id as u64;
+        self.auditor.packet(PacketRecord {
             id,
-            sender,
-            kind: SplitKind::parse(&kind).ok_or_else(|| bad(format!("packet {id} has kind {kind}")))?,
+            sender: sender as u64,
+            kind: SplitKind::parse(kind).ok_or_else(|| bad(format!("packet {id} has kind {kind}")))?,
             total_fen,
-            count,
+            count: u32::try_from(count).map_err(|_| bad(format!("packet {id} has count {count}")))?,
             remaining_fen,
             refunded_fen,
-            status: PacketStatus::parse(&status).ok_or_else(|| bad(format!("packet {id} has status {status}")))?,
+            status: PacketStatus::parse(status).ok_or_else(|| bad(format!("packet {id} has status {status}")))?,
             best_luck: best_luck.map(|u| u as u64),
         });
+        Ok(())
     }
-    Ok(())
-}
 
-fn feed_claims(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare("SELECT packet, user, amount, at_ms FROM claims ORDER BY packet, seq")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)?, r.get::<_, i64>(3)? as u64))
-    })?;
-    for row in rows {
-        let (packet, user, amount_fen, at_ms) = row?;
-        a.claim(packet, Claim { user, amount_fen, at_ms });
+    pub(crate) fn claim(&mut self, packet: i64, user: i64, amount_fen: i64, at_ms: i64) {
+        self.auditor.claim(packet as u64, Claim { user: user as u64, amount_fen, at_ms: at_ms as u64 });
     }
-    Ok(())
-}
 
-fn feed_campaigns(conn: &Connection, a: &mut Auditor) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare("SELECT id, funder, total, status FROM campaigns")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
-    })?;
-    for row in rows {
-        let (id, funder, total_fen, status) = row?;
-        let status = CampaignStatus::parse(&status).ok_or_else(|| bad(format!("campaign {id} has status {status}")))?;
-        a.campaign(CampaignRecord { id, funder, total_fen, status });
+    pub(crate) fn campaign(&mut self, id: i64, funder: i64, total_fen: i64, status: &str) -> Result<(), StoreError> {
+        let id = id as u64;
+        let status = CampaignStatus::parse(status).ok_or_else(|| bad(format!("campaign {id} has status {status}")))?;
+        self.auditor.campaign(CampaignRecord { id, funder: funder as u64, total_fen, status });
+        Ok(())
     }
-    Ok(())
-}
 
-/// Shake wins must match their ledger entries one for one.
-fn shake_wins_against_entries(conn: &Connection) -> Result<Option<String>, StoreError> {
-    let sums = |sql: &str| conn.query_row(sql, [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)));
-    let (wins, win_sum) = sums("SELECT count(*), coalesce(sum(amount), 0) FROM shake_wins")?;
-    let (entries, entry_sum) = sums("SELECT count(*), coalesce(sum(amount), 0) FROM entries WHERE kind = 'shake_win'")?;
-    Ok(((wins, win_sum) != (entries, entry_sum))
-        .then(|| format!("shake wins: {wins} rows / {win_sum} fen, ledger entries: {entries} / {entry_sum} fen")))
+    /// The report, with shake wins matched against their ledger entries one
+    /// for one: `(count, sum)` of each.
+    pub(crate) fn finish(self, wins: (i64, i64), win_entries: (i64, i64)) -> AuditReport {
+        let mut report = self.auditor.finish();
+        if wins != win_entries {
+            report.violations.push(format!(
+                "shake wins: {} rows / {} fen, ledger entries: {} / {} fen",
+                wins.0, wins.1, win_entries.0, win_entries.1
+            ));
+        }
+        report
+    }
 }

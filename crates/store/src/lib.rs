@@ -1,16 +1,20 @@
-//! Storage: the embedded SQLite database, the group-commit writer, reads of
-//! committed state, recovery at start-up, and the audit's data feed.
+//! Storage: the store of record (SQLite embedded by default, or a
+//! PostgreSQL server), the group-commit writer, reads of committed state,
+//! recovery at start-up, and the audit's data feed.
 //!
-//! Owns: every line of SQL in the project, the schema, durability (WAL,
-//! synchronous=FULL: a commit is fsync'd before any completion runs), and the
-//! in-memory balances the writer decides payments with.
+//! Owns: every line of SQL in the project, both schemas and their
+//! migrations, durability (a commit is durable — fsync'd by SQLite, or
+//! committed with `synchronous_commit = on` by PostgreSQL — before any
+//! completion runs), and the in-memory balances the writer decides payments
+//! with. The decision on each operation is written once (`apply.rs`) and
+//! reaches a store through `rows::Rows`.
 //!
 //! Must not: decide packet shares, campaign releases or routing (the shards
 //! do), or know about sockets and client messages. Push bodies arrive as
 //! opaque bytes.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use hongbao_core::audit::AuditReport;
 
@@ -18,8 +22,10 @@ mod apply;
 mod audit;
 mod committed;
 pub mod ops;
+mod postgres;
 mod reader;
-mod schema;
+mod rows;
+mod sqlite;
 mod writer;
 
 pub use committed::CommittedBalances;
@@ -27,29 +33,65 @@ pub use ops::{Op, OpError};
 pub use reader::{CampaignRow, MoneyTotals, Reader};
 pub use writer::{StorageFailure, Writer, WriterStats};
 
-pub use audit::audit_dir;
+pub use audit::{audit, audit_dir};
+pub use postgres::PgTarget;
+pub use sqlite::{prepare_data_dir, DB_FILE, LOCK_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("postgresql: {}", postgres::describe_error(.0))]
+    Postgres(#[from] ::postgres::Error),
     #[error("data directory {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
-    #[error("data directory {0} is in use by another hongbao server")]
-    Locked(PathBuf),
+    #[error("{0} is in use by another hongbao server")]
+    Locked(String),
     #[error("no hongbao database in {0}")]
     Missing(PathBuf),
+    #[error("store {0:?}: {1}")]
+    Location(String, String),
 }
 
-/// File name of the database inside a data directory.
-pub const DB_FILE: &str = "hongbao.db";
-/// Locked by the running server so two servers never share a data directory.
-pub const LOCK_FILE: &str = "hongbao.lock";
+/// Where the store of record lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// SQLite in this data directory: the zero-configuration default.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by connection string (`postgres://…`).
+    Postgres(PgTarget),
+}
 
-/// An open data directory: the writer thread, a reader, and the join handle
-/// of the writer (it ends when every `Writer` handle is dropped).
+impl StoreLocation {
+    /// `store` as given by `--store`, `HONGBAO_STORE` or `store =` in the
+    /// configuration file: a `postgres://` or `postgresql://` URL; without
+    /// one, SQLite in `data`.
+    pub fn resolve(store: Option<&str>, data: &Path) -> Result<StoreLocation, StoreError> {
+        match store.map(str::trim) {
+            None | Some("") => Ok(StoreLocation::Sqlite(data.to_owned())),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreLocation::Postgres(PgTarget::parse(url)?))
+            }
+            Some(other) => Err(StoreError::Location(
+                other.into(),
+                "expected a postgres:// URL (without --store, SQLite in the data directory)".into(),
+            )),
+        }
+    }
+
+    /// For logs and the ready line: the directory, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(dir) => dir.display().to_string(),
+            StoreLocation::Postgres(target) => target.to_string(),
+        }
+    }
+}
+
+/// An open store: the writer thread, a reader, and the join handle of the
+/// writer (it ends when every `Writer` handle is dropped).
 pub struct Store {
     pub writer: Writer,
     pub reader: Reader,
@@ -66,90 +108,53 @@ pub enum CommitMode {
     /// Everything queued, up to `COMMIT_BATCH_RECORDS_MAX` ops, in one transaction.
     #[default]
     Group,
-    /// One operation per transaction and fsync. Durability is the same: an
+    /// One operation per transaction and commit. Durability is the same: an
     /// operation's completion runs only after its transaction committed.
     PerOp,
 }
 
 impl Store {
-    /// Opens or creates `dir/hongbao.db`, migrates it, loads balances and
-    /// starts the writer (group commit).
+    /// Opens or creates `dir/hongbao.db` (SQLite), migrates it, loads
+    /// balances and starts the writer (group commit).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_batched(dir, hongbao_core::limits::COMMIT_BATCH_RECORDS_MAX)
+        Store::open_at(&StoreLocation::Sqlite(dir.to_owned()))
     }
 
-    /// `open` with a chosen commit mode (benchmark baseline only).
+    /// Opens the store at `location`: creates or migrates its schema, loads
+    /// balances and starts the writer (group commit).
+    pub fn open_at(location: &StoreLocation) -> Result<Store, StoreError> {
+        Store::open_batched(location, hongbao_core::limits::COMMIT_BATCH_RECORDS_MAX)
+    }
+
+    /// `open_at` with a chosen commit mode (benchmark baseline only).
     #[cfg(feature = "per-op-baseline")]
-    pub fn open_with(dir: &Path, mode: CommitMode) -> Result<Store, StoreError> {
+    pub fn open_with(location: &StoreLocation, mode: CommitMode) -> Result<Store, StoreError> {
         match mode {
-            CommitMode::Group => Store::open(dir),
-            CommitMode::PerOp => Store::open_batched(dir, 1),
+            CommitMode::Group => Store::open_at(location),
+            CommitMode::PerOp => Store::open_batched(location, 1),
         }
     }
 
-    fn open_batched(dir: &Path, batch_ops_max: usize) -> Result<Store, StoreError> {
-        prepare_data_dir(dir)?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(FILE_MODE)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Io { path: lock_path.clone(), source })?;
-        if lock.try_lock().is_err() {
-            return Err(StoreError::Locked(dir.to_owned()));
-        }
-        let path = dir.join(DB_FILE);
-        private_db_files(&path)?;
-        let conn = schema::connect(&path, false)?;
-        schema::migrate(&conn)?;
-        let readers = (0..hongbao_core::limits::STORAGE_READS_INFLIGHT_MAX)
-            .map(|_| schema::connect(&path, true))
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let reader = Reader::new(readers);
-        let (ledger, next_campaign) = schema::load_writer_state(&conn)?;
-        let (writer, writer_thread) = Writer::start(path, conn, ledger, next_campaign, lock, batch_ops_max)?;
+    fn open_batched(location: &StoreLocation, batch_ops_max: usize) -> Result<Store, StoreError> {
+        let readers = hongbao_core::limits::STORAGE_READS_INFLIGHT_MAX;
+        let (backend, memory, reader): (Box<dyn writer::Backend>, _, _) = match location {
+            StoreLocation::Sqlite(dir) => {
+                let (backend, memory, conns) = sqlite::open(dir, readers)?;
+                (Box::new(backend), memory, Reader::sqlite(sqlite::reader::SqliteReader::new(conns)))
+            }
+            StoreLocation::Postgres(target) => {
+                let (backend, memory, reader) = postgres::open(target, readers)?;
+                (Box::new(backend), memory, Reader::postgres(reader))
+            }
+        };
+        let (writer, writer_thread) = Writer::start(backend, memory, batch_ops_max);
         Ok(Store { writer, reader, writer_thread })
     }
 }
 
-/// The data directory holds money records and the server's secrets: only
-/// the server's user may list, read or write it.
-const DIR_MODE: u32 = 0o700;
-/// Every file the store creates: readable and writable by the server's user only.
-const FILE_MODE: u32 = 0o600;
-
-/// Creates `dir` (and its parents) if needed and makes it private to this
-/// user, also when it already existed with wider permissions.
-pub fn prepare_data_dir(dir: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let io = |source| StoreError::Io { path: dir.to_owned(), source };
-    std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(io)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(io)
-}
-
-/// The database file is created private before SQLite opens it (SQLite gives
-/// its WAL and shared-memory files the database file's permissions), and
-/// files of an older data directory are made private too.
-fn private_db_files(db: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |path: &Path, source| StoreError::Io { path: path.to_owned(), source };
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(FILE_MODE)
-        .open(db)
-        .map_err(|e| io(db, e))?;
-    for suffix in ["", "-wal", "-shm"] {
-        let path = PathBuf::from(format!("{}{suffix}", db.display()));
-        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(FILE_MODE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path, e)),
-            _ => {}
-        }
-    }
-    Ok(())
+/// Wall-clock milliseconds, for probes and failure reports.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -1,17 +1,17 @@
 //! Reads of committed state: queries for the admin API and clients, and the
-//! recovery load at start-up. Reads never block the writer (WAL).
+//! recovery load at start-up, on whichever store is open. Rows become
+//! values here, once for every store.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
-use hongbao_core::ledger::Account;
-use hongbao_core::packet::{Claim, Packet, PacketStatus, Recipients};
+use hongbao_core::packet::{Packet, PacketStatus, Recipients};
 use hongbao_core::split::SplitKind;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
-use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::schema::decode_users;
+use crate::postgres::reader::PgReader;
+use crate::rows::decode_users;
+use crate::sqlite::reader::SqliteReader;
 use crate::StoreError;
 
 /// A campaign as stored, with what its entries say so far.
@@ -39,250 +39,197 @@ pub struct MoneyTotals {
 /// Reads of committed state over a few connections. Each read takes one
 /// free connection; the engine bounds how many reads run at once (no more
 /// than there are connections), so a read never waits here for long.
-pub struct Reader {
-    conns: Box<[Mutex<Connection>]>,
+pub struct Reader(Store);
+
+enum Store {
+    Sqlite(SqliteReader),
+    Postgres(PgReader),
 }
 
-fn corrupt(what: impl Into<String>) -> StoreError {
-    StoreError::Corrupt(what.into())
-}
-
-const PACKET_COLUMNS: &str =
-    "id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, remaining, refunded, status";
-
-fn packet_from_row(r: &Row<'_>) -> rusqlite::Result<(Packet, String)> {
-    let recipients_blob: Vec<u8> = r.get(7)?;
-    let target: String = r.get(5)?;
-    let users = decode_users(&recipients_blob).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    let recipients = match target.as_str() {
-        "group" => Recipients::Group { group: r.get::<_, i64>(6)? as u64, members: users.into_boxed_slice() },
-        "user" if users.len() == 1 => Recipients::User(users[0]),
-        _ => Recipients::Users(users.into_boxed_slice()),
+macro_rules! each_store {
+    ($self:ident, $r:ident => $e:expr) => {
+        match &$self.0 {
+            Store::Sqlite($r) => $e,
+            Store::Postgres($r) => $e,
+        }
     };
-    let kind: String = r.get(2)?;
-    let status: String = r.get(13)?;
-    let packet = Packet {
-        id: r.get::<_, i64>(0)? as u64,
-        sender: r.get::<_, i64>(1)? as u64,
-        kind: SplitKind::parse(&kind).unwrap_or(SplitKind::Lucky),
-        total_fen: r.get(3)?,
-        count: r.get(4)?,
-        recipients,
-        greeting: r.get(8)?,
-        created_ms: r.get::<_, i64>(9)? as u64,
-        expires_ms: r.get::<_, i64>(10)? as u64,
-        remaining_fen: r.get(11)?,
-        refunded_fen: r.get(12)?,
-        claims: Vec::new(),
-        status: PacketStatus::parse(&status).unwrap_or(PacketStatus::Open),
-    };
-    Ok((packet, format!("{kind}/{status}")))
 }
 
 impl Reader {
-    pub(crate) fn new(conns: Vec<Connection>) -> Reader {
-        assert!(!conns.is_empty());
-        Reader { conns: conns.into_iter().map(Mutex::new).collect() }
+    pub(crate) fn sqlite(reader: SqliteReader) -> Reader {
+        Reader(Store::Sqlite(reader))
+    }
+
+    pub(crate) fn postgres(reader: PgReader) -> Reader {
+        Reader(Store::Postgres(reader))
     }
 
     /// How many reads can run at once.
     pub fn connections(&self) -> usize {
-        self.conns.len()
+        each_store!(self, r => r.connections())
     }
 
-    /// A free connection, else (more reads than connections) the first.
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A poisoned connection is still usable: a statement cut short by a
-        // panic is reset when it is next prepared.
-        for conn in self.conns.iter() {
-            match conn.try_lock() {
-                Ok(guard) => return guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-        }
-        self.conns[0].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
+    /// A user's committed balance (0 if the user never held money).
     pub fn balance(&self, user: UserId) -> Result<i64, StoreError> {
-        Ok(self
-            .conn()
-            .prepare_cached("SELECT balance FROM accounts WHERE id = ?1")?
-            .query_row(params![Account::user(user).id()], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0))
-    }
-
-    fn claims(conn: &Connection, packet: PacketId) -> Result<Vec<Claim>, StoreError> {
-        Ok(conn
-            .prepare_cached("SELECT user, amount, at_ms FROM claims WHERE packet = ?1 ORDER BY seq")?
-            .query_map(params![packet as i64], |r| {
-                Ok(Claim { user: r.get::<_, i64>(0)? as u64, amount_fen: r.get(1)?, at_ms: r.get::<_, i64>(2)? as u64 })
-            })?
-            .collect::<rusqlite::Result<_>>()?)
+        each_store!(self, r => r.balance(user))
     }
 
     /// A packet with all its claims, as committed.
     pub fn packet(&self, id: PacketId) -> Result<Option<Packet>, StoreError> {
-        let conn = self.conn();
-        let sql = format!("SELECT {PACKET_COLUMNS} FROM packets WHERE id = ?1");
-        let Some((mut p, tag)) =
-            conn.prepare_cached(&sql)?.query_row(params![id as i64], packet_from_row).optional()?
-        else {
-            return Ok(None);
-        };
-        check_tag(&p, &tag)?;
-        p.claims = Self::claims(&conn, id)?;
-        Ok(Some(p))
+        each_store!(self, r => r.packet(id))
     }
 
     /// Every packet still open, with its claims: the shards' state after a restart.
     pub fn open_packets(&self) -> Result<Vec<Packet>, StoreError> {
-        let conn = self.conn();
-        let sql = format!("SELECT {PACKET_COLUMNS} FROM packets WHERE status = 'open' ORDER BY id");
-        let mut packets: Vec<Packet> = Vec::new();
-        for row in conn.prepare(&sql)?.query_map([], packet_from_row)? {
-            let (p, tag) = row?;
-            check_tag(&p, &tag)?;
-            packets.push(p);
-        }
-        for p in &mut packets {
-            p.claims = Self::claims(&conn, p.id)?;
-            p.assert_invariants();
-        }
-        Ok(packets)
+        each_store!(self, r => r.open_packets())
     }
 
+    /// Each shard's durable packet-id mark.
     pub fn id_marks(&self) -> Result<HashMap<u16, u64>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT shard, mark FROM id_marks")?;
-        let marks = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u16, r.get::<_, i64>(1)? as u64)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(marks)
+        each_store!(self, r => r.id_marks())
     }
 
+    /// Every group's members, sorted.
     pub fn groups(&self) -> Result<HashMap<GroupId, Vec<UserId>>, StoreError> {
-        let conn = self.conn();
-        let mut groups: HashMap<GroupId, Vec<UserId>> = HashMap::new();
-        let mut stmt = conn.prepare("SELECT grp, user FROM group_members ORDER BY grp, user")?;
-        for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))? {
-            let (g, u) = row?;
-            groups.entry(g).or_default().push(u);
-        }
-        Ok(groups)
+        each_store!(self, r => r.groups())
     }
 
     pub fn campaign(&self, id: CampaignId) -> Result<Option<CampaignRow>, StoreError> {
-        Ok(self.campaigns_where("WHERE c.id = ?1", params![id as i64])?.pop())
+        each_store!(self, r => Ok(r.campaigns(Some(id))?.pop()))
     }
 
     pub fn campaigns(&self) -> Result<Vec<CampaignRow>, StoreError> {
-        self.campaigns_where("", params![])
-    }
-
-    fn campaigns_where(&self, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<CampaignRow>, StoreError> {
-        let conn = self.conn();
-        let sql = format!(
-            "SELECT c.id, c.funder, c.total, c.rule, c.rate_per_s, c.win_cap, c.status, c.created_ms,
-                    (SELECT count(*) FROM shake_wins w WHERE w.campaign = c.id),
-                    (SELECT coalesce(sum(amount), 0) FROM shake_wins w WHERE w.campaign = c.id),
-                    (SELECT coalesce(sum(amount), 0) FROM entries e WHERE e.kind = 'campaign_refund' AND e.reference = c.id),
-                    (SELECT balance FROM accounts a WHERE a.id = ((3 << 56) | c.id))
-             FROM campaigns c {filter} ORDER BY c.id"
-        );
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(args, |r| {
-            let rule: String = r.get(3)?;
-            let status: String = r.get(6)?;
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)?,
-                rule,
-                r.get::<_, u32>(4)?,
-                r.get::<_, Option<u32>>(5)?,
-                status,
-                r.get::<_, i64>(7)? as u64,
-                (
-                    r.get::<_, i64>(8)? as u64,
-                    r.get::<_, i64>(9)?,
-                    r.get::<_, i64>(10)?,
-                    r.get::<_, Option<i64>>(11)?.unwrap_or(0),
-                ),
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (
-                id,
-                funder,
-                total_fen,
-                rule,
-                rate_per_s,
-                win_cap_per_user,
-                status,
-                created_ms,
-                (won, won_fen, refunded_fen, escrow_fen),
-            ) = row?;
-            let rule: AmountRule =
-                serde_json::from_str(&rule).map_err(|e| corrupt(format!("campaign {id} rule: {e}")))?;
-            let status =
-                CampaignStatus::parse(&status).ok_or_else(|| corrupt(format!("campaign {id} status {status}")))?;
-            out.push(CampaignRow {
-                id,
-                spec: CampaignSpec { funder, total_fen, rule, rate_per_s, win_cap_per_user },
-                status,
-                created_ms,
-                won,
-                won_fen,
-                refunded_fen,
-                escrow_fen,
-            });
-        }
-        Ok(out)
+        each_store!(self, r => r.campaigns(None))
     }
 
     /// The first win of a shake key, as committed: (campaign, packet, amount).
     pub fn first_shake_win(&self, user: UserId, key: &str) -> Result<Option<(CampaignId, PacketId, i64)>, StoreError> {
-        let first: Option<(i64, i64, i64)> = self
-            .conn()
-            .prepare_cached("SELECT campaign, packet, amount FROM shake_wins WHERE user = ?1 AND idem_key = ?2")?
-            .query_row(params![user as i64, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        Ok(first.map(|(c, p, a)| (c as u64, p as u64, a)))
+        each_store!(self, r => r.first_shake_win(user, key))
     }
 
     /// Wins per user in one campaign (for win caps after a restart).
     pub fn win_counts(&self, campaign: CampaignId) -> Result<HashMap<UserId, u32>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT user, count(*) FROM shake_wins WHERE campaign = ?1 GROUP BY user")?;
-        let counts = stmt
-            .query_map(params![campaign as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u32>(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(counts)
+        each_store!(self, r => r.win_counts(campaign))
     }
 
     /// A user's persistent messages, at most `limit`: system messages first
     /// (a flood of notices from other users cannot hide an operator's
-    /// message), each kind oldest first. `'system'` sorts before `'user'`,
-    /// so the order is the index's (`messages_by_user_kind`): no sort.
+    /// message), each kind oldest first.
     pub fn messages(&self, user: UserId, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        const _: () = assert!(b"system"[0] < b"user"[0]);
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT id, body FROM messages WHERE user = ?1 ORDER BY kind, id LIMIT ?2")?;
-        let msgs = stmt
-            .query_map(params![user as i64, limit as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(msgs)
+        each_store!(self, r => r.messages(user, limit))
     }
 }
 
-fn check_tag(p: &Packet, tag: &str) -> Result<(), StoreError> {
-    let (kind, status) = tag.split_once('/').unwrap_or((tag, ""));
-    if SplitKind::parse(kind).is_none() || PacketStatus::parse(status).is_none() {
-        return Err(corrupt(format!("packet {} has kind/status {tag}", p.id)));
+pub(crate) fn corrupt(what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt(what.into())
+}
+
+/// A packet row as stored, before it is checked.
+pub(crate) struct PacketFields {
+    pub id: i64,
+    pub sender: i64,
+    pub kind: String,
+    pub total_fen: i64,
+    pub count: i64,
+    pub target: String,
+    pub group: Option<i64>,
+    pub recipients: Vec<u8>,
+    pub greeting: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub remaining_fen: i64,
+    pub refunded_fen: i64,
+    pub status: String,
+}
+
+/// The columns `PacketFields` reads, in its order.
+pub(crate) const PACKET_COLUMNS: &str =
+    "id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, remaining, refunded, status";
+
+impl PacketFields {
+    /// The packet, without its claims; a kind, status or recipient list
+    /// this build does not know is reported as corrupt.
+    pub(crate) fn into_packet(self) -> Result<Packet, StoreError> {
+        let id = self.id as u64;
+        let users = decode_users(&self.recipients)?;
+        let recipients = match self.target.as_str() {
+            "group" => Recipients::Group {
+                group: self.group.ok_or_else(|| corrupt(format!("group packet {id} has no group")))? as u64,
+                members: users.into_boxed_slice(),
+            },
+            "user" if users.len() == 1 => Recipients::User(users[0]),
+            _ => Recipients::Users(users.into_boxed_slice()),
+        };
+        let bad = || corrupt(format!("packet {id} has kind/status {}/{}", self.kind, self.status));
+        Ok(Packet {
+            id,
+            sender: self.sender as u64,
+            kind: SplitKind::parse(&self.kind).ok_or_else(bad)?,
+            total_fen: self.total_fen,
+            count: u32::try_from(self.count).map_err(|_| corrupt(format!("packet {id} count {}", self.count)))?,
+            recipients,
+            greeting: self.greeting,
+            created_ms: self.created_ms as u64,
+            expires_ms: self.expires_ms as u64,
+            remaining_fen: self.remaining_fen,
+            refunded_fen: self.refunded_fen,
+            claims: Vec::new(),
+            status: PacketStatus::parse(&self.status).ok_or_else(bad)?,
+        })
     }
-    Ok(())
+}
+
+/// A campaign row with its sums, before it is checked.
+pub(crate) struct CampaignFields {
+    pub id: i64,
+    pub funder: i64,
+    pub total_fen: i64,
+    pub rule: String,
+    pub rate_per_s: i64,
+    pub win_cap: Option<i64>,
+    pub status: String,
+    pub created_ms: i64,
+    pub won: i64,
+    pub won_fen: i64,
+    pub refunded_fen: i64,
+    pub escrow_fen: Option<i64>,
+}
+
+/// The campaign query both stores run; `{filter}` is empty or `WHERE c.id = <param>`.
+pub(crate) fn campaigns_sql(filter: &str) -> String {
+    format!(
+        "SELECT c.id, c.funder, c.total, c.rule, c.rate_per_s, c.win_cap, c.status, c.created_ms,
+                (SELECT count(*) FROM shake_wins w WHERE w.campaign = c.id),
+                CAST((SELECT coalesce(sum(amount), 0) FROM shake_wins w WHERE w.campaign = c.id) AS BIGINT),
+                CAST((SELECT coalesce(sum(amount), 0) FROM entries e WHERE e.kind = 'campaign_refund' AND e.reference = c.id) AS BIGINT),
+                (SELECT balance FROM accounts a WHERE a.id = ((CAST(3 AS BIGINT) << 56) | c.id))
+         FROM campaigns c {filter} ORDER BY c.id"
+    )
+}
+
+impl CampaignFields {
+    pub(crate) fn into_row(self) -> Result<CampaignRow, StoreError> {
+        let id = self.id as u64;
+        let rule: AmountRule =
+            serde_json::from_str(&self.rule).map_err(|e| corrupt(format!("campaign {id} rule: {e}")))?;
+        let status = CampaignStatus::parse(&self.status)
+            .ok_or_else(|| corrupt(format!("campaign {id} status {}", self.status)))?;
+        let number = |what: &str, v: i64| u32::try_from(v).map_err(|_| corrupt(format!("campaign {id} {what} {v}")));
+        Ok(CampaignRow {
+            id,
+            spec: CampaignSpec {
+                funder: self.funder as u64,
+                total_fen: self.total_fen,
+                rule,
+                rate_per_s: number("rate", self.rate_per_s)?,
+                win_cap_per_user: self.win_cap.map(|c| number("win cap", c)).transpose()?,
+            },
+            status,
+            created_ms: self.created_ms as u64,
+            won: self.won as u64,
+            won_fen: self.won_fen,
+            refunded_fen: self.refunded_fen,
+            escrow_fen: self.escrow_fen.unwrap_or(0),
+        })
+    }
 }

@@ -1,4 +1,6 @@
-//! Writer, reader and audit against a real SQLite file in a temp directory.
+//! Writer, reader and audit against real stores: a SQLite file in a temp
+//! directory, and a PostgreSQL server each test starts for itself. One suite:
+//! every test of the writer's contract runs on both (`on_both_stores!`).
 
 use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
 use hongbao_core::ids::make_packet_id;
@@ -7,6 +9,88 @@ use hongbao_core::split::SplitKind;
 
 use crate::ops::*;
 use crate::*;
+
+/// A store a test runs against, and whatever keeps it alive.
+enum TestStore {
+    Sqlite(tempfile::TempDir),
+    Postgres(hongbao_pg_harness::PgServer),
+}
+
+impl TestStore {
+    fn sqlite() -> TestStore {
+        TestStore::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres() -> TestStore {
+        TestStore::Postgres(hongbao_pg_harness::PgServer::start().unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn location(&self) -> StoreLocation {
+        match self {
+            TestStore::Sqlite(dir) => StoreLocation::Sqlite(dir.path().to_owned()),
+            TestStore::Postgres(server) => StoreLocation::resolve(Some(&server.url()), std::path::Path::new("")).unwrap(),
+        }
+    }
+
+    fn open(&self) -> Store {
+        Store::open_at(&self.location()).unwrap()
+    }
+
+    /// Closes a store opened here, and waits until it has let go of its
+    /// lock, so the same store can be opened again.
+    fn close(store: Store) {
+        let Store { writer, reader, writer_thread } = store;
+        runtime().block_on(writer.run(Close)).unwrap();
+        drop((writer, reader));
+        writer_thread.join().unwrap();
+    }
+
+    fn audit(&self) -> AuditReport {
+        audit(&self.location()).unwrap()
+    }
+
+    /// Runs SQL on the store behind the server's back.
+    fn tamper(&self, sql: &str) {
+        match self {
+            TestStore::Sqlite(dir) => {
+                rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap().execute_batch(sql).unwrap();
+            }
+            TestStore::Postgres(server) => {
+                server.psql(sql).unwrap();
+            }
+        }
+    }
+}
+
+/// Each named test, taking a `TestStore`, run once on SQLite and once on
+/// PostgreSQL.
+macro_rules! on_both_stores {
+    ($($test:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[test]
+            fn $test() {
+                super::$test(super::TestStore::sqlite())
+            })*
+        }
+        mod on_postgres {
+            $(#[test]
+            fn $test() {
+                super::$test(super::TestStore::postgres())
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    money_moves_are_committed_idempotent_and_audited,
+    campaigns_fund_win_and_refund_the_rest_once,
+    audit_reports_tampering_precisely,
+    groups_are_bounded_and_an_over_limit_change_touches_nothing,
+    a_full_queue_refuses_at_once_and_queues_nothing,
+    opens_committed_together_update_their_packet_as_one_at_a_time_would,
+    messages_are_capped_per_user_and_kind_and_acks_free_the_senders_budget,
+    uniqueness_lives_in_the_database,
+);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -26,10 +110,8 @@ fn new_packet(id: u64, sender: u64, total_fen: i64, count: u32) -> NewPacket {
     }
 }
 
-#[test]
-fn money_moves_are_committed_idempotent_and_audited() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn money_moves_are_committed_idempotent_and_audited(at: TestStore) {
+    let store = at.open();
     let w = store.writer.clone();
     let deposit = |amount_fen, key: &str| Deposit { user: 1, amount_fen, key: key.into(), at_ms: 1 };
     runtime().block_on(async {
@@ -74,15 +156,13 @@ fn money_moves_are_committed_idempotent_and_audited() {
     assert_eq!(store.reader.balance(2).unwrap(), 100);
     let p = store.reader.packet(make_packet_id(0, 1)).unwrap().unwrap();
     assert_eq!((p.remaining_fen, p.refunded_fen, p.claims.len()), (0, 200, 1));
-    let report = audit_dir(dir.path()).unwrap();
+    let report = at.audit();
     assert!(report.passed(), "{:?}", report.violations);
     assert_eq!(report.totals.deposits_fen, 1000);
 }
 
-#[test]
-fn campaigns_fund_win_and_refund_the_rest_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn campaigns_fund_win_and_refund_the_rest_once(at: TestStore) {
+    let store = at.open();
     let w = store.writer.clone();
     runtime().block_on(async {
         w.run(Deposit { user: 9, amount_fen: 10_000, key: "d".into(), at_ms: 0 }).await.unwrap();
@@ -116,27 +196,22 @@ fn campaigns_fund_win_and_refund_the_rest_once() {
     let row = store.reader.campaign(1).unwrap().unwrap();
     assert_eq!((row.won, row.won_fen, row.refunded_fen, row.escrow_fen), (1, 700, 4300, 0));
     assert_eq!(store.reader.balance(9).unwrap(), 10_000 - 700);
-    assert!(audit_dir(dir.path()).unwrap().passed());
+    assert!(at.audit().passed());
 }
 
-#[test]
-fn audit_reports_tampering_precisely() {
-    let dir = tempfile::tempdir().unwrap();
+fn audit_reports_tampering_precisely(at: TestStore) {
     {
-        let store = Store::open(dir.path()).unwrap();
+        let store = at.open();
         runtime().block_on(store.writer.run(Deposit { user: 1, amount_fen: 50, key: "d".into(), at_ms: 0 })).unwrap();
     }
-    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
-    conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1", []).unwrap();
-    let report = audit_dir(dir.path()).unwrap();
+    at.tamper("UPDATE accounts SET balance = balance + 1 WHERE id = 1");
+    let report = at.audit();
     assert!(!report.passed());
     assert!(report.violations.iter().any(|v| v.contains("account 1")), "{:?}", report.violations);
 }
 
-#[test]
-fn groups_are_bounded_and_an_over_limit_change_touches_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn groups_are_bounded_and_an_over_limit_change_touches_nothing(at: TestStore) {
+    let store = at.open();
     let w = store.writer.clone();
     let change = |change| ChangeGroup { group: 1, change };
     runtime().block_on(async {
@@ -162,10 +237,8 @@ fn hold_writer(w: &Writer) -> std::sync::mpsc::Sender<()> {
     release_tx
 }
 
-#[test]
-fn a_full_queue_refuses_at_once_and_queues_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn a_full_queue_refuses_at_once_and_queues_nothing(at: TestStore) {
+    let store = at.open();
     let w = store.writer.clone();
     let release_tx = hold_writer(&w);
     let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -184,10 +257,8 @@ fn a_full_queue_refuses_at_once_and_queues_nothing() {
     runtime().block_on(w.run(Barrier)).unwrap();
 }
 
-#[test]
-fn opens_committed_together_update_their_packet_as_one_at_a_time_would() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn opens_committed_together_update_their_packet_as_one_at_a_time_would(at: TestStore) {
+    let store = at.open();
     let w = store.writer.clone();
     let (a, b) = (make_packet_id(0, 1), make_packet_id(0, 2));
     runtime().block_on(async {
@@ -224,7 +295,7 @@ fn opens_committed_together_update_their_packet_as_one_at_a_time_would() {
     assert_eq!((pa.remaining_fen, pa.claims.len(), pa.status.as_str()), (0, 3, "finished"));
     let pb = store.reader.packet(b).unwrap().unwrap();
     assert_eq!((pb.remaining_fen, pb.refunded_fen, pb.claims.len(), pb.status.as_str()), (0, 60, 1, "refunded"));
-    let report = audit_dir(dir.path()).unwrap();
+    let report = at.audit();
     assert!(report.passed(), "{:?}", report.violations);
 }
 
@@ -287,7 +358,7 @@ fn a_failing_storage_fails_fast_and_the_writer_recovers_by_itself() {
     let started = std::time::Instant::now();
     let refused = rt.block_on(w.run(Deposit { user: 1, amount_fen: 9, key: "fast".into(), at_ms: 0 }));
     assert!(matches!(refused, Err(OpError::Storage(_))), "{refused:?}");
-    assert!(started.elapsed() < std::time::Duration::from_millis(crate::schema::BUSY_TIMEOUT_MS / 2));
+    assert!(started.elapsed() < std::time::Duration::from_millis(crate::sqlite::schema::BUSY_TIMEOUT_MS / 2));
     release.send(()).unwrap();
     holder.join().unwrap();
     // Recovers by itself within the backoff; nothing of the failed batch stuck.
@@ -327,4 +398,146 @@ fn the_data_directory_and_its_files_are_private() {
     std::fs::set_permissions(old.join(DB_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
     drop(Store::open(&old).unwrap());
     assert_eq!((mode(&old), mode(&old.join(DB_FILE))), (0o700, 0o600));
+}
+
+fn messages_are_capped_per_user_and_kind_and_acks_free_the_senders_budget(at: TestStore) {
+    use hongbao_core::limits::PENDING_SYSTEM_MESSAGES_PER_USER_MAX as KEPT;
+    let rt = runtime();
+    let first_ids = {
+        let store = at.open();
+        let w = store.writer.clone();
+        let ids = rt
+            .block_on(w.run(StoreMessages { users: vec![7; KEPT + 5], body: b"hi".to_vec(), at_ms: 1 }))
+            .unwrap();
+        let ids: Vec<u64> = ids.into_iter().map(|(_, id)| id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend");
+        let kept = store.reader.messages(7, KEPT * 2).unwrap();
+        assert_eq!(kept.len(), KEPT, "the oldest beyond the cap are dropped");
+        assert_eq!(kept[0].0, ids[5], "the newest are kept");
+        // A user's notice is acked once; a second ack finds nothing.
+        rt.block_on(w.run(Deposit { user: 1, amount_fen: 100, key: "d".into(), at_ms: 0 })).unwrap();
+        let packet = NewPacket { recipients: Recipients::User(7), ..new_packet(make_packet_id(0, 1), 1, 10, 1) };
+        let funded = rt.block_on(w.run(FundPacket { packet, key: "p".into(), notice: vec![9], at_ms: 2 })).unwrap();
+        let Funded::New { messages } = funded else { panic!("{funded:?}") };
+        let notice = messages[0].1;
+        let system_first = store.reader.messages(7, 1).unwrap();
+        assert_ne!(system_first[0].0, notice, "system messages come first");
+        assert!(rt.block_on(w.run(AckMessage { user: 7, msg: notice })).unwrap());
+        assert!(!rt.block_on(w.run(AckMessage { user: 7, msg: notice })).unwrap());
+        assert!(!rt.block_on(w.run(AckMessage { user: 8, msg: ids[KEPT] })).unwrap(), "another user's id");
+        drop(w);
+        TestStore::close(store);
+        ids
+    };
+    // After a restart new ids are above every id handed out before.
+    let store = at.open();
+    let again = rt.block_on(store.writer.run(StoreMessages { users: vec![7], body: vec![], at_ms: 3 })).unwrap();
+    assert!(again[0].1 > *first_ids.last().unwrap());
+    assert!(at.audit().passed());
+}
+
+/// One claim per user and packet is the database's rule, not only the
+/// shard's: a claim stored behind the writer's back makes the open that
+/// repeats it fail its whole batch, and nothing of that batch is kept.
+fn uniqueness_lives_in_the_database(at: TestStore) {
+    let store = at.open();
+    let w = store.writer.clone();
+    let rt = runtime();
+    let id = make_packet_id(0, 1);
+    rt.block_on(async {
+        w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
+        w.run(FundPacket { packet: new_packet(id, 1, 300, 3), key: "p".into(), notice: vec![], at_ms: 0 }).await.unwrap();
+    });
+    at.tamper(&format!("INSERT INTO claims VALUES ({id}, 2, 7, 1, 0)"));
+    let open = OpenShare { packet: id, user: 2, amount_fen: 100, seq: 0, at_ms: 1, best_luck: None, remaining_before_fen: 300 };
+    let refused = rt.block_on(w.run(open.clone()));
+    assert!(matches!(refused, Err(OpError::Storage(_))), "{refused:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while w.is_failing() {
+        assert!(std::time::Instant::now() < deadline, "the writer never recovered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(store.reader.balance(2).unwrap(), 0, "nothing of the failed batch was kept");
+    assert_eq!(store.reader.packet(id).unwrap().unwrap().remaining_fen, 300);
+    rt.block_on(w.run(OpenShare { user: 3, ..open })).unwrap();
+    assert_eq!(store.reader.balance(3).unwrap(), 100);
+}
+
+/// Two servers never write one PostgreSQL database: the second is refused
+/// while the first runs, and gets in once it is gone.
+#[test]
+fn a_postgres_database_has_one_writer() {
+    let at = TestStore::postgres();
+    let first = at.open();
+    match Store::open_at(&at.location()) {
+        Err(StoreError::Locked(what)) => assert!(what.contains("127.0.0.1"), "{what}"),
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+    TestStore::close(first);
+    at.open();
+}
+
+/// Issue 11: the PostgreSQL server killed with SIGKILL in the middle of a
+/// stream of keyed deposits, then restarted. Every answer told the truth:
+/// what was acknowledged is stored exactly once, what was refused is not
+/// stored at all (a batch whose COMMIT was cut off was read back before it
+/// was answered), and the writer came back by itself.
+#[test]
+fn a_postgres_server_killed_mid_stream_loses_nothing_acknowledged() {
+    let mut at = TestStore::postgres();
+    let store = at.open();
+    let w = store.writer.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    const DEPOSITS: u64 = 3_000;
+    let answers = rt.spawn(async move {
+        let mut answers = Vec::with_capacity(DEPOSITS as usize);
+        let mut pending = tokio::task::JoinSet::new();
+        for i in 0..DEPOSITS {
+            let w = w.clone();
+            pending.spawn(async move {
+                let r = w.run(Deposit { user: 1 + i % 50, amount_fen: 1 + i as i64, key: format!("k{i}"), at_ms: i }).await;
+                (i, r)
+            });
+            if i % 100 == 99 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        while let Some(answer) = pending.join_next().await {
+            answers.push(answer.unwrap());
+        }
+        answers
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let TestStore::Postgres(server) = &mut at else { unreachable!() };
+    server.kill9().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    server.restart().unwrap();
+    let answers = rt.block_on(answers).unwrap();
+    let acked: std::collections::BTreeSet<u64> =
+        answers.iter().filter(|(_, r)| r.is_ok()).map(|(i, _)| *i).collect();
+    for (i, r) in &answers {
+        if let Err(e) = r {
+            assert!(matches!(e, OpError::Storage(_)), "deposit {i}: {e:?}");
+        }
+    }
+    assert!(!acked.is_empty() && acked.len() < DEPOSITS as usize, "the kill fell mid-stream: {} acked", acked.len());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.writer.is_failing() {
+        assert!(std::time::Instant::now() < deadline, "the writer never recovered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let stored: Vec<u64> = server
+        .psql("SELECT substr(key, 2) FROM idempotency WHERE scope = 'deposit' ORDER BY 1")
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    let stored_set: std::collections::BTreeSet<u64> = stored.iter().copied().collect();
+    assert_eq!(stored.len(), stored_set.len(), "no deposit stored twice");
+    assert_eq!(stored_set, acked, "stored exactly what was acknowledged");
+    let expected: i64 = acked.iter().map(|i| 1 + *i as i64).sum();
+    let total: i64 = (1..=50).map(|u| store.reader.balance(u).unwrap()).sum();
+    assert_eq!(total, expected);
+    let report = at.audit();
+    assert!(report.passed(), "{:?}", report.violations);
 }

@@ -1,38 +1,37 @@
-//! The group-commit writer: one thread, one SQLite connection, many
-//! operations per transaction, one fsync per transaction, and every
-//! operation's completion called only after its transaction committed.
+//! The group-commit writer: one thread, one database connection, many
+//! operations per transaction, and every operation's completion called only
+//! after its transaction committed. The same loop drives every store
+//! (`Backend`): SQLite embedded, or a PostgreSQL server.
 //!
 //! The writer also owns the in-memory balances (`core::ledger::Ledger`): it is
 //! the only code that moves money, so "can this account pay?" is decided here,
 //! sequentially, with no database lock contention and no read per request.
 //!
-//! Storage failures are survived, not fatal. A transaction takes the write
-//! lock up front (`BEGIN IMMEDIATE`) and waits out a lock held elsewhere for
-//! up to `schema::BUSY_TIMEOUT_MS`. If a statement or the commit fails (a
-//! lock held too long, a full disk, an I/O error), the transaction is rolled
-//! back and every operation of the batch fails: none was acknowledged, and
-//! nothing of it is kept. The writer then fails every operation at once
-//! (`OpError::Storage`, quickly) while it retries with backoff: it reopens
-//! the database, reloads the balances from what is committed (so nothing of
-//! the failed batch lingers in memory, and after a failed fsync the state is
-//! whatever the file now says), and commits a probe. When the probe commits,
-//! service resumes by itself. `Writer::failure` says meanwhile what is wrong.
+//! Storage failures are survived, not fatal. If a statement or the commit
+//! fails (a lock held too long, a full disk, an I/O error, a database server
+//! gone), the transaction is rolled back and every operation of the batch
+//! fails: none was acknowledged, and nothing of it is kept. When the
+//! commit's outcome is unknown (the connection broke while COMMIT was on
+//! its way), the batch is held instead, unanswered, until the store can say
+//! whether it committed: its operations are then settled as committed or
+//! failed, never both and never guessed. Meanwhile the writer fails every
+//! new operation at once (`OpError::Storage`, quickly) while it retries
+//! with backoff: it reconnects, reloads the balances from what is
+//! committed (so nothing of a failed batch lingers in memory), and commits
+//! a probe. When the probe commits, service resumes by itself.
+//! `Writer::failure` says meanwhile what is wrong.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use hongbao_core::ledger::Ledger;
-use hongbao_core::{CampaignId, UserId};
-use rusqlite::{Connection, TransactionBehavior};
+use hongbao_core::ledger::Account;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::apply::BatchTx;
+use crate::apply::WriterMemory;
 use crate::committed::CommittedBalances;
 use crate::ops::{Command, Completion, Op, OpError, Slot};
-use crate::schema;
+use crate::StoreError;
 
 /// First pause before storage is tried again after a failure; it doubles
 /// with each failed try up to `RETRY_BACKOFF_MAX_MS`.
@@ -44,6 +43,39 @@ const RETRY_BACKOFF_MAX_MS: u64 = 5_000;
 /// often, so nobody waits for the backoff to end to hear the answer.
 const FAIL_FAST_INTERVAL_MS: u64 = 10;
 const _: () = assert!(FAIL_FAST_INTERVAL_MS < RETRY_BACKOFF_MIN_MS && RETRY_BACKOFF_MIN_MS < RETRY_BACKOFF_MAX_MS);
+
+/// A store the writer commits to: one connection, owned by the writer's
+/// thread. Dropping it lets go of the store (its lock, its connection).
+pub(crate) trait Backend: Send + 'static {
+    /// Applies every command of the batch (`apply::BatchTx`) in one
+    /// transaction and commits it; answers the new balance of every account
+    /// the batch changed. On any error nothing of the batch may be
+    /// acknowledged: the writer reloads `memory` before it commits again.
+    fn commit(&mut self, batch: &mut [Command], memory: &mut WriterMemory) -> Result<Vec<(Account, i64)>, CommitError>;
+
+    /// Connects again, reads back whether a batch whose commit's outcome
+    /// was unknown did commit, reloads the writer's memory from what is
+    /// committed, and commits a probe.
+    fn recover(&mut self) -> Result<Recovered, StoreError>;
+}
+
+/// Why a batch did not commit.
+#[derive(Debug)]
+pub(crate) enum CommitError {
+    /// It did not: the transaction was rolled back or never reached COMMIT.
+    Failed(StoreError),
+    /// Nobody knows yet: the connection broke after COMMIT was sent. The
+    /// next `Backend::recover` finds out.
+    Unknown(StoreError),
+}
+
+/// What `Backend::recover` found.
+pub(crate) struct Recovered {
+    pub memory: WriterMemory,
+    /// Whether the batch whose outcome was unknown committed (`None`: there
+    /// was none).
+    pub unknown_batch_committed: Option<bool>,
+}
 
 /// Why storage is failing now.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -87,45 +119,27 @@ fn stopped() -> OpError {
     OpError::Storage("the writer has stopped".into())
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl Writer {
-    /// Starts the writer thread on the database at `path`. `batch_ops_max`
-    /// is how many operations one transaction holds:
-    /// `COMMIT_BATCH_RECORDS_MAX`, or 1 for the transaction-per-operation
-    /// baseline.
+    /// Starts the writer thread on `backend`, from `memory` (what is
+    /// committed). `batch_ops_max` is how many operations one transaction
+    /// holds: `COMMIT_BATCH_RECORDS_MAX`, or 1 for the
+    /// transaction-per-operation baseline.
     pub(crate) fn start(
-        path: PathBuf,
-        conn: Connection,
-        ledger: Ledger,
-        next_campaign: CampaignId,
-        lock: std::fs::File,
+        backend: Box<dyn Backend>,
+        memory: WriterMemory,
         batch_ops_max: usize,
-    ) -> Result<(Writer, std::thread::JoinHandle<()>), crate::StoreError> {
-        let pending_by_sender = schema::pending_by_sender(&conn)?;
+    ) -> (Writer, std::thread::JoinHandle<()>) {
         assert!(batch_ops_max >= 1);
         let (tx, rx) = mpsc::channel(hongbao_core::limits::WRITER_QUEUE_MAX);
         let stats = Arc::new(WriterStats::default());
         metrics::gauge!("hongbao_storage_up").set(1.0);
-        let committed = Arc::new(CommittedBalances::new(&ledger));
-        let state = WriterState {
-            path,
-            conn,
-            ledger,
-            next_campaign,
-            pending_by_sender,
-            stats: stats.clone(),
-            committed: committed.clone(),
-            batch_ops_max,
-            _lock: lock,
-        };
+        let committed = Arc::new(CommittedBalances::new(&memory.ledger));
+        let state = WriterState { backend, memory, stats: stats.clone(), committed: committed.clone(), batch_ops_max };
         let handle = std::thread::Builder::new()
             .name("hongbao-writer".into())
             .spawn(move || state.run(rx))
             .expect("spawn writer thread");
-        Ok((Writer { tx, stats, committed }, handle))
+        (Writer { tx, stats, committed }, handle)
     }
 
     /// Queues an operation; waits while the queue is full (back-pressure).
@@ -184,17 +198,12 @@ impl Writer {
 }
 
 struct WriterState {
-    /// Held for the writer's life: one server per data directory.
-    _lock: std::fs::File,
-    /// The database, reopened after a failure.
-    path: PathBuf,
-    conn: Connection,
-    /// Every account's balance as committed plus the batch being applied.
-    ledger: Ledger,
-    /// The id the next new campaign gets.
-    next_campaign: CampaignId,
-    /// Undelivered user notices by sender, for each sender's budget.
-    pending_by_sender: HashMap<UserId, u32>,
+    /// The store, reconnected after a failure. Dropped when the writer
+    /// closes, which releases it.
+    backend: Box<dyn Backend>,
+    /// Balances, the next campaign id and pending notices, as committed
+    /// plus the batch being applied.
+    memory: WriterMemory,
     stats: Arc<WriterStats>,
     committed: Arc<CommittedBalances>,
     /// Most operations one transaction holds.
@@ -222,15 +231,29 @@ impl WriterState {
             self.stats.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
             let closing = batch.iter().any(|c| matches!(c, Command::Close(_)));
             let started = Instant::now();
-            match self.commit(&mut batch) {
-                Ok(()) if closing => return self.close(batch, rx),
-                Ok(()) => {
+            let committed = self.backend.commit(&mut batch, &mut self.memory);
+            count_ops(&batch);
+            match committed {
+                Ok(changed) => {
+                    // Before any completion runs: whoever hears of the commit can read it.
+                    self.committed.publish(changed);
+                    if closing {
+                        return self.close(batch, rx);
+                    }
                     self.settle_committed(&mut batch);
                     metrics::histogram!("hongbao_commit_seconds").record(started.elapsed().as_secs_f64());
                 }
-                Err(e) => {
+                Err(CommitError::Failed(e)) => {
                     let failure = self.batch_failed(&mut batch, &e);
-                    if let Next::Stop = self.fail_until_recovered(&mut rx, failure) {
+                    if let Next::Stop = self.fail_until_recovered(&mut rx, failure, Vec::new()) {
+                        return;
+                    }
+                }
+                Err(CommitError::Unknown(e)) => {
+                    tracing::error!(error = %e, ops = batch.len(), "the commit's outcome is unknown; the batch waits, unanswered, until storage says whether it committed");
+                    self.note_failure(e.to_string());
+                    let held = std::mem::take(&mut batch);
+                    if let Next::Stop = self.fail_until_recovered(&mut rx, OpError::Storage(e.to_string()), held) {
                         return;
                     }
                 }
@@ -251,9 +274,9 @@ impl WriterState {
         }
     }
 
-    /// The batch with `Close` committed: release the connection and the data
-    /// directory's lock before any completion says the writer closed, so the
-    /// directory can be opened again at once.
+    /// The batch with `Close` committed: release the store (its lock, its
+    /// connection) before any completion says the writer closed, so it can
+    /// be opened again at once.
     fn close(self, mut batch: Vec<Command>, mut rx: mpsc::Receiver<Command>) {
         rx.close();
         let stats = self.stats.clone();
@@ -271,7 +294,7 @@ impl WriterState {
 
     /// The batch did not commit (its transaction was rolled back): none of it
     /// is acknowledged. Starts or extends the failure.
-    fn batch_failed(&mut self, batch: &mut Vec<Command>, e: &rusqlite::Error) -> OpError {
+    fn batch_failed(&mut self, batch: &mut Vec<Command>, e: &StoreError) -> OpError {
         tracing::error!(error = %e, ops = batch.len(), "storage failed; the batch is failed and the writer retries with backoff");
         self.note_failure(e.to_string());
         let failure = OpError::Storage(e.to_string());
@@ -290,15 +313,23 @@ impl WriterState {
                 f.reason = reason;
                 f.failed_tries += 1;
             }
-            None => *failure = Some(StorageFailure { reason, since_ms: unix_ms(), failed_tries: 1 }),
+            None => *failure = Some(StorageFailure { reason, since_ms: crate::unix_ms(), failed_tries: 1 }),
         }
         self.stats.failing.store(true, Ordering::Relaxed);
     }
 
     /// While storage fails: every operation that arrives is failed at once
     /// with `failure`, and storage is tried again with backoff until a probe
-    /// commits. A `Close` stops the writer (nothing more can be committed).
-    fn fail_until_recovered(&mut self, rx: &mut mpsc::Receiver<Command>, mut failure: OpError) -> Next {
+    /// commits. `held` is a batch whose commit's outcome is unknown: it is
+    /// settled once recovery has read back whether it committed. A `Close`
+    /// stops the writer (nothing more can be committed; a held batch is
+    /// failed, and the store's own recovery at the next start decides).
+    fn fail_until_recovered(
+        &mut self,
+        rx: &mut mpsc::Receiver<Command>,
+        mut failure: OpError,
+        mut held: Vec<Command>,
+    ) -> Next {
         let mut backoff = Duration::from_millis(RETRY_BACKOFF_MIN_MS);
         let mut retry_at = Instant::now() + backoff;
         loop {
@@ -311,23 +342,40 @@ impl WriterState {
                     while let Ok(command) = rx.try_recv() {
                         command.settle(Some(&failure));
                     }
-                    return Next::Stop;
+                    return self.stop_holding(held, &failure);
                 }
             }
             if rx.is_closed() && rx.is_empty() {
-                return Next::Stop;
+                return self.stop_holding(held, &failure);
             }
             let now = Instant::now();
             if now < retry_at {
                 std::thread::sleep((retry_at - now).min(Duration::from_millis(FAIL_FAST_INTERVAL_MS)));
                 continue;
             }
-            match self.recover() {
-                Ok(()) => {
+            match self.backend.recover() {
+                Ok(Recovered { memory, unknown_batch_committed }) => {
+                    self.committed.replace_all(&memory.ledger);
+                    self.memory = memory;
                     let was = self.stats.failure_lock().take();
                     self.stats.failing.store(false, Ordering::Relaxed);
                     metrics::gauge!("hongbao_storage_up").set(1.0);
                     tracing::info!(failure = ?was, "storage recovered; the writer commits again");
+                    match unknown_batch_committed {
+                        Some(true) => {
+                            tracing::info!(ops = held.len(), "the batch whose outcome was unknown had committed");
+                            self.settle_committed(&mut held);
+                        }
+                        _ => {
+                            if !held.is_empty() {
+                                tracing::info!(ops = held.len(), "the batch whose outcome was unknown had not committed");
+                            }
+                            let failure = OpError::Storage(format!("the commit did not reach storage: {failure}"));
+                            for command in held.drain(..) {
+                                command.settle(Some(&failure));
+                            }
+                        }
+                    }
                     return Next::Continue;
                 }
                 Err(e) => {
@@ -341,40 +389,21 @@ impl WriterState {
         }
     }
 
-    /// Reopens the database, reloads what is committed, and commits a probe.
-    fn recover(&mut self) -> Result<(), crate::StoreError> {
-        let mut conn = schema::connect(&self.path, false)?;
-        let (ledger, next_campaign) = schema::load_writer_state(&conn)?;
-        let pending_by_sender = schema::pending_by_sender(&conn)?;
-        let probe = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        probe.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('writer_probe_ms', ?1)",
-            [unix_ms().to_string()],
-        )?;
-        probe.commit()?;
-        self.committed.replace_all(&ledger);
-        self.pending_by_sender = pending_by_sender;
-        self.conn = conn;
-        self.ledger = ledger;
-        self.next_campaign = next_campaign;
-        Ok(())
-    }
-
-    /// Applies every command of the batch in one transaction and commits it.
-    /// The write lock is taken up front, so a lock held elsewhere is waited
-    /// out (up to the busy timeout) before anything is applied.
-    fn commit(&mut self, batch: &mut [Command]) -> rusqlite::Result<()> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut applying = BatchTx::new(&tx, &mut self.ledger, &mut self.next_campaign, &mut self.pending_by_sender);
-        for command in batch.iter_mut() {
-            applying.apply(command)?;
-            let ok = if command.succeeded() { "true" } else { "false" };
-            metrics::counter!("hongbao_writer_ops_total", "op" => command.name(), "ok" => ok).increment(1);
+    /// The writer stops while a batch's outcome is unknown: its operations
+    /// are answered with the failure (a retry with the same key, or a
+    /// repeated open, finds out what happened once the store is back).
+    fn stop_holding(&mut self, held: Vec<Command>, failure: &OpError) -> Next {
+        for command in held {
+            command.settle(Some(failure));
         }
-        let changed = applying.finish()?;
-        tx.commit()?;
-        // Before any completion runs: whoever hears of the commit can read it.
-        self.committed.publish(changed);
-        Ok(())
+        Next::Stop
+    }
+}
+
+/// `hongbao_writer_ops_total{op, ok}` for each operation of a batch.
+fn count_ops(batch: &[Command]) {
+    for command in batch {
+        let ok = if command.succeeded() { "true" } else { "false" };
+        metrics::counter!("hongbao_writer_ops_total", "op" => command.name(), "ok" => ok).increment(1);
     }
 }

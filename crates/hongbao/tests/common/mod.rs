@@ -177,6 +177,21 @@ pub fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u64) << 32
 }
 
+/// A dev-mode server storing money in the PostgreSQL database at `url`
+/// (its keys and log in a fresh directory).
+pub fn dev_on_postgres(url: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--store", url];
+    args.extend_from_slice(extra);
+    Server::dev(&args)
+}
+
+/// Runs `hongbao audit --store URL --json`; returns (passed, report).
+pub fn audit_store(url: &str) -> (bool, Value) {
+    let out = Command::new(bin()).args(["audit", "--store", url, "--json"]).output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), report)
+}
+
 /// Runs `hongbao audit --data DIR --json`; returns (passed, report).
 pub fn audit(data: &Path) -> (bool, Value) {
     let out = Command::new(bin()).args(["audit", "--data", data.to_str().unwrap(), "--json"]).output().unwrap();

@@ -24,7 +24,7 @@ use hongbao_core::limits::{self, ID_BLOCK_SIZE};
 use hongbao_core::packet::Packet;
 use hongbao_core::{CampaignId, GroupId, UserId};
 use hongbao_store::ops::{Close, ReserveIds};
-use hongbao_store::{Reader, Store, Writer};
+use hongbao_store::{Reader, Store, StoreLocation, Writer};
 use rand::SeedableRng;
 use tokio::sync::{oneshot, watch};
 
@@ -79,8 +79,14 @@ impl Engine {
     /// Opens (or creates) the data directory, recovers every open packet,
     /// expiry timer, running campaign and id block, and starts the shards.
     pub async fn open(config: EngineConfig, data_dir: &std::path::Path) -> Result<Engine, EngineError> {
-        let dir = data_dir.to_owned();
-        Engine::start(config, move || Store::open(&dir)).await
+        Engine::open_at(config, &StoreLocation::Sqlite(data_dir.to_owned())).await
+    }
+
+    /// `open` on the store at `location`: SQLite in a data directory, or a
+    /// PostgreSQL database.
+    pub async fn open_at(config: EngineConfig, location: &StoreLocation) -> Result<Engine, EngineError> {
+        let location = location.clone();
+        Engine::start(config, move || Store::open_at(&location)).await
     }
 
     /// `open` with the transaction-per-operation baseline that `hongbao perf
@@ -92,10 +98,10 @@ impl Engine {
     pub async fn open_with_commit_mode(
         config: EngineConfig,
         commit_mode: hongbao_store::CommitMode,
-        data_dir: &std::path::Path,
+        location: &StoreLocation,
     ) -> Result<Engine, EngineError> {
-        let dir = data_dir.to_owned();
-        Engine::start(config, move || Store::open_with(&dir, commit_mode)).await
+        let location = location.clone();
+        Engine::start(config, move || Store::open_with(&location, commit_mode)).await
     }
 
     async fn start(
@@ -105,12 +111,16 @@ impl Engine {
         if config.shards == 0 || config.shards as usize > limits::SHARDS_MAX {
             return Err(EngineError::Invalid(format!("shards must be between 1 and {}", limits::SHARDS_MAX)));
         }
-        let store = tokio::task::spawn_blocking(open_store)
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?
-            .map_err(store_error)?;
-        let Store { writer, reader, writer_thread: _ } = store;
-        let recovered = recover(&reader, config.shards)?;
+        // Opening and the recovery reads block (and a PostgreSQL client may
+        // not even be used on a runtime thread): both run off the runtime.
+        let shards = config.shards;
+        let (writer, reader, recovered) = tokio::task::spawn_blocking(move || {
+            let Store { writer, reader, writer_thread: _ } = open_store().map_err(store_error)?;
+            let recovered = recover(&reader, shards)?;
+            Ok::<_, EngineError>((writer, reader, recovered))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))??;
         tracing::info!(seed = config.seed, "engine random seed (EngineConfig::seed reproduces its draws)");
         let engine = Engine::start_shards(config, writer, Reads::new(Arc::new(reader)), recovered).await?;
         engine.resume_campaigns().await?;

@@ -1,4 +1,4 @@
-//! The SQLite schema. Only this crate knows SQL.
+//! The SQLite schema and its migrations.
 //!
 //! Money columns are integer fen. Each table says which invariant it carries;
 //! `hongbao audit` re-derives everything from `entries`, `claims`, `packets`
@@ -118,7 +118,7 @@ pub const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// Opens a connection with the settings every connection needs: WAL so
 /// readers never block the writer, synchronous=FULL so a commit is fsync'd
 /// before it returns (DESIGN.md §4.2), and a busy timeout.
-pub fn connect(path: &std::path::Path, read_only: bool) -> rusqlite::Result<Connection> {
+pub(crate) fn connect(path: &std::path::Path, read_only: bool) -> rusqlite::Result<Connection> {
     use rusqlite::OpenFlags;
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -150,7 +150,7 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 )];
 const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
 
-pub fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
+pub(crate) fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
     conn.execute_batch(SCHEMA)?;
     let version: Option<String> =
         conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
@@ -178,45 +178,18 @@ pub fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
     Ok(())
 }
 
-/// Undelivered user notices by sender (a sender's budget is checked
-/// against these).
-pub fn pending_by_sender(conn: &Connection) -> rusqlite::Result<std::collections::HashMap<u64, u32>> {
-    let mut stmt = conn.prepare("SELECT sender, count(*) FROM messages WHERE kind = 'user' GROUP BY sender")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u32>(1)?)))?;
-    rows.collect()
-}
-
-/// What the writer starts from: every balance as committed, and the id the
-/// next campaign gets. Checks that the balances sum to zero.
-pub fn load_writer_state(
-    conn: &Connection,
-) -> Result<(hongbao_core::ledger::Ledger, hongbao_core::CampaignId), crate::StoreError> {
-    use hongbao_core::ledger::{Account, Ledger};
-    let mut balances = Vec::new();
+/// What the writer starts from: every balance as committed (checked to sum
+/// to zero), the id the next campaign gets, and undelivered user notices by
+/// sender (each sender's budget is checked against these).
+pub(crate) fn load_writer_memory(conn: &Connection) -> Result<crate::apply::WriterMemory, crate::StoreError> {
     let mut stmt = conn.prepare("SELECT id, balance FROM accounts")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
-        let (id, balance) = row?;
-        let account = Account::from_id(id).ok_or_else(|| crate::StoreError::Corrupt(format!("account id {id}")))?;
-        balances.push((account, balance));
-    }
-    let ledger = Ledger::from_balances(balances);
-    if ledger.total() != 0 {
-        return Err(crate::StoreError::Corrupt(format!(
-            "stored balances sum to {} fen, not 0; run `hongbao audit`",
-            ledger.total()
-        )));
-    }
-    let max: Option<i64> = conn.query_row("SELECT max(id) FROM campaigns", [], |r| r.get(0))?;
-    Ok((ledger, max.map(|m| m as u64 + 1).unwrap_or(1)))
-}
-
-pub fn encode_users(users: &[u64]) -> Vec<u8> {
-    users.iter().flat_map(|u| u.to_le_bytes()).collect()
-}
-
-pub fn decode_users(blob: &[u8]) -> Result<Vec<u64>, crate::StoreError> {
-    if !blob.len().is_multiple_of(8) {
-        return Err(crate::StoreError::Corrupt("recipient list is not a multiple of 8 bytes".into()));
-    }
-    Ok(blob.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+    let balances = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let max_campaign: Option<i64> = conn.query_row("SELECT max(id) FROM campaigns", [], |r| r.get(0))?;
+    let mut stmt = conn.prepare("SELECT sender, count(*) FROM messages WHERE kind = 'user' GROUP BY sender")?;
+    let pending = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u32>(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    crate::apply::WriterMemory::from_stored(balances, max_campaign, pending)
 }

@@ -1,0 +1,161 @@
+//! The real binary on PostgreSQL (`--store postgres://…`), against servers
+//! these tests start themselves: the race of one packet, and the database
+//! server killed with SIGKILL in the middle of a stream of opens.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hongbao_pg_harness::PgServer;
+use hongbao_proto::{ErrorCode, Reply, Request};
+use serde_json::json;
+
+fn postgres() -> PgServer {
+    PgServer::start().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `(packet, user) → amount` of every claim stored.
+fn stored_claims(db: &PgServer) -> BTreeMap<(u64, u64), i64> {
+    db.psql("SELECT packet, user_id, amount FROM claims")
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.trim().split('|').collect();
+            ((f[0].parse().unwrap(), f[1].parse().unwrap()), f[2].parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_packet_opened_by_ten_times_its_count_on_postgres() {
+    const K: u32 = 25;
+    const CLIENTS: u64 = 10 * K as u64;
+    let db = postgres();
+    let server = dev_on_postgres(&db.url(), &[]);
+    server.deposit(1, 20_000).await;
+    let members: Vec<u64> = (1..=CLIENTS + 1).collect();
+    server.put("/v1/groups/5", json!({"members": members})).await.ok().unwrap();
+    let sender = server.client(1).await;
+    let packet = send_to_group(&sender, 20_000, K, 5, "race-pg").await;
+    let mut clients = Vec::new();
+    for user in 2..=CLIENTS + 1 {
+        clients.push((user, server.client(user).await));
+    }
+    race_open(clients, packet, K, 20_000).await;
+    let claims = stored_claims(&db);
+    assert_eq!(claims.len(), K as usize, "one claim row per share, in the database");
+    assert_eq!(claims.values().sum::<i64>(), 20_000);
+    let (passed, report) = audit_store(&db.url());
+    assert!(passed, "{report}");
+}
+
+/// Issue 11: PostgreSQL killed with SIGKILL while clients open packets, then
+/// restarted. Meanwhile opens are refused quickly with `unavailable`, and
+/// `/health` is 503 naming the storage failure; afterwards the server serves
+/// again by itself. Every share a client was told it opened is stored once,
+/// with that amount; no share is stored that nobody was told of; no client
+/// was told twice that it opened one packet for the first time; the audit
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_during_a_stream_of_opens_loses_nothing_acknowledged() {
+    const OPENERS: u64 = 40;
+    const PACKETS: usize = 30;
+    let mut db = postgres();
+    // The packets are set up as fast as they can be sent.
+    let server = dev_on_postgres(&db.url(), &["--sends-per-s", "0"]);
+    server.deposit(1, 10_000_000).await;
+    let members: Vec<u64> = (1..=OPENERS + 1).collect();
+    server.put("/v1/groups/5", json!({"members": members})).await.ok().unwrap();
+    let sender = server.client(1).await;
+    let mut packets = Vec::new();
+    for i in 0..PACKETS {
+        packets.push(send_to_group(&sender, 4_000, OPENERS as u32, 5, &format!("stream-{i}")).await);
+    }
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for user in 2..=OPENERS + 1 {
+        let client = server.client(user).await;
+        let (packets, answered) = (packets.clone(), answered.clone());
+        tasks.push(tokio::spawn(async move {
+            // (packet, amount, repeat) of each `opened`; slowest refusal seen.
+            let mut opened = Vec::new();
+            let mut refused = 0u32;
+            let mut slowest_refusal = Duration::ZERO;
+            for packet in packets {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let asked = Instant::now();
+                    let reply = client.request(Request::Open { packet }).await.unwrap();
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    match reply {
+                        Reply::Opened { amount_fen, repeat, .. } => {
+                            opened.push((packet, amount_fen, repeat));
+                            break;
+                        }
+                        Reply::Error { code: ErrorCode::Unavailable | ErrorCode::Overload, .. } => {
+                            refused += 1;
+                            slowest_refusal = slowest_refusal.max(asked.elapsed());
+                            assert!(Instant::now() < deadline, "user {user}: packet {packet} never opened");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        other => panic!("user {user} packet {packet}: {other:?}"),
+                    }
+                }
+            }
+            (user, opened, refused, slowest_refusal)
+        }));
+    }
+    // A third of the way in, the database server dies.
+    while answered.load(Ordering::Relaxed) < OPENERS * PACKETS as u64 / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    db.kill9().unwrap();
+    let admin = server.admin();
+    let health = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = admin.get("/health").unwrap();
+            if h.status == 503 {
+                return h.body;
+            }
+            assert!(Instant::now() < deadline, "/health never said 503: {h:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(health["status"], "unavailable", "{health}");
+    assert!(health["storage"]["reason"].as_str().is_some_and(|r| r.contains("postgresql")), "{health}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    db.restart().unwrap();
+
+    let mut acknowledged: BTreeMap<(u64, u64), i64> = BTreeMap::new();
+    let mut first_times: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let (mut refusals, mut slowest) = (0u32, Duration::ZERO);
+    for task in tasks {
+        let (user, opened, refused, slowest_refusal) = task.await.unwrap();
+        refusals += refused;
+        slowest = slowest.max(slowest_refusal);
+        for (packet, amount, repeat) in opened {
+            if let Some(before) = acknowledged.insert((packet, user), amount) {
+                assert_eq!(before, amount, "user {user} was told two amounts for packet {packet}");
+            }
+            if !repeat {
+                assert!(first_times.insert((packet, user)), "user {user} opened packet {packet} twice");
+            }
+        }
+    }
+    println!("{refusals} opens refused during the outage; slowest refusal {slowest:?}");
+    assert!(refusals > 0, "the outage fell in the stream");
+    // A refusal is an answer, not a hang (the writer fails fast while storage is down).
+    assert!(slowest < Duration::from_secs(10), "slowest refusal {slowest:?}");
+    assert_eq!(acknowledged.len(), OPENERS as usize * PACKETS, "every client opened every packet in the end");
+    assert_eq!(stored_claims(&db), acknowledged, "stored exactly what clients were told, once each");
+    let (passed, report) = audit_store(&db.url());
+    assert!(passed, "{report}");
+}

@@ -1,0 +1,266 @@
+//! The PostgreSQL store: the same writer contract as SQLite's on a database
+//! server, for events where the money must outlive a disk or a host.
+//!
+//! One connection for the writer (it holds a session advisory lock, so two
+//! servers never write one database), a few for reads, through tokio-postgres
+//! behind its blocking client (`postgres`): the writer and the readers are
+//! threads of their own already, so a blocking call there costs nothing.
+//!
+//! A batch is one transaction: its reads are mostly answered by a few bulk
+//! queries made up front (`rows::PgRows::prefetch`), its writes collected
+//! and sent as one multi-row `INSERT … SELECT FROM unnest(…)` per table. The
+//! server commits with `synchronous_commit = on` (asked for on every
+//! connection, whatever the server's default), so COMMIT returns only once
+//! the commit record is flushed — and, with a synchronous standby, received
+//! by it.
+//!
+//! When COMMIT's answer is lost (the connection broke), the outcome is
+//! unknown: every batch writes its own tag into `meta.last_batch`, and
+//! recovery reads it back on a new connection before anything of the batch
+//! is answered.
+
+pub(crate) mod audit;
+pub(crate) mod reader;
+mod rows;
+pub(crate) mod schema;
+
+use std::time::Duration;
+
+use hongbao_core::ledger::Account;
+use postgres::{Client, NoTls};
+
+use crate::apply::{BatchTx, WriterMemory};
+use crate::ops::Command;
+use crate::writer::{Backend, CommitError, Recovered};
+use crate::StoreError;
+
+/// The advisory lock the writer's session holds: "hongbao" in ASCII.
+const WRITER_LOCK: i64 = 0x686f_6e67_6261_6f;
+/// How long a connection attempt may take before the store counts as down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer that stops answering is noticed by TCP within about this, so a
+/// half-open connection fails the batch instead of hanging the writer.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A PostgreSQL database to connect to, from a `postgres://` URL. Several
+/// hosts and `target_session_attrs=read-write` are understood, so after a
+/// failover a reconnect finds the new primary.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: postgres::Config,
+    /// The URL without its password, for logs.
+    shown: String,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PartialEq for PgTarget {
+    fn eq(&self, other: &Self) -> bool {
+        self.shown == other.shown
+    }
+}
+
+impl Eq for PgTarget {}
+
+impl std::fmt::Display for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PgTarget {
+    pub fn parse(url: &str) -> Result<PgTarget, StoreError> {
+        let mut config: postgres::Config =
+            url.parse().map_err(|e: postgres::Error| StoreError::Location(hide_password(url), e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        config.keepalives(true);
+        if config.get_application_name().is_none() {
+            config.application_name("hongbao");
+        }
+        Ok(PgTarget { config, shown: hide_password(url) })
+    }
+
+    /// A new connection with the settings every connection needs.
+    pub(crate) fn connect(&self) -> Result<Client, StoreError> {
+        let mut client = self.config.connect(NoTls)?;
+        // Durability is not left to the server's defaults: a commit returns
+        // once it is flushed (and received by a synchronous standby, if any).
+        client.batch_execute("SET synchronous_commit = on")?;
+        Ok(client)
+    }
+}
+
+/// `url` with any password replaced by `***`.
+fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+            format!("{scheme}://{masked}@{hosts}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The server's own message (and detail) when there is one: the driver's
+/// `Display` alone says only "db error".
+pub(crate) fn describe_error(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{}: {} ({detail})", db.code().code(), db.message()),
+            None => format!("{}: {}", db.code().code(), db.message()),
+        },
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// True when `e` ended the session (the connection broke, or the server
+/// ended it with FATAL or PANIC), as opposed to an error in a statement
+/// that left the session usable.
+pub(crate) fn session_lost(e: &postgres::Error) -> bool {
+    e.as_db_error().is_none_or(|db| db.severity() != "ERROR")
+}
+
+/// The writer's connection and what it keeps between batches.
+pub(crate) struct PgBackend {
+    target: PgTarget,
+    client: Client,
+    statements: rows::Statements,
+    message_ids: rows::MessageIds,
+    /// Tags batches uniquely: this writer's start time and a count.
+    tag_prefix: String,
+    batches: u64,
+    /// The tag of a batch whose COMMIT's outcome is unknown.
+    unknown: Option<String>,
+}
+
+/// Connects, takes the writer's lock, migrates, and loads the writer's
+/// memory; also opens the readers.
+pub(crate) fn open(
+    target: &PgTarget,
+    readers: usize,
+) -> Result<(PgBackend, WriterMemory, reader::PgReader), StoreError> {
+    let mut client = connect_writer(target)?;
+    let memory = schema::load_writer_memory(&mut client)?;
+    let statements = rows::Statements::prepare(&mut client)?;
+    let backend = PgBackend {
+        target: target.clone(),
+        client,
+        statements,
+        message_ids: rows::MessageIds::default(),
+        tag_prefix: format!("{:x}-{}", crate::unix_ms(), std::process::id()),
+        batches: 0,
+        unknown: None,
+    };
+    let reader = reader::PgReader::new(target.clone(), readers)?;
+    tracing::info!(store = %target, "PostgreSQL store open");
+    Ok((backend, memory, reader))
+}
+
+/// A writer's connection: the lock taken, the schema current.
+fn connect_writer(target: &PgTarget) -> Result<Client, StoreError> {
+    let mut client = target.connect()?;
+    let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])?.get(0);
+    if !locked {
+        return Err(StoreError::Locked(format!("database {target}")));
+    }
+    schema::migrate(&mut client)?;
+    Ok(client)
+}
+
+impl PgBackend {
+    fn next_tag(&mut self) -> String {
+        self.batches += 1;
+        format!("{}-{}", self.tag_prefix, self.batches)
+    }
+
+    /// Everything of the batch up to (not including) COMMIT.
+    fn apply(
+        &mut self,
+        batch: &mut [Command],
+        memory: &mut WriterMemory,
+        tag: &str,
+    ) -> Result<Vec<(Account, i64)>, StoreError> {
+        // The tag goes first, in the same round trip as BEGIN (it is made
+        // here of hex digits, dashes and digits: nothing to escape).
+        debug_assert!(tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        self.client.batch_execute(&format!("BEGIN; UPDATE meta SET value = '{tag}' WHERE key = 'last_batch'"))?;
+        let mut rows = rows::PgRows::new(&mut self.client, &self.statements, &mut self.message_ids);
+        rows.prefetch(batch)?;
+        let mut applying = BatchTx::new(&mut rows, memory);
+        for command in batch.iter_mut() {
+            applying.apply(command)?;
+        }
+        let changed = applying.finish()?;
+        rows.finish()?;
+        Ok(changed)
+    }
+}
+
+impl Backend for PgBackend {
+    fn commit(&mut self, batch: &mut [Command], memory: &mut WriterMemory) -> Result<Vec<(Account, i64)>, CommitError> {
+        let tag = self.next_tag();
+        let changed = match self.apply(batch, memory, &tag) {
+            Ok(changed) => changed,
+            Err(e) => {
+                // Nothing was committed; a broken connection is replaced by recovery.
+                let _ = self.client.batch_execute("ROLLBACK");
+                return Err(CommitError::Failed(e));
+            }
+        };
+        match self.client.batch_execute("COMMIT") {
+            Ok(()) => Ok(changed),
+            // The server answered with an error and kept the session: it
+            // rolled the transaction back.
+            Err(e) if !session_lost(&e) => Err(CommitError::Failed(e.into())),
+            // No answer, or the session ended (a server shutting down can
+            // end it after committing): the commit may or may not have happened.
+            Err(e) => {
+                self.unknown = Some(tag);
+                Err(CommitError::Unknown(e.into()))
+            }
+        }
+    }
+
+    /// A connection that survived the failure (a statement failed, the
+    /// session did not) is kept: it still holds the writer's lock. Else a
+    /// new one takes the lock.
+    fn recover(&mut self) -> Result<Recovered, StoreError> {
+        let kept = !self.client.is_closed() && self.client.batch_execute("ROLLBACK").is_ok();
+        if !kept {
+            self.client = connect_writer(&self.target)?;
+            self.statements = rows::Statements::prepare(&mut self.client)?;
+            self.message_ids = rows::MessageIds::default();
+        }
+        let client = &mut self.client;
+        let memory = schema::load_writer_memory(client)?;
+        let unknown_batch_committed = match &self.unknown {
+            Some(tag) => {
+                let last: Option<String> =
+                    client.query_opt("SELECT value FROM meta WHERE key = 'last_batch'", &[])?.map(|r| r.get(0));
+                Some(last.as_deref() == Some(tag.as_str()))
+            }
+            None => None,
+        };
+        client.execute(
+            "INSERT INTO meta (key, value) VALUES ('writer_probe_ms', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&crate::unix_ms().to_string()],
+        )?;
+        self.unknown = None;
+        Ok(Recovered { memory, unknown_batch_committed })
+    }
+}

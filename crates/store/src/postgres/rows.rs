@@ -1,0 +1,675 @@
+//! `Rows` on PostgreSQL: a round trip per statement is what costs here, so
+//! a batch's hot writes (journal entries, claims, packet rows, shake wins,
+//! messages, balances) are collected column by column and sent as one
+//! `INSERT … SELECT FROM unnest(…)` (or `UPDATE … FROM unnest(…)`) per table,
+//! and the hot reads (a packet's remaining money, a shake key's first win,
+//! whether a campaign packet was won) are asked for the whole batch in one
+//! query each before it is applied.
+//!
+//! The rule that keeps this equal to one statement at a time: every read
+//! sees every write made before it in the batch. A read the prefetch
+//! answered is kept up to date by the writes of this batch that touch it;
+//! any other read, and every write that is not collected, first sends what
+//! is collected.
+
+use std::collections::{BTreeSet, HashMap};
+
+use hongbao_core::campaign::CampaignSpec;
+use hongbao_core::ledger::{Account, Transfer};
+use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
+use postgres::types::ToSql;
+use postgres::{Client, Statement};
+
+use crate::ops::{Command, ExistingPacket, FirstWin, NewPacket, OpenShare, ShakeWin};
+use crate::rows::{encode_users, target_of, EntryMeta, KeyedCampaign, MessageKind, RowResult, Rows};
+use crate::StoreError;
+
+/// Message ids per value of the `message_id_blocks` sequence.
+const MESSAGE_ID_BLOCK: u64 = 1024;
+
+/// Message ids the writer may hand out: `next..end`.
+#[derive(Default)]
+pub(crate) struct MessageIds {
+    next: u64,
+    end: u64,
+}
+
+/// Every statement the writer runs, prepared once per connection.
+pub(crate) struct Statements {
+    keyed_result: Statement,
+    insert_keyed_result: Statement,
+    packet_by_key: Statement,
+    insert_packets: Statement,
+    open_remaining: Statement,
+    open_remaining_many: Statement,
+    insert_claims: Statement,
+    claim_amount: Statement,
+    write_opens: Statement,
+    refund_packet: Statement,
+    raise_id_mark: Statement,
+    campaign_by_key: Statement,
+    insert_campaign: Statement,
+    start_campaign: Statement,
+    campaign_state: Statement,
+    set_campaign_status: Statement,
+    win_by_key: Statement,
+    wins_by_key_many: Statement,
+    packet_won: Statement,
+    packets_won_many: Statement,
+    insert_wins: Statement,
+    insert_messages: Statement,
+    prune_messages: Statement,
+    delete_message: Statement,
+    message_id_block: Statement,
+    group_members: Statement,
+    delete_group: Statement,
+    insert_group: Statement,
+    insert_entries: Statement,
+    write_balances: Statement,
+}
+
+impl Statements {
+    pub(crate) fn prepare(c: &mut Client) -> Result<Statements, StoreError> {
+        Ok(Statements {
+            keyed_result: c.prepare("SELECT request, result FROM idempotency WHERE scope = $1 AND key = $2")?,
+            insert_keyed_result: c
+                .prepare("INSERT INTO idempotency (scope, key, request, result) VALUES ($1, $2, $3, $4)")?,
+            packet_by_key: c.prepare(
+                "SELECT id, total, count, expires_ms, kind FROM packets WHERE sender = $1 AND idem_key = $2",
+            )?,
+            insert_packets: c.prepare(
+                "INSERT INTO packets (id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, remaining, status, idem_key)
+                 SELECT id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, total, 'open', idem_key
+                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::int[], $6::text[], $7::bigint[], $8::bytea[], $9::text[], $10::bigint[], $11::bigint[], $12::text[])
+                   WITH ORDINALITY AS t(id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, idem_key, ord)
+                 ORDER BY ord",
+            )?,
+            open_remaining: c.prepare("SELECT remaining FROM packets WHERE id = $1 AND status = 'open'")?,
+            open_remaining_many: c
+                .prepare("SELECT id, remaining FROM packets WHERE id = ANY($1::bigint[]) AND status = 'open'")?,
+            insert_claims: c.prepare(
+                "INSERT INTO claims (packet, user_id, seq, amount, at_ms)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::bigint[], $5::bigint[])",
+            )?,
+            claim_amount: c.prepare("SELECT amount FROM claims WHERE packet = $1 AND user_id = $2")?,
+            write_opens: c.prepare(
+                "UPDATE packets p SET remaining = p.remaining - u.taken, status = u.status, best_luck = u.best_luck
+                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) AS u(id, taken, status, best_luck)
+                 WHERE p.id = u.id AND p.status = 'open' AND p.remaining >= u.taken",
+            )?,
+            refund_packet: c.prepare(
+                "UPDATE packets SET status = 'refunded', refunded = remaining, remaining = 0 WHERE id = $1 AND status = 'open' AND remaining = $2",
+            )?,
+            raise_id_mark: c.prepare(
+                "INSERT INTO id_marks (shard, mark) VALUES ($1, $2) ON CONFLICT (shard) DO UPDATE SET mark = greatest(id_marks.mark, excluded.mark)",
+            )?,
+            campaign_by_key: c.prepare("SELECT id, funder, total, rule FROM campaigns WHERE idem_key = $1")?,
+            insert_campaign: c.prepare(
+                "INSERT INTO campaigns (id, funder, total, rule, rate_per_s, win_cap, status, created_ms, idem_key) VALUES ($1, $2, $3, $4, $5, $6, 'created', $7, $8)",
+            )?,
+            start_campaign: c.prepare(
+                "UPDATE campaigns SET status = 'running' WHERE id = $1 AND status NOT IN ('stopped', 'finished')",
+            )?,
+            campaign_state: c.prepare("SELECT funder, status FROM campaigns WHERE id = $1")?,
+            set_campaign_status: c.prepare("UPDATE campaigns SET status = $2 WHERE id = $1")?,
+            win_by_key: c.prepare("SELECT campaign, packet, amount FROM shake_wins WHERE user_id = $1 AND idem_key = $2")?,
+            wins_by_key_many: c.prepare(
+                "SELECT w.user_id, w.idem_key, w.campaign, w.packet, w.amount FROM shake_wins w
+                 JOIN unnest($1::bigint[], $2::text[]) AS k(user_id, idem_key) ON w.user_id = k.user_id AND w.idem_key = k.idem_key",
+            )?,
+            packet_won: c.prepare("SELECT 1 FROM shake_wins WHERE packet = $1")?,
+            packets_won_many: c.prepare("SELECT packet FROM shake_wins WHERE packet = ANY($1::bigint[])")?,
+            insert_wins: c.prepare(
+                "INSERT INTO shake_wins (packet, campaign, user_id, amount, at_ms, idem_key)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[])",
+            )?,
+            insert_messages: c.prepare(
+                "INSERT INTO messages (id, user_id, body, created_ms, kind, sender)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bigint[], $5::text[], $6::bigint[])",
+            )?,
+            prune_messages: c.prepare(
+                "DELETE FROM messages m USING (
+                     SELECT o.user_id, o.kind,
+                            (SELECT x.id FROM messages x WHERE x.user_id = o.user_id AND x.kind = o.kind
+                             ORDER BY x.id DESC OFFSET o.kept LIMIT 1) AS cut
+                     FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS o(user_id, kind, kept)
+                 ) c
+                 WHERE m.user_id = c.user_id AND m.kind = c.kind AND m.id <= c.cut
+                 RETURNING m.kind, m.sender",
+            )?,
+            delete_message: c.prepare("DELETE FROM messages WHERE id = $1 AND user_id = $2 RETURNING kind, sender")?,
+            message_id_block: c.prepare("SELECT nextval('message_id_blocks')")?,
+            group_members: c.prepare("SELECT user_id FROM group_members WHERE grp = $1")?,
+            delete_group: c.prepare("DELETE FROM group_members WHERE grp = $1")?,
+            insert_group: c.prepare(
+                "INSERT INTO group_members (grp, user_id) SELECT $1, u FROM unnest($2::bigint[]) AS t(u)",
+            )?,
+            insert_entries: c.prepare(
+                "INSERT INTO entries (from_account, to_account, amount, kind, reference, user_id, at_ms)
+                 SELECT from_account, to_account, amount, kind, reference, user_id, at_ms
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
+                   WITH ORDINALITY AS t(from_account, to_account, amount, kind, reference, user_id, at_ms, ord)
+                 ORDER BY ord",
+            )?,
+            write_balances: c.prepare(
+                "INSERT INTO accounts (id, balance) SELECT * FROM unnest($1::bigint[], $2::bigint[])
+                 ON CONFLICT (id) DO UPDATE SET balance = excluded.balance",
+            )?,
+        })
+    }
+}
+
+/// Writes collected for one bulk statement each, column by column.
+#[derive(Default)]
+struct Collected {
+    entries: Entries,
+    claims: Claims,
+    opens: Opens,
+    wins: Wins,
+    messages: Messages,
+    packets: Packets,
+}
+
+#[derive(Default)]
+struct Entries {
+    from: Vec<i64>,
+    to: Vec<i64>,
+    amount: Vec<i64>,
+    kind: Vec<&'static str>,
+    reference: Vec<i64>,
+    user: Vec<Option<i64>>,
+    at_ms: Vec<i64>,
+}
+
+#[derive(Default)]
+struct Claims {
+    packet: Vec<i64>,
+    user: Vec<i64>,
+    seq: Vec<i32>,
+    amount: Vec<i64>,
+    at_ms: Vec<i64>,
+}
+
+#[derive(Default)]
+struct Opens {
+    packet: Vec<i64>,
+    taken: Vec<i64>,
+    status: Vec<&'static str>,
+    best_luck: Vec<Option<i64>>,
+}
+
+#[derive(Default)]
+struct Wins {
+    packet: Vec<i64>,
+    campaign: Vec<i64>,
+    user: Vec<i64>,
+    amount: Vec<i64>,
+    at_ms: Vec<i64>,
+    key: Vec<Option<String>>,
+}
+
+#[derive(Default)]
+struct Messages {
+    id: Vec<i64>,
+    user: Vec<i64>,
+    body: Vec<Vec<u8>>,
+    created_ms: Vec<i64>,
+    kind: Vec<&'static str>,
+    sender: Vec<i64>,
+}
+
+#[derive(Default)]
+struct Packets {
+    id: Vec<i64>,
+    sender: Vec<i64>,
+    kind: Vec<&'static str>,
+    total: Vec<i64>,
+    count: Vec<i32>,
+    target: Vec<&'static str>,
+    group: Vec<Option<i64>>,
+    recipients: Vec<Vec<u8>>,
+    greeting: Vec<String>,
+    created_ms: Vec<i64>,
+    expires_ms: Vec<i64>,
+    key: Vec<String>,
+}
+
+/// Answers read for the whole batch before it is applied, kept equal to
+/// what the database would answer now, with this batch's writes.
+#[derive(Default)]
+struct Prefetched {
+    /// A packet's remaining money if it is open (`None`: not open, or absent).
+    open_remaining: HashMap<PacketId, Option<i64>>,
+    win_by_key: HashMap<(UserId, String), Option<FirstWin>>,
+    packet_won: HashMap<PacketId, bool>,
+}
+
+/// One batch's rows on the writer's connection, inside its transaction.
+pub(crate) struct PgRows<'a> {
+    client: &'a mut Client,
+    statements: &'a Statements,
+    message_ids: &'a mut MessageIds,
+    collected: Collected,
+    prefetched: Prefetched,
+}
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).expect("ids, amounts and times fit in i64")
+}
+
+impl<'a> PgRows<'a> {
+    pub(crate) fn new(
+        client: &'a mut Client,
+        statements: &'a Statements,
+        message_ids: &'a mut MessageIds,
+    ) -> PgRows<'a> {
+        PgRows { client, statements, message_ids, collected: Collected::default(), prefetched: Prefetched::default() }
+    }
+
+    /// Asks, in one query each, what the batch's opens and shake wins will
+    /// read: the remaining money of each packet opened, the first win of
+    /// each shake key, and whether each campaign packet was won.
+    pub(crate) fn prefetch(&mut self, batch: &[Command]) -> RowResult<()> {
+        let mut opened: Vec<i64> = Vec::new();
+        let (mut key_users, mut keys, mut won): (Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
+        for command in batch {
+            match command {
+                Command::OpenShare(s) => opened.push(as_i64(s.op.packet)),
+                Command::ShakeWin(s) => {
+                    won.push(as_i64(s.op.packet));
+                    if let Some(key) = &s.op.key {
+                        key_users.push(as_i64(s.op.user));
+                        keys.push(key.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let p = &mut self.prefetched;
+        if !opened.is_empty() {
+            opened.sort_unstable();
+            opened.dedup();
+            for &id in &opened {
+                p.open_remaining.insert(id as u64, None);
+            }
+            for row in self.client.query(&self.statements.open_remaining_many, &[&opened])? {
+                p.open_remaining.insert(row.get::<_, i64>(0) as u64, Some(row.get(1)));
+            }
+        }
+        if !keys.is_empty() {
+            for (user, key) in key_users.iter().zip(&keys) {
+                p.win_by_key.insert((*user as u64, key.clone()), None);
+            }
+            for row in self.client.query(&self.statements.wins_by_key_many, &[&key_users, &keys])? {
+                let first = FirstWin {
+                    campaign: row.get::<_, i64>(2) as u64,
+                    packet: row.get::<_, i64>(3) as u64,
+                    amount_fen: row.get(4),
+                };
+                p.win_by_key.insert((row.get::<_, i64>(0) as u64, row.get(1)), Some(first));
+            }
+        }
+        if !won.is_empty() {
+            for &packet in &won {
+                p.packet_won.insert(packet as u64, false);
+            }
+            for row in self.client.query(&self.statements.packets_won_many, &[&won])? {
+                p.packet_won.insert(row.get::<_, i64>(0) as u64, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what is still collected, before COMMIT.
+    pub(crate) fn finish(mut self) -> RowResult<()> {
+        self.send_collected()
+    }
+
+    /// Sends every collected write, one statement per table, in an order
+    /// that lets later tables build on earlier ones (a packet funded and
+    /// opened in one batch is inserted before its opens update it).
+    fn send_collected(&mut self) -> RowResult<()> {
+        let c = std::mem::take(&mut self.collected);
+        let (client, s) = (&mut *self.client, self.statements);
+        let run = |client: &mut Client, statement: &Statement, params: &[&(dyn ToSql + Sync)]| client.execute(statement, params);
+        let p = &c.packets;
+        if !p.id.is_empty() {
+            run(
+                client,
+                &s.insert_packets,
+                &[
+                    &p.id,
+                    &p.sender,
+                    &p.kind,
+                    &p.total,
+                    &p.count,
+                    &p.target,
+                    &p.group,
+                    &p.recipients,
+                    &p.greeting,
+                    &p.created_ms,
+                    &p.expires_ms,
+                    &p.key,
+                ],
+            )?;
+        }
+        let e = &c.entries;
+        if !e.from.is_empty() {
+            run(client, &s.insert_entries, &[&e.from, &e.to, &e.amount, &e.kind, &e.reference, &e.user, &e.at_ms])?;
+        }
+        let cl = &c.claims;
+        if !cl.packet.is_empty() {
+            run(client, &s.insert_claims, &[&cl.packet, &cl.user, &cl.seq, &cl.amount, &cl.at_ms])?;
+        }
+        let o = &c.opens;
+        if !o.packet.is_empty() {
+            let updated = run(client, &s.write_opens, &[&o.packet, &o.taken, &o.status, &o.best_luck])?;
+            assert_eq!(updated as usize, o.packet.len(), "opens of packets {:?} do not match their stored state", o.packet);
+        }
+        let w = &c.wins;
+        if !w.packet.is_empty() {
+            run(client, &s.insert_wins, &[&w.packet, &w.campaign, &w.user, &w.amount, &w.at_ms, &w.key])?;
+        }
+        let m = &c.messages;
+        if !m.id.is_empty() {
+            run(client, &s.insert_messages, &[&m.id, &m.user, &m.body, &m.created_ms, &m.kind, &m.sender])?;
+        }
+        Ok(())
+    }
+}
+
+impl Rows for PgRows<'_> {
+    fn keyed_result(&mut self, scope: &str, key: &str) -> RowResult<Option<(String, String)>> {
+        self.send_collected()?;
+        Ok(self.client.query_opt(&self.statements.keyed_result, &[&scope, &key])?.map(|r| (r.get(0), r.get(1))))
+    }
+
+    fn insert_keyed_result(&mut self, scope: &str, key: &str, request: &str, result: &str) -> RowResult<()> {
+        self.send_collected()?;
+        self.client.execute(&self.statements.insert_keyed_result, &[&scope, &key, &request, &result])?;
+        Ok(())
+    }
+
+    fn packet_by_key(&mut self, sender: UserId, key: &str) -> RowResult<Option<(ExistingPacket, String)>> {
+        // A packet of this batch with the same key is among the collected rows.
+        let p = &self.collected.packets;
+        if let Some(i) = (0..p.id.len()).find(|&i| p.sender[i] == as_i64(sender) && p.key[i] == key) {
+            // Only the shard's own retry repeats a key in one batch; the
+            // row is not in the database yet, so answer from what is collected.
+            let existing = ExistingPacket {
+                id: p.id[i] as u64,
+                total_fen: p.total[i],
+                count: p.count[i] as u32,
+                expires_ms: p.expires_ms[i] as u64,
+            };
+            return Ok(Some((existing, p.kind[i].to_owned())));
+        }
+        Ok(self.client.query_opt(&self.statements.packet_by_key, &[&as_i64(sender), &key])?.map(|r| {
+            let existing = ExistingPacket {
+                id: r.get::<_, i64>(0) as u64,
+                total_fen: r.get(1),
+                count: r.get::<_, i32>(2) as u32,
+                expires_ms: r.get::<_, i64>(3) as u64,
+            };
+            (existing, r.get(4))
+        }))
+    }
+
+    fn insert_packet(&mut self, packet: &NewPacket, key: &str) -> RowResult<()> {
+        let (target, group) = target_of(&packet.recipients);
+        let p = &mut self.collected.packets;
+        p.id.push(as_i64(packet.id));
+        p.sender.push(as_i64(packet.sender));
+        p.kind.push(packet.kind.as_str());
+        p.total.push(packet.total_fen);
+        p.count.push(i32::try_from(packet.count).expect("a packet's share count fits in i32"));
+        p.target.push(target);
+        p.group.push(group);
+        p.recipients.push(encode_users(packet.recipients.list()));
+        p.greeting.push(packet.greeting.clone());
+        p.created_ms.push(as_i64(packet.created_ms));
+        p.expires_ms.push(as_i64(packet.expires_ms));
+        p.key.push(key.to_owned());
+        self.prefetched.open_remaining.insert(packet.id, Some(packet.total_fen));
+        Ok(())
+    }
+
+    fn open_remaining(&mut self, packet: PacketId) -> RowResult<Option<i64>> {
+        if let Some(remaining) = self.prefetched.open_remaining.get(&packet) {
+            return Ok(*remaining);
+        }
+        self.send_collected()?;
+        Ok(self.client.query_opt(&self.statements.open_remaining, &[&as_i64(packet)])?.map(|r| r.get(0)))
+    }
+
+    fn insert_claim(&mut self, open: &OpenShare) -> RowResult<()> {
+        let c = &mut self.collected.claims;
+        c.packet.push(as_i64(open.packet));
+        c.user.push(as_i64(open.user));
+        c.seq.push(i32::try_from(open.seq).expect("a packet's open order fits in i32"));
+        c.amount.push(open.amount_fen);
+        c.at_ms.push(as_i64(open.at_ms));
+        Ok(())
+    }
+
+    fn claim_amount(&mut self, packet: PacketId, user: UserId) -> RowResult<Option<i64>> {
+        self.send_collected()?;
+        Ok(self.client.query_opt(&self.statements.claim_amount, &[&as_i64(packet), &as_i64(user)])?.map(|r| r.get(0)))
+    }
+
+    fn write_opens(&mut self, packet: PacketId, taken_fen: i64, finished: Option<UserId>) -> RowResult<()> {
+        let o = &mut self.collected.opens;
+        if o.packet.contains(&as_i64(packet)) {
+            // One row per packet per statement: send the earlier update first.
+            self.send_collected()?;
+        }
+        let o = &mut self.collected.opens;
+        o.packet.push(as_i64(packet));
+        o.taken.push(taken_fen);
+        o.status.push(if finished.is_some() { "finished" } else { "open" });
+        o.best_luck.push(finished.map(as_i64));
+        let remaining = self.prefetched.open_remaining.get_mut(&packet);
+        match (remaining, finished) {
+            (Some(left), None) => *left = left.map(|l| l - taken_fen),
+            (Some(left), Some(_)) => *left = None,
+            (None, _) => {}
+        }
+        Ok(())
+    }
+
+    fn refund_packet(&mut self, packet: PacketId, amount_fen: i64) -> RowResult<bool> {
+        self.send_collected()?;
+        let changed = self.client.execute(&self.statements.refund_packet, &[&as_i64(packet), &amount_fen])?;
+        if changed == 1 {
+            self.prefetched.open_remaining.insert(packet, None);
+        }
+        Ok(changed == 1)
+    }
+
+    fn raise_id_mark(&mut self, shard: u16, mark: u64) -> RowResult<()> {
+        self.send_collected()?;
+        self.client.execute(&self.statements.raise_id_mark, &[&i32::from(shard), &as_i64(mark)])?;
+        Ok(())
+    }
+
+    fn campaign_by_key(&mut self, key: &str) -> RowResult<Option<KeyedCampaign>> {
+        self.send_collected()?;
+        Ok(self.client.query_opt(&self.statements.campaign_by_key, &[&key])?.map(|r| KeyedCampaign {
+            id: r.get::<_, i64>(0) as u64,
+            funder: r.get::<_, i64>(1) as u64,
+            total_fen: r.get(2),
+            rule: r.get(3),
+        }))
+    }
+
+    fn insert_campaign(
+        &mut self,
+        id: CampaignId,
+        spec: &CampaignSpec,
+        rule: &str,
+        at_ms: u64,
+        key: &str,
+    ) -> RowResult<()> {
+        self.send_collected()?;
+        self.client.execute(
+            &self.statements.insert_campaign,
+            &[
+                &as_i64(id),
+                &as_i64(spec.funder),
+                &spec.total_fen,
+                &rule,
+                &i64::from(spec.rate_per_s),
+                &spec.win_cap_per_user.map(i64::from),
+                &as_i64(at_ms),
+                &key,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn start_campaign(&mut self, id: CampaignId) -> RowResult<bool> {
+        self.send_collected()?;
+        Ok(self.client.execute(&self.statements.start_campaign, &[&as_i64(id)])? == 1)
+    }
+
+    fn campaign_state(&mut self, id: CampaignId) -> RowResult<Option<(UserId, String)>> {
+        self.send_collected()?;
+        Ok(self
+            .client
+            .query_opt(&self.statements.campaign_state, &[&as_i64(id)])?
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get(1))))
+    }
+
+    fn set_campaign_status(&mut self, id: CampaignId, status: &str) -> RowResult<()> {
+        self.send_collected()?;
+        self.client.execute(&self.statements.set_campaign_status, &[&as_i64(id), &status])?;
+        Ok(())
+    }
+
+    fn shake_win_by_key(&mut self, user: UserId, key: &str) -> RowResult<Option<FirstWin>> {
+        if let Some(first) = self.prefetched.win_by_key.get(&(user, key.to_owned())) {
+            return Ok(*first);
+        }
+        self.send_collected()?;
+        Ok(self.client.query_opt(&self.statements.win_by_key, &[&as_i64(user), &key])?.map(|r| FirstWin {
+            campaign: r.get::<_, i64>(0) as u64,
+            packet: r.get::<_, i64>(1) as u64,
+            amount_fen: r.get(2),
+        }))
+    }
+
+    fn packet_won(&mut self, packet: PacketId) -> RowResult<bool> {
+        if let Some(won) = self.prefetched.packet_won.get(&packet) {
+            return Ok(*won);
+        }
+        self.send_collected()?;
+        Ok(self.client.query_opt(&self.statements.packet_won, &[&as_i64(packet)])?.is_some())
+    }
+
+    fn insert_shake_win(&mut self, win: &ShakeWin) -> RowResult<()> {
+        let w = &mut self.collected.wins;
+        w.packet.push(as_i64(win.packet));
+        w.campaign.push(as_i64(win.campaign));
+        w.user.push(as_i64(win.user));
+        w.amount.push(win.amount_fen);
+        w.at_ms.push(as_i64(win.at_ms));
+        w.key.push(win.key.clone());
+        self.prefetched.packet_won.insert(win.packet, true);
+        if let Some(key) = &win.key {
+            let first = FirstWin { campaign: win.campaign, packet: win.packet, amount_fen: win.amount_fen };
+            self.prefetched.win_by_key.insert((win.user, key.clone()), Some(first));
+        }
+        Ok(())
+    }
+
+    fn insert_message(
+        &mut self,
+        user: UserId,
+        body: &[u8],
+        at_ms: u64,
+        kind: MessageKind,
+        sender: UserId,
+    ) -> RowResult<u64> {
+        if self.message_ids.next >= self.message_ids.end {
+            let block: i64 = self.client.query_one(&self.statements.message_id_block, &[])?.get(0);
+            let start = u64::try_from(block).expect("sequence values are positive") * MESSAGE_ID_BLOCK;
+            *self.message_ids = MessageIds { next: start, end: start + MESSAGE_ID_BLOCK };
+        }
+        let id = self.message_ids.next;
+        self.message_ids.next += 1;
+        let m = &mut self.collected.messages;
+        m.id.push(as_i64(id));
+        m.user.push(as_i64(user));
+        m.body.push(body.to_vec());
+        m.created_ms.push(as_i64(at_ms));
+        m.kind.push(kind.as_str());
+        m.sender.push(as_i64(sender));
+        Ok(id)
+    }
+
+    fn prune_messages(
+        &mut self,
+        owners: &BTreeSet<(UserId, MessageKind)>,
+        kept: impl Fn(MessageKind) -> usize,
+    ) -> RowResult<Vec<(MessageKind, UserId)>> {
+        self.send_collected()?;
+        let users: Vec<i64> = owners.iter().map(|(u, _)| as_i64(*u)).collect();
+        let kinds: Vec<&str> = owners.iter().map(|(_, k)| k.as_str()).collect();
+        let kept: Vec<i64> = owners.iter().map(|(_, k)| kept(*k) as i64).collect();
+        Ok(self
+            .client
+            .query(&self.statements.prune_messages, &[&users, &kinds, &kept])?
+            .iter()
+            .map(|r| (MessageKind::parse(r.get(0)), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    fn delete_message(&mut self, id: u64, user: UserId) -> RowResult<Option<(MessageKind, UserId)>> {
+        self.send_collected()?;
+        Ok(self
+            .client
+            .query_opt(&self.statements.delete_message, &[&as_i64(id), &as_i64(user)])?
+            .map(|r| (MessageKind::parse(r.get(0)), r.get::<_, i64>(1) as u64)))
+    }
+
+    fn group_members(&mut self, group: GroupId) -> RowResult<Vec<UserId>> {
+        self.send_collected()?;
+        Ok(self
+            .client
+            .query(&self.statements.group_members, &[&as_i64(group)])?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect())
+    }
+
+    fn replace_group(&mut self, group: GroupId, members: &BTreeSet<UserId>) -> RowResult<()> {
+        self.send_collected()?;
+        self.client.execute(&self.statements.delete_group, &[&as_i64(group)])?;
+        let members: Vec<i64> = members.iter().map(|u| as_i64(*u)).collect();
+        self.client.execute(&self.statements.insert_group, &[&as_i64(group), &members])?;
+        Ok(())
+    }
+
+    fn insert_entry(&mut self, t: &Transfer, meta: EntryMeta) -> RowResult<()> {
+        let e = &mut self.collected.entries;
+        e.from.push(t.from.id());
+        e.to.push(t.to.id());
+        e.amount.push(t.amount_fen);
+        e.kind.push(meta.kind.as_str());
+        e.reference.push(as_i64(meta.reference));
+        e.user.push(meta.user.map(as_i64));
+        e.at_ms.push(as_i64(meta.at_ms));
+        Ok(())
+    }
+
+    fn write_balances(&mut self, balances: &[(Account, i64)]) -> RowResult<()> {
+        if balances.is_empty() {
+            return Ok(());
+        }
+        self.send_collected()?;
+        let ids: Vec<i64> = balances.iter().map(|(a, _)| a.id()).collect();
+        let values: Vec<i64> = balances.iter().map(|(_, b)| *b).collect();
+        self.client.execute(&self.statements.write_balances, &[&ids, &values])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The test command: installs the system packages the tests need that this
+# machine lacks (Debian 12, apt), then runs every test of the workspace.
+# Arguments go to `cargo test --workspace` (a test name filter, `-- --nocapture`).
+# `scripts/test.sh --packages-only` installs the packages and stops there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+# Tests stop server child processes with SIGTERM through `kill` (procps; std
+# has no SIGTERM and the workspace forbids unsafe code); the PostgreSQL
+# harness SIGKILLs postmasters the same way.
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || missing+=(procps)
+# The demo's plots want a TrueType font for their text.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+# The full-disk test limits the server's file size with prlimit (when it
+# cannot mount a small tmpfs); perf overload pins processes with taskset; the
+# PostgreSQL harness runs PostgreSQL as the `postgres` user with runuser when
+# the tests run as root (PostgreSQL refuses root) and frees the shared memory
+# of killed servers with ipcrm.
+tools=(prlimit taskset ipcrm)
+[ "$(id -u)" -ne 0 ] || tools+=(runuser)
+for tool in "${tools[@]}"; do
+    command -v "$tool" >/dev/null || { missing+=(util-linux); break; }
+done
+# The fuzz step of .ci/run builds libFuzzer from source (libfuzzer-sys): a
+# C++ compiler.
+command -v c++ >/dev/null || missing+=(g++)
+# The store's PostgreSQL tests start throwaway servers (crates/pg-harness)
+# with initdb, pg_ctl, psql and pg_basebackup. Installing the package may
+# also create and start Debian's default cluster; the tests never use it.
+if [ -z "${HONGBAO_PG_BIN:-}" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    missing+=(postgresql)
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}"
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+if [ "${1:-}" = "--packages-only" ]; then
+    exit 0
+fi
+
+# Some tests hold over a thousand sockets: the soft limit up to the hard one.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+cargo test --workspace "$@"
