@@ -1,12 +1,40 @@
-//! Packet ids: `shard << 40 | sequence`. The owning shard is readable from the
-//! id alone, ids stay below 2^48 (safe as JSON numbers), and each shard's
-//! sequence is handed out in blocks that are persisted before use, so an id is
-//! never reused, across restarts too (unused ids of a block are skipped).
+//! Packet ids: `shard << 40 | day << 26 | n`. The owning shard and the day
+//! the packet was made (days since 2020-01-01, UTC) are readable from the id
+//! alone, so a store can put a packet's rows in a partition per shard-hash ×
+//! day and find them again from the id (WeChat's `db_xx.t_y_dd`). Ids stay
+//! below 2^48 (safe as JSON numbers). Each shard's sequence (`day << 26 | n`)
+//! is handed out in blocks that are persisted before use, so an id is never
+//! reused, across restarts too (unused ids of a block are skipped); a new day
+//! starts at its own range, and a day that makes more than 2^26 packets on
+//! one shard runs on into the next day's range (ids never go backwards).
 
 use crate::PacketId;
 
 pub const SEQUENCE_BITS: u32 = 40;
 pub const SEQUENCE_MAX: u64 = (1 << SEQUENCE_BITS) - 1;
+/// Bits of the day in the sequence: 16,384 days, until 2064.
+pub const DAY_BITS: u32 = 14;
+/// A day's range of each shard's sequence: 2^26, 67 million packets.
+pub const DAY_SHIFT: u32 = SEQUENCE_BITS - DAY_BITS;
+pub const DAY_MAX: u32 = (1 << DAY_BITS) - 1;
+/// 2020-01-01 in days since 1970-01-01: day 0 of packet ids.
+pub const EPOCH_UNIX_DAY: u64 = 18_262;
+const MS_PER_DAY: u64 = 86_400_000;
+
+/// The packet-id day of a wall-clock time (0 before 2020, `DAY_MAX` after 2064).
+pub fn day_of_unix_ms(unix_ms: u64) -> u32 {
+    (unix_ms / MS_PER_DAY).saturating_sub(EPOCH_UNIX_DAY).min(DAY_MAX as u64) as u32
+}
+
+/// The day a packet was made, from its id.
+pub fn day_of(packet: PacketId) -> u32 {
+    ((packet & SEQUENCE_MAX) >> DAY_SHIFT) as u32
+}
+
+/// The first sequence of `day`'s range.
+fn day_start(day: u32) -> u64 {
+    (u64::from(day.min(DAY_MAX)) << DAY_SHIFT).max(1)
+}
 
 pub fn make_packet_id(shard: u16, sequence: u64) -> PacketId {
     assert!((shard as usize) < crate::limits::SHARDS_MAX);
@@ -37,13 +65,17 @@ pub struct IdAllocator {
 
 impl IdAllocator {
     /// `persisted_mark` is the mark read back from storage at start-up: every
-    /// sequence below it may have been used before, so allocation starts there.
-    pub fn new(shard: u16, persisted_mark: u64, block: u64) -> Self {
-        let start = persisted_mark.max(1);
+    /// sequence below it may have been used before, so allocation starts
+    /// there, or at `today`'s range if that is further.
+    pub fn new(shard: u16, persisted_mark: u64, block: u64, today: u32) -> Self {
+        let start = persisted_mark.max(day_start(today));
         IdAllocator { shard, next: start, durable_mark: start, extension_pending: false, block }
     }
 
-    pub fn next_id(&mut self) -> Option<PacketId> {
+    /// The next id, made on `day` (`day_of_unix_ms` of the clock now):
+    /// the first id of a new day starts that day's range.
+    pub fn next_id(&mut self, day: u32) -> Option<PacketId> {
+        self.next = self.next.max(day_start(day));
         if self.next >= self.durable_mark {
             return None;
         }
@@ -60,7 +92,7 @@ impl IdAllocator {
     /// The mark to persist for the next block; marks the request as pending.
     pub fn request_next_block(&mut self) -> u64 {
         self.extension_pending = true;
-        (self.durable_mark + self.block).min(SEQUENCE_MAX)
+        (self.durable_mark.max(self.next) + self.block).min(SEQUENCE_MAX)
     }
 
     /// The reservation could not be queued; ask again later.
@@ -97,23 +129,48 @@ mod tests {
 
     #[test]
     fn allocator_never_passes_the_durable_mark_and_never_reuses() {
-        let mut a = IdAllocator::new(3, 0, 10);
-        assert_eq!(a.next_id(), None, "nothing is durable before the first block");
+        let mut a = IdAllocator::new(3, 0, 10, 0);
+        assert_eq!(a.next_id(0), None, "nothing is durable before the first block");
         assert!(a.wants_next_block());
         let mark = a.request_next_block();
         assert!(!a.wants_next_block());
         a.extend(mark);
         let mut seen = std::collections::HashSet::new();
-        while let Some(id) = a.next_id() {
+        while let Some(id) = a.next_id(0) {
             assert_eq!(shard_of(id), 3);
             assert!(seen.insert(id));
         }
         assert_eq!(seen.len(), 10);
         // A restart resumes from the persisted mark: nothing below it comes back.
-        let mut b = IdAllocator::new(3, mark, 10);
+        let mut b = IdAllocator::new(3, mark, 10, 0);
         let m2 = b.request_next_block();
         b.extend(m2);
-        let id = b.next_id().unwrap();
+        let id = b.next_id(0).unwrap();
         assert!(!seen.contains(&id));
+    }
+
+    #[test]
+    fn a_new_day_starts_its_own_range_and_ids_never_go_back() {
+        let day = day_of_unix_ms(1_795_000_000_000); // 2026-11-18
+        assert_eq!(day, 2513);
+        let mut a = IdAllocator::new(2, 0, 10, day - 1);
+        assert_eq!(a.next_id(day - 1), None);
+        let mark = a.request_next_block();
+        a.extend(mark);
+        let yesterday = a.next_id(day - 1).unwrap();
+        assert_eq!((shard_of(yesterday), day_of(yesterday)), (2, day - 1));
+        // The next day's first id is beyond every reserved one: it waits for a block.
+        assert_eq!(a.next_id(day), None);
+        assert!(a.wants_next_block());
+        let mark = a.request_next_block();
+        a.extend(mark);
+        let today = a.next_id(day).unwrap();
+        assert_eq!((shard_of(today), day_of(today)), (2, day));
+        assert!(today > yesterday);
+        // A clock that steps back does not take ids back.
+        let after = a.next_id(day - 1).unwrap();
+        assert!(after > today && day_of(after) == day);
+        assert!(make_packet_id(255, SEQUENCE_MAX) < (1 << 48));
+        assert_eq!(day_of_unix_ms(0), 0);
     }
 }

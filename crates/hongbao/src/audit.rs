@@ -2,8 +2,8 @@
 //! or a PostgreSQL database (the checks themselves are
 //! `hongbao_core::audit`, fed by `hongbao_store`).
 
-use std::io::Write;
 use hongbao_store::{AuditReport, StoreError, StoreLocation};
+use std::io::Write;
 
 /// Runs the audit and prints the report (human text, or JSON with `json`).
 /// Returns whether it passed; `Err` when the data could not be read at all.

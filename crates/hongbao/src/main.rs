@@ -47,6 +47,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move the settled days before a date out of a PostgreSQL store's hot
+    /// tables into its archive tables (lookups and the audit still read
+    /// them). Days with open packets, today and later days stay.
+    Archive {
+        /// The PostgreSQL store (postgres:// URL).
+        #[arg(long, env = "HONGBAO_STORE", value_name = "URL", hide_env_values = true)]
+        store: String,
+        /// First day that stays hot (YYYY-MM-DD); at most today.
+        #[arg(long, value_name = "DATE")]
+        before: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a client token for a user, signed with the data directory's secret.
     Token {
         /// Data directory whose secret.key signs the token.
@@ -101,6 +115,29 @@ enum Command {
     GatewayWorker(gateways::WorkerArgs),
 }
 
+/// `hongbao archive`: runs it and prints what moved and what stayed.
+fn archive(store: &str, before: &str, json: bool) -> anyhow::Result<()> {
+    let location = hongbao_store::StoreLocation::resolve(Some(store), std::path::Path::new(""))?;
+    let report = hongbao_store::archive(&location, before).context("cannot archive")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for day in &report.archived {
+        println!(
+            "archived {}: {} packets, {} claims, {} shake wins",
+            day.date, day.packets, day.claims, day.shake_wins
+        );
+    }
+    for day in &report.kept {
+        println!("kept {}: {} packets still open", day.date, day.open_packets);
+    }
+    if report.archived.is_empty() && report.kept.is_empty() {
+        println!("nothing to archive before {before}");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(default) = cli.command.log_level() {
@@ -132,6 +169,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Archive { store, before, json } => report(archive(&store, &before, json)),
         Command::Token { data, user, ttl_s, secret } => {
             report(token::issue(&data, user, ttl_s, secret).map(|t| println!("{t}")).context("cannot issue a token"))
         }

@@ -1,15 +1,30 @@
 //! `hongbao demo --quick` end to end: a local server, worker processes of
 //! simulated users over real sockets, every phase, reconciliation and audit.
-//! The summary must say it passed, with real wins and opens behind it.
+//! The summary must say it passed, with real wins and opens behind it: on
+//! the embedded default, and on a PostgreSQL server the test starts.
 
 use std::process::Command;
 
 #[test]
 fn quick_demo_passes_every_check_with_real_traffic() {
+    quick_demo_passes(&[]);
+}
+
+#[test]
+fn quick_demo_on_postgres_passes_every_check() {
+    let db = hongbao_pg_harness::PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let summary = quick_demo_passes(&["--store", &db.url()]);
+    let audit = summary["checks"].as_array().unwrap().iter().find(|c| c["name"] == "hongbao audit passes").unwrap();
+    assert!(audit["detail"].as_str().unwrap().contains("postgres://"), "{audit}");
+}
+
+/// Runs `hongbao demo --quick` with `extra` flags and checks its summary.
+fn quick_demo_passes(extra: &[&str]) -> serde_json::Value {
     let out = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_hongbao"))
         .args(["demo", "--quick", "--out"])
         .arg(out.path())
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .status()
         .expect("hongbao demo runs");
@@ -35,4 +50,5 @@ fn quick_demo_passes_every_check_with_real_traffic() {
         let len = std::fs::metadata(out.path().join(file)).map(|m| m.len()).unwrap_or(0);
         assert!(len > 0, "{file} written");
     }
+    summary
 }

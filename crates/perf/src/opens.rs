@@ -205,7 +205,9 @@ impl Mode {
 async fn open_engine(config: EngineConfig, mode: Mode, dir: &Path) -> anyhow::Result<Engine> {
     let engine = match mode {
         Mode::Group => Engine::open(config, dir).await,
-        Mode::PerOp => Engine::open_with_commit_mode(config, CommitMode::PerOp, &StoreLocation::Sqlite(dir.to_owned())).await,
+        Mode::PerOp => {
+            Engine::open_with_commit_mode(config, CommitMode::PerOp, &StoreLocation::Sqlite(dir.to_owned())).await
+        }
     };
     engine.map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -45,8 +45,7 @@ impl WriterMemory {
     ) -> Result<WriterMemory, crate::StoreError> {
         let mut accounts = Vec::with_capacity(balances.len());
         for (id, balance) in balances {
-            let account =
-                Account::from_id(id).ok_or_else(|| crate::StoreError::Corrupt(format!("account id {id}")))?;
+            let account = Account::from_id(id).ok_or_else(|| crate::StoreError::Corrupt(format!("account id {id}")))?;
             accounts.push((account, balance));
         }
         let ledger = Ledger::from_balances(accounts);
@@ -131,8 +130,7 @@ impl<'a, R: Rows> BatchTx<'a, R> {
         // Money only moves between accounts: the batch changed the sum of
         // all balances by nothing (the ledger's own checks, verified by
         // independent arithmetic before anything is committed).
-        let net: i128 =
-            self.touched.iter().map(|(a, before)| (self.memory.ledger.balance(*a) - before) as i128).sum();
+        let net: i128 = self.touched.iter().map(|(a, before)| (self.memory.ledger.balance(*a) - before) as i128).sum();
         assert_eq!(net, 0, "a batch created or destroyed {net} fen");
         let changed: Vec<(Account, i64)> =
             self.touched.keys().map(|account| (*account, self.memory.ledger.balance(*account))).collect();

@@ -36,16 +36,28 @@ fn bad(what: String) -> StoreError {
     StoreError::Corrupt(what)
 }
 
-/// The column of the user an entry, claim or win is for: `user` on SQLite,
-/// `user_id` on PostgreSQL (where `user` is reserved).
-pub(crate) fn audit_queries(user: &str) -> [String; 7] {
+/// How a store names what the audit reads.
+pub(crate) struct AuditNames {
+    /// The column of the user an entry or claim is for: `user` on SQLite,
+    /// `user_id` on PostgreSQL (where `user` is reserved).
+    pub user: &'static str,
+    /// Every packet, claim and shake win: hot and archived ones alike.
+    pub packets: &'static str,
+    pub claims: &'static str,
+    pub shake_wins: &'static str,
+}
+
+/// The audit's queries: accounts, entries, packets, claims, campaigns, and
+/// the count and sum of shake wins and of their ledger entries.
+pub(crate) fn audit_queries(n: &AuditNames) -> [String; 7] {
+    let AuditNames { user, packets, claims, shake_wins } = n;
     [
         "SELECT id, balance FROM accounts".into(),
         format!("SELECT id, from_account, to_account, amount, kind, reference, {user} FROM entries ORDER BY id"),
-        "SELECT id, sender, kind, total, count, remaining, refunded, status, best_luck FROM packets".into(),
-        format!("SELECT packet, {user}, amount, at_ms FROM claims ORDER BY packet, seq"),
+        format!("SELECT id, sender, kind, total, count, remaining, refunded, status, best_luck FROM {packets}"),
+        format!("SELECT packet, {user}, amount, at_ms FROM {claims} ORDER BY packet, seq"),
         "SELECT id, funder, total, status FROM campaigns".into(),
-        "SELECT count(*), CAST(coalesce(sum(amount), 0) AS BIGINT) FROM shake_wins".into(),
+        format!("SELECT count(*), CAST(coalesce(sum(amount), 0) AS BIGINT) FROM {shake_wins}"),
         "SELECT count(*), CAST(coalesce(sum(amount), 0) AS BIGINT) FROM entries WHERE kind = 'shake_win'".into(),
     ]
 }

@@ -34,6 +34,7 @@ pub use reader::{CampaignRow, MoneyTotals, Reader};
 pub use writer::{StorageFailure, Writer, WriterStats};
 
 pub use audit::{audit, audit_dir};
+pub use postgres::archive::{ArchiveReport, ArchivedDay, KeptDay};
 pub use postgres::PgTarget;
 pub use sqlite::{prepare_data_dir, DB_FILE, LOCK_FILE};
 
@@ -149,6 +150,19 @@ impl Store {
         };
         let (writer, writer_thread) = Writer::start(backend, memory, batch_ops_max);
         Ok(Store { writer, reader, writer_thread })
+    }
+}
+
+/// `hongbao archive`: moves the settled days before `before` (`YYYY-MM-DD`)
+/// out of the hot tables of a PostgreSQL store. SQLite keeps one file and
+/// has nothing to move.
+pub fn archive(location: &StoreLocation, before: &str) -> Result<ArchiveReport, StoreError> {
+    match location {
+        StoreLocation::Postgres(target) => postgres::archive::archive(target, before),
+        StoreLocation::Sqlite(dir) => Err(StoreError::Location(
+            dir.display().to_string(),
+            "archiving moves days between PostgreSQL partitions; the SQLite store has none (give --store)".into(),
+        )),
     }
 }
 

@@ -195,12 +195,13 @@ pub(crate) struct CampaignFields {
     pub escrow_fen: Option<i64>,
 }
 
-/// The campaign query both stores run; `{filter}` is empty or `WHERE c.id = <param>`.
-pub(crate) fn campaigns_sql(filter: &str) -> String {
+/// The campaign query both stores run; `{filter}` is empty or `WHERE c.id =
+/// <param>`; `wins` is the table (or view) of every shake win.
+pub(crate) fn campaigns_sql(filter: &str, wins: &str) -> String {
     format!(
         "SELECT c.id, c.funder, c.total, c.rule, c.rate_per_s, c.win_cap, c.status, c.created_ms,
-                (SELECT count(*) FROM shake_wins w WHERE w.campaign = c.id),
-                CAST((SELECT coalesce(sum(amount), 0) FROM shake_wins w WHERE w.campaign = c.id) AS BIGINT),
+                (SELECT count(*) FROM {wins} w WHERE w.campaign = c.id),
+                CAST((SELECT coalesce(sum(amount), 0) FROM {wins} w WHERE w.campaign = c.id) AS BIGINT),
                 CAST((SELECT coalesce(sum(amount), 0) FROM entries e WHERE e.kind = 'campaign_refund' AND e.reference = c.id) AS BIGINT),
                 (SELECT balance FROM accounts a WHERE a.id = ((CAST(3 AS BIGINT) << 56) | c.id))
          FROM campaigns c {filter} ORDER BY c.id"

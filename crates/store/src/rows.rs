@@ -93,8 +93,14 @@ pub(crate) trait Rows {
     fn raise_id_mark(&mut self, shard: u16, mark: u64) -> RowResult<()>;
 
     fn campaign_by_key(&mut self, key: &str) -> RowResult<Option<KeyedCampaign>>;
-    fn insert_campaign(&mut self, id: CampaignId, spec: &CampaignSpec, rule: &str, at_ms: u64, key: &str)
-        -> RowResult<()>;
+    fn insert_campaign(
+        &mut self,
+        id: CampaignId,
+        spec: &CampaignSpec,
+        rule: &str,
+        at_ms: u64,
+        key: &str,
+    ) -> RowResult<()>;
     /// Sets a campaign that is not closed running; false if none.
     fn start_campaign(&mut self, id: CampaignId) -> RowResult<bool>;
     /// A campaign's funder and stored status.

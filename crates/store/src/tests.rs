@@ -28,7 +28,9 @@ impl TestStore {
     fn location(&self) -> StoreLocation {
         match self {
             TestStore::Sqlite(dir) => StoreLocation::Sqlite(dir.path().to_owned()),
-            TestStore::Postgres(server) => StoreLocation::resolve(Some(&server.url()), std::path::Path::new("")).unwrap(),
+            TestStore::Postgres(server) => {
+                StoreLocation::resolve(Some(&server.url()), std::path::Path::new("")).unwrap()
+            }
         }
     }
 
@@ -49,14 +51,15 @@ impl TestStore {
         audit(&self.location()).unwrap()
     }
 
-    /// Runs SQL on the store behind the server's back.
-    fn tamper(&self, sql: &str) {
+    /// Runs SQL on the store behind the server's back: `sqlite` or
+    /// `postgres`, whichever this store speaks.
+    fn tamper(&self, sqlite: &str, postgres: &str) {
         match self {
             TestStore::Sqlite(dir) => {
-                rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap().execute_batch(sql).unwrap();
+                rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap().execute_batch(sqlite).unwrap();
             }
             TestStore::Postgres(server) => {
-                server.psql(sql).unwrap();
+                server.psql(postgres).unwrap();
             }
         }
     }
@@ -204,7 +207,8 @@ fn audit_reports_tampering_precisely(at: TestStore) {
         let store = at.open();
         runtime().block_on(store.writer.run(Deposit { user: 1, amount_fen: 50, key: "d".into(), at_ms: 0 })).unwrap();
     }
-    at.tamper("UPDATE accounts SET balance = balance + 1 WHERE id = 1");
+    let sql = "UPDATE accounts SET balance = balance + 1 WHERE id = 1";
+    at.tamper(sql, sql);
     let report = at.audit();
     assert!(!report.passed());
     assert!(report.violations.iter().any(|v| v.contains("account 1")), "{:?}", report.violations);
@@ -406,9 +410,8 @@ fn messages_are_capped_per_user_and_kind_and_acks_free_the_senders_budget(at: Te
     let first_ids = {
         let store = at.open();
         let w = store.writer.clone();
-        let ids = rt
-            .block_on(w.run(StoreMessages { users: vec![7; KEPT + 5], body: b"hi".to_vec(), at_ms: 1 }))
-            .unwrap();
+        let ids =
+            rt.block_on(w.run(StoreMessages { users: vec![7; KEPT + 5], body: b"hi".to_vec(), at_ms: 1 })).unwrap();
         let ids: Vec<u64> = ids.into_iter().map(|(_, id)| id).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend");
         let kept = store.reader.messages(7, KEPT * 2).unwrap();
@@ -446,10 +449,26 @@ fn uniqueness_lives_in_the_database(at: TestStore) {
     let id = make_packet_id(0, 1);
     rt.block_on(async {
         w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
-        w.run(FundPacket { packet: new_packet(id, 1, 300, 3), key: "p".into(), notice: vec![], at_ms: 0 }).await.unwrap();
+        w.run(FundPacket { packet: new_packet(id, 1, 300, 3), key: "p".into(), notice: vec![], at_ms: 0 })
+            .await
+            .unwrap();
     });
-    at.tamper(&format!("INSERT INTO claims VALUES ({id}, 2, 7, 1, 0)"));
-    let open = OpenShare { packet: id, user: 2, amount_fen: 100, seq: 0, at_ms: 1, best_luck: None, remaining_before_fen: 300 };
+    at.tamper(
+        &format!("INSERT INTO claims (packet, user, seq, amount, at_ms) VALUES ({id}, 2, 7, 1, 0)"),
+        &format!(
+            "INSERT INTO claims (day, packet, user_id, seq, amount, at_ms) VALUES ({}, {id}, 2, 7, 1, 0)",
+            hongbao_core::ids::day_of(id)
+        ),
+    );
+    let open = OpenShare {
+        packet: id,
+        user: 2,
+        amount_fen: 100,
+        seq: 0,
+        at_ms: 1,
+        best_luck: None,
+        remaining_before_fen: 300,
+    };
     let refused = rt.block_on(w.run(open.clone()));
     assert!(matches!(refused, Err(OpError::Storage(_))), "{refused:?}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -489,13 +508,19 @@ fn a_postgres_server_killed_mid_stream_loses_nothing_acknowledged() {
     let w = store.writer.clone();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     const DEPOSITS: u64 = 3_000;
+    let acked_so_far = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acked_counter = acked_so_far.clone();
     let answers = rt.spawn(async move {
         let mut answers = Vec::with_capacity(DEPOSITS as usize);
         let mut pending = tokio::task::JoinSet::new();
         for i in 0..DEPOSITS {
-            let w = w.clone();
+            let (w, acked) = (w.clone(), acked_counter.clone());
             pending.spawn(async move {
-                let r = w.run(Deposit { user: 1 + i % 50, amount_fen: 1 + i as i64, key: format!("k{i}"), at_ms: i }).await;
+                let r =
+                    w.run(Deposit { user: 1 + i % 50, amount_fen: 1 + i as i64, key: format!("k{i}"), at_ms: i }).await;
+                if r.is_ok() {
+                    acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 (i, r)
             });
             if i % 100 == 99 {
@@ -507,14 +532,15 @@ fn a_postgres_server_killed_mid_stream_loses_nothing_acknowledged() {
         }
         answers
     });
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    while acked_so_far.load(std::sync::atomic::Ordering::Relaxed) < DEPOSITS / 5 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let TestStore::Postgres(server) = &mut at else { unreachable!() };
     server.kill9().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     server.restart().unwrap();
     let answers = rt.block_on(answers).unwrap();
-    let acked: std::collections::BTreeSet<u64> =
-        answers.iter().filter(|(_, r)| r.is_ok()).map(|(i, _)| *i).collect();
+    let acked: std::collections::BTreeSet<u64> = answers.iter().filter(|(_, r)| r.is_ok()).map(|(i, _)| *i).collect();
     for (i, r) in &answers {
         if let Err(e) = r {
             assert!(matches!(e, OpError::Storage(_)), "deposit {i}: {e:?}");
@@ -540,4 +566,153 @@ fn a_postgres_server_killed_mid_stream_loses_nothing_acknowledged() {
     assert_eq!(total, expected);
     let report = at.audit();
     assert!(report.passed(), "{:?}", report.violations);
+}
+
+/// The packet ids of `n` packets made on `day` by shard 0.
+fn ids_on_day(day: u32, n: u64) -> Vec<u64> {
+    (1..=n).map(|i| make_packet_id(0, (u64::from(day) << hongbao_core::ids::DAY_SHIFT) | i)).collect()
+}
+
+/// Issue 11: a lookup of a packet (or of its claims) by id reads one
+/// partition of one day, however many days and hash partitions exist.
+#[test]
+fn a_lookup_by_packet_id_reads_one_partition() {
+    let at = TestStore::postgres();
+    let store = at.open();
+    let today = hongbao_core::ids::day_of_unix_ms(crate::unix_ms());
+    let ids = ids_on_day(today, 3);
+    runtime().block_on(async {
+        store.writer.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            let fund =
+                FundPacket { packet: new_packet(*id, 1, 100, 2), key: format!("p{i}"), notice: vec![], at_ms: 0 };
+            store.writer.run(fund).await.unwrap();
+        }
+    });
+    let TestStore::Postgres(server) = &at else { unreachable!() };
+    let partitions: usize =
+        server.psql("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE c.relname LIKE 'packets_d%_h%'").unwrap().trim().parse().unwrap();
+    assert!(partitions >= 16, "several days of 4 hash partitions each: {partitions}");
+    let id = ids[1];
+    let day = hongbao_core::ids::day_of(id);
+    let plan = server
+        .psql(&format!(
+            "PREPARE by_id(bigint, int) AS {}; EXPLAIN (COSTS OFF) EXECUTE by_id({id}, {day});",
+            crate::postgres::reader::packet_by_id_sql()
+        ))
+        .unwrap();
+    let is_partition = |w: &&str| {
+        w.strip_prefix("packets_d").and_then(|rest| rest.split_once("_h")).is_some_and(|(date, hash)| {
+            date.len() == 8 && [date, hash].iter().all(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+        })
+    };
+    let read: std::collections::BTreeSet<&str> =
+        plan.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(is_partition).collect();
+    assert_eq!(read.len(), 1, "one partition read:\n{plan}");
+    let hash: usize = server
+        .psql(&format!("SELECT tableoid::regclass FROM packets WHERE id = {id} AND day = {day}"))
+        .unwrap()
+        .trim()
+        .rsplit("_h")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(read.iter().next().unwrap().ends_with(&format!("_h{hash}")), "the packet's own partition:\n{plan}");
+    assert_eq!(store.reader.packet(id).unwrap().unwrap().id, id);
+}
+
+/// Issue 11: `archive` moves a settled day out of the hot tables, keeps a
+/// day that still has an open packet, never touches today, and everything
+/// archived is still read, still keyed, and still in the audit.
+#[test]
+fn archiving_moves_settled_days_and_the_audit_still_counts_every_fen() {
+    let at = TestStore::postgres();
+    let store = at.open();
+    let w = store.writer.clone();
+    let today = hongbao_core::ids::day_of_unix_ms(crate::unix_ms());
+    let settled = ids_on_day(today - 10, 1)[0];
+    let still_open = ids_on_day(today - 9, 1)[0];
+    let todays = ids_on_day(today, 1)[0];
+    let rt = runtime();
+    rt.block_on(async {
+        w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
+        for (id, key) in [(settled, "settled"), (still_open, "open"), (todays, "today")] {
+            w.run(FundPacket { packet: new_packet(id, 1, 100, 2), key: key.into(), notice: vec![], at_ms: 0 })
+                .await
+                .unwrap();
+        }
+        let open = |packet, user, amount_fen, seq, best_luck, remaining_before_fen| OpenShare {
+            packet,
+            user,
+            amount_fen,
+            seq,
+            at_ms: 1,
+            best_luck,
+            remaining_before_fen,
+        };
+        w.run(open(settled, 2, 60, 0, None, 100)).await.unwrap();
+        w.run(open(settled, 3, 40, 1, Some(2), 40)).await.unwrap();
+        let spec = CampaignSpec {
+            funder: 1,
+            total_fen: 100,
+            rule: AmountRule::Count { packets: 1 },
+            rate_per_s: 1,
+            win_cap_per_user: None,
+        };
+        let CampaignCreated { id: campaign, .. } =
+            w.run(CreateCampaign { spec, key: "c".into(), at_ms: 0 }).await.unwrap();
+        let won = ids_on_day(today - 10, 2)[1];
+        let win = ShakeWin { campaign, packet: won, user: 4, amount_fen: 100, at_ms: 1, key: Some("s".into()) };
+        w.run(win).await.unwrap();
+    });
+    let before = at.audit();
+    assert!(before.passed(), "{:?}", before.violations);
+    let tomorrow = "2099-01-01";
+    let report = archive(&at.location(), tomorrow).unwrap();
+    let date = |day: u32| {
+        let TestStore::Postgres(server) = &at else { unreachable!() };
+        server.psql(&format!("SELECT to_char(DATE '2020-01-01' + {day}, 'YYYY-MM-DD')")).unwrap().trim().to_owned()
+    };
+    // The settled day, and the empty days made ahead of time before today.
+    let (held, empty): (Vec<_>, Vec<_>) = report.archived.iter().cloned().partition(|d| d.packets > 0);
+    assert_eq!(held, vec![ArchivedDay { date: date(today - 10), packets: 1, claims: 2, shake_wins: 1 }]);
+    assert!(empty.iter().all(|d| d.date < date(today) && (d.claims, d.shake_wins) == (0, 0)), "{report:?}");
+    assert_eq!(report.kept, vec![KeptDay { date: date(today - 9), open_packets: 1 }]);
+    let TestStore::Postgres(server) = &at else { unreachable!() };
+    let hot: i64 = server
+        .psql(&format!("SELECT count(*) FROM packets WHERE day = {}", today - 10))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let cold: i64 = server
+        .psql(&format!("SELECT count(*) FROM packets_archive WHERE day = {}", today - 10))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!((hot, cold), (0, 1));
+    // Still read, still keyed, still audited.
+    let p = store.reader.packet(settled).unwrap().unwrap();
+    assert_eq!((p.claims.len(), p.status.as_str()), (2, "finished"));
+    rt.block_on(async {
+        assert_eq!(w.run(FindClaim { packet: settled, user: 3 }).await.unwrap(), Some(40));
+        let again =
+            FundPacket { packet: new_packet(todays + 1, 1, 100, 2), key: "settled".into(), notice: vec![], at_ms: 0 };
+        assert!(matches!(w.run(again).await.unwrap(), Funded::Repeat(ExistingPacket { id, .. }) if id == settled));
+        let repeat =
+            ShakeWin { campaign: 1, packet: todays + 2, user: 4, amount_fen: 1, at_ms: 2, key: Some("s".into()) };
+        assert!(matches!(w.run(repeat).await.unwrap(), ShakeWon::Repeat(_)));
+        // The hot days go on.
+        w.run(Refund { packet: still_open, sender: 1, amount_fen: 100, at_ms: 3, notice: vec![] }).await.unwrap();
+    });
+    let after = at.audit();
+    assert!(after.passed(), "{:?}", after.violations);
+    assert_eq!((after.totals.packets, after.totals.claims, after.totals.shake_wins), (3, 2, 1));
+    // Again: the refunded day is settled now; today never moves.
+    let report = archive(&at.location(), tomorrow).unwrap();
+    assert_eq!(report.archived.iter().map(|d| d.date.clone()).collect::<Vec<_>>(), vec![date(today - 9)]);
+    assert!(report.kept.is_empty());
+    assert!(at.audit().passed());
 }

@@ -368,7 +368,10 @@ impl WriterState {
                         }
                         _ => {
                             if !held.is_empty() {
-                                tracing::info!(ops = held.len(), "the batch whose outcome was unknown had not committed");
+                                tracing::info!(
+                                    ops = held.len(),
+                                    "the batch whose outcome was unknown had not committed"
+                                );
                             }
                             let failure = OpError::Storage(format!("the commit did not reach storage: {failure}"));
                             for command in held.drain(..) {

@@ -141,7 +141,8 @@ impl Engine {
         let mut shards = Vec::with_capacity(packets_by_shard.len());
         for (index, packets) in packets_by_shard.into_iter().enumerate() {
             let index = index as u16;
-            let mut ids = IdAllocator::new(index, marks.get(&index).copied().unwrap_or(0), ID_BLOCK_SIZE);
+            let today = hongbao_core::ids::day_of_unix_ms(config.clock.now_ms());
+            let mut ids = IdAllocator::new(index, marks.get(&index).copied().unwrap_or(0), ID_BLOCK_SIZE, today);
             // Reserve the first block before taking any request.
             let mark = ids.request_next_block();
             writer.run(ReserveIds { shard: index, mark }).await.map_err(op_error)?;

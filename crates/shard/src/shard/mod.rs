@@ -396,7 +396,7 @@ impl ShardState {
     }
 
     fn next_id(&mut self) -> Option<PacketId> {
-        let id = self.ids.next_id();
+        let id = self.ids.next_id(hongbao_core::ids::day_of_unix_ms(self.clock.now_ms()));
         // Paired with the check in `adopt` and with the engine's routing by
         // `shard_of`: an id names the shard that made it.
         assert!(id.is_none_or(|id| shard_of(id) == self.index), "shard {} made a foreign id", self.index);

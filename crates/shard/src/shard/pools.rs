@@ -266,6 +266,7 @@ impl ShardState {
         let live = pool.live.clone();
         let mut budget = lock(&live.budget);
         let mut released = 0u64;
+        let day = hongbao_core::ids::day_of_unix_ms(now_ms);
         loop {
             let pool = self.pools.get_mut(&id).expect("pool exists");
             if pool.released_count >= due || !pool.schedule.allows(pool.released_count) {
@@ -277,7 +278,7 @@ impl ShardState {
                 pool.released_count = due;
                 break;
             }
-            let Some(packet) = self.ids.next_id() else { break };
+            let Some(packet) = self.ids.next_id(day) else { break };
             let Some(amount) = budget.release_one(&mut self.rng) else { break };
             let pool = self.pools.get_mut(&id).expect("pool exists");
             pool.ready.push_back((packet, amount));

@@ -5,7 +5,7 @@
 use hongbao_core::audit::AuditReport;
 
 use super::PgTarget;
-use crate::audit::{audit_queries, Feed};
+use crate::audit::{audit_queries, AuditNames, Feed};
 use crate::StoreError;
 
 pub(crate) fn audit(target: &PgTarget) -> Result<AuditReport, StoreError> {
@@ -14,8 +14,11 @@ pub(crate) fn audit(target: &PgTarget) -> Result<AuditReport, StoreError> {
     if !has_schema {
         return Err(StoreError::Location(target.to_string(), "no hongbao database there".into()));
     }
-    let mut tx = client.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).read_only(true).start()?;
-    let [accounts, entries, packets, claims, campaigns, wins, win_entries] = audit_queries("user_id");
+    let mut tx =
+        client.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).read_only(true).start()?;
+    let names =
+        AuditNames { user: "user_id", packets: "all_packets", claims: "all_claims", shake_wins: "all_shake_wins" };
+    let [accounts, entries, packets, claims, campaigns, wins, win_entries] = audit_queries(&names);
     let mut f = Feed::default();
     for r in tx.query(&accounts, &[])? {
         f.account(r.get(0), r.get(1));

@@ -19,11 +19,13 @@
 //! recovery reads it back on a new connection before anything of the batch
 //! is answered.
 
+pub(crate) mod archive;
 pub(crate) mod audit;
 pub(crate) mod reader;
 mod rows;
 pub(crate) mod schema;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use hongbao_core::ledger::Account;
@@ -36,6 +38,9 @@ use crate::StoreError;
 
 /// The advisory lock the writer's session holds: "hongbao" in ASCII.
 const WRITER_LOCK: i64 = 0x686f_6e67_6261_6f;
+/// Days of partitions kept ready beyond today (and one before, for a clock
+/// a little behind the database's).
+const PARTITION_DAYS_AHEAD: u32 = 3;
 /// How long a connection attempt may take before the store counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that stops answering is noticed by TCP within about this, so a
@@ -146,6 +151,11 @@ pub(crate) struct PgBackend {
     batches: u64,
     /// The tag of a batch whose COMMIT's outcome is unknown.
     unknown: Option<String>,
+    /// Days whose partitions exist (made by `hongbao_ensure_day` on this
+    /// connection, or found there).
+    days_ready: HashSet<i32>,
+    /// The day for which the days ahead were last made ready.
+    ready_ahead_of: Option<u32>,
 }
 
 /// Connects, takes the writer's lock, migrates, and loads the writer's
@@ -165,7 +175,12 @@ pub(crate) fn open(
         tag_prefix: format!("{:x}-{}", crate::unix_ms(), std::process::id()),
         batches: 0,
         unknown: None,
+        days_ready: HashSet::new(),
+        ready_ahead_of: None,
     };
+    let mut backend = backend;
+    // The partitions of today and the days ahead exist before the first request.
+    backend.ensure_days(&[])?;
     let reader = reader::PgReader::new(target.clone(), readers)?;
     tracing::info!(store = %target, "PostgreSQL store open");
     Ok((backend, memory, reader))
@@ -186,6 +201,37 @@ impl PgBackend {
     fn next_tag(&mut self) -> String {
         self.batches += 1;
         format!("{}-{}", self.tag_prefix, self.batches)
+    }
+
+    /// Makes sure every day the batch writes packet rows for has its
+    /// partitions, and the days ahead of today, before the batch's
+    /// transaction begins (each creation commits on its own).
+    fn ensure_days(&mut self, batch: &[Command]) -> Result<(), StoreError> {
+        let today = hongbao_core::ids::day_of_unix_ms(crate::unix_ms());
+        if self.ready_ahead_of != Some(today) {
+            for day in today.saturating_sub(1)..=today + PARTITION_DAYS_AHEAD {
+                self.ensure_day(day as i32)?;
+            }
+            self.ready_ahead_of = Some(today);
+        }
+        for command in batch {
+            let packet = match command {
+                Command::FundPacket(s) => s.op.packet.id,
+                Command::OpenShare(s) => s.op.packet,
+                Command::ShakeWin(s) => s.op.packet,
+                _ => continue,
+            };
+            self.ensure_day(rows::day_of(packet))?;
+        }
+        Ok(())
+    }
+
+    fn ensure_day(&mut self, day: i32) -> Result<(), StoreError> {
+        if !self.days_ready.contains(&day) {
+            self.client.execute("SELECT hongbao_ensure_day($1)", &[&day])?;
+            self.days_ready.insert(day);
+        }
+        Ok(())
     }
 
     /// Everything of the batch up to (not including) COMMIT.
@@ -214,6 +260,7 @@ impl PgBackend {
 impl Backend for PgBackend {
     fn commit(&mut self, batch: &mut [Command], memory: &mut WriterMemory) -> Result<Vec<(Account, i64)>, CommitError> {
         let tag = self.next_tag();
+        self.ensure_days(batch).map_err(CommitError::Failed)?;
         let changed = match self.apply(batch, memory, &tag) {
             Ok(changed) => changed,
             Err(e) => {
@@ -245,6 +292,8 @@ impl Backend for PgBackend {
             self.client = connect_writer(&self.target)?;
             self.statements = rows::Statements::prepare(&mut self.client)?;
             self.message_ids = rows::MessageIds::default();
+            self.days_ready.clear();
+            self.ready_ahead_of = None;
         }
         let client = &mut self.client;
         let memory = schema::load_writer_memory(client)?;

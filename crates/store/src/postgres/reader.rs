@@ -33,6 +33,16 @@ impl Drop for PgReader {
     }
 }
 
+/// A packet by id, hot or archived: the id names its day, and `day = $2`
+/// makes each side read one partition (a test reads the plan).
+pub(crate) fn packet_by_id_sql() -> String {
+    format!("SELECT {PACKET_COLUMNS} FROM all_packets WHERE id = $1 AND day = $2")
+}
+
+fn day_of(packet: PacketId) -> i32 {
+    super::rows::day_of(packet)
+}
+
 fn packet_from_row(r: &Row) -> PacketFields {
     PacketFields {
         id: r.get(0),
@@ -110,7 +120,8 @@ impl PgReader {
     }
 
     fn claims(c: &mut Client, packet: PacketId) -> Result<Vec<Claim>, postgres::Error> {
-        Ok(c.query("SELECT user_id, amount, at_ms FROM claims WHERE packet = $1 ORDER BY seq", &[&(packet as i64)])?
+        let sql = "SELECT user_id, amount, at_ms FROM all_claims WHERE packet = $1 AND day = $2 ORDER BY seq";
+        Ok(c.query(sql, &[&(packet as i64), &day_of(packet)])?
             .iter()
             .map(|r| Claim { user: r.get::<_, i64>(0) as u64, amount_fen: r.get(1), at_ms: r.get::<_, i64>(2) as u64 })
             .collect())
@@ -118,8 +129,7 @@ impl PgReader {
 
     pub(crate) fn packet(&self, id: PacketId) -> Result<Option<Packet>, StoreError> {
         let found = self.with(|c| {
-            let sql = format!("SELECT {PACKET_COLUMNS} FROM packets WHERE id = $1");
-            let Some(row) = c.query_opt(&sql, &[&(id as i64)])? else { return Ok(None) };
+            let Some(row) = c.query_opt(&packet_by_id_sql(), &[&(id as i64), &day_of(id)])? else { return Ok(None) };
             Ok(Some((packet_from_row(&row), Self::claims(c, id)?)))
         })?;
         let Some((fields, claims)) = found else { return Ok(None) };
@@ -134,7 +144,8 @@ impl PgReader {
             let rows: Vec<PacketFields> = c.query(&sql, &[])?.iter().map(packet_from_row).collect();
             let mut claims: HashMap<PacketId, Vec<Claim>> = HashMap::new();
             let sql = "SELECT c.packet, c.user_id, c.amount, c.at_ms FROM claims c
-                       JOIN packets p ON p.id = c.packet WHERE p.status = 'open' ORDER BY c.packet, c.seq";
+                       JOIN packets p ON p.id = c.packet AND p.day = c.day
+                       WHERE p.status = 'open' ORDER BY c.packet, c.seq";
             for r in c.query(sql, &[])? {
                 let claim =
                     Claim { user: r.get::<_, i64>(1) as u64, amount_fen: r.get(2), at_ms: r.get::<_, i64>(3) as u64 };
@@ -175,8 +186,8 @@ impl PgReader {
     pub(crate) fn campaigns(&self, only: Option<CampaignId>) -> Result<Vec<CampaignRow>, StoreError> {
         let fields = self.with(|c| {
             let rows = match only {
-                Some(id) => c.query(&campaigns_sql("WHERE c.id = $1"), &[&(id as i64)])?,
-                None => c.query(&campaigns_sql(""), &[])?,
+                Some(id) => c.query(&campaigns_sql("WHERE c.id = $1", "all_shake_wins"), &[&(id as i64)])?,
+                None => c.query(&campaigns_sql("", "all_shake_wins"), &[])?,
             };
             Ok(rows
                 .iter()
@@ -206,7 +217,7 @@ impl PgReader {
     ) -> Result<Option<(CampaignId, PacketId, i64)>, StoreError> {
         self.with(|c| {
             Ok(c.query_opt(
-                "SELECT campaign, packet, amount FROM shake_wins WHERE user_id = $1 AND idem_key = $2",
+                "SELECT campaign, packet, amount FROM all_shake_keys WHERE user_id = $1 AND idem_key = $2",
                 &[&(user as i64), &key],
             )?
             .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64, r.get(2))))
@@ -216,7 +227,7 @@ impl PgReader {
     pub(crate) fn win_counts(&self, campaign: CampaignId) -> Result<HashMap<UserId, u32>, StoreError> {
         self.with(|c| {
             Ok(c.query(
-                "SELECT user_id, count(*) FROM shake_wins WHERE campaign = $1 GROUP BY user_id",
+                "SELECT user_id, count(*) FROM all_shake_wins WHERE campaign = $1 GROUP BY user_id",
                 &[&(campaign as i64)],
             )?
             .iter()

@@ -75,30 +75,39 @@ impl Statements {
             insert_keyed_result: c
                 .prepare("INSERT INTO idempotency (scope, key, request, result) VALUES ($1, $2, $3, $4)")?,
             packet_by_key: c.prepare(
-                "SELECT id, total, count, expires_ms, kind FROM packets WHERE sender = $1 AND idem_key = $2",
+                "SELECT packet, total, count, expires_ms, kind FROM all_packet_keys WHERE sender = $1 AND idem_key = $2",
             )?,
             insert_packets: c.prepare(
-                "INSERT INTO packets (id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, remaining, status, idem_key)
-                 SELECT id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, total, 'open', idem_key
-                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::int[], $6::text[], $7::bigint[], $8::bytea[], $9::text[], $10::bigint[], $11::bigint[], $12::text[])
-                   WITH ORDINALITY AS t(id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, idem_key, ord)
-                 ORDER BY ord",
+                "WITH new AS (
+                     SELECT * FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::int[], $7::text[], $8::bigint[], $9::bytea[], $10::text[], $11::bigint[], $12::bigint[], $13::text[])
+                       AS t(day, id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, idem_key)
+                 ), keys AS (
+                     INSERT INTO packet_keys (sender, idem_key, packet, day, kind, total, count, expires_ms)
+                     SELECT sender, idem_key, id, day, kind, total, count, expires_ms FROM new
+                 )
+                 INSERT INTO packets (day, id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, remaining, status, idem_key)
+                 SELECT day, id, sender, kind, total, count, target, grp, recipients, greeting, created_ms, expires_ms, total, 'open', idem_key FROM new",
             )?,
-            open_remaining: c.prepare("SELECT remaining FROM packets WHERE id = $1 AND status = 'open'")?,
-            open_remaining_many: c
-                .prepare("SELECT id, remaining FROM packets WHERE id = ANY($1::bigint[]) AND status = 'open'")?,
+            open_remaining: c
+                .prepare("SELECT remaining FROM packets WHERE id = $1 AND day = $2 AND status = 'open'")?,
+            open_remaining_many: c.prepare(
+                "SELECT id, remaining FROM packets WHERE id = ANY($1::bigint[]) AND day = ANY($2::int[]) AND status = 'open'",
+            )?,
             insert_claims: c.prepare(
-                "INSERT INTO claims (packet, user_id, seq, amount, at_ms)
-                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::bigint[], $5::bigint[])",
+                "INSERT INTO claims (day, packet, user_id, seq, amount, at_ms)
+                 SELECT * FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[], $6::bigint[])",
             )?,
-            claim_amount: c.prepare("SELECT amount FROM claims WHERE packet = $1 AND user_id = $2")?,
+            claim_amount: c
+                .prepare("SELECT amount FROM all_claims WHERE packet = $1 AND day = $2 AND user_id = $3")?,
             write_opens: c.prepare(
                 "UPDATE packets p SET remaining = p.remaining - u.taken, status = u.status, best_luck = u.best_luck
-                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) AS u(id, taken, status, best_luck)
-                 WHERE p.id = u.id AND p.status = 'open' AND p.remaining >= u.taken",
+                 FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[]) AS u(day, id, taken, status, best_luck)
+                 WHERE p.day = u.day AND p.id = u.id AND p.status = 'open' AND p.remaining >= u.taken
+                   AND p.day = ANY($1::int[])",
             )?,
             refund_packet: c.prepare(
-                "UPDATE packets SET status = 'refunded', refunded = remaining, remaining = 0 WHERE id = $1 AND status = 'open' AND remaining = $2",
+                "UPDATE packets SET status = 'refunded', refunded = remaining, remaining = 0
+                 WHERE id = $1 AND day = $2 AND status = 'open' AND remaining = $3",
             )?,
             raise_id_mark: c.prepare(
                 "INSERT INTO id_marks (shard, mark) VALUES ($1, $2) ON CONFLICT (shard) DO UPDATE SET mark = greatest(id_marks.mark, excluded.mark)",
@@ -112,16 +121,25 @@ impl Statements {
             )?,
             campaign_state: c.prepare("SELECT funder, status FROM campaigns WHERE id = $1")?,
             set_campaign_status: c.prepare("UPDATE campaigns SET status = $2 WHERE id = $1")?,
-            win_by_key: c.prepare("SELECT campaign, packet, amount FROM shake_wins WHERE user_id = $1 AND idem_key = $2")?,
+            win_by_key: c
+                .prepare("SELECT campaign, packet, amount FROM all_shake_keys WHERE user_id = $1 AND idem_key = $2")?,
             wins_by_key_many: c.prepare(
-                "SELECT w.user_id, w.idem_key, w.campaign, w.packet, w.amount FROM shake_wins w
+                "SELECT w.user_id, w.idem_key, w.campaign, w.packet, w.amount FROM all_shake_keys w
                  JOIN unnest($1::bigint[], $2::text[]) AS k(user_id, idem_key) ON w.user_id = k.user_id AND w.idem_key = k.idem_key",
             )?,
-            packet_won: c.prepare("SELECT 1 FROM shake_wins WHERE packet = $1")?,
-            packets_won_many: c.prepare("SELECT packet FROM shake_wins WHERE packet = ANY($1::bigint[])")?,
+            packet_won: c.prepare("SELECT 1 FROM all_shake_wins WHERE packet = $1 AND day = $2")?,
+            packets_won_many: c.prepare(
+                "SELECT packet FROM all_shake_wins WHERE packet = ANY($1::bigint[]) AND day = ANY($2::int[])",
+            )?,
             insert_wins: c.prepare(
-                "INSERT INTO shake_wins (packet, campaign, user_id, amount, at_ms, idem_key)
-                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[])",
+                "WITH new AS (
+                     SELECT * FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::text[])
+                       AS t(day, packet, campaign, user_id, amount, at_ms, idem_key)
+                 ), keys AS (
+                     INSERT INTO shake_keys (user_id, idem_key, campaign, packet, day, amount)
+                     SELECT user_id, idem_key, campaign, packet, day, amount FROM new WHERE idem_key IS NOT NULL
+                 )
+                 INSERT INTO shake_wins (day, packet, campaign, user_id, amount, at_ms, idem_key) SELECT * FROM new",
             )?,
             insert_messages: c.prepare(
                 "INSERT INTO messages (id, user_id, body, created_ms, kind, sender)
@@ -183,6 +201,7 @@ struct Entries {
 
 #[derive(Default)]
 struct Claims {
+    day: Vec<i32>,
     packet: Vec<i64>,
     user: Vec<i64>,
     seq: Vec<i32>,
@@ -192,6 +211,7 @@ struct Claims {
 
 #[derive(Default)]
 struct Opens {
+    day: Vec<i32>,
     packet: Vec<i64>,
     taken: Vec<i64>,
     status: Vec<&'static str>,
@@ -200,6 +220,7 @@ struct Opens {
 
 #[derive(Default)]
 struct Wins {
+    day: Vec<i32>,
     packet: Vec<i64>,
     campaign: Vec<i64>,
     user: Vec<i64>,
@@ -220,6 +241,7 @@ struct Messages {
 
 #[derive(Default)]
 struct Packets {
+    day: Vec<i32>,
     id: Vec<i64>,
     sender: Vec<i64>,
     kind: Vec<&'static str>,
@@ -257,6 +279,19 @@ fn as_i64(v: u64) -> i64 {
     i64::try_from(v).expect("ids, amounts and times fit in i64")
 }
 
+/// The partition day of a packet's rows (`core::ids::day_of`).
+pub(crate) fn day_of(packet: PacketId) -> i32 {
+    hongbao_core::ids::day_of(packet) as i32
+}
+
+/// The distinct days of `packets`, for a query that names its partitions.
+fn days_of(packets: &[i64]) -> Vec<i32> {
+    let mut days: Vec<i32> = packets.iter().map(|p| day_of(*p as u64)).collect();
+    days.sort_unstable();
+    days.dedup();
+    days
+}
+
 impl<'a> PgRows<'a> {
     pub(crate) fn new(
         client: &'a mut Client,
@@ -292,7 +327,7 @@ impl<'a> PgRows<'a> {
             for &id in &opened {
                 p.open_remaining.insert(id as u64, None);
             }
-            for row in self.client.query(&self.statements.open_remaining_many, &[&opened])? {
+            for row in self.client.query(&self.statements.open_remaining_many, &[&opened, &days_of(&opened)])? {
                 p.open_remaining.insert(row.get::<_, i64>(0) as u64, Some(row.get(1)));
             }
         }
@@ -313,7 +348,7 @@ impl<'a> PgRows<'a> {
             for &packet in &won {
                 p.packet_won.insert(packet as u64, false);
             }
-            for row in self.client.query(&self.statements.packets_won_many, &[&won])? {
+            for row in self.client.query(&self.statements.packets_won_many, &[&won, &days_of(&won)])? {
                 p.packet_won.insert(row.get::<_, i64>(0) as u64, true);
             }
         }
@@ -331,13 +366,16 @@ impl<'a> PgRows<'a> {
     fn send_collected(&mut self) -> RowResult<()> {
         let c = std::mem::take(&mut self.collected);
         let (client, s) = (&mut *self.client, self.statements);
-        let run = |client: &mut Client, statement: &Statement, params: &[&(dyn ToSql + Sync)]| client.execute(statement, params);
+        let run = |client: &mut Client, statement: &Statement, params: &[&(dyn ToSql + Sync)]| {
+            client.execute(statement, params)
+        };
         let p = &c.packets;
         if !p.id.is_empty() {
             run(
                 client,
                 &s.insert_packets,
                 &[
+                    &p.day,
                     &p.id,
                     &p.sender,
                     &p.kind,
@@ -359,16 +397,21 @@ impl<'a> PgRows<'a> {
         }
         let cl = &c.claims;
         if !cl.packet.is_empty() {
-            run(client, &s.insert_claims, &[&cl.packet, &cl.user, &cl.seq, &cl.amount, &cl.at_ms])?;
+            run(client, &s.insert_claims, &[&cl.day, &cl.packet, &cl.user, &cl.seq, &cl.amount, &cl.at_ms])?;
         }
         let o = &c.opens;
         if !o.packet.is_empty() {
-            let updated = run(client, &s.write_opens, &[&o.packet, &o.taken, &o.status, &o.best_luck])?;
-            assert_eq!(updated as usize, o.packet.len(), "opens of packets {:?} do not match their stored state", o.packet);
+            let updated = run(client, &s.write_opens, &[&o.day, &o.packet, &o.taken, &o.status, &o.best_luck])?;
+            assert_eq!(
+                updated as usize,
+                o.packet.len(),
+                "opens of packets {:?} do not match their stored state",
+                o.packet
+            );
         }
         let w = &c.wins;
         if !w.packet.is_empty() {
-            run(client, &s.insert_wins, &[&w.packet, &w.campaign, &w.user, &w.amount, &w.at_ms, &w.key])?;
+            run(client, &s.insert_wins, &[&w.day, &w.packet, &w.campaign, &w.user, &w.amount, &w.at_ms, &w.key])?;
         }
         let m = &c.messages;
         if !m.id.is_empty() {
@@ -418,6 +461,7 @@ impl Rows for PgRows<'_> {
     fn insert_packet(&mut self, packet: &NewPacket, key: &str) -> RowResult<()> {
         let (target, group) = target_of(&packet.recipients);
         let p = &mut self.collected.packets;
+        p.day.push(day_of(packet.id));
         p.id.push(as_i64(packet.id));
         p.sender.push(as_i64(packet.sender));
         p.kind.push(packet.kind.as_str());
@@ -439,11 +483,13 @@ impl Rows for PgRows<'_> {
             return Ok(*remaining);
         }
         self.send_collected()?;
-        Ok(self.client.query_opt(&self.statements.open_remaining, &[&as_i64(packet)])?.map(|r| r.get(0)))
+        let found = self.client.query_opt(&self.statements.open_remaining, &[&as_i64(packet), &day_of(packet)])?;
+        Ok(found.map(|r| r.get(0)))
     }
 
     fn insert_claim(&mut self, open: &OpenShare) -> RowResult<()> {
         let c = &mut self.collected.claims;
+        c.day.push(day_of(open.packet));
         c.packet.push(as_i64(open.packet));
         c.user.push(as_i64(open.user));
         c.seq.push(i32::try_from(open.seq).expect("a packet's open order fits in i32"));
@@ -454,7 +500,9 @@ impl Rows for PgRows<'_> {
 
     fn claim_amount(&mut self, packet: PacketId, user: UserId) -> RowResult<Option<i64>> {
         self.send_collected()?;
-        Ok(self.client.query_opt(&self.statements.claim_amount, &[&as_i64(packet), &as_i64(user)])?.map(|r| r.get(0)))
+        let found =
+            self.client.query_opt(&self.statements.claim_amount, &[&as_i64(packet), &day_of(packet), &as_i64(user)])?;
+        Ok(found.map(|r| r.get(0)))
     }
 
     fn write_opens(&mut self, packet: PacketId, taken_fen: i64, finished: Option<UserId>) -> RowResult<()> {
@@ -464,6 +512,7 @@ impl Rows for PgRows<'_> {
             self.send_collected()?;
         }
         let o = &mut self.collected.opens;
+        o.day.push(day_of(packet));
         o.packet.push(as_i64(packet));
         o.taken.push(taken_fen);
         o.status.push(if finished.is_some() { "finished" } else { "open" });
@@ -479,7 +528,8 @@ impl Rows for PgRows<'_> {
 
     fn refund_packet(&mut self, packet: PacketId, amount_fen: i64) -> RowResult<bool> {
         self.send_collected()?;
-        let changed = self.client.execute(&self.statements.refund_packet, &[&as_i64(packet), &amount_fen])?;
+        let changed =
+            self.client.execute(&self.statements.refund_packet, &[&as_i64(packet), &day_of(packet), &amount_fen])?;
         if changed == 1 {
             self.prefetched.open_remaining.insert(packet, None);
         }
@@ -563,11 +613,12 @@ impl Rows for PgRows<'_> {
             return Ok(*won);
         }
         self.send_collected()?;
-        Ok(self.client.query_opt(&self.statements.packet_won, &[&as_i64(packet)])?.is_some())
+        Ok(self.client.query_opt(&self.statements.packet_won, &[&as_i64(packet), &day_of(packet)])?.is_some())
     }
 
     fn insert_shake_win(&mut self, win: &ShakeWin) -> RowResult<()> {
         let w = &mut self.collected.wins;
+        w.day.push(day_of(win.packet));
         w.packet.push(as_i64(win.packet));
         w.campaign.push(as_i64(win.campaign));
         w.user.push(as_i64(win.user));

@@ -37,8 +37,15 @@ CREATE TABLE entries (
     at_ms        bigint NOT NULL
 );
 CREATE INDEX entries_by_reference ON entries (kind, reference);
+
+-- A packet's rows live in the partition of its day and its id's hash
+-- (WeChat's db_xx.t_y_dd): `day` is days since 2020-01-01, which the id
+-- itself carries (core::ids: bits 26..40), so a lookup by id names its
+-- partition. `hongbao_ensure_day` creates a day's partitions; `hongbao
+-- archive` moves settled days to the `*_archive` tables.
 CREATE TABLE packets (
-    id          bigint  PRIMARY KEY,
+    day         integer NOT NULL,
+    id          bigint  NOT NULL,
     sender      bigint  NOT NULL,
     kind        text    NOT NULL,
     total       bigint  NOT NULL CHECK (total > 0),
@@ -54,18 +61,131 @@ CREATE TABLE packets (
     status      text    NOT NULL,
     best_luck   bigint,
     idem_key    text    NOT NULL,
-    UNIQUE (sender, idem_key)
-);
+    PRIMARY KEY (id, day),
+    CHECK (day = (id & 1099511627775) >> 26)
+) PARTITION BY RANGE (day);
 CREATE INDEX packets_open ON packets (id) WHERE status = 'open';
--- One row per open; the primary key is the at-most-one-open-per-user rule.
+-- One row per open; the primary key is the at-most-one-open-per-user rule
+-- (`day` is the packet's: a function of `packet`).
 CREATE TABLE claims (
+    day     integer NOT NULL,
     packet  bigint  NOT NULL,
     user_id bigint  NOT NULL,
     seq     integer NOT NULL,  -- open order within the packet, from 0
     amount  bigint  NOT NULL CHECK (amount > 0),
     at_ms   bigint  NOT NULL,
-    PRIMARY KEY (packet, user_id),
-    UNIQUE (packet, seq)
+    PRIMARY KEY (packet, user_id, day),
+    UNIQUE (packet, seq, day),
+    CHECK (day = (packet & 1099511627775) >> 26)
+) PARTITION BY RANGE (day);
+-- A campaign packet is won once: the primary key.
+CREATE TABLE shake_wins (
+    day      integer NOT NULL,
+    packet   bigint  NOT NULL,
+    campaign bigint  NOT NULL,
+    user_id  bigint  NOT NULL,
+    amount   bigint  NOT NULL CHECK (amount > 0),
+    at_ms    bigint  NOT NULL,
+    idem_key text,
+    PRIMARY KEY (packet, day),
+    CHECK (day = (packet & 1099511627775) >> 26)
+) PARTITION BY RANGE (day);
+CREATE INDEX shake_wins_by_campaign ON shake_wins (campaign, user_id);
+-- Idempotency keys cannot be unique in a table split by day (a unique
+-- index of a partitioned table must hold the partition key): one send per
+-- (sender, key) and one win per (user, key) are these tables' primary keys.
+CREATE TABLE packet_keys (
+    sender     bigint  NOT NULL,
+    idem_key   text    NOT NULL,
+    packet     bigint  NOT NULL,
+    day        integer NOT NULL,
+    kind       text    NOT NULL,
+    total      bigint  NOT NULL,
+    count      integer NOT NULL,
+    expires_ms bigint  NOT NULL,
+    PRIMARY KEY (sender, idem_key)
+);
+CREATE INDEX packet_keys_by_day ON packet_keys (day);
+CREATE TABLE shake_keys (
+    user_id  bigint  NOT NULL,
+    idem_key text    NOT NULL,
+    campaign bigint  NOT NULL,
+    packet   bigint  NOT NULL,
+    day      integer NOT NULL,
+    amount   bigint  NOT NULL,
+    PRIMARY KEY (user_id, idem_key)
+);
+CREATE INDEX shake_keys_by_day ON shake_keys (day);
+-- Settled days, moved out of the hot tables by `hongbao archive`: same
+-- rows, same rules, and still read by lookups and the audit (`all_*`).
+CREATE TABLE packets_archive (LIKE packets INCLUDING ALL) PARTITION BY RANGE (day);
+CREATE TABLE claims_archive (LIKE claims INCLUDING ALL) PARTITION BY RANGE (day);
+CREATE TABLE shake_wins_archive (LIKE shake_wins INCLUDING ALL) PARTITION BY RANGE (day);
+CREATE TABLE packet_keys_archive (LIKE packet_keys INCLUDING ALL);
+CREATE TABLE shake_keys_archive (LIKE shake_keys INCLUDING ALL);
+CREATE VIEW all_packets AS SELECT * FROM packets UNION ALL SELECT * FROM packets_archive;
+CREATE VIEW all_claims AS SELECT * FROM claims UNION ALL SELECT * FROM claims_archive;
+CREATE VIEW all_shake_wins AS SELECT * FROM shake_wins UNION ALL SELECT * FROM shake_wins_archive;
+CREATE VIEW all_packet_keys AS SELECT * FROM packet_keys UNION ALL SELECT * FROM packet_keys_archive;
+CREATE VIEW all_shake_keys AS SELECT * FROM shake_keys UNION ALL SELECT * FROM shake_keys_archive;
+
+-- Creates day `d`'s partitions of packets, claims and shake wins (each
+-- split by the hash of the packet id into 4), unless they exist (also when
+-- archived: an archived day is never made again). Names carry the date:
+-- packets_d20261129_h0 … h3.
+CREATE FUNCTION hongbao_ensure_day(d integer) RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    suffix text := to_char(DATE '2020-01-01' + d, 'YYYYMMDD');
+    t text;
+    key text;
+    day_table text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['packets', 'claims', 'shake_wins'] LOOP
+        day_table := t || '_d' || suffix;
+        CONTINUE WHEN to_regclass(day_table) IS NOT NULL;
+        key := CASE t WHEN 'packets' THEN 'id' ELSE 'packet' END;
+        EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%s) TO (%s) PARTITION BY HASH (%I)',
+                       day_table, t, d, d + 1, key);
+        -- The day's bound as a constraint of its own, added while the table
+        -- is empty: archiving attaches the day elsewhere without a scan.
+        EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (day >= %s AND day < %s)',
+                       day_table, day_table || '_bound', d, d + 1);
+        FOR h IN 0..3 LOOP
+            EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES WITH (MODULUS 4, REMAINDER %s)',
+                           day_table || '_h' || h, day_table, h);
+        END LOOP;
+    END LOOP;
+END
+$fn$;
+
+-- Persistent push messages not yet acknowledged, split by the user's hash:
+-- every read is one user's. `kind` is 'user' (another user's notice,
+-- capped per recipient and per sender) or 'system'.
+CREATE TABLE messages (
+    id         bigint NOT NULL,
+    user_id    bigint NOT NULL,
+    body       bytea  NOT NULL,
+    created_ms bigint NOT NULL,
+    kind       text   NOT NULL,
+    sender     bigint NOT NULL,
+    PRIMARY KEY (user_id, id)
+) PARTITION BY HASH (user_id);
+CREATE TABLE messages_h0 PARTITION OF messages FOR VALUES WITH (MODULUS 4, REMAINDER 0);
+CREATE TABLE messages_h1 PARTITION OF messages FOR VALUES WITH (MODULUS 4, REMAINDER 1);
+CREATE TABLE messages_h2 PARTITION OF messages FOR VALUES WITH (MODULUS 4, REMAINDER 2);
+CREATE TABLE messages_h3 PARTITION OF messages FOR VALUES WITH (MODULUS 4, REMAINDER 3);
+CREATE INDEX messages_by_user_kind ON messages (user_id, kind, id);
+CREATE INDEX messages_by_sender ON messages (sender) WHERE kind = 'user';
+-- Each value is a block of `MESSAGE_ID_BLOCK` message ids for the writer.
+CREATE SEQUENCE message_id_blocks;
+
+-- Results of keyed deposits, withdrawals: a retry returns the first result.
+CREATE TABLE idempotency (
+    scope   text NOT NULL,
+    key     text NOT NULL,
+    request text NOT NULL,
+    result  text NOT NULL,
+    PRIMARY KEY (scope, key)
 );
 CREATE TABLE campaigns (
     id          bigint PRIMARY KEY,
@@ -78,24 +198,6 @@ CREATE TABLE campaigns (
     created_ms  bigint NOT NULL,
     idem_key    text   NOT NULL UNIQUE
 );
-CREATE TABLE shake_wins (
-    packet   bigint PRIMARY KEY,
-    campaign bigint NOT NULL,
-    user_id  bigint NOT NULL,
-    amount   bigint NOT NULL CHECK (amount > 0),
-    at_ms    bigint NOT NULL,
-    idem_key text
-);
-CREATE INDEX shake_wins_by_campaign ON shake_wins (campaign, user_id);
-CREATE UNIQUE INDEX shake_wins_by_key ON shake_wins (user_id, idem_key) WHERE idem_key IS NOT NULL;
--- Results of keyed deposits, withdrawals: a retry returns the first result.
-CREATE TABLE idempotency (
-    scope   text NOT NULL,
-    key     text NOT NULL,
-    request text NOT NULL,
-    result  text NOT NULL,
-    PRIMARY KEY (scope, key)
-);
 -- Per-shard packet-id high-water marks, persisted before ids below them are used.
 CREATE TABLE id_marks (
     shard integer PRIMARY KEY,
@@ -106,19 +208,6 @@ CREATE TABLE group_members (
     user_id bigint NOT NULL,
     PRIMARY KEY (grp, user_id)
 );
--- Persistent push messages not yet acknowledged. `kind` is 'user' (another
--- user's notice, capped per recipient and per sender) or 'system'.
-CREATE TABLE messages (
-    id         bigint PRIMARY KEY,
-    user_id    bigint NOT NULL,
-    body       bytea  NOT NULL,
-    created_ms bigint NOT NULL,
-    kind       text   NOT NULL,
-    sender     bigint NOT NULL
-);
-CREATE INDEX messages_by_user_kind ON messages (user_id, kind, id);
--- Each value is a block of `MESSAGE_ID_BLOCK` message ids for the writer.
-CREATE SEQUENCE message_id_blocks;
 -- The writer's last committed batch, read back when a commit's outcome was unknown.
 INSERT INTO meta (key, value) VALUES ('last_batch', '');
 "#,
@@ -130,22 +219,17 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 /// Brings the database to `SCHEMA_VERSION`. The caller holds the writer's
 /// advisory lock, so two servers never migrate at once.
 pub(crate) fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    let has_meta: bool = client
-        .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?
-        .get(0);
+    let has_meta: bool = client.query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?.get(0);
     let mut version: i64 = if has_meta {
-        let stored: Option<String> = client
-            .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])?
-            .map(|r| r.get(0));
+        let stored: Option<String> =
+            client.query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])?.map(|r| r.get(0));
         let stored = stored.ok_or_else(|| StoreError::Corrupt("table meta has no schema_version".into()))?;
         stored.parse().map_err(|_| StoreError::Corrupt(format!("schema version {stored:?}")))?
     } else {
         0
     };
     if version > SCHEMA_VERSION {
-        return Err(StoreError::Corrupt(format!(
-            "schema version {version}, this build knows up to {SCHEMA_VERSION}"
-        )));
+        return Err(StoreError::Corrupt(format!("schema version {version}, this build knows up to {SCHEMA_VERSION}")));
     }
     let from = version;
     for &(to, sql) in MIGRATIONS.iter().filter(|(to, _)| *to > from) {

@@ -6,7 +6,7 @@ use hongbao_core::audit::AuditReport;
 use rusqlite::Connection;
 
 use super::{schema, DB_FILE};
-use crate::audit::{audit_queries, Feed};
+use crate::audit::{audit_queries, AuditNames, Feed};
 use crate::StoreError;
 
 /// Every stored record of the data directory `dir`, read in one read
@@ -24,7 +24,8 @@ pub(crate) fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
 }
 
 fn feed(conn: &Connection) -> Result<AuditReport, StoreError> {
-    let [accounts, entries, packets, claims, campaigns, wins, win_entries] = audit_queries("user");
+    let names = AuditNames { user: "user", packets: "packets", claims: "claims", shake_wins: "shake_wins" };
+    let [accounts, entries, packets, claims, campaigns, wins, win_entries] = audit_queries(&names);
     let mut f = Feed::default();
     for row in conn.prepare(&accounts)?.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
         let (id, balance) = row?;

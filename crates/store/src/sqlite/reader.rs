@@ -84,8 +84,7 @@ impl SqliteReader {
     pub(crate) fn packet(&self, id: PacketId) -> Result<Option<Packet>, StoreError> {
         let conn = self.conn();
         let sql = format!("SELECT {PACKET_COLUMNS} FROM packets WHERE id = ?1");
-        let Some(fields) = conn.prepare_cached(&sql)?.query_row(params![id as i64], packet_from_row).optional()?
-        else {
+        let Some(fields) = conn.prepare_cached(&sql)?.query_row(params![id as i64], packet_from_row).optional()? else {
             return Ok(None);
         };
         let mut p = fields.into_packet()?;
@@ -131,7 +130,7 @@ impl SqliteReader {
     /// One campaign (`Some(id)`) or all of them, with their sums.
     pub(crate) fn campaigns(&self, only: Option<CampaignId>) -> Result<Vec<CampaignRow>, StoreError> {
         let conn = self.conn();
-        let sql = campaigns_sql(if only.is_some() { "WHERE c.id = ?1" } else { "" });
+        let sql = campaigns_sql(if only.is_some() { "WHERE c.id = ?1" } else { "" }, "shake_wins");
         let mut stmt = conn.prepare(&sql)?;
         let args: Vec<i64> = only.map(|id| id as i64).into_iter().collect();
         let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
@@ -158,7 +157,11 @@ impl SqliteReader {
     }
 
     /// The first win of a shake key, as committed: (campaign, packet, amount).
-    pub(crate) fn first_shake_win(&self, user: UserId, key: &str) -> Result<Option<(CampaignId, PacketId, i64)>, StoreError> {
+    pub(crate) fn first_shake_win(
+        &self,
+        user: UserId,
+        key: &str,
+    ) -> Result<Option<(CampaignId, PacketId, i64)>, StoreError> {
         let first: Option<(i64, i64, i64)> = self
             .conn()
             .prepare_cached("SELECT campaign, packet, amount FROM shake_wins WHERE user = ?1 AND idem_key = ?2")?

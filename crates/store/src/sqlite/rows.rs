@@ -190,7 +190,9 @@ impl Rows for SqliteRows<'_> {
     }
 
     fn set_campaign_status(&mut self, id: CampaignId, status: &str) -> RowResult<()> {
-        self.tx.prepare_cached("UPDATE campaigns SET status = ?2 WHERE id = ?1")?.execute(params![id as i64, status])?;
+        self.tx
+            .prepare_cached("UPDATE campaigns SET status = ?2 WHERE id = ?1")?
+            .execute(params![id as i64, status])?;
         Ok(())
     }
 
