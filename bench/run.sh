@@ -10,6 +10,9 @@
 #   shake-max    highest shake rate answered within 2% of target with <1% overload;
 #                p50/p99 at 50k/s; server CPU per shake
 #   opens        durable opens/s, group commit vs transaction-per-open (same run)
+#   opens-pg     the same on a PostgreSQL server the run starts (Debian's
+#                postgresql, fsync=on, synchronous_commit=on) next to SQLite's
+#                figures from the same run; where PostgreSQL's time goes
 #   broadcast    one broadcast to 100,000 connections over 6 gateway processes
 #                (1% slow readers that never read), time until every reader has it
 #   demo         wall time of the default `hongbao demo`
@@ -37,15 +40,15 @@ case "${2:-}" in
     *) echo "unknown option: $2 (only --quick)"; exit 2 ;;
 esac
 case "$figure" in
-    conn-memory|shake-max|opens|broadcast|demo|overload|crash|all) ;;
+    conn-memory|shake-max|opens|opens-pg|broadcast|demo|overload|crash|all) ;;
     "") ;;
-    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, broadcast, demo, overload, crash, all)"; exit 2 ;;
+    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, opens-pg, broadcast, demo, overload, crash, all)"; exit 2 ;;
 esac
 out_root="${BENCH_OUT:-target/bench}"
 mkdir -p "$out_root"
 
 if [ -z "$figure" ]; then
-    sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -160,6 +163,7 @@ run_one() {
         conn-memory) conn_memory ;;
         shake-max) shake_max ;;
         opens) "$HB" perf opens $quick ;;
+        opens-pg) "$HB" perf opens --store both $quick ;;
         broadcast) broadcast ;;
         demo) demo ;;
         overload) overload ;;
@@ -169,7 +173,7 @@ run_one() {
 
 if [ "$figure" = "all" ]; then
     failed=()
-    for f in conn-memory shake-max opens broadcast overload demo; do
+    for f in conn-memory shake-max opens opens-pg broadcast overload demo; do
         echo "== $f"
         run_one "$f" || failed+=("$f")
     done

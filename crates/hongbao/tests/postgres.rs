@@ -237,3 +237,30 @@ fn the_archive_command_reports_what_it_moved_and_refuses_bad_input() {
     assert!(!sqlite.status.success());
     assert!(String::from_utf8_lossy(&sqlite.stderr).contains("postgres://"), "{sqlite:?}");
 }
+
+/// An idle server notices its database is gone (no request needs to try
+/// it first), says so on `/health` and in `/metrics`, and says it is back
+/// once the database is, all by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_server_reports_its_database_down_and_back() {
+    let mut db = postgres();
+    let server = dev_on_postgres(&db.url(), &[]);
+    assert_eq!(server.get("/health").await.status, 200);
+    db.kill9().unwrap();
+    let health = health_unavailable(&server).await;
+    assert!(health["storage"]["reason"].as_str().is_some_and(|r| r.contains("postgresql")), "{health}");
+    let metrics = server.get("/metrics").await.body.to_string();
+    assert!(metrics.contains("hongbao_storage_up 0"), "{metrics}");
+    db.restart().unwrap();
+    let admin = server.admin();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while admin.get("/health").unwrap().status != 200 {
+            assert!(Instant::now() < deadline, "/health never came back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    server.deposit(3, 100).await;
+}

@@ -1,13 +1,17 @@
-//! `hongbao perf opens`: durable opens per second on the embedded store,
-//! group commit against a transaction-per-open baseline, in one run.
+//! `hongbao perf opens`: durable opens per second, group commit against a
+//! transaction-per-open baseline on the same store, in one run: on the
+//! embedded store (SQLite), on a PostgreSQL server this run starts for
+//! itself (`--store postgres`), or both (`--store both`, what `bench/run.sh
+//! opens-pg` runs).
 //!
-//! In-process, no sockets: a fresh `Engine` on a temporary data directory per
-//! mode, packets of 100 shares sent to user lists, then `concurrency`
+//! In-process, no sockets: a fresh `Engine` on a temporary data directory
+//! (or a fresh database) per mode, packets of 100 shares sent to user lists, then `concurrency`
 //! simulated users (one task each, one open in flight each, like a client
 //! waiting for its reply) open distinct (packet, user) pairs through
 //! `Engine::call`. Every `Opened` reply is sent by the writer's completion,
-//! i.e. after the transaction holding the open committed with
-//! `synchronous=FULL`. Only the open phase is timed.
+//! i.e. after the transaction holding the open committed durably (SQLite
+//! `synchronous=FULL`; PostgreSQL `fsync=on`, `synchronous_commit=on`). Only
+//! the open phase is timed.
 //!
 //! After each mode the run checks every packet's committed state against the
 //! replies (no share paid twice, no user twice, claims ≤ count, shares +
@@ -68,6 +72,26 @@ pub struct OpensArgs {
     /// on a real disk: fsync is what is measured.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The store measured: the embedded SQLite, a PostgreSQL server started
+    /// for the run (Debian's `postgresql`; in the system's temporary
+    /// directory), or both, one after the other.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    store: StoreChoice,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreChoice {
+    Sqlite,
+    Postgres,
+    Both,
+}
+
+/// Where one mode's engine keeps its money.
+enum Place<'a> {
+    /// A fresh data directory under this one.
+    Sqlite(&'a Path),
+    /// A fresh database on this server.
+    Postgres(&'a hongbao_pg_harness::PgServer),
 }
 
 /// One mode's measurement.
@@ -81,6 +105,14 @@ struct Measured {
     p99_ms: f64,
     commits: u64,
     committed_ops: u64,
+    /// Commit latency percentiles, ms (apply, write and durable commit).
+    commit_p50_ms: f64,
+    commit_p99_ms: f64,
+    /// CPU seconds of the database server's processes during the open
+    /// phase (PostgreSQL only).
+    server_cpu_s: Option<f64>,
+    /// CPU seconds of this process (engine and simulated users) during it.
+    own_cpu_s: f64,
 }
 
 impl Measured {
@@ -112,16 +144,25 @@ pub fn run(mut args: OpensArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
 
     println!(
-        "ran: up to {} opens (transaction per open, baseline, ≤ {} s) and then {} opens (group commit) by {} concurrent \
-         users in-process on the embedded store (SQLite WAL, synchronous=FULL, {} shards, data in {}), each reply \
-         after its fsync'd commit; packets of {SHARES} shares with {} eligible users each, every (packet, user) pair \
-         opened once; only the open phase is timed; each run is checked against committed state and audited",
+        "ran: per store, up to {} opens (transaction per open, baseline, ≤ {} s) and then {} opens (group commit) by \
+         {} concurrent users in-process ({} shards) on {}, each reply after its durable commit; packets of {SHARES} \
+         shares with {} eligible users each, every (packet, user) pair opened once; only the open phase is timed; \
+         each run is checked against committed state and audited",
         args.baseline_opens,
         args.baseline_secs,
         args.opens,
         args.concurrency,
         args.shards,
-        base.display(),
+        match args.store {
+            StoreChoice::Sqlite =>
+                format!("the embedded store (SQLite WAL, synchronous=FULL, data in {})", base.display()),
+            StoreChoice::Postgres => "PostgreSQL (fsync=on, synchronous_commit=on)".to_owned(),
+            StoreChoice::Both => format!(
+                "the embedded store (SQLite WAL, synchronous=FULL, data in {}), then PostgreSQL (fsync=on, \
+                 synchronous_commit=on)",
+                base.display()
+            ),
+        },
         args.openers_per_packet,
     );
     if let Ok(fsync) = fsync_p50_ms(&base) {
@@ -129,33 +170,86 @@ pub fn run(mut args: OpensArgs) -> anyhow::Result<()> {
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if args.store != StoreChoice::Postgres {
+        measure_both_modes(&rt, &args, &Place::Sqlite(&base), "")?;
+    }
+    if args.store != StoreChoice::Sqlite {
+        // pg_stat_statements says afterwards where the server's time went.
+        let server = hongbao_pg_harness::PgOptions::new()
+            .setting("shared_preload_libraries", "pg_stat_statements")
+            .setting("pg_stat_statements.track", "all")
+            .start()
+            .context("starting PostgreSQL for the run")?;
+        println!(
+            "postgresql: a server of its own on 127.0.0.1:{} (fsync=on, synchronous_commit=on, data in {}), a fresh \
+             database per mode",
+            server.port(),
+            server.data_dir().display()
+        );
+        measure_both_modes(&rt, &args, &Place::Postgres(&server), "_pg")?;
+    }
+    Ok(())
+}
+
+/// The statements that took most of PostgreSQL's time in `db` since its
+/// statistics were last reset, one line each.
+fn where_postgres_time_went(server: &hongbao_pg_harness::PgServer, db: &str) -> anyhow::Result<String> {
+    let rows = server.psql_in(
+        db,
+        "SELECT calls, round(total_exec_time::numeric, 1), round(mean_exec_time::numeric, 3), rows,
+                regexp_replace(left(query, 70), '\\s+', ' ', 'g')
+         FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ORDER BY total_exec_time DESC LIMIT 8",
+    )?;
+    let mut text = String::from("  calls | total ms | mean ms | rows | statement\n");
+    for line in rows.lines().filter(|l| !l.trim().is_empty()) {
+        text.push_str(&format!("  {}\n", line.replace('|', " | ")));
+    }
+    Ok(text)
+}
+
+/// The baseline, then group commit, on one kind of store; prints the
+/// figures with `suffix` on their names.
+fn measure_both_modes(
+    rt: &tokio::runtime::Runtime,
+    args: &OpensArgs,
+    place: &Place<'_>,
+    suffix: &str,
+) -> anyhow::Result<()> {
     let per_op = rt.block_on(measure(
-        &args,
-        &base,
+        args,
+        place,
         Mode::PerOp,
         args.baseline_opens,
         Some(Duration::from_secs_f64(args.baseline_secs)),
     ))?;
-    report("per-op", &per_op);
-    let group = rt.block_on(measure(&args, &base, Mode::Group, args.opens, None))?;
-    report("group commit", &group);
+    report(&format!("per-op{suffix}"), &per_op);
+    let group = rt.block_on(measure(args, place, Mode::Group, args.opens, None))?;
+    report(&format!("group commit{suffix}"), &group);
 
-    figure("opens_per_op", per_op.per_s(), "opens/s", None);
-    figure("opens_group_commit", group.per_s(), "opens/s", Some(per_op.per_s()));
+    figure(&format!("opens_per_op{suffix}"), per_op.per_s(), "opens/s", None);
+    figure(&format!("opens_group_commit{suffix}"), group.per_s(), "opens/s", Some(per_op.per_s()));
     if group.commits > 0 {
-        figure("opens_ops_per_commit", group.committed_ops as f64 / group.commits as f64, "ops", None);
+        figure(
+            &format!("opens_ops_per_commit{suffix}"),
+            group.committed_ops as f64 / group.commits as f64,
+            "ops",
+            None,
+        );
     }
-    figure("opens_per_op_latency_p50", per_op.p50_ms, "ms", None);
-    figure("opens_per_op_latency_p99", per_op.p99_ms, "ms", None);
-    figure("opens_group_commit_latency_p50", group.p50_ms, "ms", None);
-    figure("opens_group_commit_latency_p99", group.p99_ms, "ms", None);
+    figure(&format!("opens_per_op_latency_p50{suffix}"), per_op.p50_ms, "ms", None);
+    figure(&format!("opens_per_op_latency_p99{suffix}"), per_op.p99_ms, "ms", None);
+    figure(&format!("opens_group_commit_latency_p50{suffix}"), group.p50_ms, "ms", None);
+    figure(&format!("opens_group_commit_latency_p99{suffix}"), group.p99_ms, "ms", None);
+    figure(&format!("opens_commit_latency_p50{suffix}"), group.commit_p50_ms, "ms", None);
+    figure(&format!("opens_commit_latency_p99{suffix}"), group.commit_p99_ms, "ms", None);
     Ok(())
 }
 
 fn report(name: &str, m: &Measured) {
     println!(
         "{name}: {} opens in {:.2} s = {:.0} opens/s; latency p50 {:.1} ms, p99 {:.1} ms; {} commits of {:.1} ops on \
-         average{}; checks and audit passed (setup {:.1} s, not timed)",
+         average{}{}; checks and audit passed (setup {:.1} s, not timed)",
         m.opened,
         m.secs,
         m.per_s(),
@@ -163,6 +257,13 @@ fn report(name: &str, m: &Measured) {
         m.p99_ms,
         m.commits,
         m.committed_ops as f64 / m.commits.max(1) as f64,
+        format!(
+            " (commit p50 {:.2} ms, p99 {:.2} ms); CPU: this process {:.1} s{}",
+            m.commit_p50_ms,
+            m.commit_p99_ms,
+            m.own_cpu_s,
+            m.server_cpu_s.map(|s| format!(", database server {s:.1} s")).unwrap_or_default()
+        ),
         if m.finished_replies > 0 {
             format!("; {} late opens answered `finished`", m.finished_replies)
         } else {
@@ -200,14 +301,12 @@ impl Mode {
     }
 }
 
-/// A fresh engine on `dir` committing in `mode`. The only place that asks
+/// A fresh engine on `store` committing in `mode`. The only place that asks
 /// the engine for the per-op baseline, which exists for this figure alone.
-async fn open_engine(config: EngineConfig, mode: Mode, dir: &Path) -> anyhow::Result<Engine> {
+async fn open_engine(config: EngineConfig, mode: Mode, store: &StoreLocation) -> anyhow::Result<Engine> {
     let engine = match mode {
-        Mode::Group => Engine::open(config, dir).await,
-        Mode::PerOp => {
-            Engine::open_with_commit_mode(config, CommitMode::PerOp, &StoreLocation::Sqlite(dir.to_owned())).await
-        }
+        Mode::Group => Engine::open_at(config, store).await,
+        Mode::PerOp => Engine::open_with_commit_mode(config, CommitMode::PerOp, store).await,
     };
     engine.map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -216,20 +315,35 @@ async fn open_engine(config: EngineConfig, mode: Mode, dir: &Path) -> anyhow::Re
 /// phase, then the checks against committed state and the audit.
 async fn measure(
     args: &OpensArgs,
-    base: &Path,
+    place: &Place<'_>,
     mode: Mode,
     opens: u64,
     limit: Option<Duration>,
 ) -> anyhow::Result<Measured> {
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("hongbao-perf-opens-{}-", mode.name()))
-        .tempdir_in(base)
-        .context("temporary data directory")?;
+    let (store, _dir) = match place {
+        Place::Sqlite(base) => {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("hongbao-perf-opens-{}-", mode.name()))
+                .tempdir_in(base)
+                .context("temporary data directory")?;
+            (StoreLocation::Sqlite(dir.path().to_owned()), Some(dir))
+        }
+        Place::Postgres(server) => {
+            let db = pg_db(mode);
+            server.create_database(&db).context("creating the run's database")?;
+            server.psql_in(&db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")?;
+            (StoreLocation::resolve(Some(&server.url_for(&db)), Path::new(""))?, None)
+        }
+    };
+    let server_pid = match place {
+        Place::Postgres(server) => server.postmaster_pid(),
+        Place::Sqlite(_) => None,
+    };
     // Packets are sent by a few senders as fast as setup can: the send rate
     // limit is not what this measures.
     let packet_rules = PacketRules { sends_per_s: 0, ..PacketRules::default() };
     let config = EngineConfig { shards: args.shards, packet_rules, ..EngineConfig::default() };
-    let engine = open_engine(config, mode, dir.path()).await?;
+    let engine = open_engine(config, mode, &store).await?;
 
     let setup_start = Instant::now();
     let packets = opens.div_ceil(SHARES as u64) as usize;
@@ -237,11 +351,28 @@ async fn measure(
     let todo = openers(packets, args);
     let setup_secs = setup_start.elapsed().as_secs_f64();
 
+    if let Place::Postgres(server) = place {
+        server.psql_in(&pg_db(mode), "SELECT pg_stat_statements_reset()")?;
+    }
     let before = engine.stats().await;
+    let cpu_before = (own_cpu_s(), server_pid.map(server_cpu_s));
     let start = Instant::now();
     let logs = open_phase(&engine, &ids, todo, limit.map(|l| start + l)).await?;
     let secs = start.elapsed().as_secs_f64();
     let after = engine.stats().await;
+    let cpu_after = (own_cpu_s(), server_pid.map(server_cpu_s));
+    if let Place::Postgres(server) = place {
+        println!("{} on PostgreSQL, where the server's time went in the timed phase:", mode.name());
+        print!("{}", where_postgres_time_went(server, &pg_db(mode))?);
+    }
+    let mut commit_us = engine.recent_commit_us();
+    // The writer keeps its latest commits: those of the timed phase are the tail.
+    let timed = ((after.commits - before.commits) as usize).min(commit_us.len());
+    commit_us.drain(..commit_us.len() - timed);
+    commit_us.sort_unstable();
+    let commit_pct = |p: f64| {
+        commit_us.get(((commit_us.len().max(1) - 1) as f64 * p).round() as usize).map_or(0.0, |us| *us as f64 / 1000.0)
+    };
 
     let outcome = check_committed(&engine, &ids, &logs).await?;
     let shares = packets as u64 * SHARES as u64;
@@ -251,7 +382,7 @@ async fn measure(
     ensure!(outcome.opened > 0, "no open succeeded");
     engine.shutdown().await;
     drop(engine);
-    audit(dir.path()).await?;
+    audit(&store).await?;
 
     let mut latencies = outcome.latencies_us;
     latencies.sort_unstable();
@@ -265,6 +396,10 @@ async fn measure(
         p99_ms: pct(0.99),
         commits: after.commits - before.commits,
         committed_ops: after.committed_ops - before.committed_ops,
+        commit_p50_ms: commit_pct(0.50),
+        commit_p99_ms: commit_pct(0.99),
+        server_cpu_s: cpu_after.1.zip(cpu_before.1).map(|(a, b)| a - b),
+        own_cpu_s: cpu_after.0 - cpu_before.0,
     })
 }
 
@@ -419,10 +554,49 @@ async fn check_packet(engine: &Engine, i: usize, id: u64, told: &HashMap<(usize,
     Ok(n as u64)
 }
 
-/// The full audit of a stopped engine's data directory.
-async fn audit(dir: &Path) -> anyhow::Result<()> {
-    let dir = dir.to_path_buf();
-    let audit = tokio::task::spawn_blocking(move || hongbao_store::audit_dir(&dir)).await??;
+/// The database one mode's run uses on the PostgreSQL server.
+fn pg_db(mode: Mode) -> String {
+    format!("opens_{}", mode.name().replace('-', "_"))
+}
+
+/// CPU seconds (user + system) this process has used.
+fn own_cpu_s() -> f64 {
+    cpu_s_of(std::process::id())
+}
+
+/// CPU seconds of a process from `/proc/<pid>/stat` (0 if it is gone).
+fn cpu_s_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th and stime the 13th of them, in clock ticks of 1/100 s.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of a PostgreSQL server: its postmaster and every process it
+/// started (backends, WAL writer, checkpointer) that is still running.
+fn server_cpu_s(postmaster: u32) -> f64 {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let children: f64 = std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| parent_of(*pid) == Some(postmaster))
+                .map(cpu_s_of)
+                .sum()
+        })
+        .unwrap_or(0.0);
+    cpu_s_of(postmaster) + children
+}
+
+/// The full audit of a stopped engine's store.
+async fn audit(store: &StoreLocation) -> anyhow::Result<()> {
+    let store = store.clone();
+    let audit = tokio::task::spawn_blocking(move || hongbao_store::audit(&store)).await??;
     ensure!(audit.passed(), "audit failed: {:?}", audit.violations);
     Ok(())
 }

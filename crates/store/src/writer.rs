@@ -57,7 +57,17 @@ pub(crate) trait Backend: Send + 'static {
     /// was unknown did commit, reloads the writer's memory from what is
     /// committed, and commits a probe.
     fn recover(&mut self) -> Result<Recovered, StoreError>;
+
+    /// Whether the connection still works, asked before the first batch
+    /// after the writer sat idle (a database server may have restarted
+    /// meanwhile). An embedded store has no connection to lose.
+    fn check(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
+
+/// Idle this long, the writer checks its connection before the next batch.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a batch did not commit.
 #[derive(Debug)]
@@ -88,6 +98,10 @@ pub struct StorageFailure {
     pub failed_tries: u64,
 }
 
+/// Commit latencies kept for `WriterStats::recent_commit_us`: the last
+/// 16,384 commits (64 KiB).
+const RECENT_COMMITS_KEPT: usize = 16_384;
+
 /// Counters the engine reports.
 #[derive(Default, Debug)]
 pub struct WriterStats {
@@ -97,12 +111,28 @@ pub struct WriterStats {
     /// True while storage is failing (the cheap check for every request).
     pub failing: AtomicBool,
     failure: Mutex<Option<StorageFailure>>,
+    /// Microseconds of the latest commits, oldest first, at most `RECENT_COMMITS_KEPT`.
+    recent_commit_us: Mutex<std::collections::VecDeque<u32>>,
 }
 
 impl WriterStats {
     fn failure_lock(&self) -> std::sync::MutexGuard<'_, Option<StorageFailure>> {
         // A completion never runs under this lock; recover rather than panic.
         self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record_commit(&self, took: Duration) {
+        let mut recent = self.recent_commit_us.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_COMMITS_KEPT {
+            recent.pop_front();
+        }
+        recent.push_back(took.as_micros().min(u32::MAX as u128) as u32);
+    }
+
+    /// How long each of the latest commits took (apply, write, and the
+    /// durable commit itself), in microseconds, oldest first.
+    pub fn recent_commit_us(&self) -> Vec<u32> {
+        self.recent_commit_us.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
     }
 }
 
@@ -219,7 +249,20 @@ enum Next {
 impl WriterState {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut batch: Vec<Command> = Vec::with_capacity(self.batch_ops_max);
+        let mut last_batch = Instant::now();
         while let Some(first) = rx.blocking_recv() {
+            if last_batch.elapsed() >= IDLE_CHECK_AFTER {
+                if let Err(e) = self.reconnect_if_lost() {
+                    batch.push(first);
+                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    let failure = self.batch_failed(&mut batch, &e);
+                    if let Next::Stop = self.fail_until_recovered(&mut rx, failure, Vec::new()) {
+                        return;
+                    }
+                    last_batch = Instant::now();
+                    continue;
+                }
+            }
             batch.push(first);
             // Whatever queued while the last batch was committing joins this one.
             while batch.len() < self.batch_ops_max {
@@ -231,6 +274,7 @@ impl WriterState {
             self.stats.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
             let closing = batch.iter().any(|c| matches!(c, Command::Close(_)));
             let started = Instant::now();
+            last_batch = started;
             let committed = self.backend.commit(&mut batch, &mut self.memory);
             count_ops(&batch);
             match committed {
@@ -240,8 +284,10 @@ impl WriterState {
                     if closing {
                         return self.close(batch, rx);
                     }
+                    let took = started.elapsed();
+                    self.stats.record_commit(took);
                     self.settle_committed(&mut batch);
-                    metrics::histogram!("hongbao_commit_seconds").record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("hongbao_commit_seconds").record(took.as_secs_f64());
                 }
                 Err(CommitError::Failed(e)) => {
                     let failure = self.batch_failed(&mut batch, &e);
@@ -259,6 +305,19 @@ impl WriterState {
                 }
             }
         }
+    }
+
+    /// After the writer sat idle: if its connection went away meanwhile,
+    /// connects again (and reloads what is committed) before the batch, so
+    /// a database restarted while nobody asked costs no request a failure.
+    fn reconnect_if_lost(&mut self) -> Result<(), StoreError> {
+        let Err(lost) = self.backend.check() else { return Ok(()) };
+        tracing::warn!(error = %lost, "the store's connection went away while idle; connecting again");
+        let Recovered { memory, unknown_batch_committed } = self.backend.recover()?;
+        debug_assert!(unknown_batch_committed.is_none(), "no batch was in doubt");
+        self.committed.replace_all(&memory.ledger);
+        self.memory = memory;
+        Ok(())
     }
 
     fn settle_committed(&self, batch: &mut Vec<Command>) {

@@ -41,6 +41,8 @@ const WRITER_LOCK: i64 = 0x686f_6e67_6261_6f;
 /// Days of partitions kept ready beyond today (and one before, for a clock
 /// a little behind the database's).
 const PARTITION_DAYS_AHEAD: u32 = 3;
+/// How long the idle writer's check of its connection may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a connection attempt may take before the store counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that stops answering is noticed by TCP within about this, so a
@@ -281,6 +283,10 @@ impl Backend for PgBackend {
                 Err(CommitError::Unknown(e.into()))
             }
         }
+    }
+
+    fn check(&mut self) -> Result<(), StoreError> {
+        Ok(self.client.is_valid(CHECK_TIMEOUT)?)
     }
 
     /// A connection that survived the failure (a statement failed, the
