@@ -247,9 +247,11 @@ fn measure_both_modes(
 }
 
 fn report(name: &str, m: &Measured) {
+    let server_cpu = m.server_cpu_s.map(|s| format!(", database server {s:.1} s")).unwrap_or_default();
     println!(
         "{name}: {} opens in {:.2} s = {:.0} opens/s; latency p50 {:.1} ms, p99 {:.1} ms; {} commits of {:.1} ops on \
-         average{}{}; checks and audit passed (setup {:.1} s, not timed)",
+         average (commit p50 {:.2} ms, p99 {:.2} ms); CPU: this process {:.1} s{server_cpu}{}; checks and audit \
+         passed (setup {:.1} s, not timed)",
         m.opened,
         m.secs,
         m.per_s(),
@@ -257,13 +259,9 @@ fn report(name: &str, m: &Measured) {
         m.p99_ms,
         m.commits,
         m.committed_ops as f64 / m.commits.max(1) as f64,
-        format!(
-            " (commit p50 {:.2} ms, p99 {:.2} ms); CPU: this process {:.1} s{}",
-            m.commit_p50_ms,
-            m.commit_p99_ms,
-            m.own_cpu_s,
-            m.server_cpu_s.map(|s| format!(", database server {s:.1} s")).unwrap_or_default()
-        ),
+        m.commit_p50_ms,
+        m.commit_p99_ms,
+        m.own_cpu_s,
         if m.finished_replies > 0 {
             format!("; {} late opens answered `finished`", m.finished_replies)
         } else {

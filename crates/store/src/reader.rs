@@ -43,7 +43,7 @@ pub struct Reader(Store);
 
 enum Store {
     Sqlite(SqliteReader),
-    Postgres(PgReader),
+    Postgres(Box<PgReader>),
 }
 
 macro_rules! each_store {
@@ -61,7 +61,7 @@ impl Reader {
     }
 
     pub(crate) fn postgres(reader: PgReader) -> Reader {
-        Reader(Store::Postgres(reader))
+        Reader(Store::Postgres(Box::new(reader)))
     }
 
     /// How many reads can run at once.

@@ -37,7 +37,7 @@ use crate::writer::{Backend, CommitError, Recovered};
 use crate::StoreError;
 
 /// The advisory lock the writer's session holds: "hongbao" in ASCII.
-const WRITER_LOCK: i64 = 0x686f_6e67_6261_6f;
+const WRITER_LOCK: i64 = 0x0068_6f6e_6762_616f;
 /// Days of partitions kept ready beyond today (and one before, for a clock
 /// a little behind the database's).
 const PARTITION_DAYS_AHEAD: u32 = 3;
@@ -54,7 +54,8 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// failover a reconnect finds the new primary.
 #[derive(Clone)]
 pub struct PgTarget {
-    config: postgres::Config,
+    /// Boxed: a `Config` is some 300 bytes, and `StoreLocation` is passed around.
+    config: Box<postgres::Config>,
     /// The URL without its password, for logs.
     shown: String,
 }
@@ -93,7 +94,7 @@ impl PgTarget {
         if config.get_application_name().is_none() {
             config.application_name("hongbao");
         }
-        Ok(PgTarget { config, shown: hide_password(url) })
+        Ok(PgTarget { config: Box::new(config), shown: hide_password(url) })
     }
 
     /// A new connection with the settings every connection needs.
