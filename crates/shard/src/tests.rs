@@ -1,5 +1,7 @@
-//! The engine in-process against a real SQLite data directory: races on one
-//! packet, campaigns, expiry, idempotency and recovery after a restart.
+//! The engine in-process against real stores — a SQLite data directory and
+//! a PostgreSQL server each test starts — one suite run on both
+//! (`on_both_stores!`): races on one packet, campaigns, expiry, idempotency
+//! and recovery after a restart.
 //!
 //! Time is a manual `Clock`: it moves only when a test advances it, and
 //! `Engine::catch_up` then waits until every shard has done what became due
@@ -57,16 +59,89 @@ async fn sent_packet(engine: &Engine, sender: u64, req: Request) -> u64 {
     }
 }
 
-fn assert_audit(dir: &std::path::Path) {
-    let report = hongbao_store::audit_dir(dir).unwrap();
+/// The audit of a store (on a thread of its own: a PostgreSQL client may not
+/// run on the test's runtime).
+fn assert_audit(store: &StoreLocation) {
+    let store = store.clone();
+    let report = std::thread::spawn(move || hongbao_store::audit(&store)).join().unwrap().unwrap();
     assert!(report.passed(), "audit failed: {:#?}", report.violations);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares() {
+/// The stores a test's engines run on: fresh SQLite data directories, or
+/// fresh databases on a PostgreSQL server the test starts for itself.
+enum Stores {
+    Sqlite(std::sync::Mutex<Vec<tempfile::TempDir>>),
+    Postgres(hongbao_pg_harness::PgServer, std::sync::atomic::AtomicU32),
+}
+
+impl Stores {
+    fn sqlite() -> Stores {
+        Stores::Sqlite(std::sync::Mutex::new(Vec::new()))
+    }
+
+    fn postgres() -> Stores {
+        let server = hongbao_pg_harness::PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+        Stores::Postgres(server, std::sync::atomic::AtomicU32::new(0))
+    }
+
+    /// A new, empty store (kept until the test ends).
+    fn fresh(&self) -> StoreLocation {
+        match self {
+            Stores::Sqlite(dirs) => {
+                let dir = tempfile::tempdir().unwrap();
+                let location = StoreLocation::Sqlite(dir.path().to_owned());
+                dirs.lock().unwrap().push(dir);
+                location
+            }
+            Stores::Postgres(server, made) => {
+                let db = format!("t{}", made.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                server.create_database(&db).unwrap();
+                StoreLocation::resolve(Some(&server.url_for(&db)), std::path::Path::new("")).unwrap()
+            }
+        }
+    }
+}
+
+/// Each named test, taking `Stores`, run once on SQLite and once on
+/// PostgreSQL: one suite for both stores.
+macro_rules! on_both_stores {
+    ($($test:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::Stores::sqlite()).await
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::Stores::postgres()).await
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares,
+    the_same_seed_draws_the_same_shares,
+    per_op_commit_mode_commits_each_open_alone_and_audits,
+    sends_are_validated_idempotent_and_only_recipients_open,
+    expired_packets_refund_the_exact_remainder_once_even_across_a_restart,
+    campaigns_release_at_their_rate_pay_winners_and_refund_the_rest,
+    a_campaign_that_runs_out_finishes_by_itself,
+    small_campaigns_pay_exactly_what_their_rule_says_on_any_shard_count,
+    packet_ids_are_never_reused_across_restarts,
+    a_keyed_shake_retry_returns_the_first_win_and_spends_nothing,
+    shakes_with_nothing_to_give_are_answered_inline,
+    packet_spam_is_limited_and_never_evicts_system_messages,
+    keyed_shakes_that_find_nothing_leave_the_writer_alone,
+    group_zero_is_an_invalid_request_not_a_missing_group,
+);
+
+async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares(stores: Stores) {
     const K: u32 = 20;
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    let store = stores.fresh();
+    let engine = Engine::open_at(config(3600), &store).await.unwrap();
     engine.deposit(1, 10_000, "d").await.unwrap();
     let members: Vec<u64> = (1..=(10 * K as u64 + 1)).collect();
     engine.set_group(7, members.clone()).await.unwrap();
@@ -102,16 +177,15 @@ async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares() {
         Reply::Opened { packet, amount_fen: amount, repeat: true, finished: true }
     );
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_seed_draws_the_same_shares() {
+async fn the_same_seed_draws_the_same_shares(stores: Stores) {
     let seed = seed();
     let mut runs = Vec::new();
     for _ in 0..2 {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(config_with_seed(3600, seed), dir.path()).await.unwrap();
+        let store = stores.fresh();
+        let engine = Engine::open_at(config_with_seed(3600, seed), &store).await.unwrap();
         engine.deposit(1, 1_000, "d").await.unwrap();
         let openers: Vec<u64> = (2..=7).collect();
         let packet = sent_packet(&engine, 1, send(1_000, 6, Target::Users(openers.clone()), "p")).await;
@@ -131,11 +205,10 @@ async fn the_same_seed_draws_the_same_shares() {
 
 /// The transaction-per-operation baseline of `hongbao perf opens`: same
 /// replies, one commit per operation, and the audit passes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_op_commit_mode_commits_each_open_alone_and_audits() {
-    let dir = tempfile::tempdir().unwrap();
+async fn per_op_commit_mode_commits_each_open_alone_and_audits(stores: Stores) {
+    let store = stores.fresh();
     let engine =
-        Engine::open_with_commit_mode(config(3600), CommitMode::PerOp, &StoreLocation::Sqlite(dir.path().to_owned()))
+        Engine::open_with_commit_mode(config(3600), CommitMode::PerOp, &store)
             .await
             .unwrap();
     engine.deposit(1, 1_000, "d").await.unwrap();
@@ -162,13 +235,12 @@ async fn per_op_commit_mode_commits_each_open_alone_and_audits() {
     let detail = engine.packet_detail(packet).await.unwrap();
     assert_eq!((detail.status.as_str(), detail.claims.len(), detail.remaining_fen), ("finished", 5, 0));
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sends_are_validated_idempotent_and_only_recipients_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+async fn sends_are_validated_idempotent_and_only_recipients_open(stores: Stores) {
+    let store = stores.fresh();
+    let engine = Engine::open_at(config(3600), &store).await.unwrap();
     engine.deposit(1, 1_000, "d").await.unwrap();
     let bad = |r: Reply| matches!(r, Reply::Error { code: ErrorCode::InvalidRequest, .. });
     assert!(bad(engine.call(1, send(0, 1, Target::User(2), "a")).await));
@@ -207,16 +279,15 @@ async fn sends_are_validated_idempotent_and_only_recipients_open() {
         Reply::Error { code: ErrorCode::NotFound, .. }
     ));
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_packets_refund_the_exact_remainder_once_even_across_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
+async fn expired_packets_refund_the_exact_remainder_once_even_across_a_restart(stores: Stores) {
+    let store = stores.fresh();
     let packet;
     let opened;
     {
-        let engine = Engine::open(config(1), dir.path()).await.unwrap();
+        let engine = Engine::open_at(config(1), &store).await.unwrap();
         engine.deposit(1, 1_000, "d").await.unwrap();
         packet = sent_packet(&engine, 1, send(500, 5, Target::Users(vec![2, 3, 4, 5, 6]), "p")).await;
         opened = match engine.call(2, Request::Open { packet }).await {
@@ -227,7 +298,7 @@ async fn expired_packets_refund_the_exact_remainder_once_even_across_a_restart()
         engine.shutdown().await;
     }
     let config = config(1);
-    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+    let engine = Engine::open_at(config.clone(), &store).await.unwrap();
     advance(&engine, &config, 1_500).await;
     let detail = engine.packet_detail(packet).await.unwrap();
     assert_eq!(detail.status, "refunded");
@@ -235,14 +306,13 @@ async fn expired_packets_refund_the_exact_remainder_once_even_across_a_restart()
     assert_eq!(engine.balance(1).await.unwrap(), 1_000 - opened);
     assert!(matches!(engine.call(3, Request::Open { packet }).await, Reply::Error { code: ErrorCode::Expired, .. }));
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
+async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest(stores: Stores) {
+    let store = stores.fresh();
     let config = config(3600);
-    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+    let engine = Engine::open_at(config.clone(), &store).await.unwrap();
     engine.deposit(100, 100_000, "d").await.unwrap();
     let spec = CampaignSpec {
         funder: 100,
@@ -304,14 +374,13 @@ async fn campaigns_release_at_their_rate_pay_winners_and_refund_the_rest() {
         Reply::Shake(ShakeResult::NotRunning)
     );
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_campaign_that_runs_out_finishes_by_itself() {
-    let dir = tempfile::tempdir().unwrap();
+async fn a_campaign_that_runs_out_finishes_by_itself(stores: Stores) {
+    let store = stores.fresh();
     let config = config(3600);
-    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+    let engine = Engine::open_at(config.clone(), &store).await.unwrap();
     engine.deposit(100, 1_000, "d").await.unwrap();
     let spec = CampaignSpec {
         funder: 100,
@@ -352,14 +421,13 @@ async fn a_campaign_that_runs_out_finishes_by_itself() {
     }
     assert_eq!(status, CampaignStatus::Finished);
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
 /// Issue 9: with fewer packets than shards, the budget used to be split per
 /// shard first, so a shard with no packet refunded its share and a packet
 /// could not be larger than one shard's part.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_campaigns_pay_exactly_what_their_rule_says_on_any_shard_count() {
+async fn small_campaigns_pay_exactly_what_their_rule_says_on_any_shard_count(stores: Stores) {
     let cases = [
         (AmountRule::Count { packets: 3 }, 30),
         (AmountRule::Count { packets: 1 }, 1_000),
@@ -369,9 +437,9 @@ async fn small_campaigns_pay_exactly_what_their_rule_says_on_any_shard_count() {
     ];
     for shards in [1, 4] {
         for (i, (rule, total_fen)) in cases.into_iter().enumerate() {
-            let dir = tempfile::tempdir().unwrap();
+            let store = stores.fresh();
             let config = EngineConfig { shards, ..config(3600) };
-            let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+            let engine = Engine::open_at(config.clone(), &store).await.unwrap();
             engine.deposit(100, total_fen, "d").await.unwrap();
             let spec = CampaignSpec { funder: 100, total_fen, rule, rate_per_s: 1_000, win_cap_per_user: None };
             let c = engine.create_campaign(spec, &format!("c{i}")).await.unwrap();
@@ -402,17 +470,16 @@ async fn small_campaigns_pay_exactly_what_their_rule_says_on_any_shard_count() {
                 }
             }
             engine.shutdown().await;
-            assert_audit(dir.path());
+            assert_audit(&store);
         }
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packet_ids_are_never_reused_across_restarts() {
-    let dir = tempfile::tempdir().unwrap();
+async fn packet_ids_are_never_reused_across_restarts(stores: Stores) {
+    let store = stores.fresh();
     let mut seen = std::collections::HashSet::new();
     for round in 0..3 {
-        let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+        let engine = Engine::open_at(config(3600), &store).await.unwrap();
         engine.deposit(1, 100, &format!("d{round}")).await.unwrap();
         for i in 0..3 {
             let p = sent_packet(&engine, 1, send(1, 1, Target::User(2), &format!("{round}-{i}"))).await;
@@ -422,11 +489,10 @@ async fn packet_ids_are_never_reused_across_restarts() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_keyed_shake_retry_returns_the_first_win_and_spends_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+async fn a_keyed_shake_retry_returns_the_first_win_and_spends_nothing(stores: Stores) {
+    let store = stores.fresh();
     let config = config(3600);
-    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+    let engine = Engine::open_at(config.clone(), &store).await.unwrap();
     engine.deposit(100, 10_000, "d").await.unwrap();
     // 12 packets released at once (3 shards × 4), a cap of 2 wins per user.
     let spec = CampaignSpec {
@@ -467,7 +533,7 @@ async fn a_keyed_shake_retry_returns_the_first_win_and_spends_nothing() {
     let Reply::Shake(ShakeResult::Won { amount_fen: a2, .. }) = second else { unreachable!() };
     assert_eq!(engine.balance(3).await.unwrap(), a1 + a2);
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
 /// `n` concurrent shakes of `user` with the same key.
@@ -485,11 +551,10 @@ async fn futures_join(engine: &Engine, user: u64, key: &str, n: usize) -> Vec<Re
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shakes_with_nothing_to_give_are_answered_inline() {
-    let dir = tempfile::tempdir().unwrap();
+async fn shakes_with_nothing_to_give_are_answered_inline(stores: Stores) {
+    let store = stores.fresh();
     let config = config(3600);
-    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+    let engine = Engine::open_at(config.clone(), &store).await.unwrap();
     let plain = Request::Shake { campaign: 0, key: None };
     assert_eq!(engine.answer_inline(1, &plain), Some(Reply::Shake(ShakeResult::NotRunning)));
     // Keyed shakes and other requests always go to the shard.
@@ -518,7 +583,7 @@ async fn shakes_with_nothing_to_give_are_answered_inline() {
     engine.catch_up().await;
     assert_eq!(engine.answer_inline(2, &plain), Some(Reply::Shake(ShakeResult::NotRunning)));
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
 /// Issue 9: storage fails in the middle of a packet being raced. Opens that
@@ -590,7 +655,7 @@ async fn opens_survive_a_storage_failure_without_a_share_lost_or_paid_twice() {
     let committed: std::collections::HashMap<u64, i64> = detail.claims.iter().map(|c| (c.user, c.amount_fen)).collect();
     assert_eq!(committed, opened, "every reply is what storage holds");
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&StoreLocation::Sqlite(dir.path().to_owned()));
 }
 
 /// Issue 9: one user sent 1,000 one-fen packets to a victim (and 499 others)
@@ -598,16 +663,15 @@ async fn opens_survive_a_storage_failure_without_a_share_lost_or_paid_twice() {
 /// pushed out, and the database grew by 500,000 rows. Now sends are rate
 /// limited per sender, user notices never push out system messages, and a
 /// sender has a budget of undelivered notices.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packet_spam_is_limited_and_never_evicts_system_messages() {
+async fn packet_spam_is_limited_and_never_evicts_system_messages(stores: Stores) {
     use hongbao_core::limits::{PENDING_MESSAGES_PER_SENDER_MAX, PENDING_MESSAGES_PER_USER_MAX};
     use hongbao_proto::{PushBody, ServerFrame};
 
     // The rate: a burst, then `sends_per_s`.
-    let dir = tempfile::tempdir().unwrap();
+    let store = stores.fresh();
     let config = config(3600);
     let rules = config.packet_rules.clone();
-    let engine = Engine::open(config.clone(), dir.path()).await.unwrap();
+    let engine = Engine::open_at(config.clone(), &store).await.unwrap();
     engine.deposit(1, 1_000, "d").await.unwrap();
     for i in 0..rules.send_burst {
         sent_packet(&engine, 1, send(1, 1, Target::User(2), &format!("b{i}"))).await;
@@ -620,10 +684,10 @@ async fn packet_spam_is_limited_and_never_evicts_system_messages() {
 
     // Without a rate, a flood of notices to one victim keeps its cap and
     // leaves the operator's message alone; a sender's budget holds.
-    let dir = tempfile::tempdir().unwrap();
+    let store = stores.fresh();
     let mut config = config.clone();
     config.packet_rules.sends_per_s = 0;
-    let engine = Engine::open(config, dir.path()).await.unwrap();
+    let engine = Engine::open_at(config, &store).await.unwrap();
     let victim = 9;
     let notice = PushBody::Notice { topic: "ops".into(), text: "maintenance at 02:00".into() };
     engine.push(crate::PushTarget::User(victim), notice.clone(), true).await.unwrap();
@@ -656,16 +720,15 @@ async fn packet_spam_is_limited_and_never_evicts_system_messages() {
     assert_eq!(engine.call(1_000, Request::Ack { msg: read.msg }).await, Reply::Acked { msg: read.msg });
     sent_packet(&engine, 2, send(1, 1, Target::User(1_000), "one more")).await;
     engine.shutdown().await;
-    assert_audit(dir.path());
+    assert_audit(&store);
 }
 
 /// Issue 9: every keyed shake that found nothing cost a turn of the writer
 /// (8 flooding connections took an admin deposit from 1.2 to 144 ms). Its
 /// lookup is a bounded read of committed wins now, and the writer is idle.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keyed_shakes_that_find_nothing_leave_the_writer_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+async fn keyed_shakes_that_find_nothing_leave_the_writer_alone(stores: Stores) {
+    let store = stores.fresh();
+    let engine = Engine::open_at(config(3600), &store).await.unwrap();
     engine.deposit(100, 1_000, "d").await.unwrap();
     let before = engine.stats().await;
     let shakes = (0..2_000u64).map(|i| {
@@ -688,11 +751,10 @@ async fn keyed_shakes_that_find_nothing_leave_the_writer_alone() {
 
 /// Issue 9: `{"group": 0}` answered 404 `not_found`; ids are documented as
 /// 1..2^53-1, so it is an invalid request like `users: [0]`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_zero_is_an_invalid_request_not_a_missing_group() {
+async fn group_zero_is_an_invalid_request_not_a_missing_group(stores: Stores) {
     use hongbao_boundary::EngineError;
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(config(3600), dir.path()).await.unwrap();
+    let store = stores.fresh();
+    let engine = Engine::open_at(config(3600), &store).await.unwrap();
     engine.deposit(1, 100, "d").await.unwrap();
     let body = hongbao_proto::PushBody::Notice { topic: "t".into(), text: "x".into() };
     for group in [0, hongbao_core::ID_MAX + 1] {
