@@ -207,10 +207,7 @@ async fn the_same_seed_draws_the_same_shares(stores: Stores) {
 /// replies, one commit per operation, and the audit passes.
 async fn per_op_commit_mode_commits_each_open_alone_and_audits(stores: Stores) {
     let store = stores.fresh();
-    let engine =
-        Engine::open_with_commit_mode(config(3600), CommitMode::PerOp, &store)
-            .await
-            .unwrap();
+    let engine = Engine::open_with_commit_mode(config(3600), CommitMode::PerOp, &store).await.unwrap();
     engine.deposit(1, 1_000, "d").await.unwrap();
     let openers: Vec<u64> = (2..=6).collect();
     let packet = sent_packet(&engine, 1, send(500, 5, Target::Users(openers.clone()), "p")).await;

@@ -437,6 +437,12 @@ fn messages_are_capped_per_user_and_kind_and_acks_free_the_senders_budget(at: Te
     let again = rt.block_on(store.writer.run(StoreMessages { users: vec![7], body: vec![], at_ms: 3 })).unwrap();
     assert!(again[0].1 > *first_ids.last().unwrap());
     assert!(at.audit().passed());
+    if let TestStore::Postgres(server) = &at {
+        // The counts the caps are checked against follow every insert, cut and ack.
+        let per_owner = "SELECT user_id, kind, count(*) FROM messages GROUP BY 1, 2 ORDER BY 1, 2";
+        let counted = "SELECT user_id, kind, n FROM message_counts WHERE n > 0 ORDER BY 1, 2";
+        assert_eq!(server.psql(per_owner).unwrap(), server.psql(counted).unwrap());
+    }
 }
 
 /// One claim per user and packet is the database's rule, not only the

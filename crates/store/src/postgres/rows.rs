@@ -58,7 +58,9 @@ pub(crate) struct Statements {
     packets_won_many: Statement,
     insert_wins: Statement,
     insert_messages: Statement,
+    count_messages: Statement,
     prune_messages: Statement,
+    uncount_messages: Statement,
     delete_message: Statement,
     message_id_block: Statement,
     group_members: Statement,
@@ -145,6 +147,11 @@ impl Statements {
                 "INSERT INTO messages (id, user_id, body, created_ms, kind, sender)
                  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bigint[], $5::text[], $6::bigint[])",
             )?,
+            count_messages: c.prepare(
+                "INSERT INTO message_counts (user_id, kind, n) SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[])
+                 ON CONFLICT (user_id, kind) DO UPDATE SET n = message_counts.n + excluded.n
+                 RETURNING user_id, kind, n",
+            )?,
             prune_messages: c.prepare(
                 "DELETE FROM messages m USING (
                      SELECT o.user_id, o.kind,
@@ -153,9 +160,19 @@ impl Statements {
                      FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS o(user_id, kind, kept)
                  ) c
                  WHERE m.user_id = c.user_id AND m.kind = c.kind AND m.id <= c.cut
-                 RETURNING m.kind, m.sender",
+                 RETURNING m.user_id, m.kind, m.sender",
             )?,
-            delete_message: c.prepare("DELETE FROM messages WHERE id = $1 AND user_id = $2 RETURNING kind, sender")?,
+            uncount_messages: c.prepare(
+                "UPDATE message_counts mc SET n = mc.n - u.gone
+                 FROM unnest($1::bigint[], $2::text[], $3::int[]) AS u(user_id, kind, gone)
+                 WHERE mc.user_id = u.user_id AND mc.kind = u.kind",
+            )?,
+            delete_message: c.prepare(
+                "WITH gone AS (DELETE FROM messages WHERE id = $1 AND user_id = $2 RETURNING user_id, kind, sender),
+                      counted AS (UPDATE message_counts mc SET n = mc.n - 1 FROM gone
+                                  WHERE mc.user_id = gone.user_id AND mc.kind = gone.kind)
+                 SELECT kind, sender FROM gone",
+            )?,
             message_id_block: c.prepare("SELECT nextval('message_id_blocks')")?,
             group_members: c.prepare("SELECT user_id FROM group_members WHERE grp = $1")?,
             delete_group: c.prepare("DELETE FROM group_members WHERE grp = $1")?,
@@ -273,6 +290,9 @@ pub(crate) struct PgRows<'a> {
     message_ids: &'a mut MessageIds,
     collected: Collected,
     prefetched: Prefetched,
+    /// Messages this batch stored, by user and kind, not yet counted in
+    /// `message_counts`.
+    stored_messages: HashMap<(UserId, MessageKind), i32>,
 }
 
 fn as_i64(v: u64) -> i64 {
@@ -298,7 +318,14 @@ impl<'a> PgRows<'a> {
         statements: &'a Statements,
         message_ids: &'a mut MessageIds,
     ) -> PgRows<'a> {
-        PgRows { client, statements, message_ids, collected: Collected::default(), prefetched: Prefetched::default() }
+        PgRows {
+            client,
+            statements,
+            message_ids,
+            collected: Collected::default(),
+            prefetched: Prefetched::default(),
+            stored_messages: HashMap::new(),
+        }
     }
 
     /// Asks, in one query each, what the batch's opens and shake wins will
@@ -655,24 +682,50 @@ impl Rows for PgRows<'_> {
         m.created_ms.push(as_i64(at_ms));
         m.kind.push(kind.as_str());
         m.sender.push(as_i64(sender));
+        *self.stored_messages.entry((user, kind)).or_insert(0) += 1;
         Ok(id)
     }
 
+    /// Counts the batch's messages into `message_counts` in one statement;
+    /// only the users that end up over a cap have their oldest cut (rare:
+    /// an offline user with a full box), and their counts follow the cut.
     fn prune_messages(
         &mut self,
         owners: &BTreeSet<(UserId, MessageKind)>,
         kept: impl Fn(MessageKind) -> usize,
     ) -> RowResult<Vec<(MessageKind, UserId)>> {
         self.send_collected()?;
-        let users: Vec<i64> = owners.iter().map(|(u, _)| as_i64(*u)).collect();
-        let kinds: Vec<&str> = owners.iter().map(|(_, k)| k.as_str()).collect();
-        let kept: Vec<i64> = owners.iter().map(|(_, k)| kept(*k) as i64).collect();
-        Ok(self
-            .client
-            .query(&self.statements.prune_messages, &[&users, &kinds, &kept])?
+        let stored = std::mem::take(&mut self.stored_messages);
+        debug_assert!(stored.keys().all(|k| owners.contains(k)), "every owner messaged in this batch is cut");
+        let users: Vec<i64> = stored.keys().map(|(u, _)| as_i64(*u)).collect();
+        let kinds: Vec<&str> = stored.keys().map(|(_, k)| k.as_str()).collect();
+        let added: Vec<i32> = stored.values().copied().collect();
+        let counted = self.client.query(&self.statements.count_messages, &[&users, &kinds, &added])?;
+        let over: Vec<(i64, MessageKind)> = counted
             .iter()
-            .map(|r| (MessageKind::parse(r.get(0)), r.get::<_, i64>(1) as u64))
-            .collect())
+            .map(|r| (r.get::<_, i64>(0), MessageKind::parse(r.get(1)), r.get::<_, i32>(2)))
+            .filter(|(_, kind, n)| *n as usize > kept(*kind))
+            .map(|(user, kind, _)| (user, kind))
+            .collect();
+        if over.is_empty() {
+            return Ok(Vec::new());
+        }
+        let users: Vec<i64> = over.iter().map(|(u, _)| *u).collect();
+        let kinds: Vec<&str> = over.iter().map(|(_, k)| k.as_str()).collect();
+        let caps: Vec<i64> = over.iter().map(|(_, k)| kept(*k) as i64).collect();
+        let cut = self.client.query(&self.statements.prune_messages, &[&users, &kinds, &caps])?;
+        let mut gone: HashMap<(i64, MessageKind), i32> = HashMap::new();
+        let mut dropped = Vec::with_capacity(cut.len());
+        for r in &cut {
+            let kind = MessageKind::parse(r.get(1));
+            *gone.entry((r.get(0), kind)).or_insert(0) += 1;
+            dropped.push((kind, r.get::<_, i64>(2) as u64));
+        }
+        let users: Vec<i64> = gone.keys().map(|(u, _)| *u).collect();
+        let kinds: Vec<&str> = gone.keys().map(|(_, k)| k.as_str()).collect();
+        let counts: Vec<i32> = gone.values().copied().collect();
+        self.client.execute(&self.statements.uncount_messages, &[&users, &kinds, &counts])?;
+        Ok(dropped)
     }
 
     fn delete_message(&mut self, id: u64, user: UserId) -> RowResult<Option<(MessageKind, UserId)>> {

@@ -176,6 +176,15 @@ CREATE TABLE messages_h2 PARTITION OF messages FOR VALUES WITH (MODULUS 4, REMAI
 CREATE TABLE messages_h3 PARTITION OF messages FOR VALUES WITH (MODULUS 4, REMAINDER 3);
 CREATE INDEX messages_by_user_kind ON messages (user_id, kind, id);
 CREATE INDEX messages_by_sender ON messages (sender) WHERE kind = 'user';
+-- How many messages of each kind each user holds, kept with every insert and
+-- delete: the per-user caps are checked against these (a cut reads a user's
+-- messages only once the user is over a cap).
+CREATE TABLE message_counts (
+    user_id bigint  NOT NULL,
+    kind    text    NOT NULL,
+    n       integer NOT NULL CHECK (n >= 0),
+    PRIMARY KEY (user_id, kind)
+);
 -- Each value is a block of `MESSAGE_ID_BLOCK` message ids for the writer.
 CREATE SEQUENCE message_id_blocks;
 
