@@ -385,6 +385,21 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_sqlite_in_the_data_directory_unless_a_postgres_url_is_given() {
+        let s = Settings::merge(args(&["--data", "/tmp/d"]), Config::default()).unwrap();
+        assert_eq!(s.store, StoreLocation::Sqlite(PathBuf::from("/tmp/d")));
+        let file = Config { store: Some("postgres://a@file/db".into()), ..Config::default() };
+        let s =
+            Settings::merge(args(&["--store", "postgresql://u:pw@db1,db2/hb?target_session_attrs=read-write"]), file)
+                .unwrap();
+        assert_eq!(s.store.describe(), "postgresql://u:***@db1,db2/hb?target_session_attrs=read-write");
+        let from_file = Config { store: Some("postgres://a@file/db".into()), ..Config::default() };
+        assert_eq!(Settings::merge(args(&[]), from_file).unwrap().store.describe(), "postgres://a@file/db");
+        let err = Settings::merge(args(&["--store", "mysql://x/y"]), Config::default()).unwrap_err();
+        assert!(err.to_string().contains("postgres://"), "{err}");
+    }
+
+    #[test]
     fn the_example_file_parses() {
         let text = include_str!("../../../hongbao.example.toml");
         toml::from_str::<Config>(text).unwrap();
