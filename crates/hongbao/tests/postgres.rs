@@ -34,19 +34,9 @@ fn stored_claims(db: &PgServer) -> BTreeMap<(u64, u64), i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_packet_opened_by_ten_times_its_count_on_postgres() {
     const K: u32 = 25;
-    const CLIENTS: u64 = 10 * K as u64;
     let db = postgres();
     let server = dev_on_postgres(&db.url(), &[]);
-    server.deposit(1, 20_000).await;
-    let members: Vec<u64> = (1..=CLIENTS + 1).collect();
-    server.put("/v1/groups/5", json!({"members": members})).await.ok().unwrap();
-    let sender = server.client(1).await;
-    let packet = send_to_group(&sender, 20_000, K, 5, "race-pg").await;
-    let mut clients = Vec::new();
-    for user in 2..=CLIENTS + 1 {
-        clients.push((user, server.client(user).await));
-    }
-    race_open(clients, packet, K, 20_000).await;
+    race_a_group_packet(&server, K, 20_000, "race-pg").await;
     let claims = stored_claims(&db);
     assert_eq!(claims.len(), K as usize, "one claim row per share, in the database");
     assert_eq!(claims.values().sum::<i64>(), 20_000);

@@ -218,6 +218,25 @@ pub async fn send_to_group(sender: &Client, amount_fen: i64, count: u32, group: 
     packet
 }
 
+/// The race of one packet: user 1 sends `amount_fen` in `k` shares to a
+/// group of 10 × k other members, who all connect and then open it at once
+/// (`race_open`'s checks). Returns the packet.
+pub async fn race_a_group_packet(server: &Server, k: u32, amount_fen: i64, key: &str) -> u64 {
+    let clients = 10 * k as u64;
+    server.deposit(1, amount_fen).await;
+    let members: Vec<u64> = (1..=clients + 1).collect();
+    server.put("/v1/groups/5", json!({"members": members})).await.ok().unwrap();
+    let sender = server.client(1).await;
+    let packet = send_to_group(&sender, amount_fen, k, 5, key).await;
+    // Connect everyone first, then open at once.
+    let mut racers = Vec::new();
+    for user in 2..=clients + 1 {
+        racers.push((user, server.client(user).await));
+    }
+    race_open(racers, packet, k, amount_fen).await;
+    packet
+}
+
 /// Every client opens `packet` at the same moment (a barrier). Asserts that
 /// exactly `count` of them got a share, the shares sum to `amount_fen`, no
 /// user got two, and everyone else was told `finished`. Gives the clients
