@@ -26,6 +26,12 @@ pub fn day_of_unix_ms(unix_ms: u64) -> u32 {
     (unix_ms / MS_PER_DAY).saturating_sub(EPOCH_UNIX_DAY).min(DAY_MAX as u64) as u32
 }
 
+/// Milliseconds from `unix_ms` to the start of the next packet-id day
+/// (midnight UTC).
+pub fn ms_until_next_day(unix_ms: u64) -> u64 {
+    MS_PER_DAY - unix_ms % MS_PER_DAY
+}
+
 /// The day a packet was made, from its id.
 pub fn day_of(packet: PacketId) -> u32 {
     ((packet & SEQUENCE_MAX) >> DAY_SHIFT) as u32
@@ -93,6 +99,20 @@ impl IdAllocator {
     pub fn request_next_block(&mut self) -> u64 {
         self.extension_pending = true;
         (self.durable_mark.max(self.next) + self.block).min(SEQUENCE_MAX)
+    }
+
+    /// True when `day`'s first ids are not durable yet and nothing is being
+    /// reserved: a block for `day` asked for before it starts spares its
+    /// first allocation the wait.
+    pub fn wants_block_for_day(&self, day: u32) -> bool {
+        !self.extension_pending && self.durable_mark <= day_start(day)
+    }
+
+    /// The mark to persist so that `day`'s first block is durable; marks
+    /// the request as pending (confirmed by `extend`, like any block).
+    pub fn request_block_for_day(&mut self, day: u32) -> u64 {
+        self.extension_pending = true;
+        (self.durable_mark.max(day_start(day)) + self.block).min(SEQUENCE_MAX)
     }
 
     /// The reservation could not be queued; ask again later.
@@ -170,6 +190,15 @@ mod tests {
         // A clock that steps back does not take ids back.
         let after = a.next_id(day - 1).unwrap();
         assert!(after > today && day_of(after) == day);
+        // Tomorrow's block reserved ahead: its first id needs no wait.
+        assert!(a.wants_block_for_day(day + 1));
+        let mark = a.request_block_for_day(day + 1);
+        a.extend(mark);
+        assert!(!a.wants_block_for_day(day + 1));
+        assert!(a.next_id(day).is_some(), "today goes on below tomorrow's range");
+        let first = a.next_id(day + 1).unwrap();
+        assert_eq!(day_of(first), day + 1);
+        assert_eq!(ms_until_next_day(1_795_000_000_000), 86_400_000 - 1_795_000_000_000 % 86_400_000);
         assert!(make_packet_id(255, SEQUENCE_MAX) < (1 << 48));
         assert_eq!(day_of_unix_ms(0), 0);
     }

@@ -133,8 +133,9 @@ fn archive(store: &str, before: &str, json: bool) -> anyhow::Result<()> {
         println!("kept {}: {} packets still open", day.date, day.open_packets);
     }
     if report.archived.is_empty() && report.kept.is_empty() {
-        println!("nothing to archive before {before}");
+        println!("nothing to archive before {}", report.hot_from);
     }
+    println!("hot from {}: {}", report.hot_from, report.hot_because);
     Ok(())
 }
 

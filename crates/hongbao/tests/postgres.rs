@@ -219,7 +219,10 @@ fn the_archive_command_reports_what_it_moved_and_refuses_bad_input() {
     let run = |args: &[&str]| std::process::Command::new(bin()).arg("archive").args(args).output().unwrap();
     let nothing = run(&["--store", &db.url(), "--before", "2000-01-01"]);
     assert!(nothing.status.success(), "{nothing:?}");
-    assert_eq!(String::from_utf8_lossy(&nothing.stdout).trim(), "nothing to archive before 2000-01-01");
+    assert_eq!(
+        String::from_utf8_lossy(&nothing.stdout).trim(),
+        "nothing to archive before 2000-01-01\nhot from 2000-01-01: the date asked for"
+    );
     let bad = run(&["--store", &db.url(), "--before", "yesterday-ish"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("yesterday-ish"), "{bad:?}");

@@ -240,10 +240,17 @@ struct WriterState {
     batch_ops_max: usize,
 }
 
-/// How the writer's loop ended a batch.
+/// How the writer's loop goes on after a failure.
 enum Next {
+    /// Storage is back: commit the next batch.
     Continue,
-    Stop,
+    /// The writer stops (a `Close` arrived, or every handle is gone). Each
+    /// command here is settled with its answer (`None`: it committed) once
+    /// the store has been let go of, so whoever hears "closed" can open the
+    /// store again at once.
+    Stop(Vec<(Command, Option<OpError>)>),
+    /// A held batch turned out to have committed, and it holds `Close`.
+    Close(Vec<Command>),
 }
 
 impl WriterState {
@@ -256,8 +263,10 @@ impl WriterState {
                     batch.push(first);
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     let failure = self.batch_failed(&mut batch, &e);
-                    if let Next::Stop = self.fail_until_recovered(&mut rx, failure, Vec::new()) {
-                        return;
+                    match self.fail_until_recovered(&mut rx, failure, Vec::new()) {
+                        Next::Continue => {}
+                        Next::Stop(late) => return self.stop(late),
+                        Next::Close(batch) => return self.close(batch, rx),
                     }
                     last_batch = Instant::now();
                     continue;
@@ -291,16 +300,20 @@ impl WriterState {
                 }
                 Err(CommitError::Failed(e)) => {
                     let failure = self.batch_failed(&mut batch, &e);
-                    if let Next::Stop = self.fail_until_recovered(&mut rx, failure, Vec::new()) {
-                        return;
+                    match self.fail_until_recovered(&mut rx, failure, Vec::new()) {
+                        Next::Continue => {}
+                        Next::Stop(late) => return self.stop(late),
+                        Next::Close(batch) => return self.close(batch, rx),
                     }
                 }
                 Err(CommitError::Unknown(e)) => {
                     tracing::error!(error = %e, ops = batch.len(), "the commit's outcome is unknown; the batch waits, unanswered, until storage says whether it committed");
                     self.note_failure(e.to_string());
                     let held = std::mem::take(&mut batch);
-                    if let Next::Stop = self.fail_until_recovered(&mut rx, OpError::Storage(e.to_string()), held) {
-                        return;
+                    match self.fail_until_recovered(&mut rx, OpError::Storage(e.to_string()), held) {
+                        Next::Continue => {}
+                        Next::Stop(late) => return self.stop(late),
+                        Next::Close(batch) => return self.close(batch, rx),
                     }
                 }
             }
@@ -347,6 +360,7 @@ impl WriterState {
         }
         let closed = OpError::Storage("the writer has closed".into());
         while let Ok(command) = rx.try_recv() {
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
             command.settle(Some(&closed));
         }
     }
@@ -394,18 +408,13 @@ impl WriterState {
         loop {
             while let Ok(command) = rx.try_recv() {
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                let closing = matches!(command, Command::Close(_));
-                command.settle(Some(&failure));
-                if closing {
-                    rx.close();
-                    while let Ok(command) = rx.try_recv() {
-                        command.settle(Some(&failure));
-                    }
-                    return self.stop_holding(held, &failure);
+                if matches!(command, Command::Close(_)) {
+                    return self.stop_failing(rx, held, failure, Some(command));
                 }
+                command.settle(Some(&failure));
             }
             if rx.is_closed() && rx.is_empty() {
-                return self.stop_holding(held, &failure);
+                return self.stop_failing(rx, held, failure, None);
             }
             let now = Instant::now();
             if now < retry_at {
@@ -413,31 +422,19 @@ impl WriterState {
                 continue;
             }
             match self.backend.recover() {
-                Ok(Recovered { memory, unknown_batch_committed }) => {
-                    self.committed.replace_all(&memory.ledger);
-                    self.memory = memory;
-                    let was = self.stats.failure_lock().take();
-                    self.stats.failing.store(false, Ordering::Relaxed);
-                    metrics::gauge!("hongbao_storage_up").set(1.0);
-                    tracing::info!(failure = ?was, "storage recovered; the writer commits again");
-                    match unknown_batch_committed {
-                        Some(true) => {
-                            tracing::info!(ops = held.len(), "the batch whose outcome was unknown had committed");
-                            self.settle_committed(&mut held);
+                Ok(recovered) => {
+                    let held_committed = self.recovered(recovered);
+                    if !held_committed {
+                        let failure = OpError::Storage(format!("the commit did not reach storage: {failure}"));
+                        for command in held.drain(..) {
+                            command.settle(Some(&failure));
                         }
-                        _ => {
-                            if !held.is_empty() {
-                                tracing::info!(
-                                    ops = held.len(),
-                                    "the batch whose outcome was unknown had not committed"
-                                );
-                            }
-                            let failure = OpError::Storage(format!("the commit did not reach storage: {failure}"));
-                            for command in held.drain(..) {
-                                command.settle(Some(&failure));
-                            }
-                        }
+                        return Next::Continue;
                     }
+                    if held.iter().any(|c| matches!(c, Command::Close(_))) {
+                        return Next::Close(held);
+                    }
+                    self.settle_committed(&mut held);
                     return Next::Continue;
                 }
                 Err(e) => {
@@ -451,14 +448,57 @@ impl WriterState {
         }
     }
 
-    /// The writer stops while a batch's outcome is unknown: its operations
-    /// are answered with the failure (a retry with the same key, or a
-    /// repeated open, finds out what happened once the store is back).
-    fn stop_holding(&mut self, held: Vec<Command>, failure: &OpError) -> Next {
-        for command in held {
-            command.settle(Some(failure));
+    /// Takes what recovery found as the writer's state; answers whether a
+    /// batch whose outcome was unknown had committed.
+    fn recovered(&mut self, recovered: Recovered) -> bool {
+        let Recovered { memory, unknown_batch_committed } = recovered;
+        self.committed.replace_all(&memory.ledger);
+        self.memory = memory;
+        let was = self.stats.failure_lock().take();
+        self.stats.failing.store(false, Ordering::Relaxed);
+        metrics::gauge!("hongbao_storage_up").set(1.0);
+        tracing::info!(failure = ?was, "storage recovered; the writer commits again");
+        match unknown_batch_committed {
+            Some(committed) => {
+                tracing::info!(committed, "read back the batch whose commit's outcome was unknown");
+                committed
+            }
+            None => false,
         }
-        Next::Stop
+    }
+
+    /// The writer stops while storage fails (`close`: the `Close` that asked
+    /// for it). A batch whose outcome is unknown gets one last try at
+    /// reading it back, so its answers are true ones if storage answers;
+    /// if it does not, they are failures that may hide a commit (a retry
+    /// with the same key, or a repeated open, finds out once the store is
+    /// back). Everything still queued is failed.
+    fn stop_failing(
+        &mut self,
+        rx: &mut mpsc::Receiver<Command>,
+        held: Vec<Command>,
+        failure: OpError,
+        close: Option<Command>,
+    ) -> Next {
+        rx.close();
+        let mut late: Vec<(Command, Option<OpError>)> = Vec::new();
+        while let Ok(command) = rx.try_recv() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            late.push((command, Some(failure.clone())));
+        }
+        let held_committed = !held.is_empty() && self.backend.recover().is_ok_and(|r| self.recovered(r));
+        let held_answer = if held_committed { None } else { Some(failure.clone()) };
+        late.extend(held.into_iter().map(|c| (c, held_answer.clone())));
+        late.extend(close.map(|c| (c, Some(failure))));
+        Next::Stop(late)
+    }
+
+    /// Lets go of the store, then settles what was left.
+    fn stop(self, late: Vec<(Command, Option<OpError>)>) {
+        drop(self);
+        for (command, answer) in late {
+            command.settle(answer.as_ref());
+        }
     }
 }
 

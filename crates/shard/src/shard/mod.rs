@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use hongbao_boundary::Responder;
 use hongbao_core::campaign::ReleaseSchedule;
-use hongbao_core::ids::{shard_of, IdAllocator};
+use hongbao_core::ids::{self, shard_of, IdAllocator};
 use hongbao_core::limits::{self, COMMIT_BATCH_RECORDS_MAX, WRITER_QUEUE_MAX};
 use hongbao_core::packet::Packet;
 use hongbao_core::{CampaignId, PacketId, UserId};
@@ -45,6 +45,8 @@ const RETAIN_CLOSED_MS: u64 = 60_000;
 const RELEASE_TICK_MS: u64 = 10;
 /// Requests a shard handles before it looks at its timers again.
 const DRAIN_MAX: usize = 256;
+/// How long before midnight (UTC) a shard reserves the next day's first ids.
+const RESERVE_TOMORROW_WITHIN_MS: u64 = 60_000;
 /// The most writer completions that can wait for a shard at once. Each is
 /// the answer to one operation this shard handed to the writer, so they
 /// are bounded by what the writer holds (its queue, and the batch it is
@@ -378,10 +380,18 @@ impl ShardState {
     /// Never waits: with the writer's queue full it asks again on a later
     /// allocation.
     fn reserve_ids_if_needed(&mut self) {
-        if !self.ids.wants_next_block() {
+        let now_ms = self.clock.now_ms();
+        let tomorrow = ids::day_of_unix_ms(now_ms) + 1;
+        let mark = if self.ids.wants_next_block() {
+            self.ids.request_next_block()
+        } else if ids::ms_until_next_day(now_ms) <= RESERVE_TOMORROW_WITHIN_MS && self.ids.wants_block_for_day(tomorrow)
+        {
+            // A new day's ids start in a range of their own: reserved before
+            // midnight, the first packets after it wait for no commit.
+            self.ids.request_block_for_day(tomorrow)
+        } else {
             return;
-        }
-        let mark = self.ids.request_next_block();
+        };
         let completions = self.completions.clone();
         let op = hongbao_store::ops::ReserveIds { shard: self.index, mark };
         let queued = self.writer.try_submit(op, move |r| {
@@ -396,7 +406,7 @@ impl ShardState {
     }
 
     fn next_id(&mut self) -> Option<PacketId> {
-        let id = self.ids.next_id(hongbao_core::ids::day_of_unix_ms(self.clock.now_ms()));
+        let id = self.ids.next_id(ids::day_of_unix_ms(self.clock.now_ms()));
         // Paired with the check in `adopt` and with the engine's routing by
         // `shard_of`: an id names the shard that made it.
         assert!(id.is_none_or(|id| shard_of(id) == self.index), "shard {} made a foreign id", self.index);

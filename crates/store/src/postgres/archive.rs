@@ -5,8 +5,12 @@
 //! transaction per day; lookups and the audit read both sides (`all_*`), so
 //! every fen stays accounted for and every key stays answered.
 //!
-//! A day is moved only when none of its packets is open, never today or a
-//! later day, and without a scan while the hot tables are locked: each day's
+//! A day is moved only when none of its packets is open, and never a day
+//! that can still get rows: not today or later, not yesterday (a packet made
+//! just before midnight may commit just after it), and not a day since the
+//! oldest campaign that is still created or running began (a campaign packet
+//! takes its id, and so its day, when it is released, and may be won hours
+//! later). Nothing is scanned while the hot tables are locked: each day's
 //! bound is a constraint of its own from the start (`hongbao_ensure_day`).
 
 use super::PgTarget;
@@ -32,6 +36,10 @@ pub struct KeptDay {
 pub struct ArchiveReport {
     pub archived: Vec<ArchivedDay>,
     pub kept: Vec<KeptDay>,
+    /// The first day that was not considered (`YYYY-MM-DD`), and why: the
+    /// date asked for, or an earlier one that can still get rows.
+    pub hot_from: String,
+    pub hot_because: String,
 }
 
 /// How long archiving waits for the writer to let go of the hot tables
@@ -53,7 +61,17 @@ pub fn archive(target: &PgTarget, before: &str) -> Result<ArchiveReport, StoreEr
     let before_day: i32 =
         client.query_one("SELECT ($1::text::date - DATE '2020-01-01')::int", &[&before]).map_err(bad_date)?.get(0);
     let today = hongbao_core::ids::day_of_unix_ms(crate::unix_ms()) as i32;
-    let cut = before_day.min(today);
+    let oldest_campaign: Option<i64> =
+        client.query_one("SELECT min(created_ms) FROM campaigns WHERE status IN ('created', 'running')", &[])?.get(0);
+    let campaign_day = oldest_campaign.map(|ms| hongbao_core::ids::day_of_unix_ms(ms.max(0) as u64) as i32);
+    let mut cut = (before_day, "the date asked for");
+    if today - 1 < cut.0 {
+        cut = (today - 1, "yesterday and today can still get rows");
+    }
+    if let Some(day) = campaign_day.filter(|day| *day < cut.0) {
+        cut = (day, "a campaign that is still open began then (its packets can be won later)");
+    }
+    let (cut, because) = cut;
     let days: Vec<(i32, String)> = client
         .query(
             "SELECT (to_date(right(c.relname, 8), 'YYYYMMDD') - DATE '2020-01-01')::int, right(c.relname, 8)
@@ -66,7 +84,9 @@ pub fn archive(target: &PgTarget, before: &str) -> Result<ArchiveReport, StoreEr
         .filter(|(day, _)| *day < cut)
         .collect();
     client.batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))?;
-    let mut report = ArchiveReport::default();
+    let hot_from: String =
+        client.query_one("SELECT to_char(DATE '2020-01-01' + $1::int, 'YYYY-MM-DD')", &[&cut])?.get(0);
+    let mut report = ArchiveReport { hot_from, hot_because: because.to_owned(), ..ArchiveReport::default() };
     for (day, date) in days {
         let date_shown = format!("{}-{}-{}", &date[0..4], &date[4..6], &date[6..8]);
         match archive_day(&mut client, day, &date)? {

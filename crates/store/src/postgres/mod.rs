@@ -26,7 +26,7 @@ mod rows;
 pub(crate) mod schema;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hongbao_core::ledger::Account;
 use postgres::{Client, NoTls};
@@ -143,80 +143,89 @@ pub(crate) fn session_lost(e: &postgres::Error) -> bool {
     e.as_db_error().is_none_or(|db| db.severity() != "ERROR")
 }
 
-/// The writer's connection and what it keeps between batches.
+/// The writer's store: where it connects, and its session while it has one.
 pub(crate) struct PgBackend {
     target: PgTarget,
-    client: Client,
-    statements: rows::Statements,
-    message_ids: rows::MessageIds,
+    /// `None` after a failure until recovery connects again: the old
+    /// connection is closed first, so the writer's lock it held is let go.
+    session: Option<Session>,
     /// Tags batches uniquely: this writer's start time and a count.
     tag_prefix: String,
     batches: u64,
     /// The tag of a batch whose COMMIT's outcome is unknown.
     unknown: Option<String>,
+}
+
+/// One connection of the writer and what is only good on it.
+struct Session {
+    client: Client,
+    statements: rows::Statements,
+    message_ids: rows::MessageIds,
     /// Days whose partitions exist (made by `hongbao_ensure_day` on this
     /// connection, or found there).
     days_ready: HashSet<i32>,
-    /// The day for which the days ahead were last made ready.
+    /// The day for which the days ahead were last made ready, and when to
+    /// try again if that failed.
     ready_ahead_of: Option<u32>,
+    ahead_retry_at: Option<Instant>,
 }
 
-/// Connects, takes the writer's lock, migrates, and loads the writer's
-/// memory; also opens the readers.
-pub(crate) fn open(
-    target: &PgTarget,
-    readers: usize,
-) -> Result<(PgBackend, WriterMemory, reader::PgReader), StoreError> {
-    let mut client = connect_writer(target)?;
-    let memory = schema::load_writer_memory(&mut client)?;
-    let statements = rows::Statements::prepare(&mut client)?;
-    let backend = PgBackend {
-        target: target.clone(),
-        client,
-        statements,
-        message_ids: rows::MessageIds::default(),
-        tag_prefix: format!("{:x}-{}", crate::unix_ms(), std::process::id()),
-        batches: 0,
-        unknown: None,
-        days_ready: HashSet::new(),
-        ready_ahead_of: None,
-    };
-    let mut backend = backend;
-    // The partitions of today and the days ahead exist before the first request.
-    backend.ensure_days(&[])?;
-    let reader = reader::PgReader::new(target.clone(), readers)?;
-    tracing::info!(store = %target, "PostgreSQL store open");
-    Ok((backend, memory, reader))
-}
+/// How often the days ahead are tried again after they could not be made.
+const AHEAD_RETRY: Duration = Duration::from_secs(60);
+/// How long making a day's partitions may wait for a lock before it gives up
+/// (attaching a day takes a lock that only other schema changes hold).
+const PARTITION_LOCK_TIMEOUT: &str = "2s";
 
-/// A writer's connection: the lock taken, the schema current.
-fn connect_writer(target: &PgTarget) -> Result<Client, StoreError> {
-    let mut client = target.connect()?;
-    let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])?.get(0);
-    if !locked {
-        return Err(StoreError::Locked(format!("database {target}")));
+impl Session {
+    /// A writer's connection: the lock taken, the schema current, the
+    /// statements prepared, the days around today made ready (as far as
+    /// they can be).
+    fn open(target: &PgTarget) -> Result<Session, StoreError> {
+        let mut client = target.connect()?;
+        let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])?.get(0);
+        if !locked {
+            return Err(StoreError::Locked(format!("database {target}")));
+        }
+        schema::migrate(&mut client)?;
+        let statements = rows::Statements::prepare(&mut client)?;
+        let mut session = Session {
+            client,
+            statements,
+            message_ids: rows::MessageIds::default(),
+            days_ready: HashSet::new(),
+            ready_ahead_of: None,
+            ahead_retry_at: None,
+        };
+        session.ensure_days_ahead();
+        Ok(session)
     }
-    schema::migrate(&mut client)?;
-    Ok(client)
-}
 
-impl PgBackend {
-    fn next_tag(&mut self) -> String {
-        self.batches += 1;
-        format!("{}-{}", self.tag_prefix, self.batches)
+    /// Makes the partitions of yesterday, today and the days ahead, once a
+    /// day. Best effort: a batch needs only its own days (`ensure_day`), so
+    /// a failure here is logged and tried again a minute later.
+    fn ensure_days_ahead(&mut self) {
+        let today = hongbao_core::ids::day_of_unix_ms(crate::unix_ms());
+        let retry_due = self.ahead_retry_at.is_none_or(|at| Instant::now() >= at);
+        if self.ready_ahead_of == Some(today) || !retry_due {
+            return;
+        }
+        let made: Result<(), StoreError> =
+            (today.saturating_sub(1)..=today + PARTITION_DAYS_AHEAD).try_for_each(|day| self.ensure_day(day as i32));
+        match made {
+            Ok(()) => {
+                self.ready_ahead_of = Some(today);
+                self.ahead_retry_at = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not make the partitions of the days ahead; tried again in a minute");
+                self.ahead_retry_at = Some(Instant::now() + AHEAD_RETRY);
+            }
+        }
     }
 
     /// Makes sure every day the batch writes packet rows for has its
-    /// partitions, and the days ahead of today, before the batch's
-    /// transaction begins (each creation commits on its own).
-    fn ensure_days(&mut self, batch: &[Command]) -> Result<(), StoreError> {
-        let today = hongbao_core::ids::day_of_unix_ms(crate::unix_ms());
-        if self.ready_ahead_of != Some(today) {
-            for day in today.saturating_sub(1)..=today + PARTITION_DAYS_AHEAD {
-                self.ensure_day(day as i32)?;
-            }
-            self.ready_ahead_of = Some(today);
-        }
+    /// partitions, before the batch's transaction begins.
+    fn ensure_batch_days(&mut self, batch: &[Command]) -> Result<(), StoreError> {
         for command in batch {
             let packet = match command {
                 Command::FundPacket(s) => s.op.packet.id,
@@ -229,11 +238,20 @@ impl PgBackend {
         Ok(())
     }
 
+    /// `hongbao_ensure_day` in a transaction of its own, waiting for its
+    /// lock at most `PARTITION_LOCK_TIMEOUT`.
     fn ensure_day(&mut self, day: i32) -> Result<(), StoreError> {
-        if !self.days_ready.contains(&day) {
-            self.client.execute("SELECT hongbao_ensure_day($1)", &[&day])?;
-            self.days_ready.insert(day);
+        if self.days_ready.contains(&day) {
+            return Ok(());
         }
+        let made = self.client.batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'; SELECT hongbao_ensure_day({day}); COMMIT"
+        ));
+        if let Err(e) = made {
+            let _ = self.client.batch_execute("ROLLBACK");
+            return Err(e.into());
+        }
+        self.days_ready.insert(day);
         Ok(())
     }
 
@@ -258,21 +276,67 @@ impl PgBackend {
         rows.finish()?;
         Ok(changed)
     }
+
+    /// After a failure: reads back whether the batch tagged `unknown`
+    /// committed, reloads the writer's memory and commits a probe.
+    fn recover(&mut self, unknown: Option<&str>) -> Result<Recovered, StoreError> {
+        let memory = schema::load_writer_memory(&mut self.client)?;
+        let unknown_batch_committed = match unknown {
+            Some(tag) => {
+                let last: Option<String> =
+                    self.client.query_opt("SELECT value FROM meta WHERE key = 'last_batch'", &[])?.map(|r| r.get(0));
+                Some(last.as_deref() == Some(tag))
+            }
+            None => None,
+        };
+        self.client.execute(
+            "INSERT INTO meta (key, value) VALUES ('writer_probe_ms', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&crate::unix_ms().to_string()],
+        )?;
+        Ok(Recovered { memory, unknown_batch_committed })
+    }
+}
+
+/// Connects, takes the writer's lock, migrates, and loads the writer's
+/// memory; also opens the readers.
+pub(crate) fn open(
+    target: &PgTarget,
+    readers: usize,
+) -> Result<(PgBackend, WriterMemory, reader::PgReader), StoreError> {
+    let mut session = Session::open(target)?;
+    let memory = schema::load_writer_memory(&mut session.client)?;
+    let backend = PgBackend {
+        target: target.clone(),
+        session: Some(session),
+        tag_prefix: format!("{:x}-{}", crate::unix_ms(), std::process::id()),
+        batches: 0,
+        unknown: None,
+    };
+    let reader = reader::PgReader::new(target.clone(), readers)?;
+    tracing::info!(store = %target, "PostgreSQL store open");
+    Ok((backend, memory, reader))
+}
+
+fn not_connected() -> StoreError {
+    StoreError::Location("the writer's PostgreSQL session".into(), "not connected".into())
 }
 
 impl Backend for PgBackend {
     fn commit(&mut self, batch: &mut [Command], memory: &mut WriterMemory) -> Result<Vec<(Account, i64)>, CommitError> {
-        let tag = self.next_tag();
-        self.ensure_days(batch).map_err(CommitError::Failed)?;
-        let changed = match self.apply(batch, memory, &tag) {
+        self.batches += 1;
+        let tag = format!("{}-{}", self.tag_prefix, self.batches);
+        let session = self.session.as_mut().ok_or_else(|| CommitError::Failed(not_connected()))?;
+        session.ensure_days_ahead();
+        session.ensure_batch_days(batch).map_err(CommitError::Failed)?;
+        let changed = match session.apply(batch, memory, &tag) {
             Ok(changed) => changed,
             Err(e) => {
                 // Nothing was committed; a broken connection is replaced by recovery.
-                let _ = self.client.batch_execute("ROLLBACK");
+                let _ = session.client.batch_execute("ROLLBACK");
                 return Err(CommitError::Failed(e));
             }
         };
-        match self.client.batch_execute("COMMIT") {
+        match session.client.batch_execute("COMMIT") {
             Ok(()) => Ok(changed),
             // The server answered with an error and kept the session: it
             // rolled the transaction back.
@@ -287,36 +351,31 @@ impl Backend for PgBackend {
     }
 
     fn check(&mut self) -> Result<(), StoreError> {
-        Ok(self.client.is_valid(CHECK_TIMEOUT)?)
+        let session = self.session.as_mut().ok_or_else(not_connected)?;
+        Ok(session.client.is_valid(CHECK_TIMEOUT)?)
     }
 
-    /// A connection that survived the failure (a statement failed, the
-    /// session did not) is kept: it still holds the writer's lock. Else a
-    /// new one takes the lock.
+    /// A session that survived the failure (a statement failed, the session
+    /// did not) is kept: it still holds the writer's lock. Any other is
+    /// closed (letting go of the lock) and a new one opened. A session that
+    /// cannot finish recovery is closed too, so the next try starts afresh.
     fn recover(&mut self) -> Result<Recovered, StoreError> {
-        let kept = !self.client.is_closed() && self.client.batch_execute("ROLLBACK").is_ok();
+        let kept =
+            self.session.as_mut().is_some_and(|s| !s.client.is_closed() && s.client.batch_execute("ROLLBACK").is_ok());
         if !kept {
-            self.client = connect_writer(&self.target)?;
-            self.statements = rows::Statements::prepare(&mut self.client)?;
-            self.message_ids = rows::MessageIds::default();
-            self.days_ready.clear();
-            self.ready_ahead_of = None;
+            self.session = None;
+            self.session = Some(Session::open(&self.target)?);
         }
-        let client = &mut self.client;
-        let memory = schema::load_writer_memory(client)?;
-        let unknown_batch_committed = match &self.unknown {
-            Some(tag) => {
-                let last: Option<String> =
-                    client.query_opt("SELECT value FROM meta WHERE key = 'last_batch'", &[])?.map(|r| r.get(0));
-                Some(last.as_deref() == Some(tag.as_str()))
+        let session = self.session.as_mut().expect("opened above");
+        match session.recover(self.unknown.as_deref()) {
+            Ok(recovered) => {
+                self.unknown = None;
+                Ok(recovered)
             }
-            None => None,
-        };
-        client.execute(
-            "INSERT INTO meta (key, value) VALUES ('writer_probe_ms', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            &[&crate::unix_ms().to_string()],
-        )?;
-        self.unknown = None;
-        Ok(Recovered { memory, unknown_batch_committed })
+            Err(e) => {
+                self.session = None;
+                Err(e)
+            }
+        }
     }
 }

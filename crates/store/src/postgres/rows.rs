@@ -293,10 +293,30 @@ pub(crate) struct PgRows<'a> {
     /// Messages this batch stored, by user and kind, not yet counted in
     /// `message_counts`.
     stored_messages: HashMap<(UserId, MessageKind), i32>,
+    /// What `message_counts` says now of each user and kind this batch counted.
+    counted: HashMap<(UserId, MessageKind), i32>,
 }
 
 fn as_i64(v: u64) -> i64 {
     i64::try_from(v).expect("ids, amounts and times fit in i64")
+}
+
+impl PgRows<'_> {
+    /// Adds the messages stored since the last count to `message_counts`
+    /// (one statement) and remembers what it says now.
+    fn count_stored(&mut self) -> RowResult<()> {
+        if self.stored_messages.is_empty() {
+            return Ok(());
+        }
+        let stored = std::mem::take(&mut self.stored_messages);
+        let users: Vec<i64> = stored.keys().map(|(u, _)| as_i64(*u)).collect();
+        let kinds: Vec<&str> = stored.keys().map(|(_, k)| k.as_str()).collect();
+        let added: Vec<i32> = stored.values().copied().collect();
+        for r in self.client.query(&self.statements.count_messages, &[&users, &kinds, &added])? {
+            self.counted.insert((r.get::<_, i64>(0) as u64, MessageKind::parse(r.get(1))), r.get(2));
+        }
+        Ok(())
+    }
 }
 
 /// The partition day of a packet's rows (`core::ids::day_of`).
@@ -325,6 +345,7 @@ impl<'a> PgRows<'a> {
             collected: Collected::default(),
             prefetched: Prefetched::default(),
             stored_messages: HashMap::new(),
+            counted: HashMap::new(),
         }
     }
 
@@ -695,45 +716,50 @@ impl Rows for PgRows<'_> {
         kept: impl Fn(MessageKind) -> usize,
     ) -> RowResult<Vec<(MessageKind, UserId)>> {
         self.send_collected()?;
-        let stored = std::mem::take(&mut self.stored_messages);
-        debug_assert!(stored.keys().all(|k| owners.contains(k)), "every owner messaged in this batch is cut");
-        let users: Vec<i64> = stored.keys().map(|(u, _)| as_i64(*u)).collect();
-        let kinds: Vec<&str> = stored.keys().map(|(_, k)| k.as_str()).collect();
-        let added: Vec<i32> = stored.values().copied().collect();
-        let counted = self.client.query(&self.statements.count_messages, &[&users, &kinds, &added])?;
-        let over: Vec<(i64, MessageKind)> = counted
+        self.count_stored()?;
+        let over: Vec<(UserId, MessageKind)> = owners
             .iter()
-            .map(|r| (r.get::<_, i64>(0), MessageKind::parse(r.get(1)), r.get::<_, i32>(2)))
-            .filter(|(_, kind, n)| *n as usize > kept(*kind))
-            .map(|(user, kind, _)| (user, kind))
+            .filter(|owner| self.counted.get(owner).is_some_and(|n| *n as usize > kept(owner.1)))
+            .copied()
             .collect();
         if over.is_empty() {
             return Ok(Vec::new());
         }
-        let users: Vec<i64> = over.iter().map(|(u, _)| *u).collect();
+        let users: Vec<i64> = over.iter().map(|(u, _)| as_i64(*u)).collect();
         let kinds: Vec<&str> = over.iter().map(|(_, k)| k.as_str()).collect();
         let caps: Vec<i64> = over.iter().map(|(_, k)| kept(*k) as i64).collect();
         let cut = self.client.query(&self.statements.prune_messages, &[&users, &kinds, &caps])?;
-        let mut gone: HashMap<(i64, MessageKind), i32> = HashMap::new();
+        let mut gone: HashMap<(UserId, MessageKind), i32> = HashMap::new();
         let mut dropped = Vec::with_capacity(cut.len());
         for r in &cut {
             let kind = MessageKind::parse(r.get(1));
-            *gone.entry((r.get(0), kind)).or_insert(0) += 1;
+            *gone.entry((r.get::<_, i64>(0) as u64, kind)).or_insert(0) += 1;
             dropped.push((kind, r.get::<_, i64>(2) as u64));
         }
-        let users: Vec<i64> = gone.keys().map(|(u, _)| *u).collect();
+        let users: Vec<i64> = gone.keys().map(|(u, _)| as_i64(*u)).collect();
         let kinds: Vec<&str> = gone.keys().map(|(_, k)| k.as_str()).collect();
         let counts: Vec<i32> = gone.values().copied().collect();
         self.client.execute(&self.statements.uncount_messages, &[&users, &kinds, &counts])?;
+        for (owner, n) in gone {
+            *self.counted.entry(owner).or_insert(n) -= n;
+        }
         Ok(dropped)
     }
 
     fn delete_message(&mut self, id: u64, user: UserId) -> RowResult<Option<(MessageKind, UserId)>> {
         self.send_collected()?;
-        Ok(self
+        // A message of this very batch is counted before its delete uncounts it.
+        self.count_stored()?;
+        let deleted = self
             .client
             .query_opt(&self.statements.delete_message, &[&as_i64(id), &as_i64(user)])?
-            .map(|r| (MessageKind::parse(r.get(0)), r.get::<_, i64>(1) as u64)))
+            .map(|r| (MessageKind::parse(r.get(0)), r.get::<_, i64>(1) as u64));
+        if let Some((kind, _)) = deleted {
+            if let Some(n) = self.counted.get_mut(&(user, kind)) {
+                *n -= 1;
+            }
+        }
+        Ok(deleted)
     }
 
     fn group_members(&mut self, group: GroupId) -> RowResult<Vec<UserId>> {

@@ -132,7 +132,11 @@ CREATE VIEW all_shake_keys AS SELECT * FROM shake_keys UNION ALL SELECT * FROM s
 -- Creates day `d`'s partitions of packets, claims and shake wins (each
 -- split by the hash of the packet id into 4), unless they exist (also when
 -- archived: an archived day is never made again). Names carry the date:
--- packets_d20261129_h0 … h3.
+-- packets_d20261129_h0 … h3. A day is built on its own and then attached,
+-- which takes only a SHARE UPDATE EXCLUSIVE lock on the hot table: reads
+-- and writes of the other days go on meanwhile. Its bound is a constraint
+-- of its own, so attaching it (here, or to an archive table later) scans
+-- nothing.
 CREATE FUNCTION hongbao_ensure_day(d integer) RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
     suffix text := to_char(DATE '2020-01-01' + d, 'YYYYMMDD');
@@ -144,16 +148,14 @@ BEGIN
         day_table := t || '_d' || suffix;
         CONTINUE WHEN to_regclass(day_table) IS NOT NULL;
         key := CASE t WHEN 'packets' THEN 'id' ELSE 'packet' END;
-        EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%s) TO (%s) PARTITION BY HASH (%I)',
-                       day_table, t, d, d + 1, key);
-        -- The day's bound as a constraint of its own, added while the table
-        -- is empty: archiving attaches the day elsewhere without a scan.
+        EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING ALL) PARTITION BY HASH (%I)', day_table, t, key);
         EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (day >= %s AND day < %s)',
                        day_table, day_table || '_bound', d, d + 1);
         FOR h IN 0..3 LOOP
             EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES WITH (MODULUS 4, REMAINDER %s)',
                            day_table || '_h' || h, day_table, h);
         END LOOP;
+        EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%s) TO (%s)', t, day_table, d, d + 1);
     END LOOP;
 END
 $fn$;
