@@ -155,7 +155,7 @@ async fn tokens_are_checked_and_idle_connections_closed() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start_in(tmp.path(), false, &["--heartbeat-s", "1", "--idle-timeout-s", "2"]);
     let token = |user: &str, ttl: &str| {
-        let out = std::process::Command::new(bin())
+        let out = hongbao()
             .args(["token", "--data", tmp.path().to_str().unwrap(), "--user", user, "--ttl-s", ttl])
             .output()
             .unwrap();

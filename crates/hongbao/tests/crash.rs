@@ -9,8 +9,12 @@
 use std::path::Path;
 use std::process::Command;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_hongbao")
+/// The binary, with no store from the environment (the torture's server
+/// and its audits use the data directory this test gives).
+fn hongbao() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hongbao"));
+    command.env_remove("HONGBAO_STORE");
+    command
 }
 
 /// The numbers before each of `names` in `line` ("12 deposits, 30 sends").
@@ -44,7 +48,7 @@ fn processes_using(data: &Path) -> Vec<String> {
 fn acknowledged_outcomes_survive_kill_9_cycles() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let out = Command::new(bin())
+    let out = hongbao()
         .args(["perf", "crash", "--cycles", "3", "--load-ms-min", "400", "--load-ms-max", "1200", "--seed", "20261129"])
         .arg("--data")
         .arg(&data)
@@ -73,7 +77,7 @@ fn acknowledged_outcomes_survive_kill_9_cycles() {
 
     // What the run leaves is audited clean by the binary, and no server
     // process still holds it.
-    let audit = Command::new(bin()).args(["audit", "--data"]).arg(&data).output().unwrap();
+    let audit = hongbao().args(["audit", "--data"]).arg(&data).output().unwrap();
     assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
     assert_eq!(processes_using(&data), Vec::<String>::new());
 }

@@ -22,6 +22,7 @@ fn quick_demo_on_postgres_passes_every_check() {
 fn quick_demo_passes(extra: &[&str]) -> serde_json::Value {
     let out = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .env_remove("HONGBAO_STORE")
         .args(["demo", "--quick", "--out"])
         .arg(out.path())
         .args(extra)

@@ -216,7 +216,7 @@ fn the_archive_command_reports_what_it_moved_and_refuses_bad_input() {
     let db = postgres();
     let server = dev_on_postgres(&db.url(), &[]);
     drop(server);
-    let run = |args: &[&str]| std::process::Command::new(bin()).arg("archive").args(args).output().unwrap();
+    let run = |args: &[&str]| hongbao().arg("archive").args(args).output().unwrap();
     let nothing = run(&["--store", &db.url(), "--before", "2000-01-01"]);
     assert!(nothing.status.success(), "{nothing:?}");
     assert_eq!(

@@ -21,10 +21,11 @@ fn start(data: &Path, log_dir: &Path, ignore_xfsz: bool) -> Server {
     let args = Server::serve_args(data, true, &[]);
     let mut cmd = if ignore_xfsz {
         let mut sh = Command::new("sh");
+        sh.env_remove("HONGBAO_STORE");
         sh.arg("-c").arg("trap '' XFSZ; exec \"$0\" \"$@\"").arg(bin()).args(args);
         sh
     } else {
-        let mut cmd = Command::new(bin());
+        let mut cmd = hongbao();
         cmd.args(args);
         cmd
     };

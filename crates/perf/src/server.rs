@@ -107,6 +107,9 @@ impl ServerSpec {
             }
             None => Command::new(exe),
         };
+        // The server runs on the data directory given here, whatever store
+        // the environment names.
+        cmd.env_remove("HONGBAO_STORE");
         cmd.arg("serve")
             .arg("--dev")
             .arg("--data")

@@ -29,6 +29,15 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_hongbao")
 }
 
+/// The binary as a command, with no store from the environment: a test
+/// says which store it runs on (`HONGBAO_STORE` exported in the shell that
+/// runs the tests must not move them to a database).
+pub fn hongbao() -> Command {
+    let mut command = Command::new(bin());
+    command.env_remove("HONGBAO_STORE");
+    command
+}
+
 impl Server {
     /// A dev-mode server (bare user ids, open admin API) in a fresh directory.
     pub fn dev(extra: &[&str]) -> Server {
@@ -62,7 +71,7 @@ impl Server {
     pub fn start_in(data: &Path, dev: bool, extra: &[&str]) -> Server {
         let args = Server::serve_args(data, dev, extra);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log")).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = hongbao();
         cmd.args(&args).env("RUST_LOG", "info").stderr(Stdio::from(log));
         let (child, addrs) = hongbao_client::spawn_server(&mut cmd, Duration::from_secs(60)).unwrap_or_else(|e| {
             let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
@@ -187,14 +196,14 @@ pub fn dev_on_postgres(url: &str, extra: &[&str]) -> Server {
 
 /// Runs `hongbao audit --store URL --json`; returns (passed, report).
 pub fn audit_store(url: &str) -> (bool, Value) {
-    let out = Command::new(bin()).args(["audit", "--store", url, "--json"]).output().unwrap();
+    let out = hongbao().args(["audit", "--store", url, "--json"]).output().unwrap();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.success(), report)
 }
 
 /// Runs `hongbao audit --data DIR --json`; returns (passed, report).
 pub fn audit(data: &Path) -> (bool, Value) {
-    let out = Command::new(bin()).args(["audit", "--data", data.to_str().unwrap(), "--json"]).output().unwrap();
+    let out = hongbao().args(["audit", "--data", data.to_str().unwrap(), "--json"]).output().unwrap();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.success(), report)
 }

@@ -502,6 +502,7 @@ impl Run {
     fn audit(&mut self, out: &mut Outcomes) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("own executable")?;
         let run = std::process::Command::new(exe)
+            .env_remove("HONGBAO_STORE")
             .args(["audit", "--json", "--data"])
             .arg(&self.spec.data)
             .output()
