@@ -6,7 +6,11 @@ use std::process::Command;
 
 fn perf(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_hongbao"))
-        .env_remove("HONGBAO_STORE").arg("perf").args(args).output().expect("hongbao perf runs");
+        .env_remove("HONGBAO_STORE")
+        .arg("perf")
+        .args(args)
+        .output()
+        .expect("hongbao perf runs");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "perf {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
