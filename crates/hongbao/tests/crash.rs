@@ -48,13 +48,38 @@ fn processes_using(data: &Path) -> Vec<String> {
 fn acknowledged_outcomes_survive_kill_9_cycles() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
+    torture_passes(&data, &[]);
+    // What the run leaves is audited clean by the binary, and no server
+    // process still holds it.
+    let audit = hongbao().args(["audit", "--data"]).arg(&data).output().unwrap();
+    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
+    assert_eq!(processes_using(&data), Vec::<String>::new());
+}
+
+/// The same cycles with the money on a PostgreSQL server the run starts:
+/// hongbao is killed, the database lives on, and whatever hongbao
+/// acknowledged is there after each restart (its own audit runs after every
+/// kill and after the last, clean stop, with `--store`).
+#[test]
+fn acknowledged_outcomes_survive_kill_9_cycles_on_postgres() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let stdout = torture_passes(&data, &["--postgres"]);
+    assert!(stdout.contains("money on PostgreSQL at postgres://"), "{stdout}");
+    assert_eq!(processes_using(&data), Vec::<String>::new());
+}
+
+/// Runs three cycles of `hongbao perf crash` (with `extra` flags) on `data`
+/// and checks its report; returns what it printed.
+fn torture_passes(data: &Path, extra: &[&str]) -> String {
     let out = hongbao()
         .args(["perf", "crash", "--cycles", "3", "--load-ms-min", "400", "--load-ms-max", "1200", "--seed", "20261129"])
         .arg("--data")
-        .arg(&data)
+        .arg(data)
+        .args(extra)
         .output()
         .expect("hongbao perf crash runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "crash torture failed:\n{stdout}\n{stderr}");
 
@@ -74,10 +99,5 @@ fn acknowledged_outcomes_survive_kill_9_cycles() {
     assert!(pairs.iter().all(|(c, d)| c >= d), "each acknowledged outcome checked: {checked}");
     assert!(seen[4] > 0, "expired packets were refunded and checked: {checked}");
     assert!(stdout.contains("crash: PASS"), "{stdout}");
-
-    // What the run leaves is audited clean by the binary, and no server
-    // process still holds it.
-    let audit = hongbao().args(["audit", "--data"]).arg(&data).output().unwrap();
-    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
-    assert_eq!(processes_using(&data), Vec::<String>::new());
+    stdout
 }

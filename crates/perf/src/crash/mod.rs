@@ -93,6 +93,11 @@ pub struct CrashArgs {
     /// 5 cycles with loads of 0.2–1 s: a smoke check.
     #[arg(long)]
     quick: bool,
+    /// The server keeps its money on a PostgreSQL server this run starts
+    /// (`--store`; Debian's `postgresql`), which outlives every kill: what
+    /// hongbao acknowledged must be there after each restart, as with SQLite.
+    #[arg(long)]
+    postgres: bool,
 }
 
 /// The users of the run and their groups.
@@ -163,6 +168,8 @@ struct Run {
     rt: Runtime,
     seed: u64,
     spec: ServerSpec,
+    /// The PostgreSQL store's URL (`--postgres`); else SQLite in the data directory.
+    store: Option<String>,
     cast: Cast,
     load_ms: (u64, u64),
     /// Everything acknowledged and checked so far.
@@ -213,18 +220,29 @@ pub fn run(args: CrashArgs) -> anyhow::Result<()> {
     spec.gateways = args.gateways;
     spec.args =
         ["--packet-expiry-s", &args.packet_expiry_s.to_string(), "--sends-per-s", "0"].map(String::from).to_vec();
+    // Kept for the whole run (the kills hit hongbao, never the database).
+    let postgres = if args.postgres {
+        Some(hongbao_pg_harness::PgServer::start().context("starting PostgreSQL for the run")?)
+    } else {
+        None
+    };
+    let store = postgres.as_ref().map(|db| db.url());
+    if let Some(url) = &store {
+        spec.args.extend(["--store".to_owned(), url.clone()]);
+    }
     println!(
         "crash torture: seed {seed} (--seed {seed} replays its choices), {cycles} cycles of load for {}–{} ms, then \
          kill -9, audit, restart, check; packet expiry {} s; {} gateway process(es); the server runs with \
-         --sends-per-s 0 (no per-user send limit: 4 senders send faster than a person may); data {}",
+         --sends-per-s 0 (no per-user send limit: 4 senders send faster than a person may); data {}{}",
         load_ms.0,
         load_ms.1,
         args.packet_expiry_s,
         args.gateways,
-        data.display()
+        data.display(),
+        store.as_ref().map(|url| format!("; money on PostgreSQL at {url}")).unwrap_or_default()
     );
     let started = Instant::now();
-    let result = torture(spec, Cast::new(args.openers), seed, cycles, load_ms);
+    let result = torture(spec, store, Cast::new(args.openers), seed, cycles, load_ms);
     let passed = matches!(result, Ok(true));
     if let Some(dir) = dir {
         if passed {
@@ -242,7 +260,14 @@ pub fn run(args: CrashArgs) -> anyhow::Result<()> {
 }
 
 /// The whole run; `Ok(false)` when it found violations.
-fn torture(spec: ServerSpec, cast: Cast, seed: u64, cycles: u32, load_ms: (u64, u64)) -> anyhow::Result<bool> {
+fn torture(
+    spec: ServerSpec,
+    store: Option<String>,
+    cast: Cast,
+    seed: u64,
+    cycles: u32,
+    load_ms: (u64, u64),
+) -> anyhow::Result<bool> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -255,6 +280,7 @@ fn torture(spec: ServerSpec, cast: Cast, seed: u64, cycles: u32, load_ms: (u64, 
         rt,
         seed,
         spec,
+        store,
         cast,
         load_ms,
         all: Outcomes::default(),
@@ -498,15 +524,17 @@ impl Run {
         }
     }
 
-    /// `hongbao audit --data DIR` on the dead server's data.
+    /// `hongbao audit` on the dead server's store (`--data DIR`, or
+    /// `--store URL` with `--postgres`).
     fn audit(&mut self, out: &mut Outcomes) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("own executable")?;
-        let run = std::process::Command::new(exe)
-            .env_remove("HONGBAO_STORE")
-            .args(["audit", "--json", "--data"])
-            .arg(&self.spec.data)
-            .output()
-            .context("running hongbao audit")?;
+        let mut audit = std::process::Command::new(exe);
+        audit.env_remove("HONGBAO_STORE").args(["audit", "--json"]);
+        match &self.store {
+            Some(url) => audit.args(["--store", url]),
+            None => audit.arg("--data").arg(&self.spec.data),
+        };
+        let run = audit.output().context("running hongbao audit")?;
         let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap_or(serde_json::Value::Null);
         if !run.status.success() {
             let violations = report["violations"].as_array().cloned().unwrap_or_default();

@@ -41,6 +41,10 @@ const WRITER_LOCK: i64 = 0x0068_6f6e_6762_616f;
 /// Days of partitions kept ready beyond today (and one before, for a clock
 /// a little behind the database's).
 const PARTITION_DAYS_AHEAD: u32 = 3;
+/// How long a starting server waits for the writer's lock: the session of
+/// a server that was just killed lasts until its database backend notices
+/// the closed connection, which on a live network is a moment.
+const START_LOCK_WAIT: Duration = Duration::from_secs(3);
 /// How long the idle writer's check of its connection may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a connection attempt may take before the store counts as down.
@@ -180,11 +184,20 @@ impl Session {
     /// A writer's connection: the lock taken, the schema current, the
     /// statements prepared, the days around today made ready (as far as
     /// they can be).
-    fn open(target: &PgTarget) -> Result<Session, StoreError> {
+    /// `lock_wait`: how long to wait for the writer's lock if another
+    /// session holds it.
+    fn open(target: &PgTarget, lock_wait: Duration) -> Result<Session, StoreError> {
         let mut client = target.connect()?;
-        let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])?.get(0);
-        if !locked {
-            return Err(StoreError::Locked(format!("database {target}")));
+        let give_up = Instant::now() + lock_wait;
+        loop {
+            let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])?.get(0);
+            if locked {
+                break;
+            }
+            if Instant::now() >= give_up {
+                return Err(StoreError::Locked(format!("database {target}")));
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         schema::migrate(&mut client)?;
         let statements = rows::Statements::prepare(&mut client)?;
@@ -303,7 +316,7 @@ pub(crate) fn open(
     target: &PgTarget,
     readers: usize,
 ) -> Result<(PgBackend, WriterMemory, reader::PgReader), StoreError> {
-    let mut session = Session::open(target)?;
+    let mut session = Session::open(target, START_LOCK_WAIT)?;
     let memory = schema::load_writer_memory(&mut session.client)?;
     let backend = PgBackend {
         target: target.clone(),
@@ -364,7 +377,8 @@ impl Backend for PgBackend {
             self.session.as_mut().is_some_and(|s| !s.client.is_closed() && s.client.batch_execute("ROLLBACK").is_ok());
         if !kept {
             self.session = None;
-            self.session = Some(Session::open(&self.target)?);
+            // No wait: the writer fails requests fast meanwhile, and tries again.
+            self.session = Some(Session::open(&self.target, Duration::ZERO)?);
         }
         let session = self.session.as_mut().expect("opened above");
         match session.recover(self.unknown.as_deref()) {
