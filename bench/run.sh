@@ -23,6 +23,8 @@
 #   crash        (not in all) crash torture: 200 cycles of load, kill -9, audit,
 #                restart, checks that every acknowledged outcome is there once
 #                (docs/robustness.md); --quick: 5 short cycles
+#   crash-pg     (not in all) the same with the money on a PostgreSQL server the
+#                run starts (hongbao is killed, the database lives on)
 # --quick runs a small version of each (under a minute) as a smoke check; the
 # full runs are what docs/benchmarks.md quotes. Quick conn-memory: 2,000 TCP
 # connections on one gateway and 3,000 WebSocket connections over 2 gateways
@@ -40,15 +42,15 @@ case "${2:-}" in
     *) echo "unknown option: $2 (only --quick)"; exit 2 ;;
 esac
 case "$figure" in
-    conn-memory|shake-max|opens|opens-pg|broadcast|demo|overload|crash|all) ;;
+    conn-memory|shake-max|opens|opens-pg|broadcast|demo|overload|crash|crash-pg|all) ;;
     "") ;;
-    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, opens-pg, broadcast, demo, overload, crash, all)"; exit 2 ;;
+    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, opens-pg, broadcast, demo, overload, crash, crash-pg, all)"; exit 2 ;;
 esac
 out_root="${BENCH_OUT:-target/bench}"
 mkdir -p "$out_root"
 
 if [ -z "$figure" ]; then
-    sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -152,9 +154,9 @@ overload() {
 
 crash() {
     if [ -n "$quick" ]; then
-        "$HB" perf crash --quick
+        "$HB" perf crash --quick "$@"
     else
-        "$HB" perf crash --cycles 200
+        "$HB" perf crash --cycles 200 "$@"
     fi
 }
 
@@ -168,6 +170,7 @@ run_one() {
         demo) demo ;;
         overload) overload ;;
         crash) crash ;;
+        crash-pg) crash --postgres ;;
     esac
 }
 
