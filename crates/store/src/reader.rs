@@ -69,11 +69,6 @@ impl Reader {
         each_store!(self, r => r.connections())
     }
 
-    /// Asks storage a trivial question: `Ok` if it answers.
-    pub fn ping(&self) -> Result<(), StoreError> {
-        each_store!(self, r => r.ping())
-    }
-
     /// A user's committed balance (0 if the user never held money).
     pub fn balance(&self, user: UserId) -> Result<i64, StoreError> {
         each_store!(self, r => r.balance(user))

@@ -58,15 +58,17 @@ pub(crate) trait Backend: Send + 'static {
     /// committed, and commits a probe.
     fn recover(&mut self) -> Result<Recovered, StoreError>;
 
-    /// Whether the connection still works, asked before the first batch
-    /// after the writer sat idle (a database server may have restarted
-    /// meanwhile). An embedded store has no connection to lose.
+    /// Whether the connection still works, asked each time the writer has
+    /// sat idle for `IDLE_CHECK_AFTER` (a database server may have gone or
+    /// restarted meanwhile). An embedded store has no connection to lose.
     fn check(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
 }
 
-/// Idle this long, the writer checks its connection before the next batch.
+/// Idle this long, the writer checks its connection: an idle server says
+/// within about this that its database is gone (`/health`), and is
+/// connected again before the next request if it came back.
 const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a batch did not commit.
@@ -256,22 +258,26 @@ enum Next {
 impl WriterState {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut batch: Vec<Command> = Vec::with_capacity(self.batch_ops_max);
-        let mut last_batch = Instant::now();
-        while let Some(first) = rx.blocking_recv() {
-            if last_batch.elapsed() >= IDLE_CHECK_AFTER {
-                if let Err(e) = self.reconnect_if_lost() {
-                    batch.push(first);
-                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    let failure = self.batch_failed(&mut batch, &e);
-                    match self.fail_until_recovered(&mut rx, failure, Vec::new()) {
-                        Next::Continue => {}
-                        Next::Stop(late) => return self.stop(late),
-                        Next::Close(batch) => return self.close(batch, rx),
+        // Only to wait for the queue with a time limit; the store is used
+        // outside it.
+        let waiting = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("the writer's timer");
+        loop {
+            let first = match waiting.block_on(async { tokio::time::timeout(IDLE_CHECK_AFTER, rx.recv()).await }) {
+                Ok(Some(command)) => command,
+                Ok(None) => return,
+                Err(_idle) => {
+                    if let Err(e) = self.reconnect_if_lost() {
+                        tracing::error!(error = %e, "storage is gone while idle; the writer retries with backoff");
+                        self.note_failure(e.to_string());
+                        match self.fail_until_recovered(&mut rx, OpError::Storage(e.to_string()), Vec::new()) {
+                            Next::Continue => {}
+                            Next::Stop(late) => return self.stop(late),
+                            Next::Close(batch) => return self.close(batch, rx),
+                        }
                     }
-                    last_batch = Instant::now();
                     continue;
                 }
-            }
+            };
             batch.push(first);
             // Whatever queued while the last batch was committing joins this one.
             while batch.len() < self.batch_ops_max {
@@ -283,7 +289,6 @@ impl WriterState {
             self.stats.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
             let closing = batch.iter().any(|c| matches!(c, Command::Close(_)));
             let started = Instant::now();
-            last_batch = started;
             let committed = self.backend.commit(&mut batch, &mut self.memory);
             count_ops(&batch);
             match committed {
@@ -321,8 +326,9 @@ impl WriterState {
     }
 
     /// After the writer sat idle: if its connection went away meanwhile,
-    /// connects again (and reloads what is committed) before the batch, so
-    /// a database restarted while nobody asked costs no request a failure.
+    /// connects again (and reloads what is committed), so a database
+    /// restarted while nobody asked costs no request a failure; if it cannot,
+    /// storage is failing.
     fn reconnect_if_lost(&mut self) -> Result<(), StoreError> {
         let Err(lost) = self.backend.check() else { return Ok(()) };
         tracing::warn!(error = %lost, "the store's connection went away while idle; connecting again");

@@ -66,14 +66,7 @@ struct Parts {
     /// `counter!` macro looks its labels up in the registry on every call,
     /// which on the busiest path of all was a few percent of server CPU.
     inline_shake_counters: (metrics::Counter, metrics::Counter),
-    /// Set while the storage ping of an idle server fails (`watch_idle_storage`).
-    idle_ping_failure: Mutex<Option<hongbao_store::StorageFailure>>,
 }
-
-/// How often an idle server (no commit since the last look) makes sure its
-/// storage still answers, so `/health` says a database is gone even when no
-/// request has tried it.
-const IDLE_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What recovery read from storage.
 struct Recovered {
@@ -188,11 +181,8 @@ impl Engine {
                 metrics::counter!("hongbao_shakes_total", "result" => "none"),
                 metrics::counter!("hongbao_shakes_total", "result" => "not_running"),
             ),
-            idle_ping_failure: Mutex::new(None),
         };
-        let engine = Engine { parts: Arc::new(parts) };
-        watch_idle_storage(&engine);
-        Ok(engine)
+        Ok(Engine { parts: Arc::new(parts) })
     }
 
     fn shard_count(&self) -> u16 {
@@ -220,9 +210,9 @@ impl Engine {
 
     /// What is wrong with storage while it fails (`None`: it works). Money
     /// cannot move meanwhile; it recovers by itself. The writer finds out
-    /// when a commit fails; an idle server finds out from its storage ping.
+    /// when a commit fails, or, idle, when its check of the connection does.
     pub fn storage_failure(&self) -> Option<hongbao_store::StorageFailure> {
-        self.parts.writer.failure().or_else(|| hongbao_boundary::sync::lock(&self.parts.idle_ping_failure).clone())
+        self.parts.writer.failure()
     }
 
     /// Every shard's gate, for a gateway in another process.
@@ -308,52 +298,6 @@ impl Engine {
 
 /// Reads what the shards start from: id marks, open packets by shard, and
 /// groups.
-/// While nothing commits, pings storage through a reader every
-/// `IDLE_PING_INTERVAL` and keeps `Parts::idle_ping_failure` current (a busy
-/// writer, or one that already reports a failure, speaks for itself). Ends
-/// with the engine.
-fn watch_idle_storage(engine: &Engine) {
-    let parts = Arc::downgrade(&engine.parts);
-    tokio::spawn(async move {
-        let mut commits_seen = None;
-        loop {
-            tokio::time::sleep(IDLE_PING_INTERVAL).await;
-            let Some(parts) = parts.upgrade() else { return };
-            let commits = parts.writer.stats.commits.load(Ordering::Relaxed);
-            let idle = commits_seen == Some(commits) && !parts.writer.is_failing();
-            commits_seen = Some(commits);
-            if !idle {
-                *hongbao_boundary::sync::lock(&parts.idle_ping_failure) = None;
-                continue;
-            }
-            // A full read queue is load, not a failure: only storage's own error counts.
-            let Ok(pinged) = parts.reads.run(|reader| Ok(reader.ping())).await else { continue };
-            let mut failure = hongbao_boundary::sync::lock(&parts.idle_ping_failure);
-            match (pinged, failure.as_mut()) {
-                (Ok(()), _) => {
-                    if failure.take().is_some() {
-                        tracing::info!("storage answers again");
-                        metrics::gauge!("hongbao_storage_up").set(1.0);
-                    }
-                }
-                (Err(e), Some(f)) => {
-                    f.reason = e.to_string();
-                    f.failed_tries += 1;
-                }
-                (Err(e), None) => {
-                    tracing::error!(error = %e, "storage does not answer (idle ping)");
-                    metrics::gauge!("hongbao_storage_up").set(0.0);
-                    let since_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(0);
-                    *failure = Some(hongbao_store::StorageFailure { reason: e.to_string(), since_ms, failed_tries: 1 });
-                }
-            }
-        }
-    });
-}
-
 fn recover(reader: &Reader, shards: u16) -> Result<Recovered, EngineError> {
     let marks = reader.id_marks().map_err(store_error)?;
     let open_packets = reader.open_packets().map_err(store_error)?;

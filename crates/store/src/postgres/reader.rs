@@ -111,10 +111,6 @@ impl PgReader {
         }
     }
 
-    pub(crate) fn ping(&self) -> Result<(), StoreError> {
-        self.with(|c| c.batch_execute("SELECT 1"))
-    }
-
     pub(crate) fn balance(&self, user: UserId) -> Result<i64, StoreError> {
         self.with(|c| {
             Ok(c.query_opt("SELECT balance FROM accounts WHERE id = $1", &[&Account::user(user).id()])?

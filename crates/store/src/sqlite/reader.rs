@@ -62,10 +62,6 @@ impl SqliteReader {
         self.conns[0].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn ping(&self) -> Result<(), StoreError> {
-        Ok(self.conn().query_row("SELECT count(*) FROM meta", [], |_| Ok(()))?)
-    }
-
     pub(crate) fn balance(&self, user: UserId) -> Result<i64, StoreError> {
         Ok(self
             .conn()
