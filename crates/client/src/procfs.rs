@@ -27,6 +27,8 @@ pub enum ProcError {
 pub struct Stat {
     /// `R`, `S`, `D`, `Z` (zombie: exited, not yet reaped), `X` (dead), …
     pub state: char,
+    /// The parent's pid.
+    pub ppid: u32,
     /// CPU time in user and in kernel mode, clock ticks.
     pub utime_ticks: u64,
     pub stime_ticks: u64,
@@ -42,10 +44,12 @@ impl Stat {
         let (_, rest) = text.rsplit_once(')')?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-        // stat fields 3 (state), 14 (utime), 15 (stime) and 22 (starttime),
-        // counted from 1: the 1st, 12th, 13th and 20th after the name.
+        // stat fields 3 (state), 4 (ppid), 14 (utime), 15 (stime) and 22
+        // (starttime), counted from 1: the 1st, 2nd, 12th, 13th and 20th
+        // after the name.
         Some(Stat {
             state: fields.first()?.chars().next()?,
+            ppid: u32::try_from(number(1)?).ok()?,
             utime_ticks: number(11)?,
             stime_ticks: number(12)?,
             start_ticks: number(19)?,
@@ -209,7 +213,7 @@ mod tests {
     #[test]
     fn stat_fields_are_counted_after_the_command_name() {
         let s = Stat::parse(STAT).unwrap();
-        assert_eq!(s, Stat { state: 'S', utime_ticks: 250, stime_ticks: 130, start_ticks: 987654 });
+        assert_eq!(s, Stat { state: 'S', ppid: 1, utime_ticks: 250, stime_ticks: 130, start_ticks: 987654 });
         assert_eq!(s.cpu_s(), 3.8);
         assert!(!s.exited());
         assert!(Stat::parse("7 (x) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0").unwrap().exited());

@@ -6,16 +6,11 @@
 //! packets are refunded once. Three cycles here; docs/robustness.md quotes
 //! a run of hundreds. Nothing here asserts a speed.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-/// The binary, with no store from the environment (the torture's server
-/// and its audits use the data directory this test gives).
-fn hongbao() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hongbao"));
-    command.env_remove("HONGBAO_STORE");
-    command
-}
+use std::path::Path;
+
+use common::hongbao;
 
 /// The numbers before each of `names` in `line` ("12 deposits, 30 sends").
 fn counts(line: &str, names: &[&str]) -> Vec<u64> {

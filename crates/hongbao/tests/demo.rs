@@ -3,7 +3,9 @@
 //! The summary must say it passed, with real wins and opens behind it: on
 //! the embedded default, and on a PostgreSQL server the test starts.
 
-use std::process::Command;
+mod common;
+
+use common::hongbao;
 
 #[test]
 fn quick_demo_passes_every_check_with_real_traffic() {
@@ -21,8 +23,7 @@ fn quick_demo_on_postgres_passes_every_check() {
 /// Runs `hongbao demo --quick` with `extra` flags and checks its summary.
 fn quick_demo_passes(extra: &[&str]) -> serde_json::Value {
     let out = tempfile::tempdir().unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_hongbao"))
-        .env_remove("HONGBAO_STORE")
+    let status = hongbao()
         .args(["demo", "--quick", "--out"])
         .arg(out.path())
         .args(extra)

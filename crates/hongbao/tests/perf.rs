@@ -2,15 +2,12 @@
 //! work (commits, sockets) and print `FIGURE` lines that `bench/run.sh`
 //! and docs/benchmarks.md rely on. Nothing here asserts a speed.
 
-use std::process::Command;
+mod common;
+
+use common::hongbao;
 
 fn perf(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hongbao"))
-        .env_remove("HONGBAO_STORE")
-        .arg("perf")
-        .args(args)
-        .output()
-        .expect("hongbao perf runs");
+    let out = hongbao().arg("perf").args(args).output().expect("hongbao perf runs");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "perf {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout

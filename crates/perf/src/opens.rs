@@ -30,6 +30,8 @@ use hongbao_core::split::SplitKind;
 use hongbao_proto::{ErrorCode, Reply, Request, Target};
 use hongbao_shard::{CommitMode, Engine, EngineConfig, StoreLocation};
 
+use hongbao_client::procfs;
+
 use crate::figure;
 
 /// Shares per packet: the largest count a packet may have.
@@ -559,36 +561,22 @@ fn pg_db(mode: Mode) -> String {
 
 /// CPU seconds (user + system) this process has used.
 fn own_cpu_s() -> f64 {
-    cpu_s_of(std::process::id())
-}
-
-/// CPU seconds of a process from `/proc/<pid>/stat` (0 if it is gone).
-fn cpu_s_of(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the
-    // 12th and stime the 13th of them, in clock ticks of 1/100 s.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    procfs::cpu_s(std::process::id()).unwrap_or(0.0)
 }
 
 /// CPU seconds of a PostgreSQL server: its postmaster and every process it
 /// started (backends, WAL writer, checkpointer) that is still running.
 fn server_cpu_s(postmaster: u32) -> f64 {
-    let parent_of = |pid: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
-    };
     let children: f64 = std::fs::read_dir("/proc")
         .map(|dir| {
             dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| parent_of(*pid) == Some(postmaster))
-                .map(cpu_s_of)
+                .filter_map(procfs::stat)
+                .filter(|stat| stat.ppid == postmaster)
+                .map(|stat| stat.cpu_s())
                 .sum()
         })
         .unwrap_or(0.0);
-    cpu_s_of(postmaster) + children
+    procfs::cpu_s(postmaster).unwrap_or(0.0) + children
 }
 
 /// The full audit of a stopped engine's store.

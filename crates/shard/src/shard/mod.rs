@@ -379,8 +379,8 @@ impl ShardState {
     /// Asks for the next block of packet ids when the current one runs low.
     /// Never waits: with the writer's queue full it asks again on a later
     /// allocation.
-    fn reserve_ids_if_needed(&mut self) {
-        let now_ms = self.clock.now_ms();
+    /// `now_ms`: the clock, as the caller read it.
+    fn reserve_ids_if_needed(&mut self, now_ms: u64) {
         let tomorrow = ids::day_of_unix_ms(now_ms) + 1;
         let mark = if self.ids.wants_next_block() {
             self.ids.request_next_block()
@@ -406,11 +406,12 @@ impl ShardState {
     }
 
     fn next_id(&mut self) -> Option<PacketId> {
-        let id = self.ids.next_id(ids::day_of_unix_ms(self.clock.now_ms()));
+        let now_ms = self.clock.now_ms();
+        let id = self.ids.next_id(ids::day_of_unix_ms(now_ms));
         // Paired with the check in `adopt` and with the engine's routing by
         // `shard_of`: an id names the shard that made it.
         assert!(id.is_none_or(|id| shard_of(id) == self.index), "shard {} made a foreign id", self.index);
-        self.reserve_ids_if_needed();
+        self.reserve_ids_if_needed(now_ms);
         id
     }
 }

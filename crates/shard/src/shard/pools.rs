@@ -288,6 +288,6 @@ impl ShardState {
         drop(budget);
         live.released.fetch_add(released, Ordering::Relaxed);
         metrics::counter!("hongbao_campaign_released_total").increment(released);
-        self.reserve_ids_if_needed();
+        self.reserve_ids_if_needed(now_ms);
     }
 }
