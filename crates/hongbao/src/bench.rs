@@ -218,7 +218,7 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
                 pids: remote.server_pid.into_iter().collect(),
             };
             let store = match (&plan_args.store, &plan_args.data) {
-                (Some(url), _) => Some(StoreLocation::resolve(Some(url), Path::new(""))?),
+                (Some(url), _) => Some(StoreLocation::postgres(url)?),
                 (None, Some(data)) => Some(StoreLocation::Sqlite(data.clone())),
                 (None, None) => None,
             };

@@ -117,7 +117,7 @@ enum Command {
 
 /// `hongbao archive`: runs it and prints what moved and what stayed.
 fn archive(store: &str, before: &str, json: bool) -> anyhow::Result<()> {
-    let location = hongbao_store::StoreLocation::resolve(Some(store), std::path::Path::new(""))?;
+    let location = hongbao_store::StoreLocation::postgres(store)?;
     let report = hongbao_store::archive(&location, before).context("cannot archive")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

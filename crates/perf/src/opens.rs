@@ -332,7 +332,7 @@ async fn measure(
             let db = pg_db(mode);
             server.create_database(&db).context("creating the run's database")?;
             server.psql_in(&db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")?;
-            (StoreLocation::resolve(Some(&server.url_for(&db)), Path::new(""))?, None)
+            (StoreLocation::postgres(&server.url_for(&db))?, None)
         }
     };
     let server_pid = match place {

@@ -840,19 +840,19 @@ fn port_accepts(port: u16) -> bool {
 
 /// Whether `pid` exists and is not a zombie (a dead process its parent has
 /// not reaped: the postmaster's parent is whatever adopted it).
+/// A process's state letter from `/proc/<pid>/stat` (`R`, `S`, `Z`, …),
+/// counted after the command name, which may hold spaces; `None` if gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 fn process_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => match stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) {
-            Some(state) => state != 'Z' && state != 'X',
-            None => false,
-        },
-        Err(_) => false,
-    }
+    process_state(pid).is_some_and(|state| state != 'Z' && state != 'X')
 }
 
 fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) == Some('Z'))
+    process_state(pid) == Some('Z')
 }
 
 /// The pids whose parent is `pid` (the postmaster's backends and helpers).

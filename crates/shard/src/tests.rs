@@ -96,7 +96,7 @@ impl Stores {
             Stores::Postgres(server, made) => {
                 let db = format!("t{}", made.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
                 server.create_database(&db).unwrap();
-                StoreLocation::resolve(Some(&server.url_for(&db)), std::path::Path::new("")).unwrap()
+                StoreLocation::postgres(&server.url_for(&db)).unwrap()
             }
         }
     }

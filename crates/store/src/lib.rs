@@ -72,13 +72,19 @@ impl StoreLocation {
     pub fn resolve(store: Option<&str>, data: &Path) -> Result<StoreLocation, StoreError> {
         match store.map(str::trim) {
             None | Some("") => Ok(StoreLocation::Sqlite(data.to_owned())),
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                Ok(StoreLocation::Postgres(PgTarget::parse(url)?))
-            }
-            Some(other) => Err(StoreError::Location(
-                other.into(),
+            Some(url) => StoreLocation::postgres(url),
+        }
+    }
+
+    /// A PostgreSQL database by its `postgres://` or `postgresql://` URL.
+    pub fn postgres(url: &str) -> Result<StoreLocation, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(StoreLocation::Postgres(PgTarget::parse(url)?))
+        } else {
+            Err(StoreError::Location(
+                url.into(),
                 "expected a postgres:// URL (without --store, SQLite in the data directory)".into(),
-            )),
+            ))
         }
     }
 

@@ -28,9 +28,7 @@ impl TestStore {
     fn location(&self) -> StoreLocation {
         match self {
             TestStore::Sqlite(dir) => StoreLocation::Sqlite(dir.path().to_owned()),
-            TestStore::Postgres(server) => {
-                StoreLocation::resolve(Some(&server.url()), std::path::Path::new("")).unwrap()
-            }
+            TestStore::Postgres(server) => StoreLocation::postgres(&server.url()).unwrap(),
         }
     }
 
