@@ -252,15 +252,7 @@ impl ServerChild {
         }
         self.stopped = true;
         let server_killed = !terminate(&mut self.child);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline && self.gateways.iter().any(|g| g.alive()) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let left: Vec<u32> = self.gateways.iter().filter(|g| g.alive()).map(|g| g.pid).collect();
-        for g in self.gateways.iter().filter(|g| g.alive()) {
-            kill_started(*g);
-        }
-        self.forget();
+        let left = self.end_gateways();
         if server_killed {
             bail!("server {} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed", self.child.id());
         }
@@ -282,6 +274,15 @@ impl ServerChild {
         // `Child::kill` is SIGKILL to this child's PID.
         let _ = self.child.kill();
         self.child.wait().context("reaping the killed server")?;
+        let left = self.end_gateways();
+        ensure!(left.is_empty(), "gateway processes {left:?} outlived the killed server by {STOP_TIMEOUT:?}; killed");
+        Ok(())
+    }
+
+    /// Once the serve process is gone: waits up to `STOP_TIMEOUT` for its
+    /// gateway children to end, kills by PID any still there, and forgets
+    /// every process of this server. Returns the PIDs it had to kill.
+    fn end_gateways(&self) -> Vec<u32> {
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline && self.gateways.iter().any(|g| g.alive()) {
             std::thread::sleep(Duration::from_millis(20));
@@ -291,8 +292,7 @@ impl ServerChild {
             kill_started(*g);
         }
         self.forget();
-        ensure!(left.is_empty(), "gateway processes {left:?} outlived the killed server by {STOP_TIMEOUT:?}; killed");
-        Ok(())
+        left
     }
 
     /// Every process of this server is gone (reaped, or killed by PID).
