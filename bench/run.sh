@@ -6,7 +6,8 @@
 # lines plus a plain-language line of what was run. Figures:
 #   conn-memory  server RSS per idle connection (TCP and WebSocket): 19,000 on one
 #                gateway process, then 100,000 over 6 gateway processes (the RSS of
-#                every server process summed; clients in several processes)
+#                every server process summed; clients in several processes); read
+#                once all are open (awake) and again once they have parked (30 s)
 #   shake-max    highest shake rate answered within 2% of target with <1% overload;
 #                p50/p99 at 50k/s; server CPU per shake
 #   opens        durable opens/s, group commit vs transaction-per-open (same run)
@@ -14,7 +15,8 @@
 #                postgresql, fsync=on, synchronous_commit=on) next to SQLite's
 #                figures from the same run; where PostgreSQL's time goes
 #   broadcast    one broadcast to 100,000 connections over 6 gateway processes
-#                (1% slow readers that never read), time until every reader has it
+#                (1% slow readers that never read), time until every reader has it;
+#                then the same once the connections have parked
 #   demo         wall time of the default `hongbao demo`
 #   overload     the server pinned to one CPU, the load to the other: capacity of
 #                plain shakes, keyed shakes and opens, then 2x each for 30 s: RSS,
@@ -131,8 +133,8 @@ demo() {
 # processes (`perf hold`, 18,000 each, one loopback address each).
 conn_memory() {
     if [ -n "$quick" ]; then
-        "$HB" perf conn-memory --quick --transport tcp || return 1
-        "$HB" perf conn-memory --connections 3000 --transport ws --gateways 2 --clients-per-process 1600 || return 1
+        "$HB" perf conn-memory --quick --transport tcp --park-after-s 5 || return 1
+        "$HB" perf conn-memory --connections 3000 --transport ws --gateways 2 --clients-per-process 1600 --park-after-s 5 || return 1
     else
         "$HB" perf conn-memory || return 1
         "$HB" perf conn-memory --connections 100000 --gateways 6 || return 1
@@ -142,8 +144,12 @@ conn_memory() {
 broadcast() {
     if [ -n "$quick" ]; then
         "$HB" perf broadcast --connections 3000 --gateways 2 --clients-per-process 1500
+        "$HB" perf broadcast --connections 3000 --gateways 2 --clients-per-process 1500 --parked-after-s 2
     else
         "$HB" perf broadcast --connections 100000 --gateways 6
+        # The same to connections that have parked (idle 30 s): every one is
+        # woken by the notice.
+        "$HB" perf broadcast --connections 100000 --gateways 6 --parked-after-s 30
     fi
 }
 

@@ -307,6 +307,18 @@ impl OutboxReceiver {
         Poll::Pending
     }
 
+    /// Leaves `waker` to be woken by the next frame queued (or an overflow),
+    /// in place of the receiving task's. False if a frame or an overflow is
+    /// already waiting. For a connection that parks without a task.
+    pub fn watch(&mut self, waker: &Waker) -> bool {
+        let mut state = self.shared.lock();
+        if state.overflowed || !state.frames.is_empty() {
+            return false;
+        }
+        state.waker = Some(waker.clone());
+        true
+    }
+
     /// The oldest queued frame, if any, without waiting.
     pub fn try_recv(&mut self) -> Option<ServerFrame> {
         let mut state = self.shared.lock();

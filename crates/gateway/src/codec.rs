@@ -73,6 +73,11 @@ impl FrameReader {
         FrameReader::default()
     }
 
+    /// True between frames: nothing received is waiting to be decoded.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     #[cfg(test)]
     pub async fn read_frame<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> std::io::Result<ReadOutcome> {
         std::future::poll_fn(|cx| self.poll_read_frame(cx, io, FRAME_BYTES_MAX)).await

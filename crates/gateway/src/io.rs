@@ -3,11 +3,13 @@
 //! `ws`. A leaf beside `codec`: it knows frames, not connections.
 
 use std::future::poll_fn;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use hongbao_proto::{binary, ClientFrame, ErrorCode, ServerFrame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::codec::{FrameError, FrameReader, ReadOutcome};
 
@@ -110,6 +112,22 @@ impl Unsent {
     }
 }
 
+/// A transport whose idle connection can give up its task (`park`): its
+/// socket leaves tokio's reactor, and everything else it holds stays as it
+/// is until `unpark` puts the socket back.
+pub(crate) trait Parkable: FrameIo + Sized + Send + 'static {
+    /// The transport while parked: the same state over a plain socket.
+    type Parked: AsRawFd + Send + 'static;
+    /// True if nothing is half done: no bytes received and not yet decoded,
+    /// nothing (a pong) waiting to be written. Only such a transport parks.
+    fn is_quiet(&self) -> bool;
+    /// Takes the socket out of tokio's reactor. An error loses the socket
+    /// (the connection then ends).
+    fn park(self) -> std::io::Result<Self::Parked>;
+    /// Registers the socket with the reactor of the calling runtime again.
+    fn unpark(parked: Self::Parked) -> std::io::Result<Self>;
+}
+
 /// Raw TCP: `[u32 BE length][postcard]` both ways.
 pub(crate) struct TcpIo<S> {
     stream: S,
@@ -119,6 +137,28 @@ pub(crate) struct TcpIo<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> TcpIo<S> {
     pub fn new(stream: S) -> TcpIo<S> {
         TcpIo { stream, reader: FrameReader::new() }
+    }
+}
+
+impl AsRawFd for TcpIo<std::net::TcpStream> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+impl Parkable for TcpIo<TcpStream> {
+    type Parked = TcpIo<std::net::TcpStream>;
+
+    fn is_quiet(&self) -> bool {
+        self.reader.is_empty()
+    }
+
+    fn park(self) -> std::io::Result<Self::Parked> {
+        Ok(TcpIo { stream: self.stream.into_std()?, reader: self.reader })
+    }
+
+    fn unpark(parked: Self::Parked) -> std::io::Result<Self> {
+        Ok(TcpIo { stream: TcpStream::from_std(parked.stream)?, reader: parked.reader })
     }
 }
 

@@ -30,6 +30,7 @@ mod conn;
 #[cfg(fuzzing)]
 pub mod fuzz;
 mod io;
+mod park;
 mod server;
 mod shared;
 mod ws;
@@ -142,6 +143,12 @@ pub const HEARTBEAT_S_DEFAULT: u32 = 30;
 /// Default seconds without any frame before a connection is closed: three
 /// missed heartbeats.
 pub const IDLE_TIMEOUT_S_DEFAULT: u32 = 90;
+/// Default seconds of nothing but heartbeats before a connection parks.
+/// Long against the gaps between a busy user's requests (a user shaking
+/// during a campaign is not parked and woken at every shake), short against
+/// the heartbeat interval of an idle phone (minutes), so an evening's idle
+/// connections spend most of their time parked.
+pub const PARK_AFTER_S_DEFAULT: u32 = 30;
 /// Default seconds a new connection has to send `hello`.
 pub const HELLO_TIMEOUT_S_DEFAULT: u32 = 10;
 /// Default connection cap: a process may hold at most 20,000 file
@@ -194,6 +201,10 @@ pub struct GatewayConfig {
     /// Join the listen ports' SO_REUSEPORT group, shared with the other
     /// gateway processes of this server (`serve --gateways N`).
     pub reuse_port: bool,
+    /// Seconds with nothing but heartbeats after which a connection parks:
+    /// it gives up its task and its place in tokio's reactor until the
+    /// peer, a push or a deadline wakes it (`park`). 0: never.
+    pub park_after_s: u32,
 }
 
 impl GatewayConfig {
@@ -213,6 +224,7 @@ impl GatewayConfig {
                 MAX_CONNECTIONS_DEFAULT,
             )),
             reuse_port: false,
+            park_after_s: PARK_AFTER_S_DEFAULT,
         }
     }
 
@@ -250,4 +262,6 @@ pub enum GatewayError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("accept loop failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("cannot set up the epoll set for idle connections: {0}")]
+    Parking(std::io::Error),
 }

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::io::Transport;
 use crate::limits::{LISTEN_BACKLOG, REJECT_TIMEOUT_S};
+use crate::park::Parking;
 use crate::shared::{Admission, Shared};
 use crate::{conn, ws, GatewayConfig, GatewayError};
 use hongbao_boundary::listen::{is_connection_error, AcceptBackoff, LogLimiter};
@@ -79,7 +80,12 @@ pub async fn start<B: Backend>(
     let ws = bind(config.ws_addr).await?;
     let local = |l: &TcpListener, addr| l.local_addr().map_err(|source| GatewayError::Bind { addr, source });
     let (tcp_addr, ws_addr) = (local(&tcp, config.tcp_addr)?, local(&ws, config.ws_addr)?);
-    let (shared, done_rx) = Shared::new(config, engine, shutdown);
+    let parking = if config.park_after_s > 0 {
+        Some(Parking::start(tokio::runtime::Handle::current(), shutdown.clone()).map_err(GatewayError::Parking)?)
+    } else {
+        None
+    };
+    let (shared, done_rx) = Shared::new(config, engine, shutdown, parking);
     tracing::info!(%tcp_addr, %ws_addr, dev = shared.config.dev, "gateway listening");
     if shared.config.dev {
         tracing::warn!("dev mode: bare user ids are accepted as tokens");

@@ -12,6 +12,7 @@ use metrics::Gauge;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::limits::{PENDING_TABLE_SHRINK_MIN, REJECTS_INFLIGHT_MAX};
+use crate::park::Parking;
 use crate::GatewayConfig;
 
 /// State every connection task shares.
@@ -27,6 +28,8 @@ pub(crate) struct Shared<B> {
     /// Connections not past `hello` yet, in all and per source address.
     pub pending: Arc<PendingTable>,
     pub hot_counters: HotCounters,
+    /// Where idle connections park; `None` if they never do.
+    pub parking: Option<Parking>,
     /// Never sent on: it is dropped with the last `Arc<Shared>`, held by the
     /// accept loops and every connection task, which closes `done_rx`.
     _done_tx: mpsc::Sender<()>,
@@ -37,6 +40,7 @@ impl<B> Shared<B> {
         config: GatewayConfig,
         engine: B,
         shutdown: watch::Receiver<bool>,
+        parking: Option<Parking>,
     ) -> (Arc<Shared<B>>, mpsc::Receiver<()>) {
         let (done_tx, done_rx) = mpsc::channel(1);
         let shared = Shared {
@@ -44,6 +48,7 @@ impl<B> Shared<B> {
             rejects: Arc::new(Semaphore::new(REJECTS_INFLIGHT_MAX)),
             pending: Arc::new(PendingTable::new(config.max_pending_hello, config.max_pending_hello_per_ip)),
             hot_counters: HotCounters::new(),
+            parking,
             config,
             engine,
             shutdown,

@@ -17,6 +17,7 @@
 //! text is UTF-8. Pings are answered with a pong of the same payload (the
 //! latest ping wins); a close frame ends the connection and is echoed.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -26,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::codec::{check_frame_len, consume_frame, decode_json, poll_read_more, FrameError};
-use crate::io::{FrameIo, Incoming};
+use crate::io::{FrameIo, Incoming, Parkable};
 
 /// Longest frame header: 2 bytes, a 64-bit length, a 4-byte mask.
 const HEAD_BYTES_MAX: usize = 14;
@@ -150,6 +151,33 @@ impl<S> WsIo<S> {
             self.encoding.get_or_insert(Encoding::Binary);
             binary::decode_client(&payload).map_or_else(|e| Incoming::Bad(e.into()), |f| Incoming::Frame(Box::new(f)))
         }
+    }
+}
+
+impl AsRawFd for WsIo<std::net::TcpStream> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+impl Parkable for WsIo<tokio::net::TcpStream> {
+    type Parked = WsIo<std::net::TcpStream>;
+
+    fn is_quiet(&self) -> bool {
+        self.reader.buf.is_empty()
+            && self.reader.partial_opcode == 0
+            && self.pong.is_none()
+            && self.peer_close.is_none()
+    }
+
+    fn park(self) -> std::io::Result<Self::Parked> {
+        let WsIo { stream, reader, encoding, pong, peer_close } = self;
+        Ok(WsIo { stream: stream.into_std()?, reader, encoding, pong, peer_close })
+    }
+
+    fn unpark(parked: Self::Parked) -> std::io::Result<Self> {
+        let WsIo { stream, reader, encoding, pong, peer_close } = parked;
+        Ok(WsIo { stream: tokio::net::TcpStream::from_std(stream)?, reader, encoding, pong, peer_close })
     }
 }
 

@@ -13,8 +13,9 @@ use hongbao_core::limits::{PacketRules, SHARDS_MAX};
 use hongbao_shard::StoreLocation;
 
 /// Most gateway processes one server starts: each is a process with its
-/// own runtime, and 16 × 18,000 connections is past what one host serves.
-pub const GATEWAYS_MAX: usize = 16;
+/// own runtime (a few MiB), and a million connections at the default 18,000
+/// per process take 56 (`bench/run.sh million`).
+pub const GATEWAYS_MAX: usize = 64;
 use hongbao_gateway as gw;
 use serde::Deserialize;
 
@@ -73,6 +74,11 @@ pub struct ServeArgs {
     /// Seconds a new connection has to send hello [default: 10]
     #[arg(long, env = "HONGBAO_HELLO_TIMEOUT_S", value_name = "S")]
     pub hello_timeout_s: Option<u32>,
+    /// Seconds with nothing but heartbeats after which a connection parks
+    /// (gives up its task until the client, a push or a deadline wakes it;
+    /// less memory per idle connection); 0: never [default: 30]
+    #[arg(long, env = "HONGBAO_PARK_AFTER_S", value_name = "S")]
+    pub park_after_s: Option<u32>,
     /// Client connections held at once by each gateway process [default: 18000]
     #[arg(long, env = "HONGBAO_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -142,6 +148,7 @@ pub struct Config {
     pub heartbeat_s: Option<u32>,
     pub idle_timeout_s: Option<u32>,
     pub hello_timeout_s: Option<u32>,
+    pub park_after_s: Option<u32>,
     pub max_connections: Option<usize>,
     pub admin_connections_max: Option<usize>,
     pub max_pending_hello: Option<usize>,
@@ -181,6 +188,7 @@ pub struct Settings {
     pub heartbeat_s: u32,
     pub idle_timeout_s: u32,
     pub hello_timeout_s: u32,
+    pub park_after_s: u32,
     pub max_connections: usize,
     pub admin_connections_max: usize,
     pub max_pending_hello: usize,
@@ -246,6 +254,7 @@ impl Settings {
             heartbeat_s,
             idle_timeout_s: idle_timeout_s.unwrap_or(gw::IDLE_TIMEOUT_S_DEFAULT),
             hello_timeout_s: args.hello_timeout_s.or(file.hello_timeout_s).unwrap_or(gw::HELLO_TIMEOUT_S_DEFAULT),
+            park_after_s: args.park_after_s.or(file.park_after_s).unwrap_or(gw::PARK_AFTER_S_DEFAULT),
             admin_connections_max: args
                 .admin_connections_max
                 .or(file.admin_connections_max)

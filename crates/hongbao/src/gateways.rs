@@ -81,6 +81,7 @@ impl Workers {
             .args(["--heartbeat-s", &config.heartbeat_s.to_string()])
             .args(["--idle-timeout-s", &config.idle_timeout_s.to_string()])
             .args(["--hello-timeout-s", &config.hello_timeout_s.to_string()])
+            .args(["--park-after-s", &config.park_after_s.to_string()])
             .args(["--max-connections", &config.max_connections.to_string()])
             .args(["--max-pending-hello", &config.max_pending_hello.to_string()])
             .args(["--max-pending-hello-per-ip", &config.max_pending_hello_per_ip.to_string()])
@@ -169,6 +170,8 @@ pub struct WorkerArgs {
     #[arg(long)]
     hello_timeout_s: u32,
     #[arg(long)]
+    park_after_s: u32,
+    #[arg(long)]
     max_connections: usize,
     #[arg(long)]
     max_pending_hello: usize,
@@ -202,6 +205,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             max_pending_hello: args.max_pending_hello,
             max_pending_hello_per_ip: args.max_pending_hello_per_ip,
             reuse_port: true,
+            park_after_s: args.park_after_s,
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         let gateway = hongbao_gateway::start(config, engine.clone(), stop_rx).await?;

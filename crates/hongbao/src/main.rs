@@ -22,6 +22,16 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+/// jemalloc, not the system allocator, with its background thread: an idle
+/// connection is a handful of small blocks, and what a connection frees when
+/// it parks (its task, its reactor registration) must go back to the system.
+/// jemalloc keeps each size in slabs of its own, so those blocks leave whole
+/// pages empty, and its background thread returns pages unused for 10 s.
+/// glibc's malloc keeps them as holes among the blocks that stay, and so
+/// (as measured) did mimalloc (docs/benchmarks.md, conn-memory).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "hongbao", version, about = "Red-packet (红包) server: group packets, shake campaigns, push")]
 struct Cli {

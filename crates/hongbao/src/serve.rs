@@ -228,6 +228,7 @@ async fn start_front(
         max_pending_hello: settings.max_pending_hello,
         max_pending_hello_per_ip: settings.max_pending_hello_per_ip,
         reuse_port: settings.gateways > 1,
+        park_after_s: settings.park_after_s,
     };
     let gateway = hongbao_gateway::start(gateway_config.clone(), engine.clone(), stop_rx.clone()).await?;
     let gateway_config = GatewayConfig { tcp_addr: gateway.tcp_addr(), ws_addr: gateway.ws_addr(), ..gateway_config };

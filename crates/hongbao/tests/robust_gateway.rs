@@ -53,18 +53,6 @@ fn is_welcome(frame: &Option<ServerFrame>) -> bool {
     matches!(frame, Some(ServerFrame::Reply { id: 1, reply: Reply::Welcome { .. } }))
 }
 
-/// The value of the first `/metrics` sample of `name` whose labels include
-/// every one of `labels`; 0 if there is none.
-async fn metric(server: &Server, name: &str, labels: &[&str]) -> f64 {
-    let body = server.get("/metrics").await.body;
-    let text = body.as_str().unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .next()
-        .unwrap_or(0.0)
-}
-
 /// Whether the server has refused (`Close{overload}`, then EOF) or kept a
 /// connection that sent no hello, judged without waiting: by now a refusal
 /// is in the socket.

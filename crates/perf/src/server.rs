@@ -148,11 +148,12 @@ pub struct ServerChild {
 impl ServerChild {
     /// Starts the server with `gateways` gateway processes, each holding at
     /// most `max_connections` client connections, in a temporary directory.
-    pub fn start(max_connections: usize, gateways: u32) -> anyhow::Result<ServerChild> {
+    pub fn start(max_connections: usize, gateways: u32, args: &[String]) -> anyhow::Result<ServerChild> {
         let dir = tempfile::Builder::new().prefix("hongbao-perf-").tempdir().context("temporary directory")?;
         let mut spec = ServerSpec::new(dir.path().join("data"), dir.path().join("server.log"));
         spec.gateways = gateways;
         spec.max_connections = max_connections;
+        spec.args = args.to_vec();
         let mut server = ServerChild::start_spec(&spec)?;
         server._dir = Some(dir);
         Ok(server)

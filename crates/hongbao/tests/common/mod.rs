@@ -180,6 +180,18 @@ impl Drop for Server {
     }
 }
 
+/// The value of the first `/metrics` sample of `name` whose labels include
+/// every one of `labels`; 0 if there is none.
+pub async fn metric(server: &Server, name: &str, labels: &[&str]) -> f64 {
+    let body = server.get("/metrics").await.body;
+    let text = body.as_str().unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .next()
+        .unwrap_or(0.0)
+}
+
 pub fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
