@@ -69,6 +69,23 @@ impl Reads {
         rx.await.map_err(|_| EngineError::Internal("the reader threads have stopped".into()))?.map_err(store_error)
     }
 
+    /// Runs `f` on a reader thread, waiting for room in the queue instead of
+    /// being refused. For the stored-message read of a connection that was
+    /// already welcomed: a storm of logins waits its turn rather than having
+    /// connections closed right after their welcome. The waiters are bounded
+    /// by the connections the gateways admitted.
+    pub(crate) async fn run_waiting<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |reader| drop(tx.send(f(reader))));
+        if self.jobs.send(job).await.is_err() {
+            return Err(EngineError::Internal("the reader threads have stopped".into()));
+        }
+        rx.await.map_err(|_| EngineError::Internal("the reader threads have stopped".into()))?.map_err(store_error)
+    }
+
     /// For callers that cannot wait (a shard's loop): runs `f` on a reader
     /// thread, or, when too many reads are queued already, calls `refused`
     /// at once instead.
@@ -140,9 +157,18 @@ mod tests {
         reads.spawn(|_| panic!("no room"), || refused.store(true, Ordering::Relaxed));
         assert!(refused.load(Ordering::Relaxed));
         assert!(matches!(reads.run(|r| r.balance(1)).await, Err(EngineError::Overload)));
+        // A read that may wait (a welcomed connection's stored messages)
+        // waits for room instead, and runs once there is.
+        let waiting = tokio::spawn({
+            let reads = reads.clone();
+            async move { reads.run_waiting(|r| r.balance(1)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "no room yet");
         for _ in 0..STORAGE_READS_INFLIGHT_MAX {
             release_tx.send(()).unwrap();
         }
+        assert_eq!(waiting.await.unwrap().unwrap(), 0);
         for h in held {
             h.await.unwrap().unwrap();
         }

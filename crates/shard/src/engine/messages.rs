@@ -89,7 +89,9 @@ impl Engine {
         // Register first so nothing pushed from now on is missed; a message
         // may then arrive twice (live and from storage): clients dedupe by `msg`.
         let conn = Connection::register(&self.parts.push_hub, user, outbox.clone());
-        let pending = self.read(move |r| r.messages(user, MESSAGES_ON_CONNECT_MAX)).await?;
+        // Waits for a reader rather than being refused: the client has its
+        // welcome already, and a login storm must not close connections.
+        let pending = self.parts.reads.run_waiting(move |r| r.messages(user, MESSAGES_ON_CONNECT_MAX)).await?;
         for (msg, body) in pending {
             match postcard::from_bytes::<PushBody>(&body) {
                 Ok(body) => {
