@@ -27,12 +27,24 @@
 #                (docs/robustness.md); --quick: 5 short cycles
 #   crash-pg     (not in all) the same with the money on a PostgreSQL server the
 #                run starts (hongbao is killed, the database lives on)
+#   million      (not in all) `hongbao bench` with 1,000,000 simulated users on a
+#                local server of 56 gateway processes (18,000 connections each at
+#                most), 67 simulator processes of 15,000 users, a heartbeat every
+#                720 s: connect at 10,000/s, a 600 s idle hold (server and
+#                simulator memory every 10 s, a probe pinging every 100 ms), 30,000
+#                shakes/s for 60 s with a campaign releasing 200 packets/s, a
+#                broadcast to every connection, 2,000 group packets, reconciliation
+#                and audit; memory per connection (server RSS, kernel slab and
+#                socket buffers). Checks the system limits a million needs first.
+#                --quick: 20,000 users over 2 gateways, heartbeat 30 s, idle 30 s,
+#                5,000 shakes/s for 10 s (under ~2 minutes)
 # --quick runs a small version of each (under a minute) as a smoke check; the
 # full runs are what docs/benchmarks.md quotes. Quick conn-memory: 2,000 TCP
 # connections on one gateway and 3,000 WebSocket connections over 2 gateways
 # from 2 client processes; quick broadcast: 3,000 connections over 2 gateways
 # from 2 client processes. Every run is bounded, targets 127.0.0.0/8
-# (loopback) only, and stops the processes it starts.
+# (loopback) only, and stops the processes it starts. The binary is built in
+# $CARGO_TARGET_DIR if set (else ./target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,20 +56,20 @@ case "${2:-}" in
     *) echo "unknown option: $2 (only --quick)"; exit 2 ;;
 esac
 case "$figure" in
-    conn-memory|shake-max|opens|opens-pg|broadcast|demo|overload|crash|crash-pg|all) ;;
+    conn-memory|shake-max|opens|opens-pg|broadcast|demo|overload|crash|crash-pg|million|all) ;;
     "") ;;
-    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, opens-pg, broadcast, demo, overload, crash, crash-pg, all)"; exit 2 ;;
+    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, opens-pg, broadcast, demo, overload, crash, crash-pg, million, all)"; exit 2 ;;
 esac
 out_root="${BENCH_OUT:-target/bench}"
 mkdir -p "$out_root"
 
 if [ -z "$figure" ]; then
-    sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
 cargo build --release -q -p hongbao
-HB=./target/release/hongbao
+HB="${CARGO_TARGET_DIR:-./target}/release/hongbao"
 echo "# machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 shake_max() {
@@ -166,6 +178,123 @@ crash() {
     fi
 }
 
+# What a million connections need of this machine, printed, and a clear
+# failure if it cannot hold them: every connection is two descriptors (the
+# simulated user's and the server's), each process holds its share below its
+# open-file limit, each simulated user binds a source port of its own below
+# the ephemeral range, and memory for the server, the simulator and the
+# kernel's sockets.
+million_limits() {
+    local users=$1 per_worker=$2 gateways=$3
+    local per_gateway=$(( (users + gateways - 1) / gateways ))
+    local per_process=$(( per_gateway > per_worker ? per_gateway : per_worker ))
+    # Room for the spread SO_REUSEPORT leaves between gateways (~2.5 standard
+    # deviations at 18,000 each is ~+340) and the runtime's own descriptors.
+    local need_files=$(( per_process + 1000 ))
+    local need_system=$(( 2 * users + 50000 ))
+    # Per user: ~2.4 KB simulator + ~1.8 KB server + ~9 KB kernel slab per
+    # client+server socket pair (measured, docs/benchmarks.md), rounded up;
+    # plus 2 GiB for the rest.
+    local need_kb=$(( users * 16 + 2 * 1024 * 1024 ))
+    local file_max nr_open soft hard ports low high avail ct_max ct_count ok=1
+    file_max=$(cat /proc/sys/fs/file-max)
+    nr_open=$(cat /proc/sys/fs/nr_open)
+    soft=$(ulimit -Sn); hard=$(ulimit -Hn)
+    read -r low high < /proc/sys/net/ipv4/ip_local_port_range
+    avail=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+    echo "# limits for $users users ($per_worker per simulator process, $per_gateway per gateway process):"
+    echo "#   fs.file-max $file_max (need >= $need_system: 2 descriptors per connection + slack)"
+    echo "#   fs.nr_open $nr_open, ulimit -n soft $soft / hard $hard (need soft >= $need_files per process)"
+    echo "#   ip_local_port_range $low-$high (simulated users bind 10000..$(( 10000 + per_worker - 1 )) per worker: must be below it, and below 32768)"
+    echo "#   MemAvailable $(( avail / 1024 )) MiB (need >= $(( need_kb / 1024 )) MiB: ~16 KB per user + 2 GiB)"
+    echo "#   net.core.somaxconn $(cat /proc/sys/net/core/somaxconn), tcp_max_syn_backlog $(cat /proc/sys/net/ipv4/tcp_max_syn_backlog), tcp_mem (pages) $(cat /proc/sys/net/ipv4/tcp_mem)"
+    if [ "$file_max" -lt "$need_system" ]; then
+        echo "million: fs.file-max $file_max < $need_system (sysctl -w fs.file-max=$need_system)"; ok=0
+    fi
+    if [ "$soft" != unlimited ] && [ "$soft" -lt "$need_files" ]; then
+        echo "million: open-file limit $soft < $need_files per process (ulimit -n $need_files; hard $hard, fs.nr_open $nr_open)"; ok=0
+    fi
+    if [ "$nr_open" -lt "$need_files" ]; then
+        echo "million: fs.nr_open $nr_open < $need_files"; ok=0
+    fi
+    if [ $(( 10000 + per_worker )) -gt 32768 ] || { [ "$low" -lt $(( 10000 + per_worker )) ] && [ "$high" -ge 10000 ]; }; then
+        echo "million: the simulator's source ports 10000..$(( 10000 + per_worker - 1 )) overlap the ephemeral range $low-$high or pass 32767 (fewer --users-per-worker, or raise the range's start)"; ok=0
+    fi
+    if [ "$avail" -lt "$need_kb" ]; then
+        echo "million: $(( avail / 1024 )) MiB available < $(( need_kb / 1024 )) MiB"; ok=0
+    fi
+    if [ -r /proc/sys/net/netfilter/nf_conntrack_max ]; then
+        ct_max=$(cat /proc/sys/net/netfilter/nf_conntrack_max)
+        ct_count=$(cat /proc/sys/net/netfilter/nf_conntrack_count 2>/dev/null || echo 0)
+        echo "#   nf_conntrack_max $ct_max, nf_conntrack_count $ct_count (connections are tracked only if a firewall rule asks)"
+        if [ "$ct_count" -gt 0 ] && [ "$ct_max" -lt $(( users + 10000 )) ]; then
+            echo "million: connection tracking is on and nf_conntrack_max $ct_max < $(( users + 10000 ))"; ok=0
+        fi
+    fi
+    [ "$ok" = 1 ] || { echo "million: this machine cannot hold $users connections as set up (see above)"; return 1; }
+}
+
+# 1,000,000 simulated users against a local server (issue 14): one process
+# holds at most ~19,000 connections here, so 56 gateway processes of one
+# server (1,000,000 / 18,000 rounded up) and 67 simulator processes.
+million() {
+    local out="$out_root/million"
+    rm -rf "$out"
+    local users gateways per_worker heartbeat idle steps group connect_rate=10000
+    if [ -n "$quick" ]; then
+        users=20000; gateways=2; per_worker=10000; heartbeat=30; idle=30; steps="5000:10"; group=200
+    else
+        users=1000000; gateways=56; per_worker=15000; heartbeat=720; idle=600; steps="30000:60"; group=2000
+    fi
+    million_limits "$users" "$per_worker" "$gateways" || return 1
+    local args=(bench --users "$users" --gateways "$gateways" --users-per-worker "$per_worker"
+        --heartbeat-s "$heartbeat" --connect-rate "$connect_rate" --idle-s "$idle" --steps "$steps"
+        --campaign-rate 200 --group-packets "$group" --out "$out")
+    echo "ran: hongbao ${args[*]} (local server in-process with $gateways gateway processes, simulator workers on the same machine); log $out_root/million.log"
+    local rc=0
+    "$HB" "${args[@]}" </dev/null >"$out_root/million.log" 2>&1 || rc=$?
+    if [ ! -f "$out/summary.json" ]; then
+        tail -30 "$out_root/million.log"; echo "million: the bench failed (exit $rc; log: $out_root/million.log)"; return 1
+    fi
+    sed -n '/^  users (workers)/,$p' "$out_root/million.log"
+    python3 - "$out/summary.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+failed = [c["name"] for c in s["checks"] if not c["pass"]]
+print(f"  checks: {'all PASS' if not failed else 'FAIL: ' + ', '.join(failed)}")
+if failed:
+    sys.exit(1)
+m, b, idle = s["memory"], s["broadcast"], s.get("idle") or {}
+kernel = m.get("kernel") or {}
+shake = next(p for p in s["phases"] if p["name"] == "shake-1")
+probe = idle.get("probe") or {}
+drift = idle.get("server_rss_drift") or {}
+figures = [
+    ("million_connections_held", s["connections_held"], "connections"),
+    ("million_connect_s", round(s["connect_s"], 1), "s"),
+    ("million_server_rss_per_conn", m.get("server_rss_bytes_per_conn"), "B/conn"),
+    ("million_sim_rss_per_user", s["sim_rss_bytes_per_user"], "B/user"),
+    ("million_kernel_slab_per_conn", kernel.get("slab_bytes_per_conn"), "B/conn (client+server socket pair)"),
+    ("million_kernel_sockstat_per_conn", kernel.get("sockstat_bytes_per_conn"), "B/conn (client+server socket pair)"),
+    ("million_broadcast_ms", b.get("last_ms"), "ms"),
+    ("million_shake_rate_held", round(shake["answered_per_s_median"]), "shakes/s"),
+    ("million_shake_p99", round(shake["latency_ms"]["p99"], 2), "ms"),
+    ("million_probe_ping_p99", probe.get("p99_ms"), "ms (target 10)"),
+    ("million_server_rss_drift_idle", drift.get("bytes"), "B over the idle hold"),
+]
+if kernel and abs(kernel["tcp_inuse_per_conn"] - 2) > 0.05:
+    print(f"  note: TCP sockets grew by {kernel['tcp_inuse_per_conn']:.2f} per connection, not 2: other work on "
+          "the machine moved the kernel figures (they are the whole machine's)")
+missing = [name for name, value, _ in figures if value is None]
+for name, value, unit in figures:
+    if value is not None:
+        print(f"FIGURE {name} {value} {unit}")
+if missing:
+    print(f"  not measured: {', '.join(missing)}")
+    sys.exit(1)
+PY
+}
+
 run_one() {
     case "$1" in
         conn-memory) conn_memory ;;
@@ -177,6 +306,7 @@ run_one() {
         overload) overload ;;
         crash) crash ;;
         crash-pg) crash --postgres ;;
+        million) million ;;
     esac
 }
 

@@ -1,6 +1,8 @@
 //! What the tools read about processes from `/proc` (Linux): CPU time, memory,
-//! open sockets, the open-file limit. One reader for the simulator, the perf
-//! figures and the black-box tests.
+//! open sockets, the open-file limit, a process's children; and about the
+//! kernel's own memory (`/proc/meminfo`'s slab, `/proc/net/sockstat`'s TCP
+//! sockets). One reader for the simulator, the perf figures and the
+//! black-box tests.
 //!
 //! Each reader is a file read plus a parser of its text; the parsers are
 //! plain functions on `&str`, tested on sample text, and return `None` on
@@ -191,6 +193,88 @@ fn is_socket_link(target: &std::path::Path) -> bool {
     target.to_string_lossy().starts_with("socket:")
 }
 
+/// The processes whose parent is `pid` (`/proc/*/stat`), in no order. A
+/// process that exits during the scan is left out.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|&child| stat(child).is_some_and(|s| s.ppid == pid && !s.exited()))
+        .collect()
+}
+
+/// The kernel's slab memory (`/proc/meminfo`), bytes: where socket
+/// structures, their inodes and dentries live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slab {
+    /// `Slab`: the two below together.
+    pub total: u64,
+    /// `SReclaimable`: caches the kernel may drop (dentries, inodes).
+    pub reclaimable: u64,
+    /// `SUnreclaim`: the rest (the sockets themselves).
+    pub unreclaimable: u64,
+}
+
+impl Slab {
+    /// Parses the text of `/proc/meminfo` (`Name:   123 kB` lines).
+    pub fn parse(text: &str) -> Option<Slab> {
+        Some(Slab {
+            total: status_kb(text, "Slab")? * 1024,
+            reclaimable: status_kb(text, "SReclaimable")? * 1024,
+            unreclaimable: status_kb(text, "SUnreclaim")? * 1024,
+        })
+    }
+}
+
+/// `/proc/meminfo`'s slab figures now.
+pub fn slab() -> Option<Slab> {
+    Slab::parse(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// The `TCP:` line of `/proc/net/sockstat`: the whole machine's TCP sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSockets {
+    /// Sockets in use (established, listening, …).
+    pub inuse: u64,
+    /// Sockets allocated (in use, orphaned, in TIME_WAIT, …).
+    pub alloc: u64,
+    /// Pages charged to TCP socket buffers (`mem`, in pages, not bytes).
+    pub mem_pages: u64,
+}
+
+impl TcpSockets {
+    /// Parses the text of `/proc/net/sockstat`: the line
+    /// `TCP: inuse 5 orphan 0 tw 0 alloc 7 mem 3`, whose fields come as
+    /// name-value pairs.
+    pub fn parse(text: &str) -> Option<TcpSockets> {
+        let line = text.lines().find_map(|l| l.strip_prefix("TCP:"))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let field = |name: &str| {
+            words.chunks_exact(2).find(|pair| pair[0] == name).and_then(|pair| pair[1].parse::<u64>().ok())
+        };
+        Some(TcpSockets { inuse: field("inuse")?, alloc: field("alloc")?, mem_pages: field("mem")? })
+    }
+}
+
+/// `/proc/net/sockstat`'s TCP line now.
+pub fn tcp_sockets() -> Option<TcpSockets> {
+    TcpSockets::parse(&std::fs::read_to_string("/proc/net/sockstat").ok()?)
+}
+
+/// The page size `sockstat`'s `mem` counts in (`getconf PAGESIZE`; 4096 if
+/// that cannot tell, as on every x86-64 Linux).
+pub fn page_size() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("PAGESIZE")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .filter(|&p: &u64| p > 0)
+        .unwrap_or(4096)
+}
+
 /// The soft limit on open files of this process (`Max open files` in
 /// `/proc/self/limits`); `None` if unlimited or unreadable.
 pub fn open_files_limit() -> Option<u64> {
@@ -273,6 +357,44 @@ mod tests {
         assert!(this_thread_schedstat().is_some_and(|s| s.run_ns > 0));
         assert!(socket_fds(me).is_ok());
         assert!(stat(u32::MAX).is_none() && matches!(memory(u32::MAX), Err(ProcError::Read { .. })));
+    }
+
+    #[test]
+    fn meminfo_slab_parses_and_a_missing_field_is_none() {
+        let meminfo = "MemTotal:       24576000 kB\nMemAvailable:   23811196 kB\nSlab:             737888 kB\n\
+                       SReclaimable:     658244 kB\nSUnreclaim:        79644 kB\nKernelStack:        5000 kB\n";
+        let slab = Slab::parse(meminfo).unwrap();
+        assert_eq!(slab, Slab { total: 737_888 * 1024, reclaimable: 658_244 * 1024, unreclaimable: 79_644 * 1024 });
+        assert_eq!(Slab::parse("Slab: 1 kB\nSReclaimable: 1 kB\n"), None);
+        assert_eq!(Slab::parse("Slab: x kB\nSReclaimable: 1 kB\nSUnreclaim: 1 kB\n"), None);
+        assert_eq!(Slab::parse(""), None);
+    }
+
+    #[test]
+    fn sockstat_tcp_line_parses_by_field_name() {
+        let sockstat = "sockets: used 14\nTCP: inuse 3 orphan 0 tw 2 alloc 9 mem 203\nUDP: inuse 0 mem 0\n";
+        assert_eq!(TcpSockets::parse(sockstat), Some(TcpSockets { inuse: 3, alloc: 9, mem_pages: 203 }));
+        // UDP's `mem` is not TCP's; a missing TCP line or field is `None`.
+        assert_eq!(TcpSockets::parse("UDP: inuse 0 mem 5\n"), None);
+        assert_eq!(TcpSockets::parse("TCP: inuse 3 orphan 0 tw 2 alloc 9\n"), None);
+        assert_eq!(TcpSockets::parse("TCP: inuse three orphan 0 tw 2 alloc 9 mem 1\n"), None);
+        // Field order is not relied on.
+        assert_eq!(
+            TcpSockets::parse("TCP: mem 1 alloc 2 inuse 3\n"),
+            Some(TcpSockets { inuse: 3, alloc: 2, mem_pages: 1 })
+        );
+    }
+
+    #[test]
+    fn the_machine_and_this_process_family_are_readable() {
+        assert!(slab().is_some_and(|s| s.total > 0));
+        assert!(tcp_sockets().is_some());
+        assert!(page_size() >= 4096);
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let found = children(std::process::id()).contains(&child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found, "a child of this process is found by its ppid");
     }
 
     #[test]

@@ -61,6 +61,16 @@ pub struct PlanArgs {
     /// Runtime threads per simulator process
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// Seconds between each simulated user's heartbeats; a local server
+    /// announces the same and closes a connection after three missed
+    /// [default: 30]
+    #[arg(long, value_name = "S")]
+    pub heartbeat_s: Option<u64>,
+    /// Seconds of an idle hold after the connect phase: everyone connected
+    /// and heartbeating, nobody shaking; server and simulator memory sampled,
+    /// a probe pinging every 100 ms [default: 0, no hold]
+    #[arg(long, value_name = "S")]
+    pub idle_s: Option<u64>,
     /// Gateway processes of the local server (`serve --gateways`)
     #[arg(long, value_name = "N")]
     pub gateways: Option<u16>,
@@ -101,6 +111,8 @@ impl PlanArgs {
         set(&mut p.group_rate, self.group_rate);
         set(&mut p.drain_timeout_s, self.drain_timeout_s);
         set(&mut p.users_per_worker, self.users_per_worker);
+        set(&mut p.heartbeat_s, self.heartbeat_s);
+        set(&mut p.idle_s, self.idle_s);
         if let Some(t) = self.worker_threads {
             p.worker_threads = t;
         }
@@ -250,6 +262,11 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
     let data =
         data.map(Path::to_path_buf).or_else(|| temp.as_ref().map(|t| t.path().to_path_buf())).expect("one of them");
     let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    // The server announces the simulated users' heartbeat interval and
+    // closes a connection after the same three missed heartbeats as its
+    // defaults (90 s for 30 s).
+    let heartbeat_s = u32::try_from(plan.heartbeat_s).context("heartbeat interval")?;
+    let missed = hongbao_gateway::IDLE_TIMEOUT_S_DEFAULT / hongbao_gateway::HEARTBEAT_S_DEFAULT;
     let args = ServeArgs {
         data: Some(data.clone()),
         store: plan_args.store.clone(),
@@ -260,6 +277,8 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
         // Room for every simulated user, whatever the default.
         max_connections: Some((plan.users as usize + 100).max(hongbao_gateway::MAX_CONNECTIONS_DEFAULT)),
         gateways: plan_args.gateways,
+        heartbeat_s: Some(heartbeat_s),
+        idle_timeout_s: Some(heartbeat_s.saturating_mul(missed)),
         ..ServeArgs::default()
     };
     let settings = Settings::resolve(args)?;
@@ -273,10 +292,17 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
     let server = runtime.block_on(serve::start(settings, prometheus)).context("cannot start the local server")?;
     let ready = server.ready().clone();
     println!(
-        "local server (dev mode, in this process): tcp {} admin {} store {} (log: {})",
+        "local server (dev mode, in this process{}): tcp {} admin {} store {}, heartbeat {} s, idle timeout {} s \
+         (log: {})",
+        match ready.gateway_pids.len() {
+            0 => String::new(),
+            n => format!(", and {n} gateway processes"),
+        },
         ready.tcp,
         ready.admin,
         ready.store,
+        heartbeat_s,
+        heartbeat_s.saturating_mul(missed),
         out.join("server.log").display()
     );
     // The server runs in this process; the bench's own threads only read

@@ -23,10 +23,15 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::memory::{self, IdleSample, IdleSummary, KernelReading, KernelSummary, MemorySummary, ServerProcesses};
+use crate::probe::{Probe, ProbeSummary};
 use crate::report;
 use crate::stats::{decode_histogram, LatencySummary, SecondRow};
 use crate::timeline::{ServerSecond, TimelineRow};
+use crate::user::BROADCAST_TOPIC;
 use crate::worker::{Control, WorkerReport};
+
+pub use crate::report::summary_table;
 
 /// Users one worker process holds: below the 20,000 open files a process
 /// may have here, with room for the runtime's own descriptors.
@@ -53,6 +58,25 @@ const DRAIN_IDLE: Duration = Duration::from_secs(5);
 const SHAKE_RATE_TOLERANCE: f64 = 0.02;
 /// Share of the campaign rate the released count may miss by.
 const RELEASE_TOLERANCE: f64 = 0.02;
+/// The account the idle hold's probe logs in as: the bench's own range,
+/// above every simulated user.
+const PROBE_USER: u64 = 900_000_000_090;
+/// After the connect phase, the server's RSS is read every half second
+/// until two readings agree within `SETTLE_TOLERANCE` (at least
+/// `SETTLE_MIN`, at most `SETTLE_MAX`): the hellos' burst leaves blocking
+/// threads and buffers that go within seconds, and are not what holding
+/// the connections costs.
+const SETTLE_MIN: Duration = Duration::from_secs(2);
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+const SETTLE_TOLERANCE: f64 = 0.002;
+/// The broadcast gets this long to reach everyone, plus a second per
+/// `BROADCAST_WAIT_USERS_PER_S` users: 100,000 connections took ~1 s on this
+/// machine (docs/benchmarks.md), so the wait is ~10× what a million need.
+const BROADCAST_WAIT_S: u64 = 60;
+const BROADCAST_WAIT_USERS_PER_S: u64 = 20_000;
+/// Longest heartbeat interval a plan may ask for (the server's idle timeout
+/// is three of them, in seconds as a `u32`).
+const HEARTBEAT_S_MAX: u64 = 86_400;
 
 /// Every figure of a run. `demo`, `quick` and `reference` are starting points.
 #[derive(Clone, Debug, Serialize)]
@@ -73,8 +97,13 @@ pub struct Plan {
     pub users_per_worker: u64,
     /// Runtime threads per worker process.
     pub worker_threads: usize,
-    /// Seconds between the simulated clients' heartbeats.
+    /// Seconds between the simulated clients' heartbeats; a local server
+    /// announces it and closes a connection after three missed.
     pub heartbeat_s: u64,
+    /// Seconds of the idle hold after the connect phase (0: none): everyone
+    /// stays connected and heartbeats, nobody shakes; memory and a probe's
+    /// pings are measured.
+    pub idle_s: u64,
 }
 
 impl Plan {
@@ -92,6 +121,7 @@ impl Plan {
             users_per_worker: USERS_PER_WORKER_DEFAULT,
             worker_threads: 1,
             heartbeat_s: 30,
+            idle_s: 0,
         }
     }
 
@@ -124,10 +154,15 @@ impl Plan {
         }
     }
 
-    /// Wall time of the plan if every phase keeps to its schedule.
+    /// Wall time of the plan if every phase keeps to its schedule (the
+    /// memory settle after connecting counted at its longest, the broadcast
+    /// at 2 s).
     pub fn expected_s(&self) -> u64 {
         self.users / self.connect_per_s.max(1)
+            + SETTLE_MAX.as_secs()
+            + self.idle_s
             + self.shake_s()
+            + 2
             + self.group_packets / self.group_rate.max(1)
             + SHAKE_SETTLE.as_secs()
             + 5
@@ -146,6 +181,9 @@ impl Plan {
         }
         if self.users_per_worker == 0 || self.users_per_worker > 19_000 {
             return bad("users per worker must be 1..=19000 (a process may hold 20,000 open files)");
+        }
+        if self.heartbeat_s == 0 || self.heartbeat_s > HEARTBEAT_S_MAX {
+            return bad(&format!("the heartbeat interval must be 1..={HEARTBEAT_S_MAX} s"));
         }
         Ok(())
     }
@@ -301,11 +339,67 @@ pub struct Summary {
     pub sim_rss_bytes_per_user: u64,
     pub conn_errors: u64,
     pub reconnects: u64,
+    /// Seconds from the start of the connect phase until every user was
+    /// logged in (or the phase gave up).
+    pub connect_s: f64,
+    /// Users connected at the end of the idle hold (without one: once the
+    /// connect phase settled).
+    pub connections_held: u64,
+    /// Server and kernel memory per connection.
+    pub memory: MemorySummary,
+    /// The idle hold, if the plan has one.
+    pub idle: Option<IdleSummary>,
+    pub broadcast: BroadcastSummary,
     pub phases: Vec<PhaseSummary>,
     pub checks: Vec<Check>,
     pub plan: Plan,
     pub started_unix_ms: u64,
     pub files: Vec<String>,
+}
+
+/// The broadcast phase as it ran: one `POST /v1/broadcast` with the topic
+/// the simulated users count (`BROADCAST_TOPIC`), then the wait until each
+/// connected user has it. Times are wall clock, taken in every worker.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BroadcastSummary {
+    /// Unix ms just before the POST.
+    pub posted_unix_ms: u64,
+    /// How long the POST took to be answered (202).
+    pub post_answer_ms: f64,
+    /// Users connected when it was posted, and how many got it.
+    pub connected: u64,
+    pub received: u64,
+    /// Milliseconds from the POST until the last receipt; p50 and p99 over
+    /// every receipt (`None` without receipts).
+    pub last_ms: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// The server's broadcast task when the wait ended (`GET /v1/tasks/{id}`):
+    /// its state, the connections it started with and those it reached.
+    pub task_id: u64,
+    pub task_state: String,
+    pub task_targets: u64,
+    pub task_delivered: u64,
+    /// The wait ran out before every connected user had it.
+    pub timed_out: bool,
+}
+
+/// Delays of the broadcast receipts (`unix ms → users`) after `posted_ms`:
+/// (p50, p99, last) in ms, `None` without receipts. Quantiles are the
+/// receipt at rank ⌈q × n⌉, exact to the millisecond.
+fn receipt_delays(receipts: &BTreeMap<u64, u64>, posted_ms: u64) -> Option<(f64, f64, f64)> {
+    let n: u64 = receipts.values().sum();
+    let last = *receipts.keys().next_back()?;
+    let at_rank = |q: f64| {
+        let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
+        let mut seen = 0;
+        receipts.iter().find(|(_, users)| {
+            seen += **users;
+            seen >= rank
+        })
+    };
+    let delay = |at: u64| at.saturating_sub(posted_ms) as f64;
+    Some((delay(*at_rank(0.50)?.0), delay(*at_rank(0.99)?.0), delay(last)))
 }
 
 /// How many users send the group packets: enough that none sends faster
@@ -321,8 +415,13 @@ fn unix_ms() -> u64 {
 /// What the worker readers and the main thread share.
 #[derive(Default)]
 struct Collected {
-    /// Unix second → merged row and histogram, and how many workers reported it.
-    seconds: BTreeMap<u64, (SecondRow, Histogram<u64>, usize)>,
+    /// Unix second → merged row and histogram, and how many workers reported
+    /// it. No histogram for a second without shakes: one is ~140 KB, and an
+    /// idle hold of ten minutes would keep 80 MB of empty ones in this
+    /// process, which is the local server's (its RSS is measured).
+    seconds: BTreeMap<u64, (SecondRow, Option<Histogram<u64>>, usize)>,
+    /// Broadcast receipts of every worker: wall-clock unix ms → users.
+    broadcast_receipts: BTreeMap<u64, u64>,
     /// Latest connected count and RSS per worker.
     connected: Vec<i64>,
     rss: Vec<u64>,
@@ -421,6 +520,11 @@ struct Run<'a> {
     phases: PhaseLog,
     /// The server's processes (CPU time per phase); empty when remote.
     server_pids: Vec<u32>,
+    /// The same, with the gateway children found again at each memory
+    /// reading.
+    server_procs: ServerProcesses,
+    /// Where the idle hold's probe connects.
+    server_tcp: SocketAddr,
     /// The worker processes, once started.
     worker_pids: Mutex<Vec<u32>>,
     collected: Arc<Mutex<Collected>>,
@@ -441,6 +545,8 @@ impl Run<'_> {
             live: Arc::new(Live { multi: MultiProgress::new(), bar: Mutex::new(None) }),
             phases: Arc::default(),
             server_pids: server.pids.clone(),
+            server_procs: ServerProcesses { named: server.pids.clone() },
+            server_tcp: server.tcp,
             worker_pids: Mutex::default(),
             collected: Arc::new(Mutex::new(Collected {
                 connected: vec![0; workers_n],
@@ -474,6 +580,24 @@ impl Run<'_> {
     fn failure(&self) -> Option<String> {
         self.collected.lock().expect("collected poisoned").failure.clone()
     }
+
+    /// The server's RSS, all of its processes (not the simulator's, which
+    /// are this process's children too when the server runs in it).
+    fn server_rss(&self) -> Option<u64> {
+        let workers = self.worker_pids.lock().expect("pids poisoned").clone();
+        self.server_procs.rss(&workers)
+    }
+
+    /// Users connected, as the workers last reported.
+    fn connected(&self) -> i64 {
+        self.collected.lock().expect("collected poisoned").connected()
+    }
+}
+
+/// Memory before any user connects: the server's RSS and the kernel's.
+struct MemoryBefore {
+    server_rss: Option<u64>,
+    kernel: Option<KernelReading>,
 }
 
 /// Runs `plan` against `server`, writes the report into `out` and returns
@@ -547,6 +671,8 @@ fn fund(run: &Run) -> Result<(), BenchError> {
 fn simulate(run: &Run, server: &ServerTarget, launcher: &WorkerLauncher) -> Result<PhaseOutcome, BenchError> {
     let workers_n = run.plan.workers() as usize;
     let (second_tx, second_rx) = mpsc::channel::<u64>();
+    // Workers start connecting as soon as they run: memory is read before.
+    let before = MemoryBefore { server_rss: run.server_rss(), kernel: KernelReading::now() };
     let mut workers = spawn_workers(run.plan, server, launcher, &run.collected, second_tx)?;
     *run.worker_pids.lock().expect("pids poisoned") = workers.iter().map(|w| w.child.id()).collect();
     let stop_poll = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -554,7 +680,7 @@ fn simulate(run: &Run, server: &ServerTarget, launcher: &WorkerLauncher) -> Resu
     let (collected, phases, samples) = (run.collected.clone(), run.phases.clone(), run.samples.clone());
     let printer = spawn_printer(second_rx, collected, phases, samples, run.live.clone(), workers_n);
 
-    let result = run_phases(run, &mut workers);
+    let result = run_phases(run, &mut workers, &before);
     stop_workers(&mut workers, &run.collected);
     stop_poll.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = poller.join();
@@ -708,6 +834,11 @@ fn summary(run: &Run, started: Instant, outcome: PhaseOutcome, r: Results) -> Su
         sim_rss_bytes_per_user: outcome.rss_per_user,
         conn_errors: totals.conn_errors,
         reconnects: totals.reconnects,
+        connect_s: outcome.connect_s,
+        connections_held: outcome.connections_held,
+        memory: outcome.memory,
+        idle: outcome.idle,
+        broadcast: outcome.broadcast,
         phases: r.phases,
         checks: r.checks,
         plan: plan.clone(),
@@ -785,8 +916,11 @@ fn read_worker(w: usize, stdout: std::process::ChildStdout, collected: Arc<Mutex
         let mut c = collected.lock().expect("collected poisoned");
         match report {
             WorkerReport::Ready { rss_bytes } => c.ready_rss[w] = rss_bytes,
-            WorkerReport::Second { row, histogram, rss_bytes } => {
-                let h = decode_histogram(&histogram);
+            WorkerReport::Second { row, histogram, rss_bytes, broadcast_receipts } => {
+                let h = decode_histogram(&histogram).filter(|h| !h.is_empty());
+                for (at_ms, users) in broadcast_receipts {
+                    *c.broadcast_receipts.entry(at_ms).or_insert(0) += u64::from(users);
+                }
                 c.connected[w] = row.connected;
                 c.rss[w] = rss_bytes;
                 c.totals.merge(&row);
@@ -797,13 +931,12 @@ fn read_worker(w: usize, stdout: std::process::ChildStdout, collected: Arc<Mutex
                     }
                 }
                 let second = row.second;
-                let entry = c.seconds.entry(second).or_insert_with(|| {
-                    (SecondRow { second, ..Default::default() }, h.clone().unwrap_or_else(empty_histogram), 0)
-                });
-                if entry.2 > 0 {
-                    if let Some(h) = &h {
-                        let _ = entry.1.add(h);
-                    }
+                let entry =
+                    c.seconds.entry(second).or_insert_with(|| (SecondRow { second, ..Default::default() }, None, 0));
+                match (&mut entry.1, h) {
+                    (Some(merged), Some(h)) => drop(merged.add(&h)),
+                    (slot @ None, Some(h)) => *slot = Some(h),
+                    (_, None) => {}
                 }
                 entry.0.merge(&row);
                 entry.2 += 1;
@@ -914,7 +1047,7 @@ fn spawn_printer(
             printed = second;
             let (phase, target) = phase_at(&phases.lock().expect("phases poisoned"), second);
             let server = samples.lock().expect("samples poisoned").last().map(|s| s.connections).unwrap_or(0);
-            let p99 = LatencyMs::of(h).p99;
+            let p99 = h.as_ref().map(|h| LatencyMs::of(h).p99).unwrap_or(0.0);
             live.line(&format!(
                 "[{:>4}s] {:<9} conn {:>6} (server {:>6})  target {:>6}/s  answered {:>6}/s  wins {:>4}/s  opens {:>4}/s  p99 {:>7.2} ms",
                 second.saturating_sub(start_s),
@@ -973,21 +1106,57 @@ struct PhaseOutcome {
     campaign_running_ms: u64,
     group_packets: GroupPackets,
     rss_per_user: u64,
+    connect_s: f64,
+    connections_held: u64,
+    memory: MemorySummary,
+    idle: Option<IdleSummary>,
+    broadcast: BroadcastSummary,
     checks: Vec<Check>,
 }
 
-/// The plan's phases in order: connect, shake (while a campaign releases
-/// packets), group packets, drain.
-fn run_phases(run: &Run, workers: &mut [Worker]) -> Result<PhaseOutcome, BenchError> {
+/// The plan's phases in order: connect (then memory settles), the idle
+/// hold, shake (while a campaign releases packets), broadcast, group
+/// packets, drain.
+fn run_phases(run: &Run, workers: &mut [Worker], before: &MemoryBefore) -> Result<PhaseOutcome, BenchError> {
     let rate_override = RateOverride::from_stdin();
     let mut checks = Vec::new();
-    let (rss_per_user, connected) = connect_phase(run)?;
-    checks.push(connected);
+    let connected = connect_phase(run)?;
+    checks.push(connected.check);
+    let mut memory = settle_memory(run, before);
+    let mut connections_held = memory.connections;
+    let idle = match run.plan.idle_s {
+        0 => None,
+        _ => {
+            let (idle, idle_checks) = idle_phase(run)?;
+            checks.extend(idle_checks);
+            memory.server_rss_end_of_idle_bytes = idle.samples.last().and_then(|s| s.server_rss_bytes);
+            memory.server_rss_bytes_per_conn_end_of_idle =
+                match (before.server_rss, memory.server_rss_end_of_idle_bytes) {
+                    (Some(b), Some(a)) => Some(memory::per_connection(b, a, memory.connections)),
+                    _ => None,
+                };
+            connections_held = idle.connected_end.max(0) as u64;
+            Some(idle)
+        }
+    };
     let (campaign, campaign_running_ms) = shake_phases(run, workers, &rate_override)?;
+    let (broadcast, reached) = broadcast_phase(run)?;
+    checks.push(reached);
     let (group_packets, sent) = group_phase(run)?;
     checks.extend(sent);
     drain_phase(run);
-    Ok(PhaseOutcome { campaign, campaign_running_ms, group_packets, rss_per_user, checks })
+    Ok(PhaseOutcome {
+        campaign,
+        campaign_running_ms,
+        group_packets,
+        rss_per_user: connected.rss_per_user,
+        connect_s: connected.connect_s,
+        connections_held,
+        memory,
+        idle,
+        broadcast,
+        checks,
+    })
 }
 
 /// Sends `c` to every worker.
@@ -995,13 +1164,26 @@ fn tell(workers: &mut [Worker], c: Control) {
     workers.iter_mut().for_each(|w| w.send(&c));
 }
 
-/// Phase 1: connect everyone. Returns the simulator's memory per connected
-/// user and the check that everyone connected.
-fn connect_phase(run: &Run) -> Result<(u64, Check), BenchError> {
+/// What the connect phase measured.
+struct Connected {
+    /// The simulator's memory per connected user.
+    rss_per_user: u64,
+    /// Seconds until everyone was logged in (or the phase gave up).
+    connect_s: f64,
+    check: Check,
+}
+
+/// Phase 1: connect everyone. The wait is the planned ramp plus
+/// `connect_timeout_s` or half the ramp, whichever is longer: a million
+/// users at 10,000/s ramp for 100 s, and a machine a little slower than
+/// planned needs more than a fixed 30 s to catch up.
+fn connect_phase(run: &Run) -> Result<Connected, BenchError> {
     let plan = run.plan;
     run.mark("connect", 0);
     let bar = run.live.phase("connect", plan.users, "users");
-    let deadline = Instant::now() + Duration::from_secs(plan.users / plan.connect_per_s + plan.connect_timeout_s);
+    let began = Instant::now();
+    let ramp_s = plan.users / plan.connect_per_s;
+    let deadline = began + Duration::from_secs(ramp_s + plan.connect_timeout_s.max(ramp_s / 2));
     let mut connected = 0;
     while Instant::now() < deadline {
         if let Some(f) = run.failure() {
@@ -1014,6 +1196,7 @@ fn connect_phase(run: &Run) -> Result<(u64, Check), BenchError> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let connect_s = began.elapsed().as_secs_f64();
     // One more report so every worker's RSS reflects its connected users.
     std::thread::sleep(Duration::from_millis(1_100));
     let rss_per_user = {
@@ -1024,9 +1207,245 @@ fn connect_phase(run: &Run) -> Result<(u64, Check), BenchError> {
     let check = Check::new(
         "all users connected",
         connected >= plan.users,
-        format!("{connected} of {} users logged in; simulator memory {rss_per_user} B per user", plan.users),
+        format!(
+            "{connected} of {} users logged in in {connect_s:.1} s; simulator memory {rss_per_user} B per user",
+            plan.users
+        ),
     );
-    Ok((rss_per_user, check))
+    Ok(Connected { rss_per_user, connect_s, check })
+}
+
+/// After the connect phase: waits for the server's RSS to settle, then
+/// reads it and the kernel's memory, against the readings from before.
+fn settle_memory(run: &Run, before: &MemoryBefore) -> MemorySummary {
+    run.mark("memory", 0);
+    let began = Instant::now();
+    let mut last = run.server_rss();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = run.server_rss();
+        let agree = match (last, now) {
+            (Some(a), Some(b)) => (b as f64 - a as f64).abs() <= a as f64 * SETTLE_TOLERANCE,
+            // Without the server's processes there is nothing to wait for.
+            _ => true,
+        };
+        last = now;
+        if (agree && began.elapsed() >= SETTLE_MIN) || began.elapsed() >= SETTLE_MAX {
+            break;
+        }
+    }
+    let connections = run.connected().max(0) as u64;
+    let workers = run.worker_pids.lock().expect("pids poisoned").clone();
+    let kernel = match (before.kernel, KernelReading::now()) {
+        (Some(b), Some(a)) => Some(KernelSummary::of(b, a, connections, hongbao_client::procfs::page_size())),
+        _ => None,
+    };
+    MemorySummary {
+        connections,
+        server_processes: run.server_procs.pids(&workers).len(),
+        server_rss_before_bytes: before.server_rss,
+        server_rss_after_connect_bytes: last,
+        server_rss_end_of_idle_bytes: None,
+        server_rss_bytes_per_conn: match (before.server_rss, last) {
+            (Some(b), Some(a)) => Some(memory::per_connection(b, a, connections)),
+            _ => None,
+        },
+        server_rss_bytes_per_conn_end_of_idle: None,
+        settle_s: began.elapsed().as_secs_f64(),
+        kernel,
+    }
+}
+
+/// The idle hold: everyone stays connected and heartbeats, nobody shakes.
+/// Samples memory (server and simulator) every `memory::sample_every_s`,
+/// while a probe connection pings every 100 ms. Returns the hold's summary
+/// and its checks: memory flat, everyone still connected, every ping
+/// answered.
+fn idle_phase(run: &Run) -> Result<(IdleSummary, Vec<Check>), BenchError> {
+    let plan = run.plan;
+    run.mark("idle", 0);
+    let bar = run.live.phase("idle", plan.idle_s, "s");
+    let counters = || {
+        let c = run.collected.lock().expect("collected poisoned");
+        (c.totals.reconnects, c.totals.conn_errors)
+    };
+    let (reconnects_before, errors_before) = counters();
+    let (probe, probe_error) = match Probe::start(run.server_tcp, probe_token(&run.admin)) {
+        Ok(p) => (Some(p), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let began = Instant::now();
+    let hold = Duration::from_secs(plan.idle_s);
+    let every = Duration::from_secs(memory::sample_every_s(plan.idle_s));
+    let sample = || {
+        let c = run.collected.lock().expect("collected poisoned");
+        let (sim_rss_bytes, connected) = (c.rss.iter().sum(), c.connected());
+        drop(c);
+        IdleSample { at_s: began.elapsed().as_secs_f64(), server_rss_bytes: run.server_rss(), sim_rss_bytes, connected }
+    };
+    let mut samples = vec![sample()];
+    let mut next = every;
+    loop {
+        if let Some(f) = run.failure() {
+            if let Some(p) = probe {
+                let _ = p.finish();
+            }
+            return Err(BenchError::Worker(f));
+        }
+        let elapsed = began.elapsed();
+        if elapsed >= hold {
+            break;
+        }
+        if elapsed >= next {
+            samples.push(sample());
+            next += every;
+        }
+        bar.set_position(elapsed.as_secs());
+        std::thread::sleep(Duration::from_millis(200).min(hold - elapsed));
+    }
+    samples.push(sample());
+    let (probe, probe_error) = match probe.map(Probe::finish) {
+        Some(Ok(summary)) => (Some(summary), probe_error),
+        Some(Err(e)) => (None, Some(e.to_string())),
+        None => (None, probe_error),
+    };
+    let (reconnects, errors) = counters();
+    let settle_s = memory::settle_s(plan.idle_s);
+    let idle = IdleSummary {
+        duration_s: began.elapsed().as_secs_f64(),
+        server_rss_drift: memory::drift(&samples, settle_s, |s| s.server_rss_bytes),
+        sim_rss_drift: memory::drift(&samples, settle_s, |s| Some(s.sim_rss_bytes)),
+        connected_end: samples.last().map(|s| s.connected).unwrap_or(0),
+        reconnects: reconnects - reconnects_before,
+        conn_errors: errors - errors_before,
+        samples,
+        settle_s,
+        probe,
+        probe_error,
+    };
+    let checks = idle_checks(plan, &idle);
+    Ok((idle, checks))
+}
+
+/// The probe's token: one the server signs (`POST /v1/tokens`), or the bare
+/// user id a `--dev` server takes if it will not.
+fn probe_token(admin: &Admin) -> String {
+    admin_call(admin.post("/v1/tokens", &json!({"user": PROBE_USER, "ttl_s": 86_400})))
+        .ok()
+        .and_then(|t| t["token"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| PROBE_USER.to_string())
+}
+
+/// The idle hold's checks. Memory is judged only where the server's
+/// processes are known (a local server, or `--server-pid`).
+fn idle_checks(plan: &Plan, idle: &IdleSummary) -> Vec<Check> {
+    let mut checks = vec![Check::new(
+        "every user held through the idle hold",
+        idle.connected_end >= plan.users as i64 && idle.reconnects == 0,
+        format!(
+            "{} of {} users connected at the end of {:.0} s, {} reconnects, {} connection errors (heartbeat every {} s)",
+            idle.connected_end, plan.users, idle.duration_s, idle.reconnects, idle.conn_errors, plan.heartbeat_s
+        ),
+    )];
+    if let Some(d) = &idle.server_rss_drift {
+        checks.push(Check::new(
+            "server memory flat over the idle hold",
+            d.flat(),
+            format!(
+                "server RSS {} -> {} B from {:.0} s to {:.0} s into the hold: {:+} B ({:+.2}%; flat is < {}% and \
+                 < {} MiB)",
+                d.from_bytes,
+                d.to_bytes,
+                d.from_s,
+                d.to_s,
+                d.bytes,
+                d.pct,
+                memory::FLAT_GROWTH_SHARE_MAX * 100.0,
+                memory::FLAT_GROWTH_BYTES_MAX >> 20
+            ),
+        ));
+    }
+    let probe_detail = match (&idle.probe, &idle.probe_error) {
+        (Some(p), _) => format!(
+            "{} pings every {} ms, {} lost; p50 {:.2} ms, p99 {:.2} ms (target {} ms), max {:.2} ms",
+            p.pings, p.every_ms, p.lost, p.p50_ms, p.p99_ms, p.target_p99_ms, p.max_ms
+        ),
+        (None, Some(e)) => e.clone(),
+        (None, None) => "no probe".to_owned(),
+    };
+    checks.push(Check::new(
+        "idle probe: every ping answered",
+        idle.probe.as_ref().is_some_and(|p: &ProbeSummary| p.lost == 0 && p.pings > 0),
+        probe_detail,
+    ));
+    checks
+}
+
+/// After the shake phases: one broadcast (`POST /v1/broadcast`), then wait
+/// until every connected user has counted it, or the wait runs out.
+fn broadcast_phase(run: &Run) -> Result<(BroadcastSummary, Check), BenchError> {
+    let plan = run.plan;
+    run.mark("broadcast", 0);
+    let connected = run.connected().max(0) as u64;
+    let bar = run.live.phase("broadcast", connected, "users");
+    let received = || run.collected.lock().expect("collected poisoned").totals.broadcasts;
+    let already = received();
+    let posted_unix_ms = unix_ms();
+    let posted = Instant::now();
+    let task = admin_call(run.admin.post(
+        "/v1/broadcast",
+        &json!({"topic": BROADCAST_TOPIC, "text": format!("hongbao bench {}: 新年快乐", run.run_id)}),
+    ))?;
+    let post_answer_ms = posted.elapsed().as_secs_f64() * 1e3;
+    let task_id = task["id"].as_u64().ok_or_else(|| BenchError::Admin(format!("no task id in {task}")))?;
+    let deadline = posted + Duration::from_secs(BROADCAST_WAIT_S + plan.users / BROADCAST_WAIT_USERS_PER_S);
+    let mut got = 0;
+    while Instant::now() < deadline {
+        if let Some(f) = run.failure() {
+            return Err(BenchError::Worker(f));
+        }
+        got = received() - already;
+        bar.set_position(got.min(connected));
+        if got >= connected {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Receipts of a worker's last second come with its next report.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let received = received() - already;
+    let task = admin_call(run.admin.get(&format!("/v1/tasks/{task_id}")))?;
+    let delays = receipt_delays(&run.collected.lock().expect("collected poisoned").broadcast_receipts, posted_unix_ms);
+    let summary = BroadcastSummary {
+        posted_unix_ms,
+        post_answer_ms,
+        connected,
+        received,
+        last_ms: delays.map(|d| d.2),
+        p50_ms: delays.map(|d| d.0),
+        p99_ms: delays.map(|d| d.1),
+        task_id,
+        task_state: task["state"].as_str().unwrap_or("?").to_owned(),
+        task_targets: task["targets"].as_u64().unwrap_or(0),
+        task_delivered: task["delivered"].as_u64().unwrap_or(0),
+        timed_out: got < connected,
+    };
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".to_owned());
+    let check = Check::new(
+        "broadcast reached every connection",
+        received == connected && connected > 0,
+        format!(
+            "{received} of {connected} connected users got it; last {} after the POST (p50 {}, p99 {}); server task \
+             {task_id} {} with {} of {} delivered",
+            ms(summary.last_ms),
+            ms(summary.p50_ms),
+            ms(summary.p99_ms),
+            summary.task_state,
+            summary.task_delivered,
+            summary.task_targets
+        ),
+    );
+    Ok((summary, check))
 }
 
 /// Phases 2 and 3 (and any further shake steps): shake while a campaign
@@ -1252,7 +1671,7 @@ fn timeline(
         .map(|(s, (row, h, _))| {
             let (phase, target_rate) = phase_at(&phases, *s);
             let mut client = row.clone();
-            client.latency_us = LatencySummary::of(h);
+            client.latency_us = h.as_ref().map(LatencySummary::of).unwrap_or_default();
             TimelineRow { elapsed_s: s - start_s, phase, target_rate, client, server: server.get(s).cloned() }
         })
         .collect()
@@ -1296,7 +1715,9 @@ fn summarise_phases(c: &Collected, rows: &[TimelineRow], phases: &PhaseLog, star
         let answered_in_phase: u64 = whole_phase().map(|r| r.shakes_answered).sum();
         let overload_in_phase: u64 = whole_phase().map(|r| r.overload).sum();
         for (_, (_, h, _)) in c.seconds.range(first..last) {
-            let _ = latency.add(h);
+            if let Some(h) = h {
+                let _ = latency.add(h);
+            }
         }
         let duration_s = end_ms.saturating_sub(*start_ms) as f64 / 1000.0;
         // CPU is read at the phase's exact edges, but shakes are counted in
@@ -1321,57 +1742,6 @@ fn summarise_phases(c: &Collected, rows: &[TimelineRow], phases: &PhaseLog, star
         });
     }
     out
-}
-
-/// The summary as a table for the terminal.
-pub fn summary_table(s: &Summary, out: &Path) -> String {
-    let mut t = String::new();
-    let mut row = |k: &str, v: String| t.push_str(&format!("  {k:<38} {v}\n"));
-    row("users (workers)", format!("{} ({})", s.users, s.workers));
-    row("duration", format!("{:.1} s", s.duration_s));
-    row("shakes sent / answered", format!("{} / {}", s.shakes_sent, s.shakes_answered));
-    row(
-        "  won / none / overload / not_running",
-        format!(
-            "{} / {} / {} / {}",
-            s.shake_results.won, s.shake_results.none, s.shake_results.overload, s.shake_results.not_running
-        ),
-    );
-    row("achieved shakes/s (max second)", s.achieved_qps_max.to_string());
-    for p in s.phases.iter().filter(|p| p.name.starts_with("shake")) {
-        row(
-            &format!("{} target {}/s", p.name, p.target_rate),
-            format!(
-                "median {:.0}/s answered, p50 {:.2} ms, p99 {:.2} ms{}",
-                p.answered_per_s_median,
-                p.latency_ms.p50,
-                p.latency_ms.p99,
-                match (p.server_cpu_us_per_shake, p.server_cpu_cores) {
-                    (Some(us), Some(cores)) => format!(", server {us:.1} µs CPU/shake ({cores:.2} cores)"),
-                    _ => String::new(),
-                } + &match (p.sim_cpu_us_per_shake, p.sim_cpu_cores) {
-                    (Some(us), Some(cores)) => format!(", simulator {us:.1} µs ({cores:.2} cores)"),
-                    _ => String::new(),
-                }
-            ),
-        );
-    }
-    row("campaign packets released / won", format!("{} / {}", s.packets_released, s.packets_won));
-    row("amount won (client / server)", format!("{} / {} fen", s.amount_won_fen, s.server_amount_won_fen));
-    row("group packets sent / opens", format!("{} / {}", s.group_packets_sent, s.group_opens));
-    row("group amount opened", format!("{} fen", s.group_amount_opened_fen));
-    row(
-        "shake latency p50 / p99 / max",
-        format!("{:.2} / {:.2} / {:.2} ms", s.latency_ms.p50, s.latency_ms.p99, s.latency_ms.max),
-    );
-    row("simulator memory per user", format!("{} B", s.sim_rss_bytes_per_user));
-    row("connection errors / reconnects", format!("{} / {}", s.conn_errors, s.reconnects));
-    t.push_str("checks:\n");
-    for c in &s.checks {
-        t.push_str(&format!("  {} {:<44} {}\n", if c.pass { "PASS" } else { "FAIL" }, c.name, c.detail));
-    }
-    t.push_str(&format!("{}  report: {}\n", if s.pass { "PASS" } else { "FAIL" }, out.display()));
-    t
 }
 
 #[cfg(test)]
@@ -1403,6 +1773,26 @@ mod tests {
         assert_eq!(per[&11].shakes_per_s, 1000.0);
         assert_eq!(per[&12].shakes_per_s, 2000.0);
         assert_eq!(per[&12].released_per_s, 200.0);
+    }
+
+    #[test]
+    fn broadcast_delays_are_exact_quantiles_of_the_receipts() {
+        assert_eq!(receipt_delays(&BTreeMap::new(), 1_000), None);
+        // 100 users: 50 at +10 ms, 49 at +20 ms, the last one at +900 ms.
+        let receipts = BTreeMap::from([(1_010, 50), (1_020, 49), (1_900, 1)]);
+        assert_eq!(receipt_delays(&receipts, 1_000), Some((10.0, 20.0, 900.0)));
+        // One more late user moves the p99 to it.
+        let receipts = BTreeMap::from([(1_010, 50), (1_020, 48), (1_900, 2)]);
+        assert_eq!(receipt_delays(&receipts, 1_000), Some((10.0, 900.0, 900.0)));
+        assert_eq!(receipt_delays(&BTreeMap::from([(5, 1)]), 1_000), Some((0.0, 0.0, 0.0)));
+    }
+
+    #[test]
+    fn plans_check_the_heartbeat_and_count_the_idle_hold() {
+        assert!(Plan { heartbeat_s: 0, ..Plan::quick() }.validate().is_err());
+        assert!(Plan { heartbeat_s: 720, ..Plan::quick() }.validate().is_ok());
+        let idle = Plan { idle_s: 600, ..Plan::quick() };
+        assert_eq!(idle.expected_s(), Plan::quick().expected_s() + 600);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The report folder's per-second CSV and PNG plots.
+//! The report folder's per-second CSV and PNG plots, and the summary table
+//! printed at the end of a run.
 //!
-//! Both read only the run's timeline (`TimelineRow`s, one per elapsed second).
+//! The CSV and the plots read only the run's timeline (`TimelineRow`s, one
+//! per elapsed second); the table reads only the `Summary`.
 //! The CSV is written by hand (one header line, then one line per row). The plots
 //! are drawn with plotters' bitmap backend; text needs a TrueType font read from
 //! disk (`HONGBAO_FONT`, then DejaVu Sans, then Liberation Sans). Without one the
@@ -18,6 +20,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
+use crate::bench::Summary;
 use crate::stats::LatencySummary;
 use crate::timeline::TimelineRow;
 
@@ -49,7 +52,7 @@ impl ReportError {
 // ---------------------------------------------------------------------------
 // CSV
 
-const CSV_COLUMNS: [&str; 29] = [
+const CSV_COLUMNS: [&str; 30] = [
     "elapsed_s",
     "phase",
     "target_rate",
@@ -70,6 +73,7 @@ const CSV_COLUMNS: [&str; 29] = [
     "conn_errors",
     "reconnects",
     "backlogged",
+    "broadcasts",
     "p50_ms",
     "p90_ms",
     "p99_ms",
@@ -118,7 +122,7 @@ fn csv_line(r: &TimelineRow) -> String {
         cells.push(v.to_string());
     }
     cells.push(c.amount_opened_fen.to_string());
-    for v in [c.open_rejects, c.conn_errors, c.reconnects, c.backlogged] {
+    for v in [c.open_rejects, c.conn_errors, c.reconnects, c.backlogged, c.broadcasts] {
         cells.push(v.to_string());
     }
     // No latency at all in a second (nothing answered) is an empty cell, not 0 ms.
@@ -148,6 +152,167 @@ pub fn write_csv(path: &Path, rows: &[TimelineRow]) -> Result<(), ReportError> {
     }
     out.flush()?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The summary table
+
+/// Bytes as `1,234 B` (signed: memory may shrink).
+fn bytes(b: i64) -> String {
+    let digits = b.unsigned_abs().to_string();
+    let mut grouped = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(d);
+    }
+    format!("{}{grouped} B", if b < 0 { "-" } else { "" })
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// The summary as a table for the terminal.
+pub fn summary_table(s: &Summary, out: &Path) -> String {
+    let mut t = String::new();
+    let mut row = |k: &str, v: String| t.push_str(&format!("  {k:<38} {v}\n"));
+    row("users (workers)", format!("{} ({})", s.users, s.workers));
+    row("duration", format!("{:.1} s", s.duration_s));
+    row("connect time / connections held", format!("{:.1} s / {}", s.connect_s, s.connections_held));
+    row("heartbeat interval", format!("{} s", s.plan.heartbeat_s));
+    row("shakes sent / answered", format!("{} / {}", s.shakes_sent, s.shakes_answered));
+    row(
+        "  won / none / overload / not_running",
+        format!(
+            "{} / {} / {} / {}",
+            s.shake_results.won, s.shake_results.none, s.shake_results.overload, s.shake_results.not_running
+        ),
+    );
+    row("achieved shakes/s (max second)", s.achieved_qps_max.to_string());
+    for p in s.phases.iter().filter(|p| p.name.starts_with("shake")) {
+        row(
+            &format!("{} target {}/s", p.name, p.target_rate),
+            format!(
+                "median {:.0}/s answered, p50 {:.2} ms, p99 {:.2} ms{}",
+                p.answered_per_s_median,
+                p.latency_ms.p50,
+                p.latency_ms.p99,
+                match (p.server_cpu_us_per_shake, p.server_cpu_cores) {
+                    (Some(us), Some(cores)) => format!(", server {us:.1} µs CPU/shake ({cores:.2} cores)"),
+                    _ => String::new(),
+                } + &match (p.sim_cpu_us_per_shake, p.sim_cpu_cores) {
+                    (Some(us), Some(cores)) => format!(", simulator {us:.1} µs ({cores:.2} cores)"),
+                    _ => String::new(),
+                }
+            ),
+        );
+    }
+    row("campaign packets released / won", format!("{} / {}", s.packets_released, s.packets_won));
+    row("amount won (client / server)", format!("{} / {} fen", s.amount_won_fen, s.server_amount_won_fen));
+    row("group packets sent / opens", format!("{} / {}", s.group_packets_sent, s.group_opens));
+    row("group amount opened", format!("{} fen", s.group_amount_opened_fen));
+    row(
+        "shake latency p50 / p99 / max",
+        format!("{:.2} / {:.2} / {:.2} ms", s.latency_ms.p50, s.latency_ms.p99, s.latency_ms.max),
+    );
+    let b = &s.broadcast;
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".to_owned());
+    row(
+        "broadcast received / connected",
+        format!(
+            "{} / {}; last {} after the POST (p50 {}, p99 {})",
+            b.received,
+            b.connected,
+            ms(b.last_ms),
+            ms(b.p50_ms),
+            ms(b.p99_ms)
+        ),
+    );
+    row("simulator memory per user", format!("{} B", s.sim_rss_bytes_per_user));
+    let m = &s.memory;
+    if let (Some(before), Some(after), Some(per)) =
+        (m.server_rss_before_bytes, m.server_rss_after_connect_bytes, m.server_rss_bytes_per_conn)
+    {
+        row(
+            "server memory per connection",
+            format!(
+                "{} ({} -> {} over {} process(es), {} connections, settled {:.1} s)",
+                bytes(per),
+                mib(before),
+                mib(after),
+                m.server_processes,
+                m.connections,
+                m.settle_s
+            ),
+        );
+    }
+    if let (Some(end), Some(per)) = (m.server_rss_end_of_idle_bytes, m.server_rss_bytes_per_conn_end_of_idle) {
+        row("  at the end of the idle hold", format!("{} ({})", bytes(per), mib(end)));
+    }
+    if let Some(k) = &m.kernel {
+        row(
+            "kernel memory per connection",
+            format!(
+                "slab {} (reclaimable {}, unreclaimable {}); TCP buffers (sockstat) {}; {:.2} TCP sockets per \
+                 connection: per client + server pair, both on this machine{}",
+                bytes(k.slab_bytes_per_conn),
+                bytes(k.slab_reclaimable_bytes_per_conn),
+                bytes(k.slab_unreclaimable_bytes_per_conn),
+                bytes(k.sockstat_bytes_per_conn),
+                k.tcp_inuse_per_conn,
+                // Each connection adds exactly two sockets; more or fewer
+                // means other work opened or closed some meanwhile.
+                if (k.tcp_inuse_per_conn - 2.0).abs() > 0.05 {
+                    " (not 2.00: other work on the machine moved these figures)"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    if let Some(idle) = &s.idle {
+        let drift = |d: &Option<crate::memory::Drift>| match d {
+            Some(d) => format!("{} ({:+.2}%) from {:.0} s to {:.0} s", bytes(d.bytes), d.pct, d.from_s, d.to_s),
+            None => "-".to_owned(),
+        };
+        row(
+            "idle hold",
+            format!(
+                "{:.0} s, {} samples; {} connected at the end, {} reconnects",
+                idle.duration_s,
+                idle.samples.len(),
+                idle.connected_end,
+                idle.reconnects
+            ),
+        );
+        row("  server memory drift", drift(&idle.server_rss_drift));
+        row("  simulator memory drift", drift(&idle.sim_rss_drift));
+        match (&idle.probe, &idle.probe_error) {
+            (Some(p), _) => row(
+                "  probe ping p50 / p99 / max",
+                format!(
+                    "{:.2} / {:.2} / {:.2} ms ({} pings, {} lost; target p99 < {} ms: {})",
+                    p.p50_ms,
+                    p.p99_ms,
+                    p.max_ms,
+                    p.pings,
+                    p.lost,
+                    p.target_p99_ms,
+                    if p.p99_ms < p.target_p99_ms { "met" } else { "not met" }
+                ),
+            ),
+            (None, e) => row("  probe", e.clone().unwrap_or_else(|| "none".to_owned())),
+        }
+    }
+    row("connection errors / reconnects", format!("{} / {}", s.conn_errors, s.reconnects));
+    t.push_str("checks:\n");
+    for c in &s.checks {
+        t.push_str(&format!("  {} {:<44} {}\n", if c.pass { "PASS" } else { "FAIL" }, c.name, c.detail));
+    }
+    t.push_str(&format!("{}  report: {}\n", if s.pass { "PASS" } else { "FAIL" }, out.display()));
+    t
 }
 
 // ---------------------------------------------------------------------------
@@ -562,17 +727,26 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4);
-        assert_eq!(lines[0].split(',').count(), 29);
+        assert_eq!(lines[0].split(',').count(), CSV_COLUMNS.len());
+        assert!(lines[0].contains(",backlogged,broadcasts,p50_ms,"));
         assert!(lines[0].starts_with("elapsed_s,phase,target_rate,connected,"));
         assert!(lines[0].ends_with(",max_ms,server_connections,server_shakes_per_s,server_shake_wins_per_s,server_opens_per_s,server_released_per_s"));
         for l in &lines[1..3] {
-            assert_eq!(l.split(',').count(), 29, "{l}");
+            assert_eq!(l.split(',').count(), CSV_COLUMNS.len(), "{l}");
         }
         assert!(lines[1].contains(",1.500,4.000,12.345,80.000,10,889.500,"));
         assert!(lines[2].ends_with(",80.000,,,,,"), "{}", lines[2]);
         // The quoted phase holds one comma of its own.
         assert!(lines[3].starts_with("2,\"odd,\"\"phase\"\"\",1000,"));
-        assert_eq!(lines[3].split(',').count(), 30);
+        assert_eq!(lines[3].split(',').count(), CSV_COLUMNS.len() + 1);
+    }
+
+    #[test]
+    fn bytes_are_grouped_in_thousands_and_signed() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(1_512), "1,512 B");
+        assert_eq!(bytes(-1_234_567), "-1,234,567 B");
     }
 
     #[test]

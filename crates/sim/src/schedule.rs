@@ -35,6 +35,17 @@ fn offsets_ms(index: u64, count: u64) -> impl Iterator<Item = u64> {
     (0..count).map(move |j| (phase + j * 1000 / count.max(1)) % 1000)
 }
 
+/// How long after logging in user `index` sends its first heartbeat: a
+/// per-user share of the interval, in (0, heartbeat] (golden-ratio hashing,
+/// as the shake phase). Users log in together in the connect phase; without
+/// this they would all ping in the same few seconds, once per interval,
+/// where a long-running fleet pings `users / heartbeat` times every second.
+pub fn first_heartbeat(index: u64, heartbeat: std::time::Duration) -> std::time::Duration {
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let fraction = (index.wrapping_mul(GOLDEN) >> 32) as f64 / (1u64 << 32) as f64;
+    heartbeat.mul_f64(1.0 - fraction)
+}
+
 /// How far ahead a user looks for its next shake before giving up (the rate
 /// may change before then, which wakes it anyway).
 const LOOKAHEAD_S: u64 = 3600;
@@ -58,6 +69,18 @@ pub fn next_shake_ms(index: u64, users: u64, rate: u64, after_ms: u64) -> Option
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn first_heartbeats_spread_over_the_interval() {
+        let heartbeat = std::time::Duration::from_secs(720);
+        let mut tenths = [0u32; 10];
+        for index in 0..10_000 {
+            let first = super::first_heartbeat(index, heartbeat);
+            assert!(first > std::time::Duration::ZERO && first <= heartbeat, "{first:?}");
+            tenths[(first.as_secs_f64() / 72.0).min(9.0) as usize] += 1;
+        }
+        assert!(tenths.iter().all(|&n| (900..=1_100).contains(&n)), "{tenths:?}");
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -4,6 +4,7 @@
 //! histograms; once a second the worker swaps everything out into a
 //! `SecondRow`. Rows from several workers add up (`SecondRow::merge`).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -37,6 +38,10 @@ pub struct Counters {
     pub reconnects: AtomicU64,
     /// Shakes skipped because too many requests were still in flight.
     pub backlogged: AtomicU64,
+    /// The bench's broadcast notices received (not counted in `pushes`).
+    pub broadcasts: AtomicU64,
+    /// Wall-clock unix ms of the latest of them (0: none this second).
+    pub broadcast_last_ms: AtomicU64,
 }
 
 pub struct Stats {
@@ -44,6 +49,10 @@ pub struct Stats {
     /// Connections currently logged in (a gauge, never reset).
     pub connected: AtomicI64,
     latency: Vec<Mutex<Histogram<u64>>>,
+    /// Broadcast receipts of this second: wall-clock unix ms → users. At
+    /// most one entry per millisecond, taken every second: bounded however
+    /// many users a process holds.
+    broadcast_receipts: Mutex<BTreeMap<u64, u32>>,
 }
 
 impl Default for Stats {
@@ -52,6 +61,7 @@ impl Default for Stats {
             counters: Counters::default(),
             connected: AtomicI64::new(0),
             latency: (0..STRIPES).map(|_| Mutex::new(histogram())).collect(),
+            broadcast_receipts: Mutex::default(),
         }
     }
 }
@@ -77,6 +87,12 @@ pub struct SecondRow {
     pub conn_errors: u64,
     pub reconnects: u64,
     pub backlogged: u64,
+    /// The bench's broadcast notices received this second, and the wall-clock
+    /// unix ms of the latest (0: none; merged rows keep the latest of all).
+    #[serde(default)]
+    pub broadcasts: u64,
+    #[serde(default)]
+    pub broadcast_last_ms: u64,
     /// Shake latency of this second, in microseconds.
     #[serde(default)]
     pub latency_us: LatencySummary,
@@ -112,6 +128,19 @@ impl Stats {
         h.saturating_record(micros.clamp(1, LATENCY_US_MAX));
     }
 
+    /// Counts one broadcast notice received at `unix_ms` (wall clock, so
+    /// that receipts in different processes compare with the POST's time).
+    pub fn record_broadcast(&self, unix_ms: u64) {
+        self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.counters.broadcast_last_ms.fetch_max(unix_ms, Ordering::Relaxed);
+        *self.broadcast_receipts.lock().expect("receipts poisoned").entry(unix_ms).or_insert(0) += 1;
+    }
+
+    /// Takes the broadcast receipts since the last call: (unix ms, users).
+    pub fn take_broadcast_receipts(&self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut *self.broadcast_receipts.lock().expect("receipts poisoned")).into_iter().collect()
+    }
+
     /// Takes this second's counters and latencies, resetting them.
     pub fn take(&self, second: u64) -> (SecondRow, Histogram<u64>) {
         let c = &self.counters;
@@ -143,6 +172,8 @@ impl Stats {
             conn_errors: t(&c.conn_errors),
             reconnects: t(&c.reconnects),
             backlogged: t(&c.backlogged),
+            broadcasts: t(&c.broadcasts),
+            broadcast_last_ms: t(&c.broadcast_last_ms),
             latency_us: LatencySummary::of(&merged),
         };
         (row, merged)
@@ -169,6 +200,8 @@ impl SecondRow {
         self.conn_errors += o.conn_errors;
         self.reconnects += o.reconnects;
         self.backlogged += o.backlogged;
+        self.broadcasts += o.broadcasts;
+        self.broadcast_last_ms = self.broadcast_last_ms.max(o.broadcast_last_ms);
     }
 }
 
@@ -205,5 +238,28 @@ mod tests {
         let back = decode_histogram(&encode_histogram(&h)).unwrap();
         assert_eq!(back.len(), 4);
         assert!(back.max() >= 9_990);
+    }
+
+    #[test]
+    fn broadcast_receipts_count_keep_the_latest_and_merge() {
+        let s = Stats::default();
+        for at in [1_000_500, 1_000_200, 1_000_500] {
+            s.record_broadcast(at);
+        }
+        assert_eq!(s.take_broadcast_receipts(), vec![(1_000_200, 1), (1_000_500, 2)]);
+        assert!(s.take_broadcast_receipts().is_empty());
+        let (mut row, _) = s.take(1);
+        assert_eq!((row.broadcasts, row.broadcast_last_ms, row.pushes), (3, 1_000_500, 0));
+        let other = SecondRow { broadcasts: 2, broadcast_last_ms: 1_000_900, ..Default::default() };
+        row.merge(&other);
+        assert_eq!((row.broadcasts, row.broadcast_last_ms), (5, 1_000_900));
+        // Rows of workers from before these fields read as none.
+        let old: SecondRow = serde_json::from_str(
+            r#"{"second":1,"connected":0,"shakes_sent":0,"shakes_answered":0,
+            "won":0,"none":0,"overload":0,"not_running":0,"shake_errors":0,"amount_won_fen":0,"pushes":0,"grabs":0,
+            "opens":0,"amount_opened_fen":0,"open_rejects":0,"conn_errors":0,"reconnects":0,"backlogged":0}"#,
+        )
+        .unwrap();
+        assert_eq!((old.broadcasts, old.broadcast_last_ms), (0, 0));
     }
 }

@@ -1,5 +1,6 @@
 //! One simulated user: connect, hello, shake on the clock's schedule, answer
-//! pushes with grab and open, heartbeat, reconnect with backoff after a drop.
+//! pushes with grab and open, count the bench's broadcast, heartbeat,
+//! reconnect with backoff after a drop.
 //!
 //! Kept small because a simulator process holds thousands of them: one task,
 //! one socket, a read buffer that starts empty and is shrunk back after a
@@ -19,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::schedule::next_shake_ms;
+use crate::schedule::{first_heartbeat, next_shake_ms};
 use crate::stats::Stats;
 
 /// Requests one user keeps in flight; a shake due while this many are
@@ -30,6 +31,10 @@ const BUFFER_KEEP_BYTES: usize = 512;
 const BACKOFF_MS_MIN: u64 = 100;
 const BACKOFF_MS_MAX: u64 = 5_000;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Topic of the bench's broadcast notice (`POST /v1/broadcast`): a user
+/// counts a notice of this topic as the broadcast's receipt, not as a push,
+/// so the packet pushes and their grabs stay what they were.
+pub const BROADCAST_TOPIC: &str = "hongbao-bench-broadcast";
 
 /// What every user of a process shares.
 pub struct Shared {
@@ -148,7 +153,10 @@ async fn connect(shared: &Shared, index: u64) -> Option<Conn> {
         buf: Vec::new(),
         next_id: handshake::HELLO_ID + 1,
         pending: Vec::new(),
-        last_sent: Instant::now(),
+        // The first heartbeat is due `first_heartbeat` from now.
+        last_sent: Instant::now()
+            .checked_sub(shared.heartbeat.saturating_sub(first_heartbeat(index, shared.heartbeat)))
+            .unwrap_or_else(Instant::now),
     };
     let token = (shared.token)(index + 1);
     let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::hello(&mut conn.stream, &mut conn.buf, &token));
@@ -207,7 +215,11 @@ async fn drive(
                     let outcome = match frame {
                         ServerFrame::Reply { id, reply } => handle_reply(stats, index, conn, id, reply).await,
                         ServerFrame::Push(push) => {
-                            c.pushes.fetch_add(1, Ordering::Relaxed);
+                            if matches!(&push.body, PushBody::Notice { topic, .. } if topic == BROADCAST_TOPIC) {
+                                stats.record_broadcast(now_ms());
+                            } else {
+                                c.pushes.fetch_add(1, Ordering::Relaxed);
+                            }
                             let mut r = Ok(());
                             if push.msg != 0 {
                                 r = conn.send(Request::Ack { msg: push.msg }, Pending::Other).await;

@@ -61,8 +61,16 @@ pub enum WorkerReport {
     /// Started, before any user connects: the process's base memory.
     Ready { rss_bytes: u64 },
     /// The counters of wall-clock second `row.second` (Unix seconds) and its
-    /// latency histogram (HdrHistogram V2, hex).
-    Second { row: Box<SecondRow>, histogram: String, rss_bytes: u64 },
+    /// latency histogram (HdrHistogram V2, hex); the bench's broadcast
+    /// notices received since the last report as (wall-clock unix ms, users),
+    /// at most one pair per millisecond (absent when none).
+    Second {
+        row: Box<SecondRow>,
+        histogram: String,
+        rss_bytes: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        broadcast_receipts: Vec<(u64, u32)>,
+    },
     /// Stopped; the last partial second's counters are in a final `Second`.
     Done { rss_bytes: u64 },
 }
@@ -185,15 +193,22 @@ async fn report_seconds(
         if stopping {
             let _ = tokio::time::timeout(STOP_GRACE, async { while users.join_next().await.is_some() {} }).await;
             users.abort_all();
-            let (row, h) = stats.take(unix_ms() / 1000);
             let rss = rss_bytes();
-            emit(out, &WorkerReport::Second { row: Box::new(row), histogram: encode_histogram(&h), rss_bytes: rss })?;
+            emit(out, &second_report(stats, unix_ms() / 1000, rss))?;
             return emit(out, &WorkerReport::Done { rss_bytes: rss });
         }
-        let (row, h) = stats.take(next_second - 1);
-        let report =
-            WorkerReport::Second { row: Box::new(row), histogram: encode_histogram(&h), rss_bytes: rss_bytes() };
-        emit(out, &report)?;
+        emit(out, &second_report(stats, next_second - 1, rss_bytes()))?;
+    }
+}
+
+/// Takes second `second`'s counters, latencies and broadcast receipts.
+fn second_report(stats: &Stats, second: u64, rss_bytes: u64) -> WorkerReport {
+    let (row, h) = stats.take(second);
+    WorkerReport::Second {
+        row: Box::new(row),
+        histogram: encode_histogram(&h),
+        rss_bytes,
+        broadcast_receipts: stats.take_broadcast_receipts(),
     }
 }
 
@@ -206,6 +221,22 @@ mod tests {
         assert_eq!(serde_json::from_str::<Control>(r#"{"rate": 30000}"#).unwrap(), Control::Rate(30_000));
         assert_eq!(serde_json::from_str::<Control>(r#""stop""#).unwrap(), Control::Stop);
         assert!(serde_json::from_str::<Control>(r#"{"rate": -1}"#).is_err());
+    }
+
+    #[test]
+    fn second_reports_carry_receipts_only_when_there_are_some() {
+        let stats = Stats::default();
+        let quiet = serde_json::to_string(&second_report(&stats, 7, 1)).unwrap();
+        assert!(!quiet.contains("broadcast_receipts"), "{quiet}");
+        stats.record_broadcast(7_250);
+        let line = serde_json::to_string(&second_report(&stats, 7, 1)).unwrap();
+        match serde_json::from_str::<WorkerReport>(&line).unwrap() {
+            WorkerReport::Second { row, broadcast_receipts, .. } => {
+                assert_eq!((row.broadcasts, row.broadcast_last_ms), (1, 7_250));
+                assert_eq!(broadcast_receipts, vec![(7_250, 1)]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
