@@ -240,16 +240,21 @@ million_limits() {
 million() {
     local out="$out_root/million"
     rm -rf "$out"
-    local users gateways per_worker heartbeat idle steps group connect_rate=10000
+    local users gateways per_worker heartbeat idle steps group park=30 connect_rate=10000
     if [ -n "$quick" ]; then
-        users=20000; gateways=2; per_worker=10000; heartbeat=30; idle=30; steps="5000:10"; group=200
+        # Connections park 5 s after logging in (30 s by default) and
+        # jemalloc returns what they freed ~10 s later: the hold's flat
+        # window (its second half) starts after both.
+        users=20000; gateways=2; per_worker=10000; heartbeat=30; idle=40; steps="5000:10"; group=200; park=5
     else
-        users=1000000; gateways=56; per_worker=15000; heartbeat=720; idle=600; steps="30000:60"; group=2000
+        # 60 gateway processes: 16,667 connections each on average, so the
+        # kernel's uneven spread stays under the 18,000 a gateway holds.
+        users=1000000; gateways=60; per_worker=15000; heartbeat=720; idle=600; steps="30000:60"; group=2000
     fi
     million_limits "$users" "$per_worker" "$gateways" || return 1
     local args=(bench --users "$users" --gateways "$gateways" --users-per-worker "$per_worker"
         --heartbeat-s "$heartbeat" --connect-rate "$connect_rate" --idle-s "$idle" --steps "$steps"
-        --campaign-rate 200 --group-packets "$group" --out "$out")
+        --campaign-rate 200 --group-packets "$group" --park-after-s "$park" --out "$out")
     echo "ran: hongbao ${args[*]} (local server in-process with $gateways gateway processes, simulator workers on the same machine); log $out_root/million.log"
     local rc=0
     "$HB" "${args[@]}" </dev/null >"$out_root/million.log" 2>&1 || rc=$?
@@ -272,7 +277,8 @@ drift = idle.get("server_rss_drift") or {}
 figures = [
     ("million_connections_held", s["connections_held"], "connections"),
     ("million_connect_s", round(s["connect_s"], 1), "s"),
-    ("million_server_rss_per_conn", m.get("server_rss_bytes_per_conn"), "B/conn"),
+    ("million_server_rss_per_conn", m.get("server_rss_bytes_per_conn_end_of_idle"), "B/conn (idle: parked)"),
+    ("million_server_rss_per_conn_connected", m.get("server_rss_bytes_per_conn"), "B/conn (right after connecting)"),
     ("million_sim_rss_per_user", s["sim_rss_bytes_per_user"], "B/user"),
     ("million_kernel_slab_per_conn", kernel.get("slab_bytes_per_conn"), "B/conn (client+server socket pair)"),
     ("million_kernel_sockstat_per_conn", kernel.get("sockstat_bytes_per_conn"), "B/conn (client+server socket pair)"),

@@ -74,6 +74,10 @@ pub struct PlanArgs {
     /// Gateway processes of the local server (`serve --gateways`)
     #[arg(long, value_name = "N")]
     pub gateways: Option<u16>,
+    /// The local server's `--park-after-s`: seconds of nothing but
+    /// heartbeats before a connection parks [default: the server's, 30]
+    #[arg(long, value_name = "S")]
+    pub park_after_s: Option<u32>,
     /// Report folder [default: ./hongbao-reports/<command>-<unix time>]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -279,6 +283,7 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
         gateways: plan_args.gateways,
         heartbeat_s: Some(heartbeat_s),
         idle_timeout_s: Some(heartbeat_s.saturating_mul(missed)),
+        park_after_s: plan_args.park_after_s,
         ..ServeArgs::default()
     };
     let settings = Settings::resolve(args)?;
