@@ -249,12 +249,11 @@ million() {
     else
         # 60 gateway processes: 16,667 connections each on average, so the
         # kernel's uneven spread stays under the 18,000 a gateway holds.
-        # 18,000 shakes/s, not the issue's 30,000: at a million connections
-        # each shake lands on a different connection (no batching) and this
-        # 2-core machine answered a median of 21,267/s (parking) and 24,712/s
-        # (no parking) at a 30,000/s target, with seconds of queueing
-        # (docs/benchmarks.md, "A million connections").
-        users=1000000; gateways=60; per_worker=15000; heartbeat=720; idle=600; steps="18000:60"; group=2000
+        # 30,000 shakes/s as the seed's reproduction: at a million
+        # connections this 2-core machine answers less (16-25k/s measured,
+        # docs/benchmarks.md "A million connections"), so the "held" check
+        # fails and the answered rate is the figure, as in shake-max.
+        users=1000000; gateways=60; per_worker=15000; heartbeat=720; idle=600; steps="30000:60"; group=2000
     fi
     million_limits "$users" "$per_worker" "$gateways" || return 1
     local args=(bench --users "$users" --gateways "$gateways" --users-per-worker "$per_worker"
@@ -270,10 +269,17 @@ million() {
     python3 - "$out/summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
+# As in shake-max, a shake rate past what the machine holds fails its "held"
+# check by design (and the release schedule slips with it): the figures come
+# from a run whose connection, memory, broadcast and money checks passed.
 failed = [c["name"] for c in s["checks"] if not c["pass"]]
+rate_checks = [n for n in failed if " held " in n or n == "packets released at the campaign rate"]
+others = [n for n in failed if n not in rate_checks]
 print(f"  checks: {'all PASS' if not failed else 'FAIL: ' + ', '.join(failed)}")
-if failed:
+if others:
     sys.exit(1)
+if rate_checks:
+    print("  the shake rate was not held (its answered median and p99 are the figures)")
 m, b, idle = s["memory"], s["broadcast"], s.get("idle") or {}
 kernel = m.get("kernel") or {}
 shake = next(p for p in s["phases"] if p["name"] == "shake-1")
@@ -288,7 +294,8 @@ figures = [
     ("million_kernel_slab_per_conn", kernel.get("slab_bytes_per_conn"), "B/conn (client+server socket pair)"),
     ("million_kernel_sockstat_per_conn", kernel.get("sockstat_bytes_per_conn"), "B/conn (client+server socket pair)"),
     ("million_broadcast_ms", b.get("last_ms"), "ms"),
-    ("million_shake_rate_held", round(shake["answered_per_s_median"]), "shakes/s"),
+    ("million_shake_rate_answered", round(shake["answered_per_s_median"]),
+     f"shakes/s (target {shake['target_rate']}, {'held' if not rate_checks else 'not held'})"),
     ("million_shake_p99", round(shake["latency_ms"]["p99"], 2), "ms"),
     ("million_probe_ping_p99", probe.get("p99_ms"), "ms (target 10)"),
     ("million_server_rss_drift_idle", drift.get("bytes"), "B over the idle hold"),
