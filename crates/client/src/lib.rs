@@ -16,6 +16,7 @@
 pub mod frames;
 pub mod handshake;
 pub mod net;
+pub mod probe;
 mod process;
 pub mod procfs;
 
