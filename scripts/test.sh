@@ -23,6 +23,10 @@ tools=(prlimit taskset ipcrm)
 for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || { missing+=(util-linux); break; }
 done
+# The allocator, jemalloc (tikv-jemalloc-sys), is built from its C source
+# with its configure script and make.
+command -v cc >/dev/null || missing+=(gcc)
+command -v make >/dev/null || missing+=(make)
 # The fuzz step of .ci/run builds libFuzzer from source (libfuzzer-sys): a
 # C++ compiler.
 command -v c++ >/dev/null || missing+=(g++)
