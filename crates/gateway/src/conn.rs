@@ -36,7 +36,7 @@ use crate::limits::{
     FRAMES_PER_TURN_MAX, HELLO_FRAME_BYTES_MAX, OVERLOAD_PAUSE_MAX_MS, OVERLOAD_PAUSE_MIN_MS, SLOW_CONSUMER_CLOSE_MS,
     WRITE_BATCH_FRAMES_MAX, WRITE_TIMEOUT_S,
 };
-use crate::park::Resume;
+use crate::park::{Parking, Resume};
 use crate::shared::{Admission, HotCounters, PendingHello, Shared};
 use crate::ws::{self, WsIo};
 
@@ -100,8 +100,12 @@ fn serve<B: Backend, I: Spawn>(mut conn: Conn<B, I>, admission: Admission) -> im
         let end = loop {
             match conn.run().await {
                 Ran::Ended(end) => break end,
-                Ran::Idle if conn.io.is_quiet() && conn.session.shared.parking.is_some() => {
-                    return park(conn, admission);
+                Ran::Idle if conn.io.is_quiet() => {
+                    if let Some(parking) = conn.session.shared.parking.clone() {
+                        return park(conn, admission, &parking);
+                    }
+                    // `park_at` is never due without a parking lot.
+                    conn.session.last_active = Instant::now();
                 }
                 // Half a frame received, or a pong unsent: not idle after all.
                 Ran::Idle => conn.session.last_active = Instant::now(),
@@ -113,11 +117,8 @@ fn serve<B: Backend, I: Spawn>(mut conn: Conn<B, I>, admission: Admission) -> im
 }
 
 /// Hands an idle connection to its gateway's parking lot; its task ends.
-fn park<B: Backend, I: Spawn>(conn: Conn<B, I>, admission: Admission) {
+fn park<B: Backend, I: Spawn>(conn: Conn<B, I>, admission: Admission, parking: &Parking) {
     let Conn { io, session } = conn;
-    let Some(parking) = session.shared.parking.clone() else {
-        unreachable!("only a gateway with a parking lot parks");
-    };
     let io = match io.park() {
         Ok(io) => io,
         Err(e) => {
