@@ -170,3 +170,26 @@ async fn connections_parked_on_child_gateways_get_pushes_and_answer() {
         assert_eq!(c.request(Request::Balance).await.unwrap(), Reply::Balance { balance_fen: 0 });
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_clients_racing_one_packet_get_exactly_its_shares() {
+    // One packet of K shares, opened at once by 10 × K clients that were
+    // all parked: every open wakes its connection on the way in.
+    let server = Server::dev(&["--park-after-s", "1", "--heartbeat-s", "2", "--idle-timeout-s", "60"]);
+    let (k, amount_fen, racers) = (5u32, 1_000i64, 50u64);
+    server.deposit(1, amount_fen).await;
+    let members: Vec<u64> = (1..=racers + 1).collect();
+    server.put("/v1/groups/5", json!({"members": members})).await.ok().unwrap();
+    let sender = server.client(1).await;
+    let packet = send_to_group(&sender, amount_fen, k, 5, "park-race").await;
+    let mut clients = Vec::new();
+    for user in 2..=racers + 1 {
+        clients.push((user, server.client(user).await));
+    }
+    // The packet's push woke the members; they park again once idle.
+    assert_eq!(parked(&server, (racers + 1) as f64).await, (racers + 1) as f64, "every client parked");
+    let clients = race_open(clients, packet, k, amount_fen).await;
+    drop((sender, clients));
+    let (passed, report) = audit_after_stop(server);
+    assert!(passed, "{report}");
+}
