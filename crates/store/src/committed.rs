@@ -5,11 +5,14 @@
 //! only what has committed, and is updated before any completion of the
 //! batch runs: a client told "opened" that asks for its balance sees the
 //! share. Totals by account kind are kept as running sums, so `/metrics` and
-//! `/v1/stats` cost O(1) however many accounts there are.
+//! `/v1/stats` cost O(1) however many accounts there are. The four totals
+//! change together, once per batch, under one lock: a reading is always one
+//! committed state, in which the money equation holds exactly (the live
+//! dashboard turns red the moment it does not, so a reading torn between
+//! two accounts of one transfer would be a false alarm).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use hongbao_core::ledger::{Account, AccountKind, Ledger};
 
@@ -22,8 +25,9 @@ const STRIPES: usize = 64;
 pub struct CommittedBalances {
     stripes: Box<[RwLock<HashMap<Account, i64>>]>,
     /// Sum of the balances of each kind: user, world, packet escrow,
-    /// campaign escrow (`kind_index`).
-    totals: [AtomicI64; 4],
+    /// campaign escrow (`kind_index`). Locked once per batch by the writer
+    /// and once per reading: a few hundred times a second at most.
+    totals: Mutex<[i64; 4]>,
 }
 
 fn kind_index(kind: AccountKind) -> usize {
@@ -61,17 +65,19 @@ impl CommittedBalances {
         for (stripe, map) in self.stripes.iter().zip(by_stripe) {
             *stripe.write().unwrap_or_else(|p| p.into_inner()) = map;
         }
-        for (total, value) in self.totals.iter().zip(totals) {
-            total.store(value, Ordering::Relaxed);
-        }
+        *self.totals.lock().unwrap_or_else(|p| p.into_inner()) = totals;
     }
 
     /// Publishes the new balances of the accounts a committed batch changed.
     pub(crate) fn publish(&self, changed: impl IntoIterator<Item = (Account, i64)>) {
+        let mut deltas = [0i64; 4];
         for (account, balance) in changed {
             let old = self.stripe(account).write().unwrap_or_else(|p| p.into_inner()).insert(account, balance);
-            let delta = balance - old.unwrap_or(0);
-            self.totals[kind_index(account.kind)].fetch_add(delta, Ordering::Relaxed);
+            deltas[kind_index(account.kind)] += balance - old.unwrap_or(0);
+        }
+        let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        for (total, delta) in totals.iter_mut().zip(deltas) {
+            *total += delta;
         }
     }
 
@@ -82,7 +88,8 @@ impl CommittedBalances {
 
     /// Committed totals by account kind.
     pub fn totals(&self) -> MoneyTotals {
-        let t = |i: usize| self.totals[i].load(Ordering::Relaxed);
+        let totals = *self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let t = |i: usize| totals[i];
         MoneyTotals { user_balances_fen: t(0), world_fen: t(1), packet_escrow_fen: t(2), campaign_escrow_fen: t(3) }
     }
 }
@@ -115,5 +122,44 @@ mod tests {
         // A rebuild from the ledger agrees with the running sums.
         let rebuilt = CommittedBalances::new(&ledger);
         assert_eq!(rebuilt.totals(), totals);
+    }
+
+    /// A reader racing the writer sees only whole batches: the four totals
+    /// always sum to zero (world is minus everything deposited).
+    #[test]
+    fn a_reading_of_the_totals_is_never_torn_between_two_accounts() {
+        let mut ledger = Ledger::default();
+        let committed = std::sync::Arc::new(CommittedBalances::new(&ledger));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (committed, stop) = (committed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut readings = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = committed.totals();
+                    let sum = t.user_balances_fen + t.world_fen + t.packet_escrow_fen + t.campaign_escrow_fen;
+                    assert_eq!(sum, 0, "torn reading {t:?} after {readings} readings");
+                    readings += 1;
+                }
+                readings
+            })
+        };
+        for i in 0..20_000u64 {
+            let user = Account::user(1 + i % 7);
+            let batch = [
+                Transfer { from: Account::WORLD, to: user, amount_fen: 10 },
+                Transfer { from: user, to: Account::PACKET_ESCROW, amount_fen: 4 },
+                Transfer { from: Account::PACKET_ESCROW, to: Account::campaign(1), amount_fen: 3 },
+            ];
+            ledger.apply(&batch);
+            let changed: Vec<_> = [user, Account::WORLD, Account::PACKET_ESCROW, Account::campaign(1)]
+                .into_iter()
+                .map(|a| (a, ledger.balance(a)))
+                .collect();
+            committed.publish(changed);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        assert_eq!(committed.totals().user_balances_fen, 20_000 * 6);
     }
 }
