@@ -121,6 +121,11 @@ impl Workers {
         Ok(Workers { link, children })
     }
 
+    /// The connections each child holds now, by its pid.
+    pub fn census(&self) -> hongbao_link::LinkCensus {
+        self.link.census()
+    }
+
     /// The children's process ids, in the order they were started.
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().filter_map(Child::id).collect()

@@ -8,7 +8,7 @@
 //! (`answer_inline`, then `submit`), so shards, the push hub and storage
 //! neither know nor care which process holds a connection.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -60,8 +60,43 @@ impl<E: LinkedEngine> LinkListener<E> {
     /// linked gateway to close its connections and exit.
     pub fn start(self, shutdown: watch::Receiver<bool>) -> LinkServer {
         let (listening_tx, listening_rx) = mpsc::channel(64);
-        let accept = tokio::spawn(accept_loop(self, shutdown, listening_tx));
-        LinkServer { listening: listening_rx, accept }
+        let census = LinkCensus::default();
+        let accept = tokio::spawn(accept_loop(self, shutdown, listening_tx, census.clone()));
+        LinkServer { listening: listening_rx, accept, census }
+    }
+}
+
+/// How many connections each linked gateway process holds now, for the live
+/// view (`hongbao-watch`): one entry per link, added at its hello and removed
+/// when it ends, so it is bounded by the gateway processes `serve` starts.
+#[derive(Clone, Default)]
+pub struct LinkCensus(Arc<Mutex<BTreeMap<u32, Arc<dyn Counted>>>>);
+
+/// Something that can say how many connections it holds.
+trait Counted: Send + Sync {
+    fn count(&self) -> usize;
+}
+
+impl<G: Send> Counted for Conns<G> {
+    fn count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl LinkCensus {
+    /// `(gateway pid, connections)` of every live link, by pid.
+    pub fn read(&self) -> Vec<(u32, u64)> {
+        // Counted outside the census lock: each count takes its link's lock.
+        let links: Vec<(u32, Arc<dyn Counted>)> = lock(&self.0).iter().map(|(p, c)| (*p, c.clone())).collect();
+        links.into_iter().map(|(pid, conns)| (pid, conns.count() as u64)).collect()
+    }
+
+    fn enter(&self, pid: u32, conns: Arc<dyn Counted>) {
+        lock(&self.0).insert(pid, conns);
+    }
+
+    fn leave(&self, pid: u32) {
+        lock(&self.0).remove(&pid);
     }
 }
 
@@ -70,9 +105,15 @@ pub struct LinkServer {
     /// The pid of each gateway that reported its listeners up.
     listening: mpsc::Receiver<u32>,
     accept: JoinHandle<()>,
+    census: LinkCensus,
 }
 
 impl LinkServer {
+    /// The connections of each linked gateway process, read when asked.
+    pub fn census(&self) -> LinkCensus {
+        self.census.clone()
+    }
+
     /// The pid of the next gateway to report its listeners up, if one does
     /// within `within`.
     pub async fn next_listening(&mut self, within: Duration) -> Result<Option<u32>, LinkError> {
@@ -93,6 +134,7 @@ async fn accept_loop<E: LinkedEngine>(
     listener: LinkListener<E>,
     mut shutdown: watch::Receiver<bool>,
     listening: mpsc::Sender<u32>,
+    census: LinkCensus,
 ) {
     let mut links = JoinSet::new();
     let mut backoff = AcceptBackoff::default();
@@ -113,6 +155,7 @@ async fn accept_loop<E: LinkedEngine>(
                     listener.engine.clone(),
                     shutdown.clone(),
                     listening.clone(),
+                    census.clone(),
                 );
                 links.spawn(link);
             }
@@ -241,6 +284,7 @@ async fn run_link<E: LinkedEngine>(
     engine: E,
     mut shutdown: watch::Receiver<bool>,
     listening: mpsc::Sender<u32>,
+    census: LinkCensus,
 ) {
     let (read, write) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
@@ -263,6 +307,7 @@ async fn run_link<E: LinkedEngine>(
     };
     let gates = tokio::spawn(send_gates(engine.clone(), sink.clone()));
     let link = LinkedGateway { engine, conns: Arc::new(Conns::new()), sink: sink.clone(), pid, listening };
+    census.enter(pid, link.conns.clone());
     let end = loop {
         match wire::read::<Up, _>(&mut reader, &mut body).await {
             Ok(Some(msg)) => {
@@ -274,6 +319,7 @@ async fn run_link<E: LinkedEngine>(
             Err(e) => break Err(e),
         }
     };
+    census.leave(pid);
     let dropped = link.conns.remove_all();
     match end {
         // The stopper has finished only if shutdown was asked for.
@@ -455,6 +501,7 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "connection never registered");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert_eq!(server.census().read(), vec![(2, 1)], "the census counts the link's connection");
         let push = good.recv().await.unwrap();
         assert_eq!(push, Down::Frame { conn: 1, frame: ServerFrame::Push(Push { msg: 0, body: body.clone() }) });
         // A broadcast crosses the link once, for the gateway to fan out.
@@ -479,6 +526,11 @@ mod tests {
         good.send(Up::Connect { conn: 2, user: 8 }).await;
         good.send(Up::Connect { conn: 2, user: 8 }).await;
         assert_eq!(good.recv().await, None, "a protocol error closes the link");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !server.census().read().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "an ended link stays in the census");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
 
         // Shutdown is announced to linked gateways.
         let mut last = Peer::connect(&path).await;

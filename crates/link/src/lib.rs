@@ -26,7 +26,7 @@ pub mod fuzz;
 pub mod gateway_side;
 mod wire;
 
-pub use core_side::{LinkListener, LinkServer};
+pub use core_side::{LinkCensus, LinkListener, LinkServer};
 pub use gateway_side::{LinkClient, RemoteEngine};
 
 /// Bounds of the link.
