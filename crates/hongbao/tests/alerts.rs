@@ -208,7 +208,7 @@ async fn every_metric_the_rules_and_the_dashboard_read_is_in_a_real_scrape() {
         let present: BTreeSet<String> = text
             .lines()
             .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split(|c| c == '{' || c == ' ').next())
+            .filter_map(|l| l.split(['{', ' ']).next())
             .map(str::to_owned)
             .collect();
         let missing: Vec<&String> = wanted.iter().filter(|n| !present.contains(*n)).collect();
