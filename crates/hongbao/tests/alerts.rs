@@ -150,6 +150,9 @@ async fn a_load_cut_off_pages_and_its_return_clears_the_alert() {
         assert!(Instant::now() < deadline, "gauge {gauge} vs {alerts}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Wins moved money all along; it balanced at every second.
+    let alerts = server.get("/v1/alerts").await.ok().unwrap();
+    assert!(!alerts["alerts"].as_array().unwrap().iter().any(|a| a["signal"] == "money"), "{alerts}");
     load.stop();
     let mut server = server;
     assert!(server.terminate().success());

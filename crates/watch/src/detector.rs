@@ -46,10 +46,11 @@ pub struct AlertConfig {
     /// floors below, a count alert needs the rate under 70% of its usual
     /// level, a ratio alert more than 6% of requests failing.
     pub sigmas: f64,
-    /// Half-life of the EWMA, seconds: 300. Long against `fire_after_s`
-    /// (ten seconds at zero move the mean 2%), short against an evening
-    /// (a steady ramp of traffic is followed with a lag of ~7 minutes of
-    /// the ramp, inside the band).
+    /// Half-life of the EWMA, seconds: 300. The baseline is the last
+    /// quarter of an hour or so, not the last minute (a few noisy seconds
+    /// barely move it), and short against an evening: a steady ramp of
+    /// traffic is followed with a lag of ~7 minutes of the ramp, inside the
+    /// band.
     pub half_life_s: f64,
     /// Longest a firing alert keeps the baseline frozen, seconds: 600.
     /// Ten minutes at a new level is a new level: the alert clears ("the
@@ -441,7 +442,7 @@ fn lenient(side: Side, a: &Band, b: &Band) -> bool {
 
 /// Operations with a detector at most: the protocol has about a dozen;
 /// what the gateway labels `op` is a fixed set, this only bounds memory
-/// (each op's three detectors keep 26 h of minutes: ~100 KB).
+/// (each op's three detectors keep 26 h of minutes: 150 KB).
 pub const OPS_WATCHED_MAX: usize = 32;
 
 /// The money rule: fires the second the totals do not balance.
