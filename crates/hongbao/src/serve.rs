@@ -40,8 +40,8 @@ use crate::keys::{self, KeyError};
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 // The admin API bounds its own drain, so its task ends before we give up on it.
 const _: () = assert!(hongbao_admin::limits::SHUTDOWN_GRACE_MS < STOP_TIMEOUT.as_millis() as u64);
-/// How often the Prometheus recorder drains histograms. `install_recorder`
-/// leaves this to the caller; without it histogram memory grows unbounded.
+/// How often the Prometheus recorder drains histograms. The exporter leaves
+/// this to the caller; without it histogram memory grows unbounded.
 /// A drain costs in proportion to the samples since the last one (one per
 /// request answered), so it runs often and on a thread of its own
 /// (`MetricsUpkeep`).
