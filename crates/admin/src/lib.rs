@@ -1,7 +1,8 @@
 //! The operator HTTP API: JSON over HTTP/1.1 beside the gateway.
 //!
 //! Owns: the routes under `/v1` (accounts, groups, packets, campaigns,
-//! pushes and broadcast tasks, client tokens, stats), API-key
+//! pushes and broadcast tasks, client tokens, stats, and the live figures
+//! `hongbao-watch` makes: `/v1/live`, `/v1/live/now`, `/v1/alerts`), API-key
 //! authentication of operators, the error format
 //! (`{"error":{"code","message"}}`) and its HTTP statuses, `/health`, the
 //! Prometheus scrape endpoint `/metrics` (money totals only for the key),
