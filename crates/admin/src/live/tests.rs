@@ -300,3 +300,29 @@ async fn streams_are_capped_and_a_closed_one_frees_its_place() {
     assert_eq!(get(api.addr, "/v1/live", None).await.0, 401, "the key is required");
     api.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_stream_sends_a_keepalive_after_15_s_and_ends_on_shutdown() {
+    // No sampler: nothing is published, as when the sampler stalls.
+    let live = Live::new();
+    let (stop, shutdown) = watch::channel(false);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+    let state = super::StreamState {
+        live: live.clone(),
+        updates: live.subscribe(),
+        shutdown,
+        pending: Default::default(),
+        seen: 0,
+        _permit: permits.clone().try_acquire_owned().unwrap(),
+    };
+    let start = tokio::time::Instant::now();
+    let (chunk, state) = super::next_chunk(state).await.unwrap();
+    assert_eq!(chunk.unwrap(), ": keepalive\n\n");
+    assert_eq!(start.elapsed(), Duration::from_millis(crate::limits::LIVE_KEEPALIVE_MS));
+    // Shutdown ends it, and gives its place back.
+    stop.send(true).unwrap();
+    if let Some((chunk, _)) = super::next_chunk(state).await {
+        panic!("{chunk:?} after shutdown");
+    }
+    assert_eq!(permits.available_permits(), 1);
+}
