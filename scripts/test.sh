@@ -37,12 +37,26 @@ if [ -z "${HONGBAO_PG_BIN:-}" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initd
     missing+=(postgresql)
 fi
 
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]}"
+# .ci/run checks and unit-tests the Prometheus rules in docs/ with promtool,
+# which comes in Debian's `prometheus` package; installed without its
+# recommends (the node exporter). On a machine with systemd the package
+# starts a Prometheus server on port 9090; nothing here uses it or depends
+# on it. Where services are not started (a container's policy-rc.d, as on
+# this machine) none runs.
+no_recommends=()
+command -v promtool >/dev/null || no_recommends+=(prometheus)
+
+if [ ${#missing[@]} -gt 0 ] || [ ${#no_recommends[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} ${no_recommends[*]}"
     SUDO=""
     [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
     $SUDO apt-get update -qq
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    if [ ${#missing[@]} -gt 0 ]; then
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    fi
+    if [ ${#no_recommends[@]} -gt 0 ]; then
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${no_recommends[@]}"
+    fi
 fi
 
 if [ "${1:-}" = "--packages-only" ]; then

@@ -36,7 +36,7 @@ async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
     let config =
         AdminConfig { addr: "127.0.0.1:0".parse().unwrap(), api_key: api_key.map(str::to_owned), dev: false, limits };
     let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
-    let (addr, task) = start(config, engine.clone(), signer, prometheus, rx).await.unwrap();
+    let (addr, task) = start(config, engine.clone(), signer, prometheus, hongbao_watch::Live::new(), rx).await.unwrap();
     Api { addr, engine, stop, task, _tmp: tmp }
 }
 
