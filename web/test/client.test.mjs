@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 import { HongbaoClient, HongbaoError, backoffDelayMs, formatFen, yuanToFen } from '../../crates/admin/ui/hongbao-client.js';
-import { startServer, must, seeded, waitFor, next } from './helpers.mjs';
+import { startServer, must, seeded, waitFor, next } from '../support/helpers.mjs';
 
 /** @param {Partial<ConstructorParameters<typeof HongbaoClient>[0]> & {url: string, token: string}} options */
 function client(options) {

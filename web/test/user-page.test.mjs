@@ -5,7 +5,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, must, launchBrowser, newPage, screenshotPath, waitFor } from './helpers.mjs';
+import { startServer, must, launchBrowser, newPage, screenshotPath, waitFor } from '../support/helpers.mjs';
 
 const USER = 42;
 const FUNDER = 1;

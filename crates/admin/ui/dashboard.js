@@ -460,7 +460,7 @@ function makeChart(id, lines, unit) {
       width: Math.max(300, host.clientWidth),
       height: 200,
       series: [{}, ...lines.map((l) => ({ label: l.label, stroke: l.stroke, width: 2, spanGaps: false }))],
-      axes: [{}, { label: unit, size: 60 }],
+      axes: [{ space: 90, values: (_u, splits) => splits.map(clock) }, { label: unit, size: 60 }],
       scales: { x: { time: true } },
       legend: { live: false },
       cursor: { show: false },
@@ -468,6 +468,11 @@ function makeChart(id, lines, unit) {
     [[]],
     host,
   );
+}
+
+/** Seconds since the epoch as the local time of day, for the charts' time axis. @param {number} s */
+function clock(s) {
+  return new Date(s * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false });
 }
 
 function renderCharts() {
@@ -482,6 +487,7 @@ function renderCharts() {
     { label: 'commit p99', stroke: '#2e7d32' },
   ], 'ms');
   ratesChart?.setData([series.t, series.shakes, series.opens]);
+  $('chart-rates').dataset.points = String(series.t.length);
   p99Chart?.setData([series.t, series.shakeP99, series.openP99, series.commitP99]);
 }
 
