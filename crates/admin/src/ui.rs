@@ -49,6 +49,7 @@ pub(crate) const FILES: &[Asset] = &[
     Asset { name: "app.js", content_type: JS, body: include_bytes!("../ui/app.js") },
     Asset { name: "dashboard.js", content_type: JS, body: include_bytes!("../ui/dashboard.js") },
     Asset { name: "style.css", content_type: CSS, body: include_bytes!("../ui/style.css") },
+    Asset { name: "favicon.svg", content_type: "image/svg+xml", body: include_bytes!("../ui/favicon.svg") },
     Asset {
         name: "vendor/uPlot.iife.min.js",
         content_type: JS,
