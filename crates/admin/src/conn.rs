@@ -334,8 +334,50 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 Err(refused) => refused.into_response(),
             };
             clock.answer_ready(Instant::now());
+            if answer.extensions().get::<Streaming>().is_some() {
+                return Ok(answer.map(|inner| Body::new(RenewsDeadline { inner, clock })));
+            }
             Ok(answer)
         })
+    }
+}
+
+/// Marks a response whose body is a long-lived stream (`/v1/live`). Once an
+/// answer is handed over the connection counts as idle, and its deadline
+/// (`idle_timeout_ms`) would close a stream a minute in; for a marked
+/// answer every piece of the body renews that deadline instead. A peer that
+/// stops reading stops the body (its writes wait), so it is still closed
+/// `idle_timeout_ms` after the last piece went out.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Streaming;
+
+/// A streaming body that renews the connection's idle deadline per piece.
+struct RenewsDeadline {
+    inner: Body,
+    clock: Arc<ConnClock>,
+}
+
+impl hyper::body::Body for RenewsDeadline {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.clock.answer_ready(Instant::now());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -36,6 +36,7 @@ mod conn;
 mod error;
 mod extract;
 pub mod limits;
+mod live;
 mod routes;
 mod server;
 #[cfg(test)]
@@ -59,6 +60,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use error::{status_for, ApiError};
+pub use live::AlertsBody;
 pub use routes::{TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX};
 
 pub use limits::BODY_BYTES_MAX;
@@ -144,6 +146,12 @@ pub(crate) struct AppState {
     stats: tokio::sync::Mutex<Option<(std::time::Instant, hongbao_shard::Stats)>>,
     /// What `/ui/config.json` tells the web pages.
     ui: ui::UiConfig,
+    /// The per-second snapshots and alerts (`hongbao-watch`).
+    live: hongbao_watch::Live,
+    /// Places for `/v1/live` streams (`limits::LIVE_STREAMS_MAX`).
+    live_streams: Arc<tokio::sync::Semaphore>,
+    /// The server's shutdown signal: live streams end on it.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Binds `config.addr` and serves until `shutdown` becomes `true` (or its
@@ -151,11 +159,14 @@ pub(crate) struct AppState {
 /// ends once in-flight requests are answered, or `shutdown_grace_ms` after
 /// the signal at the latest. Once started, nothing stops the server but the
 /// signal: a failing `accept` is retried, a failing connection ends alone.
+/// `/v1/live*` and `/v1/alerts` serve what `live` is given (its sampler is
+/// started by the caller).
 pub async fn start(
     config: AdminConfig,
     engine: Engine,
     signer: TokenSigner,
     prometheus: PrometheusHandle,
+    live: hongbao_watch::Live,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), AdminError> {
     if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
@@ -180,6 +191,9 @@ pub async fn start(
         api_key: config.api_key,
         stats: Default::default(),
         ui,
+        live,
+        live_streams: Arc::new(tokio::sync::Semaphore::new(limits::LIVE_STREAMS_MAX)),
+        shutdown: shutdown.clone(),
     }));
     let shared = Arc::new(conn::ConnShared::new(app, config.limits));
     let task = tokio::spawn(server::serve(listener, shared, shutdown));
@@ -256,6 +270,9 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
     r = add(r, "/v1/tasks/{id}/stop", true, post(routes::stop_task));
     r = add(r, "/v1/tokens", true, post(routes::issue_token));
     r = add(r, "/v1/stats", true, get(routes::stats));
+    r = add(r, "/v1/live", true, get(live::stream));
+    r = add(r, "/v1/live/now", true, get(live::now));
+    r = add(r, "/v1/alerts", true, get(live::alerts));
     r.fallback(routes::no_route)
         .method_not_allowed_fallback(routes::wrong_method)
         .layer(middleware::from_fn(count))

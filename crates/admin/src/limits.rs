@@ -59,6 +59,19 @@ pub const SHUTDOWN_GRACE_MS: u64 = 8_000;
 /// hyper's own floor for this setting is 8 KiB.
 pub const HEADER_BYTES_MAX: usize = 16 * 1024;
 
+/// `/v1/live` streams at once; one more is answered 503 `overload`. A
+/// stream is a dashboard tab left open: a few operators' screens, each
+/// holding an admin connection for as long as it is open, so the cap keeps
+/// most of `ADMIN_CONNECTIONS_MAX` for the API itself. Each stream costs a
+/// connection and a small task; the snapshots it sends are shared.
+pub const LIVE_STREAMS_MAX: usize = 8;
+
+/// A `: keepalive` comment goes down a live stream after this long without
+/// an event (snapshots come every second, so only while the sampler is
+/// stalled): proxies and browsers drop connections silent for longer, and
+/// it is well inside `IDLE_TIMEOUT_MS`, which a stream's progress renews.
+pub const LIVE_KEEPALIVE_MS: u64 = 15_000;
+
 // Relations between the bounds.
 const _: () = assert!(ADMIN_CONNECTIONS_MAX >= 1);
 // hyper panics below 8 KiB.
@@ -66,5 +79,9 @@ const _: () = assert!(HEADER_BYTES_MAX >= 8 * 1024);
 const _: () = assert!(HEADER_READ_TIMEOUT_MS >= 1 && BODY_READ_TIMEOUT_MS >= 1 && IDLE_TIMEOUT_MS >= 1);
 // A request whose body is still arriving at shutdown may finish.
 const _: () = assert!(BODY_READ_TIMEOUT_MS < SHUTDOWN_GRACE_MS);
+// Live streams leave most connections to the API.
+const _: () = assert!(LIVE_STREAMS_MAX * 4 <= ADMIN_CONNECTIONS_MAX);
+// A stream that only sends keep-alives is not idle.
+const _: () = assert!(LIVE_KEEPALIVE_MS < IDLE_TIMEOUT_MS);
 // A keep-alive connection outlives a Prometheus scrape interval (15 s).
 const _: () = assert!(IDLE_TIMEOUT_MS > 15_000);

@@ -41,7 +41,7 @@ async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
         ws_addr: None,
     };
     let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
-    let (addr, task) = start(config, engine.clone(), signer, prometheus, rx).await.unwrap();
+    let (addr, task) = start(config, engine.clone(), signer, prometheus, hongbao_watch::Live::new(), rx).await.unwrap();
     Api { addr, engine, stop, task, _tmp: tmp }
 }
 

@@ -13,7 +13,6 @@ use hongbao_boundary::TokenSigner;
 use hongbao_shard::StoreLocation;
 use hongbao_sim::bench::{self, Check, Plan, ServerTarget, ShakeStep, Summary, WorkerLauncher};
 use hongbao_sim::worker::{self, WorkerConfig};
-use metrics_exporter_prometheus::PrometheusBuilder;
 
 use crate::config::{ServeArgs, Settings};
 use crate::serve;
@@ -293,8 +292,8 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-    let prometheus = PrometheusBuilder::new().install_recorder().context("cannot install the metrics recorder")?;
-    let server = runtime.block_on(serve::start(settings, prometheus)).context("cannot start the local server")?;
+    let recorders = serve::install_metrics().context("cannot install the metrics recorder")?;
+    let server = runtime.block_on(serve::start(settings, recorders)).context("cannot start the local server")?;
     let ready = server.ready().clone();
     println!(
         "local server (dev mode, in this process{}): tcp {} admin {} store {}, heartbeat {} s, idle timeout {} s \

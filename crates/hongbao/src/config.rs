@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::builder::BoolishValueParser;
 use hongbao_core::limits::{PacketRules, SHARDS_MAX};
 use hongbao_shard::StoreLocation;
+use hongbao_watch::AlertConfig;
 
 /// Most gateway processes one server starts: each is a process with its
 /// own runtime (a few MiB), and a million connections at the default 18,000
@@ -118,6 +119,29 @@ pub struct ServeArgs {
     /// [default: 20]
     #[arg(long, env = "HONGBAO_SEND_BURST", value_name = "N")]
     pub send_burst: Option<u32>,
+    /// Alerts: seconds of a signal learned before it is judged [default: 120]
+    #[arg(long, env = "HONGBAO_ALERT_WARMUP_S", value_name = "S")]
+    pub alert_warmup_s: Option<u32>,
+    /// Alerts: consecutive seconds out of band before an alert fires
+    /// [default: 10]
+    #[arg(long, env = "HONGBAO_ALERT_FIRE_AFTER_S", value_name = "S")]
+    pub alert_fire_after_s: Option<u32>,
+    /// Alerts: consecutive seconds in band before a firing alert clears
+    /// [default: 30]
+    #[arg(long, env = "HONGBAO_ALERT_CLEAR_AFTER_S", value_name = "S")]
+    pub alert_clear_after_s: Option<u32>,
+    /// Alerts: width of the band in (floored) standard deviations
+    /// [default: 3]
+    #[arg(long, env = "HONGBAO_ALERT_SIGMAS", value_name = "K")]
+    pub alert_sigmas: Option<f64>,
+    /// Alerts: longest a firing alert freezes its baseline before the new
+    /// level is accepted, seconds [default: 600]
+    #[arg(long, env = "HONGBAO_ALERT_RELEARN_AFTER_S", value_name = "S")]
+    pub alert_relearn_after_s: Option<u32>,
+    /// Alerts: requests per second below which success ratio and p99 are
+    /// not judged [default: 10]
+    #[arg(long, env = "HONGBAO_ALERT_MIN_RATE_PER_S", value_name = "N")]
+    pub alert_min_rate_per_s: Option<f64>,
 }
 
 /// The `--config` TOML file. Every field is optional and named like its flag
@@ -159,6 +183,12 @@ pub struct Config {
     pub packet_count_max: Option<u32>,
     pub sends_per_s: Option<u32>,
     pub send_burst: Option<u32>,
+    pub alert_warmup_s: Option<u32>,
+    pub alert_fire_after_s: Option<u32>,
+    pub alert_clear_after_s: Option<u32>,
+    pub alert_sigmas: Option<f64>,
+    pub alert_relearn_after_s: Option<u32>,
+    pub alert_min_rate_per_s: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +225,8 @@ pub struct Settings {
     pub max_pending_hello_per_ip: usize,
     pub gateways: u16,
     pub packet_rules: PacketRules,
+    /// The live alert detector's parameters (`hongbao_watch::AlertConfig`).
+    pub alerts: AlertConfig,
 }
 
 impl Config {
@@ -221,6 +253,7 @@ impl Settings {
 
     pub(crate) fn merge(args: ServeArgs, file: Config) -> Result<Settings, ConfigError> {
         let rules = PacketRules::default();
+        let alerts = AlertConfig::default();
         let idle_timeout_s = args.idle_timeout_s.or(file.idle_timeout_s);
         // Given only an idle timeout shorter than the default heartbeat, keep
         // the default relation (the timeout is three missed heartbeats)
@@ -273,6 +306,21 @@ impl Settings {
                 sends_per_s: args.sends_per_s.or(file.sends_per_s).unwrap_or(rules.sends_per_s),
                 send_burst: args.send_burst.or(file.send_burst).unwrap_or(rules.send_burst),
             },
+            alerts: AlertConfig {
+                warmup_s: args.alert_warmup_s.or(file.alert_warmup_s).unwrap_or(alerts.warmup_s),
+                fire_after_s: args.alert_fire_after_s.or(file.alert_fire_after_s).unwrap_or(alerts.fire_after_s),
+                clear_after_s: args.alert_clear_after_s.or(file.alert_clear_after_s).unwrap_or(alerts.clear_after_s),
+                sigmas: args.alert_sigmas.or(file.alert_sigmas).unwrap_or(alerts.sigmas),
+                relearn_after_s: args
+                    .alert_relearn_after_s
+                    .or(file.alert_relearn_after_s)
+                    .unwrap_or(alerts.relearn_after_s),
+                min_rate_per_s: args
+                    .alert_min_rate_per_s
+                    .or(file.alert_min_rate_per_s)
+                    .unwrap_or(alerts.min_rate_per_s),
+                ..alerts
+            },
         };
         s.validate()?;
         Ok(s)
@@ -315,6 +363,9 @@ impl Settings {
         }
         if self.packet_rules.send_burst < 1 {
             return invalid("send_burst must be at least 1".into());
+        }
+        if let Err(e) = self.alerts.validate() {
+            return invalid(e.to_string());
         }
         for (name, value) in [("secret", &self.secret), ("admin_key", &self.admin_key)] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
@@ -406,6 +457,18 @@ mod tests {
         assert_eq!(Settings::merge(args(&[]), from_file).unwrap().store.describe(), "postgres://a@file/db");
         let err = Settings::merge(args(&["--store", "mysql://x/y"]), Config::default()).unwrap_err();
         assert!(err.to_string().contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn alert_settings_come_from_flags_or_the_file() {
+        let s = Settings::merge(ServeArgs::default(), Config::default()).unwrap();
+        assert_eq!(s.alerts, AlertConfig::default());
+        let file: Config = toml::from_str("alert_warmup_s = 5\nalert_sigmas = 4.5\nalert_fire_after_s = 2").unwrap();
+        let s = Settings::merge(args(&["--alert-fire-after-s", "3", "--alert-clear-after-s", "4"]), file).unwrap();
+        assert_eq!((s.alerts.warmup_s, s.alerts.fire_after_s, s.alerts.clear_after_s), (5, 3, 4));
+        assert_eq!(s.alerts.sigmas, 4.5);
+        assert!(Settings::merge(args(&["--alert-fire-after-s", "0"]), Config::default()).is_err());
+        assert!(Settings::merge(args(&["--alert-sigmas", "-1"]), Config::default()).is_err());
     }
 
     #[test]

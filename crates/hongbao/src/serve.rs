@@ -7,9 +7,13 @@
 //! stop taking connections and requests (gateway, admin), then let the engine
 //! commit what is queued, so no acknowledged operation is cut off.
 //!
-//! `start` and `Server::shutdown` are usable in-process (tests, a future
-//! `demo`); `run` adds what only the real process does: the global metrics
-//! recorder, signals, and the `HONGBAO_READY` line.
+//! `start` and `Server::shutdown` are usable in-process (tests, `demo` and
+//! `bench`); `run` adds what only the real process does: the global metrics
+//! recorder (`install_metrics`), signals, and the `HONGBAO_READY` line.
+//!
+//! `start` also starts the live sampler (`hongbao-watch`): one snapshot of
+//! the work a second, judged by the alert detector, served by the admin API
+//! (`/v1/live`, `/v1/alerts`). It stops with the admin API.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,6 +24,7 @@ use hongbao_admin::{AdminConfig, AdminError, AdminLimits};
 use hongbao_boundary::{EngineError, TokenSigner};
 use hongbao_gateway::{Gateway, GatewayConfig, GatewayError};
 use hongbao_shard::{Engine, EngineConfig, StoreLocation};
+use hongbao_watch::{EngineReading, EngineSource, Live, SamplerConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -56,6 +61,8 @@ pub enum ServeError {
     Admin(#[from] AdminError),
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    #[error("{0}")]
+    Alerts(#[from] hongbao_watch::AlertConfigError),
     #[error("cannot start the metrics upkeep thread: {0}")]
     MetricsThread(std::io::Error),
     #[error("cannot listen for signals: {0}")]
@@ -91,7 +98,9 @@ pub struct Server {
     /// The other gateway processes, if any.
     workers: Option<Workers>,
     admin: JoinHandle<()>,
-    /// `true` tells the gateways and the admin API to stop.
+    /// The live sampler; ends on the shutdown signal.
+    sampler: JoinHandle<()>,
+    /// `true` tells the gateways, the admin API and the sampler to stop.
     shutdown: watch::Sender<bool>,
     /// Stops with the server (dropped last).
     _metrics_upkeep: MetricsUpkeep,
@@ -136,9 +145,59 @@ impl Drop for MetricsUpkeep {
     }
 }
 
-/// Opens the engine in `settings.data` and starts the gateway and the admin
-/// API. On failure everything already started is stopped again.
-pub async fn start(settings: Settings, prometheus: PrometheusHandle) -> Result<Server, ServeError> {
+/// The two recorders every metric goes to: Prometheus's (rendered at
+/// `/metrics`) and the watch crate's (read by the live sampler).
+#[derive(Clone)]
+pub struct Recorders {
+    pub prometheus: PrometheusHandle,
+    pub watch: std::sync::Arc<hongbao_watch::Registry>,
+}
+
+/// Installs the process's metrics recorder: Prometheus's and ours, fanned
+/// out (every handle records into both). Once per process.
+pub fn install_metrics() -> Result<Recorders, ServeError> {
+    let prometheus = PrometheusBuilder::new().build_recorder();
+    let handle = prometheus.handle();
+    let watch = hongbao_watch::WatchRecorder::new();
+    let registry = watch.registry();
+    metrics::set_global_recorder(hongbao_watch::fanout(watch, prometheus))
+        .map_err(|e| ServeError::Metrics(e.to_string()))?;
+    hongbao_watch::preregister();
+    Ok(Recorders { prometheus: handle, watch: registry })
+}
+
+/// What the live sampler reads of the engine each second: levels and the
+/// money totals, none of which passes through the metrics.
+struct EngineFeed(Engine);
+
+impl EngineSource for EngineFeed {
+    async fn read(&self) -> EngineReading {
+        let s = self.0.stats().await;
+        let storage_failure = self.0.storage_failure().map(|f| hongbao_watch::StorageFailure {
+            reason: f.reason,
+            since_ms: f.since_ms,
+            failed_tries: f.failed_tries,
+        });
+        EngineReading {
+            connections: s.connections,
+            campaigns_running: s.campaigns_running,
+            writer_queue_depth: s.writer_queue_depth,
+            shard_queue_depth: s.shard_queue_depth,
+            user_balances_fen: s.user_balances_fen,
+            packet_escrow_fen: s.packet_escrow_fen,
+            campaign_escrow_fen: s.campaign_escrow_fen,
+            // One node: no money travels between nodes.
+            in_flight_fen: 0,
+            deposits_minus_withdrawals_fen: s.deposits_minus_withdrawals_fen,
+            storage_failure,
+        }
+    }
+}
+
+/// Opens the engine in `settings.data` and starts the gateway, the admin
+/// API and the live sampler. On failure everything already started is
+/// stopped again.
+pub async fn start(settings: Settings, recorders: Recorders) -> Result<Server, ServeError> {
     let data = &settings.data;
     hongbao_store::prepare_data_dir(data)?;
     let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.clone());
@@ -154,7 +213,7 @@ pub async fn start(settings: Settings, prometheus: PrometheusHandle) -> Result<S
     };
     tracing::info!(store = %store.describe(), "opening the store");
     let engine = Engine::open_at(engine_config, &store).await?;
-    let (mut server, gateway_config, secret) = match start_front(&settings, &data, engine.clone(), prometheus).await {
+    let (mut server, gateway_config, secret) = match start_front(&settings, &data, engine.clone(), recorders).await {
         Ok(started) => started,
         Err(e) => {
             engine.shutdown().await;
@@ -185,8 +244,10 @@ async fn start_front(
     settings: &Settings,
     data: &std::path::Path,
     engine: Engine,
-    prometheus: PrometheusHandle,
+    recorders: Recorders,
 ) -> Result<(Server, GatewayConfig, String), ServeError> {
+    settings.alerts.validate()?;
+    let Recorders { prometheus, watch: registry } = recorders;
     // First, so that a failure here leaves nothing else to stop.
     let metrics_upkeep = MetricsUpkeep::start(prometheus.clone())?;
     let secret = match &settings.secret {
@@ -242,17 +303,29 @@ async fn start_front(
         // The bound address (port 0 resolved), for the user page.
         ws_addr: Some(gateway.ws_addr()),
     };
-    let (admin_addr, admin) =
-        match hongbao_admin::start(admin_config, engine.clone(), signer, prometheus.clone(), stop_rx.clone()).await {
-            Ok(started) => started,
-            Err(e) => {
-                let _ = shutdown.send(true);
-                if tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await.is_err() {
-                    tracing::warn!("gateway did not stop in time");
-                }
-                return Err(e.into());
+    let live = Live::new();
+    let (admin_addr, admin) = match hongbao_admin::start(
+        admin_config,
+        engine.clone(),
+        signer,
+        prometheus.clone(),
+        live.clone(),
+        stop_rx.clone(),
+    )
+    .await
+    {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = shutdown.send(true);
+            if tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await.is_err() {
+                tracing::warn!("gateway did not stop in time");
             }
-        };
+            return Err(e.into());
+        }
+    };
+
+    let sampler_config = SamplerConfig { alerts: settings.alerts.clone(), ..SamplerConfig::default() };
+    let sampler = hongbao_watch::sampler::spawn(registry, EngineFeed(engine.clone()), live, sampler_config, stop_rx);
 
     let ready = Ready {
         tcp: gateway.tcp_addr(),
@@ -266,7 +339,8 @@ async fn start_front(
         dev: settings.dev,
         gateway_pids: Vec::new(),
     };
-    let server = Server { ready, engine, gateway, workers: None, admin, shutdown, _metrics_upkeep: metrics_upkeep };
+    let server =
+        Server { ready, engine, gateway, workers: None, admin, sampler, shutdown, _metrics_upkeep: metrics_upkeep };
     Ok((server, gateway_config, secret))
 }
 
@@ -279,7 +353,7 @@ impl Server {
     /// (bounded by `STOP_TIMEOUT` each). Phase 2: shut the engine down, which
     /// commits whatever is queued. Phase 2 runs even if phase 1 failed.
     pub async fn shutdown(self) -> Result<(), ServeError> {
-        let Server { engine, gateway, workers, mut admin, shutdown, .. } = self;
+        let Server { engine, gateway, workers, mut admin, sampler, shutdown, .. } = self;
         let _ = shutdown.send(true);
         let mut first_error = None;
         // The other gateways close their connections meanwhile.
@@ -300,6 +374,10 @@ impl Server {
                 admin.abort();
             }
         }
+        // It ends at its next await on the signal; it holds nothing to finish.
+        if tokio::time::timeout(STOP_TIMEOUT, sampler).await.is_err() {
+            tracing::warn!("live sampler did not stop in time; going on");
+        }
         engine.shutdown().await;
         tracing::info!("engine stopped");
         match first_error {
@@ -317,11 +395,11 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
              is open to anyone who can reach it. Never run dev mode where others can connect."
         );
     }
-    let prometheus = PrometheusBuilder::new().install_recorder().map_err(|e| ServeError::Metrics(e.to_string()))?;
+    let recorders = install_metrics()?;
     // Signal handlers go in before the ready line: a supervisor (or a test)
     // may send SIGTERM the moment it reads it.
     let signal = Signal::new().map_err(ServeError::Signal)?;
-    let server = start(settings, prometheus).await?;
+    let server = start(settings, recorders).await?;
     announce(server.ready());
     let name = signal.recv().await;
     tracing::info!(signal = name, "shutting down");
@@ -395,8 +473,11 @@ mod tests {
         Settings::merge(args, Config::default()).unwrap()
     }
 
-    fn prometheus() -> PrometheusHandle {
-        PrometheusBuilder::new().build_recorder().handle()
+    /// Both recorders, not installed: the tests run several servers in one
+    /// process, and what the server records reaches neither.
+    fn prometheus() -> Recorders {
+        let prometheus = PrometheusBuilder::new().build_recorder().handle();
+        Recorders { prometheus, watch: hongbao_watch::WatchRecorder::new().registry() }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,1 @@
+//! The detector on synthetic series (written next).
