@@ -66,13 +66,19 @@ test('dashboard: live figures move under load; a campaign stopped and a broadcas
   let load = null;
   try {
     await must(server, 'POST', '/v1/accounts/1/deposit', { amount_fen: 10_000_000, key: 'dep-1' });
-    const campaign = await must(
-      server,
-      'POST',
-      '/v1/campaigns',
-      { funder: 1, total_fen: 1_000_000, rule: { count: { packets: 100_000 } }, rate_per_s: 50, key: 'camp-dash' },
-      201,
-    );
+    // Two running campaigns: the load shakes (and wins) from either; the
+    // page stops the second.
+    const create = (key, rate) =>
+      must(
+        server,
+        'POST',
+        '/v1/campaigns',
+        { funder: 1, total_fen: 1_000_000, rule: { count: { packets: 100_000 } }, rate_per_s: rate, key },
+        201,
+      );
+    const kept = await create('camp-kept', 50);
+    const campaign = await create('camp-stop', 20);
+    await must(server, 'POST', `/v1/campaigns/${kept.id}/start`);
     await must(server, 'POST', `/v1/campaigns/${campaign.id}/start`);
 
     const page = await newPage(browser, problems);
@@ -118,6 +124,7 @@ test('dashboard: live figures move under load; a campaign stopped and a broadcas
       what: 'eight seconds of chart',
     });
     await waitFor(async () => (await shown(page, 'shakes-per-s')) > 0, { what: 'shakes/s still above 0' });
+    assert.equal((await must(server, 'GET', `/v1/campaigns/${kept.id}`)).status, 'running');
     await page.screenshot({ path: screenshotPath('dashboard.png'), fullPage: true });
     await load.stop();
     load = null;

@@ -104,6 +104,11 @@ function cell(tag, text, className) {
   return node;
 }
 
+/** Fen as yuan with thousands grouped: 12345678 → "123,456.78". @param {number} fen */
+function yuan(fen) {
+  return formatFen(fen).replace(/\B(?=(\d{3})+(?!\d))/g, ',');
+}
+
 /** @param {number} ms */
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -431,12 +436,12 @@ function renderMoney(s) {
   card.dataset.balanced = String(m.balanced);
   card.classList.toggle('alarm', !m.balanced);
   const held = m.user_balances_fen + m.packet_escrow_fen + m.campaign_escrow_fen + m.in_flight_fen;
-  setText('money-verdict', m.balanced ? 'balanced' : `NOT BALANCED: off by ¥${formatFen(m.deposits_minus_withdrawals_fen - held)}`);
+  setText('money-verdict', m.balanced ? 'balanced' : `NOT BALANCED: off by ¥${yuan(m.deposits_minus_withdrawals_fen - held)}`);
   setText(
     'money-equation',
-    `balances ¥${formatFen(m.user_balances_fen)} + packet escrow ¥${formatFen(m.packet_escrow_fen)} + ` +
-      `campaign escrow ¥${formatFen(m.campaign_escrow_fen)} + in flight ¥${formatFen(m.in_flight_fen)} ` +
-      `${m.balanced ? '=' : '≠'} deposits − withdrawals ¥${formatFen(m.deposits_minus_withdrawals_fen)}`,
+    `balances ¥${yuan(m.user_balances_fen)} + packet escrow ¥${yuan(m.packet_escrow_fen)} + ` +
+      `campaign escrow ¥${yuan(m.campaign_escrow_fen)} + in flight ¥${yuan(m.in_flight_fen)} ` +
+      `${m.balanced ? '=' : '≠'} deposits − withdrawals ¥${yuan(m.deposits_minus_withdrawals_fen)}`,
   );
 }
 
@@ -528,8 +533,8 @@ async function pollCampaigns() {
         cell('td', num(c.rate_per_s), 'num'),
         cell('td', num(c.released), 'num'),
         cell('td', num(c.won), 'num'),
-        cell('td', formatFen(c.won_fen), 'num'),
-        cell('td', formatFen(c.escrow_fen), 'num'),
+        cell('td', yuan(c.won_fen), 'num'),
+        cell('td', yuan(c.escrow_fen), 'num'),
         actions,
       );
       return tr;
