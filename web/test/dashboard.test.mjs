@@ -1,7 +1,7 @@
 // The dashboard (/) in headless Chromium against a real server: under a
 // small load (20 Node clients using hongbao-client.js over `ws`, shaking),
-// the connection count and shakes/s on the page move; a campaign is stopped
-// from the page; a broadcast started from the page fills its progress bar.
+// the connection count and shakes/s on the page move; a campaign is made,
+// started and stopped from the page; a broadcast started from the page fills its progress bar.
 // And a server with an admin key: the page asks for it and keeps it out of
 // the address.
 
@@ -59,27 +59,22 @@ async function shown(page, testId) {
   return Number((text ?? '').replace(/,/g, ''));
 }
 
-test('dashboard: live figures move under load; a campaign stopped and a broadcast run from the page', async () => {
+test('dashboard: live figures move under load; a campaign made, started and stopped and a broadcast run from the page', async () => {
   const server = await startServer();
   const browser = await launchBrowser();
   const problems = [];
   let load = null;
   try {
     await must(server, 'POST', '/v1/accounts/1/deposit', { amount_fen: 10_000_000, key: 'dep-1' });
-    // Two running campaigns: the load shakes (and wins) from either; the
-    // page stops the second.
-    const create = (key, rate) =>
-      must(
-        server,
-        'POST',
-        '/v1/campaigns',
-        { funder: 1, total_fen: 1_000_000, rule: { count: { packets: 100_000 } }, rate_per_s: rate, key },
-        201,
-      );
-    const kept = await create('camp-kept', 50);
-    const campaign = await create('camp-stop', 20);
+    // One campaign from the API; the page makes a second, starts and stops it.
+    const kept = await must(
+      server,
+      'POST',
+      '/v1/campaigns',
+      { funder: 1, total_fen: 1_000_000, rule: { count: { packets: 100_000 } }, rate_per_s: 50, key: 'camp-kept' },
+      201,
+    );
     await must(server, 'POST', `/v1/campaigns/${kept.id}/start`);
-    await must(server, 'POST', `/v1/campaigns/${campaign.id}/start`);
 
     const page = await newPage(browser, problems);
     await page.goto(`${server.admin}/`);
@@ -94,8 +89,22 @@ test('dashboard: live figures move under load; a campaign stopped and a broadcas
     assert.ok((await page.textContent('[data-testid=ops] tr[data-op=shake]')).includes('shake'));
     assert.equal(await page.getAttribute('[data-testid=money]', 'data-balanced'), 'true');
 
-    // Stop the campaign from its row; the API then says stopped.
+    // A campaign created, started and stopped from the page; the API agrees at each step.
+    await page.fill('#campaign-funder', '1');
+    await page.fill('#campaign-total', '10000.50');
+    await page.fill('#campaign-packets', '100000');
+    await page.fill('#campaign-rate', '20');
+    await page.click('#campaign-form button[type=submit]');
+    const campaign = await waitFor(
+      async () => (await must(server, 'GET', '/v1/campaigns')).find((c) => c.id !== kept.id),
+      { what: 'the campaign made from the page' },
+    );
+    assert.deepEqual([campaign.total_fen, campaign.rate_per_s, campaign.status], [1_000_050, 20, 'created']);
     const row = `[data-testid=campaigns] tr[data-campaign="${campaign.id}"]`;
+    await page.click(`[data-testid=campaign-start-${campaign.id}]`);
+    await waitFor(async () => (await must(server, 'GET', `/v1/campaigns/${campaign.id}`)).status === 'running', {
+      what: 'the campaign running',
+    });
     await page.waitForSelector(`${row}[data-status=running]`);
     await page.click(`[data-testid=campaign-stop-${campaign.id}]`);
     await waitFor(async () => (await must(server, 'GET', `/v1/campaigns/${campaign.id}`)).status === 'stopped', {
