@@ -125,11 +125,16 @@ impl AlertBook {
         self.next_id
     }
 
-    /// A firing alert's latest value and message.
-    pub(crate) fn update(&mut self, id: u64, value: f64, message: String) {
-        if let Some(a) = self.firing.iter_mut().find(|a| a.id == id) {
-            a.value = value;
-            a.message = message;
+    /// A firing alert's latest judgement: value, band, baseline and message
+    /// (`since_ms`, `id` and the rest stay).
+    pub(crate) fn update(&mut self, judged: Alert) {
+        if let Some(a) = self.firing.iter_mut().find(|a| a.id == judged.id) {
+            a.value = judged.value;
+            a.expected = judged.expected;
+            a.low = judged.low;
+            a.high = judged.high;
+            a.baseline = judged.baseline;
+            a.message = judged.message;
         }
     }
 
@@ -192,7 +197,7 @@ mod tests {
         }
         let a = book.fire(alert("shake"));
         let b = book.fire(alert("open"));
-        book.update(a, 3.0, "three".into());
+        book.update(Alert { id: a, value: 3.0, message: "three".into(), ..alert("ignored") });
         let list = book.list();
         assert_eq!(list.len(), 2 + CLEARED_KEPT);
         assert_eq!((list[0].id, list[1].id), (b, a));

@@ -355,7 +355,7 @@ impl Detector {
                     return Outcome::Relearned;
                 }
                 if out {
-                    book.update(id, x, self.message(x, &band));
+                    book.update(Alert { id, ..self.alert(x, &band) });
                 }
                 Outcome::StillFiring
             }
@@ -505,27 +505,13 @@ impl Detectors {
         match (&mut self.money.firing, m.balanced) {
             (None, true) => {}
             (None, false) => {
-                let alert = Alert {
-                    id: 0,
-                    op: "money".into(),
-                    signal: Signal::Money,
-                    state: AlertState::Firing,
-                    severity: Signal::Money.severity(),
-                    since_ms: snapshot.at_ms,
-                    cleared_ms: None,
-                    value: held,
-                    expected: owed,
-                    low: owed,
-                    high: owed,
-                    baseline: Baseline::Ewma,
-                    message,
-                };
+                let alert = money_alert(snapshot.at_ms, held, owed, message);
                 self.money.firing = Some((book.fire(alert), 0));
             }
             (Some((id, _)), false) => {
                 let id = *id;
                 self.money.firing = Some((id, 0));
-                book.update(id, held, message);
+                book.update(Alert { id, ..money_alert(snapshot.at_ms, held, owed, message) });
             }
             (Some((id, balanced_run)), true) => {
                 *balanced_run += 1;
@@ -535,6 +521,27 @@ impl Detectors {
                 }
             }
         }
+    }
+}
+
+/// The money rule's alert: `value` what is held, `expected` (and its
+/// zero-width band) what is owed. Its baseline is none of the statistical
+/// ones; `ewma` is reported, being the contract's default.
+fn money_alert(at_ms: u64, held: f64, owed: f64, message: String) -> Alert {
+    Alert {
+        id: 0,
+        op: "money".into(),
+        signal: Signal::Money,
+        state: AlertState::Firing,
+        severity: Signal::Money.severity(),
+        since_ms: at_ms,
+        cleared_ms: None,
+        value: held,
+        expected: owed,
+        low: owed,
+        high: owed,
+        baseline: Baseline::Ewma,
+        message,
     }
 }
 
