@@ -1,7 +1,8 @@
 // hongbao-client.js in Node, against a real `hongbao serve --dev`: the
 // backoff is bounded, jittered and replayable from its seed and starts over
 // after a stable connection; a request times out on a server that answers
-// nothing (SIGSTOP), and a dead connection is noticed from the heartbeat;
+// nothing (SIGSTOP), pings keep an idle connection open, and a dead one is
+// noticed from the heartbeat;
 // the queue of requests made while disconnected is bounded; persistent
 // pushes are acked after the listener ran. Money parsing needs no server.
 
@@ -93,13 +94,20 @@ test('reconnects with bounded jittered backoff, and starts over after a stable c
 });
 
 test('a request times out on a server that answers nothing, and a silent connection is replaced', async () => {
-  // Heartbeat every second: a connection with nothing for 2 s is dead.
-  const server = await startServer({ extra: ['--heartbeat-s', '1'] });
+  // Heartbeat every second: a connection with nothing for 2 s is dead. The
+  // server closes one silent for 3 s, which the client's pings prevent.
+  const server = await startServer({ extra: ['--heartbeat-s', '1', '--idle-timeout-s', '3'] });
   const c = client({ url: server.ws, token: '43', requestTimeoutMs: 300, backoffBaseMs: 50, backoffCapMs: 200 });
+  const losses = [];
+  c.on('reconnect', (r) => losses.push(r));
   try {
     const welcome = await c.connect();
     assert.equal(welcome.user, 43);
     assert.equal(welcome.heartbeat_s, 1);
+    // Idle past the server's idle timeout: the pings kept it open.
+    await new Promise((resolve) => setTimeout(resolve, 4000));
+    assert.deepEqual(losses, []);
+    assert.equal(c.state, 'open');
     server.signal('SIGSTOP');
     try {
       await assert.rejects(c.balance(), (err) => err instanceof HongbaoError && err.code === 'timeout');
@@ -170,6 +178,42 @@ test('a persistent push is acked after the listener ran, so it is not sent again
   } finally {
     first.close();
     second.close();
+    await server.stop();
+  }
+});
+
+test('the helpers against a real server: send, grab, open, detail, balance, and typed errors', async () => {
+  const server = await startServer();
+  await must(server, 'POST', '/v1/accounts/50/deposit', { amount_fen: 1000, key: 'dep-50' });
+  const sender = client({ url: server.ws, token: '50' });
+  const taker = client({ url: server.ws, token: '51' });
+  try {
+    await Promise.all([sender.connect(), taker.connect()]);
+    const sent = await sender.send({ amount_fen: 200, count: 2, kind: 'fixed', to: { users: [50, 51] }, key: 'k1' });
+    assert.deepEqual([sent.amount_fen, sent.count, sent.repeat], [200, 2, false]);
+    // A retry with the same key answers the first result.
+    const again = await sender.send({ amount_fen: 200, count: 2, kind: 'fixed', to: { users: [50, 51] }, key: 'k1' });
+    assert.deepEqual([again.packet, again.repeat], [sent.packet, true]);
+    assert.equal(await sender.balance(), 800);
+
+    assert.deepEqual(await taker.grab(sent.packet), { packet: sent.packet, state: 'can_open' });
+    const opened = await taker.open(sent.packet);
+    assert.deepEqual([opened.amount_fen, opened.repeat, opened.finished], [100, false, false]);
+    assert.deepEqual((await taker.grab(sent.packet)).state, { already_opened: { amount_fen: 100 } });
+    const detail = await taker.detail(sent.packet);
+    assert.deepEqual([detail.sender, detail.kind, detail.remaining_fen], [50, 'fixed', 100]);
+    assert.deepEqual(detail.claims.map((c) => [c.user, c.amount_fen]), [[51, 100]]);
+    assert.equal(await taker.balance(), 100);
+
+    const code = (want) => (err) => err instanceof HongbaoError && err.code === want;
+    await assert.rejects(taker.send({ amount_fen: 500, count: 1, kind: 'lucky', to: { user: 50 }, key: 'k2' }), code('insufficient_funds'));
+    await assert.rejects(taker.open(12345), code('not_found'));
+    await assert.rejects(sender.send({ amount_fen: 0, count: 1, kind: 'lucky', to: { user: 51 }, key: 'k3' }), code('invalid_request'));
+    // A shake with no campaign running.
+    assert.equal(await taker.shake(), 'not_running');
+  } finally {
+    sender.close();
+    taker.close();
     await server.stop();
   }
 });

@@ -12,8 +12,9 @@
  *   after every listener ran (and returned, if it returned a promise), and a
  *   repeat of a message already handled is acked without being handed out
  *   again (the server may send a message twice, docs/protocol.md "Pushes").
- * - Heartbeats: a `ping` every `heartbeat_s` from `welcome`; a connection on
- *   which nothing arrived for twice that is taken for dead and replaced.
+ * - Heartbeats: a `ping` once nothing was sent for `heartbeat_s` (from
+ *   `welcome`); a connection on which nothing arrived for twice that is
+ *   taken for dead and replaced.
  * - Reconnects with exponential backoff and full jitter: the n-th wait in a
  *   row is uniform in [0, min(cap, base·2^n)); the count starts again once a
  *   connection has stayed up for `stableMs`. A fatal refusal of the token
@@ -685,11 +686,16 @@ export class HongbaoClient {
     );
   }
 
+  /**
+   * Wakes when the next ping is due (`heartbeat_s` after the last frame
+   * sent) or when the connection would have been silent for twice that,
+   * whichever comes first.
+   */
   #scheduleHeartbeat() {
     this.#clock.clearTimeout(this.#heartbeatTimer);
-    // Checked twice per interval, so a dead connection is noticed between
-    // 2× and 2.5× the heartbeat after the last frame.
-    this.#heartbeatTimer = this.#clock.setTimeout(() => this.#beat(), this.#heartbeatMs / 2);
+    const now = this.#clock.now();
+    const due = Math.min(this.#lastSentAt + this.#heartbeatMs, this.#lastReceivedAt + 2 * this.#heartbeatMs + 1);
+    this.#heartbeatTimer = this.#clock.setTimeout(() => this.#beat(), Math.max(10, due - now));
   }
 
   #beat() {
