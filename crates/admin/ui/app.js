@@ -56,6 +56,8 @@ const sessionCards = ['balance-card', 'shake-card', 'packets-card', 'send-card',
 
 /** Most packets and messages kept on the page. */
 const LIST_MAX = 100;
+/** How long logging in may take before the page gives up (the address may be wrong). */
+const LOGIN_TIMEOUT_MS = 10_000;
 
 /** @type {HongbaoClient | null} */
 let client = null;
@@ -137,8 +139,14 @@ async function login(ev) {
   c.on('push', (push) => onPush(push));
   c.on('welcome', () => void refreshBalance());
   ui.login.disabled = true;
+  /** @type {ReturnType<typeof setTimeout> | undefined} */
+  let timer;
   try {
-    const welcome = await c.connect();
+    // The client would keep trying; the page gives up so the address can be fixed.
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no answer from ${ui.wsUrl.value} in ${LOGIN_TIMEOUT_MS / 1000} s`)), LOGIN_TIMEOUT_MS);
+    });
+    const welcome = await Promise.race([c.connect(), late]);
     ui.userId.textContent = String(welcome.user);
     show(ui.loginCard, false);
     show(ui.whoami, true);
@@ -146,8 +154,10 @@ async function login(ev) {
     for (const card of sessionCards) show(card, true);
   } catch (err) {
     ui.loginError.textContent = `not connected: ${describe(err)}`;
+    c.close();
     if (client === c) client = null;
   } finally {
+    clearTimeout(timer);
     ui.login.disabled = false;
   }
 }

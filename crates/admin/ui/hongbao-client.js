@@ -287,6 +287,8 @@ export class HongbaoClient {
   #lastReceivedAt = 0;
   #lastSentAt = 0;
   /** @type {Welcome | null} */ #welcome = null;
+  /** Why the client ended (`close()`, or a final `close` from the server). @type {HongbaoError | null} */
+  #closeReason = null;
   /** Persistent message ids handled this session, oldest first, to drop repeats. @type {Set<number>} */
   #seen = new Set();
   /** @type {{[K in keyof ClientEvents]: Set<(value: ClientEvents[K]) => unknown>}} */
@@ -375,9 +377,6 @@ export class HongbaoClient {
     }
     return /** @type {Promise<Welcome>} */ (welcomed);
   }
-
-  /** Why the client closed itself (a final `close` from the server), if it did. @type {HongbaoError | null} */
-  #closeReason = null;
 
   /**
    * Closes the connection for good: no reconnect; every waiting request is
