@@ -145,3 +145,6 @@ fn event(p: &Published) -> Bytes {
     text.push_str("\n\n");
     Bytes::from(text)
 }
+
+#[cfg(test)]
+mod tests;

@@ -468,7 +468,7 @@ mod tests {
         assert_eq!((s.alerts.warmup_s, s.alerts.fire_after_s, s.alerts.clear_after_s), (5, 3, 4));
         assert_eq!(s.alerts.sigmas, 4.5);
         assert!(Settings::merge(args(&["--alert-fire-after-s", "0"]), Config::default()).is_err());
-        assert!(Settings::merge(args(&["--alert-sigmas", "-1"]), Config::default()).is_err());
+        assert!(Settings::merge(args(&["--alert-sigmas=-1"]), Config::default()).is_err());
     }
 
     #[test]

@@ -163,7 +163,7 @@ fn a_slow_drift_does_not_alert() {
 fn a_p99_spike_is_a_ticket_and_a_faster_p99_is_nothing() {
     let mut rng = rng("a_p99_spike_is_a_ticket_and_a_faster_p99_is_nothing");
     let mut run = Run::new(Signal::P99);
-    let mut usual = |rng: &mut StdRng| 1.0 * (1.0 + 0.1 * normal(rng));
+    let usual = |rng: &mut StdRng| 1.0 * (1.0 + 0.1 * normal(rng));
     assert_eq!(run.run(30 * 60, |_| usual(&mut rng)), []);
     // Faster is not an incident: p99 alerts only above its band.
     assert_eq!(run.run(60, |_| 0.2), []);
@@ -215,7 +215,7 @@ fn the_yesterday_baseline_suppresses_a_drop_that_happened_yesterday_too() {
     // show's break); otherwise 1,000/s.
     let break_start = 20 * HOUR_S;
     let break_end = break_start + 300;
-    let mut load = |s: u64, rng: &mut StdRng| {
+    let load = |s: u64, rng: &mut StdRng| {
         let of_day = s % DAY_S;
         noisy_rate(rng, if (break_start..break_end).contains(&of_day) { 300.0 } else { 1000.0 })
     };
