@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs the system packages the tests need that this
-# machine lacks (Debian 12, apt), then runs every test of the workspace.
+# machine lacks (Debian 12, apt), then runs every test of the workspace, then
+# the web tests (web/run-tests.sh: the browser client and the two pages in
+# headless Chromium, against the target/debug/hongbao that `cargo test` built).
 # Arguments go to `cargo test --workspace` (a test name filter, `-- --nocapture`).
 # `scripts/test.sh --packages-only` installs the packages and stops there.
 set -euo pipefail
@@ -36,6 +38,14 @@ command -v c++ >/dev/null || missing+=(g++)
 if [ -z "${HONGBAO_PG_BIN:-}" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     missing+=(postgresql)
 fi
+# The web tests (web/run-tests.sh) drive Debian's Chromium headless through
+# playwright-core, whose own browser download cannot work here; a CJK font
+# draws the pages' Chinese in their screenshots. Node.js and npm run them
+# (the machine image has Node 20; Debian's nodejs otherwise).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || missing+=(fonts-wqy-microhei)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 
 # .ci/run checks and unit-tests the Prometheus rules in docs/ with promtool,
 # which comes in Debian's `prometheus` package; installed without its
@@ -66,3 +76,5 @@ fi
 # Some tests hold over a thousand sockets: the soft limit up to the hard one.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo test --workspace "$@"
+# `cargo test` has built target/debug/hongbao, the server the web tests start.
+web/run-tests.sh

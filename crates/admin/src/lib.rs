@@ -6,7 +6,8 @@
 //! authentication of operators, the error format
 //! (`{"error":{"code","message"}}`) and its HTTP statuses, `/health`, the
 //! Prometheus scrape endpoint `/metrics` (money totals only for the key),
-//! and its own HTTP server: the accept loop, the connection cap and every
+//! the web pages compiled into the binary (`ui`: the dashboard at `/`, the
+//! user page at `/app`, their files under `/ui/`), and its own HTTP server: the accept loop, the connection cap and every
 //! time and size bound on a connection (`limits`). The route list and
 //! examples are in `docs/api.md`.
 //!
@@ -41,6 +42,7 @@ mod routes;
 mod server;
 #[cfg(test)]
 mod tests;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,8 +79,13 @@ pub struct AdminConfig {
     /// `x-api-key: <key>`) on every `/v1` route. `None` leaves the API open,
     /// which `serve` only does in dev mode.
     pub api_key: Option<String>,
-    /// Dev mode: only changes how loudly an open API is reported.
+    /// Dev mode: changes how loudly an open API is reported, and the user
+    /// page says that a bare user id works as a token.
     pub dev: bool,
+    /// The gateway's WebSocket address as bound, for the user page
+    /// (`/ui/config.json` tells it the port). `None`: no gateway beside this
+    /// API.
+    pub ws_addr: Option<SocketAddr>,
     /// Connection cap and timeouts.
     pub limits: AdminLimits,
 }
@@ -138,6 +145,8 @@ pub(crate) struct AppState {
     /// balances in storage, and `/metrics` needs no key: many scrapers get
     /// one reading per `STATS_MAX_AGE` instead of one scan each.
     stats: tokio::sync::Mutex<Option<(std::time::Instant, hongbao_shard::Stats)>>,
+    /// What `/ui/config.json` tells the web pages.
+    ui: ui::UiConfig,
     /// The per-second snapshots and alerts (`hongbao-watch`).
     live: hongbao_watch::Live,
     /// Places for `/v1/live` streams (`limits::LIVE_STREAMS_MAX`).
@@ -175,12 +184,14 @@ pub async fn start(
             tracing::warn!(%addr, "admin API listening WITHOUT authentication: anyone who can reach it can move money")
         }
     }
+    let ui = ui::UiConfig { ws_port: config.ws_addr.map(|a| a.port()), dev: config.dev };
     let app = router(Arc::new(AppState {
         engine,
         signer,
         prometheus,
         api_key: config.api_key,
         stats: Default::default(),
+        ui,
         live,
         live_streams: Arc::new(tokio::sync::Semaphore::new(limits::LIVE_STREAMS_MAX)),
         shutdown: shutdown.clone(),
@@ -237,6 +248,11 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
     let mut r = Router::new();
     r = add(r, "/health", false, get(routes::health));
     r = add(r, "/metrics", false, get(routes::metrics));
+    // The web pages and their files: no key (they hold no data).
+    r = add(r, "/", false, get(ui::dashboard));
+    r = add(r, "/app", false, get(ui::app));
+    r = add(r, "/ui/config.json", false, get(ui::config));
+    r = add(r, "/ui/{*file}", false, get(ui::file));
     r = add(r, "/v1/accounts/{user}", true, get(routes::account));
     r = add(r, "/v1/accounts/{user}/deposit", true, post(routes::deposit));
     r = add(r, "/v1/accounts/{user}/withdraw", true, post(routes::withdraw));

@@ -33,8 +33,13 @@ async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
     let engine = Engine::open(EngineConfig::default(), tmp.path()).await.unwrap();
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = watch::channel(false);
-    let config =
-        AdminConfig { addr: "127.0.0.1:0".parse().unwrap(), api_key: api_key.map(str::to_owned), dev: false, limits };
+    let config = AdminConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        api_key: api_key.map(str::to_owned),
+        dev: false,
+        limits,
+        ws_addr: None,
+    };
     let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
     let (addr, task) = start(config, engine.clone(), signer, prometheus, hongbao_watch::Live::new(), rx).await.unwrap();
     Api { addr, engine, stop, task, _tmp: tmp }
@@ -42,6 +47,8 @@ async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
 
 struct Resp {
     status: u16,
+    /// The status line and headers.
+    head: String,
     body: Value,
     text: String,
 }
@@ -63,8 +70,8 @@ impl Api {
         s.read_to_end(&mut out).await.unwrap();
         let out = String::from_utf8(out).unwrap();
         let status = out[9..12].parse().unwrap();
-        let text = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        Resp { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+        let (head, text) = out.split_once("\r\n\r\n").map(|(h, b)| (h.to_owned(), b.to_owned())).unwrap_or_default();
+        Resp { status, head, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
     }
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
         let auth = format!("Bearer {KEY}");
@@ -530,4 +537,26 @@ async fn shutdown_finishes_requests_in_flight_and_drops_stuck_connections() {
     stuck.closed_within(WAIT).await.unwrap();
     assert!(TcpStream::connect(api.addr).await.is_err(), "still accepting after shutdown");
     api.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_web_pages_need_no_key_and_say_how_to_cache_and_what_may_run() {
+    let api = api(Some(KEY)).await;
+    let pages = [("/", "text/html"), ("/app", "text/html")];
+    let files = crate::ui::FILES.iter().map(|a| (format!("/ui/{}", a.name), a.content_type));
+    for (path, content_type) in pages.iter().map(|(p, t)| (p.to_string(), *t)).chain(files) {
+        let r = api.raw("GET", &path, &[], "").await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        let head = r.head.to_ascii_lowercase();
+        assert!(head.contains(&format!("content-type: {content_type}")), "{path}: {head}");
+        assert!(head.contains("cache-control: no-cache"), "{path}: {head}");
+        assert!(head.contains("content-security-policy: default-src 'none'; script-src 'self';"), "{path}: {head}");
+    }
+    // The API around them still wants the key, and a file not listed is a 404.
+    assert_error(&api.raw("GET", "/v1/campaigns", &[], "").await, 401, "bad_token");
+    assert_error(&api.raw("GET", "/ui/../Cargo.toml", &[], "").await, 404, "not_found");
+    assert_error(&api.raw("GET", "/ui/nope.js", &[], "").await, 404, "not_found");
+    // No gateway beside this API: the page learns there is no WebSocket port.
+    let r = api.raw("GET", "/ui/config.json", &[], "").await;
+    assert_eq!((r.status, r.body.clone()), (200, json!({"ws_port": null, "dev": false})));
 }

@@ -295,7 +295,14 @@ async fn start_front(
     let gateway_config = GatewayConfig { tcp_addr: gateway.tcp_addr(), ws_addr: gateway.ws_addr(), ..gateway_config };
 
     let limits = AdminLimits { connections_max: settings.admin_connections_max, ..AdminLimits::default() };
-    let admin_config = AdminConfig { addr: settings.admin, api_key: admin_key, dev: settings.dev, limits };
+    let admin_config = AdminConfig {
+        addr: settings.admin,
+        api_key: admin_key,
+        dev: settings.dev,
+        limits,
+        // The bound address (port 0 resolved), for the user page.
+        ws_addr: Some(gateway.ws_addr()),
+    };
     let live = Live::new();
     let (admin_addr, admin) = match hongbao_admin::start(
         admin_config,

@@ -51,7 +51,13 @@ async fn api(limits: AdminLimits) -> Api {
     let engine = Engine::open(EngineConfig::default(), tmp.path()).await.unwrap();
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = watch::channel(false);
-    let config = AdminConfig { addr: "127.0.0.1:0".parse().unwrap(), api_key: Some(KEY.into()), dev: false, limits };
+    let config = AdminConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        api_key: Some(KEY.into()),
+        dev: false,
+        limits,
+        ws_addr: None,
+    };
     let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
     let live = Live::new();
     let (addr, task) = start(config, engine.clone(), signer, prometheus, live.clone(), rx.clone()).await.unwrap();
