@@ -14,17 +14,17 @@ use tokio::sync::watch;
 
 use crate::{start, AdminConfig, AdminLimits};
 
-const KEY: &str = "test-admin-key-0123456789";
+pub(crate) const KEY: &str = "test-admin-key-0123456789";
 
-struct Api {
-    addr: SocketAddr,
+pub(crate) struct Api {
+    pub(crate) addr: SocketAddr,
     engine: Engine,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     _tmp: tempfile::TempDir,
 }
 
-async fn api(api_key: Option<&str>) -> Api {
+pub(crate) async fn api(api_key: Option<&str>) -> Api {
     api_with(api_key, AdminLimits::default()).await
 }
 
@@ -40,14 +40,27 @@ async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
     Api { addr, engine, stop, task, _tmp: tmp }
 }
 
-struct Resp {
-    status: u16,
-    body: Value,
-    text: String,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) body: Value,
+    pub(crate) text: String,
+    /// The status line and headers, as sent.
+    pub(crate) head: String,
+}
+
+impl Resp {
+    /// A header's value (the name in lower case).
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    }
 }
 
 impl Api {
-    async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    pub(crate) async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
         let mut s = TcpStream::connect(self.addr).await.unwrap();
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-length: {}\r\n",
@@ -63,10 +76,10 @@ impl Api {
         s.read_to_end(&mut out).await.unwrap();
         let out = String::from_utf8(out).unwrap();
         let status = out[9..12].parse().unwrap();
-        let text = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        Resp { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+        let (head, text) = out.split_once("\r\n\r\n").map(|(h, b)| (h.to_owned(), b.to_owned())).unwrap_or_default();
+        Resp { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text, head }
     }
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
         let auth = format!("Bearer {KEY}");
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         self.raw(method, path, &[("authorization", &auth), ("content-type", "application/json")], &body).await

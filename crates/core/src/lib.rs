@@ -18,6 +18,9 @@ pub mod limits;
 pub mod packet;
 pub mod split;
 
+#[cfg(feature = "openapi")]
+pub mod openapi;
+
 /// A user id as issued by the app server. Kept below 2^53 so that it survives
 /// a round trip through JSON numbers in browsers.
 pub type UserId = u64;
