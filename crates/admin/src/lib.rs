@@ -5,10 +5,10 @@
 //! authentication of operators, the error format
 //! (`{"error":{"code","message"}}`) and its HTTP statuses, `/health`, the
 //! Prometheus scrape endpoint `/metrics` (money totals only for the key),
-//! and its own HTTP server: the accept loop, the connection cap and every
-//! time and size bound on a connection (`limits`). The route list and
-//! examples are in `docs/api.md`; the OpenAPI 3.1 document, generated
-//! from the handlers' annotations, is served at `/openapi.json`.
+//! the API's OpenAPI 3.1 document `/openapi.json` (generated from the
+//! handlers' annotations, `openapi`), and its own HTTP server: the accept
+//! loop, the connection cap and every time and size bound on a connection
+//! (`limits`). The route list and examples are in `docs/api.md`.
 //!
 //! **One route list.** `route_table` lists every handler once; its
 //! `#[utoipa::path]` names the method and path. The router registers each
