@@ -64,7 +64,7 @@ fn ok<T: Serialize>(status: StatusCode, body: T) -> ApiResult {
 #[allow(dead_code)]
 pub(crate) struct UserPath {
     /// A user id, 1 to 2^53 − 1.
-    #[param(minimum = 1, maximum = 9007199254740991_u64)]
+    #[param(minimum = 1, maximum = 9007199254740991_u64, example = 1)]
     user: u64,
 }
 
@@ -74,7 +74,7 @@ pub(crate) struct UserPath {
 #[allow(dead_code)]
 pub(crate) struct GroupPath {
     /// A group id, 1 to 2^53 − 1.
-    #[param(minimum = 1, maximum = 9007199254740991_u64)]
+    #[param(minimum = 1, maximum = 9007199254740991_u64, example = 9)]
     id: u64,
 }
 
@@ -94,7 +94,7 @@ pub(crate) struct PacketPath {
 #[allow(dead_code)]
 pub(crate) struct CampaignPath {
     /// A campaign id, 1 to 2^53 − 1.
-    #[param(minimum = 1, maximum = 9007199254740991_u64)]
+    #[param(minimum = 1, maximum = 9007199254740991_u64, example = 1)]
     id: u64,
 }
 
@@ -104,7 +104,7 @@ pub(crate) struct CampaignPath {
 #[allow(dead_code)]
 pub(crate) struct TaskPath {
     /// A task id, 1 to 2^53 − 1.
-    #[param(minimum = 1, maximum = 9007199254740991_u64)]
+    #[param(minimum = 1, maximum = 9007199254740991_u64, example = 1)]
     id: u64,
 }
 
@@ -228,6 +228,7 @@ fn append_money(text: &mut String, s: &hongbao_shard::Stats) {
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"amount_fen": 1000000, "key": "dep-1-0001"}))]
 pub(crate) struct MoneyRequest {
     /// Fen, 1 to 10^12.
     #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
@@ -313,6 +314,7 @@ pub(crate) async fn account(State(app): Shared, PathId(user): PathId) -> ApiResu
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"members": [1, 2, 3]}))]
 pub(crate) struct GroupRequest {
     /// User ids, at most 500; an empty list removes the group.
     #[schema(value_type = Vec<Id>, max_items = 500)]
@@ -322,6 +324,7 @@ pub(crate) struct GroupRequest {
 /// Additions are applied first, then removals; at least one is non-empty.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"add": [4], "remove": [3]}))]
 pub(crate) struct MembersRequest {
     #[serde(default)]
     #[schema(value_type = Vec<Id>, max_items = 500)]
@@ -421,6 +424,7 @@ pub(crate) async fn group(State(app): Shared, PathId(group): PathId) -> ApiResul
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"sender": 1, "amount_fen": 888, "count": 3, "kind": "lucky", "to": {"group": 9}, "greeting": "恭喜发财", "key": "pkt-1-0001"}))]
 pub(crate) struct SendRequest {
     /// The user whose balance funds the packet, 1 to 2^53 − 1.
     #[schema(minimum = 1, maximum = 9007199254740991_u64)]
@@ -523,6 +527,7 @@ pub(crate) async fn packet(State(app): Shared, PathId(packet): PathId) -> ApiRes
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"funder": 1, "total_fen": 100000, "rule": {"count": {"packets": 1000}}, "rate_per_s": 200, "win_cap_per_user": 3, "key": "camp-2026"}))]
 pub(crate) struct CampaignRequest {
     /// The budget moves from this user's balance into the campaign's escrow.
     #[schema(minimum = 1, maximum = 9007199254740991_u64)]
@@ -637,6 +642,7 @@ pub(crate) async fn campaigns(State(app): Shared) -> ApiResult {
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"target": {"group": 9}, "persistent": true, "topic": "event", "text": "Shake starts at 20:00"}))]
 pub(crate) struct PushRequest {
     /// At most 500 users.
     target: PushTarget,
@@ -650,6 +656,7 @@ pub(crate) struct PushRequest {
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"topic": "all", "text": "新年快乐"}))]
 pub(crate) struct BroadcastRequest {
     topic: String,
     text: String,
@@ -747,6 +754,7 @@ fn ttl_default() -> u64 {
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"user": 1, "ttl_s": 3600}))]
 pub(crate) struct TokenRequest {
     /// 1 to 2^53 − 1.
     #[schema(minimum = 1, maximum = 9007199254740991_u64)]

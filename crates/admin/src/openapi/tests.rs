@@ -368,3 +368,17 @@ async fn every_body_the_api_sends_matches_its_schema() {
     checked(&api, d, "GET", "/v1/packets/{id}", "/v1/packets/x", None).await;
     checked(&api, d, "POST", "/v1/tokens", "/v1/tokens", None).await;
 }
+
+/// The examples the document shows (docs/api.md's) fit their own schemas.
+#[test]
+fn the_examples_fit_their_schemas() {
+    let doc = doc();
+    let mut seen = 0;
+    for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+        if let Some(example) = schema.get("example").or_else(|| schema["examples"].get(0)) {
+            seen += 1;
+            conforms(&doc, schema, example, name).unwrap();
+        }
+    }
+    assert_eq!(seen, 8, "one example per request body");
+}
