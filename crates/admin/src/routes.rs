@@ -56,7 +56,7 @@ fn ok<T: Serialize>(status: StatusCode, body: T) -> ApiResult {
 //
 // Never built: they only describe, in the document, the id `PathId` takes
 // from the path. The ranges are the ones the handlers and the engine check
-// (a test compares them with `ID_MAX` and `PACKET_ID_MAX`).
+// (a test compares them with `ID_MAX` and the largest packet id).
 
 /// `{user}`.
 #[derive(IntoParams)]

@@ -9,6 +9,10 @@
 //! Money is integer fen (`i64`), and every arithmetic step on money is checked.
 //! A broken money invariant inside this crate is a bug and asserts; invalid
 //! requests from peers are returned as typed errors.
+//!
+//! With the optional `openapi` feature (only `hongbao-admin` enables it), the
+//! types the admin API shows derive `utoipa::ToSchema`, and `openapi` holds
+//! the schemas no type derives; without it no schema code is compiled.
 
 pub mod audit;
 pub mod campaign;

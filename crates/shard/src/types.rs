@@ -35,6 +35,7 @@ impl Default for EngineConfig {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct MoneyReceipt {
+    // `value_type` here and below: utoipa does not see through type aliases.
     #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub user: UserId,
     pub amount_fen: i64,
