@@ -32,6 +32,10 @@ command -v make >/dev/null || missing+=(make)
 # The fuzz step of .ci/run builds libFuzzer from source (libfuzzer-sys): a
 # C++ compiler.
 command -v c++ >/dev/null || missing+=(g++)
+# scripts/api-check.sh (a section of .ci/run) installs schemathesis from
+# PyPI into a venv: Debian's python3 has no venv module (ensurepip) without
+# python3-venv, and a fresh image may have no python3 at all.
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 # The store's PostgreSQL tests start throwaway servers (crates/pg-harness)
 # with initdb, pg_ctl, psql and pg_basebackup. Installing the package may
 # also create and start Debian's default cluster; the tests never use it.

@@ -8,7 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hongbao_boundary::EngineError;
 use hongbao_proto::ErrorCode;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// A failed API call: the HTTP status, the stable error code and a message
 /// for a human.
@@ -94,12 +95,27 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// The body of every error answer: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable protocol error code (the same names clients see).
+    pub code: ErrorCode,
+    /// For humans; may change.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, code = self.code.as_str(), message = %self.message, "admin request failed");
         }
-        let body = json!({"error": {"code": self.code.as_str(), "message": self.message}});
+        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message } };
         (self.status, Json(body)).into_response()
     }
 }

@@ -7,9 +7,19 @@
 //! (`{"error":{"code","message"}}`) and its HTTP statuses, `/health`, the
 //! Prometheus scrape endpoint `/metrics` (money totals only for the key),
 //! the web pages compiled into the binary (`ui`: the dashboard at `/`, the
-//! user page at `/app`, their files under `/ui/`), and its own HTTP server: the accept loop, the connection cap and every
-//! time and size bound on a connection (`limits`). The route list and
-//! examples are in `docs/api.md`.
+//! user page at `/app`, their files under `/ui/`), the live figures and
+//! alerts (`live`, read from `hongbao-watch`), the API's OpenAPI 3.1
+//! document `/openapi.json` (generated from the handlers' annotations,
+//! `openapi`), and its own HTTP server: the accept loop, the connection cap
+//! and every time and size bound on a connection (`limits`). The route list
+//! and examples are in `docs/api.md`.
+//!
+//! **One route list.** `route_table` lists every API handler once; its
+//! `#[utoipa::path]` names the method and path. The router registers each
+//! handler there and `openapi` documents it from the same list, so a route
+//! is served if and only if it is documented (checked by the tests, with
+//! docs/api.md's route table). The web pages (`ui::pages`) are not API
+//! routes: they are registered beside the table and not in the document.
 //!
 //! The server (`server`, `conn`) is hyper's HTTP/1.1 connection under our
 //! own accept loop, because `axum::serve` bounds nothing: a peer that sends
@@ -38,12 +48,14 @@ mod error;
 mod extract;
 pub mod limits;
 mod live;
+mod openapi;
 mod routes;
 mod server;
 #[cfg(test)]
 mod tests;
 mod ui;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -51,7 +63,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::MethodRouter;
 use axum::Router;
 use hongbao_boundary::TokenSigner;
 use hongbao_shard::Engine;
@@ -59,9 +71,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use utoipa_axum::router::UtoipaMethodRouter;
+use utoipa_axum::routes;
 
 pub use error::{status_for, ApiError};
 pub use live::AlertsBody;
+/// The OpenAPI 3.1 document `/openapi.json` serves.
+pub use openapi::document as openapi_document;
 pub use routes::{TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX};
 
 pub use limits::BODY_BYTES_MAX;
@@ -229,7 +245,7 @@ pub(crate) const WRONG_KEY: &str = "missing or wrong API key: send `Authorizatio
 /// The label and auth requirement of one route, handed to `guard`.
 #[derive(Clone)]
 struct RouteCtx {
-    path: &'static str,
+    path: Arc<str>,
     auth: bool,
     app: Arc<AppState>,
 }
@@ -240,40 +256,74 @@ struct RouteCtx {
 #[derive(Clone)]
 struct RouteLabel(String);
 
+/// Every route, one line each. A handler's method and path are written
+/// once, in its `#[utoipa::path]`: `routes!` registers the handler there
+/// and carries the annotation into the document, so a route cannot be
+/// served undocumented or documented unserved. A new route: annotate the
+/// handler, add its line here and its row to docs/api.md's route table
+/// (a test checks that table).
+pub(crate) fn route_table() -> Vec<UtoipaMethodRouter<Arc<AppState>>> {
+    vec![
+        routes!(routes::health),
+        routes!(routes::metrics),
+        routes!(openapi::serve_document),
+        routes!(routes::account),
+        routes!(routes::deposit),
+        routes!(routes::withdraw),
+        routes!(routes::group),
+        routes!(routes::set_group),
+        routes!(routes::change_members),
+        routes!(routes::send_packet),
+        routes!(routes::packet),
+        routes!(routes::campaigns),
+        routes!(routes::create_campaign),
+        routes!(routes::campaign),
+        routes!(routes::start_campaign),
+        routes!(routes::stop_campaign),
+        routes!(routes::push),
+        routes!(routes::broadcast),
+        routes!(routes::tasks),
+        routes!(routes::task),
+        routes!(routes::stop_task),
+        routes!(routes::issue_token),
+        routes!(routes::stats),
+        routes!(live::stream),
+        routes!(live::now),
+        routes!(live::alerts),
+        routes!(ui::config),
+    ]
+}
+
+/// Whether a route needs the admin key: everything under `/v1` (the
+/// document says so from this same rule).
+pub(crate) fn needs_key(path: &str) -> bool {
+    path.starts_with("/v1/")
+}
+
 pub(crate) fn router(app: Arc<AppState>) -> Router {
-    let add = |r: Router<Arc<AppState>>, path: &'static str, auth: bool, mr: MethodRouter<Arc<AppState>>| {
-        let ctx = RouteCtx { path, auth, app: app.clone() };
-        r.route(path, mr.layer(middleware::from_fn_with_state(ctx, guard)))
-    };
+    // The handlers of one path (a group's GET and PUT) share one route, so
+    // they share its guard; `merge` panics on a method listed twice.
+    let mut by_path: BTreeMap<String, MethodRouter<Arc<AppState>>> = BTreeMap::new();
+    for (_, paths, handlers) in route_table() {
+        for path in paths.paths.into_keys() {
+            let merged = match by_path.remove(&path) {
+                Some(earlier) => earlier.merge(handlers.clone()),
+                None => handlers.clone(),
+            };
+            by_path.insert(path, merged);
+        }
+    }
     let mut r = Router::new();
-    r = add(r, "/health", false, get(routes::health));
-    r = add(r, "/metrics", false, get(routes::metrics));
-    // The web pages and their files: no key (they hold no data).
-    r = add(r, "/", false, get(ui::dashboard));
-    r = add(r, "/app", false, get(ui::app));
-    r = add(r, "/ui/config.json", false, get(ui::config));
-    r = add(r, "/ui/{*file}", false, get(ui::file));
-    r = add(r, "/v1/accounts/{user}", true, get(routes::account));
-    r = add(r, "/v1/accounts/{user}/deposit", true, post(routes::deposit));
-    r = add(r, "/v1/accounts/{user}/withdraw", true, post(routes::withdraw));
-    r = add(r, "/v1/groups/{id}", true, get(routes::group).put(routes::set_group));
-    r = add(r, "/v1/groups/{id}/members", true, post(routes::change_members));
-    r = add(r, "/v1/packets", true, post(routes::send_packet));
-    r = add(r, "/v1/packets/{id}", true, get(routes::packet));
-    r = add(r, "/v1/campaigns", true, get(routes::campaigns).post(routes::create_campaign));
-    r = add(r, "/v1/campaigns/{id}", true, get(routes::campaign));
-    r = add(r, "/v1/campaigns/{id}/start", true, post(routes::start_campaign));
-    r = add(r, "/v1/campaigns/{id}/stop", true, post(routes::stop_campaign));
-    r = add(r, "/v1/push", true, post(routes::push));
-    r = add(r, "/v1/broadcast", true, post(routes::broadcast));
-    r = add(r, "/v1/tasks", true, get(routes::tasks));
-    r = add(r, "/v1/tasks/{id}", true, get(routes::task));
-    r = add(r, "/v1/tasks/{id}/stop", true, post(routes::stop_task));
-    r = add(r, "/v1/tokens", true, post(routes::issue_token));
-    r = add(r, "/v1/stats", true, get(routes::stats));
-    r = add(r, "/v1/live", true, get(live::stream));
-    r = add(r, "/v1/live/now", true, get(live::now));
-    r = add(r, "/v1/alerts", true, get(live::alerts));
+    for (path, handlers) in by_path {
+        let ctx = RouteCtx { path: Arc::from(path.as_str()), auth: needs_key(&path), app: app.clone() };
+        r = r.route(&path, handlers.layer(middleware::from_fn_with_state(ctx, guard)));
+    }
+    // The web pages and their files: no key (they hold no data), and not
+    // in the API's document.
+    for (path, handlers) in ui::pages() {
+        let ctx = RouteCtx { path: Arc::from(path), auth: false, app: app.clone() };
+        r = r.route(path, handlers.layer(middleware::from_fn_with_state(ctx, guard)));
+    }
     r.fallback(routes::no_route)
         .method_not_allowed_fallback(routes::wrong_method)
         .layer(middleware::from_fn(count))

@@ -32,7 +32,7 @@ use crate::AppState;
 type Shared = State<Arc<AppState>>;
 
 /// `GET /v1/alerts`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AlertsBody {
     /// Firing first (newest first), then the most recently cleared.
     pub alerts: Vec<Alert>,
@@ -40,6 +40,16 @@ pub struct AlertsBody {
 
 /// `GET /v1/live/now`: the latest snapshot; 503 `unavailable` in the first
 /// second after start, before there is one.
+#[utoipa::path(
+    get,
+    path = "/v1/live/now",
+    summary = "The latest second's live figures",
+    tag = "live",
+    responses(
+        (status = 200, description = "The latest snapshot (docs/api.md, \"Live figures and alerts\").", body = Snapshot),
+        (status = 503, description = "No snapshot yet: the first is taken a second after start (`unavailable`).", body = crate::error::ErrorBody),
+    )
+)]
 pub(crate) async fn now(State(app): Shared) -> Result<Json<Snapshot>, ApiError> {
     match app.live.latest() {
         Some(p) => Ok(Json(p.snapshot.clone())),
@@ -52,11 +62,32 @@ pub(crate) async fn now(State(app): Shared) -> Result<Json<Snapshot>, ApiError> 
 }
 
 /// `GET /v1/alerts`.
+#[utoipa::path(
+    get,
+    path = "/v1/alerts",
+    summary = "Alerts firing and recently cleared",
+    tag = "live",
+    responses((status = 200, description = "Firing alerts first (newest first), then the last 100 cleared.", body = AlertsBody))
+)]
 pub(crate) async fn alerts(State(app): Shared) -> Json<AlertsBody> {
     Json(AlertsBody { alerts: app.live.alerts() })
 }
 
 /// `GET /v1/live`: `text/event-stream`, one `event: snapshot` per second.
+#[utoipa::path(
+    get,
+    path = "/v1/live",
+    summary = "The live figures as a stream of Server-Sent Events",
+    description = "`text/event-stream`: the last 120 snapshots, then one a second, each as `event: snapshot` \
+                   with the `Snapshot` JSON on one `data:` line; a `: keepalive` comment after 15 s without \
+                   one. Endless: it ends when the client goes or the server shuts down. Browsers read it \
+                   with `fetch()` (an `EventSource` cannot send the key).",
+    tag = "live",
+    responses(
+        (status = 200, description = "The stream; each event's data is a `Snapshot`.", content_type = "text/event-stream", body = String),
+        (status = 503, description = "Already 8 streams open (`overload`).", body = crate::error::ErrorBody),
+    )
+)]
 pub(crate) async fn stream(State(app): Shared) -> Response {
     let Ok(permit) = app.live_streams.clone().try_acquire_owned() else {
         return ApiError::new(

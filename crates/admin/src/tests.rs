@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use hongbao_boundary::TokenSigner;
+use hongbao_core::limits::AMOUNT_FEN_MAX;
+use hongbao_core::ID_MAX;
 use hongbao_shard::{Engine, EngineConfig};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,17 +16,17 @@ use tokio::sync::watch;
 
 use crate::{start, AdminConfig, AdminLimits};
 
-const KEY: &str = "test-admin-key-0123456789";
+pub(crate) const KEY: &str = "test-admin-key-0123456789";
 
-struct Api {
-    addr: SocketAddr,
+pub(crate) struct Api {
+    pub(crate) addr: SocketAddr,
     engine: Engine,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     _tmp: tempfile::TempDir,
 }
 
-async fn api(api_key: Option<&str>) -> Api {
+pub(crate) async fn api(api_key: Option<&str>) -> Api {
     api_with(api_key, AdminLimits::default()).await
 }
 
@@ -45,16 +47,27 @@ async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
     Api { addr, engine, stop, task, _tmp: tmp }
 }
 
-struct Resp {
-    status: u16,
-    /// The status line and headers.
-    head: String,
-    body: Value,
-    text: String,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) body: Value,
+    pub(crate) text: String,
+    /// The status line and headers, as sent.
+    pub(crate) head: String,
+}
+
+impl Resp {
+    /// A header's value (the name in lower case).
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    }
 }
 
 impl Api {
-    async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    pub(crate) async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
         let mut s = TcpStream::connect(self.addr).await.unwrap();
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-length: {}\r\n",
@@ -71,9 +84,9 @@ impl Api {
         let out = String::from_utf8(out).unwrap();
         let status = out[9..12].parse().unwrap();
         let (head, text) = out.split_once("\r\n\r\n").map(|(h, b)| (h.to_owned(), b.to_owned())).unwrap_or_default();
-        Resp { status, head, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+        Resp { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text, head }
     }
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
         let auth = format!("Bearer {KEY}");
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         self.raw(method, path, &[("authorization", &auth), ("content-type", "application/json")], &body).await
@@ -192,6 +205,103 @@ async fn money_groups_packets_and_tokens() {
     let _ = api.stop.send(true);
     api.task.await.unwrap();
     api.engine.shutdown().await;
+}
+
+/// Money-moving routes take whatever a caller sends (scripts/api-check.sh
+/// has schemathesis send it at random): numbers at the ends of their types,
+/// ids out of range, keys too long in bytes but not in characters, rules
+/// that contradict each other. Each is refused with a 4xx in the error
+/// format, and no money moves.
+#[tokio::test]
+async fn money_routes_refuse_hostile_input_with_a_4xx() {
+    let api = api(Some(KEY)).await;
+    let r = api.call("POST", "/v1/accounts/1/deposit", Some(json!({"amount_fen": 1000, "key": "seed"}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let long_key = "恭".repeat(22); // 22 characters, 66 bytes
+    let money = |amount: Value, key: &str| json!({"amount_fen": amount, "key": key});
+    let send = |patch: Value| {
+        let mut body =
+            json!({"sender": 1, "amount_fen": 100, "count": 2, "kind": "lucky", "to": {"users": [2, 3]}, "key": "s"});
+        body.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
+        body
+    };
+    let campaign = |patch: Value| {
+        let mut body =
+            json!({"funder": 1, "total_fen": 100, "rule": {"count": {"packets": 10}}, "rate_per_s": 5, "key": "c"});
+        body.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
+        body
+    };
+    let mut cases: Vec<(&str, String, Value)> = Vec::new();
+    for op in ["deposit", "withdraw"] {
+        for user in [0, ID_MAX + 1, u64::MAX] {
+            cases.push(("POST", format!("/v1/accounts/{user}/{op}"), money(json!(1), "k")));
+        }
+        let path = format!("/v1/accounts/1/{op}");
+        for amount in
+            [json!(i64::MIN), json!(-1), json!(0), json!(AMOUNT_FEN_MAX + 1), json!(i64::MAX), json!(u64::MAX)]
+        {
+            cases.push(("POST", path.clone(), money(amount, "k")));
+        }
+        for key in ["", long_key.as_str(), &"k".repeat(65)] {
+            cases.push(("POST", path.clone(), money(json!(1), key)));
+        }
+    }
+    for patch in [
+        json!({"sender": 0}),
+        json!({"sender": u64::MAX}),
+        json!({"amount_fen": i64::MAX}),
+        json!({"amount_fen": i64::MIN}),
+        json!({"count": 0}),
+        json!({"count": u32::MAX}),
+        json!({"amount_fen": 1, "count": 2}),
+        json!({"kind": "fixed", "amount_fen": 101}),
+        json!({"to": {"user": 2}}),
+        json!({"to": {"user": 0}, "count": 1}),
+        json!({"to": {"group": u64::MAX}}),
+        json!({"to": {"users": []}}),
+        json!({"to": {"users": (1..=501).collect::<Vec<u64>>()}}),
+        json!({"to": {"users": [0, u64::MAX]}}),
+        json!({"greeting": "x".repeat(257)}),
+        json!({"key": long_key}),
+        json!({"key": ""}),
+    ] {
+        cases.push(("POST", "/v1/packets".into(), send(patch)));
+    }
+    for patch in [
+        json!({"funder": 0}),
+        json!({"funder": ID_MAX + 1}),
+        json!({"total_fen": 0}),
+        json!({"total_fen": i64::MAX}),
+        json!({"total_fen": AMOUNT_FEN_MAX + 1}),
+        json!({"total_fen": 1_000_000}),
+        json!({"rule": {"count": {"packets": 0}}}),
+        json!({"rule": {"count": {"packets": u64::MAX}}}),
+        json!({"rule": {"count": {"packets": 101}}}),
+        json!({"rule": {"range": {"min_fen": 0, "max_fen": 10}}}),
+        json!({"rule": {"range": {"min_fen": 11, "max_fen": 10}}}),
+        json!({"rule": {"range": {"min_fen": 1, "max_fen": 101}}}),
+        json!({"rule": {"range": {"min_fen": i64::MIN, "max_fen": i64::MAX}}}),
+        json!({"rate_per_s": 0}),
+        json!({"rate_per_s": u32::MAX}),
+        json!({"win_cap_per_user": 0}),
+        json!({"key": long_key}),
+    ] {
+        cases.push(("POST", "/v1/campaigns".into(), campaign(patch)));
+    }
+    for path in ["/v1/campaigns/0/start", "/v1/campaigns/18446744073709551615/start", "/v1/campaigns/0/stop"] {
+        cases.push(("POST", path.into(), Value::Null));
+    }
+    for (method, path, body) in cases {
+        let body = (!body.is_null()).then_some(body);
+        let r = api.call(method, &path, body.clone()).await;
+        assert!((400..500).contains(&r.status), "{method} {path} {body:?}: {} {}", r.status, r.text);
+        assert!(r.body["error"]["code"].is_string(), "{method} {path}: {}", r.text);
+    }
+    let r = api.call("GET", "/v1/stats", None).await;
+    assert_eq!(
+        (r.body["user_balances_fen"].as_i64(), r.body["deposits_minus_withdrawals_fen"].as_i64()),
+        (Some(1000), Some(1000))
+    );
 }
 
 // ---- connections: timeouts, cap, keep-alive, shutdown ----------------------

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -97,6 +97,13 @@ fn respond(content_type: &'static str, csp: &str, body: &'static [u8]) -> Respon
     response
 }
 
+/// The pages and their files, registered beside the API's route table:
+/// they are not API routes, so the OpenAPI document does not list them.
+pub(crate) fn pages() -> Vec<(&'static str, axum::routing::MethodRouter<Arc<AppState>>)> {
+    use axum::routing::get;
+    vec![("/", get(dashboard)), ("/app", get(app)), ("/ui/{*file}", get(file))]
+}
+
 /// `GET /`: the dashboard.
 pub(crate) async fn dashboard() -> Response {
     respond(HTML, &csp(None), DASHBOARD_HTML)
@@ -117,9 +124,27 @@ pub(crate) async fn file(Path(name): Path<String>) -> Response {
     }
 }
 
+/// What the user page needs to know to connect.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct UiConfigBody {
+    /// The gateway's WebSocket port on this host; `null` without a gateway.
+    ws_port: Option<u16>,
+    /// Dev mode: a bare user id works as a token.
+    dev: bool,
+}
+
 /// `GET /ui/config.json`: `{"ws_port": 7071, "dev": false}`.
+#[utoipa::path(
+    get,
+    path = "/ui/config.json",
+    summary = "What the user page needs to connect",
+    description = "Public (no key): the gateway's WebSocket port on this host and whether the server runs in dev mode.",
+    tag = "health",
+    responses((status = 200, description = "The page's settings.", body = UiConfigBody))
+)]
 pub(crate) async fn config(State(app): State<Arc<AppState>>) -> Response {
-    let mut response = axum::Json(json!({"ws_port": app.ui.ws_port, "dev": app.ui.dev})).into_response();
+    let body = UiConfigBody { ws_port: app.ui.ws_port, dev: app.ui.dev };
+    let mut response = axum::Json(body).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }

@@ -21,13 +21,25 @@ use crate::limits;
 use crate::split;
 use crate::UserId;
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AmountRule {
     /// This many packets, sized by the double-average rule over the budget.
-    Count { packets: u64 },
+    Count {
+        /// 1 to `CAMPAIGN_PACKETS_MAX`, and at most the total in fen.
+        #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100_000_000_u64))]
+        packets: u64,
+    },
     /// Packets uniform in `[min_fen, max_fen]` until the budget runs out.
-    Range { min_fen: i64, max_fen: i64 },
+    Range {
+        /// At least 1.
+        #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000_000_000_i64))]
+        min_fen: i64,
+        /// At least `min_fen`, at most the total.
+        #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000_000_000_i64))]
+        max_fen: i64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +98,7 @@ impl CampaignSpec {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CampaignStatus {

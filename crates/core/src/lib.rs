@@ -9,6 +9,10 @@
 //! Money is integer fen (`i64`), and every arithmetic step on money is checked.
 //! A broken money invariant inside this crate is a bug and asserts; invalid
 //! requests from peers are returned as typed errors.
+//!
+//! With the optional `openapi` feature (only `hongbao-admin` enables it), the
+//! types the admin API shows derive `utoipa::ToSchema`, and `openapi` holds
+//! the schemas no type derives; without it no schema code is compiled.
 
 pub mod audit;
 pub mod campaign;
@@ -17,6 +21,9 @@ pub mod ledger;
 pub mod limits;
 pub mod packet;
 pub mod split;
+
+#[cfg(feature = "openapi")]
+pub mod openapi;
 
 /// A user id as issued by the app server. Kept below 2^53 so that it survives
 /// a round trip through JSON numbers in browsers.

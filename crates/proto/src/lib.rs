@@ -75,12 +75,18 @@ pub enum Request {
 pub const REQUEST_OPS: u32 = 9;
 
 /// Recipients of a packet.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
+    // `Id`: the range the engine checks.
+    #[cfg_attr(feature = "openapi", schema(value_type = hongbao_core::openapi::Id))]
     Group(u64),
+    /// At most 500 (`PACKET_RECIPIENTS_MAX`).
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<hongbao_core::openapi::Id>))]
     Users(Vec<u64>),
     /// An exclusive packet for one user.
+    #[cfg_attr(feature = "openapi", schema(value_type = hongbao_core::openapi::Id))]
     User(u64),
 }
 
@@ -151,6 +157,7 @@ pub enum ShakeResult {
     NotRunning,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PacketDetail {
     pub packet: u64,
@@ -161,6 +168,7 @@ pub struct PacketDetail {
     pub remaining_fen: i64,
     pub refunded_fen: i64,
     /// `open`, `finished` or `refunded`.
+    #[cfg_attr(feature = "openapi", schema(value_type = hongbao_core::packet::PacketStatus))]
     pub status: String,
     pub greeting: String,
     pub created_ms: u64,
@@ -169,6 +177,7 @@ pub struct PacketDetail {
     pub claims: Vec<ClaimInfo>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimInfo {
     pub user: u64,
@@ -200,6 +209,7 @@ pub enum PushBody {
 }
 
 /// Every error a client can see. Stable snake_case names on the wire.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {

@@ -30,14 +30,21 @@ const _: () = assert!(BROADCASTS_RUNNING_MAX < TASKS_KEPT_MAX);
 /// Deliveries between yields in a broadcast, so it shares the runtime.
 const BROADCAST_CHUNK: usize = 1024;
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushTarget {
+    // `Id`: the range the engine checks.
+    #[cfg_attr(feature = "openapi", schema(value_type = hongbao_core::openapi::Id))]
     User(UserId),
+    /// At most 500.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<hongbao_core::openapi::Id>))]
     Users(Vec<UserId>),
+    #[cfg_attr(feature = "openapi", schema(value_type = hongbao_core::openapi::Id))]
     Group(GroupId),
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct PushReceipt {
     /// Users targeted.

@@ -32,8 +32,11 @@ impl Default for EngineConfig {
 }
 
 /// Result of a deposit or withdrawal.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct MoneyReceipt {
+    // `value_type` here and below: utoipa does not see through type aliases.
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub user: UserId,
     pub amount_fen: i64,
     pub balance_fen: i64,
@@ -41,9 +44,12 @@ pub struct MoneyReceipt {
     pub repeat: bool,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct CampaignInfo {
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub id: CampaignId,
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub funder: UserId,
     pub total_fen: i64,
     pub rule: AmountRule,
@@ -61,17 +67,30 @@ pub struct CampaignInfo {
 }
 
 /// A broadcast task's progress.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct TaskInfo {
     pub id: u64,
     /// `running`, `stopping`, `done` or `stopped`.
+    #[cfg_attr(feature = "openapi", schema(schema_with = task_state_schema))]
     pub state: String,
     pub targets: u64,
     pub delivered: u64,
     pub created_ms: u64,
 }
 
+/// `TaskInfo::state` in the OpenAPI document: a string, one of four.
+#[cfg(feature = "openapi")]
+fn task_state_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(["running", "stopping", "done", "stopped"]))
+        .description(Some("`running`, `stopping`, `done` or `stopped`."))
+        .build()
+}
+
 /// Counters for `/v1/stats` and the dashboard.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize, Default)]
 pub struct Stats {
     pub shards: u16,

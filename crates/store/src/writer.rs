@@ -90,6 +90,7 @@ pub(crate) struct Recovered {
 }
 
 /// Why storage is failing now.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct StorageFailure {
     /// The error of the last failed try.

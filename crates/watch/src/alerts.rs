@@ -12,6 +12,7 @@ pub const CLEARED_KEPT: usize = 100;
 
 /// What an alert is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Signal {
     /// Requests per second: is the work getting done? Judged low only.
@@ -44,6 +45,7 @@ impl Signal {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     /// Work not done, or money: wake someone.
@@ -53,6 +55,7 @@ pub enum Severity {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AlertState {
     Firing,
@@ -61,6 +64,7 @@ pub enum AlertState {
 
 /// Which expectation the value was judged against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Baseline {
     /// The exponentially weighted mean and spread of the recent past.
@@ -80,6 +84,7 @@ impl Baseline {
 
 /// One alert (docs/api.md, "Alert").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Alert {
     pub id: u64,
     /// The operation (`shake`, `open`, …), or `money`.

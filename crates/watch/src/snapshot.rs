@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// covers the second ending at `at_ms`; `null` where that second had no
 /// data (a latency without requests).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Snapshot {
     /// 1 for the first snapshot after start, then +1 each.
     pub seq: u64,
@@ -37,6 +38,7 @@ pub struct Snapshot {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Connections {
     /// Sum of `gateways`.
     pub total: u64,
@@ -49,6 +51,7 @@ pub struct Connections {
 
 /// Connections held by one gateway process.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GatewayConnections {
     /// `serve` for the serve process's own gateway, `gateway-N` for the others.
     pub name: String,
@@ -58,6 +61,7 @@ pub struct GatewayConnections {
 
 /// One operation's second.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OpFigures {
     /// Requests answered.
     pub count: u64,
@@ -72,6 +76,7 @@ pub struct OpFigures {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Shakes {
     pub won: u64,
     pub none: u64,
@@ -80,6 +85,7 @@ pub struct Shakes {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Commit {
     /// Durable commits (batches) in the second.
     pub commits_per_s: u64,
@@ -93,6 +99,7 @@ pub struct Commit {
 
 /// Depths at `at_ms`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Queues {
     /// Ops waiting for the writer.
     pub writer: u64,
@@ -102,6 +109,7 @@ pub struct Queues {
 
 /// Requests refused `overload` per second, by where the bound was hit.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Overload {
     pub total: u64,
     pub shard_queue: u64,
@@ -110,6 +118,7 @@ pub struct Overload {
 
 /// The committed money totals at `at_ms`, fen.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Money {
     pub user_balances_fen: i64,
     pub packet_escrow_fen: i64,
@@ -123,6 +132,7 @@ pub struct Money {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Storage {
     /// `false` while the store fails (the server answers `unavailable`).
     pub up: bool,
@@ -131,6 +141,7 @@ pub struct Storage {
 
 /// Why storage fails, as `/health` says it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StorageFailure {
     pub reason: String,
     pub since_ms: u64,
@@ -138,6 +149,7 @@ pub struct StorageFailure {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Campaigns {
     pub running: u64,
     pub released_per_s: u64,
