@@ -18,13 +18,14 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hongbao_admin::{AdminConfig, AdminError, AdminLimits};
 use hongbao_boundary::{EngineError, TokenSigner};
 use hongbao_gateway::{Gateway, GatewayConfig, GatewayError};
 use hongbao_shard::{Engine, EngineConfig, StoreLocation};
-use hongbao_watch::{EngineReading, EngineSource, Live, SamplerConfig};
+use hongbao_watch::{EngineReading, EngineSource, GatewayConnections, GatewaysProvider, Live, SamplerConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -166,6 +167,26 @@ pub fn install_metrics() -> Result<Recorders, ServeError> {
     Ok(Recorders { prometheus: handle, watch: registry })
 }
 
+/// The other gateway processes' connections (`Workers::census`) and their
+/// pids in the order they were started, which names them `gateway-1`, ….
+type WorkerCensus = (hongbao_link::LinkCensus, Vec<u32>);
+
+/// The live view's entries for the other gateway processes. A child whose
+/// link is down (it died) shows no entry.
+fn worker_connections((census, pids): &WorkerCensus) -> Vec<GatewayConnections> {
+    census
+        .read()
+        .into_iter()
+        .map(|(pid, connections)| {
+            let name = match pids.iter().position(|p| *p == pid) {
+                Some(i) => format!("gateway-{}", i + 1),
+                None => format!("gateway-pid-{pid}"),
+            };
+            GatewayConnections { name, pid, connections }
+        })
+        .collect()
+}
+
 /// What the live sampler reads of the engine each second: levels and the
 /// money totals, none of which passes through the metrics.
 struct EngineFeed(Engine);
@@ -213,7 +234,11 @@ pub async fn start(settings: Settings, recorders: Recorders) -> Result<Server, S
     };
     tracing::info!(store = %store.describe(), "opening the store");
     let engine = Engine::open_at(engine_config, &store).await?;
-    let (mut server, gateway_config, secret) = match start_front(&settings, &data, engine.clone(), recorders).await {
+    // The other gateway processes start after the sampler; it finds their
+    // census here once they have.
+    let census = Arc::new(OnceLock::new());
+    let front = start_front(&settings, &data, engine.clone(), recorders, census.clone()).await;
+    let (mut server, gateway_config, secret) = match front {
         Ok(started) => started,
         Err(e) => {
             engine.shutdown().await;
@@ -226,6 +251,7 @@ pub async fn start(settings: Settings, recorders: Recorders) -> Result<Server, S
         match Workers::start(extra, &data, &gateway_config, &secret, engine, stop).await {
             Ok(workers) => {
                 server.ready.gateway_pids = workers.pids();
+                let _ = census.set((workers.census(), workers.pids()));
                 server.workers = Some(workers);
             }
             Err(e) => {
@@ -245,6 +271,7 @@ async fn start_front(
     data: &std::path::Path,
     engine: Engine,
     recorders: Recorders,
+    census: Arc<OnceLock<WorkerCensus>>,
 ) -> Result<(Server, GatewayConfig, String), ServeError> {
     settings.alerts.validate()?;
     let Recorders { prometheus, watch: registry } = recorders;
@@ -324,7 +351,9 @@ async fn start_front(
         }
     };
 
-    let sampler_config = SamplerConfig { alerts: settings.alerts.clone(), ..SamplerConfig::default() };
+    let gateways: GatewaysProvider = Arc::new(move || census.get().map(worker_connections).unwrap_or_default());
+    let sampler_config =
+        SamplerConfig { alerts: settings.alerts.clone(), gateways: Some(gateways), ..SamplerConfig::default() };
     let sampler = hongbao_watch::sampler::spawn(registry, EngineFeed(engine.clone()), live, sampler_config, stop_rx);
 
     let ready = Ready {

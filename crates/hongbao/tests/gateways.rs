@@ -57,6 +57,23 @@ async fn three_gateways_share_the_ports_and_one_packet_is_raced_across_them() {
     assert!(gained.iter().all(|&g| g >= 20), "every gateway holds clients: {gained:?}");
     let stats = server.get("/v1/stats").await.ok().unwrap();
     assert_eq!(stats["connections"], CLIENTS + 1, "the engine sees every gateway's connections");
+    // The live view counts each process's own (the dashboard's table).
+    let expected: Vec<(u64, u64)> = pids.iter().zip(&gained).map(|(&p, &g)| (p as u64, g as u64)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let live = server.get("/v1/live/now").await.ok().unwrap_or_default();
+        let seen: Vec<(u64, u64)> = live["connections"]["gateways"]
+            .as_array()
+            .map(|g| g.iter().map(|e| (e["pid"].as_u64().unwrap(), e["connections"].as_u64().unwrap())).collect())
+            .unwrap_or_default();
+        if seen == expected {
+            assert_eq!(live["connections"]["total"], CLIENTS + 1);
+            assert_eq!(live["connections"]["gateways"][0]["name"], "serve");
+            break;
+        }
+        assert!(Instant::now() < deadline, "live gateways {seen:?}, expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let packet = send_to_group(&sender, 20_000, K, 5, "gw-race-1").await;
 

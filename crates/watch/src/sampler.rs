@@ -35,8 +35,10 @@ pub trait EngineSource: Send + Sync + 'static {
     fn read(&self) -> impl Future<Output = EngineReading> + Send;
 }
 
-/// Connections per gateway process. `None` in `SamplerConfig`: one entry,
-/// `serve`, with the engine's count of every connection.
+/// Connections of each gateway process other than the serve process's own
+/// (`serve --gateways N`: the N-1 children). The snapshot's first entry,
+/// `serve`, is the engine's count of every connection less theirs. `None` in
+/// `SamplerConfig`: no other gateway processes.
 pub type GatewaysProvider = Arc<dyn Fn() -> Vec<GatewayConnections> + Send + Sync>;
 
 /// Unix time in ms; passed in so tests choose it.
@@ -221,14 +223,16 @@ impl Sampler {
                 (op.clone(), figures)
             })
             .collect();
-        let gateways = match &self.gateways {
-            Some(provider) => provider(),
-            None => vec![GatewayConnections {
-                name: "serve".into(),
-                pid: std::process::id(),
-                connections: reading.connections,
-            }],
+        let others = self.gateways.as_ref().map(|provider| provider()).unwrap_or_default();
+        let elsewhere: u64 = others.iter().map(|g| g.connections).sum();
+        // The two counts are read a moment apart: a connection that moved
+        // in between must not make the serve process's count wrap.
+        let own = GatewayConnections {
+            name: "serve".into(),
+            pid: std::process::id(),
+            connections: reading.connections.saturating_sub(elsewhere),
         };
+        let gateways: Vec<GatewayConnections> = std::iter::once(own).chain(others).collect();
         let shakes = Shakes {
             won: per_s(w.shakes.won),
             none: per_s(w.shakes.none),
