@@ -11,7 +11,14 @@ import { chromium } from 'playwright-core';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const BIN = process.env.HONGBAO_BIN ?? path.join(ROOT, 'target/debug/hongbao');
-export const SCREENSHOTS = path.join(ROOT, 'docs/screenshots');
+/**
+ * Where the screenshots go: `target/screenshots` on every run, so the test
+ * command leaves the checkout clean; `docs/screenshots` (committed, the
+ * README shows them) with `HONGBAO_UPDATE_SCREENSHOTS=1`.
+ */
+export const SCREENSHOTS = process.env.HONGBAO_UPDATE_SCREENSHOTS === '1'
+  ? path.join(ROOT, 'docs/screenshots')
+  : path.join(ROOT, 'target/screenshots');
 
 /** Lines of the server's stderr kept for a failure message. */
 const STDERR_LINES_MAX = 40;
@@ -133,7 +140,7 @@ export async function newPage(browser, problems) {
   return page;
 }
 
-/** Where the tests write their screenshots (committed: the README shows them). */
+/** Where the tests write their screenshots (`SCREENSHOTS`). */
 export function screenshotPath(name) {
   mkdirSync(SCREENSHOTS, { recursive: true });
   return path.join(SCREENSHOTS, name);
