@@ -432,6 +432,19 @@ async fn health_answers(addr: SocketAddr) -> bool {
     matches!(c.response().await, Ok(h) if h.status == 200)
 }
 
+/// A user listed three times used to get three stored copies.
+#[tokio::test]
+async fn a_push_to_a_user_listed_twice_is_one_target() {
+    let api = api(Some(KEY)).await;
+    let body = json!({"target": {"users": [5, 6, 5, 5]}, "persistent": true, "topic": "t", "text": "x"});
+    let r = api.call("POST", "/v1/push", Some(body)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!((r.body["targets"].as_u64(), r.body["stored"].as_u64()), (Some(2), Some(2)), "{}", r.text);
+    let _ = api.stop.send(true);
+    api.task.await.unwrap();
+    api.engine.shutdown().await;
+}
+
 #[tokio::test]
 async fn half_a_request_is_closed_after_its_timeout() {
     let limits = quick(8);

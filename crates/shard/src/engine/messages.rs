@@ -49,7 +49,14 @@ impl Engine {
     fn target_users(&self, target: &PushTarget) -> Result<Vec<UserId>, EngineError> {
         let users = match target {
             PushTarget::User(u) => vec![*u],
-            PushTarget::Users(us) => us.clone(),
+            // A user listed twice is one target: one stored copy, one
+            // delivery per device.
+            PushTarget::Users(us) => {
+                let mut users = us.clone();
+                users.sort_unstable();
+                users.dedup();
+                users
+            }
             PushTarget::Group(g) => {
                 valid_group(*g)?;
                 self.group(*g).ok_or_else(|| EngineError::NotFound(format!("group {g}")))?
