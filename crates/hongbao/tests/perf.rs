@@ -22,6 +22,19 @@ fn figure(out: &str, name: &str) -> f64 {
     line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).expect("a number")
 }
 
+/// Bytes per connection of the reading taken with every connection open and
+/// awake (`(parked; N B while all were awake)`). At this size it is the
+/// figure that shows the tool measures: the parked one is a few hundred
+/// bytes a connection, 100–200 KB in all, within the allocator's own swing
+/// between readings (its caches flushed or not, about 1 MB), so it may read
+/// 0 here; `bench/run.sh conn-memory` measures it at 19,000.
+fn awake_bytes_per_conn(out: &str) -> Vec<u64> {
+    out.split("(parked; ")
+        .skip(1)
+        .map(|rest| rest.split(' ').next().and_then(|n| n.parse().ok()).expect("`<n> B while all were awake`"))
+        .collect()
+}
+
 #[test]
 fn opens_compares_group_commit_with_a_commit_per_open() {
     let out = perf(&["opens", "--opens", "2000", "--baseline-opens", "200", "--concurrency", "200"]);
@@ -35,8 +48,10 @@ fn opens_compares_group_commit_with_a_commit_per_open() {
 #[test]
 fn conn_memory_and_broadcast_measure_a_real_server() {
     let out = perf(&["conn-memory", "--connections", "300", "--transport", "both"]);
-    assert!(figure(&out, "conn_memory_tcp") > 0.0);
-    assert!(figure(&out, "conn_memory_ws") > 0.0);
+    assert!(figure(&out, "conn_memory_tcp") >= 0.0);
+    assert!(figure(&out, "conn_memory_ws") >= 0.0);
+    let awake = awake_bytes_per_conn(&out);
+    assert!(awake.len() == 2 && awake.iter().all(|&b| b > 0), "awake readings {awake:?} in:\n{out}");
     let out = perf(&["broadcast", "--connections", "300"]);
     assert!(figure(&out, "broadcast_ms") > 0.0);
     assert!(out.contains("ended done"), "{out}");
@@ -50,7 +65,9 @@ fn conn_memory_and_broadcast_measure_a_real_server() {
 fn conn_memory_and_broadcast_span_gateway_and_client_processes() {
     let layout = ["--gateways", "2", "--clients-per-process", "200"];
     let out = perf(&[&["conn-memory", "--connections", "500", "--transport", "tcp"][..], &layout].concat());
-    assert!(figure(&out, "conn_memory_tcp_gateways") > 0.0);
+    assert!(figure(&out, "conn_memory_tcp_gateways") >= 0.0);
+    let awake = awake_bytes_per_conn(&out);
+    assert!(!awake.is_empty() && awake.iter().all(|&b| b > 0), "awake readings {awake:?} in:\n{out}");
     assert!(out.contains("on 2 gateway processes") && out.contains("from 3 client process(es)"), "{out}");
     let out = perf(&[&["broadcast", "--connections", "600"][..], &layout].concat());
     assert!(figure(&out, "broadcast_ms") > 0.0);

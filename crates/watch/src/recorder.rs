@@ -1,7 +1,7 @@
 //! Our `metrics::Recorder`: for a fixed allow-list of names, lock-free
 //! counters, gauges and latency histograms the sampler reads every second.
 //!
-//! It sits beside the Prometheus recorder (`fanout`), never instead of it:
+//! It sits beside the Prometheus recorder (`fanout`, `Beside`), never instead of it:
 //! the exporter keeps rendering `/metrics` as before, and this one keeps
 //! only what the live series need, in a form whose per-second deltas are
 //! exact (the exporter's summaries are quantiles over its own window, and
@@ -182,49 +182,212 @@ impl WatchRecorder {
     }
 }
 
+impl WatchRecorder {
+    /// Our cell for a counter `key`, if its name is watched (and there is
+    /// room for it).
+    fn counter_cell(&self, key: &Key) -> Option<Arc<CounterCell>> {
+        match &self.registry.register(key, Kind::Counter)?.cell {
+            Cell::Counter(c) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    fn gauge_cell(&self, key: &Key) -> Option<Arc<GaugeCell>> {
+        match &self.registry.register(key, Kind::Gauge)?.cell {
+            Cell::Gauge(g) => Some(g.clone()),
+            _ => None,
+        }
+    }
+
+    fn histogram_cell(&self, key: &Key) -> Option<Arc<HistogramCell>> {
+        match &self.registry.register(key, Kind::Histogram)?.cell {
+            Cell::Histogram(h) => Some(h.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Alone (tests); installed, it sits in `Beside`.
 impl metrics::Recorder for WatchRecorder {
     fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
 
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        match self.registry.register(key, Kind::Counter).map(|s| match &s.cell {
-            Cell::Counter(c) => Some(c.clone()),
-            _ => None,
-        }) {
-            Some(Some(cell)) => Counter::from_arc(cell),
-            _ => Counter::noop(),
-        }
+        self.counter_cell(key).map_or_else(Counter::noop, Counter::from_arc)
     }
 
     fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        match self.registry.register(key, Kind::Gauge).map(|s| match &s.cell {
-            Cell::Gauge(g) => Some(g.clone()),
-            _ => None,
-        }) {
-            Some(Some(cell)) => Gauge::from_arc(cell),
-            _ => Gauge::noop(),
-        }
+        self.gauge_cell(key).map_or_else(Gauge::noop, Gauge::from_arc)
     }
 
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        match self.registry.register(key, Kind::Histogram).map(|s| match &s.cell {
-            Cell::Histogram(h) => Some(h.clone()),
-            _ => None,
-        }) {
-            Some(Some(cell)) => Histogram::from_arc(cell),
-            _ => Histogram::noop(),
-        }
+        self.histogram_cell(key).map_or_else(Histogram::noop, Histogram::from_arc)
     }
 }
 
-/// `recorder` and `prometheus` as one recorder: every handle records into
-/// both. Install the result with `metrics::set_global_recorder`.
-pub fn fanout<R>(recorder: WatchRecorder, prometheus: R) -> metrics_util::layers::Fanout
-where
-    R: metrics::Recorder + Sync + 'static,
-{
-    metrics_util::layers::FanoutBuilder::default().add_recorder(prometheus).add_recorder(recorder).build()
+/// `recorder` and `prometheus` as one recorder: every handle of an
+/// allow-listed name records into both, every other handle is Prometheus's
+/// own. Install the result with `metrics::set_global_recorder`.
+pub fn fanout<R: metrics::Recorder>(recorder: WatchRecorder, prometheus: R) -> Beside<R> {
+    Beside { prometheus, watch: recorder, handles: RwLock::default() }
+}
+
+/// Handles made once are kept: at most this many keys. The code's label
+/// values are fixed sets (ops, results, error codes), about 200 keys in
+/// all; past the bound a handle is made afresh on each call, as without
+/// the cache.
+pub const HANDLES_KEPT_MAX: usize = 4_096;
+
+/// Our recorder beside Prometheus's (`fanout`).
+///
+/// It keeps the handle it made for each key: a `counter!` call site that
+/// keeps no handle (most of them: `hongbao_opens_total` on every open)
+/// registers on every call, and a plain fan-out would allocate a new pair
+/// of handles each time (two allocations and two frees per open, and a
+/// hash lookup in each recorder). Here a second registration is one hash
+/// lookup under a read lock and an `Arc` clone, like the exporter's own
+/// registry.
+pub struct Beside<R> {
+    prometheus: R,
+    watch: WatchRecorder,
+    handles: RwLock<Handles>,
+}
+
+#[derive(Default)]
+struct Handles {
+    counters: HashMap<Key, Counter>,
+    gauges: HashMap<Key, Gauge>,
+    histograms: HashMap<Key, Histogram>,
+}
+
+impl Handles {
+    fn len(&self) -> usize {
+        self.counters.len() + self.gauges.len() + self.histograms.len()
+    }
+}
+
+/// One handle of each recorder, recorded into together.
+struct Pair<T>(T, T);
+
+impl CounterFn for Pair<Counter> {
+    fn increment(&self, value: u64) {
+        self.0.increment(value);
+        self.1.increment(value);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.0.absolute(value);
+        self.1.absolute(value);
+    }
+}
+
+impl GaugeFn for Pair<Gauge> {
+    fn increment(&self, value: f64) {
+        self.0.increment(value);
+        self.1.increment(value);
+    }
+
+    fn decrement(&self, value: f64) {
+        self.0.decrement(value);
+        self.1.decrement(value);
+    }
+
+    fn set(&self, value: f64) {
+        self.0.set(value);
+        self.1.set(value);
+    }
+}
+
+impl HistogramFn for Pair<Histogram> {
+    fn record(&self, value: f64) {
+        self.0.record(value);
+        self.1.record(value);
+    }
+}
+
+impl<R> Beside<R> {
+    /// The kept handle of `key` in the map `get`/`get_mut` choose, or a new
+    /// one from `make`, kept while there is room.
+    fn handle<T: Clone>(
+        &self,
+        key: &Key,
+        get: fn(&Handles) -> &HashMap<Key, T>,
+        get_mut: fn(&mut Handles) -> &mut HashMap<Key, T>,
+        make: impl FnOnce() -> T,
+    ) -> T {
+        if let Some(found) = get(&self.handles.read().unwrap_or_else(PoisonError::into_inner)).get(key) {
+            return found.clone();
+        }
+        let mut handles = self.handles.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = get_mut(&mut handles).get(key) {
+            return found.clone();
+        }
+        let made = make();
+        if handles.len() < HANDLES_KEPT_MAX {
+            get_mut(&mut handles).insert(key.clone(), made.clone());
+        }
+        made
+    }
+}
+
+impl<R: metrics::Recorder> metrics::Recorder for Beside<R> {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.prometheus.describe_counter(key, unit, description)
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.prometheus.describe_gauge(key, unit, description)
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.prometheus.describe_histogram(key, unit, description)
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.handle(
+            key,
+            |h| &h.counters,
+            |h| &mut h.counters,
+            || {
+                let prometheus = self.prometheus.register_counter(key, metadata);
+                match self.watch.counter_cell(key) {
+                    Some(ours) => Counter::from_arc(Arc::new(Pair(prometheus, Counter::from_arc(ours)))),
+                    None => prometheus,
+                }
+            },
+        )
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.handle(
+            key,
+            |h| &h.gauges,
+            |h| &mut h.gauges,
+            || {
+                let prometheus = self.prometheus.register_gauge(key, metadata);
+                match self.watch.gauge_cell(key) {
+                    Some(ours) => Gauge::from_arc(Arc::new(Pair(prometheus, Gauge::from_arc(ours)))),
+                    None => prometheus,
+                }
+            },
+        )
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        self.handle(
+            key,
+            |h| &h.histograms,
+            |h| &mut h.histograms,
+            || {
+                let prometheus = self.prometheus.register_histogram(key, metadata);
+                match self.watch.histogram_cell(key) {
+                    Some(ours) => Histogram::from_arc(Arc::new(Pair(prometheus, Histogram::from_arc(ours)))),
+                    None => prometheus,
+                }
+            },
+        )
+    }
 }
 
 // ---- cells -----------------------------------------------------------------
@@ -511,5 +674,41 @@ mod tests {
         assert_eq!(cell.get(), 2.0);
         g.set(7.0);
         assert_eq!(cell.get(), 7.0);
+    }
+
+    /// Beside Prometheus's recorder: a watched name records into both, any
+    /// other only into Prometheus's; a key registered again gets the kept
+    /// handle, and the kept handles are bounded.
+    #[test]
+    fn beside_prometheus_records_into_both_and_keeps_each_handle_once() {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let rendered = prometheus.handle();
+        let watch = WatchRecorder::new();
+        let registry = watch.registry();
+        let beside = fanout(watch, prometheus);
+        let opened = Key::from_parts("hongbao_opens_total", vec![metrics::Label::new("result", "opened")]);
+        for _ in 0..3 {
+            beside.register_counter(&opened, &META).increment(1);
+        }
+        beside.register_counter(&Key::from_name("hongbao_pushes_total"), &META).increment(4);
+        beside.register_histogram(&Key::from_name("hongbao_commit_seconds"), &META).record(0.002);
+        let Cell::Counter(ours) = &registry.series()[0].cell else { panic!() };
+        assert_eq!(ours.get(), 3);
+        assert_eq!(registry.series().len(), 2, "the pushes are not watched");
+        let text = rendered.render();
+        assert!(text.contains("hongbao_opens_total{result=\"opened\"} 3"), "{text}");
+        assert!(text.contains("hongbao_pushes_total 4"), "{text}");
+        assert!(text.contains("hongbao_commit_seconds_count 1"), "{text}");
+        assert_eq!(beside.handles.read().unwrap().len(), 3, "one kept handle per key");
+
+        let other = |i: usize| Key::from_parts("hongbao_other_total", vec![metrics::Label::new("n", i.to_string())]);
+        for i in 0..HANDLES_KEPT_MAX + 10 {
+            beside.register_counter(&other(i), &META).increment(1);
+        }
+        assert_eq!(beside.handles.read().unwrap().len(), HANDLES_KEPT_MAX);
+        beside.register_counter(&other(HANDLES_KEPT_MAX + 5), &META).increment(1);
+        let text = rendered.render();
+        let past_the_bound = format!("hongbao_other_total{{n=\"{}\"}} 2", HANDLES_KEPT_MAX + 5);
+        assert!(text.contains(&past_the_bound), "a handle past the bound still records");
     }
 }
