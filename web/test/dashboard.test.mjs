@@ -2,8 +2,9 @@
 // small load (20 Node clients using hongbao-client.js over `ws`, shaking),
 // the connection count and shakes/s on the page move; a campaign is made,
 // started and stopped from the page; a broadcast started from the page fills its progress bar.
-// And a server with an admin key: the page asks for it and keeps it out of
-// the address.
+// A server with an admin key: the page asks for it and keeps it out of the
+// address. And with short alert settings: cutting the load off shows an
+// alert firing on the page, and its return shows it cleared.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -165,6 +166,65 @@ test('dashboard: a server with a key makes the page ask; the key stays out of th
     assert.ok(asked.length > 0 && asked.every((u) => !u.includes(KEY)), 'the key went into an address');
     assert.deepEqual(problems, []);
   } finally {
+    await browser.close();
+    await server.stop();
+  }
+});
+
+test('dashboard: cutting the load off raises an alert on the page, and its return clears it', async () => {
+  // Short alert settings (docs/operations.md, "Alerts"): judged after 5 s of
+  // traffic, fired after 3 s out of band, cleared after 3 s back in it.
+  const server = await startServer({
+    extra: ['--alert-warmup-s', '5', '--alert-fire-after-s', '3', '--alert-clear-after-s', '3'],
+  });
+  const browser = await launchBrowser();
+  const problems = [];
+  let load = null;
+  try {
+    const page = await newPage(browser, problems);
+    await page.goto(`${server.admin}/`);
+    await page.waitForSelector('[data-testid=live-status]:text-is("live")');
+    await page.waitForSelector('[data-testid=alerts-firing]:text-is("no alert")');
+
+    // Ten seconds with shakes (no campaign: each is answered `not_running`,
+    // which is the work done), so the shake count has a baseline.
+    load = await startLoad(server);
+    const loaded = new Set();
+    await waitFor(
+      async () => {
+        const now = await must(server, 'GET', '/v1/live/now');
+        if ((now.ops.shake?.count ?? 0) >= 50) loaded.add(now.seq);
+        return loaded.size >= 10;
+      },
+      { what: 'ten seconds of load', timeoutMs: 40_000, intervalMs: 250 },
+    );
+
+    // The load stops at once: the page shows the shake count alert firing.
+    await load.stop();
+    load = null;
+    const firing = '[data-testid=alerts] li[data-state=firing]';
+    try {
+      await page.waitForSelector(`${firing}:has-text("shake requests")`, { timeout: 30_000 });
+    } catch (e) {
+      // What the server judged, for whoever reads the failure.
+      console.log('alerts:', JSON.stringify(await must(server, 'GET', '/v1/alerts')));
+      console.log('latest snapshot:', JSON.stringify(await must(server, 'GET', '/v1/live/now')));
+      throw e;
+    }
+    await page.waitForSelector('[data-testid=alerts-firing]:has-text("firing")');
+    const id = await page.getAttribute(firing, 'data-alert');
+    const api = (await must(server, 'GET', '/v1/alerts')).alerts.find((a) => String(a.id) === id);
+    assert.deepEqual([api?.op, api?.signal, api?.state], ['shake', 'count', 'firing']);
+
+    // The load comes back: the same alert shows cleared, and the pill says so.
+    load = await startLoad(server);
+    await page.waitForSelector(`[data-testid=alerts] li[data-alert="${id}"][data-state=cleared]`, { timeout: 30_000 });
+    await page.waitForSelector('[data-testid=alerts-firing]:text-is("no alert")');
+    await load.stop();
+    load = null;
+    assert.deepEqual(problems, []);
+  } finally {
+    await load?.stop();
     await browser.close();
     await server.stop();
   }

@@ -143,9 +143,13 @@ impl AlertConfig {
     }
 }
 
-/// Exponentially weighted mean and variance (West's update), with the
-/// start-up bias corrected: weights that have not accumulated yet are
-/// divided out, so two minutes in, the band is already at the data's level.
+/// Exponentially weighted mean and variance (West's update). It starts as
+/// the plain running mean and variance (each of the first n samples weighs
+/// 1/n) and turns exponential once 1/n falls below α (after ~433 samples
+/// at the default half-life): a fixed α from the first sample would leave
+/// the mean at the first second's value for minutes (α is 0.0023), and
+/// the first second of a load is usually a partial one, so the band would
+/// sit far from the data and a drop to zero could fall inside it.
 #[derive(Clone, Debug)]
 struct Ewma {
     alpha: f64,
@@ -161,25 +165,21 @@ impl Ewma {
     }
 
     fn learn(&mut self, x: f64) {
-        if self.n == 0 {
-            self.mean = x;
-            self.var = 0.0;
-        } else {
-            let diff = x - self.mean;
-            let incr = self.alpha * diff;
-            self.mean += incr;
-            self.var = (1.0 - self.alpha) * (self.var + diff * incr);
-        }
+        // The (n+1)th sample's weight: 1/(n+1) while that is more than α.
+        let weight = self.alpha.max(1.0 / (self.n + 1) as f64);
+        let diff = x - self.mean;
+        let incr = weight * diff;
+        self.mean += incr;
+        self.var = (1.0 - weight) * (self.var + diff * incr);
         self.n += 1;
     }
 
-    /// The variance's weights after n samples sum to 1 − (1−α)^(n−1).
+    /// The weights always sum to 1 (the running start), so no correction.
     fn std(&self) -> f64 {
         if self.n < 2 {
             return 0.0;
         }
-        let weight = 1.0 - (1.0 - self.alpha).powf((self.n - 1) as f64);
-        (self.var / weight.max(self.alpha)).sqrt()
+        self.var.max(0.0).sqrt()
     }
 }
 

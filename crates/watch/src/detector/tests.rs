@@ -305,3 +305,22 @@ fn a_config_that_cannot_work_is_refused() {
         assert!(cfg.validate().is_err(), "{cfg:?}");
     }
 }
+
+/// A load whose first second is a partial one (the clients were still
+/// connecting), judged after a short warm-up: the baseline is the load's
+/// level, not that first second's, so cutting the load off pages. With a
+/// fixed α from the first sample the mean stayed near the first second's
+/// value and σ near the ramp, and the band reached below zero.
+#[test]
+fn a_partial_first_second_does_not_hide_a_drop_to_zero() {
+    let mut rng = rng("a_partial_first_second_does_not_hide_a_drop_to_zero");
+    let mut run = Run::new(Signal::Count);
+    run.cfg.warmup_s = 5;
+    run.cfg.fire_after_s = 3;
+    assert_eq!(run.feed(90.0), Outcome::Quiet);
+    assert!(run.run(12, |_| noisy_rate(&mut rng, 800.0)).is_empty(), "a steady load is quiet");
+    let events = run.run(5, |_| 0.0);
+    assert_eq!(events.first(), Some(&(15, Outcome::Fired)), "the third second at zero fires: {events:?}");
+    let alert = &run.alerts()[0];
+    assert!(alert.expected > 600.0 && alert.low > 0.0, "{alert:?}");
+}
