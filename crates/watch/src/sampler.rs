@@ -107,13 +107,10 @@ pub fn spawn<S: EngineSource>(
                 _ = ticks.tick() => {}
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
-            let mut reading = source.read().await;
-            if !reading.money().balanced {
-                // The money alert pages on one reading, so a reading that
-                // straddles a commit's publication (the totals are read
-                // one by one) is taken again before it is believed.
-                reading = source.read().await;
-            }
+            // One reading is one committed state (the store changes its
+            // money totals once per batch, under one lock), so the money
+            // alert may page on it.
+            let reading = source.read().await;
             let now = Instant::now();
             sampler.tick(now - last, reading);
             last = now;
