@@ -75,7 +75,7 @@ use utoipa_axum::router::UtoipaMethodRouter;
 use utoipa_axum::routes;
 
 pub use error::{status_for, ApiError};
-pub use live::AlertsBody;
+pub use live::{AlertsBody, EngineFeed};
 /// The OpenAPI 3.1 document `/openapi.json` serves.
 pub use openapi::document as openapi_document;
 pub use routes::{TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX};

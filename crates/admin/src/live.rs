@@ -20,7 +20,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hongbao_proto::ErrorCode;
-use hongbao_watch::{Alert, Live, Published, Snapshot, REPLAY_MAX};
+use hongbao_shard::Engine;
+use hongbao_watch::{Alert, EngineReading, EngineSource, Live, Published, Snapshot, REPLAY_MAX};
 use serde::Serialize;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
@@ -30,6 +31,36 @@ use crate::limits::{LIVE_KEEPALIVE_MS, LIVE_STREAMS_MAX};
 use crate::AppState;
 
 type Shared = State<Arc<AppState>>;
+
+/// What the live sampler reads of the engine each second: levels and the
+/// money totals, none of which passes through the metrics. Here because
+/// this crate knows both sides (`hongbao-watch` links no engine); `serve`
+/// hands it to the sampler.
+pub struct EngineFeed(pub Engine);
+
+impl EngineSource for EngineFeed {
+    async fn read(&self) -> EngineReading {
+        let s = self.0.stats().await;
+        let storage_failure = self.0.storage_failure().map(|f| hongbao_watch::StorageFailure {
+            reason: f.reason,
+            since_ms: f.since_ms,
+            failed_tries: f.failed_tries,
+        });
+        EngineReading {
+            connections: s.connections,
+            campaigns_running: s.campaigns_running,
+            writer_queue_depth: s.writer_queue_depth,
+            shard_queue_depth: s.shard_queue_depth,
+            user_balances_fen: s.user_balances_fen,
+            packet_escrow_fen: s.packet_escrow_fen,
+            campaign_escrow_fen: s.campaign_escrow_fen,
+            // One node: no money travels between nodes.
+            in_flight_fen: 0,
+            deposits_minus_withdrawals_fen: s.deposits_minus_withdrawals_fen,
+            storage_failure,
+        }
+    }
+}
 
 /// `GET /v1/alerts`.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]

@@ -20,9 +20,9 @@ pub(crate) const KEY: &str = "test-admin-key-0123456789";
 
 pub(crate) struct Api {
     pub(crate) addr: SocketAddr,
-    engine: Engine,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    pub(crate) engine: Engine,
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) task: tokio::task::JoinHandle<()>,
     _tmp: tempfile::TempDir,
 }
 
@@ -31,6 +31,12 @@ pub(crate) async fn api(api_key: Option<&str>) -> Api {
 }
 
 async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
+    api_with_live(api_key, limits, hongbao_watch::Live::new()).await
+}
+
+/// The API over a fresh engine, serving `live` (which the live tests feed
+/// from a sampler of their own).
+pub(crate) async fn api_with_live(api_key: Option<&str>, limits: AdminLimits, live: hongbao_watch::Live) -> Api {
     let tmp = tempfile::tempdir().unwrap();
     let engine = Engine::open(EngineConfig::default(), tmp.path()).await.unwrap();
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
@@ -43,7 +49,7 @@ async fn api_with(api_key: Option<&str>, limits: AdminLimits) -> Api {
         ws_addr: None,
     };
     let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
-    let (addr, task) = start(config, engine.clone(), signer, prometheus, hongbao_watch::Live::new(), rx).await.unwrap();
+    let (addr, task) = start(config, engine.clone(), signer, prometheus, live, rx).await.unwrap();
     Api { addr, engine, stop, task, _tmp: tmp }
 }
 

@@ -25,7 +25,7 @@ use hongbao_admin::{AdminConfig, AdminError, AdminLimits};
 use hongbao_boundary::{EngineError, TokenSigner};
 use hongbao_gateway::{Gateway, GatewayConfig, GatewayError};
 use hongbao_shard::{Engine, EngineConfig, StoreLocation};
-use hongbao_watch::{EngineReading, EngineSource, GatewayConnections, GatewaysProvider, Live, SamplerConfig};
+use hongbao_watch::{GatewayConnections, GatewaysProvider, Live, SamplerConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -187,34 +187,6 @@ fn worker_connections((census, pids): &WorkerCensus) -> Vec<GatewayConnections> 
         .collect()
 }
 
-/// What the live sampler reads of the engine each second: levels and the
-/// money totals, none of which passes through the metrics.
-struct EngineFeed(Engine);
-
-impl EngineSource for EngineFeed {
-    async fn read(&self) -> EngineReading {
-        let s = self.0.stats().await;
-        let storage_failure = self.0.storage_failure().map(|f| hongbao_watch::StorageFailure {
-            reason: f.reason,
-            since_ms: f.since_ms,
-            failed_tries: f.failed_tries,
-        });
-        EngineReading {
-            connections: s.connections,
-            campaigns_running: s.campaigns_running,
-            writer_queue_depth: s.writer_queue_depth,
-            shard_queue_depth: s.shard_queue_depth,
-            user_balances_fen: s.user_balances_fen,
-            packet_escrow_fen: s.packet_escrow_fen,
-            campaign_escrow_fen: s.campaign_escrow_fen,
-            // One node: no money travels between nodes.
-            in_flight_fen: 0,
-            deposits_minus_withdrawals_fen: s.deposits_minus_withdrawals_fen,
-            storage_failure,
-        }
-    }
-}
-
 /// Opens the engine in `settings.data` and starts the gateway, the admin
 /// API and the live sampler. On failure everything already started is
 /// stopped again.
@@ -354,7 +326,13 @@ async fn start_front(
     let gateways: GatewaysProvider = Arc::new(move || census.get().map(worker_connections).unwrap_or_default());
     let sampler_config =
         SamplerConfig { alerts: settings.alerts.clone(), gateways: Some(gateways), ..SamplerConfig::default() };
-    let sampler = hongbao_watch::sampler::spawn(registry, EngineFeed(engine.clone()), live, sampler_config, stop_rx);
+    let sampler = hongbao_watch::sampler::spawn(
+        registry,
+        hongbao_admin::EngineFeed(engine.clone()),
+        live,
+        sampler_config,
+        stop_rx,
+    );
 
     let ready = Ready {
         tcp: gateway.tcp_addr(),

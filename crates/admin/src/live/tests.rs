@@ -5,73 +5,42 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hongbao_boundary::TokenSigner;
-use hongbao_shard::{Engine, EngineConfig};
-use hongbao_watch::{EngineReading, EngineSource, Live, SamplerConfig, WatchRecorder};
+use hongbao_watch::{Live, SamplerConfig, WatchRecorder};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::limits::LIVE_STREAMS_MAX;
-use crate::{start, AdminConfig, AdminLimits};
+use crate::tests::KEY;
+use crate::AdminLimits;
 
-const KEY: &str = "live-test-key-0123456789";
 /// Bounds every wait for a condition; never a timing assertion.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-struct Feed(Engine);
-
-impl EngineSource for Feed {
-    async fn read(&self) -> EngineReading {
-        let s = self.0.stats().await;
-        EngineReading {
-            connections: s.connections,
-            campaigns_running: s.campaigns_running,
-            user_balances_fen: s.user_balances_fen,
-            packet_escrow_fen: s.packet_escrow_fen,
-            campaign_escrow_fen: s.campaign_escrow_fen,
-            deposits_minus_withdrawals_fen: s.deposits_minus_withdrawals_fen,
-            ..EngineReading::default()
-        }
-    }
-}
-
+/// The admin API (`crate::tests`' set-up) and a sampler feeding its live
+/// handle from the engine.
 struct Api {
     addr: SocketAddr,
-    engine: Engine,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    api: crate::tests::Api,
     sampler: tokio::task::JoinHandle<()>,
-    _tmp: tempfile::TempDir,
 }
 
 async fn api(limits: AdminLimits) -> Api {
-    let tmp = tempfile::tempdir().unwrap();
-    let engine = Engine::open(EngineConfig::default(), tmp.path()).await.unwrap();
-    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-    let (stop, rx) = watch::channel(false);
-    let config = AdminConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        api_key: Some(KEY.into()),
-        dev: false,
-        limits,
-        ws_addr: None,
-    };
-    let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
     let live = Live::new();
-    let (addr, task) = start(config, engine.clone(), signer, prometheus, live.clone(), rx.clone()).await.unwrap();
+    let api = crate::tests::api_with_live(Some(KEY), limits, live.clone()).await;
     let registry = WatchRecorder::new().registry();
-    let sampler = hongbao_watch::sampler::spawn(registry, Feed(engine.clone()), live, SamplerConfig::default(), rx);
-    Api { addr, engine, stop, task, sampler, _tmp: tmp }
+    let feed = crate::EngineFeed(api.engine.clone());
+    let sampler = hongbao_watch::sampler::spawn(registry, feed, live, SamplerConfig::default(), api.stop.subscribe());
+    Api { addr: api.addr, api, sampler }
 }
 
 impl Api {
     async fn stop(self) {
-        let _ = self.stop.send(true);
-        tokio::time::timeout(PATIENCE, self.task).await.expect("the admin server ends").unwrap();
+        let _ = self.api.stop.send(true);
+        tokio::time::timeout(PATIENCE, self.api.task).await.expect("the admin server ends").unwrap();
         tokio::time::timeout(PATIENCE, self.sampler).await.expect("the sampler ends").unwrap();
-        self.engine.shutdown().await;
+        self.api.engine.shutdown().await;
     }
 }
 
@@ -270,7 +239,7 @@ async fn the_stream_replays_then_sends_each_second_past_the_idle_timeout_and_end
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "consecutive: {seqs:?}");
 
     // Shutdown ends the stream with its last chunk, and the server task.
-    let _ = api.stop.send(true);
+    let _ = api.api.stop.send(true);
     assert!(stream.until_end().await, "the stream ends cleanly");
     api.stop().await;
 }
