@@ -48,8 +48,10 @@ fn opens_compares_group_commit_with_a_commit_per_open() {
 #[test]
 fn conn_memory_and_broadcast_measure_a_real_server() {
     let out = perf(&["conn-memory", "--connections", "300", "--transport", "both"]);
-    assert!(figure(&out, "conn_memory_tcp") >= 0.0);
-    assert!(figure(&out, "conn_memory_ws") >= 0.0);
+    // The parked figures are printed (`figure` panics on a missing one);
+    // their values are not judged at this size (`awake_bytes_per_conn`).
+    figure(&out, "conn_memory_tcp");
+    figure(&out, "conn_memory_ws");
     let awake = awake_bytes_per_conn(&out);
     assert!(awake.len() == 2 && awake.iter().all(|&b| b > 0), "awake readings {awake:?} in:\n{out}");
     let out = perf(&["broadcast", "--connections", "300"]);
@@ -65,7 +67,7 @@ fn conn_memory_and_broadcast_measure_a_real_server() {
 fn conn_memory_and_broadcast_span_gateway_and_client_processes() {
     let layout = ["--gateways", "2", "--clients-per-process", "200"];
     let out = perf(&[&["conn-memory", "--connections", "500", "--transport", "tcp"][..], &layout].concat());
-    assert!(figure(&out, "conn_memory_tcp_gateways") >= 0.0);
+    figure(&out, "conn_memory_tcp_gateways");
     let awake = awake_bytes_per_conn(&out);
     assert!(!awake.is_empty() && awake.iter().all(|&b| b > 0), "awake readings {awake:?} in:\n{out}");
     assert!(out.contains("on 2 gateway processes") && out.contains("from 3 client process(es)"), "{out}");
