@@ -76,7 +76,7 @@ impl Workers {
         command
             .arg("gateway-worker")
             .arg("--link")
-            .arg(listener.path())
+            .arg(listener.path().expect("a Unix link listener"))
             .args(["--tcp", &config.tcp_addr.to_string(), "--ws", &config.ws_addr.to_string()])
             .args(["--heartbeat-s", &config.heartbeat_s.to_string()])
             .args(["--idle-timeout-s", &config.idle_timeout_s.to_string()])
@@ -197,7 +197,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         // Registered only to be ignored (see the module doc).
         let _int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let (engine, mut link) =
-            hongbao_link::gateway_side::connect(&args.link, &key).await.context("cannot link to the serve process")?;
+            hongbao_link::gateway_side::connect(&hongbao_link::LinkTarget::Unix(args.link.clone()), &key).await.context("cannot link to the serve process")?;
         let config = GatewayConfig {
             tcp_addr: args.tcp,
             ws_addr: args.ws,

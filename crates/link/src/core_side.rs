@@ -1,5 +1,7 @@
-//! The core's side of the links: one Unix socket, one task per gateway
-//! process linked to it.
+//! The core's side of the links: one listening socket (a Unix socket for
+//! the gateway processes `serve --gateways N` starts, a TCP address for the
+//! gateways of a cluster, `hongbao set`), one task per gateway process
+//! linked to it.
 //!
 //! Each remote connection is registered with the engine like a local one,
 //! with a forwarding outbox (`Outbox::forwarding`) whose frames go to this
@@ -7,9 +9,15 @@
 //! are handed to the engine exactly as the in-process gateway does
 //! (`answer_inline`, then `submit`), so shards, the push hub and storage
 //! neither know nor care which process holds a connection.
+//!
+//! A cluster gateway sends `Connect` only to its connection's home SET (the
+//! registration there is what pushes reach); requests it sends to another
+//! SET come from connections it `Attach`es there: known by id and user so
+//! the reply finds its way back, never registered for pushes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,9 +26,8 @@ use hongbao_boundary::listen::{AcceptBackoff, LogLimiter};
 use hongbao_boundary::sync::lock;
 use hongbao_boundary::{constant_time_eq, FrameSink, LinkedEngine, Outbox, Responder};
 use hongbao_proto::{ErrorCode, Request, ServerFrame, ShakeResult};
-use tokio::io::BufReader;
-use tokio::net::unix::OwnedReadHalf;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -30,10 +37,36 @@ use crate::LinkError;
 
 /// A bound link socket, not yet accepting.
 pub struct LinkListener<E> {
-    listener: UnixListener,
-    path: PathBuf,
+    listener: Listener,
     key: Arc<str>,
     engine: E,
+}
+
+enum Listener {
+    /// Removed again when the listener stops.
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+/// One accepted link's two halves, whatever the transport.
+type Halves = (Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>);
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Halves> {
+        match self {
+            Listener::Unix(listener, _) => {
+                let (read, write) = listener.accept().await?.0.into_split();
+                Ok((Box::new(read), Box::new(write)))
+            }
+            Listener::Tcp(listener) => {
+                let (stream, _) = listener.accept().await?;
+                // The writer batches on its own; Nagle would only add delay.
+                stream.set_nodelay(true)?;
+                let (read, write) = stream.into_split();
+                Ok((Box::new(read), Box::new(write)))
+            }
+        }
+    }
 }
 
 impl<E: LinkedEngine> LinkListener<E> {
@@ -49,11 +82,30 @@ impl<E: LinkedEngine> LinkListener<E> {
         }
         let listener = UnixListener::bind(path).map_err(socket_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
-        Ok(LinkListener { listener, path: path.to_owned(), key: key.into(), engine })
+        Ok(LinkListener { listener: Listener::Unix(listener, path.to_owned()), key: key.into(), engine })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Binds a TCP link listener (a SET of a cluster). Anyone who can reach
+    /// the address may connect; only a peer that sends `key` first is served.
+    pub async fn bind_tcp(addr: SocketAddr, key: String, engine: E) -> Result<LinkListener<E>, LinkError> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| LinkError::Bind { addr, source })?;
+        Ok(LinkListener { listener: Listener::Tcp(listener), key: key.into(), engine })
+    }
+
+    /// The Unix socket's path, for a Unix listener.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.listener {
+            Listener::Unix(_, path) => Some(path),
+            Listener::Tcp(_) => None,
+        }
+    }
+
+    /// The bound TCP address (port 0 resolved), for a TCP listener.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match &self.listener {
+            Listener::Tcp(listener) => listener.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
     }
 
     /// Accepts gateway links until `shutdown` turns `true`; then tells every
@@ -147,10 +199,11 @@ async fn accept_loop<E: LinkedEngine>(
             Some(_) = links.join_next(), if !links.is_empty() => continue,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((read, write)) => {
                 backoff.succeeded();
                 let link = run_link(
-                    stream,
+                    read,
+                    write,
                     listener.key.clone(),
                     listener.engine.clone(),
                     shutdown.clone(),
@@ -168,7 +221,9 @@ async fn accept_loop<E: LinkedEngine>(
             }
         }
     }
-    let _ = std::fs::remove_file(&listener.path);
+    if let Listener::Unix(_, path) = &listener.listener {
+        let _ = std::fs::remove_file(path);
+    }
     while links.join_next().await.is_some() {}
 }
 
@@ -279,14 +334,14 @@ async fn send_gates<E: LinkedEngine>(engine: E, sink: Arc<DownSink>) {
 const GATE_RETRY_MS: u64 = 10;
 
 async fn run_link<E: LinkedEngine>(
-    stream: UnixStream,
+    read: Box<dyn AsyncRead + Send + Unpin>,
+    write: Box<dyn AsyncWrite + Send + Unpin>,
     key: Arc<str>,
     engine: E,
     mut shutdown: watch::Receiver<bool>,
     listening: mpsc::Sender<u32>,
     census: LinkCensus,
 ) {
-    let (read, write) = stream.into_split();
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
     let mut body = Vec::new();
     let Some(pid) = hello(&mut reader, &mut body, &key).await else { return };
@@ -337,7 +392,7 @@ async fn run_link<E: LinkedEngine>(
 
 /// The gateway's first message must carry the link key: its pid, if it did
 /// in time; `None` (logged) ends the link.
-async fn hello(reader: &mut BufReader<OwnedReadHalf>, body: &mut Vec<u8>, key: &str) -> Option<u32> {
+async fn hello<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, body: &mut Vec<u8>, key: &str) -> Option<u32> {
     let hello = tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), wire::read::<Up, _>(reader, body));
     match hello.await {
         // Compared in constant time: a local process may guess the key.
@@ -373,6 +428,7 @@ impl<E: LinkedEngine> LinkedGateway<E> {
         match msg {
             Up::Request { conn, id, req } => self.request(conn, id, req),
             Up::Connect { conn, user } => return self.connect(conn, user),
+            Up::Attach { conn, user } => return self.attach(conn, user),
             Up::Disconnect { conn } => self.conns.remove(conn),
             Up::InlineShakes { none, not_running } => {
                 self.engine.count_remote_shakes(&ShakeResult::None, none);
@@ -404,15 +460,7 @@ impl<E: LinkedEngine> LinkedGateway<E> {
     /// A new remote connection: registered with the engine behind a
     /// forwarding outbox, in the background.
     fn connect(&self, conn: u64, user: u64) -> Result<(), LinkError> {
-        let sink: Arc<dyn FrameSink> = self.sink.clone();
-        let outbox = Outbox::forwarding(conn, sink);
-        let replaced = self.conns.lock().insert(conn, RemoteConn { user, outbox: outbox.clone(), registration: None });
-        if let Some(old) = replaced {
-            // Dropped outside the lock (unregistering takes a hub lock).
-            old.outbox.close_forwarding();
-            drop(old);
-            return Err(LinkError::Protocol(format!("connection id {conn} used twice")));
-        }
+        let outbox = self.insert(conn, user)?;
         let (engine, conns) = (self.engine.clone(), self.conns.clone());
         tokio::spawn(async move {
             match engine.register(user, outbox.clone()).await {
@@ -425,6 +473,26 @@ impl<E: LinkedEngine> LinkedGateway<E> {
         });
         Ok(())
     }
+
+    /// A remote connection whose requests come here but whose pushes come
+    /// from its home SET: known, never registered with the push hub.
+    fn attach(&self, conn: u64, user: u64) -> Result<(), LinkError> {
+        self.insert(conn, user).map(drop)
+    }
+
+    /// Adds a connection with its forwarding outbox; an id in use ends the link.
+    fn insert(&self, conn: u64, user: u64) -> Result<Outbox, LinkError> {
+        let sink: Arc<dyn FrameSink> = self.sink.clone();
+        let outbox = Outbox::forwarding(conn, sink);
+        let replaced = self.conns.lock().insert(conn, RemoteConn { user, outbox: outbox.clone(), registration: None });
+        if let Some(old) = replaced {
+            // Dropped outside the lock (unregistering takes a hub lock).
+            old.outbox.close_forwarding();
+            drop(old);
+            return Err(LinkError::Protocol(format!("connection id {conn} used twice")));
+        }
+        Ok(outbox)
+    }
 }
 
 #[cfg(test)]
@@ -433,6 +501,7 @@ mod tests {
     use hongbao_proto::{Push, PushBody, Reply, Request};
     use hongbao_shard::{Engine, EngineConfig, PushTarget};
     use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
 
     struct Peer {
         reader: BufReader<tokio::net::unix::OwnedReadHalf>,

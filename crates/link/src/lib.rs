@@ -27,7 +27,7 @@ pub mod gateway_side;
 mod wire;
 
 pub use core_side::{LinkCensus, LinkListener, LinkServer};
-pub use gateway_side::{LinkClient, RemoteEngine};
+pub use gateway_side::{connect_resilient, LinkClient, LinkSupervisor, LinkTarget, RemoteConnection, RemoteEngine};
 
 /// Bounds of the link.
 pub mod limits {
@@ -50,6 +50,10 @@ pub mod limits {
 pub enum LinkError {
     #[error("link socket {path}: {source}")]
     Socket { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot bind the link listener on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot reach the link at {target}: {source}")]
+    Connect { target: String, source: std::io::Error },
     #[error("link i/o: {0}")]
     Io(std::io::Error),
     #[error("link message of {0} bytes is over the limit")]

@@ -28,6 +28,9 @@ pub enum Up {
     Listening,
     /// Connection `conn` of this gateway said `hello` as `user`.
     Connect { conn: u64, user: u64 },
+    /// Connection `conn` of this gateway, of `user`, sends requests here but
+    /// is registered for pushes elsewhere (its home SET): no registration.
+    Attach { conn: u64, user: u64 },
     /// A request of connection `conn`; the reply carries `id`.
     Request { conn: u64, id: u64, req: Request },
     /// Connection `conn` is gone.
