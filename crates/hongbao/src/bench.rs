@@ -295,6 +295,7 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
     let recorders = serve::install_metrics().context("cannot install the metrics recorder")?;
     let server = runtime.block_on(serve::start(settings, recorders)).context("cannot start the local server")?;
     let ready = server.ready().clone();
+    let tcp = ready.tcp.context("the local server has no client listener")?;
     println!(
         "local server (dev mode, in this process{}): tcp {} admin {} store {}, heartbeat {} s, idle timeout {} s \
          (log: {})",
@@ -302,7 +303,7 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
             0 => String::new(),
             n => format!(", and {n} gateway processes"),
         },
-        ready.tcp,
+        tcp,
         ready.admin,
         ready.store,
         heartbeat_s,
@@ -312,7 +313,7 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
     // The server runs in this process; the bench's own threads only read
     // pipes and poll once a second, so the process's CPU time is the server's.
     let pids = std::iter::once(std::process::id()).chain(ready.gateway_pids.iter().copied()).collect();
-    let target = ServerTarget { tcp: ready.tcp, admin: ready.admin, admin_key: None, pids };
+    let target = ServerTarget { tcp, admin: ready.admin, admin_key: None, pids };
     let mut server = Some(server);
     let mut finish = || {
         let mut checks = Vec::new();

@@ -227,6 +227,19 @@ pub struct Settings {
     pub packet_rules: PacketRules,
     /// The live alert detector's parameters (`hongbao_watch::AlertConfig`).
     pub alerts: AlertConfig,
+    /// Set by `hongbao set`: this process is one SET of a cluster, with no
+    /// client listeners; gateways link to it over TCP.
+    pub set_role: Option<SetRole>,
+}
+
+/// What makes a server one SET of a cluster (`hongbao set`).
+#[derive(Clone, Debug)]
+pub struct SetRole {
+    pub map: hongbao_core::sets::SetMap,
+    /// Where gateways' links are accepted.
+    pub link_bind: SocketAddr,
+    /// The key every gateway of the cluster presents.
+    pub link_key: String,
 }
 
 impl Config {
@@ -321,6 +334,7 @@ impl Settings {
                     .unwrap_or(alerts.min_rate_per_s),
                 ..alerts
             },
+            set_role: None,
         };
         s.validate()?;
         Ok(s)

@@ -10,6 +10,7 @@
 mod audit;
 #[cfg(feature = "tools")]
 mod bench;
+mod cluster;
 mod config;
 mod gateways;
 mod keys;
@@ -119,6 +120,15 @@ enum Command {
     #[cfg(feature = "tools")]
     #[command(hide = true)]
     SimWorker(bench::WorkerArgs),
+    /// One SET of a cluster (cluster.toml): an engine with its own store and
+    /// admin API, taking gateway links over TCP; no client listeners.
+    Set(cluster::SetArgs),
+    /// A cluster gateway: client connections (TCP and WebSocket), each
+    /// request routed to the SET that owns it; no store.
+    Gateway(cluster::GatewayArgs),
+    /// Make the secrets a cluster's processes share (link key, token
+    /// secret, admin key) in the directory cluster.toml names, if missing.
+    Keys(cluster::ClusterArg),
     /// One extra gateway process (started by `serve --gateways N`; linked
     /// to it over a Unix socket).
     #[command(hide = true)]
@@ -168,6 +178,9 @@ fn main() -> ExitCode {
         Command::Perf(figure) => report(hongbao_perf::run(figure)),
         Command::Serve(args) => report(serve(*args)),
         Command::GatewayWorker(args) => report(gateways::worker(args)),
+        Command::Set(args) => report(cluster::run_set(args)),
+        Command::Gateway(args) => report(cluster::run_gateway(args)),
+        Command::Keys(arg) => report(cluster::make_keys(arg)),
         Command::Audit { data, store, json } => {
             let audited =
                 hongbao_store::StoreLocation::resolve(store.as_deref(), &data).and_then(|at| audit::run(&at, json));

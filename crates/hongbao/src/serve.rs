@@ -79,8 +79,16 @@ pub enum ServeError {
 /// What a started server announces; printed as the `HONGBAO_READY` line.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Ready {
-    pub tcp: SocketAddr,
-    pub ws: SocketAddr,
+    /// The client listeners; none on a SET of a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws: Option<SocketAddr>,
+    /// A SET of a cluster: its number and where it takes gateway links.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub data: PathBuf,
     /// The store of record: the data directory (SQLite), or the PostgreSQL
@@ -95,7 +103,10 @@ pub struct Ready {
 pub struct Server {
     ready: Ready,
     engine: Engine,
-    gateway: Gateway,
+    /// This process's gateway; none on a SET, whose gateways link in.
+    gateway: Option<Gateway>,
+    /// A SET's TCP link listener.
+    links: Option<hongbao_link::LinkServer>,
     /// The other gateway processes, if any.
     workers: Option<Workers>,
     admin: JoinHandle<()>,
@@ -198,6 +209,7 @@ pub async fn start(settings: Settings, recorders: Recorders) -> Result<Server, S
     let engine_config = EngineConfig {
         shards: settings.shards,
         packet_rules: settings.packet_rules.clone(),
+        set: settings.set_role.as_ref().map_or_else(hongbao_core::sets::SetMap::single, |role| role.map),
         ..EngineConfig::default()
     };
     let store = match &settings.store {
@@ -233,6 +245,24 @@ pub async fn start(settings: Settings, recorders: Recorders) -> Result<Server, S
         }
     }
     Ok(server)
+}
+
+/// The gateway's settings from the server's.
+pub fn gateway_config(settings: &Settings, signer: TokenSigner) -> GatewayConfig {
+    GatewayConfig {
+        tcp_addr: settings.tcp,
+        ws_addr: settings.ws,
+        dev: settings.dev,
+        signer,
+        heartbeat_s: settings.heartbeat_s,
+        idle_timeout_s: settings.idle_timeout_s,
+        hello_timeout_s: settings.hello_timeout_s,
+        max_connections: settings.max_connections,
+        max_pending_hello: settings.max_pending_hello,
+        max_pending_hello_per_ip: settings.max_pending_hello_per_ip,
+        reuse_port: settings.gateways > 1,
+        park_after_s: settings.park_after_s,
+    }
 }
 
 /// Everything after the engine but the other gateway processes: keys, this
@@ -276,22 +306,23 @@ async fn start_front(
     let signer = TokenSigner::new(secret.clone().into_bytes());
     let (shutdown, stop_rx) = watch::channel(false);
 
-    let gateway_config = GatewayConfig {
-        tcp_addr: settings.tcp,
-        ws_addr: settings.ws,
-        dev: settings.dev,
-        signer: signer.clone(),
-        heartbeat_s: settings.heartbeat_s,
-        idle_timeout_s: settings.idle_timeout_s,
-        hello_timeout_s: settings.hello_timeout_s,
-        max_connections: settings.max_connections,
-        max_pending_hello: settings.max_pending_hello,
-        max_pending_hello_per_ip: settings.max_pending_hello_per_ip,
-        reuse_port: settings.gateways > 1,
-        park_after_s: settings.park_after_s,
+    let gateway_config = gateway_config(settings, signer.clone());
+    // A SET takes its gateways' links instead of clients.
+    let (gateway, links) = match &settings.set_role {
+        None => (Some(hongbao_gateway::start(gateway_config.clone(), engine.clone(), stop_rx.clone()).await?), None),
+        Some(role) => {
+            let listener =
+                hongbao_link::LinkListener::bind_tcp(role.link_bind, role.link_key.clone(), engine.clone()).await?;
+            let link_addr = listener.tcp_addr();
+            let links = listener.start(stop_rx.clone());
+            let _ = census.set((links.census(), Vec::new()));
+            (None, Some((links, link_addr)))
+        }
     };
-    let gateway = hongbao_gateway::start(gateway_config.clone(), engine.clone(), stop_rx.clone()).await?;
-    let gateway_config = GatewayConfig { tcp_addr: gateway.tcp_addr(), ws_addr: gateway.ws_addr(), ..gateway_config };
+    let gateway_config = match &gateway {
+        Some(g) => GatewayConfig { tcp_addr: g.tcp_addr(), ws_addr: g.ws_addr(), ..gateway_config },
+        None => gateway_config,
+    };
 
     let limits = AdminLimits { connections_max: settings.admin_connections_max, ..AdminLimits::default() };
     let admin_config = AdminConfig {
@@ -300,7 +331,7 @@ async fn start_front(
         dev: settings.dev,
         limits,
         // The bound address (port 0 resolved), for the user page.
-        ws_addr: Some(gateway.ws_addr()),
+        ws_addr: gateway.as_ref().map(Gateway::ws_addr),
     };
     let live = Live::new();
     let (admin_addr, admin) = match hongbao_admin::start(
@@ -316,8 +347,13 @@ async fn start_front(
         Ok(started) => started,
         Err(e) => {
             let _ = shutdown.send(true);
-            if tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await.is_err() {
-                tracing::warn!("gateway did not stop in time");
+            if let Some(gateway) = gateway {
+                if tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await.is_err() {
+                    tracing::warn!("gateway did not stop in time");
+                }
+            }
+            if let Some((links, _)) = links {
+                let _ = tokio::time::timeout(STOP_TIMEOUT, links.wait()).await;
             }
             return Err(e.into());
         }
@@ -335,8 +371,10 @@ async fn start_front(
     );
 
     let ready = Ready {
-        tcp: gateway.tcp_addr(),
-        ws: gateway.ws_addr(),
+        tcp: gateway.as_ref().map(Gateway::tcp_addr),
+        ws: gateway.as_ref().map(Gateway::ws_addr),
+        set: settings.set_role.as_ref().map(|role| role.map.set()),
+        link: links.as_ref().and_then(|(_, addr)| *addr),
         admin: admin_addr,
         data: data.to_owned(),
         store: match &settings.store {
@@ -346,8 +384,18 @@ async fn start_front(
         dev: settings.dev,
         gateway_pids: Vec::new(),
     };
-    let server =
-        Server { ready, engine, gateway, workers: None, admin, sampler, shutdown, _metrics_upkeep: metrics_upkeep };
+    let links = links.map(|(links, _)| links);
+    let server = Server {
+        ready,
+        engine,
+        gateway,
+        links,
+        workers: None,
+        admin,
+        sampler,
+        shutdown,
+        _metrics_upkeep: metrics_upkeep,
+    };
     Ok((server, gateway_config, secret))
 }
 
@@ -360,14 +408,22 @@ impl Server {
     /// (bounded by `STOP_TIMEOUT` each). Phase 2: shut the engine down, which
     /// commits whatever is queued. Phase 2 runs even if phase 1 failed.
     pub async fn shutdown(self) -> Result<(), ServeError> {
-        let Server { engine, gateway, workers, mut admin, sampler, shutdown, .. } = self;
+        let Server { engine, gateway, links, workers, mut admin, sampler, shutdown, .. } = self;
         let _ = shutdown.send(true);
         let mut first_error = None;
         // The other gateways close their connections meanwhile.
-        match tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await {
-            Ok(Ok(())) => tracing::info!("gateway stopped"),
-            Ok(Err(e)) => first_error = first_error.or(Some(ServeError::Gateway(e))),
-            Err(_) => tracing::warn!(timeout_s = STOP_TIMEOUT.as_secs(), "gateway did not stop in time; going on"),
+        if let Some(gateway) = gateway {
+            match tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await {
+                Ok(Ok(())) => tracing::info!("gateway stopped"),
+                Ok(Err(e)) => first_error = first_error.or(Some(ServeError::Gateway(e))),
+                Err(_) => tracing::warn!(timeout_s = STOP_TIMEOUT.as_secs(), "gateway did not stop in time; going on"),
+            }
+        }
+        // A SET's gateways were told `Shutdown`; their links end as they go.
+        if let Some(links) = links {
+            if tokio::time::timeout(STOP_TIMEOUT, links.wait()).await.is_err() {
+                tracing::warn!("gateway links did not end in time; going on");
+            }
         }
         if let Some(workers) = workers {
             // Bounded inside: a child that does not stop is killed.
@@ -416,18 +472,18 @@ pub async fn run(settings: Settings) -> Result<(), ServeError> {
 }
 
 /// Prints the one machine-readable line on stdout and a human one in the log.
-fn announce(ready: &Ready) {
+pub fn announce(ready: &Ready) {
     let json = serde_json::to_string(ready).expect("Ready always serialises");
     let mut out = std::io::stdout().lock();
     if let Err(e) = writeln!(out, "HONGBAO_READY {json}").and_then(|_| out.flush()) {
         // Nobody may be reading stdout (a closed pipe); the log line remains.
         tracing::warn!(error = %e, "cannot write the ready line to stdout");
     }
-    tracing::info!(tcp = %ready.tcp, ws = %ready.ws, admin = %ready.admin, data = %ready.data.display(), dev = ready.dev, gateways = ready.gateway_pids.len() + 1, "hongbao ready");
+    tracing::info!(tcp = ?ready.tcp, ws = ?ready.ws, set = ?ready.set, link = ?ready.link, admin = %ready.admin, data = %ready.data.display(), dev = ready.dev, gateways = ready.gateway_pids.len() + 1, "hongbao ready");
 }
 
 /// SIGINT or SIGTERM, whichever comes first.
-struct Signal {
+pub struct Signal {
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -435,7 +491,7 @@ struct Signal {
 }
 
 impl Signal {
-    fn new() -> std::io::Result<Signal> {
+    pub fn new() -> std::io::Result<Signal> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
@@ -445,7 +501,7 @@ impl Signal {
         Ok(Signal {})
     }
 
-    async fn recv(self) -> &'static str {
+    pub async fn recv(self) -> &'static str {
         #[cfg(unix)]
         {
             let Signal { mut int, mut term } = self;
@@ -492,7 +548,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let server = start(settings(tmp.path(), false), prometheus()).await.unwrap();
         let ready = server.ready().clone();
-        assert!(ready.tcp.port() != 0 && ready.ws.port() != 0 && ready.admin.port() != 0);
+        assert!(ready.tcp.unwrap().port() != 0 && ready.ws.unwrap().port() != 0 && ready.admin.port() != 0);
         let secret = std::fs::read_to_string(tmp.path().join(keys::SECRET_FILE)).unwrap();
         let admin_key = std::fs::read_to_string(tmp.path().join(keys::ADMIN_KEY_FILE)).unwrap();
         server.shutdown().await.unwrap();

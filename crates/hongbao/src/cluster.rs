@@ -1,0 +1,200 @@
+//! The cluster's processes: `hongbao set` (one SET: an engine with its own
+//! store and admin API, taking gateway links over TCP, no clients),
+//! `hongbao gateway` (client connections only, routed to the SETs by
+//! `hongbao_cluster::ClusterBackend`), and `hongbao keys` (the cluster's
+//! shared secrets, made once before the first start).
+//!
+//! Every process reads the same `cluster.toml` (`hongbao_cluster::config`).
+//! The secrets are made by `hongbao keys` and only read by the others: two
+//! processes starting at once must not each invent a different key.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use hongbao_boundary::TokenSigner;
+use hongbao_cluster::config::{ADMIN_KEY_FILE, LINK_KEY_FILE, TOKEN_SECRET_FILE};
+use hongbao_cluster::{ClusterBackend, ClusterFile};
+use hongbao_link::{LinkSupervisor, LinkTarget};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::{ServeArgs, SetRole, Settings};
+use crate::keys;
+use crate::serve::{self, Signal};
+
+/// How long a gateway waits at start for every SET's link before it opens
+/// its listeners anyway (a SET that is down is answered `unavailable`).
+const LINKS_AT_START: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, clap::Args)]
+pub struct ClusterArg {
+    /// The cluster file every process of the cluster reads.
+    #[arg(long, env = "HONGBAO_CLUSTER", value_name = "FILE")]
+    pub cluster: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SetArgs {
+    #[command(flatten)]
+    cluster: ClusterArg,
+    /// Which SET this process is (its place in the file, from 0).
+    #[arg(long, value_name = "N")]
+    set: u8,
+    /// Scratch directory (for a PostgreSQL store; a SQLite store's data
+    /// directory is the store). Default: `<cluster file dir>/data/set<N>`.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// A `serve` config file for the engine's tuning (packet rules, alerts).
+    #[arg(long, env = "HONGBAO_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    cluster: ClusterArg,
+    /// Raw TCP client listener (port 0: any free port).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7000")]
+    tcp: SocketAddr,
+    /// WebSocket client listener.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7001")]
+    ws: SocketAddr,
+    /// A `serve` config file for the connection settings (heartbeat,
+    /// timeouts, connection caps).
+    #[arg(long, env = "HONGBAO_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Connections held at once.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+}
+
+fn load(arg: &ClusterArg) -> anyhow::Result<ClusterFile> {
+    Ok(ClusterFile::load(&arg.cluster)?)
+}
+
+fn secret(file: &ClusterFile, name: &str) -> anyhow::Result<String> {
+    let path = file.secret_path(name);
+    keys::load(&path).with_context(|| format!("run `hongbao keys --cluster {}` once first", file.path.display()))
+}
+
+/// `hongbao keys`: makes the secrets the file's processes share, if missing.
+pub fn make_keys(arg: ClusterArg) -> anyhow::Result<()> {
+    let file = load(&arg)?;
+    std::fs::create_dir_all(&file.secrets).with_context(|| format!("cannot create {}", file.secrets.display()))?;
+    for name in [LINK_KEY_FILE, TOKEN_SECRET_FILE, ADMIN_KEY_FILE] {
+        let path = file.secret_path(name);
+        let (_, created) = keys::load_or_create(&path)?;
+        println!("{} {}", if created { "created" } else { "kept" }, path.display());
+    }
+    Ok(())
+}
+
+/// `hongbao set`: one SET, until SIGINT or SIGTERM.
+pub fn run_set(args: SetArgs) -> anyhow::Result<()> {
+    let file = load(&args.cluster)?;
+    let (entry, map) = file.set(args.set)?;
+    let postgres = entry.store.starts_with("postgres");
+    let data = match (&args.data, postgres) {
+        (Some(dir), _) => dir.clone(),
+        (None, false) => PathBuf::from(&entry.store),
+        (None, true) => file.path.parent().unwrap_or(std::path::Path::new(".")).join(format!("data/set{}", args.set)),
+    };
+    let serve_args = ServeArgs {
+        data: Some(data),
+        store: postgres.then(|| entry.store.clone()),
+        dev: Some(file.dev),
+        admin: Some(entry.admin),
+        shards: Some(entry.shards),
+        config: args.config,
+        secret: Some(secret(&file, TOKEN_SECRET_FILE)?),
+        admin_key: if file.dev { None } else { Some(secret(&file, ADMIN_KEY_FILE)?) },
+        gateways: Some(1),
+        ..ServeArgs::default()
+    };
+    let mut settings = Settings::resolve(serve_args)?;
+    settings.set_role = Some(SetRole { map, link_bind: entry.link_bind, link_key: secret(&file, LINK_KEY_FILE)? });
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(serve::run(settings)).context("the SET failed")
+}
+
+/// What a started gateway announces (`HONGBAO_READY {json}` on stdout).
+#[derive(Debug, Serialize)]
+struct GatewayReady {
+    role: &'static str,
+    tcp: SocketAddr,
+    ws: SocketAddr,
+    pid: u32,
+    /// SETs linked when the listeners opened (the others are dialled on).
+    sets_linked: usize,
+    sets: usize,
+}
+
+/// `hongbao gateway`: client connections routed to the SETs, until SIGINT
+/// or SIGTERM. A SET that is down is dialled again and again; a gateway
+/// never stops because of one.
+pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let file = load(&args.cluster)?;
+    let serve_args = ServeArgs {
+        tcp: Some(args.tcp),
+        ws: Some(args.ws),
+        dev: Some(file.dev),
+        config: args.config,
+        max_connections: args.max_connections,
+        secret: Some(secret(&file, TOKEN_SECRET_FILE)?),
+        ..ServeArgs::default()
+    };
+    let settings = Settings::resolve(serve_args)?;
+    let link_key = secret(&file, LINK_KEY_FILE)?;
+    let secret = secret(&file, TOKEN_SECRET_FILE)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        let signal = Signal::new().context("cannot listen for signals")?;
+        let mut engines = Vec::with_capacity(file.sets.len());
+        let mut links: Vec<LinkSupervisor> = Vec::with_capacity(file.sets.len());
+        for entry in &file.sets {
+            let name = format!("SET {} at {}", entry.set, entry.link);
+            let (engine, link) =
+                hongbao_link::connect_resilient(LinkTarget::Tcp(entry.link.clone()), link_key.clone(), name);
+            engines.push(engine);
+            links.push(link);
+        }
+        let deadline = tokio::time::Instant::now() + LINKS_AT_START;
+        let mut sets_linked = 0;
+        for link in &mut links {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            sets_linked += usize::from(link.wait_up(left).await);
+        }
+        if sets_linked < links.len() {
+            tracing::warn!(sets_linked, sets = links.len(), "opening the listeners with SETs unlinked");
+        }
+        let config = serve::gateway_config(&settings, TokenSigner::new(secret.into_bytes()));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let gateway = hongbao_gateway::start(config, ClusterBackend::new(engines), stop_rx).await?;
+        let ready = GatewayReady {
+            role: "gateway",
+            tcp: gateway.tcp_addr(),
+            ws: gateway.ws_addr(),
+            pid: std::process::id(),
+            sets_linked,
+            sets: links.len(),
+        };
+        println!("HONGBAO_READY {}", serde_json::to_string(&ready)?);
+        tracing::info!(tcp = %ready.tcp, ws = %ready.ws, sets_linked, "gateway ready");
+        let name = signal.recv().await;
+        tracing::info!(signal = name, "gateway shutting down");
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await.is_err() {
+            tracing::warn!("connections did not close in time");
+        }
+        for link in links {
+            link.close().await;
+        }
+        tracing::info!("bye");
+        anyhow::Ok(())
+    })
+}
