@@ -144,6 +144,7 @@ on_both_stores!(
     a_set_refuses_users_homed_on_another_set,
     a_set_refuses_packets_of_another_set_and_sends_across_sets,
     data_of_one_set_reopened_as_another_refuses_to_start,
+    a_set_spreads_its_users_over_every_shard_when_sets_and_shards_share_a_factor,
 );
 
 async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares(stores: Stores) {
@@ -924,6 +925,68 @@ async fn data_of_one_set_reopened_as_another_refuses_to_start(stores: Stores) {
     // As the SET that wrote it, it starts, with its packet.
     let engine = Engine::open_at(set_one_of_two(3600), &store).await.unwrap();
     assert!(matches!(engine.call(3, Request::Open { packet }).await, Reply::Opened { amount_fen: 10, .. }));
+    engine.shutdown().await;
+    assert_audit(&store);
+}
+
+/// SET 1 of 2 has only odd users; with 4 shards, `user % 4` would send
+/// them all to shards 1 and 3, and the campaign's packets released on
+/// shards 0 and 2 would never be won. Every shard gets users, every packet
+/// is won, the campaign finishes by itself, and a remote gateway's copy of
+/// the gates picks the same shard as the engine.
+async fn a_set_spreads_its_users_over_every_shard_when_sets_and_shards_share_a_factor(stores: Stores) {
+    let store = stores.fresh();
+    let config = EngineConfig { shards: 4, ..set_one_of_two(3600) };
+    let engine = Engine::open_at(config.clone(), &store).await.unwrap();
+    // Senders 1, 3, 5, 7 (k = 0..3): one on each shard.
+    let mut shards = std::collections::BTreeSet::new();
+    for sender in [1u64, 3, 5, 7] {
+        engine.deposit(sender, 10, &format!("d{sender}")).await.unwrap();
+        shards.insert(shard_of(sent_packet(&engine, sender, send(1, 1, Target::User(9), "p")).await));
+    }
+    assert_eq!(shards.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+
+    engine.deposit(101, 1_000, "d").await.unwrap();
+    let spec = CampaignSpec {
+        funder: 101,
+        total_fen: 40,
+        rule: AmountRule::Count { packets: 8 },
+        rate_per_s: 1_000,
+        win_cap_per_user: None,
+    };
+    let c = engine.create_campaign(spec, "c").await.unwrap();
+    engine.start_campaign(c.id).await.unwrap();
+    advance(&engine, &config, 100).await;
+    let plain = Request::Shake { campaign: 0, key: None };
+    let homed: Vec<u64> = (0..16).map(|k| 2 * k + 1).collect();
+    for &user in &homed {
+        let remote = engine.gate_view().answer(user, &plain).map(Reply::Shake);
+        assert_eq!(remote, engine.answer_inline(user, &plain), "user {user}");
+    }
+    let mut wins = 0;
+    for _ in 0..200 {
+        for &user in &homed {
+            if let Reply::Shake(ShakeResult::Won { .. }) = engine.call(user, plain.clone()).await {
+                wins += 1;
+            }
+        }
+        if wins == 8 {
+            break;
+        }
+        advance(&engine, &config, 5).await;
+    }
+    assert_eq!(wins, 8, "every shard's packets were won");
+    advance(&engine, &config, 10).await;
+    config.clock.advance(Duration::from_millis(100));
+    let mut status = CampaignStatus::Running;
+    for _ in 0..500 {
+        status = engine.campaign(c.id).await.unwrap().status;
+        if status == CampaignStatus::Finished {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, CampaignStatus::Finished);
     engine.shutdown().await;
     assert_audit(&store);
 }

@@ -211,9 +211,16 @@ impl Engine {
         self.parts.shards.len() as u16
     }
 
-    /// The shard that holds a user's campaign wins (and win caps).
+    /// The shard that takes a user's shakes and sends and holds their
+    /// campaign wins (and win caps). The users homed on this SET are
+    /// `k · sets + set`, so it is `k` that is spread over the shards:
+    /// `user % shards` would leave shards without a user whenever `sets`
+    /// and `shards` share a factor (SET 1 of 2 has only odd users; with 4
+    /// shards, shards 0 and 2 would get none, and their part of a campaign
+    /// would never be won). On a single node `k` is the user id.
     fn user_shard(&self, user: UserId) -> usize {
-        (user % self.parts.shards.len() as u64) as usize
+        let k = user / u64::from(self.parts.set.sets());
+        (k % self.parts.shards.len() as u64) as usize
     }
 
     /// Runs a read of committed state off the async threads, through the
@@ -237,9 +244,14 @@ impl Engine {
         self.parts.writer.failure()
     }
 
-    /// Every shard's gate, for a gateway in another process.
+    /// Every shard's gate, for a gateway in another process. Its answer
+    /// reads the gate at `user % gates.len()`; to make that `user_shard`'s,
+    /// each shard's gate is repeated `sets` times in a row: for
+    /// `i = user % (sets · shards)`, `(user / sets) % shards = i / sets`.
+    /// On a single node that is one gate per shard, as before SETs.
     pub fn gate_view(&self) -> GateView {
-        GateView { gates: self.parts.shards.iter().map(|s| s.gate.state()).collect() }
+        let sets = usize::from(self.parts.set.sets());
+        GateView { gates: self.parts.shards.iter().flat_map(|s| std::iter::repeat_n(s.gate.state(), sets)).collect() }
     }
 
     /// Changes whenever `gate_view` would answer differently.
