@@ -124,9 +124,19 @@ impl Engine {
         // not even be used on a runtime thread): both run off the runtime.
         let (shards, set) = (config.shards, config.set);
         let (writer, reader, recovered) = tokio::task::spawn_blocking(move || {
-            let Store { writer, reader, writer_thread: _ } = open_store().map_err(store_error)?;
-            let recovered = recover(&reader, shards, set)?;
-            Ok::<_, EngineError>((writer, reader, recovered))
+            let Store { writer, reader, writer_thread } = open_store().map_err(store_error)?;
+            match recover(&reader, shards, set) {
+                Ok(recovered) => Ok((writer, reader, recovered)),
+                Err(refused) => {
+                    // Let go of the store (its lock) before answering: the
+                    // next start, with the configuration fixed, must not
+                    // find it held by this one. The writer stops once its
+                    // last handle is gone.
+                    drop((writer, reader));
+                    let _ = writer_thread.join();
+                    Err(refused)
+                }
+            }
         })
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))??;
