@@ -83,8 +83,8 @@ pub(crate) struct GroupPath {
 #[into_params(parameter_in = Path)]
 #[allow(dead_code)]
 pub(crate) struct PacketPath {
-    /// A packet id (`shard << 40 | day << 26 | n`), below 2^48.
-    #[param(minimum = 0, maximum = 281474976710655_u64)]
+    /// A packet id (`set << 48 | shard << 40 | day << 26 | n`), below 2^53.
+    #[param(minimum = 0, maximum = 9007199254740991_u64)]
     id: u64,
 }
 
@@ -458,7 +458,7 @@ pub(crate) struct SentPacket {
     pub count: u32,
     /// When an unopened remainder goes back to the sender (wall-clock ms).
     pub expires_ms: u64,
-    /// `shard << 40 | day << 26 | n`, below 2^48.
+    /// `set << 48 | shard << 40 | day << 26 | n`, below 2^53.
     pub packet: u64,
     /// True when this was a retry and the first result is returned.
     pub repeat: bool,

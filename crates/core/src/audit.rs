@@ -396,7 +396,7 @@ mod tests {
 
     fn consistent() -> Auditor {
         let mut a = Auditor::default();
-        let p = crate::ids::make_packet_id(0, 1);
+        let p = crate::ids::make_packet_id(0, 0, 1);
         a.entry(entry(1, Account::WORLD, Account::user(1), 100, EntryKind::Deposit, 0, None));
         a.entry(entry(2, Account::user(1), Account::PACKET_ESCROW, 10, EntryKind::PacketFund, p, None));
         a.entry(entry(3, Account::PACKET_ESCROW, Account::user(2), 4, EntryKind::PacketOpen, p, Some(2)));

@@ -1,5 +1,5 @@
 //! Pure domain model of hongbao: money, ledger rules, split rules, packets,
-//! campaigns, packet ids and the limits that bound everything.
+//! campaigns, packet ids, SETs and the limits that bound everything.
 //!
 //! Architecture invariant: this crate does no I/O. It knows nothing about
 //! sockets, SQL, JSON, threads or clocks; time arrives as plain milliseconds and
@@ -20,6 +20,7 @@ pub mod ids;
 pub mod ledger;
 pub mod limits;
 pub mod packet;
+pub mod sets;
 pub mod split;
 
 #[cfg(feature = "openapi")]
@@ -28,7 +29,8 @@ pub mod openapi;
 /// A user id as issued by the app server. Kept below 2^53 so that it survives
 /// a round trip through JSON numbers in browsers.
 pub type UserId = u64;
-/// A packet id: the owning shard in the high bits, a per-shard sequence below.
+/// A packet id: the SET that made it and its owning shard in the high bits,
+/// a per-shard sequence below (`ids`).
 pub type PacketId = u64;
 pub type GroupId = u64;
 pub type CampaignId = u64;

@@ -352,7 +352,7 @@ mod tests {
         Packet::new(make(), spec, 0, 1000)
     }
     fn make() -> PacketId {
-        crate::ids::make_packet_id(0, 1)
+        crate::ids::make_packet_id(0, 0, 1)
     }
 
     #[test]

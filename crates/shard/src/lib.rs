@@ -1,7 +1,8 @@
 //! The engine: shards that own packets, shake campaigns, the push hub and
 //! group membership, wired to the group-commit writer of `hongbao-store`.
 //!
-//! Owns: one owner per packet (the shard named in its id), every operation on a
+//! Owns: one owner per packet (the shard named in its id; the engine is one
+//! SET of a cluster and owns only its SET's packets and users), every operation on a
 //! packet serialised in that shard's event loop, expiry timers and refunds,
 //! each shard's share of running campaigns, per-user win caps, packet-id
 //! blocks, and who is online (for push).
@@ -34,6 +35,7 @@ mod reads;
 mod shard;
 mod types;
 
+pub use checks::CROSS_SET_PACKETS_UNSUPPORTED;
 pub use clock::Clock;
 pub use engine::Engine;
 /// How the store groups operations into transactions (the benchmark baseline).

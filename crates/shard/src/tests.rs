@@ -10,8 +10,11 @@
 
 use std::time::Duration;
 
+use hongbao_boundary::EngineError;
 use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
+use hongbao_core::ids::{make_packet_id, set_of, shard_of};
 use hongbao_core::limits::PacketRules;
+use hongbao_core::sets::SetMap;
 use hongbao_core::split::SplitKind;
 use hongbao_proto::{ErrorCode, GrabState, Reply, Request, ShakeResult, Target};
 
@@ -36,6 +39,7 @@ fn config(expiry_s: u64) -> EngineConfig {
 fn config_with_seed(expiry_s: u64, seed: u64) -> EngineConfig {
     EngineConfig {
         shards: 3,
+        set: SetMap::single(),
         packet_rules: PacketRules { expiry_s, ..PacketRules::default() },
         clock: Clock::manual(EPOCH_MS),
         seed,
@@ -136,6 +140,11 @@ on_both_stores!(
     packet_spam_is_limited_and_never_evicts_system_messages,
     keyed_shakes_that_find_nothing_leave_the_writer_alone,
     group_zero_is_an_invalid_request_not_a_missing_group,
+    a_set_serves_its_own_users_as_a_single_node_does,
+    a_set_refuses_users_homed_on_another_set,
+    a_set_refuses_packets_of_another_set_and_sends_across_sets,
+    data_of_one_set_reopened_as_another_refuses_to_start,
+    a_set_spreads_its_users_over_every_shard_when_sets_and_shards_share_a_factor,
 );
 
 async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares(stores: Stores) {
@@ -746,10 +755,245 @@ async fn keyed_shakes_that_find_nothing_leave_the_writer_alone(stores: Stores) {
     engine.shutdown().await;
 }
 
+/// SET 1 of a cluster of 2: users homed here are the odd ones.
+fn set_one_of_two(expiry_s: u64) -> EngineConfig {
+    EngineConfig { set: SetMap::new(1, 2).unwrap(), ..config(expiry_s) }
+}
+
+/// An `InvalidRequest` reply's message (panics on any other reply).
+fn invalid_request(reply: Reply) -> String {
+    match reply {
+        Reply::Error { code: ErrorCode::InvalidRequest, message } => message,
+        other => panic!("expected invalid_request, got {other:?}"),
+    }
+}
+
+/// An `EngineError::Invalid`'s message (panics on anything else).
+fn invalid<T>(result: Result<T, EngineError>) -> String {
+    match result {
+        Err(EngineError::Invalid(message)) => message,
+        Err(other) => panic!("expected EngineError::Invalid, got {other:?}"),
+        Ok(_) => panic!("expected EngineError::Invalid, got a success"),
+    }
+}
+
+async fn a_set_serves_its_own_users_as_a_single_node_does(stores: Stores) {
+    let store = stores.fresh();
+    let engine = Engine::open_at(set_one_of_two(3600), &store).await.unwrap();
+    assert_eq!(engine.set(), SetMap::new(1, 2).unwrap());
+    let stats = engine.stats().await;
+    assert_eq!((stats.set, stats.sets), (1, 2));
+    engine.deposit(1, 1_000, "d").await.unwrap();
+    assert_eq!(engine.call(1, Request::Balance).await, Reply::Balance { balance_fen: 1_000 });
+    let shake = Request::Shake { campaign: 0, key: None };
+    assert_eq!(engine.answer_inline(1, &shake), Some(Reply::Shake(ShakeResult::NotRunning)));
+    assert_eq!(engine.call(1, shake).await, Reply::Shake(ShakeResult::NotRunning));
+    // Every shard makes ids of SET 1: senders on each of the three shards.
+    let mut shards = std::collections::BTreeSet::new();
+    for sender in [1, 3, 5] {
+        if sender != 1 {
+            engine.deposit(sender, 10, &format!("d{sender}")).await.unwrap();
+        }
+        let packet = sent_packet(&engine, sender, send(4, 2, Target::Users(vec![7, 9]), "p")).await;
+        assert_eq!(set_of(packet), 1, "packet {packet}");
+        assert!(packet > 1 << 48 && packet < 1 << 53);
+        shards.insert(shard_of(packet));
+        let opened = engine.call(7, Request::Open { packet }).await;
+        assert!(matches!(opened, Reply::Opened { .. }), "{opened:?}");
+    }
+    assert_eq!(shards.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+    engine.shutdown().await;
+    assert_audit(&store);
+}
+
+async fn a_set_refuses_users_homed_on_another_set(stores: Stores) {
+    let store = stores.fresh();
+    let engine = Engine::open_at(set_one_of_two(3600), &store).await.unwrap();
+    let foreign = "user 2 is homed on SET 0, this is SET 1";
+    // The admin API's entry points.
+    assert_eq!(invalid(engine.deposit(2, 100, "d").await), foreign);
+    assert_eq!(invalid(engine.withdraw(2, 100, "w").await), foreign);
+    assert_eq!(invalid(engine.balance(2).await), foreign);
+    let spec = CampaignSpec {
+        funder: 2,
+        total_fen: 100,
+        rule: AmountRule::Count { packets: 10 },
+        rate_per_s: 10,
+        win_cap_per_user: None,
+    };
+    assert_eq!(invalid(engine.create_campaign(spec, "c").await), foreign);
+    let body = hongbao_proto::PushBody::Notice { topic: "t".into(), text: "x".into() };
+    let no_push = "cannot push to user 2 is homed on SET 0, this is SET 1";
+    assert_eq!(invalid(engine.push(crate::PushTarget::User(2), body.clone(), false).await), no_push);
+    assert_eq!(invalid(engine.push(crate::PushTarget::Users(vec![1, 2]), body.clone(), true).await), no_push);
+    let (outbox, _frames) = hongbao_boundary::Outbox::new(8);
+    assert_eq!(invalid(engine.connect(2, outbox.clone()).await), foreign);
+    // Their own users are served: a push to user 1, with a connection.
+    let _connection = engine.connect(1, outbox).await.unwrap();
+    let receipt = engine.push(crate::PushTarget::Users(vec![1, 3]), body, false).await.unwrap();
+    assert_eq!((receipt.targets, receipt.delivered), (2, 1));
+    // Client requests: refused whatever they are, before anything is looked up.
+    let shake = Request::Shake { campaign: 0, key: None };
+    assert_eq!(engine.answer_inline(2, &shake), None, "no answer from this SET's gates");
+    assert_eq!(invalid_request(engine.call(2, shake).await), foreign);
+    assert_eq!(invalid_request(engine.call(2, Request::Balance).await), foreign);
+    assert_eq!(invalid_request(engine.call(2, Request::Ack { msg: 1 }).await), foreign);
+    assert_eq!(invalid_request(engine.call(2, send(10, 1, Target::User(3), "s")).await), foreign);
+    // Nothing moved.
+    let stats = engine.stats().await;
+    assert_eq!((stats.commits > 0, stats.user_balances_fen, stats.deposits_minus_withdrawals_fen), (true, 0, 0));
+    engine.shutdown().await;
+    assert_audit(&store);
+}
+
+async fn a_set_refuses_packets_of_another_set_and_sends_across_sets(stores: Stores) {
+    let store = stores.fresh();
+    let engine = Engine::open_at(set_one_of_two(3600), &store).await.unwrap();
+    engine.deposit(1, 1_000, "d").await.unwrap();
+    // Sends to a user homed on SET 0, alone, in a list, or in a group.
+    let to_four =
+        "recipient user 4 is homed on SET 0, this is SET 1; sending to users of another SET is not supported yet";
+    assert_eq!(invalid_request(engine.call(1, send(10, 1, Target::User(4), "a")).await), to_four);
+    assert_eq!(invalid_request(engine.call(1, send(10, 2, Target::Users(vec![3, 4, 6]), "a")).await), to_four);
+    // A group's members may live on any SET; a send to it needs them all here.
+    assert_eq!(engine.set_group(9, vec![1, 3, 4]).await.unwrap(), vec![1, 3, 4]);
+    let to_group = format!("group 9: {to_four}");
+    assert_eq!(invalid_request(engine.call(1, send(10, 2, Target::Group(9), "a")).await), to_group);
+    assert_eq!(engine.balance(1).await.unwrap(), 1_000, "nothing sent");
+
+    // A packet of this SET: its own users open it, exactly as on one node.
+    engine.set_group(9, vec![1, 3, 5]).await.unwrap();
+    let packet = sent_packet(&engine, 1, send(100, 2, Target::Group(9), "g")).await;
+    assert_eq!(set_of(packet), 1);
+    assert_eq!(engine.call(3, Request::Grab { packet }).await, Reply::Grab { packet, state: GrabState::CanOpen });
+    let opened = |r: Reply| match r {
+        Reply::Opened { amount_fen, .. } => amount_fen,
+        other => panic!("{other:?}"),
+    };
+    let paid =
+        opened(engine.call(3, Request::Open { packet }).await) + opened(engine.call(5, Request::Open { packet }).await);
+    assert_eq!(paid, 100);
+    assert!(matches!(engine.call(5, Request::Detail { packet }).await, Reply::Detail(d) if d.packet == packet));
+    assert_eq!(engine.packet_detail(packet).await.unwrap().claims.len(), 2);
+    // … and a user of SET 0 is refused it, however they ask.
+    let cross = format!("{} (user 2 is homed on SET 0, this is SET 1)", crate::CROSS_SET_PACKETS_UNSUPPORTED);
+    for req in [Request::Grab { packet }, Request::Open { packet }, Request::Detail { packet }] {
+        assert_eq!(invalid_request(engine.call(2, req).await), cross);
+    }
+
+    // A packet id of SET 0 is refused as that, not as a missing packet.
+    let of_set_zero = make_packet_id(0, shard_of(packet), packet & hongbao_core::ids::SEQUENCE_MAX);
+    let elsewhere = format!("packet {of_set_zero} belongs to SET 0, this is SET 1");
+    for req in [
+        Request::Grab { packet: of_set_zero },
+        Request::Open { packet: of_set_zero },
+        Request::Detail { packet: of_set_zero },
+    ] {
+        assert_eq!(invalid_request(engine.call(3, req).await), elsewhere);
+    }
+    assert_eq!(invalid(engine.packet_detail(of_set_zero).await), elsewhere);
+    // An id of a SET the cluster does not have is simply not found.
+    let of_no_set = make_packet_id(7, 0, 1);
+    assert!(matches!(
+        engine.call(3, Request::Open { packet: of_no_set }).await,
+        Reply::Error { code: ErrorCode::NotFound, .. }
+    ));
+    assert!(matches!(engine.packet_detail(of_no_set).await, Err(EngineError::NotFound(_))));
+    assert_eq!(engine.balance(1).await.unwrap(), 900);
+    engine.shutdown().await;
+    assert_audit(&store);
+}
+
+async fn data_of_one_set_reopened_as_another_refuses_to_start(stores: Stores) {
+    let store = stores.fresh();
+    let packet = {
+        let engine = Engine::open_at(set_one_of_two(3600), &store).await.unwrap();
+        engine.deposit(1, 100, "d").await.unwrap();
+        let packet = sent_packet(&engine, 1, send(10, 1, Target::User(3), "p")).await;
+        engine.shutdown().await;
+        packet
+    };
+    let as_set_zero = EngineConfig { set: SetMap::new(0, 2).unwrap(), ..config(3600) };
+    let refused = Engine::open_at(as_set_zero, &store).await.err().expect("SET 0 must not adopt SET 1's packets");
+    let expected = format!(
+        "the data has open packets of SET 1 (packet {packet}) but this engine is SET 0 of 2; open it as the SET that wrote it"
+    );
+    assert!(matches!(&refused, EngineError::Invalid(m) if *m == expected), "{refused:?}");
+    // Nor does a single node: it is SET 0 of 1.
+    let single = Engine::open_at(config(3600), &store).await.err().expect("a single node is SET 0");
+    assert!(matches!(single, EngineError::Invalid(_)), "{single:?}");
+    // As the SET that wrote it, it starts, with its packet.
+    let engine = Engine::open_at(set_one_of_two(3600), &store).await.unwrap();
+    assert!(matches!(engine.call(3, Request::Open { packet }).await, Reply::Opened { amount_fen: 10, .. }));
+    engine.shutdown().await;
+    assert_audit(&store);
+}
+
+/// SET 1 of 2 has only odd users; with 4 shards, `user % 4` would send
+/// them all to shards 1 and 3, and the campaign's packets released on
+/// shards 0 and 2 would never be won. Every shard gets users, every packet
+/// is won, the campaign finishes by itself, and a remote gateway's copy of
+/// the gates picks the same shard as the engine.
+async fn a_set_spreads_its_users_over_every_shard_when_sets_and_shards_share_a_factor(stores: Stores) {
+    let store = stores.fresh();
+    let config = EngineConfig { shards: 4, ..set_one_of_two(3600) };
+    let engine = Engine::open_at(config.clone(), &store).await.unwrap();
+    // Senders 1, 3, 5, 7 (k = 0..3): one on each shard.
+    let mut shards = std::collections::BTreeSet::new();
+    for sender in [1u64, 3, 5, 7] {
+        engine.deposit(sender, 10, &format!("d{sender}")).await.unwrap();
+        shards.insert(shard_of(sent_packet(&engine, sender, send(1, 1, Target::User(9), "p")).await));
+    }
+    assert_eq!(shards.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+
+    engine.deposit(101, 1_000, "d").await.unwrap();
+    let spec = CampaignSpec {
+        funder: 101,
+        total_fen: 40,
+        rule: AmountRule::Count { packets: 8 },
+        rate_per_s: 1_000,
+        win_cap_per_user: None,
+    };
+    let c = engine.create_campaign(spec, "c").await.unwrap();
+    engine.start_campaign(c.id).await.unwrap();
+    advance(&engine, &config, 100).await;
+    let plain = Request::Shake { campaign: 0, key: None };
+    let homed: Vec<u64> = (0..16).map(|k| 2 * k + 1).collect();
+    for &user in &homed {
+        let remote = engine.gate_view().answer(user, &plain).map(Reply::Shake);
+        assert_eq!(remote, engine.answer_inline(user, &plain), "user {user}");
+    }
+    let mut wins = 0;
+    for _ in 0..200 {
+        for &user in &homed {
+            if let Reply::Shake(ShakeResult::Won { .. }) = engine.call(user, plain.clone()).await {
+                wins += 1;
+            }
+        }
+        if wins == 8 {
+            break;
+        }
+        advance(&engine, &config, 5).await;
+    }
+    assert_eq!(wins, 8, "every shard's packets were won");
+    advance(&engine, &config, 10).await;
+    config.clock.advance(Duration::from_millis(100));
+    let mut status = CampaignStatus::Running;
+    for _ in 0..500 {
+        status = engine.campaign(c.id).await.unwrap().status;
+        if status == CampaignStatus::Finished {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, CampaignStatus::Finished);
+    engine.shutdown().await;
+    assert_audit(&store);
+}
+
 /// Issue 9: `{"group": 0}` answered 404 `not_found`; ids are documented as
 /// 1..2^53-1, so it is an invalid request like `users: [0]`.
 async fn group_zero_is_an_invalid_request_not_a_missing_group(stores: Stores) {
-    use hongbao_boundary::EngineError;
     let store = stores.fresh();
     let engine = Engine::open_at(config(3600), &store).await.unwrap();
     engine.deposit(1, 100, "d").await.unwrap();

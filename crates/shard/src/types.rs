@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use hongbao_core::campaign::{AmountRule, CampaignBudget, CampaignStatus};
 use hongbao_core::limits::PacketRules;
+use hongbao_core::sets::{SetId, SetMap};
 use hongbao_core::{CampaignId, UserId};
 use serde::Serialize;
 
@@ -17,6 +18,10 @@ pub struct EngineConfig {
     /// Number of shards (packet owners). Fixed for the life of a data
     /// directory's packets: ids carry their shard.
     pub shards: u16,
+    /// Which SET of the cluster this engine is: it makes packet ids of this
+    /// SET only, and serves only the users homed on it. A single node is
+    /// SET 0 of 1 (the default), which owns every user.
+    pub set: SetMap,
     pub packet_rules: PacketRules,
     /// Where the engine reads the time.
     pub clock: Clock,
@@ -27,7 +32,13 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { shards: 4, packet_rules: PacketRules::default(), clock: Clock::system(), seed: rand::random() }
+        EngineConfig {
+            shards: 4,
+            set: SetMap::single(),
+            packet_rules: PacketRules::default(),
+            clock: Clock::system(),
+            seed: rand::random(),
+        }
     }
 }
 
@@ -93,6 +104,11 @@ fn task_state_schema() -> utoipa::openapi::Object {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize, Default)]
 pub struct Stats {
+    /// This engine's SET (0 on a single node).
+    #[cfg_attr(feature = "openapi", schema(value_type = u8))]
+    pub set: SetId,
+    /// The SETs in the cluster (1 on a single node).
+    pub sets: u8,
     pub shards: u16,
     pub connections: u64,
     pub users_online: u64,

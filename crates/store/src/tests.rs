@@ -126,7 +126,7 @@ fn money_moves_are_committed_idempotent_and_audited(at: TestStore) {
             Err(OpError::InsufficientFunds { balance_fen: 1000, needed_fen: 5000 })
         ));
 
-        let id = make_packet_id(0, 1);
+        let id = make_packet_id(0, 0, 1);
         let fund = |packet, key: &str, notice| FundPacket { packet, key: key.into(), notice, at_ms: 1 };
         let funded = w.run(fund(new_packet(id, 1, 300, 3), "p1", vec![1])).await.unwrap();
         let Funded::New { messages } = funded else { panic!("{funded:?}") };
@@ -155,7 +155,7 @@ fn money_moves_are_committed_idempotent_and_audited(at: TestStore) {
     });
     assert_eq!(store.reader.balance(1).unwrap(), 900);
     assert_eq!(store.reader.balance(2).unwrap(), 100);
-    let p = store.reader.packet(make_packet_id(0, 1)).unwrap().unwrap();
+    let p = store.reader.packet(make_packet_id(0, 0, 1)).unwrap().unwrap();
     assert_eq!((p.remaining_fen, p.refunded_fen, p.claims.len()), (0, 200, 1));
     let report = at.audit();
     assert!(report.passed(), "{:?}", report.violations);
@@ -176,7 +176,7 @@ fn campaigns_fund_win_and_refund_the_rest_once(at: TestStore) {
         };
         let CampaignCreated { id, .. } =
             w.run(CreateCampaign { spec: spec.clone(), key: "c".into(), at_ms: 0 }).await.unwrap();
-        let pk = make_packet_id(1, 5);
+        let pk = make_packet_id(0, 1, 5);
         let win = ShakeWin { campaign: id, packet: pk, user: 3, amount_fen: 700, at_ms: 1, key: Some("s1".into()) };
         assert_eq!(w.run(win).await.unwrap(), ShakeWon::Won);
         let retry =
@@ -262,7 +262,7 @@ fn a_full_queue_refuses_at_once_and_queues_nothing(at: TestStore) {
 fn opens_committed_together_update_their_packet_as_one_at_a_time_would(at: TestStore) {
     let store = at.open();
     let w = store.writer.clone();
-    let (a, b) = (make_packet_id(0, 1), make_packet_id(0, 2));
+    let (a, b) = (make_packet_id(0, 0, 1), make_packet_id(0, 0, 2));
     runtime().block_on(async {
         w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
         for (id, total, count, key) in [(a, 300, 3, "a"), (b, 100, 2, "b")] {
@@ -417,7 +417,7 @@ fn messages_are_capped_per_user_and_kind_and_acks_free_the_senders_budget(at: Te
         assert_eq!(kept[0].0, ids[5], "the newest are kept");
         // A user's notice is acked once; a second ack finds nothing.
         rt.block_on(w.run(Deposit { user: 1, amount_fen: 100, key: "d".into(), at_ms: 0 })).unwrap();
-        let packet = NewPacket { recipients: Recipients::User(7), ..new_packet(make_packet_id(0, 1), 1, 10, 1) };
+        let packet = NewPacket { recipients: Recipients::User(7), ..new_packet(make_packet_id(0, 0, 1), 1, 10, 1) };
         let funded = rt.block_on(w.run(FundPacket { packet, key: "p".into(), notice: vec![9], at_ms: 2 })).unwrap();
         let Funded::New { messages } = funded else { panic!("{funded:?}") };
         let notice = messages[0].1;
@@ -450,7 +450,7 @@ fn uniqueness_lives_in_the_database(at: TestStore) {
     let store = at.open();
     let w = store.writer.clone();
     let rt = runtime();
-    let id = make_packet_id(0, 1);
+    let id = make_packet_id(0, 0, 1);
     rt.block_on(async {
         w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
         w.run(FundPacket { packet: new_packet(id, 1, 300, 3), key: "p".into(), notice: vec![], at_ms: 0 })
@@ -579,7 +579,7 @@ fn day_ms(day: u32) -> u64 {
 
 /// The packet ids of `n` packets made on `day` by shard 0.
 fn ids_on_day(day: u32, n: u64) -> Vec<u64> {
-    (1..=n).map(|i| make_packet_id(0, (u64::from(day) << hongbao_core::ids::DAY_SHIFT) | i)).collect()
+    (1..=n).map(|i| make_packet_id(0, 0, (u64::from(day) << hongbao_core::ids::DAY_SHIFT) | i)).collect()
 }
 
 /// Issue 11: a lookup of a packet (or of its claims) by id reads one
@@ -589,7 +589,11 @@ fn a_lookup_by_packet_id_reads_one_partition() {
     let at = TestStore::postgres();
     let store = at.open();
     let today = hongbao_core::ids::day_of_unix_ms(crate::unix_ms());
-    let ids = ids_on_day(today, 3);
+    let mut ids = ids_on_day(today, 3);
+    // An id with every SET and shard bit set: its day is still read from
+    // the sequence alone.
+    let last_set = hongbao_core::sets::SETS_MAX - 1;
+    ids.push(make_packet_id(last_set, 255, (u64::from(today) << hongbao_core::ids::DAY_SHIFT) | 1));
     runtime().block_on(async {
         store.writer.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
         for (i, id) in ids.iter().enumerate() {
@@ -602,8 +606,9 @@ fn a_lookup_by_packet_id_reads_one_partition() {
     let partitions: usize =
         server.psql("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE c.relname LIKE 'packets_d%_h%'").unwrap().trim().parse().unwrap();
     assert!(partitions >= 16, "several days of 4 hash partitions each: {partitions}");
-    let id = ids[1];
+    let id = ids[3];
     let day = hongbao_core::ids::day_of(id);
+    assert_eq!(day, today);
     let plan = server
         .psql(&format!(
             "PREPARE by_id(bigint, int) AS {}; EXPLAIN (COSTS OFF) EXECUTE by_id({id}, {day});",

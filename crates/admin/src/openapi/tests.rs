@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use hongbao_core::ids::{make_packet_id, SEQUENCE_MAX};
 use hongbao_core::limits::SHARDS_MAX;
+use hongbao_core::sets::SETS_MAX;
 use hongbao_core::ID_MAX;
 use hongbao_proto::ErrorCode;
 use serde_json::{json, Value};
@@ -154,8 +155,8 @@ fn v1_needs_the_key_and_every_error_has_the_error_body() {
 
 #[test]
 fn ids_in_paths_are_integers_with_the_ranges_the_handlers_check() {
-    let packet_id_max = make_packet_id((SHARDS_MAX - 1) as u16, SEQUENCE_MAX);
-    assert_eq!(packet_id_max, (1 << 48) - 1, "docs/api.md: packet ids are below 2^48");
+    let packet_id_max = make_packet_id(SETS_MAX - 1, (SHARDS_MAX - 1) as u16, SEQUENCE_MAX);
+    assert_eq!(packet_id_max, (1 << 53) - 1, "docs/api.md: packet ids are below 2^53");
     let doc = doc();
     let mut seen = 0;
     for (method, path) in operations(&doc) {

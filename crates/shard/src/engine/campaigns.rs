@@ -14,7 +14,7 @@ use hongbao_store::CampaignRow;
 use tokio::sync::oneshot;
 
 use super::{Engine, Parts};
-use crate::checks::{op_error, valid_key};
+use crate::checks::{homed_here, op_error, valid_key};
 use crate::clock::Clock;
 use crate::shard::Event;
 use crate::types::{CampaignInfo, CampaignLive};
@@ -24,8 +24,10 @@ const FINISH_CHECK_MS: u64 = 100;
 
 impl Engine {
     /// Creates a campaign and moves its total from the funder to its escrow.
+    /// The funder must be homed on this SET (their balance is here).
     pub async fn create_campaign(&self, spec: CampaignSpec, key: &str) -> Result<CampaignInfo, EngineError> {
         spec.validate().map_err(|e| EngineError::Invalid(e.to_string()))?;
+        homed_here(spec.funder, self.parts.set)?;
         valid_key(key)?;
         let op = CreateCampaign { spec, key: key.to_owned(), at_ms: self.parts.clock.now_ms() };
         let created = self.parts.writer.run(op).await.map_err(op_error)?;

@@ -9,20 +9,30 @@ use hongbao_store::ops::StoreMessages;
 
 use super::requests::detail;
 use super::Engine;
-use crate::checks::{encode_body, op_error, valid_group, valid_user};
+use crate::checks::{
+    encode_body, first_foreign, foreign_packet, foreign_user, homed_here, names_a_set, op_error, valid_group,
+    valid_user,
+};
 use crate::push::{Connection, PushReceipt, PushTarget};
 use crate::types::TaskInfo;
 
 impl Engine {
-    /// Committed state of a packet and every claim.
+    /// Committed state of a packet and every claim. A packet of another SET
+    /// is refused (its rows are in that SET's store).
     pub async fn packet_detail(&self, id: PacketId) -> Result<PacketDetail, EngineError> {
+        let set = self.parts.set;
+        if !set.owns_packet(id) && names_a_set(id, set) {
+            return Err(EngineError::Invalid(foreign_packet(id, set)));
+        }
         let p = self.read(move |r| r.packet(id)).await?.ok_or_else(|| EngineError::NotFound(format!("packet {id}")))?;
         Ok(detail(&p))
     }
 
     /// Unicast or multicast. Persistent messages are stored (durably) for
     /// every target and delivered now to those online; transient ones only go
-    /// to those online.
+    /// to those online. Every target must be homed on this SET (their
+    /// connections and stored messages are there): a push naming a user of
+    /// another SET is refused whole, not sent to a part.
     pub async fn push(&self, target: PushTarget, body: PushBody, persistent: bool) -> Result<PushReceipt, EngineError> {
         let users = self.target_users(&target)?;
         let targets = users.len() as u64;
@@ -68,11 +78,16 @@ impl Engine {
         for &u in &users {
             valid_user(u)?;
         }
+        if let Some(u) = first_foreign(users.iter().copied(), self.parts.set) {
+            return Err(EngineError::Invalid(format!("cannot push to {}", foreign_user(u, self.parts.set))));
+        }
         Ok(users)
     }
 
     /// Starts a transient broadcast to everyone online, as a stoppable task.
     /// `Overload` while the most broadcasts that may run at once are running.
+    /// It reaches the connections registered with this engine, which are
+    /// those of this SET's users: a cluster-wide broadcast is one per SET.
     pub fn broadcast(&self, body: PushBody) -> Result<TaskInfo, EngineError> {
         self.parts.push_hub.broadcast(body).ok_or(EngineError::Overload)
     }
@@ -91,8 +106,11 @@ impl Engine {
 
     /// Registers a connection for pushes; the returned guard unregisters it
     /// when dropped. Pending persistent messages are queued to `outbox` first.
+    /// Only a user homed on this SET is registered: a gateway registers a
+    /// connection with its user's home SET, where their pushes come from.
     pub async fn connect(&self, user: UserId, outbox: Outbox) -> Result<Connection, EngineError> {
         valid_user(user)?;
+        homed_here(user, self.parts.set)?;
         // Register first so nothing pushed from now on is missed; a message
         // may then arrive twice (live and from storage): clients dedupe by `msg`.
         let conn = Connection::register(&self.parts.push_hub, user, outbox.clone());

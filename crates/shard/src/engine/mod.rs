@@ -4,6 +4,12 @@
 //! packet's: money in and out, groups, campaigns across shards, pushes and
 //! stats.
 //!
+//! The engine is one SET of a cluster (`EngineConfig::set`; a single node is
+//! SET 0 of 1). It makes packet ids of its SET only, and refuses what is
+//! not its own: a request by a user homed on another SET, a packet id of
+//! another SET, a send to a user homed elsewhere (`checks::foreign_user`,
+//! `foreign_packet`). Money that would cross SETs is not supported yet.
+//!
 //! Reads in one direction: this module drives the shards (`crate::shard`),
 //! the push hub and the writer; none of them knows it.
 
@@ -19,9 +25,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use hongbao_boundary::{EngineError, GateView};
 use hongbao_core::campaign::CampaignStatus;
-use hongbao_core::ids::{shard_of, IdAllocator};
+use hongbao_core::ids::{set_of, shard_of, IdAllocator};
 use hongbao_core::limits::{self, ID_BLOCK_SIZE};
 use hongbao_core::packet::Packet;
+use hongbao_core::sets::SetMap;
 use hongbao_core::{CampaignId, GroupId, UserId};
 use hongbao_store::ops::{Close, ReserveIds};
 use hongbao_store::{Reader, Store, StoreLocation, Writer};
@@ -43,6 +50,8 @@ pub struct Engine {
 
 /// Everything the engine holds, behind one `Arc`.
 struct Parts {
+    /// Which SET this engine is: what it owns.
+    set: SetMap,
     clock: Clock,
     push_hub: Arc<PushHub>,
     shards: Vec<ShardHandle>,
@@ -113,11 +122,21 @@ impl Engine {
         }
         // Opening and the recovery reads block (and a PostgreSQL client may
         // not even be used on a runtime thread): both run off the runtime.
-        let shards = config.shards;
+        let (shards, set) = (config.shards, config.set);
         let (writer, reader, recovered) = tokio::task::spawn_blocking(move || {
-            let Store { writer, reader, writer_thread: _ } = open_store().map_err(store_error)?;
-            let recovered = recover(&reader, shards)?;
-            Ok::<_, EngineError>((writer, reader, recovered))
+            let Store { writer, reader, writer_thread } = open_store().map_err(store_error)?;
+            match recover(&reader, shards, set) {
+                Ok(recovered) => Ok((writer, reader, recovered)),
+                Err(refused) => {
+                    // Let go of the store (its lock) before answering: the
+                    // next start, with the configuration fixed, must not
+                    // find it held by this one. The writer stops once its
+                    // last handle is gone.
+                    drop((writer, reader));
+                    let _ = writer_thread.join();
+                    Err(refused)
+                }
+            }
         })
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))??;
@@ -142,7 +161,8 @@ impl Engine {
         for (index, packets) in packets_by_shard.into_iter().enumerate() {
             let index = index as u16;
             let today = hongbao_core::ids::day_of_unix_ms(config.clock.now_ms());
-            let mut ids = IdAllocator::new(index, marks.get(&index).copied().unwrap_or(0), ID_BLOCK_SIZE, today);
+            let mark = marks.get(&index).copied().unwrap_or(0);
+            let mut ids = IdAllocator::new(config.set.set(), index, mark, ID_BLOCK_SIZE, today);
             // Reserve the first block before taking any request.
             let mark = ids.request_next_block();
             writer.run(ReserveIds { shard: index, mark }).await.map_err(op_error)?;
@@ -162,8 +182,15 @@ impl Engine {
             };
             shards.push(shard::spawn(setup, packets));
         }
-        tracing::info!(shards = config.shards, open_packets, "engine recovered");
+        tracing::info!(
+            set = config.set.set(),
+            sets = config.set.sets(),
+            shards = config.shards,
+            open_packets,
+            "engine recovered"
+        );
         let parts = Parts {
+            set: config.set,
             clock: config.clock.clone(),
             push_hub: hub,
             shards,
@@ -185,13 +212,25 @@ impl Engine {
         Ok(Engine { parts: Arc::new(parts) })
     }
 
+    /// Which SET this engine is, of how many.
+    pub fn set(&self) -> SetMap {
+        self.parts.set
+    }
+
     fn shard_count(&self) -> u16 {
         self.parts.shards.len() as u16
     }
 
-    /// The shard that holds a user's campaign wins (and win caps).
+    /// The shard that takes a user's shakes and sends and holds their
+    /// campaign wins (and win caps). The users homed on this SET are
+    /// `k · sets + set`, so it is `k` that is spread over the shards:
+    /// `user % shards` would leave shards without a user whenever `sets`
+    /// and `shards` share a factor (SET 1 of 2 has only odd users; with 4
+    /// shards, shards 0 and 2 would get none, and their part of a campaign
+    /// would never be won). On a single node `k` is the user id.
     fn user_shard(&self, user: UserId) -> usize {
-        (user % self.parts.shards.len() as u64) as usize
+        let k = user / u64::from(self.parts.set.sets());
+        (k % self.parts.shards.len() as u64) as usize
     }
 
     /// Runs a read of committed state off the async threads, through the
@@ -215,9 +254,14 @@ impl Engine {
         self.parts.writer.failure()
     }
 
-    /// Every shard's gate, for a gateway in another process.
+    /// Every shard's gate, for a gateway in another process. Its answer
+    /// reads the gate at `user % gates.len()`; to make that `user_shard`'s,
+    /// each shard's gate is repeated `sets` times in a row: for
+    /// `i = user % (sets · shards)`, `(user / sets) % shards = i / sets`.
+    /// On a single node that is one gate per shard, as before SETs.
     pub fn gate_view(&self) -> GateView {
-        GateView { gates: self.parts.shards.iter().map(|s| s.gate.state()).collect() }
+        let sets = usize::from(self.parts.set.sets());
+        GateView { gates: self.parts.shards.iter().flat_map(|s| std::iter::repeat_n(s.gate.state(), sets)).collect() }
     }
 
     /// Changes whenever `gate_view` would answer differently.
@@ -230,6 +274,8 @@ impl Engine {
         // Running totals the writer keeps as it commits: no read of storage.
         let totals = p.writer.committed.totals();
         Stats {
+            set: p.set.set(),
+            sets: p.set.sets(),
             shards: self.shard_count(),
             connections: p.push_hub.connections(),
             users_online: p.push_hub.users_online(),
@@ -297,11 +343,22 @@ impl Engine {
 }
 
 /// Reads what the shards start from: id marks, open packets by shard, and
-/// groups.
-fn recover(reader: &Reader, shards: u16) -> Result<Recovered, EngineError> {
+/// groups. Data of another SET (or of more shards) is refused: its packets
+/// would be owned here by no one.
+fn recover(reader: &Reader, shards: u16, set: SetMap) -> Result<Recovered, EngineError> {
     let marks = reader.id_marks().map_err(store_error)?;
     let open_packets = reader.open_packets().map_err(store_error)?;
     let groups = reader.groups().map_err(store_error)?;
+    if let Some(p) = open_packets.iter().find(|p| !set.owns_packet(p.id)) {
+        return Err(EngineError::Invalid(format!(
+            "the data has open packets of SET {} (packet {}) but this engine is SET {} of {}; \
+             open it as the SET that wrote it",
+            set_of(p.id),
+            p.id,
+            set.set(),
+            set.sets()
+        )));
+    }
     if let Some(p) = open_packets.iter().find(|p| shard_of(p.id) >= shards) {
         return Err(EngineError::Invalid(format!(
             "the data has open packets of shard {} but only {shards} shards are configured; use at least {}",

@@ -14,7 +14,9 @@ use hongbao_store::ops::AckMessage;
 use tokio::sync::{mpsc, watch};
 
 use super::Engine;
-use crate::checks::{op_error, valid_group};
+use crate::checks::{
+    first_foreign, foreign_packet, foreign_user, names_a_set, op_error, valid_group, CROSS_SET_PACKETS_UNSUPPORTED,
+};
 use crate::push::Connection;
 use crate::reads::reads_full;
 use crate::shard::{Event, SendArgs};
@@ -59,10 +61,12 @@ impl Engine {
     /// or, for "any campaign", no packet ready (`none`). That is nearly every
     /// shake of a campaign (200 packets/s against tens of thousands of
     /// shakes), and it then costs two atomic loads: no queue, no wake-up of
-    /// the shard, no storage. `None` means: `submit` it.
+    /// the shard, no storage. `None` means: `submit` it (which is also the
+    /// answer for a user homed on another SET: this SET's gates say nothing
+    /// about theirs, and `submit` refuses them).
     pub fn answer_inline(&self, user: UserId, req: &Request) -> Option<Reply> {
         let Request::Shake { campaign, key: None } = req else { return None };
-        if self.parts.shutting_down.load(Ordering::Relaxed) {
+        if self.parts.shutting_down.load(Ordering::Relaxed) || !self.parts.set.owns_user(user) {
             return None;
         }
         let gate = self.parts.shards[self.user_shard(user)].gate.state();
@@ -86,9 +90,15 @@ impl Engine {
     /// Submits a client request on behalf of an authenticated user. Never
     /// waits: a full shard queue answers `Overload` (shakes: `ShakeResult::Overload`).
     /// `Hello` and `Ping` are the gateway's and answered with an error here.
+    /// What belongs to another SET (the user's home, the packet's id) is
+    /// refused with `InvalidRequest`: a gateway that routes right never
+    /// sends it.
     pub fn submit(&self, user: UserId, req: Request, reply: Responder) {
         if self.parts.shutting_down.load(Ordering::Relaxed) {
             return reply.send(Reply::error(ErrorCode::Overload, "server is shutting down"));
+        }
+        if let Some(refusal) = self.not_this_sets(user, &req) {
+            return reply.send(refusal);
         }
         if self.parts.writer.is_failing() && moves_money(&req) {
             // Told at once, before any shard decides anything that could
@@ -137,6 +147,35 @@ impl Engine {
         rx.await.unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "engine stopped"))
     }
 
+    /// The refusal of a request that is not this SET's to answer; `None`,
+    /// without allocating, for every request it serves (on a single node: a
+    /// compare, and no division).
+    fn not_this_sets(&self, user: UserId, req: &Request) -> Option<Reply> {
+        let set = self.parts.set;
+        match req {
+            Request::Grab { packet } | Request::Open { packet } | Request::Detail { packet } => {
+                let packet = *packet;
+                if !set.owns_packet(packet) {
+                    // An id that names no SET at all is not found, as
+                    // before there were SETs.
+                    return Some(if names_a_set(packet, set) {
+                        Reply::error(ErrorCode::InvalidRequest, foreign_packet(packet, set))
+                    } else {
+                        not_found(packet)
+                    });
+                }
+                (!set.owns_user(user)).then(|| {
+                    let why = format!("{CROSS_SET_PACKETS_UNSUPPORTED} ({})", foreign_user(user, set));
+                    Reply::error(ErrorCode::InvalidRequest, why)
+                })
+            }
+            Request::Hello { .. } | Request::Ping => None,
+            Request::Shake { .. } | Request::Send { .. } | Request::Balance | Request::Ack { .. } => {
+                (!set.owns_user(user)).then(|| Reply::error(ErrorCode::InvalidRequest, foreign_user(user, set)))
+            }
+        }
+    }
+
     /// The shard named in a packet id, if this engine has it.
     fn packet_shard(&self, packet: PacketId) -> Option<usize> {
         let shard = shard_of(packet) as usize;
@@ -144,14 +183,25 @@ impl Engine {
     }
 
     /// A send's recipients, resolved here, off the shard: the packet keeps
-    /// this snapshot of a group.
+    /// this snapshot of a group. Every recipient must be homed on this SET:
+    /// their share would be paid into another SET's store otherwise.
     fn recipients(&self, user: UserId, to: Target) -> Result<Recipients, (ErrorCode, String)> {
         if let Target::Group(g) = to {
             valid_group(g).map_err(|e| (e.code(), e.to_string()))?;
         }
+        let set = self.parts.set;
+        let foreign_recipient = |u: UserId| {
+            let why =
+                format!("recipient {}; sending to users of another SET is not supported yet", foreign_user(u, set));
+            (ErrorCode::InvalidRequest, why)
+        };
         match to {
             Target::Group(g) => match hongbao_boundary::sync::read(&self.parts.groups).get(&g) {
                 Some(members) if members.binary_search(&user).is_ok() => {
+                    if let Some(u) = first_foreign(members.iter().copied(), set) {
+                        let (code, why) = foreign_recipient(u);
+                        return Err((code, format!("group {g}: {why}")));
+                    }
                     Ok(Recipients::group(g, members.iter().copied()))
                 }
                 Some(_) => Err((ErrorCode::NotEligible, format!("you are not a member of group {g}"))),
@@ -160,7 +210,11 @@ impl Engine {
             Target::Users(users) if users.len() > limits::PACKET_RECIPIENTS_MAX => {
                 Err((ErrorCode::InvalidRequest, format!("at most {} recipients", limits::PACKET_RECIPIENTS_MAX)))
             }
-            Target::Users(users) => Ok(Recipients::users(users)),
+            Target::Users(users) => match first_foreign(users.iter().copied(), set) {
+                Some(u) => Err(foreign_recipient(u)),
+                None => Ok(Recipients::users(users)),
+            },
+            Target::User(u) if !set.owns_user(u) => Err(foreign_recipient(u)),
             Target::User(u) => Ok(Recipients::User(u)),
         }
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use hongbao_boundary::Responder;
 use hongbao_core::campaign::ReleaseSchedule;
-use hongbao_core::ids::{self, shard_of, IdAllocator};
+use hongbao_core::ids::{self, set_of, shard_of, IdAllocator};
 use hongbao_core::limits::{self, COMMIT_BATCH_RECORDS_MAX, WRITER_QUEUE_MAX};
 use hongbao_core::packet::Packet;
 use hongbao_core::{CampaignId, PacketId, UserId};
@@ -359,9 +359,10 @@ impl ShardState {
 
     /// Takes a recovered or newly funded packet into memory with its timers.
     fn adopt(&mut self, p: Packet) {
-        // Only the shard named in a packet's id may own it: every request
-        // for the packet is routed there.
+        // Only the shard named in a packet's id, of the SET named in it, may
+        // own it: every request for the packet is routed there.
         assert_eq!(shard_of(p.id), self.index, "packet {} adopted by the wrong shard", p.id);
+        assert_eq!(set_of(p.id), self.ids.set(), "packet {} adopted by the wrong SET", p.id);
         let (at, kind) = match p.status {
             hongbao_core::packet::PacketStatus::Open => (p.expires_ms, TimerKind::Expire),
             _ => (self.clock.now_ms() + RETAIN_CLOSED_MS, TimerKind::Evict),
@@ -408,9 +409,15 @@ impl ShardState {
     fn next_id(&mut self) -> Option<PacketId> {
         let now_ms = self.clock.now_ms();
         let id = self.ids.next_id(ids::day_of_unix_ms(now_ms));
-        // Paired with the check in `adopt` and with the engine's routing by
-        // `shard_of`: an id names the shard that made it.
-        assert!(id.is_none_or(|id| shard_of(id) == self.index), "shard {} made a foreign id", self.index);
+        // Paired with the check in `adopt` and with the routing by `set_of`
+        // (gateways) and `shard_of` (the engine): an id names the SET and
+        // the shard that made it.
+        assert!(
+            id.is_none_or(|id| shard_of(id) == self.index && set_of(id) == self.ids.set()),
+            "shard {} of SET {} made a foreign id",
+            self.index,
+            self.ids.set()
+        );
         self.reserve_ids_if_needed(now_ms);
         id
     }
