@@ -92,8 +92,8 @@ pub const SHARDS_DEFAULT: u16 = 4;
 
 impl ClusterFile {
     pub fn load(path: &Path) -> Result<ClusterFile, ClusterConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ClusterConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ClusterConfigError::Read { path: path.to_owned(), source })?;
         ClusterFile::parse(path, &text)
     }
 
@@ -105,7 +105,10 @@ impl ClusterFile {
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
         let base = std::fs::canonicalize(&base).unwrap_or(base);
         if raw.sets.is_empty() || raw.sets.len() > usize::from(SETS_MAX) {
-            return Err(invalid(format!("a cluster has 1 to {SETS_MAX} [[set]] entries; this one has {}", raw.sets.len())));
+            return Err(invalid(format!(
+                "a cluster has 1 to {SETS_MAX} [[set]] entries; this one has {}",
+                raw.sets.len()
+            )));
         }
         let mut sets = Vec::with_capacity(raw.sets.len());
         for (i, s) in raw.sets.into_iter().enumerate() {

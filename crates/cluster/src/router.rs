@@ -106,7 +106,11 @@ impl Backend for ClusterBackend {
         }
     }
 
-    fn connect(&self, user: u64, outbox: Outbox) -> impl Future<Output = Result<ClusterConnection, EngineError>> + Send {
+    fn connect(
+        &self,
+        user: u64,
+        outbox: Outbox,
+    ) -> impl Future<Output = Result<ClusterConnection, EngineError>> + Send {
         let home = home_set(user, self.count());
         let engine = self.sets[usize::from(home)].clone();
         async move {

@@ -197,7 +197,9 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         // Registered only to be ignored (see the module doc).
         let _int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let (engine, mut link) =
-            hongbao_link::gateway_side::connect(&hongbao_link::LinkTarget::Unix(args.link.clone()), &key).await.context("cannot link to the serve process")?;
+            hongbao_link::gateway_side::connect(&hongbao_link::LinkTarget::Unix(args.link.clone()), &key)
+                .await
+                .context("cannot link to the serve process")?;
         let config = GatewayConfig {
             tcp_addr: args.tcp,
             ws_addr: args.ws,

@@ -124,7 +124,15 @@ impl Cluster {
 
     fn spawn_gateway(&self, g: usize) -> GatewayProcess {
         let mut command = hongbao();
-        command.args(["gateway", "--cluster", self.file.to_str().unwrap(), "--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"]);
+        command.args([
+            "gateway",
+            "--cluster",
+            self.file.to_str().unwrap(),
+            "--tcp",
+            "127.0.0.1:0",
+            "--ws",
+            "127.0.0.1:0",
+        ]);
         let (child, ready) = spawn_ready(command, &self.dir.path().join(format!("gateway{g}.log")));
         assert_eq!(ready["sets_linked"], json!(SETS), "every SET linked at start: {ready}");
         GatewayProcess { child, tcp: ready["tcp"].as_str().unwrap().parse().unwrap() }
@@ -154,8 +162,13 @@ impl Cluster {
     /// A deposit on the user's home SET.
     async fn deposit(&self, user: u64, amount_fen: i64) {
         let key = format!("dep-{user}-{}", rand_suffix());
-        self.call(Self::home(user), "POST", &format!("/v1/accounts/{user}/deposit"), json!({"amount_fen": amount_fen, "key": key}))
-            .await;
+        self.call(
+            Self::home(user),
+            "POST",
+            &format!("/v1/accounts/{user}/deposit"),
+            json!({"amount_fen": amount_fen, "key": key}),
+        )
+        .await;
     }
 
     /// `user` logged in through gateway `g`.
@@ -212,7 +225,12 @@ async fn each_set_races_its_packets_through_three_gateways_and_audits_clean() {
         // A persistent notice from the SET reaches its users on each gateway.
         let online: Vec<u64> = racers.iter().take(3).map(|(u, _)| *u).collect();
         let pushed = cluster
-            .call(set as usize, "POST", "/v1/push", json!({"target": {"users": online}, "persistent": true, "topic": "t", "text": "x"}))
+            .call(
+                set as usize,
+                "POST",
+                "/v1/push",
+                json!({"target": {"users": online}, "persistent": true, "topic": "t", "text": "x"}),
+            )
             .await;
         assert_eq!(pushed["stored"], json!(3), "{pushed}");
         for (user, mut client) in racers.into_iter().take(3) {
@@ -236,11 +254,17 @@ async fn each_set_races_its_packets_through_three_gateways_and_audits_clean() {
         })
         .await
         .unwrap();
-    assert!(matches!(&reply, Reply::Error { code: ErrorCode::InvalidRequest, message } if message.contains("SET")), "{reply:?}");
+    assert!(
+        matches!(&reply, Reply::Error { code: ErrorCode::InvalidRequest, message } if message.contains("SET")),
+        "{reply:?}"
+    );
     let own = send_to_group(&sender, 100, 1, 5, "own").await;
     let visitor = cluster.client(2, 101).await;
     let reply = visitor.request(Request::Open { packet: own }).await.unwrap();
-    assert!(matches!(&reply, Reply::Error { code: ErrorCode::InvalidRequest, message } if message.contains("another SET")), "{reply:?}");
+    assert!(
+        matches!(&reply, Reply::Error { code: ErrorCode::InvalidRequest, message } if message.contains("another SET")),
+        "{reply:?}"
+    );
     // A packet id naming no SET of the cluster is simply not found.
     let reply = visitor.request(Request::Open { packet: 5 << 48 | 1 << 40 | 7 }).await.unwrap();
     assert!(matches!(reply, Reply::Error { code: ErrorCode::NotFound, .. }), "{reply:?}");
@@ -348,7 +372,9 @@ async fn a_set_killed_mid_stream_answers_unavailable_and_loses_nothing_acknowled
         }
         assert_eq!(balance(&client).await, expected, "user {user}: every acknowledged win, once");
     }
-    println!("SET 1 down for {restarted:?}: {unavailable} shakes answered unavailable, {won_acknowledged} wins acknowledged");
+    println!(
+        "SET 1 down for {restarted:?}: {unavailable} shakes answered unavailable, {won_acknowledged} wins acknowledged"
+    );
     assert!(unavailable > 0, "the shakers met the dead SET");
     assert!(won_acknowledged > 0);
     for set in &cluster.sets {
@@ -374,7 +400,10 @@ async fn a_gateway_killed_its_users_move_to_another_and_pushes_follow() {
     let mut moved = Vec::new();
     for (user, g, client) in clients {
         if g == 1 {
-            assert!(client.wait_closed(PATIENCE).await.is_some() || client.is_closed(), "user {user}'s connection ends");
+            assert!(
+                client.wait_closed(PATIENCE).await.is_some() || client.is_closed(),
+                "user {user}'s connection ends"
+            );
             moved.push((user, cluster.client(2, user).await));
         } else {
             assert_eq!(balance(&client).await, 0, "user {user} on gateway {g} goes on");
@@ -395,8 +424,9 @@ async fn a_gateway_killed_its_users_move_to_another_and_pushes_follow() {
     }
     for (user, mut client) in moved {
         let set = Cluster::home(user);
-        let pushed =
-            cluster.call(set, "POST", "/v1/push", json!({"target": {"user": user}, "topic": "t", "text": "moved"})).await;
+        let pushed = cluster
+            .call(set, "POST", "/v1/push", json!({"target": {"user": user}, "topic": "t", "text": "moved"}))
+            .await;
         assert_eq!(pushed["delivered"], json!(1), "user {user}: {pushed}");
         assert!(client.next_push(PATIENCE).await.is_some(), "user {user} got the push");
     }

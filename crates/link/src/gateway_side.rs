@@ -175,7 +175,11 @@ impl Link {
         let _ = queue.push_always(Up::Hello { key: key.to_owned(), pid: std::process::id() });
         for (&conn, entry) in conns.iter() {
             let user = entry.user;
-            let _ = queue.push_always(if entry.registered { Up::Connect { conn, user } } else { Up::Attach { conn, user } });
+            let _ = queue.push_always(if entry.registered {
+                Up::Connect { conn, user }
+            } else {
+                Up::Attach { conn, user }
+            });
         }
         let _ = queue.push_always(Up::Listening);
         *write(&self.up) = queue.clone();
@@ -216,7 +220,12 @@ impl Link {
 
     /// Adds a connection and queues its introduction; `registered`: with
     /// `Connect` (pushes come over this link) or `Attach` (requests only).
-    fn introduce(self: &Arc<Self>, user: u64, outbox: Outbox, registered: bool) -> Result<RemoteConnection, EngineError> {
+    fn introduce(
+        self: &Arc<Self>,
+        user: u64,
+        outbox: Outbox,
+        registered: bool,
+    ) -> Result<RemoteConnection, EngineError> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut conns = self.conns();
         let up = if registered { Up::Connect { conn, user } } else { Up::Attach { conn, user } };
@@ -604,7 +613,11 @@ mod tests {
     /// The next message a fake core reads, within 5 s.
     async fn next_up<R: AsyncRead + Unpin>(reader: &mut R, body: &mut Vec<u8>) -> Up {
         let read = wire::read::<Up, _>(reader, body);
-        tokio::time::timeout(std::time::Duration::from_secs(5), read).await.expect("a message in time").unwrap().unwrap()
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .unwrap()
     }
 
     #[tokio::test]
@@ -633,9 +646,17 @@ mod tests {
         assert_eq!(next_up(&mut reader, &mut body).await, Up::Attach { conn: 2, user: 8 });
         // Two requests; the core answers one, then dies.
         engine.submit(&home, 7, Request::Balance, Responder::Client { outbox: outbox.clone(), request_id: 1 });
-        engine.submit(&visitor, 8, Request::Open { packet: 5 }, Responder::Client { outbox: outbox.clone(), request_id: 2 });
+        engine.submit(
+            &visitor,
+            8,
+            Request::Open { packet: 5 },
+            Responder::Client { outbox: outbox.clone(), request_id: 2 },
+        );
         assert_eq!(next_up(&mut reader, &mut body).await, Up::Request { conn: 1, id: 1, req: Request::Balance });
-        assert_eq!(next_up(&mut reader, &mut body).await, Up::Request { conn: 2, id: 2, req: Request::Open { packet: 5 } });
+        assert_eq!(
+            next_up(&mut reader, &mut body).await,
+            Up::Request { conn: 2, id: 2, req: Request::Open { packet: 5 } }
+        );
         let answer = ServerFrame::Reply { id: 1, reply: Reply::Balance { balance_fen: 3 } };
         let mut buf = Vec::new();
         wire::encode(&Down::Frame { conn: 1, frame: answer.clone() }, &mut buf).unwrap();
