@@ -66,7 +66,8 @@ struct GatewayProcess {
 struct Cluster {
     dir: tempfile::TempDir,
     file: PathBuf,
-    pg: PgServer,
+    /// One database per SET; stopped last.
+    _pg: PgServer,
     sets: Vec<SetProcess>,
     gateways: Vec<GatewayProcess>,
 }
@@ -102,7 +103,7 @@ impl Cluster {
         std::fs::write(&file, text).unwrap();
         let keys = hongbao().args(["keys", "--cluster", file.to_str().unwrap()]).output().unwrap();
         assert!(keys.status.success(), "{}", String::from_utf8_lossy(&keys.stderr));
-        let mut cluster = Cluster { dir, file, pg, sets: Vec::new(), gateways: Vec::new() };
+        let mut cluster = Cluster { dir, file, _pg: pg, sets: Vec::new(), gateways: Vec::new() };
         for (set, url) in urls.into_iter().enumerate() {
             let (child, ready) = cluster.spawn_set(set);
             let admin = ready["admin"].as_str().unwrap().parse().unwrap();
@@ -147,11 +148,11 @@ impl Cluster {
     }
 
     async fn call(&self, set: usize, method: &'static str, path: &str, body: Value) -> Value {
-        let (admin, path) = (self.admin(set), path.to_owned());
+        let (admin, at) = (self.admin(set), path.to_owned());
         let response = tokio::task::spawn_blocking(move || match method {
-            "POST" => admin.post(&path, &body),
-            "PUT" => admin.put(&path, &body),
-            _ => admin.get(&path),
+            "POST" => admin.post(&at, &body),
+            "PUT" => admin.put(&at, &body),
+            _ => admin.get(&at),
         })
         .await
         .unwrap()
@@ -234,8 +235,14 @@ async fn each_set_races_its_packets_through_three_gateways_and_audits_clean() {
             .await;
         assert_eq!(pushed["stored"], json!(3), "{pushed}");
         for (user, mut client) in racers.into_iter().take(3) {
-            let push = client.next_push(PATIENCE).await.unwrap_or_else(|| panic!("user {user} got no notice"));
-            assert!(matches!(push.body, PushBody::Notice { .. }), "{push:?}");
+            // After the packet's own notice (`packet_received`), the one pushed.
+            loop {
+                let push = client.next_push(PATIENCE).await.unwrap_or_else(|| panic!("user {user} got no notice"));
+                if matches!(push.body, PushBody::Notice { .. }) {
+                    break;
+                }
+                assert!(matches!(push.body, PushBody::PacketReceived { packet: p, .. } if p == packet), "{push:?}");
+            }
         }
     }
 
@@ -308,6 +315,7 @@ async fn a_set_killed_mid_stream_answers_unavailable_and_loses_nothing_acknowled
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut answers: Vec<(String, Reply)> = Vec::new();
+                let mut first_unavailable = None;
                 let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = format!("{user}-{n}");
@@ -316,10 +324,13 @@ async fn a_set_killed_mid_stream_answers_unavailable_and_loses_nothing_acknowled
                         .request_timeout(Request::Shake { campaign, key: Some(key.clone()) }, PATIENCE)
                         .await
                         .unwrap_or_else(|e| panic!("user {user}: no answer to shake {key}: {e}"));
+                    if matches!(reply, Reply::Error { code: ErrorCode::Unavailable, .. }) {
+                        first_unavailable.get_or_insert_with(Instant::now);
+                    }
                     answers.push((key, reply));
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                (user, client, answers)
+                (user, client, answers, first_unavailable)
             })
         })
         .collect();
@@ -348,8 +359,12 @@ async fn a_set_killed_mid_stream_answers_unavailable_and_loses_nothing_acknowled
 
     let mut unavailable = 0;
     let mut won_acknowledged = 0;
+    let mut told_after = Duration::ZERO;
     for task in tasks {
-        let (user, client, answers) = task.await.unwrap();
+        let (user, client, answers, first_unavailable) = task.await.unwrap();
+        if let Some(at) = first_unavailable {
+            told_after = told_after.max(at.saturating_duration_since(killed));
+        }
         let mut expected = 0;
         for (key, reply) in answers {
             let settled = match reply {
