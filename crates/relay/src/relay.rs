@@ -1,0 +1,407 @@
+//! The publisher and consumer tasks and their shared status.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_nats::HeaderMap;
+use futures_util::StreamExt;
+use hongbao_boundary::EngineError;
+use hongbao_core::sets::{SetId, SetMap};
+use hongbao_shard::{CrossMessage, Engine};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The JetStream stream every SET of a cluster shares.
+pub const STREAM: &str = "HONGBAO_CROSS";
+/// Outbox rows published per round.
+pub const PUBLISH_BATCH_MAX: usize = 256;
+/// Messages fetched and applied per round (also the consumer's cap on
+/// messages delivered and not yet acknowledged, times two).
+pub const APPLY_BATCH_MAX: usize = 256;
+/// JetStream drops a message whose id it saw this recently; beyond it the
+/// receiving SET's key check catches a repeat.
+const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// Bytes the stream may hold while a SET is away; past it a publish is
+/// refused and the rows wait in the outbox (on the sender's disk).
+const STREAM_BYTES_MAX: i64 = 1 << 30;
+/// How long a delivered message may stay unacknowledged before JetStream
+/// delivers it again (an apply is one commit: milliseconds).
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// An empty outbox is looked at again after this long.
+const IDLE_POLL: Duration = Duration::from_millis(5);
+/// A fetch that finds nothing returns after this long.
+const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// The subject of messages for `set`.
+pub fn subject(set: SetId) -> String {
+    format!("hongbao.cross.{set}")
+}
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// `nats://host:port` (several, comma-separated, for a NATS cluster).
+    pub nats_url: String,
+    pub set: SetMap,
+    /// JetStream replicas of the stream: 1 on one NATS server, 3 on a NATS
+    /// cluster.
+    pub replicas: usize,
+}
+
+/// What the relay is doing, for `/health` and the metrics.
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    connected: AtomicBool,
+    published: AtomicU64,
+    applied: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl RelayStatus {
+    /// Whether the NATS connection is up now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+    /// The last error either task met, until one of them succeeds again.
+    pub fn last_error(&self) -> Option<String> {
+        hongbao_boundary::sync::lock(&self.last_error).clone()
+    }
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, stage: &'static str, error: impl std::fmt::Display) {
+        metrics::counter!("hongbao_relay_errors_total", "stage" => stage).increment(1);
+        let message = format!("{stage}: {error}");
+        let mut last = hongbao_boundary::sync::lock(&self.last_error);
+        if last.as_deref() != Some(message.as_str()) {
+            tracing::warn!(stage, %error, "cross-SET relay");
+            *last = Some(message);
+        }
+    }
+
+    fn succeeded(&self) {
+        let mut last = hongbao_boundary::sync::lock(&self.last_error);
+        if last.take().is_some() {
+            tracing::info!("cross-SET relay working again");
+        }
+    }
+}
+
+/// The running relay.
+pub struct Relay {
+    pub status: Arc<RelayStatus>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Waits for both tasks after the stop signal (they stop at their next
+    /// await; an apply in progress finishes first).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Connects (in the background: a NATS that is down is dialled until it
+/// answers) and starts the publisher and the consumer of `engine`'s SET.
+pub async fn start(config: RelayConfig, engine: Engine, stop: watch::Receiver<bool>) -> Result<Relay, async_nats::Error> {
+    let status = Arc::new(RelayStatus::default());
+    let events = status.clone();
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("hongbao-set-{}", config.set.set()))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let status = events.clone();
+            async move {
+                let up = match event {
+                    async_nats::Event::Connected => true,
+                    async_nats::Event::Disconnected => false,
+                    _ => return,
+                };
+                status.connected.store(up, Ordering::Relaxed);
+                metrics::gauge!("hongbao_relay_connected").set(if up { 1.0 } else { 0.0 });
+                tracing::info!(connected = up, "NATS");
+            }
+        })
+        .connect(config.nats_url.as_str())
+        .await?;
+    let js = jetstream::new(client);
+    let publisher = tokio::spawn(publish_loop(js.clone(), config.clone(), engine.clone(), status.clone(), stop.clone()));
+    let consumer = tokio::spawn(consume_loop(js, config, engine, status.clone(), stop));
+    Ok(Relay { status, tasks: vec![publisher, consumer] })
+}
+
+/// The stream, created if it does not exist yet.
+async fn ensure_stream(js: &jetstream::Context, config: &RelayConfig) -> Result<stream::Stream, async_nats::Error> {
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: STREAM.to_owned(),
+            subjects: vec!["hongbao.cross.>".to_owned()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: DEDUP_WINDOW,
+            max_bytes: STREAM_BYTES_MAX,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: config.replicas,
+            ..Default::default()
+        })
+        .await?;
+    Ok(stream)
+}
+
+/// Sleeps `pause` unless stopped first; `true` when stopped.
+async fn pause_or_stop(pause: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => {}
+        _ = stop.wait_for(|s| *s) => return true,
+    }
+    *stop.borrow()
+}
+
+fn next_retry(retry: Duration) -> Duration {
+    (retry * 2).min(RETRY_MAX)
+}
+
+async fn publish_loop(
+    js: jetstream::Context,
+    config: RelayConfig,
+    engine: Engine,
+    status: Arc<RelayStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut retry = RETRY_MIN;
+    let mut stream_ready = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if !stream_ready {
+            match ensure_stream(&js, &config).await {
+                Ok(_) => stream_ready = true,
+                Err(e) => {
+                    status.failed("stream", e);
+                    if pause_or_stop(retry, &mut stop).await {
+                        return;
+                    }
+                    retry = next_retry(retry);
+                    continue;
+                }
+            }
+        }
+        // The backlog is kept in memory by the writer: an empty outbox costs
+        // no read of storage.
+        if engine.cross_backlog() == 0 {
+            if pause_or_stop(IDLE_POLL, &mut stop).await {
+                return;
+            }
+            continue;
+        }
+        match publish_batch(&js, &engine, &status).await {
+            Ok(()) => {
+                status.succeeded();
+                retry = RETRY_MIN;
+            }
+            Err(e) => {
+                status.failed("publish", e);
+                if pause_or_stop(retry, &mut stop).await {
+                    return;
+                }
+                retry = next_retry(retry);
+            }
+        }
+    }
+}
+
+/// One round: the oldest unpublished rows out, each awaited until
+/// JetStream stored it, then marked published (those that made it).
+async fn publish_batch(js: &jetstream::Context, engine: &Engine, status: &RelayStatus) -> Result<(), String> {
+    let batch = engine.cross_unpublished(PUBLISH_BATCH_MAX).await.map_err(|e| e.to_string())?;
+    let mut pending = Vec::with_capacity(batch.len());
+    let mut first_error = None;
+    for message in batch {
+        let payload = postcard::to_stdvec(&message).map_err(|e| e.to_string())?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", message.key().to_string().as_str());
+        match js.publish_with_headers(subject(message.to), headers, payload.into()).await {
+            Ok(ack) => pending.push((message.key(), ack)),
+            Err(e) => {
+                first_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let mut stored = Vec::with_capacity(pending.len());
+    for (key, ack) in pending {
+        match ack.await {
+            Ok(_) => stored.push(key),
+            Err(e) => {
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if !stored.is_empty() {
+        let count = stored.len() as u64;
+        engine.cross_published(stored).await.map_err(|e| e.to_string())?;
+        status.published.fetch_add(count, Ordering::Relaxed);
+        metrics::counter!("hongbao_cross_published_total").increment(count);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn consume_loop(
+    js: jetstream::Context,
+    config: RelayConfig,
+    engine: Engine,
+    status: Arc<RelayStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let set = config.set.set();
+    let mut retry = RETRY_MIN;
+    let mut consumer: Option<consumer::PullConsumer> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let pull = match &consumer {
+            Some(c) => c.clone(),
+            None => match open_consumer(&js, &config).await {
+                Ok(c) => {
+                    consumer = Some(c.clone());
+                    c
+                }
+                Err(e) => {
+                    status.failed("consumer", e);
+                    if pause_or_stop(retry, &mut stop).await {
+                        return;
+                    }
+                    retry = next_retry(retry);
+                    continue;
+                }
+            },
+        };
+        let fetched = tokio::select! {
+            fetched = fetch(&pull) => fetched,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let messages = match fetched {
+            Ok(messages) => messages,
+            Err(e) => {
+                status.failed("fetch", e);
+                // A NATS that came back may have lost the consumer with
+                // its store: opened again (get or create) next round.
+                consumer = None;
+                if pause_or_stop(retry, &mut stop).await {
+                    return;
+                }
+                retry = next_retry(retry);
+                continue;
+            }
+        };
+        retry = RETRY_MIN;
+        // Applied together: the writer commits them in one or a few batches.
+        let applies = messages.into_iter().map(|m| apply_one(&engine, set, m));
+        let applied = futures_util::future::join_all(applies).await;
+        let mut failed = None;
+        for outcome in applied {
+            match outcome {
+                Ok(true) => {
+                    status.applied.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            Some(e) => {
+                status.failed("apply", e);
+                if pause_or_stop(retry, &mut stop).await {
+                    return;
+                }
+                retry = next_retry(retry);
+            }
+            None => status.succeeded(),
+        }
+    }
+}
+
+async fn open_consumer(js: &jetstream::Context, config: &RelayConfig) -> Result<consumer::PullConsumer, async_nats::Error> {
+    let stream = ensure_stream(js, config).await?;
+    let name = format!("set-{}", config.set.set());
+    let consumer = stream
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: subject(config.set.set()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: (APPLY_BATCH_MAX * 2) as i64,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(consumer)
+}
+
+/// At most one batch of messages, waiting up to `FETCH_EXPIRES` for them.
+async fn fetch(consumer: &consumer::PullConsumer) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let mut batch = consumer.fetch().max_messages(APPLY_BATCH_MAX).expires(FETCH_EXPIRES).messages().await?;
+    let mut messages = Vec::new();
+    while let Some(message) = batch.next().await {
+        messages.push(message?);
+    }
+    Ok(messages)
+}
+
+/// Applies one delivered message and acknowledges it after the commit.
+/// `Ok(applied now)`; an error leaves it unacknowledged (delivered again
+/// after `ACK_WAIT`), except a message that can never apply, which is
+/// terminated and counted.
+async fn apply_one(engine: &Engine, set: SetId, delivered: jetstream::Message) -> Result<bool, String> {
+    let message: CrossMessage = match postcard::from_bytes(&delivered.payload) {
+        Ok(m) => m,
+        Err(e) => {
+            poison(&delivered, format!("undecodable cross-SET message: {e}")).await;
+            return Ok(false);
+        }
+    };
+    if message.to != set {
+        poison(&delivered, format!("a message for SET {} reached SET {set}", message.to)).await;
+        return Ok(false);
+    }
+    match engine.apply_cross(message).await {
+        Ok(applied) => {
+            delivered.ack().await.map_err(|e| format!("ack: {e}"))?;
+            Ok(applied)
+        }
+        Err(EngineError::Invalid(reason)) => {
+            poison(&delivered, reason).await;
+            Ok(false)
+        }
+        Err(e) => {
+            // Storage away: NAKed so it comes back once the SET can commit.
+            let _ = delivered.ack_with(AckKind::Nak(Some(RETRY_MAX))).await;
+            Err(e.to_string())
+        }
+    }
+}
+
+/// A message no SET can apply: logged loudly, counted, never delivered
+/// again (the cluster audit reports its credit as still in flight).
+async fn poison(delivered: &jetstream::Message, reason: String) {
+    metrics::counter!("hongbao_cross_poison_total").increment(1);
+    tracing::error!(subject = %delivered.subject, reason, "cross-SET message refused for good");
+    let _ = delivered.ack_with(AckKind::Term).await;
+}
