@@ -3,6 +3,7 @@
 //! ```toml
 //! # Relative paths are relative to this file's directory.
 //! secrets = "secrets"          # link.key, secret.key, admin.key (`hongbao keys`)
+//! nats = "nats://10.0.0.31:4222"   # JetStream: money and notices between SETs
 //!
 //! [[set]]                      # SET 0
 //! link = "10.0.0.11:7101"      # where gateways dial this SET
@@ -46,6 +47,7 @@ pub enum ClusterConfigError {
 #[serde(deny_unknown_fields)]
 struct RawFile {
     secrets: PathBuf,
+    nats: Option<String>,
     #[serde(default)]
     dev: bool,
     #[serde(default, rename = "set")]
@@ -85,6 +87,9 @@ pub struct ClusterFile {
     pub secrets: PathBuf,
     /// Dev mode everywhere: bare user ids as tokens, an open admin API.
     pub dev: bool,
+    /// The NATS server(s) carrying cross-SET messages; required with more
+    /// than one SET.
+    pub nats: Option<String>,
 }
 
 /// Shards of a SET when the file does not say.
@@ -137,7 +142,13 @@ impl ClusterFile {
                 }
             }
         }
-        Ok(ClusterFile { path: path.to_owned(), sets, secrets: base.join(raw.secrets), dev: raw.dev })
+        if sets.len() > 1 && raw.nats.is_none() {
+            return Err(invalid(format!(
+                "a cluster of {} SETs needs `nats = \"nats://host:port\"`: opens and notices across SETs travel there",
+                sets.len()
+            )));
+        }
+        Ok(ClusterFile { path: path.to_owned(), sets, secrets: base.join(raw.secrets), dev: raw.dev, nats: raw.nats })
     }
 
     /// How many SETs (1 to `SETS_MAX`).
@@ -167,6 +178,7 @@ mod tests {
 
     const TWO: &str = r#"
         secrets = "keys"
+        nats = "nats://127.0.0.1:4222"
         [[set]]
         link = "127.0.0.1:7101"
         admin = "127.0.0.1:7180"
@@ -204,6 +216,7 @@ mod tests {
         assert!(err(&TWO.replace("set1.internal:7101", "127.0.0.1:7101")).contains("share"));
         assert!(err(&TWO.replace("link_bind = \"0.0.0.0:7101\"", "")).contains("give link_bind"));
         assert!(err(&TWO.replace("shards = 8", "shards = 0")).contains("shards must be"));
-        assert!(err(&format!("{TWO}\nnats = \"x\"")).contains("unknown field"));
+        assert!(err(&format!("{TWO}\nredis = \"x\"")).contains("unknown field"));
+        assert!(err(&TWO.replace("nats = \"nats://127.0.0.1:4222\"", "")).contains("needs `nats"));
     }
 }

@@ -115,7 +115,12 @@ pub fn run_set(args: SetArgs) -> anyhow::Result<()> {
         ..ServeArgs::default()
     };
     let mut settings = Settings::resolve(serve_args)?;
-    settings.set_role = Some(SetRole { map, link_bind: entry.link_bind, link_key: secret(&file, LINK_KEY_FILE)? });
+    settings.set_role = Some(SetRole {
+        map,
+        link_bind: entry.link_bind,
+        link_key: secret(&file, LINK_KEY_FILE)?,
+        nats: file.nats.clone(),
+    });
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(serve::run(settings)).context("the SET failed")

@@ -240,6 +240,8 @@ pub struct SetRole {
     pub link_bind: SocketAddr,
     /// The key every gateway of the cluster presents.
     pub link_key: String,
+    /// NATS, for messages to and from the other SETs (none: a cluster of one).
+    pub nats: Option<String>,
 }
 
 impl Config {

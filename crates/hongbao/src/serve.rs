@@ -31,7 +31,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Settings;
+use crate::config::{SetRole, Settings};
 use crate::gateways::Workers;
 use crate::keys::{self, KeyError};
 
@@ -74,6 +74,8 @@ pub enum ServeError {
     Link(#[from] hongbao_link::LinkError),
     #[error("gateway processes: {0}")]
     Workers(#[from] crate::gateways::WorkersError),
+    #[error("cross-SET relay: {0}")]
+    Relay(String),
 }
 
 /// What a started server announces; printed as the `HONGBAO_READY` line.
@@ -107,6 +109,8 @@ pub struct Server {
     gateway: Option<Gateway>,
     /// A SET's TCP link listener.
     links: Option<hongbao_link::LinkServer>,
+    /// A SET's road to the other SETs (NATS JetStream).
+    relay: Option<hongbao_relay::Relay>,
     /// The other gateway processes, if any.
     workers: Option<Workers>,
     admin: JoinHandle<()>,
@@ -229,6 +233,16 @@ pub async fn start(settings: Settings, recorders: Recorders) -> Result<Server, S
             return Err(e);
         }
     };
+    if let Some(SetRole { map, nats: Some(nats_url), .. }) = &settings.set_role {
+        let config = hongbao_relay::RelayConfig { nats_url: nats_url.clone(), set: *map, replicas: 1 };
+        match hongbao_relay::start(config, server.engine.clone(), server.shutdown.subscribe()).await {
+            Ok(relay) => server.relay = Some(relay),
+            Err(e) => {
+                let _ = server.shutdown().await;
+                return Err(ServeError::Relay(e.to_string()));
+            }
+        }
+    }
     let extra = usize::from(settings.gateways) - 1;
     if extra > 0 {
         let stop = server.shutdown.subscribe();
@@ -390,6 +404,7 @@ async fn start_front(
         engine,
         gateway,
         links,
+        relay: None,
         workers: None,
         admin,
         sampler,
@@ -408,7 +423,7 @@ impl Server {
     /// (bounded by `STOP_TIMEOUT` each). Phase 2: shut the engine down, which
     /// commits whatever is queued. Phase 2 runs even if phase 1 failed.
     pub async fn shutdown(self) -> Result<(), ServeError> {
-        let Server { engine, gateway, links, workers, mut admin, sampler, shutdown, .. } = self;
+        let Server { engine, gateway, links, relay, workers, mut admin, sampler, shutdown, .. } = self;
         let _ = shutdown.send(true);
         let mut first_error = None;
         // The other gateways close their connections meanwhile.
@@ -435,6 +450,12 @@ impl Server {
             Err(_) => {
                 tracing::warn!(timeout_s = STOP_TIMEOUT.as_secs(), "admin API did not stop in time; going on");
                 admin.abort();
+            }
+        }
+        // Its applies in progress finish (they are the engine's commits).
+        if let Some(relay) = relay {
+            if tokio::time::timeout(STOP_TIMEOUT, relay.wait()).await.is_err() {
+                tracing::warn!("cross-SET relay did not stop in time; going on");
             }
         }
         // It ends at its next await on the signal; it holds nothing to finish.
