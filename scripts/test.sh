@@ -42,6 +42,19 @@ python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ -z "${HONGBAO_PG_BIN:-}" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     missing+=(postgresql)
 fi
+# The cluster tests start their own NATS (with JetStream) and Redis servers
+# (crates/harness), in temporary directories on free loopback ports, with
+# Debian's binaries (nats-server is in /usr/sbin, which a user's PATH may
+# lack; HONGBAO_NATS_SERVER / HONGBAO_REDIS_SERVER name others). On a machine
+# with systemd the packages also start a default service (nats-server on
+# port 4222, redis-server on 6379); the tests never use them, and the harness
+# picks no port below 20000.
+if [ -z "${HONGBAO_NATS_SERVER:-}" ] && ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+    missing+=(nats-server)
+fi
+if [ -z "${HONGBAO_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+    missing+=(redis-server)
+fi
 # The web tests (web/run-tests.sh) drive Debian's Chromium headless through
 # playwright-core, whose own browser download cannot work here; a CJK font
 # draws the pages' Chinese in their screenshots. Node.js and npm run them
