@@ -48,6 +48,7 @@ mod process;
 pub mod redis;
 
 pub use nats::NatsServer;
+pub use process::free_ports;
 pub use redis::{RedisOptions, RedisServer};
 
 /// What can go wrong while running a throwaway server.

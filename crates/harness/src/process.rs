@@ -96,7 +96,7 @@ const PICK_ATTEMPTS: usize = 200;
 /// and a restart on the same port would fail. Below the range, only a
 /// program binding that very port can take it. When the range starts too
 /// low to leave room, falls back to port 0.
-pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], HarnessError> {
+pub fn free_ports<const N: usize>() -> Result<[u16; N], HarnessError> {
     let high = ephemeral_low().unwrap_or(DEFAULT_EPHEMERAL_LOW);
     if high < LOWEST_PORT.saturating_add(1000) {
         return ephemeral_ports();

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{audit_store, hongbao, race_open, rand_suffix, send_to_group, Admin, Client};
+use hongbao_harness::NatsServer;
 use hongbao_pg_harness::PgServer;
 use hongbao_proto::{ErrorCode, PushBody, Reply, Request, ShakeResult, SplitKind, Target};
 use serde_json::{json, Value};
@@ -22,8 +23,10 @@ const SETS: u64 = 2;
 /// Liveness bound on every wait (never a speed assertion).
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+/// Loopback addresses on ports below the ephemeral range, so a SET
+/// restarted after SIGKILL finds its ports free (hongbao-harness says why).
+fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    hongbao_harness::free_ports::<N>().unwrap().map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// Starts `command` with stdout piped and its log in `log`; returns the
@@ -68,6 +71,7 @@ struct Cluster {
     file: PathBuf,
     /// One database per SET; stopped last.
     _pg: PgServer,
+    nats: NatsServer,
     sets: Vec<SetProcess>,
     gateways: Vec<GatewayProcess>,
 }
@@ -85,25 +89,23 @@ impl Cluster {
     /// Two SETs (one database each on one PostgreSQL server), `gateways` gateways.
     fn start(gateways: usize) -> Cluster {
         let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
+        let nats = NatsServer::start().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().unwrap();
-        let mut text = String::from("secrets = \"secrets\"\ndev = true\n");
+        let mut text = format!("secrets = \"secrets\"\ndev = true\nnats = \"{}\"\n", nats.url());
         let mut urls = Vec::new();
         for set in 0..SETS {
             let db = format!("set{set}");
             pg.create_database(&db).unwrap();
             let url = pg.url_for(&db);
-            text += &format!(
-                "[[set]]\nlink = \"{}\"\nadmin = \"{}\"\nstore = \"{url}\"\nshards = 2\n",
-                free_port(),
-                free_port()
-            );
+            let [link, admin] = free_addrs::<2>();
+            text += &format!("[[set]]\nlink = \"{link}\"\nadmin = \"{admin}\"\nstore = \"{url}\"\nshards = 2\n");
             urls.push(url);
         }
         let file = dir.path().join("cluster.toml");
         std::fs::write(&file, text).unwrap();
         let keys = hongbao().args(["keys", "--cluster", file.to_str().unwrap()]).output().unwrap();
         assert!(keys.status.success(), "{}", String::from_utf8_lossy(&keys.stderr));
-        let mut cluster = Cluster { dir, file, _pg: pg, sets: Vec::new(), gateways: Vec::new() };
+        let mut cluster = Cluster { dir, file, _pg: pg, nats, sets: Vec::new(), gateways: Vec::new() };
         for (set, url) in urls.into_iter().enumerate() {
             let (child, ready) = cluster.spawn_set(set);
             let admin = ready["admin"].as_str().unwrap().parse().unwrap();
