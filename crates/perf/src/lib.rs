@@ -26,6 +26,7 @@
 mod clients;
 mod conns;
 mod crash;
+mod hop;
 mod opens;
 mod overload;
 mod server;
@@ -46,6 +47,9 @@ pub enum Figure {
     /// The server at twice its capacity (shakes, keyed shakes, opens):
     /// memory bounded, every request answered, a probe's ping latency.
     Overload(overload::OverloadArgs),
+    /// One request and its reply between a gateway and a SET: over the link
+    /// (TCP) and over NATS request/reply, back to back.
+    Hop(hop::HopArgs),
     /// One client process of conn-memory or broadcast: opens a share of the
     /// connections and holds them (started by them; JSON lines on stdin and
     /// stdout).
@@ -62,6 +66,7 @@ pub fn run(figure: Figure) -> anyhow::Result<()> {
         Figure::Crash(args) => crash::run(args),
         Figure::Overload(args) => overload::run(args),
         Figure::Hold(args) => clients::hold(args),
+        Figure::Hop(args) => hop::run(args),
     }
 }
 
