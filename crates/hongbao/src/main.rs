@@ -54,6 +54,10 @@ enum Command {
         /// A postgres:// URL to audit instead of the data directory.
         #[arg(long, env = "HONGBAO_STORE", value_name = "URL", hide_env_values = true)]
         store: Option<String>,
+        /// Audit a whole cluster instead: every SET's store in this
+        /// cluster.toml and the credits in flight between them.
+        #[arg(long, value_name = "FILE", conflicts_with = "store")]
+        cluster: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -181,9 +185,18 @@ fn main() -> ExitCode {
         Command::Set(args) => report(cluster::run_set(args)),
         Command::Gateway(args) => report(cluster::run_gateway(args)),
         Command::Keys(arg) => report(cluster::make_keys(arg)),
-        Command::Audit { data, store, json } => {
-            let audited =
-                hongbao_store::StoreLocation::resolve(store.as_deref(), &data).and_then(|at| audit::run(&at, json));
+        Command::Audit { data, store, cluster, json } => {
+            let audited = match cluster {
+                Some(path) => match hongbao_cluster::ClusterFile::load(&path) {
+                    Ok(file) => audit::run_cluster(&file, json),
+                    Err(e) => {
+                        eprintln!("error: cannot audit: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => hongbao_store::StoreLocation::resolve(store.as_deref(), &data)
+                    .and_then(|at| audit::run(&at, json)),
+            };
             match audited {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
