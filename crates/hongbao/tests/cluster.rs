@@ -193,20 +193,52 @@ async fn balance(client: &Client) -> i64 {
     }
 }
 
-/// The race of one packet on each SET, its racers spread over three
-/// gateways: exactly K opens each, balances read through other gateways,
-/// pushes from a SET reaching its users on every gateway, each database's
-/// audit passing; and what crosses SETs refused with a clear message.
+/// Runs `hongbao audit --cluster FILE --json`; returns (passed, report).
+fn audit_cluster(file: &Path) -> (bool, Value) {
+    let out = hongbao().args(["audit", "--cluster", file.to_str().unwrap(), "--json"]).output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), report)
+}
+
+/// Waits until `user`'s balance, asked through gateway `g`, is `fen` (a
+/// credit from another SET arrives a little after the open's answer).
+async fn balance_becomes(cluster: &Cluster, g: usize, user: u64, fen: i64) {
+    let client = cluster.client(g, user).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = balance(&client).await;
+        if now == fen {
+            return;
+        }
+        assert!(Instant::now() < deadline, "user {user}: balance {now}, expected {fen}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The winners of `packet` and their shares, from its SET's admin API.
+async fn claims(cluster: &Cluster, packet: u64) -> Vec<(u64, i64)> {
+    let set = usize::from(hongbao_core::ids::set_of(packet));
+    let detail = cluster.call(set, "GET", &format!("/v1/packets/{packet}"), Value::Null).await;
+    let claims = detail["claims"].as_array().unwrap_or_else(|| panic!("{detail}"));
+    claims.iter().map(|c| (c["user"].as_u64().unwrap(), c["amount_fen"].as_i64().unwrap())).collect()
+}
+
+/// The race of one packet on each SET, its members homed on both SETs and
+/// connected through three gateways: exactly K opens; each winner's credit
+/// reaches their home SET once (their balance, asked through another
+/// gateway, is their share); the packet's notice reaches members of the
+/// other SET too; a persistent notice from a SET reaches its users on each
+/// gateway; and the cluster audit passes with nothing in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_set_races_its_packets_through_three_gateways_and_audits_clean() {
+async fn a_packet_raced_across_sets_through_three_gateways_pays_each_winner_once() {
     const K: u32 = 5;
     const AMOUNT: i64 = 1_000;
     let cluster = Cluster::start(3);
     for set in 0..SETS {
         let sender = 100 + set;
         cluster.deposit(sender, AMOUNT).await;
-        // Ten racers a share, all homed on this SET, over the three gateways.
-        let members: Vec<u64> = (0..10 * u64::from(K) + 1).map(|i| 1_000 + i * SETS + set).chain([sender]).collect();
+        // Ten racers a share, homed on both SETs, over the three gateways.
+        let members: Vec<u64> = (0..10 * u64::from(K)).map(|i| 1_000 + 100 * set + i).chain([sender]).collect();
         cluster.call(set as usize, "PUT", "/v1/groups/5", json!({"members": members})).await;
         let sending = cluster.client(0, sender).await;
         let packet = send_to_group(&sending, AMOUNT, K, 5, &format!("race-{set}")).await;
@@ -216,72 +248,122 @@ async fn each_set_races_its_packets_through_three_gateways_and_audits_clean() {
             racers.push((user, cluster.client(i % 3, user).await));
         }
         let racers = race_open(racers, packet, K, AMOUNT).await;
-        // Each winner's balance, asked through another gateway, is its share.
-        let detail = cluster.call(set as usize, "GET", &format!("/v1/packets/{packet}"), Value::Null).await;
-        let claims = detail["claims"].as_array().unwrap();
-        assert_eq!(claims.len(), K as usize, "{detail}");
-        for (i, claim) in claims.iter().enumerate() {
-            let user = claim["user"].as_u64().unwrap();
-            let other = cluster.client((i + 1) % 3, user).await;
-            assert_eq!(balance(&other).await, claim["amount_fen"].as_i64().unwrap());
+        let won = claims(&cluster, packet).await;
+        assert_eq!(won.len(), K as usize);
+        assert!(won.iter().any(|(u, _)| Cluster::home(*u) != set as usize) || K < 3, "a winner of the other SET: {won:?}");
+        for (i, (user, fen)) in won.iter().enumerate() {
+            balance_becomes(&cluster, (i + 1) % 3, *user, *fen).await;
         }
-        // A persistent notice from the SET reaches its users on each gateway.
-        let online: Vec<u64> = racers.iter().take(3).map(|(u, _)| *u).collect();
+        // Notices: every member got the packet's, wherever they are homed;
+        // then a persistent one from this SET to three of its own users.
+        let mut own = Vec::new();
+        for (user, mut client) in racers {
+            let push = client.next_push(PATIENCE).await.unwrap_or_else(|| panic!("user {user}: no notice"));
+            assert!(matches!(push.body, PushBody::PacketReceived { packet: p, .. } if p == packet), "{push:?}");
+            if Cluster::home(user) == set as usize && own.len() < 3 {
+                own.push((user, client));
+            }
+        }
+        let users: Vec<u64> = own.iter().map(|(u, _)| *u).collect();
         let pushed = cluster
             .call(
                 set as usize,
                 "POST",
                 "/v1/push",
-                json!({"target": {"users": online}, "persistent": true, "topic": "t", "text": "x"}),
+                json!({"target": {"users": users}, "persistent": true, "topic": "t", "text": "x"}),
             )
             .await;
         assert_eq!(pushed["stored"], json!(3), "{pushed}");
-        for (user, mut client) in racers.into_iter().take(3) {
-            // After the packet's own notice (`packet_received`), the one pushed.
-            loop {
-                let push = client.next_push(PATIENCE).await.unwrap_or_else(|| panic!("user {user} got no notice"));
-                if matches!(push.body, PushBody::Notice { .. }) {
-                    break;
-                }
-                assert!(matches!(push.body, PushBody::PacketReceived { packet: p, .. } if p == packet), "{push:?}");
-            }
+        for (user, mut client) in own {
+            let push = client.next_push(PATIENCE).await.unwrap_or_else(|| panic!("user {user} got no notice"));
+            assert!(matches!(push.body, PushBody::Notice { .. }), "{push:?}");
         }
     }
-
-    // Across SETs: a packet of SET 0 opened by a user of SET 1, and a send
-    // from SET 0 to a user of SET 1, are refused with their reason.
-    let sender = cluster.client(1, 100).await;
-    cluster.deposit(100, 100).await;
-    let reply = sender
-        .request(Request::Send {
-            amount_fen: 100,
-            count: 1,
-            kind: SplitKind::Lucky,
-            to: Target::User(101),
-            greeting: "x".into(),
-            key: "cross".into(),
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(&reply, Reply::Error { code: ErrorCode::InvalidRequest, message } if message.contains("SET")),
-        "{reply:?}"
-    );
-    let own = send_to_group(&sender, 100, 1, 5, "own").await;
-    let visitor = cluster.client(2, 101).await;
-    let reply = visitor.request(Request::Open { packet: own }).await.unwrap();
-    assert!(
-        matches!(&reply, Reply::Error { code: ErrorCode::InvalidRequest, message } if message.contains("another SET")),
-        "{reply:?}"
-    );
     // A packet id naming no SET of the cluster is simply not found.
+    let visitor = cluster.client(2, 101).await;
     let reply = visitor.request(Request::Open { packet: 5 << 48 | 1 << 40 | 7 }).await.unwrap();
     assert!(matches!(reply, Reply::Error { code: ErrorCode::NotFound, .. }), "{reply:?}");
 
-    for set in &cluster.sets {
-        let (passed, report) = audit_store(&set.url);
-        assert!(passed, "{report}");
+    let (passed, report) = audit_cluster(&cluster.file);
+    assert!(passed, "{report:#}");
+    assert_eq!(report["totals"]["in_flight_fen"], json!(0), "{report:#}");
+}
+
+/// Credits in flight wait out NATS and a SET: with NATS down, opens across
+/// SETs are still answered (their credits wait in the packet's SET's
+/// outbox, on disk); SET 1 is then killed with SIGKILL holding unpublished
+/// credits, while SET 1's users open SET 0's packet. When NATS and SET 1
+/// are back — nothing else restarted — every credit arrives exactly once
+/// and the cluster audit passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_in_flight_wait_out_nats_and_a_killed_set() {
+    let mut cluster = Cluster::start(3);
+    cluster.deposit(100, 3_000).await;
+    cluster.deposit(101, 3_000).await;
+    let sender0 = cluster.client(0, 100).await;
+    let sender1 = cluster.client(1, 101).await;
+    cluster.nats.kill9().unwrap();
+
+    // SET 1's packet to users of SET 0, opened while NATS is down.
+    let to_set0 = [300u64, 302, 304];
+    let send = |to: &[u64], key: &str| Request::Send {
+        amount_fen: 3_000,
+        count: 3,
+        kind: SplitKind::Lucky,
+        to: Target::Users(to.to_vec()),
+        greeting: key.into(),
+        key: key.into(),
+    };
+    let Reply::Sent { packet: p1, .. } = sender1.request(send(&to_set0, "p1")).await.unwrap() else { panic!() };
+    for (i, &user) in to_set0.iter().enumerate() {
+        let c = cluster.client(i % 3, user).await;
+        let reply = c.request(Request::Open { packet: p1 }).await.unwrap();
+        assert!(matches!(reply, Reply::Opened { .. }), "{reply:?}");
     }
+    // They wait in SET 1's outbox; then SET 1 is killed.
+    let deadline = Instant::now() + PATIENCE;
+    while common_metric(&cluster, 1, "hongbao_cross_backlog").await < 4.0 {
+        assert!(Instant::now() < deadline, "the credits and notices never reached SET 1's outbox count");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.sets[1].child.kill().unwrap();
+    cluster.sets[1].child.wait().unwrap();
+
+    // SET 0's packet to users of SET 1, opened while SET 1 and NATS are down.
+    let to_set1 = [301u64, 303, 305];
+    let Reply::Sent { packet: p0, .. } = sender0.request(send(&to_set1, "p0")).await.unwrap() else { panic!() };
+    for (i, &user) in to_set1.iter().enumerate() {
+        let c = cluster.client(i % 3, user).await;
+        let reply = c.request(Request::Open { packet: p0 }).await.unwrap();
+        assert!(matches!(reply, Reply::Opened { .. }), "user {user}: {reply:?}");
+    }
+    let (passed, report) = audit_cluster(&cluster.file);
+    assert!(passed, "money in flight is no violation: {report:#}");
+    assert_eq!(report["totals"]["in_flight_fen"], json!(6_000), "both packets' credits wait: {report:#}");
+
+    cluster.nats.restart().unwrap();
+    let (child, _) = cluster.spawn_set(1);
+    cluster.sets[1].child = child;
+    for packet in [p0, p1] {
+        for (i, (user, fen)) in claims(&cluster, packet).await.into_iter().enumerate() {
+            balance_becomes(&cluster, i % 3, user, fen).await;
+        }
+    }
+    let (passed, report) = audit_cluster(&cluster.file);
+    assert!(passed, "{report:#}");
+    assert_eq!(report["totals"]["in_flight_fen"], json!(0), "{report:#}");
+}
+
+/// The first sample of `name` in SET `set`'s `/metrics`; 0 if none.
+async fn common_metric(cluster: &Cluster, set: usize, name: &str) -> f64 {
+    let admin = cluster.admin(set);
+    let body = tokio::task::spawn_blocking(move || admin.get("/metrics")).await.unwrap().unwrap().body;
+    let text = body.as_str().unwrap_or_default().to_owned();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .next()
+        .unwrap_or(0.0)
 }
 
 /// A stream of keyed wins on SET 1, whose process is killed with SIGKILL in
