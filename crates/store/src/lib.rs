@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use hongbao_core::audit::AuditReport;
+pub use hongbao_core::audit::{AuditReport, CrossRows};
 
 mod apply;
 mod audit;
@@ -33,7 +33,7 @@ pub use ops::{Op, OpError};
 pub use reader::{CampaignRow, MoneyTotals, Reader};
 pub use writer::{StorageFailure, Writer, WriterStats};
 
-pub use audit::{audit, audit_dir};
+pub use audit::{audit, audit_dir, audit_with_cross};
 pub use postgres::archive::{ArchiveReport, ArchivedDay, KeptDay};
 pub use postgres::PgTarget;
 pub use sqlite::{prepare_data_dir, DB_FILE, LOCK_FILE};
