@@ -54,8 +54,10 @@ impl EngineSource for EngineFeed {
             user_balances_fen: s.user_balances_fen,
             packet_escrow_fen: s.packet_escrow_fen,
             campaign_escrow_fen: s.campaign_escrow_fen,
-            // One node: no money travels between nodes.
-            in_flight_fen: 0,
+            // What this SET owes the other SETs (0 on a single node): with
+            // it, users + escrows + in flight = deposits - withdrawals holds
+            // per SET while credits travel between SETs.
+            in_flight_fen: s.transit_fen,
             deposits_minus_withdrawals_fen: s.deposits_minus_withdrawals_fen,
             storage_failure,
         }

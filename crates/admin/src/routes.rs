@@ -201,7 +201,7 @@ pub(crate) async fn metrics(State(app): Shared, headers: HeaderMap) -> Response 
 /// scrape; integers, so the figures are exact.
 fn append_money(text: &mut String, s: &hongbao_shard::Stats) {
     use std::fmt::Write;
-    let money: [(&str, &str, i64); 4] = [
+    let money: [(&str, &str, i64); 5] = [
         ("hongbao_user_balances_fen", "Sum of user balances, fen (committed).", s.user_balances_fen),
         ("hongbao_packet_escrow_fen", "Money in unopened packet shares, fen (committed).", s.packet_escrow_fen),
         (
@@ -210,8 +210,13 @@ fn append_money(text: &mut String, s: &hongbao_shard::Stats) {
             s.campaign_escrow_fen,
         ),
         (
+            "hongbao_transit_fen",
+            "What this SET owes the other SETs of its cluster, net, fen (committed; 0 on a single node).",
+            s.transit_fen,
+        ),
+        (
             "hongbao_deposits_minus_withdrawals_fen",
-            "Deposits minus withdrawals, fen (committed); equals the three totals above.",
+            "Deposits minus withdrawals, fen (committed); equals the four totals above.",
             s.deposits_minus_withdrawals_fen,
         ),
     ];

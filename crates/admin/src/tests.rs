@@ -592,10 +592,11 @@ async fn an_error_answer_with_a_late_body_keeps_the_connection_usable() {
     c.closed_within(WAIT).await.unwrap();
 }
 
-const MONEY_GAUGES: [&str; 4] = [
+const MONEY_GAUGES: [&str; 5] = [
     "hongbao_user_balances_fen",
     "hongbao_packet_escrow_fen",
     "hongbao_campaign_escrow_fen",
+    "hongbao_transit_fen",
     "hongbao_deposits_minus_withdrawals_fen",
 ];
 

@@ -1,14 +1,22 @@
 //! The conservation proof behind `hongbao audit`, as pure code: storage feeds
 //! it every record, it re-derives every balance and packet and reports each
 //! broken invariant of DESIGN.md §4 precisely.
+//!
+//! `Auditor` proves one SET's store. `ClusterAuditor` proves a cluster from
+//! each SET's report and its cross-SET rows (`crate::cross`): every credit
+//! applied on a user's SET was written by the packet's SET, with the same
+//! amount, once; and what is still in flight between SETs closes the
+//! cluster's books.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
 use crate::campaign::CampaignStatus;
+use crate::cross::CrossKind;
 use crate::ledger::{Account, AccountKind};
 use crate::packet::{best_luck_of, Claim, PacketStatus};
+use crate::sets::{home_set, SetId};
 use crate::split::SplitKind;
 use crate::{CampaignId, PacketId, UserId};
 
@@ -30,10 +38,14 @@ pub enum EntryKind {
     ShakeWin,
     /// Campaign escrow → funder when a campaign closes.
     CampaignRefund,
+    /// Transit account of the packet's SET → a user homed here: a share of
+    /// a packet of another SET, applied from that SET's credit
+    /// (`reference` is the packet).
+    CrossCredit,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 8] = [
+    pub const ALL: [EntryKind; 9] = [
         EntryKind::Deposit,
         EntryKind::Withdraw,
         EntryKind::PacketFund,
@@ -42,6 +54,7 @@ impl EntryKind {
         EntryKind::CampaignFund,
         EntryKind::ShakeWin,
         EntryKind::CampaignRefund,
+        EntryKind::CrossCredit,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,6 +66,7 @@ impl EntryKind {
             EntryKind::CampaignFund => "campaign_fund",
             EntryKind::ShakeWin => "shake_win",
             EntryKind::CampaignRefund => "campaign_refund",
+            EntryKind::CrossCredit => "cross_credit",
         }
     }
     pub fn parse(s: &str) -> Option<EntryKind> {
@@ -93,6 +107,39 @@ pub struct CampaignRecord {
     pub status: CampaignStatus,
 }
 
+/// A row of the cross-SET outbox: a message this SET wrote for SET `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CrossOutRecord {
+    pub to: SetId,
+    pub kind: CrossKind,
+    pub packet: PacketId,
+    pub user: UserId,
+    /// A credit's amount; 0 for a notice.
+    pub amount_fen: i64,
+    pub created_ms: u64,
+    pub published: bool,
+}
+
+/// A row of the cross-SET inbox: a message from SET `from` applied here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CrossInRecord {
+    pub from: SetId,
+    pub kind: CrossKind,
+    pub packet: PacketId,
+    pub user: UserId,
+    /// A credit's amount; 0 for a notice.
+    pub amount_fen: i64,
+    pub created_ms: u64,
+    pub applied_ms: u64,
+}
+
+/// Every cross-SET row of one store, read in the same snapshot as its audit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CrossRows {
+    pub outs: Vec<CrossOutRecord>,
+    pub ins: Vec<CrossInRecord>,
+}
+
 /// Totals that the report prints on success.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct AuditTotals {
@@ -107,6 +154,12 @@ pub struct AuditTotals {
     pub user_balances_fen: i64,
     pub packet_escrow_fen: i64,
     pub campaign_escrow_fen: i64,
+    /// What this SET owes the other SETs, net (0 on a single node).
+    pub transit_fen: i64,
+    /// The same by peer SET: what this SET owes each (negative: is owed).
+    pub transit_by_set: BTreeMap<SetId, i64>,
+    pub cross_out_rows: u64,
+    pub cross_in_rows: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -134,8 +187,21 @@ pub struct Auditor {
     counts: HashMap<(EntryKind, u64), u64>,
     /// Open entries per (packet, user), to match against claims.
     open_entries: HashMap<(PacketId, UserId), i64>,
+    /// Opens paid into a transit account, per (packet, user): (peer, amount),
+    /// to match against outbox credits.
+    transit_opens: HashMap<(PacketId, UserId), (SetId, i64)>,
+    /// Credits applied from a transit account, per (peer, packet, user), to
+    /// match against inbox rows.
+    cross_credits: HashMap<(SetId, PacketId, UserId), i64>,
+    cross_outs: Vec<CrossOutRecord>,
+    cross_ins: Vec<CrossInRecord>,
     totals: AuditTotals,
     violations: Vec<String>,
+}
+
+/// The peer SET of a transit account id.
+fn transit_peer(id: i64) -> Option<SetId> {
+    Account::from_id(id).filter(|a| a.kind == AccountKind::Transit).and_then(|a| SetId::try_from(a.owner).ok())
 }
 
 impl Auditor {
@@ -176,10 +242,47 @@ impl Auditor {
                     if self.open_entries.insert((e.reference, user), e.amount_fen).is_some() {
                         self.violations.push(format!("packet {} credited user {user} twice", e.reference));
                     }
+                    if let Some(peer) = transit_peer(e.to) {
+                        self.transit_opens.insert((e.reference, user), (peer, e.amount_fen));
+                    }
                 }
             }
+            EntryKind::CrossCredit => match (transit_peer(e.from), e.user) {
+                (Some(peer), Some(user)) if e.to == Account::user(user).id() => {
+                    if self.cross_credits.insert((peer, e.reference, user), e.amount_fen).is_some() {
+                        self.violations
+                            .push(format!("packet {} of SET {peer}: user {user} was credited twice", e.reference));
+                    }
+                }
+                _ => self.violations.push(format!(
+                    "entry {} (cross_credit) does not move money from a transit account to its user",
+                    e.id
+                )),
+            },
             _ => {}
         }
+        // Only these two move money through a transit account.
+        let through_transit = transit_peer(e.from).is_some() || transit_peer(e.to).is_some();
+        let allowed = match e.kind {
+            EntryKind::PacketOpen => transit_peer(e.from).is_none(),
+            EntryKind::CrossCredit => transit_peer(e.to).is_none(),
+            _ => false,
+        };
+        if through_transit && !allowed {
+            self.violations.push(format!("entry {} ({}) moves money through a transit account", e.id, e.kind.as_str()));
+        }
+    }
+
+    /// An outbox row of this store.
+    pub fn cross_out(&mut self, r: CrossOutRecord) {
+        self.totals.cross_out_rows += 1;
+        self.cross_outs.push(r);
+    }
+
+    /// An inbox row of this store.
+    pub fn cross_in(&mut self, r: CrossInRecord) {
+        self.totals.cross_in_rows += 1;
+        self.cross_ins.push(r);
     }
 
     pub fn packet(&mut self, p: PacketRecord) {
@@ -210,12 +313,14 @@ impl Auditor {
         self.check_accounts(&mut v);
         self.check_packets(&mut v);
         self.check_campaigns(&mut v);
+        self.check_cross(&mut v);
         AuditReport { totals: self.totals, violations: v }
     }
 
     /// Every stored balance equals the one re-derived from entries; double
-    /// entry: all balances sum to zero, and what users and escrow hold is
-    /// exactly deposits minus withdrawals.
+    /// entry: all balances sum to zero, and what users and escrow hold, plus
+    /// what this SET owes other SETs (transit), is exactly deposits minus
+    /// withdrawals.
     fn check_accounts(&mut self, v: &mut Vec<String>) {
         let ids: HashSet<i64> = self.stored_balances.keys().chain(self.derived_balances.keys()).copied().collect();
         let mut total: i128 = 0;
@@ -231,6 +336,15 @@ impl Auditor {
                 Some(a) if a.kind == AccountKind::User => self.totals.user_balances_fen += balance,
                 Some(a) if a.kind == AccountKind::PacketEscrow => self.totals.packet_escrow_fen += balance,
                 Some(a) if a.kind == AccountKind::CampaignEscrow => self.totals.campaign_escrow_fen += balance,
+                Some(a) if a.kind == AccountKind::Transit => {
+                    self.totals.transit_fen += balance;
+                    match SetId::try_from(a.owner) {
+                        Ok(peer) if peer < crate::sets::SETS_MAX => {
+                            *self.totals.transit_by_set.entry(peer).or_insert(0) += balance
+                        }
+                        _ => v.push(format!("account {id} is a transit account of no SET")),
+                    }
+                }
                 _ => {}
             }
             if balance < 0 && Account::from_id(id).is_some_and(|a| !a.may_go_negative()) {
@@ -247,9 +361,86 @@ impl Auditor {
         }
         let held = self.totals.user_balances_fen as i128
             + self.totals.packet_escrow_fen as i128
-            + self.totals.campaign_escrow_fen as i128;
+            + self.totals.campaign_escrow_fen as i128
+            + self.totals.transit_fen as i128;
         if held != net_deposits as i128 {
-            v.push(format!("users + escrow hold {held} fen, deposits - withdrawals = {net_deposits} fen"));
+            v.push(format!("users + escrow + transit hold {held} fen, deposits - withdrawals = {net_deposits} fen"));
+        }
+    }
+
+    /// Every share paid into a transit account has its outbox credit (same
+    /// peer, same amount) and every outbox credit its share; every credit
+    /// applied here has its inbox row and every inbox credit its entry; no
+    /// message is in a box twice; and each transit account holds exactly
+    /// the credits written for its SET less those applied from it.
+    fn check_cross(&mut self, v: &mut Vec<String>) {
+        let mut net: BTreeMap<SetId, i64> = BTreeMap::new();
+        let mut seen_out = HashSet::new();
+        for r in std::mem::take(&mut self.cross_outs) {
+            let what = format!("outbox {} of packet {} for user {} (SET {})", r.kind.as_str(), r.packet, r.user, r.to);
+            if !seen_out.insert((r.kind, r.packet, r.user)) {
+                v.push(format!("{what} is in the outbox twice"));
+            }
+            match r.kind {
+                CrossKind::Credit => {
+                    *net.entry(r.to).or_insert(0) += r.amount_fen;
+                    match self.transit_opens.remove(&(r.packet, r.user)) {
+                        Some((peer, amount)) if peer == r.to && amount == r.amount_fen => {}
+                        Some((peer, amount)) => v.push(format!(
+                            "{what}: {} fen, but the share was paid to SET {peer}'s transit: {amount} fen",
+                            r.amount_fen
+                        )),
+                        None => v.push(format!("{what}: {} fen, with no share paid into transit", r.amount_fen)),
+                    }
+                }
+                CrossKind::Notice if r.amount_fen != 0 => v.push(format!("{what} carries {} fen", r.amount_fen)),
+                CrossKind::Notice => {}
+            }
+        }
+        let mut unmatched: Vec<_> = self.transit_opens.drain().collect();
+        unmatched.sort_unstable();
+        for ((packet, user), (peer, amount)) in unmatched {
+            v.push(format!(
+                "packet {packet}: the share of user {user} ({amount} fen) went to SET {peer}'s transit with no outbox credit"
+            ));
+        }
+        let mut seen_in = HashSet::new();
+        for r in std::mem::take(&mut self.cross_ins) {
+            let what =
+                format!("inbox {} of packet {} for user {} from SET {}", r.kind.as_str(), r.packet, r.user, r.from);
+            if !seen_in.insert((r.from, r.kind, r.packet, r.user)) {
+                v.push(format!("{what} was applied twice"));
+            }
+            match r.kind {
+                CrossKind::Credit => {
+                    *net.entry(r.from).or_insert(0) -= r.amount_fen;
+                    match self.cross_credits.remove(&(r.from, r.packet, r.user)) {
+                        Some(amount) if amount == r.amount_fen => {}
+                        Some(amount) => {
+                            v.push(format!("{what}: {} fen, but the ledger credited {amount} fen", r.amount_fen))
+                        }
+                        None => v.push(format!("{what}: {} fen, with no ledger entry", r.amount_fen)),
+                    }
+                }
+                CrossKind::Notice if r.amount_fen != 0 => v.push(format!("{what} carries {} fen", r.amount_fen)),
+                CrossKind::Notice => {}
+            }
+        }
+        let mut unmatched: Vec<_> = self.cross_credits.drain().collect();
+        unmatched.sort_unstable();
+        for ((peer, packet, user), amount) in unmatched {
+            v.push(format!("packet {packet} of SET {peer}: user {user} was credited {amount} fen with no inbox row"));
+        }
+        let peers: std::collections::BTreeSet<SetId> =
+            net.keys().chain(self.totals.transit_by_set.keys()).copied().collect();
+        for peer in peers {
+            let held = self.totals.transit_by_set.get(&peer).copied().unwrap_or(0);
+            let rows = net.get(&peer).copied().unwrap_or(0);
+            if held != rows {
+                v.push(format!(
+                    "transit account of SET {peer} holds {held} fen, but credits written for it less credits applied from it are {rows} fen"
+                ));
+            }
         }
     }
 
@@ -378,6 +569,259 @@ impl Auditor {
     }
 }
 
+/// One SET as the cluster audit saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SetSummary {
+    pub set: SetId,
+    /// Its own audit passed.
+    pub passed: bool,
+    pub totals: AuditTotals,
+}
+
+/// Messages written by SET `from` for SET `to` and not applied there yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct InFlight {
+    pub from: SetId,
+    pub to: SetId,
+    pub credits: u64,
+    /// What the credits in flight carry: money no user balance holds yet.
+    pub amount_fen: i64,
+    pub notices: u64,
+    /// When the oldest of them was written (wall-clock ms).
+    pub oldest_created_ms: Option<u64>,
+}
+
+/// The cluster's books, summed over its SETs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClusterTotals {
+    pub sets: u8,
+    pub deposits_fen: i64,
+    pub withdrawals_fen: i64,
+    pub user_balances_fen: i64,
+    /// Packet and campaign escrow of every SET.
+    pub escrow_fen: i64,
+    /// Credits written and not yet applied, over every pair of SETs.
+    pub in_flight_fen: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterReport {
+    pub totals: ClusterTotals,
+    pub sets: Vec<SetSummary>,
+    /// Each ordered pair of SETs with anything in flight.
+    pub in_flight: Vec<InFlight>,
+    pub violations: Vec<String>,
+}
+
+impl ClusterReport {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// The cluster audit: every SET's own audit and cross-SET rows (each read
+/// in one snapshot of its store), checked against each other.
+///
+/// It proves: each SET passed its own audit; every inbox row has its outbox
+/// row on the SET it names, same kind, packet, user and amount, and is
+/// applied once; rows name SETs of the cluster and users homed where they
+/// say; for each pair of SETs, what they owe each other (their transit
+/// accounts) is what is in flight between them; and all users and escrows,
+/// plus what is in flight, hold exactly all deposits less withdrawals.
+///
+/// Rows of SETs read one after another while they run can straddle a
+/// message: a credit applied after its SET's snapshot but written after the
+/// other's looks like an inbox row without its outbox row. The answer is
+/// exact on SETs read while no message moves (or read again).
+pub struct ClusterAuditor {
+    sets: u8,
+    parts: BTreeMap<SetId, (AuditReport, CrossRows)>,
+    violations: Vec<String>,
+}
+
+/// An outbox row as the cluster audit indexes it: (from, to, kind, packet, user).
+type OutKey = (SetId, SetId, CrossKind, PacketId, UserId);
+
+impl ClusterAuditor {
+    /// A cluster of `sets` SETs (`1..=SETS_MAX`).
+    pub fn new(sets: u8) -> ClusterAuditor {
+        ClusterAuditor { sets, parts: BTreeMap::new(), violations: Vec::new() }
+    }
+
+    /// SET `set`'s audit report and its cross-SET rows.
+    pub fn add_set(&mut self, set: SetId, report: AuditReport, rows: CrossRows) {
+        if set >= self.sets {
+            self.violations.push(format!("SET {set} is not one of the cluster's {} SETs", self.sets));
+        } else if self.parts.insert(set, (report, rows)).is_some() {
+            self.violations.push(format!("SET {set} was given twice"));
+        }
+    }
+
+    pub fn finish(self) -> ClusterReport {
+        let ClusterAuditor { sets, parts, mut violations } = self;
+        let v = &mut violations;
+        for set in 0..sets {
+            if !parts.contains_key(&set) {
+                v.push(format!("SET {set} was not audited"));
+            }
+        }
+        for (set, (report, _)) in &parts {
+            v.extend(report.violations.iter().map(|x| format!("SET {set}: {x}")));
+            for (&peer, &fen) in &report.totals.transit_by_set {
+                if (peer >= sets || peer == *set) && fen != 0 {
+                    v.push(format!("SET {set}: its transit account of SET {peer} holds {fen} fen"));
+                }
+            }
+        }
+        let mut outs = index_outs(sets, &parts, v);
+        match_ins(sets, &parts, &mut outs, v);
+        let flights = in_flight(&outs);
+        check_pairs(&parts, &flights, v);
+
+        let mut totals = ClusterTotals { sets, ..ClusterTotals::default() };
+        for (report, _) in parts.values() {
+            let t = &report.totals;
+            totals.deposits_fen += t.deposits_fen;
+            totals.withdrawals_fen += t.withdrawals_fen;
+            totals.user_balances_fen += t.user_balances_fen;
+            totals.escrow_fen += t.packet_escrow_fen + t.campaign_escrow_fen;
+        }
+        totals.in_flight_fen = flights.values().map(|f| f.amount_fen).sum();
+        let held =
+            i128::from(totals.user_balances_fen) + i128::from(totals.escrow_fen) + i128::from(totals.in_flight_fen);
+        let owed = i128::from(totals.deposits_fen) - i128::from(totals.withdrawals_fen);
+        if held != owed {
+            v.push(format!(
+                "users {} + escrow {} + in flight {} = {held} fen, but deposits - withdrawals = {owed} fen",
+                totals.user_balances_fen, totals.escrow_fen, totals.in_flight_fen
+            ));
+        }
+        let summaries = parts
+            .into_iter()
+            .map(|(set, (report, _))| SetSummary { set, passed: report.passed(), totals: report.totals })
+            .collect();
+        ClusterReport { totals, sets: summaries, in_flight: flights.into_values().collect(), violations }
+    }
+}
+
+/// Every outbox row of the cluster by its key, with its amount, when it was
+/// written, and whether an inbox row was found for it. Rows that name the
+/// wrong SETs are reported.
+fn index_outs(
+    sets: u8,
+    parts: &BTreeMap<SetId, (AuditReport, CrossRows)>,
+    v: &mut Vec<String>,
+) -> BTreeMap<OutKey, (i64, u64, bool)> {
+    let mut outs = BTreeMap::new();
+    for (&set, (_, rows)) in parts {
+        for o in &rows.outs {
+            let what = format!(
+                "SET {set} wrote a {} of packet {} for user {} to SET {}",
+                o.kind.as_str(),
+                o.packet,
+                o.user,
+                o.to
+            );
+            if o.to == set || o.to >= sets {
+                v.push(format!("{what}: not another SET of the cluster"));
+            }
+            if crate::ids::set_of(o.packet) != set {
+                v.push(format!("{what}: a packet of SET {}", crate::ids::set_of(o.packet)));
+            }
+            if home_set(o.user, sets) != o.to {
+                v.push(format!("{what}: the user is homed on SET {}", home_set(o.user, sets)));
+            }
+            outs.insert((set, o.to, o.kind, o.packet, o.user), (o.amount_fen, o.created_ms, false));
+        }
+    }
+    outs
+}
+
+/// Each inbox row against the outbox row it was applied from.
+fn match_ins(
+    sets: u8,
+    parts: &BTreeMap<SetId, (AuditReport, CrossRows)>,
+    outs: &mut BTreeMap<OutKey, (i64, u64, bool)>,
+    v: &mut Vec<String>,
+) {
+    for (&set, (_, rows)) in parts {
+        let mut seen = HashSet::new();
+        for i in &rows.ins {
+            let what = format!(
+                "SET {set} applied a {} of packet {} for user {} from SET {}",
+                i.kind.as_str(),
+                i.packet,
+                i.user,
+                i.from
+            );
+            if !seen.insert((i.from, i.kind, i.packet, i.user)) {
+                v.push(format!("{what} twice"));
+                continue;
+            }
+            if i.from == set || i.from >= sets {
+                v.push(format!("{what}: not another SET of the cluster"));
+            }
+            if home_set(i.user, sets) != set {
+                v.push(format!("{what}: the user is homed on SET {}", home_set(i.user, sets)));
+            }
+            match outs.get_mut(&(i.from, set, i.kind, i.packet, i.user)) {
+                Some((amount, _, matched)) => {
+                    *matched = true;
+                    if *amount != i.amount_fen {
+                        v.push(format!("{what}: {} fen, but SET {} wrote {amount} fen", i.amount_fen, i.from));
+                    }
+                }
+                // A SET not audited is reported as that.
+                None if parts.contains_key(&i.from) => v.push(format!("{what}, which SET {} never wrote", i.from)),
+                None => {}
+            }
+        }
+    }
+}
+
+/// What is written and not applied, per ordered pair of SETs.
+fn in_flight(outs: &BTreeMap<OutKey, (i64, u64, bool)>) -> BTreeMap<(SetId, SetId), InFlight> {
+    let mut flights: BTreeMap<(SetId, SetId), InFlight> = BTreeMap::new();
+    for (&(from, to, kind, _, _), &(amount_fen, created_ms, matched)) in outs {
+        if matched {
+            continue;
+        }
+        let f = flights.entry((from, to)).or_insert_with(|| InFlight { from, to, ..InFlight::default() });
+        match kind {
+            CrossKind::Credit => {
+                f.credits += 1;
+                f.amount_fen += amount_fen;
+            }
+            CrossKind::Notice => f.notices += 1,
+        }
+        f.oldest_created_ms = Some(f.oldest_created_ms.map_or(created_ms, |t| t.min(created_ms)));
+    }
+    flights
+}
+
+/// For each pair of SETs: what A owes B plus what B owes A is the money in
+/// flight between them, both ways.
+fn check_pairs(
+    parts: &BTreeMap<SetId, (AuditReport, CrossRows)>,
+    flights: &BTreeMap<(SetId, SetId), InFlight>,
+    v: &mut Vec<String>,
+) {
+    let owes = |a: SetId, b: SetId| parts[&a].0.totals.transit_by_set.get(&b).copied().unwrap_or(0);
+    let flying = |a: SetId, b: SetId| flights.get(&(a, b)).map_or(0, |f| f.amount_fen);
+    for &a in parts.keys() {
+        for &b in parts.keys().filter(|&&b| b > a) {
+            let (ab, ba) = (owes(a, b), owes(b, a));
+            let between = flying(a, b) + flying(b, a);
+            if ab + ba != between {
+                v.push(format!(
+                    "SETs {a} and {b}: SET {a} owes SET {b} {ab} fen and SET {b} owes SET {a} {ba} fen, \
+                     but {between} fen of credits are in flight between them"
+                ));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,5 +881,184 @@ mod tests {
         let r = a.finish();
         assert!(r.violations.iter().any(|s| s.contains("account 1: stored balance Some(91)")), "{:?}", r.violations);
         assert!(r.violations.iter().any(|s| s.contains("sum to 1 fen")));
+    }
+
+    /// SET 0 of 2: user 2 sends packet P (10 fen, 2 shares) to users 3
+    /// (homed on SET 1) and 4; both open it. User 3's share goes to SET 1's
+    /// transit, with an outbox credit.
+    fn set_zero() -> (Auditor, u64) {
+        let mut a = Auditor::default();
+        let p = crate::ids::make_packet_id(0, 0, 1);
+        a.entry(entry(1, Account::WORLD, Account::user(2), 100, EntryKind::Deposit, 0, None));
+        a.entry(entry(2, Account::user(2), Account::PACKET_ESCROW, 10, EntryKind::PacketFund, p, None));
+        a.entry(entry(3, Account::PACKET_ESCROW, Account::transit(1), 6, EntryKind::PacketOpen, p, Some(3)));
+        a.entry(entry(4, Account::PACKET_ESCROW, Account::user(4), 4, EntryKind::PacketOpen, p, Some(4)));
+        a.claim(p, Claim { user: 3, amount_fen: 6, at_ms: 1 });
+        a.claim(p, Claim { user: 4, amount_fen: 4, at_ms: 2 });
+        a.packet(PacketRecord {
+            id: p,
+            sender: 2,
+            kind: SplitKind::Lucky,
+            total_fen: 10,
+            count: 2,
+            remaining_fen: 0,
+            refunded_fen: 0,
+            status: PacketStatus::Finished,
+            best_luck: Some(3),
+        });
+        for (id, balance) in
+            [(Account::WORLD, -100), (Account::user(2), 90), (Account::user(4), 4), (Account::transit(1), 6)]
+        {
+            a.account(id.id(), balance);
+        }
+        a.account(Account::PACKET_ESCROW.id(), 0);
+        (a, p)
+    }
+
+    fn credit_out(p: u64) -> CrossOutRecord {
+        CrossOutRecord {
+            to: 1,
+            kind: CrossKind::Credit,
+            packet: p,
+            user: 3,
+            amount_fen: 6,
+            created_ms: 1,
+            published: true,
+        }
+    }
+
+    fn credit_in(p: u64) -> CrossInRecord {
+        CrossInRecord {
+            from: 0,
+            kind: CrossKind::Credit,
+            packet: p,
+            user: 3,
+            amount_fen: 6,
+            created_ms: 1,
+            applied_ms: 9,
+        }
+    }
+
+    /// SET 1 of 2: user 1 deposited 50; with `applied`, SET 0's credit of 6
+    /// fen to user 3 is applied.
+    fn set_one(p: u64, applied: bool) -> (AuditReport, CrossRows) {
+        let mut a = Auditor::default();
+        a.entry(entry(1, Account::WORLD, Account::user(1), 50, EntryKind::Deposit, 0, None));
+        a.account(Account::WORLD.id(), -50);
+        a.account(Account::user(1).id(), 50);
+        let mut rows = CrossRows::default();
+        if applied {
+            a.entry(entry(2, Account::transit(0), Account::user(3), 6, EntryKind::CrossCredit, p, Some(3)));
+            a.account(Account::transit(0).id(), -6);
+            a.account(Account::user(3).id(), 6);
+            a.cross_in(credit_in(p));
+            rows.ins.push(credit_in(p));
+        }
+        (a.finish(), rows)
+    }
+
+    fn cluster(zero: (AuditReport, CrossRows), one: (AuditReport, CrossRows)) -> ClusterReport {
+        let mut c = ClusterAuditor::new(2);
+        c.add_set(0, zero.0, zero.1);
+        c.add_set(1, one.0, one.1);
+        c.finish()
+    }
+
+    fn set_zero_report() -> (AuditReport, CrossRows, u64) {
+        let (mut a, p) = set_zero();
+        a.cross_out(credit_out(p));
+        (a.finish(), CrossRows { outs: vec![credit_out(p)], ins: vec![] }, p)
+    }
+
+    #[test]
+    fn a_share_paid_into_transit_passes_with_its_outbox_credit_and_shows_per_set() {
+        let (report, _, _) = set_zero_report();
+        assert!(report.passed(), "{:?}", report.violations);
+        assert_eq!(report.totals.transit_fen, 6);
+        assert_eq!(report.totals.transit_by_set, BTreeMap::from([(1, 6)]));
+        assert_eq!(report.totals.cross_out_rows, 1);
+        // Without its outbox row, the share is reported.
+        let (a, _) = set_zero();
+        let r = a.finish();
+        assert!(r.violations.iter().any(|v| v.contains("with no outbox credit")), "{:?}", r.violations);
+        assert!(r.violations.iter().any(|v| v.contains("transit account of SET 1 holds 6 fen")), "{:?}", r.violations);
+    }
+
+    #[test]
+    fn the_cluster_passes_with_credits_in_flight_and_after_they_are_applied() {
+        let (zero, rows, p) = set_zero_report();
+        let before = cluster((zero.clone(), rows.clone()), set_one(p, false));
+        assert!(before.passed(), "{:?}", before.violations);
+        let flight = InFlight { from: 0, to: 1, credits: 1, amount_fen: 6, notices: 0, oldest_created_ms: Some(1) };
+        assert_eq!(before.in_flight, vec![flight]);
+        assert_eq!(before.totals.in_flight_fen, 6);
+        assert_eq!(
+            (before.totals.user_balances_fen, before.totals.deposits_fen),
+            (90 + 4 + 50, 150),
+            "users + in flight = deposits"
+        );
+        let after = cluster((zero, rows), set_one(p, true));
+        assert!(after.passed(), "{:?}", after.violations);
+        assert_eq!((after.in_flight.len(), after.totals.in_flight_fen), (0, 0));
+        assert_eq!(after.sets.iter().map(|s| s.totals.transit_fen).collect::<Vec<_>>(), vec![6, -6]);
+    }
+
+    #[test]
+    fn a_tampered_inbox_row_fails_the_cluster() {
+        let (zero, rows, p) = set_zero_report();
+        let (one, mut one_rows) = set_one(p, true);
+        one_rows.ins[0].amount_fen = 7;
+        let r = cluster((zero, rows), (one, one_rows));
+        assert!(
+            r.violations
+                .iter()
+                .any(|v| v.contains("applied a credit of packet") && v.contains("7 fen, but SET 0 wrote 6")),
+            "{:?}",
+            r.violations
+        );
+    }
+
+    #[test]
+    fn a_credit_applied_twice_fails_both_audits() {
+        let (zero, rows, p) = set_zero_report();
+        // SET 1's own audit: a second inbox row and a second entry.
+        let mut a = Auditor::default();
+        a.entry(entry(1, Account::WORLD, Account::user(1), 50, EntryKind::Deposit, 0, None));
+        a.entry(entry(2, Account::transit(0), Account::user(3), 6, EntryKind::CrossCredit, p, Some(3)));
+        a.entry(entry(3, Account::transit(0), Account::user(3), 6, EntryKind::CrossCredit, p, Some(3)));
+        for (id, balance) in
+            [(Account::WORLD, -50), (Account::user(1), 50), (Account::transit(0), -12), (Account::user(3), 12)]
+        {
+            a.account(id.id(), balance);
+        }
+        a.cross_in(credit_in(p));
+        a.cross_in(credit_in(p));
+        let one = a.finish();
+        assert!(one.violations.iter().any(|v| v.contains("was applied twice")), "{:?}", one.violations);
+        assert!(one.violations.iter().any(|v| v.contains("was credited twice")), "{:?}", one.violations);
+        let r = cluster((zero, rows), (one, CrossRows { outs: vec![], ins: vec![credit_in(p), credit_in(p)] }));
+        assert!(
+            r.violations.iter().any(|v| v.starts_with("SET 1 applied") && v.ends_with("twice")),
+            "{:?}",
+            r.violations
+        );
+        assert!(r.violations.iter().any(|v| v.starts_with("SETs 0 and 1")), "{:?}", r.violations);
+    }
+
+    #[test]
+    fn a_credit_applied_without_its_outbox_row_fails_the_cluster() {
+        let (zero, _, p) = set_zero_report();
+        let r = cluster((zero, CrossRows::default()), set_one(p, true));
+        assert!(r.violations.iter().any(|v| v.contains("which SET 0 never wrote")), "{:?}", r.violations);
+        // A SET left out, or named twice, is reported as that.
+        let mut c = ClusterAuditor::new(2);
+        let (zero, rows, _) = set_zero_report();
+        c.add_set(0, zero.clone(), rows.clone());
+        c.add_set(0, zero.clone(), rows.clone());
+        c.add_set(5, zero, rows);
+        let r = c.finish();
+        for expected in ["SET 0 was given twice", "SET 5 is not one of the cluster's 2 SETs", "SET 1 was not audited"] {
+            assert!(r.violations.iter().any(|v| v == expected), "{expected}: {:?}", r.violations);
+        }
     }
 }

@@ -3,9 +3,11 @@
 //! Every movement of money is one transfer from one account to another of a
 //! positive amount, so each record is balanced by construction and the sum of
 //! all balances is always zero. The `World` account stands for money outside
-//! the system: deposits come from it and withdrawals go to it, so it is the
-//! only account allowed below zero, and `-balance(World)` is deposits minus
-//! withdrawals.
+//! the system: deposits come from it and withdrawals go to it, and
+//! `-balance(World)` is deposits minus withdrawals. A `Transit` account
+//! stands for another SET of the cluster (`crate::cross`): the net money
+//! this SET owes it. World and Transit accounts are the only ones allowed
+//! below zero.
 
 use std::collections::HashMap;
 
@@ -20,6 +22,10 @@ pub enum AccountKind {
     PacketEscrow,
     /// Money held for one shake campaign (owner = campaign id).
     CampaignEscrow,
+    /// What this SET owes another SET (owner = that SET's id): shares of
+    /// this SET's packets paid to users homed there, less the shares of
+    /// that SET's packets paid here. Below zero when the SET owes this one.
+    Transit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -40,6 +46,10 @@ impl Account {
     pub fn campaign(campaign: u64) -> Account {
         Account { kind: AccountKind::CampaignEscrow, owner: campaign }
     }
+    /// What this SET owes SET `peer` (negative: what `peer` owes it).
+    pub fn transit(peer: crate::sets::SetId) -> Account {
+        Account { kind: AccountKind::Transit, owner: u64::from(peer) }
+    }
 
     /// The storage id: kind in the top byte, owner below. A user's account id
     /// is the user id itself.
@@ -50,6 +60,7 @@ impl Account {
             AccountKind::World => 1,
             AccountKind::PacketEscrow => 2,
             AccountKind::CampaignEscrow => 3,
+            AccountKind::Transit => 4,
         };
         ((kind << KIND_SHIFT) | self.owner) as i64
     }
@@ -62,13 +73,16 @@ impl Account {
             1 => AccountKind::World,
             2 => AccountKind::PacketEscrow,
             3 => AccountKind::CampaignEscrow,
+            4 => AccountKind::Transit,
             _ => return None,
         };
         Some(Account { kind, owner })
     }
 
+    /// World (money outside the system) and Transit (another SET's side of
+    /// the cluster's money) may be below zero; every other account may not.
     pub fn may_go_negative(self) -> bool {
-        self.kind == AccountKind::World
+        matches!(self.kind, AccountKind::World | AccountKind::Transit)
     }
 }
 
@@ -157,7 +171,8 @@ mod tests {
 
     #[test]
     fn account_ids_round_trip() {
-        for a in [Account::user(42), Account::WORLD, Account::PACKET_ESCROW, Account::campaign(7)] {
+        for a in [Account::user(42), Account::WORLD, Account::PACKET_ESCROW, Account::campaign(7), Account::transit(31)]
+        {
             assert_eq!(Account::from_id(a.id()), Some(a));
         }
         assert_eq!(Account::user(42).id(), 42);
@@ -177,6 +192,18 @@ mod tests {
             l.check(&[Transfer { from: Account::WORLD, to: Account::user(1), amount_fen: 0 }]),
             Err(LedgerError::NonPositive(0))
         );
+    }
+
+    #[test]
+    fn a_transit_account_may_go_negative_and_money_still_sums_to_zero() {
+        let mut l = Ledger::default();
+        // SET 1's credit applied here before anything went the other way.
+        let credit = [Transfer { from: Account::transit(1), to: Account::user(3), amount_fen: 40 }];
+        assert_eq!(l.check(&credit), Ok(()));
+        l.apply(&credit);
+        assert_eq!((l.balance(Account::transit(1)), l.total()), (-40, 0));
+        assert!(Account::transit(1).may_go_negative() && !Account::PACKET_ESCROW.may_go_negative());
+        assert_ne!(Account::transit(1).id(), Account::campaign(1).id());
     }
 
     proptest! {

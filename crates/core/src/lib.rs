@@ -1,5 +1,6 @@
 //! Pure domain model of hongbao: money, ledger rules, split rules, packets,
-//! campaigns, packet ids, SETs and the limits that bound everything.
+//! campaigns, packet ids, SETs, what SETs tell each other (`cross`) and the
+//! limits that bound everything.
 //!
 //! Architecture invariant: this crate does no I/O. It knows nothing about
 //! sockets, SQL, JSON, threads or clocks; time arrives as plain milliseconds and
@@ -16,6 +17,7 @@
 
 pub mod audit;
 pub mod campaign;
+pub mod cross;
 pub mod ids;
 pub mod ledger;
 pub mod limits;

@@ -59,9 +59,17 @@ pub const DEVICES_PER_USER_MAX: usize = 8;
 pub const STORAGE_READS_INFLIGHT_MAX: usize = 4;
 /// Reads waiting for a reader; beyond this a read is answered `overload`.
 pub const STORAGE_READS_WAITING_MAX: usize = 1024;
+/// Cross-SET outbox rows handed out by one `cross_unpublished`, and keys
+/// marked published by one `cross_published`: one read and one writer
+/// operation stay small whatever the backlog.
+pub const CROSS_MESSAGES_PER_CALL_MAX: usize = 4096;
+/// A cross-SET notice's body (a stored push), bytes: it becomes a message
+/// the user is sent in one frame.
+pub const CROSS_NOTICE_BYTES_MAX: usize = FRAME_BYTES_MAX;
 
 const _: () = assert!(CAMPAIGN_PACKETS_MAX <= u32::MAX as u64);
 const _: () = assert!(COMMIT_BATCH_RECORDS_MAX <= WRITER_QUEUE_MAX);
+const _: () = assert!(CROSS_MESSAGES_PER_CALL_MAX <= COMMIT_BATCH_RECORDS_MAX);
 const _: () = assert!(CONNECTION_INFLIGHT_MAX < CONNECTION_OUTBOX_FRAMES_MAX);
 const _: () = assert!(PACKET_RECIPIENTS_MAX <= GROUP_MEMBERS_MAX);
 const _: () = assert!(MESSAGES_ON_CONNECT_MAX < CONNECTION_OUTBOX_FRAMES_MAX);

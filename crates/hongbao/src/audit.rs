@@ -128,6 +128,10 @@ fn human(store: &str, report: &AuditReport) -> String {
     for (name, value) in rows {
         s.push_str(&format!("  {name:<16} {value:>24}\n"));
     }
+    // A SET of a cluster: what it owes each other SET (negative: is owed).
+    for (peer, owed) in &t.transit_by_set {
+        s.push_str(&format!("  {:<16} {:>24}\n", format!("transit SET {peer}"), fen(*owed)));
+    }
     if report.passed() {
         s.push_str("PASS: every packet, campaign and balance reconciles; money is conserved");
     } else {

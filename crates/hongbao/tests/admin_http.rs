@@ -14,10 +14,11 @@ use common::*;
 /// How long any single step may take before the test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(15);
 
-const MONEY_GAUGES: [&str; 4] = [
+const MONEY_GAUGES: [&str; 5] = [
     "hongbao_user_balances_fen",
     "hongbao_packet_escrow_fen",
     "hongbao_campaign_escrow_fen",
+    "hongbao_transit_fen",
     "hongbao_deposits_minus_withdrawals_fen",
 ];
 

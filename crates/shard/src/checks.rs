@@ -30,12 +30,6 @@ pub(crate) fn store_error(e: hongbao_store::StoreError) -> EngineError {
     EngineError::Internal(e.to_string())
 }
 
-/// The refusal of a packet request (grab, open, detail) by a user homed on
-/// another SET than the packet's. Money would have to move between two
-/// SETs' stores, which comes in a later step; until then this one text marks
-/// every place that refuses it.
-pub const CROSS_SET_PACKETS_UNSUPPORTED: &str = "opening a packet of another SET is not supported yet";
-
 /// Why `user` is not served here: they are homed on another SET (and a
 /// gateway that routes by `home_set` never sends them here).
 pub(crate) fn foreign_user(user: UserId, set: SetMap) -> String {

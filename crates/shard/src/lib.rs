@@ -35,9 +35,11 @@ mod reads;
 mod shard;
 mod types;
 
-pub use checks::CROSS_SET_PACKETS_UNSUPPORTED;
 pub use clock::Clock;
 pub use engine::Engine;
+/// What SETs tell each other (the cross-SET transport's wire types).
+pub use hongbao_core::cross::{CrossBody, CrossKey, CrossKind, CrossMessage};
+pub use hongbao_core::sets::SetId;
 /// How the store groups operations into transactions (the benchmark baseline).
 #[cfg(any(test, feature = "per-op-baseline"))]
 pub use hongbao_store::CommitMode;

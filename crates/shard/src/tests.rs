@@ -18,7 +18,7 @@ use hongbao_core::sets::SetMap;
 use hongbao_core::split::SplitKind;
 use hongbao_proto::{ErrorCode, GrabState, Reply, Request, ShakeResult, Target};
 
-use crate::{Clock, CommitMode, Engine, EngineConfig, StoreLocation};
+use crate::{Clock, CommitMode, CrossBody, CrossKind, CrossMessage, Engine, EngineConfig, StoreLocation};
 
 /// A fixed date, so records do not depend on when the test ran.
 const EPOCH_MS: u64 = 1_800_000_000_000;
@@ -142,9 +142,12 @@ on_both_stores!(
     group_zero_is_an_invalid_request_not_a_missing_group,
     a_set_serves_its_own_users_as_a_single_node_does,
     a_set_refuses_users_homed_on_another_set,
-    a_set_refuses_packets_of_another_set_and_sends_across_sets,
+    a_set_refuses_packets_of_another_set,
     data_of_one_set_reopened_as_another_refuses_to_start,
     a_set_spreads_its_users_over_every_shard_when_sets_and_shards_share_a_factor,
+    a_packet_sent_across_sets_pays_each_opener_on_their_own_set_exactly_once,
+    one_packet_raced_across_sets_pays_k_shares_and_one_credit_per_foreign_winner,
+    a_set_applies_only_messages_meant_for_it,
 );
 
 async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares(stores: Stores) {
@@ -846,21 +849,10 @@ async fn a_set_refuses_users_homed_on_another_set(stores: Stores) {
     assert_audit(&store);
 }
 
-async fn a_set_refuses_packets_of_another_set_and_sends_across_sets(stores: Stores) {
+async fn a_set_refuses_packets_of_another_set(stores: Stores) {
     let store = stores.fresh();
     let engine = Engine::open_at(set_one_of_two(3600), &store).await.unwrap();
     engine.deposit(1, 1_000, "d").await.unwrap();
-    // Sends to a user homed on SET 0, alone, in a list, or in a group.
-    let to_four =
-        "recipient user 4 is homed on SET 0, this is SET 1; sending to users of another SET is not supported yet";
-    assert_eq!(invalid_request(engine.call(1, send(10, 1, Target::User(4), "a")).await), to_four);
-    assert_eq!(invalid_request(engine.call(1, send(10, 2, Target::Users(vec![3, 4, 6]), "a")).await), to_four);
-    // A group's members may live on any SET; a send to it needs them all here.
-    assert_eq!(engine.set_group(9, vec![1, 3, 4]).await.unwrap(), vec![1, 3, 4]);
-    let to_group = format!("group 9: {to_four}");
-    assert_eq!(invalid_request(engine.call(1, send(10, 2, Target::Group(9), "a")).await), to_group);
-    assert_eq!(engine.balance(1).await.unwrap(), 1_000, "nothing sent");
-
     // A packet of this SET: its own users open it, exactly as on one node.
     engine.set_group(9, vec![1, 3, 5]).await.unwrap();
     let packet = sent_packet(&engine, 1, send(100, 2, Target::Group(9), "g")).await;
@@ -875,11 +867,13 @@ async fn a_set_refuses_packets_of_another_set_and_sends_across_sets(stores: Stor
     assert_eq!(paid, 100);
     assert!(matches!(engine.call(5, Request::Detail { packet }).await, Reply::Detail(d) if d.packet == packet));
     assert_eq!(engine.packet_detail(packet).await.unwrap().claims.len(), 2);
-    // … and a user of SET 0 is refused it, however they ask.
-    let cross = format!("{} (user 2 is homed on SET 0, this is SET 1)", crate::CROSS_SET_PACKETS_UNSUPPORTED);
-    for req in [Request::Grab { packet }, Request::Open { packet }, Request::Detail { packet }] {
-        assert_eq!(invalid_request(engine.call(2, req).await), cross);
-    }
+    // A user of SET 0 asking about it is answered as anyone is: not a
+    // recipient, so not eligible.
+    assert_eq!(engine.call(2, Request::Grab { packet }).await, Reply::Grab { packet, state: GrabState::NotEligible });
+    assert!(matches!(
+        engine.call(2, Request::Detail { packet }).await,
+        Reply::Error { code: ErrorCode::NotEligible, .. }
+    ));
 
     // A packet id of SET 0 is refused as that, not as a missing packet.
     let of_set_zero = make_packet_id(0, shard_of(packet), packet & hongbao_core::ids::SEQUENCE_MAX);
@@ -1013,4 +1007,242 @@ async fn group_zero_is_an_invalid_request_not_a_missing_group(stores: Stores) {
         "a valid id that names no group: {reply:?}"
     );
     engine.shutdown().await;
+}
+
+/// SET `set` of a cluster of 2 (SET 0 has the even users, SET 1 the odd).
+fn set_of_two(set: u8) -> EngineConfig {
+    EngineConfig { set: SetMap::new(set, 2).unwrap(), ..config(3600) }
+}
+
+/// Each store's audit and cross-SET rows (SET n is `stores[n]`), and the
+/// cluster audit of them all (on a thread of its own: a PostgreSQL client
+/// may not run on the test's runtime).
+fn cluster_audit(
+    stores: &[&StoreLocation],
+) -> (hongbao_core::audit::ClusterReport, Vec<(hongbao_store::AuditReport, hongbao_store::CrossRows)>) {
+    let stores: Vec<StoreLocation> = stores.iter().map(|s| (*s).clone()).collect();
+    let parts = std::thread::spawn(move || {
+        stores.iter().map(|s| hongbao_store::audit_with_cross(s).unwrap()).collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    (cluster_of(&parts), parts)
+}
+
+fn cluster_of(parts: &[(hongbao_store::AuditReport, hongbao_store::CrossRows)]) -> hongbao_core::audit::ClusterReport {
+    let mut auditor = hongbao_core::audit::ClusterAuditor::new(parts.len() as u8);
+    for (set, (report, rows)) in parts.iter().enumerate() {
+        auditor.add_set(set as u8, report.clone(), rows.clone());
+    }
+    auditor.finish()
+}
+
+fn opened_amount(reply: Reply) -> i64 {
+    match reply {
+        Reply::Opened { amount_fen, .. } => amount_fen,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A packet of SET 0 sent to a group with members on both SETs and opened
+/// by all of them, through SET 0's engine: users homed on SET 1 are paid
+/// on SET 1 once the transport carries SET 0's outbox there, and only once
+/// however often it does; their notices are stored and pushed there. The
+/// cluster audit passes with the credits in flight, and after.
+async fn a_packet_sent_across_sets_pays_each_opener_on_their_own_set_exactly_once(stores: Stores) {
+    let (store0, store1) = (stores.fresh(), stores.fresh());
+    let zero = Engine::open_at(set_of_two(0), &store0).await.unwrap();
+    let one = Engine::open_at(set_of_two(1), &store1).await.unwrap();
+    zero.deposit(2, 1_000, "d").await.unwrap();
+    one.deposit(1, 50, "d").await.unwrap();
+    let members = vec![1, 2, 3, 4, 5, 6];
+    zero.set_group(7, members.clone()).await.unwrap();
+    let (outbox, mut frames) = hongbao_boundary::Outbox::new(16);
+    let _three = one.connect(3, outbox).await.unwrap();
+    let packet = sent_packet(&zero, 2, send(600, 6, Target::Group(7), "p")).await;
+    assert_eq!(set_of(packet), 0);
+    assert_eq!(zero.cross_backlog(), 3, "a notice for each of users 1, 3 and 5");
+
+    let mut shares = std::collections::BTreeMap::new();
+    for &user in &members {
+        shares.insert(user, opened_amount(zero.call(user, Request::Open { packet }).await));
+    }
+    assert_eq!(shares.values().sum::<i64>(), 600);
+    // A foreign opener's retry is the first answer; nothing more is written.
+    assert_eq!(
+        zero.call(3, Request::Open { packet }).await,
+        Reply::Opened { packet, amount_fen: shares[&3], repeat: true, finished: true }
+    );
+    assert!(matches!(zero.call(3, Request::Detail { packet }).await, Reply::Detail(d) if d.claims.len() == 6));
+    let away: i64 = [1, 3, 5].iter().map(|u| shares[u]).sum();
+    assert_eq!(zero.cross_backlog(), 6, "and a credit for each of them");
+    assert_eq!(zero.stats().await.transit_fen, away);
+    assert_eq!(one.balance(3).await.unwrap(), 0, "not paid on SET 1 yet");
+
+    // Before the transport: the credits are in flight, and the books close.
+    let (before, _) = cluster_audit(&[&store0, &store1]);
+    assert!(before.passed(), "{:#?}", before.violations);
+    let flight = &before.in_flight;
+    assert_eq!(flight.len(), 1);
+    assert_eq!((flight[0].from, flight[0].to, flight[0].credits, flight[0].notices), (0, 1, 3, 3));
+    assert_eq!(flight[0].amount_fen, away);
+
+    // The transport, delivering everything twice: applied once.
+    let messages = zero.cross_unpublished(100).await.unwrap();
+    assert_eq!(messages.len(), 6);
+    assert!(messages.iter().all(|m| (m.from, m.to, m.packet) == (0, 1, packet)));
+    for round in 0..2 {
+        for m in &messages {
+            assert_eq!(one.apply_cross(m.clone()).await.unwrap(), round == 0, "round {round}: {m:?}");
+        }
+    }
+    zero.cross_published(messages.iter().map(CrossMessage::key).collect()).await.unwrap();
+    assert_eq!(zero.cross_unpublished(100).await.unwrap(), vec![]);
+    assert_eq!(zero.cross_backlog(), 0);
+    for user in [1, 3, 5] {
+        let before = if user == 1 { 50 } else { 0 };
+        assert_eq!(one.balance(user).await.unwrap(), before + shares[&user], "user {user}");
+    }
+    for user in [2, 4, 6] {
+        let sent = if user == 2 { 1_000 - 600 } else { 0 };
+        assert_eq!(zero.balance(user).await.unwrap(), sent + shares[&user], "user {user}");
+    }
+    let (s0, s1) = (zero.stats().await, one.stats().await);
+    assert_eq!((s0.transit_fen, s1.transit_fen), (away, -away));
+    assert_eq!(
+        s1.user_balances_fen + s1.packet_escrow_fen + s1.campaign_escrow_fen + s1.transit_fen,
+        s1.deposits_minus_withdrawals_fen
+    );
+    // User 3 was online on SET 1: the notice was pushed there, stored.
+    let pushed: Vec<_> = std::iter::from_fn(|| frames.try_recv()).collect();
+    assert!(
+        pushed.iter().any(|f| matches!(f, hongbao_proto::ServerFrame::Push(p)
+            if p.msg != 0 && matches!(p.body, hongbao_proto::PushBody::PacketReceived { packet: q, sender: 2, .. } if q == packet))),
+        "{pushed:?}"
+    );
+    // User 5 was not: the stored notice comes on connect.
+    let (outbox, mut frames) = hongbao_boundary::Outbox::new(16);
+    let _five = one.connect(5, outbox).await.unwrap();
+    let stored: Vec<_> = std::iter::from_fn(|| frames.try_recv()).collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+
+    let (after, parts) = cluster_audit(&[&store0, &store1]);
+    assert!(after.passed(), "{:#?}", after.violations);
+    assert_eq!((after.in_flight.len(), after.totals.in_flight_fen), (0, 0));
+    assert_eq!(after.totals.user_balances_fen, 1_050);
+    // A tampered row, or a credit applied twice, fails it.
+    let mut tampered = parts.clone();
+    let credit = tampered[1].1.ins.iter_mut().find(|r| r.kind == CrossKind::Credit).unwrap();
+    credit.amount_fen += 1;
+    assert!(!cluster_of(&tampered).passed());
+    let mut doubled = parts.clone();
+    let again = doubled[1].1.ins[0].clone();
+    doubled[1].1.ins.push(again);
+    let report = cluster_of(&doubled);
+    assert!(report.violations.iter().any(|v| v.ends_with("twice")), "{:?}", report.violations);
+    let mut lost = parts;
+    lost[0].1.outs.retain(|r| r.kind != CrossKind::Credit || r.user != 3);
+    assert!(!cluster_of(&lost).passed());
+    zero.shutdown().await;
+    one.shutdown().await;
+    assert_audit(&store0);
+    assert_audit(&store1);
+}
+
+/// One packet of K shares on SET 0 raced by 10·K members homed on both
+/// SETs: exactly K shares, summing to the packet; one outbox credit per
+/// foreign winner, of their share, and none for anyone else.
+async fn one_packet_raced_across_sets_pays_k_shares_and_one_credit_per_foreign_winner(stores: Stores) {
+    const K: u32 = 20;
+    let store = stores.fresh();
+    let engine = Engine::open_at(set_of_two(0), &store).await.unwrap();
+    engine.deposit(2, 10_000, "d").await.unwrap();
+    let members: Vec<u64> = (2..=(10 * K as u64 + 2)).collect();
+    engine.set_group(7, members.clone()).await.unwrap();
+    let packet = sent_packet(&engine, 2, send(5_000, K, Target::Group(7), "p")).await;
+    let mut tasks = Vec::new();
+    for user in members.iter().copied().filter(|&u| u != 2) {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move { (user, engine.call(user, Request::Open { packet }).await) }));
+    }
+    let mut opened = std::collections::BTreeMap::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (user, Reply::Opened { amount_fen, repeat: false, .. }) => {
+                assert!(opened.insert(user, amount_fen).is_none())
+            }
+            (_, Reply::Error { code: ErrorCode::Finished, .. }) => {}
+            (user, other) => panic!("user {user}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(opened.len(), K as usize, "exactly K opens");
+    assert_eq!(opened.values().sum::<i64>(), 5_000, "shares sum to the packet");
+    // Every winner retries: the first answer, and no second row.
+    for (&user, &amount_fen) in &opened {
+        assert_eq!(
+            engine.call(user, Request::Open { packet }).await,
+            Reply::Opened { packet, amount_fen, repeat: true, finished: true }
+        );
+    }
+    let foreign: std::collections::BTreeMap<u64, i64> =
+        opened.iter().filter(|(&u, _)| u % 2 == 1).map(|(&u, &a)| (u, a)).collect();
+    assert!(!foreign.is_empty() && foreign.len() < K as usize, "winners on both SETs (seed-dependent): {opened:?}");
+    let outbox = engine.cross_unpublished(10_000).await.unwrap();
+    let credits: std::collections::BTreeMap<u64, i64> = outbox
+        .iter()
+        .filter_map(|m| match m.body {
+            CrossBody::Credit { amount_fen } => Some((m.user, amount_fen)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(credits, foreign, "one credit per foreign winner, of their share");
+    let credit_rows = outbox.iter().filter(|m| m.kind() == CrossKind::Credit).count();
+    assert_eq!(credit_rows, foreign.len(), "no credit twice");
+    let odd_members = members.iter().filter(|&&u| u % 2 == 1).count();
+    assert_eq!(outbox.len() - credit_rows, odd_members, "a notice per member homed on SET 1");
+    assert_eq!(engine.cross_backlog(), outbox.len() as u64);
+    assert_eq!(engine.stats().await.transit_fen, foreign.values().sum::<i64>());
+    engine.shutdown().await;
+    assert_audit(&store);
+}
+
+/// `apply_cross` refuses what is not this SET's to apply, before anything
+/// is written; `cross_published` takes only this SET's keys.
+async fn a_set_applies_only_messages_meant_for_it(stores: Stores) {
+    let store = stores.fresh();
+    let one = Engine::open_at(set_of_two(1), &store).await.unwrap();
+    let packet = make_packet_id(0, 1, 9);
+    let notice = crate::checks::encode_body(&hongbao_proto::PushBody::Notice { topic: "t".into(), text: "x".into() });
+    let credit =
+        CrossMessage { from: 0, to: 1, packet, user: 3, created_ms: 1, body: CrossBody::Credit { amount_fen: 5 } };
+    let refused = [
+        ("for SET 0", CrossMessage { to: 0, ..credit.clone() }),
+        ("from itself", CrossMessage { from: 1, ..credit.clone() }),
+        ("from no SET", CrossMessage { from: 2, ..credit.clone() }),
+        ("a user of SET 0", CrossMessage { user: 4, ..credit.clone() }),
+        ("a packet of SET 1", CrossMessage { packet: make_packet_id(1, 1, 9), ..credit.clone() }),
+        ("no money", CrossMessage { body: CrossBody::Credit { amount_fen: 0 }, ..credit.clone() }),
+        ("not a push", CrossMessage { body: CrossBody::Notice { body: vec![0xff; 3] }, ..credit.clone() }),
+    ];
+    for (why, msg) in refused {
+        assert!(matches!(one.apply_cross(msg).await, Err(EngineError::Invalid(_))), "{why}");
+    }
+    assert!(one.apply_cross(credit.clone()).await.unwrap());
+    assert!(one
+        .apply_cross(CrossMessage { body: CrossBody::Notice { body: notice }, ..credit.clone() })
+        .await
+        .unwrap());
+    // The same credit with another amount: one of the two is corrupt.
+    let other = CrossMessage { body: CrossBody::Credit { amount_fen: 6 }, ..credit.clone() };
+    assert!(matches!(one.apply_cross(other).await, Err(EngineError::Invalid(m)) if m.contains("corrupt")));
+    assert_eq!(one.balance(3).await.unwrap(), 5);
+    assert!(matches!(one.cross_published(vec![credit.key()]).await, Err(EngineError::Invalid(_))), "SET 0's key");
+    assert_eq!(one.cross_unpublished(0).await.unwrap(), vec![]);
+    one.shutdown().await;
+    assert_audit(&store);
+    // A single node applies nothing: there is no other SET.
+    let single = Engine::open_at(config(3600), &stores.fresh()).await.unwrap();
+    assert!(matches!(single.apply_cross(CrossMessage { to: 0, ..credit }).await, Err(EngineError::Invalid(_))));
+    assert_eq!(single.cross_backlog(), 0);
+    single.shutdown().await;
 }

@@ -124,7 +124,14 @@ pub struct Stats {
     pub user_balances_fen: i64,
     pub packet_escrow_fen: i64,
     pub campaign_escrow_fen: i64,
+    /// What this SET owes the other SETs of its cluster, net: shares of its
+    /// packets paid to users homed elsewhere, less the shares of their
+    /// packets paid here (0 on a single node). Users + escrows + this =
+    /// deposits - withdrawals.
+    pub transit_fen: i64,
     pub deposits_minus_withdrawals_fen: i64,
+    /// Cross-SET outbox rows the transport has not yet handed to its broker.
+    pub cross_backlog: u64,
 }
 
 /// Request counters the shards add to and `Engine::stats` reads.

@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use hongbao_core::audit::EntryKind;
 use hongbao_core::campaign::CampaignStatus;
+use hongbao_core::cross::{CrossBody, CrossKind};
 use hongbao_core::ledger::{Account, Ledger, Transfer};
 use hongbao_core::limits::{
     GROUP_MEMBERS_MAX, PENDING_MESSAGES_PER_SENDER_MAX, PENDING_MESSAGES_PER_USER_MAX,
@@ -18,7 +19,7 @@ use hongbao_core::limits::{
 use hongbao_core::{CampaignId, PacketId, UserId};
 
 use crate::ops::*;
-use crate::rows::{EntryMeta, MessageKind, RowResult, Rows};
+use crate::rows::{CrossIn, CrossOut, EntryMeta, MessageKind, RowResult, Rows};
 
 /// The storage's verdict on one step, around the decision on the request.
 type Applied<T> = RowResult<Result<T, OpError>>;
@@ -32,16 +33,19 @@ pub(crate) struct WriterMemory {
     pub next_campaign: CampaignId,
     /// Undelivered user notices by sender, for each sender's budget.
     pub pending_by_sender: HashMap<UserId, u32>,
+    /// Outbox rows not yet marked published (`Writer::cross_backlog`).
+    pub cross_backlog: u64,
 }
 
 impl WriterMemory {
     /// The memory of a store's committed rows: balances by account id, the
-    /// highest campaign id, and pending user notices by sender. Checks that
-    /// the balances sum to zero.
+    /// highest campaign id, pending user notices by sender, and unpublished
+    /// outbox rows. Checks that the balances sum to zero.
     pub(crate) fn from_stored(
         balances: Vec<(i64, i64)>,
         max_campaign: Option<i64>,
         pending_by_sender: HashMap<UserId, u32>,
+        cross_backlog: u64,
     ) -> Result<WriterMemory, crate::StoreError> {
         let mut accounts = Vec::with_capacity(balances.len());
         for (id, balance) in balances {
@@ -56,7 +60,7 @@ impl WriterMemory {
             )));
         }
         let next_campaign = max_campaign.map(|m| m as u64 + 1).unwrap_or(1);
-        Ok(WriterMemory { ledger, next_campaign, pending_by_sender })
+        Ok(WriterMemory { ledger, next_campaign, pending_by_sender, cross_backlog })
     }
 }
 
@@ -115,6 +119,12 @@ impl<'a, R: Rows> BatchTx<'a, R> {
             Command::StoreMessages(s) => s.decided(self.store_messages(&s.op)?),
             Command::AckMessage(s) => s.decided(self.ack_message(&s.op)?),
             Command::ChangeGroup(s) => s.decided(self.change_group(&s.op)?),
+            Command::ApplyCross(s) => s.decided(self.apply_cross(&s.op)?),
+            Command::MarkCrossPublished(s) => {
+                let marked = self.rows.mark_cross_published(&s.op.keys)?;
+                self.memory.cross_backlog = self.memory.cross_backlog.saturating_sub(marked);
+                s.decided(Ok(marked))
+            }
             Command::Barrier(s) => s.decided(Ok(())),
             Command::Close(s) => s.decided(Ok(())),
         }
@@ -197,18 +207,47 @@ impl<'a, R: Rows> BatchTx<'a, R> {
             return Ok(Err(e));
         }
         self.rows.insert_packet(p, &op.key)?;
-        let mut messages = Vec::with_capacity(p.recipients.list().len());
+        let mut messages = Vec::with_capacity(p.recipients.list().len().saturating_sub(op.away.len()));
+        // A recipient homed on another SET gets the notice through the
+        // outbox: its messages live in its SET's store.
+        let away: HashMap<UserId, hongbao_core::sets::SetId> = op.away.iter().copied().collect();
         for &user in p.recipients.list() {
-            messages.push((user, self.store_message(user, &op.notice, op.at_ms, Author::User(p.sender))?));
+            match away.get(&user) {
+                Some(&to) => {
+                    let row = CrossOut {
+                        to,
+                        kind: CrossKind::Notice,
+                        packet: p.id,
+                        user,
+                        amount_fen: 0,
+                        body: Some(&op.notice),
+                        created_ms: op.at_ms,
+                    };
+                    self.write_cross_out(&row)?;
+                }
+                None => messages.push((user, self.store_message(user, &op.notice, op.at_ms, Author::User(p.sender))?)),
+            }
         }
         Ok(Ok(Funded::New { messages }))
+    }
+
+    fn write_cross_out(&mut self, row: &CrossOut<'_>) -> RowResult<()> {
+        self.rows.insert_cross_out(row)?;
+        self.memory.cross_backlog += 1;
+        Ok(())
     }
 
     fn open_share(&mut self, op: &OpenShare) -> Applied<()> {
         if let Err(e) = self.check_remaining(op)? {
             return Ok(Err(e));
         }
-        let t = Transfer { from: Account::PACKET_ESCROW, to: Account::user(op.user), amount_fen: op.amount_fen };
+        // A user homed on another SET is paid there: here the share goes
+        // into that SET's transit account, and the outbox carries it.
+        let to = match op.cross_to {
+            Some(set) => Account::transit(set),
+            None => Account::user(op.user),
+        };
+        let t = Transfer { from: Account::PACKET_ESCROW, to, amount_fen: op.amount_fen };
         let meta =
             EntryMeta { kind: EntryKind::PacketOpen, reference: op.packet, user: Some(op.user), at_ms: op.at_ms };
         // The shard decided this share from the packet's state; the ledger
@@ -217,6 +256,18 @@ impl<'a, R: Rows> BatchTx<'a, R> {
             return Ok(Err(e));
         }
         self.rows.insert_claim(op)?;
+        if let Some(set) = op.cross_to {
+            let row = CrossOut {
+                to: set,
+                kind: CrossKind::Credit,
+                packet: op.packet,
+                user: op.user,
+                amount_fen: op.amount_fen,
+                body: None,
+                created_ms: op.at_ms,
+            };
+            self.write_cross_out(&row)?;
+        }
         // The packet row is updated once per batch (`flush_opens`).
         let o = self.opened.get_mut(&op.packet).expect("checked above");
         // The shard never opens a finished packet; the stored row's checks
@@ -358,6 +409,53 @@ impl<'a, R: Rows> BatchTx<'a, R> {
         Ok(Ok(ids))
     }
 
+    /// A message of another SET, once per key: the key's inbox row is written
+    /// in the same transaction as what the message does.
+    fn apply_cross(&mut self, op: &ApplyCross) -> Applied<CrossApplied> {
+        let m = &op.msg;
+        let (kind, amount_fen) = (m.kind(), m.amount_fen());
+        if let Some(applied_fen) = self.rows.cross_in_amount(m.from, kind, m.packet, m.user)? {
+            return Ok(if applied_fen == amount_fen {
+                Ok(CrossApplied { repeat: true, message: None })
+            } else {
+                Err(OpError::Invalid(format!(
+                    "the {} of packet {} for user {} from SET {} was applied with {applied_fen} fen;                      this copy says {amount_fen} fen: one of them is corrupt",
+                    kind.as_str(),
+                    m.packet,
+                    m.user,
+                    m.from
+                )))
+            });
+        }
+        let message = match &m.body {
+            CrossBody::Credit { amount_fen } => {
+                let t = Transfer { from: Account::transit(m.from), to: Account::user(m.user), amount_fen: *amount_fen };
+                let meta = EntryMeta {
+                    kind: EntryKind::CrossCredit,
+                    reference: m.packet,
+                    user: Some(m.user),
+                    at_ms: op.at_ms,
+                };
+                if let Err(e) = self.transfer(t, meta)? {
+                    return Ok(Err(e));
+                }
+                None
+            }
+            CrossBody::Notice { body } => Some(self.store_message(m.user, body, op.at_ms, Author::Remote)?),
+        };
+        let row = CrossIn {
+            from: m.from,
+            kind,
+            packet: m.packet,
+            user: m.user,
+            amount_fen,
+            created_ms: m.created_ms,
+            applied_ms: op.at_ms,
+        };
+        self.rows.insert_cross_in(&row)?;
+        Ok(Ok(CrossApplied { repeat: false, message }))
+    }
+
     fn ack_message(&mut self, op: &AckMessage) -> Applied<bool> {
         let deleted = self.rows.delete_message(op.msg, op.user)?;
         if let Some((kind, sender)) = deleted {
@@ -420,6 +518,7 @@ impl<'a, R: Rows> BatchTx<'a, R> {
     fn store_message(&mut self, user: UserId, body: &[u8], at_ms: u64, author: Author) -> RowResult<u64> {
         let (kind, sender) = match author {
             Author::User(sender) => (MessageKind::User, sender),
+            Author::Remote => (MessageKind::User, 0),
             Author::System => (MessageKind::System, 0),
         };
         let id = self.rows.insert_message(user, body, at_ms, kind, sender)?;
@@ -453,6 +552,10 @@ impl<'a, R: Rows> BatchTx<'a, R> {
 enum Author {
     /// Another user (a packet's notice): capped per recipient, and per sender.
     User(UserId),
+    /// A user of another SET (a notice that SET sent through its outbox):
+    /// capped per recipient like `User`; the sender's budget is kept on the
+    /// sender's SET, so it is stored with sender 0 and counted in none here.
+    Remote,
     /// The operator or the system (pushes, refunds): never dropped for user traffic.
     System,
 }

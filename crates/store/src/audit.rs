@@ -3,8 +3,12 @@
 
 use std::path::Path;
 
-use hongbao_core::audit::{AuditReport, Auditor, CampaignRecord, EntryKind, EntryRecord, PacketRecord};
+use hongbao_core::audit::{
+    AuditReport, Auditor, CampaignRecord, CrossInRecord, CrossOutRecord, CrossRows, EntryKind, EntryRecord,
+    PacketRecord,
+};
 use hongbao_core::campaign::CampaignStatus;
+use hongbao_core::cross::CrossKind;
 use hongbao_core::packet::{Claim, PacketStatus};
 use hongbao_core::split::SplitKind;
 
@@ -14,6 +18,13 @@ use crate::{StoreError, StoreLocation};
 /// checks every invariant. Read-only and one snapshot, so it is safe to run
 /// against a live server's store.
 pub fn audit(location: &StoreLocation) -> Result<AuditReport, StoreError> {
+    audit_with_cross(location).map(|(report, _)| report)
+}
+
+/// `audit`, and every cross-SET outbox and inbox row of the store, read in
+/// the same snapshot: one SET's part of a cluster audit
+/// (`hongbao_core::audit::ClusterAuditor::add_set`).
+pub fn audit_with_cross(location: &StoreLocation) -> Result<(AuditReport, CrossRows), StoreError> {
     match location {
         StoreLocation::Sqlite(dir) => crate::sqlite::audit::audit_dir(dir),
         StoreLocation::Postgres(target) => crate::postgres::audit::audit(target),
@@ -22,7 +33,7 @@ pub fn audit(location: &StoreLocation) -> Result<AuditReport, StoreError> {
 
 /// `audit` of the SQLite store in the data directory `dir`.
 pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
-    crate::sqlite::audit::audit_dir(dir)
+    crate::sqlite::audit::audit_dir(dir).map(|(report, _)| report)
 }
 
 /// Turns stored rows into the auditor's records, for every store: a kind or
@@ -30,6 +41,8 @@ pub fn audit_dir(dir: &Path) -> Result<AuditReport, StoreError> {
 #[derive(Default)]
 pub(crate) struct Feed {
     auditor: Auditor,
+    /// The cross-SET rows, also handed back for a cluster audit.
+    rows: CrossRows,
 }
 
 fn bad(what: String) -> StoreError {
@@ -62,7 +75,78 @@ pub(crate) fn audit_queries(n: &AuditNames) -> [String; 7] {
     ]
 }
 
+/// The queries of every outbox and inbox row, each in the order written.
+pub(crate) fn cross_queries(n: &AuditNames) -> [String; 2] {
+    let user = n.user;
+    [
+        format!("SELECT to_set, kind, packet, {user}, amount, created_ms, published FROM cross_out ORDER BY id"),
+        format!(
+            "SELECT from_set, kind, packet, {user}, amount, created_ms, applied_ms FROM cross_in ORDER BY applied_ms"
+        ),
+    ]
+}
+
+fn cross_kind(kind: &str, what: impl Fn() -> String) -> Result<CrossKind, StoreError> {
+    CrossKind::parse(kind).ok_or_else(|| bad(format!("{} has unknown kind {kind}", what())))
+}
+
+fn set_id(set: i64, what: impl Fn() -> String) -> Result<hongbao_core::sets::SetId, StoreError> {
+    u8::try_from(set).map_err(|_| bad(format!("{} names SET {set}", what())))
+}
+
 impl Feed {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cross_out(
+        &mut self,
+        to: i64,
+        kind: &str,
+        packet: i64,
+        user: i64,
+        amount_fen: i64,
+        created_ms: i64,
+        published: bool,
+    ) -> Result<(), StoreError> {
+        let what = || format!("outbox row of packet {packet} for user {user}");
+        let r = CrossOutRecord {
+            to: set_id(to, what)?,
+            kind: cross_kind(kind, what)?,
+            packet: packet as u64,
+            user: user as u64,
+            amount_fen,
+            created_ms: created_ms as u64,
+            published,
+        };
+        self.auditor.cross_out(r.clone());
+        self.rows.outs.push(r);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cross_in(
+        &mut self,
+        from: i64,
+        kind: &str,
+        packet: i64,
+        user: i64,
+        amount_fen: i64,
+        created_ms: i64,
+        applied_ms: i64,
+    ) -> Result<(), StoreError> {
+        let what = || format!("inbox row of packet {packet} for user {user}");
+        let r = CrossInRecord {
+            from: set_id(from, what)?,
+            kind: cross_kind(kind, what)?,
+            packet: packet as u64,
+            user: user as u64,
+            amount_fen,
+            created_ms: created_ms as u64,
+            applied_ms: applied_ms as u64,
+        };
+        self.auditor.cross_in(r.clone());
+        self.rows.ins.push(r);
+        Ok(())
+    }
+
     pub(crate) fn account(&mut self, id: i64, balance: i64) {
         self.auditor.account(id, balance);
     }
@@ -125,7 +209,8 @@ impl Feed {
 
     /// The report, with shake wins matched against their ledger entries one
     /// for one: `(count, sum)` of each.
-    pub(crate) fn finish(self, wins: (i64, i64), win_entries: (i64, i64)) -> AuditReport {
+    /// The cross-SET rows come back with it, as read.
+    pub(crate) fn finish(self, wins: (i64, i64), win_entries: (i64, i64)) -> (AuditReport, CrossRows) {
         let mut report = self.auditor.finish();
         if wins != win_entries {
             report.violations.push(format!(
@@ -133,6 +218,6 @@ impl Feed {
                 wins.0, wins.1, win_entries.0, win_entries.1
             ));
         }
-        report
+        (report, self.rows)
     }
 }

@@ -25,10 +25,13 @@ const STRIPES: usize = 64;
 pub struct CommittedBalances {
     stripes: Box<[RwLock<HashMap<Account, i64>>]>,
     /// Sum of the balances of each kind: user, world, packet escrow,
-    /// campaign escrow (`kind_index`). Locked once per batch by the writer
-    /// and once per reading: a few hundred times a second at most.
-    totals: Mutex<[i64; 4]>,
+    /// campaign escrow, transit (`kind_index`). Locked once per batch by the
+    /// writer and once per reading: a few hundred times a second at most.
+    totals: Mutex<[i64; KINDS]>,
 }
+
+/// Account kinds, each with a running total.
+const KINDS: usize = 5;
 
 fn kind_index(kind: AccountKind) -> usize {
     match kind {
@@ -36,6 +39,7 @@ fn kind_index(kind: AccountKind) -> usize {
         AccountKind::World => 1,
         AccountKind::PacketEscrow => 2,
         AccountKind::CampaignEscrow => 3,
+        AccountKind::Transit => 4,
     }
 }
 
@@ -56,7 +60,7 @@ impl CommittedBalances {
     /// Replaces everything with `ledger` (at start-up and after storage
     /// recovered: the ledger was reloaded from what is committed).
     pub(crate) fn replace_all(&self, ledger: &Ledger) {
-        let mut totals = [0i64; 4];
+        let mut totals = [0i64; KINDS];
         let mut by_stripe: Vec<HashMap<Account, i64>> = (0..STRIPES).map(|_| HashMap::new()).collect();
         for (account, balance) in ledger.iter() {
             totals[kind_index(account.kind)] += balance;
@@ -70,7 +74,7 @@ impl CommittedBalances {
 
     /// Publishes the new balances of the accounts a committed batch changed.
     pub(crate) fn publish(&self, changed: impl IntoIterator<Item = (Account, i64)>) {
-        let mut deltas = [0i64; 4];
+        let mut deltas = [0i64; KINDS];
         for (account, balance) in changed {
             let old = self.stripe(account).write().unwrap_or_else(|p| p.into_inner()).insert(account, balance);
             deltas[kind_index(account.kind)] += balance - old.unwrap_or(0);
@@ -90,7 +94,13 @@ impl CommittedBalances {
     pub fn totals(&self) -> MoneyTotals {
         let totals = *self.totals.lock().unwrap_or_else(|p| p.into_inner());
         let t = |i: usize| totals[i];
-        MoneyTotals { user_balances_fen: t(0), world_fen: t(1), packet_escrow_fen: t(2), campaign_escrow_fen: t(3) }
+        MoneyTotals {
+            user_balances_fen: t(0),
+            world_fen: t(1),
+            packet_escrow_fen: t(2),
+            campaign_escrow_fen: t(3),
+            transit_fen: t(4),
+        }
     }
 }
 
@@ -108,17 +118,20 @@ mod tests {
             Transfer { from: Account::user(1), to: Account::PACKET_ESCROW, amount_fen: 200 },
             Transfer { from: Account::PACKET_ESCROW, to: Account::user(2), amount_fen: 150 },
             Transfer { from: Account::user(1), to: Account::campaign(3), amount_fen: 100 },
+            Transfer { from: Account::PACKET_ESCROW, to: Account::transit(1), amount_fen: 20 },
+            Transfer { from: Account::transit(2), to: Account::user(2), amount_fen: 5 },
         ];
         for t in moves {
             ledger.apply(&[t]);
             committed.publish([(t.from, ledger.balance(t.from)), (t.to, ledger.balance(t.to))]);
         }
-        assert_eq!((committed.balance(Account::user(1)), committed.balance(Account::user(2))), (200, 150));
+        assert_eq!((committed.balance(Account::user(1)), committed.balance(Account::user(2))), (200, 155));
         let totals = committed.totals();
         assert_eq!(
             (totals.user_balances_fen, totals.packet_escrow_fen, totals.campaign_escrow_fen, totals.world_fen),
-            (350, 50, 100, -500)
+            (355, 30, 100, -500)
         );
+        assert_eq!(totals.transit_fen, 15, "owed to SET 1 (20), owed by SET 2 (5)");
         // A rebuild from the ledger agrees with the running sums.
         let rebuilt = CommittedBalances::new(&ledger);
         assert_eq!(rebuilt.totals(), totals);

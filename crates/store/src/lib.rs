@@ -7,16 +7,19 @@
 //! committed with `synchronous_commit = on` by PostgreSQL — before any
 //! completion runs), and the in-memory balances the writer decides payments
 //! with. The decision on each operation is written once (`apply.rs`) and
-//! reaches a store through `rows::Rows`.
+//! reaches a store through `rows::Rows`. Also the cross-SET outbox (what
+//! this SET owes other SETs' users, written in the commit that decided it)
+//! and inbox (their messages, applied once).
 //!
 //! Must not: decide packet shares, campaign releases or routing (the shards
 //! do), or know about sockets and client messages. Push bodies arrive as
-//! opaque bytes.
+//! opaque bytes. Nor send anything to another SET (the transport does, from
+//! the outbox) or know which SET it is (each op says what crosses, and where).
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use hongbao_core::audit::AuditReport;
+pub use hongbao_core::audit::{AuditReport, CrossRows};
 
 mod apply;
 mod audit;
@@ -33,7 +36,7 @@ pub use ops::{Op, OpError};
 pub use reader::{CampaignRow, MoneyTotals, Reader};
 pub use writer::{StorageFailure, Writer, WriterStats};
 
-pub use audit::{audit, audit_dir};
+pub use audit::{audit, audit_dir, audit_with_cross};
 pub use postgres::archive::{ArchiveReport, ArchivedDay, KeptDay};
 pub use postgres::PgTarget;
 pub use sqlite::{prepare_data_dir, DB_FILE, LOCK_FILE};

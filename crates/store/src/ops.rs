@@ -10,7 +10,9 @@
 //! applies these, this module only says what they are.
 
 use hongbao_core::campaign::{CampaignSpec, CampaignStatus};
+use hongbao_core::cross::{CrossKind, CrossMessage};
 use hongbao_core::packet::Recipients;
+use hongbao_core::sets::SetId;
 use hongbao_core::split::SplitKind;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 
@@ -172,6 +174,11 @@ commands! {
     StoreMessages => Vec<(UserId, u64)>, "store_messages";
     AckMessage => bool, "ack_message";
     ChangeGroup => Vec<UserId>, "change_group";
+    /// A message of another SET applied here, once per key.
+    ApplyCross => CrossApplied, "apply_cross";
+    /// Outbox rows the transport has handed over; answers how many were
+    /// not marked before.
+    MarkCrossPublished => u64, "mark_cross_published";
     /// Completes after everything queued before it has committed.
     Barrier => (), "barrier";
     /// Like `Barrier`, then the writer stops: later operations fail.
@@ -226,12 +233,17 @@ pub struct FundPacket {
     pub key: String,
     /// The `packet_received` push body stored for each recipient (opaque).
     pub notice: Vec<u8>,
+    /// The recipients homed on other SETs, each with their SET (empty on a
+    /// single node): instead of a stored message, each gets an outbox
+    /// notice carrying `notice`, in the same commit.
+    pub away: Vec<(UserId, SetId)>,
     pub at_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Funded {
-    /// The packet was funded; each recipient's stored message id.
+    /// The packet was funded; the stored message id of each recipient homed
+    /// on this SET.
     New { messages: Vec<(UserId, u64)> },
     /// The key had already funded this packet; nothing moved.
     Repeat(ExistingPacket),
@@ -259,6 +271,10 @@ pub struct OpenShare {
     /// have the same (committed plus this batch's earlier opens), or the open
     /// is refused as `Stale`: an earlier open it was decided after failed.
     pub remaining_before_fen: i64,
+    /// The SET the opener is homed on, when it is not this one: the share
+    /// is paid into that SET's transit account, and an outbox credit for it
+    /// is written in the same commit (its SET pays the user).
+    pub cross_to: Option<SetId>,
 }
 
 /// Looks up a committed claim: the answer to a repeated open must be durable.
@@ -385,6 +401,32 @@ pub enum GroupChange {
     Replace(Vec<UserId>),
     Add(Vec<UserId>),
     Remove(Vec<UserId>),
+}
+
+/// A message from another SET (checked by the engine: addressed to this
+/// SET, for a user homed here). A credit pays the user from the sending
+/// SET's transit account; a notice is stored for the user as another
+/// user's notice (capped like them). Once per `CrossMessage::key`: a
+/// repeat changes nothing, and a repeat that differs is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyCross {
+    pub msg: CrossMessage,
+    /// Wall-clock ms now: when it was applied.
+    pub at_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrossApplied {
+    /// Applied before: nothing changed now.
+    pub repeat: bool,
+    /// A notice applied now: the stored message's id, to push.
+    pub message: Option<u64>,
+}
+
+/// Marks this SET's outbox rows `(kind, packet, user)` published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarkCrossPublished {
+    pub keys: Vec<(CrossKind, PacketId, UserId)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
+use hongbao_core::cross::{CrossBody, CrossKind, CrossMessage};
 use hongbao_core::packet::{Packet, PacketStatus, Recipients};
+use hongbao_core::sets::SetId;
 use hongbao_core::split::SplitKind;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 
@@ -34,6 +36,8 @@ pub struct MoneyTotals {
     pub packet_escrow_fen: i64,
     pub campaign_escrow_fen: i64,
     pub world_fen: i64,
+    /// What this SET owes the other SETs, net (0 on a single node).
+    pub transit_fen: i64,
 }
 
 /// Reads of committed state over a few connections. Each read takes one
@@ -117,6 +121,46 @@ impl Reader {
     /// message), each kind oldest first.
     pub fn messages(&self, user: UserId, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         each_store!(self, r => r.messages(user, limit))
+    }
+
+    /// The outbox rows not yet marked published, oldest first, at most
+    /// `limit`, as messages from SET `from` (this store's SET).
+    pub fn cross_unpublished(&self, from: SetId, limit: usize) -> Result<Vec<CrossMessage>, StoreError> {
+        let rows = each_store!(self, r => r.cross_unpublished(limit))?;
+        rows.into_iter().map(|row| row.into_message(from)).collect()
+    }
+}
+
+/// An outbox row as stored, before it is checked.
+pub(crate) struct CrossOutFields {
+    pub kind: String,
+    pub to: i64,
+    pub packet: i64,
+    pub user: i64,
+    pub amount_fen: i64,
+    pub body: Option<Vec<u8>>,
+    pub created_ms: i64,
+}
+
+/// The columns `CrossOutFields` reads, in its order.
+pub(crate) const CROSS_OUT_COLUMNS: &str = "kind, to_set, packet, user, amount, body, created_ms";
+
+impl CrossOutFields {
+    pub(crate) fn into_message(self, from: SetId) -> Result<CrossMessage, StoreError> {
+        let what = || format!("outbox row ({}, packet {}, user {})", self.kind, self.packet, self.user);
+        let body = match (CrossKind::parse(&self.kind), self.body) {
+            (Some(CrossKind::Credit), None) if self.amount_fen > 0 => CrossBody::Credit { amount_fen: self.amount_fen },
+            (Some(CrossKind::Notice), Some(body)) => CrossBody::Notice { body },
+            _ => return Err(corrupt(what())),
+        };
+        Ok(CrossMessage {
+            from,
+            to: SetId::try_from(self.to).map_err(|_| corrupt(what()))?,
+            packet: self.packet as u64,
+            user: self.user as u64,
+            created_ms: self.created_ms as u64,
+            body,
+        })
     }
 }
 

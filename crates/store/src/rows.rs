@@ -14,8 +14,10 @@ use std::collections::BTreeSet;
 
 use hongbao_core::audit::EntryKind;
 use hongbao_core::campaign::CampaignSpec;
+use hongbao_core::cross::CrossKind;
 use hongbao_core::ledger::{Account, Transfer};
 use hongbao_core::packet::Recipients;
+use hongbao_core::sets::SetId;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 
 use crate::ops::{ExistingPacket, FirstWin, NewPacket, OpenShare, ShakeWin};
@@ -59,6 +61,31 @@ impl MessageKind {
             MessageKind::System
         }
     }
+}
+
+/// An outbox row: a message for SET `to`, unique per `(kind, packet, user)`.
+pub(crate) struct CrossOut<'a> {
+    pub to: SetId,
+    pub kind: CrossKind,
+    pub packet: PacketId,
+    pub user: UserId,
+    /// A credit's amount; 0 for a notice.
+    pub amount_fen: i64,
+    /// A notice's stored push body.
+    pub body: Option<&'a [u8]>,
+    pub created_ms: u64,
+}
+
+/// An inbox row: a message of SET `from` applied here, unique per
+/// `(from, kind, packet, user)`.
+pub(crate) struct CrossIn {
+    pub from: SetId,
+    pub kind: CrossKind,
+    pub packet: PacketId,
+    pub user: UserId,
+    pub amount_fen: i64,
+    pub created_ms: u64,
+    pub applied_ms: u64,
 }
 
 /// A campaign row's identity, for a repeated create.
@@ -132,6 +159,20 @@ pub(crate) trait Rows {
 
     fn group_members(&mut self, group: GroupId) -> RowResult<Vec<UserId>>;
     fn replace_group(&mut self, group: GroupId, members: &BTreeSet<UserId>) -> RowResult<()>;
+
+    fn insert_cross_out(&mut self, row: &CrossOut<'_>) -> RowResult<()>;
+    /// The amount of an applied inbox message (0 for a notice); `None` if
+    /// it was not applied.
+    fn cross_in_amount(
+        &mut self,
+        from: SetId,
+        kind: CrossKind,
+        packet: PacketId,
+        user: UserId,
+    ) -> RowResult<Option<i64>>;
+    fn insert_cross_in(&mut self, row: &CrossIn) -> RowResult<()>;
+    /// Marks outbox rows published; answers how many were not before.
+    fn mark_cross_published(&mut self, keys: &[(CrossKind, PacketId, UserId)]) -> RowResult<u64>;
 
     fn insert_entry(&mut self, transfer: &Transfer, meta: EntryMeta) -> RowResult<()>;
     /// Writes the balances a batch changed (after its last operation).

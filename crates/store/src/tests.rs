@@ -3,7 +3,9 @@
 //! every test of the writer's contract runs on both (`on_both_stores!`).
 
 use hongbao_core::campaign::{AmountRule, CampaignSpec, CampaignStatus};
+use hongbao_core::cross::{CrossBody, CrossKind, CrossMessage};
 use hongbao_core::ids::make_packet_id;
+use hongbao_core::ledger::Account;
 use hongbao_core::packet::Recipients;
 use hongbao_core::split::SplitKind;
 
@@ -91,6 +93,10 @@ on_both_stores!(
     opens_committed_together_update_their_packet_as_one_at_a_time_would,
     messages_are_capped_per_user_and_kind_and_acks_free_the_senders_budget,
     uniqueness_lives_in_the_database,
+    a_foreign_open_pays_transit_and_writes_its_outbox_credit_in_the_same_commit,
+    a_failed_batch_keeps_no_claim_transit_or_outbox_row,
+    a_cross_message_is_applied_once,
+    the_unpublished_outbox_is_read_through_its_index,
 );
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -127,7 +133,7 @@ fn money_moves_are_committed_idempotent_and_audited(at: TestStore) {
         ));
 
         let id = make_packet_id(0, 0, 1);
-        let fund = |packet, key: &str, notice| FundPacket { packet, key: key.into(), notice, at_ms: 1 };
+        let fund = |packet, key: &str, notice| FundPacket { packet, key: key.into(), notice, away: vec![], at_ms: 1 };
         let funded = w.run(fund(new_packet(id, 1, 300, 3), "p1", vec![1])).await.unwrap();
         let Funded::New { messages } = funded else { panic!("{funded:?}") };
         assert_eq!(messages.len(), 3);
@@ -142,6 +148,7 @@ fn money_moves_are_committed_idempotent_and_audited(at: TestStore) {
             at_ms: 1,
             best_luck: None,
             remaining_before_fen,
+            cross_to: None,
         };
         // Decided on a state storage does not have: refused, nothing moves.
         assert!(matches!(w.run(open(2, 100, 250)).await, Err(OpError::Stale(_))));
@@ -267,7 +274,7 @@ fn opens_committed_together_update_their_packet_as_one_at_a_time_would(at: TestS
         w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
         for (id, total, count, key) in [(a, 300, 3, "a"), (b, 100, 2, "b")] {
             let p = new_packet(id, 1, total, count);
-            w.run(FundPacket { packet: p, key: key.into(), notice: vec![], at_ms: 0 }).await.unwrap();
+            w.run(FundPacket { packet: p, key: key.into(), notice: vec![], away: vec![], at_ms: 0 }).await.unwrap();
         }
     });
     // Hold the writer inside a completion so every op below joins one batch.
@@ -275,7 +282,7 @@ fn opens_committed_together_update_their_packet_as_one_at_a_time_would(at: TestS
     let (replies_tx, replies) = std::sync::mpsc::channel::<Result<(), OpError>>();
     let open = |packet, user, amount_fen, seq, best_luck, remaining_before_fen| {
         let tx = replies_tx.clone();
-        let op = OpenShare { packet, user, amount_fen, seq, at_ms: 5, best_luck, remaining_before_fen };
+        let op = OpenShare { packet, user, amount_fen, seq, at_ms: 5, best_luck, remaining_before_fen, cross_to: None };
         assert!(w.try_submit(op, move |r| tx.send(r).unwrap()));
     };
     open(a, 2, 100, 0, None, 300);
@@ -418,7 +425,9 @@ fn messages_are_capped_per_user_and_kind_and_acks_free_the_senders_budget(at: Te
         // A user's notice is acked once; a second ack finds nothing.
         rt.block_on(w.run(Deposit { user: 1, amount_fen: 100, key: "d".into(), at_ms: 0 })).unwrap();
         let packet = NewPacket { recipients: Recipients::User(7), ..new_packet(make_packet_id(0, 0, 1), 1, 10, 1) };
-        let funded = rt.block_on(w.run(FundPacket { packet, key: "p".into(), notice: vec![9], at_ms: 2 })).unwrap();
+        let funded = rt
+            .block_on(w.run(FundPacket { packet, key: "p".into(), notice: vec![9], away: vec![], at_ms: 2 }))
+            .unwrap();
         let Funded::New { messages } = funded else { panic!("{funded:?}") };
         let notice = messages[0].1;
         let system_first = store.reader.messages(7, 1).unwrap();
@@ -453,9 +462,15 @@ fn uniqueness_lives_in_the_database(at: TestStore) {
     let id = make_packet_id(0, 0, 1);
     rt.block_on(async {
         w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
-        w.run(FundPacket { packet: new_packet(id, 1, 300, 3), key: "p".into(), notice: vec![], at_ms: 0 })
-            .await
-            .unwrap();
+        w.run(FundPacket {
+            packet: new_packet(id, 1, 300, 3),
+            key: "p".into(),
+            notice: vec![],
+            away: vec![],
+            at_ms: 0,
+        })
+        .await
+        .unwrap();
     });
     at.tamper(
         &format!("INSERT INTO claims (packet, user, seq, amount, at_ms) VALUES ({id}, 2, 7, 1, 0)"),
@@ -472,6 +487,7 @@ fn uniqueness_lives_in_the_database(at: TestStore) {
         at_ms: 1,
         best_luck: None,
         remaining_before_fen: 300,
+        cross_to: None,
     };
     let refused = rt.block_on(w.run(open.clone()));
     assert!(matches!(refused, Err(OpError::Storage(_))), "{refused:?}");
@@ -597,8 +613,13 @@ fn a_lookup_by_packet_id_reads_one_partition() {
     runtime().block_on(async {
         store.writer.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
         for (i, id) in ids.iter().enumerate() {
-            let fund =
-                FundPacket { packet: new_packet(*id, 1, 100, 2), key: format!("p{i}"), notice: vec![], at_ms: 0 };
+            let fund = FundPacket {
+                packet: new_packet(*id, 1, 100, 2),
+                key: format!("p{i}"),
+                notice: vec![],
+                away: vec![],
+                at_ms: 0,
+            };
             store.writer.run(fund).await.unwrap();
         }
     });
@@ -652,9 +673,15 @@ fn archiving_moves_settled_days_and_the_audit_still_counts_every_fen() {
     rt.block_on(async {
         w.run(Deposit { user: 1, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
         for (id, key) in [(settled, "settled"), (still_open, "open"), (todays, "today")] {
-            w.run(FundPacket { packet: new_packet(id, 1, 100, 2), key: key.into(), notice: vec![], at_ms: 0 })
-                .await
-                .unwrap();
+            w.run(FundPacket {
+                packet: new_packet(id, 1, 100, 2),
+                key: key.into(),
+                notice: vec![],
+                away: vec![],
+                at_ms: 0,
+            })
+            .await
+            .unwrap();
         }
         let open = |packet, user, amount_fen, seq, best_luck, remaining_before_fen| OpenShare {
             packet,
@@ -664,6 +691,7 @@ fn archiving_moves_settled_days_and_the_audit_still_counts_every_fen() {
             at_ms: 1,
             best_luck,
             remaining_before_fen,
+            cross_to: None,
         };
         w.run(open(settled, 2, 60, 0, None, 100)).await.unwrap();
         w.run(open(settled, 3, 40, 1, Some(2), 40)).await.unwrap();
@@ -716,8 +744,13 @@ fn archiving_moves_settled_days_and_the_audit_still_counts_every_fen() {
     assert_eq!((p.claims.len(), p.status.as_str()), (2, "finished"));
     rt.block_on(async {
         assert_eq!(w.run(FindClaim { packet: settled, user: 3 }).await.unwrap(), Some(40));
-        let again =
-            FundPacket { packet: new_packet(todays + 1, 1, 100, 2), key: "settled".into(), notice: vec![], at_ms: 0 };
+        let again = FundPacket {
+            packet: new_packet(todays + 1, 1, 100, 2),
+            key: "settled".into(),
+            notice: vec![],
+            away: vec![],
+            at_ms: 0,
+        };
         assert!(matches!(w.run(again).await.unwrap(), Funded::Repeat(ExistingPacket { id, .. }) if id == settled));
         let repeat =
             ShakeWin { campaign: 1, packet: todays + 2, user: 4, amount_fen: 1, at_ms: 2, key: Some("s".into()) };
@@ -733,4 +766,202 @@ fn archiving_moves_settled_days_and_the_audit_still_counts_every_fen() {
     assert_eq!(report.archived.iter().map(|d| d.date.clone()).collect::<Vec<_>>(), vec![date(today - 9)]);
     assert!(report.kept.is_empty());
     assert!(at.audit().passed());
+}
+
+/// This store as SET 0 of 2: user 2 (homed here) sends packet `id` to
+/// users 3 (homed on SET 1) and 4; answers the stored message ids.
+fn send_across(w: &Writer, rt: &tokio::runtime::Runtime, id: u64) -> Vec<(u64, u64)> {
+    rt.block_on(async {
+        w.run(Deposit { user: 2, amount_fen: 1000, key: "d".into(), at_ms: 0 }).await.unwrap();
+        let packet = NewPacket { recipients: Recipients::users([3, 4]), ..new_packet(id, 2, 300, 2) };
+        let fund = FundPacket { packet, key: "p".into(), notice: vec![7, 7], away: vec![(3, 1)], at_ms: 5 };
+        match w.run(fund).await.unwrap() {
+            Funded::New { messages } => messages,
+            other => panic!("{other:?}"),
+        }
+    })
+}
+
+fn foreign_open(id: u64, user: u64, amount_fen: i64, seq: u32, remaining_before_fen: i64) -> OpenShare {
+    OpenShare {
+        packet: id,
+        user,
+        amount_fen,
+        seq,
+        at_ms: 9,
+        best_luck: None,
+        remaining_before_fen,
+        cross_to: (user % 2 == 1).then_some(1),
+    }
+}
+
+/// A user homed on SET 1 opens a packet of SET 0: the claim, the share
+/// paid into SET 1's transit account and the outbox credit commit together
+/// (the notice of the send went to the outbox too, not to a stored
+/// message); the transport reads them oldest first and marks them
+/// published, after which they are not handed out again.
+fn a_foreign_open_pays_transit_and_writes_its_outbox_credit_in_the_same_commit(at: TestStore) {
+    let store = at.open();
+    let w = store.writer.clone();
+    let rt = runtime();
+    let id = make_packet_id(0, 0, 1);
+    let messages = send_across(&w, &rt, id);
+    assert_eq!(messages.iter().map(|m| m.0).collect::<Vec<_>>(), vec![4], "only the local recipient's message");
+    assert_eq!(store.reader.messages(3, 10).unwrap(), vec![], "no message stored here for SET 1's user");
+    assert_eq!(w.cross_backlog(), 1);
+    rt.block_on(w.run(foreign_open(id, 3, 120, 0, 300))).unwrap();
+    assert_eq!(w.cross_backlog(), 2);
+    assert_eq!(store.reader.balance(3).unwrap(), 0, "paid on SET 1, not here");
+    assert_eq!(w.committed.balance(Account::transit(1)), 120);
+    assert_eq!(w.committed.totals().transit_fen, 120);
+    assert_eq!(rt.block_on(w.run(FindClaim { packet: id, user: 3 })).unwrap(), Some(120));
+    let out = store.reader.cross_unpublished(0, 10).unwrap();
+    let notice = CrossMessage {
+        from: 0,
+        to: 1,
+        packet: id,
+        user: 3,
+        created_ms: 5,
+        body: CrossBody::Notice { body: vec![7, 7] },
+    };
+    let credit = CrossMessage { created_ms: 9, body: CrossBody::Credit { amount_fen: 120 }, ..notice.clone() };
+    assert_eq!(out, vec![notice, credit.clone()], "oldest first");
+    assert_eq!(store.reader.cross_unpublished(0, 1).unwrap().len(), 1, "at most the limit");
+    let (report, rows) = audit_with_cross(&at.location()).unwrap();
+    assert!(report.passed(), "{:?}", report.violations);
+    assert_eq!(report.totals.transit_by_set, std::collections::BTreeMap::from([(1, 120)]));
+    assert_eq!((rows.outs.len(), rows.ins.len()), (2, 0));
+    // Published: never handed out again; marking twice marks nothing more.
+    let keys = vec![(CrossKind::Notice, id, 3), (CrossKind::Credit, id, 3)];
+    assert_eq!(rt.block_on(w.run(MarkCrossPublished { keys: keys.clone() })).unwrap(), 2);
+    assert_eq!(rt.block_on(w.run(MarkCrossPublished { keys })).unwrap(), 0);
+    assert_eq!(w.cross_backlog(), 0);
+    assert_eq!(store.reader.cross_unpublished(0, 10).unwrap(), vec![]);
+    // The backlog is read back at start-up.
+    drop(w);
+    TestStore::close(store);
+    let store = at.open();
+    assert_eq!(store.writer.cross_backlog(), 0);
+    rt.block_on(store.writer.run(foreign_open(id, 4, 100, 1, 180))).unwrap();
+    assert_eq!(store.writer.cross_backlog(), 0, "a local open writes no outbox row");
+    assert_eq!(store.reader.balance(4).unwrap(), 100);
+    let report = at.audit();
+    assert!(report.passed(), "{:?}", report.violations);
+}
+
+/// A batch that fails keeps nothing of a foreign open: no claim, no money
+/// in transit, no outbox row, no backlog.
+fn a_failed_batch_keeps_no_claim_transit_or_outbox_row(at: TestStore) {
+    let store = at.open();
+    let w = store.writer.clone();
+    let rt = runtime();
+    let id = make_packet_id(0, 0, 1);
+    send_across(&w, &rt, id);
+    rt.block_on(w.run(MarkCrossPublished { keys: vec![(CrossKind::Notice, id, 3)] })).unwrap();
+    // A claim of user 4 behind the writer's back: the batch opening for 3
+    // and then for 4 fails on it, whole.
+    let claim =
+        |user: &str| format!("INSERT INTO claims (packet, {user}, seq, amount, at_ms) VALUES ({id}, 4, 7, 1, 0)");
+    let day = hongbao_core::ids::day_of(id);
+    at.tamper(
+        &claim("user"),
+        &claim("user_id").replace("(packet,", "(day, packet,").replace("VALUES (", &format!("VALUES ({day}, ")),
+    );
+    let release = hold_writer(&w);
+    let (tx, results) = std::sync::mpsc::channel();
+    for op in [foreign_open(id, 3, 120, 0, 300), foreign_open(id, 4, 80, 1, 180)] {
+        let tx = tx.clone();
+        assert!(w.try_submit(op, move |r| tx.send(r).unwrap()));
+    }
+    drop(tx);
+    release.send(()).unwrap();
+    for result in results.iter() {
+        assert!(matches!(result, Err(OpError::Storage(_))), "{result:?}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while w.is_failing() {
+        assert!(std::time::Instant::now() < deadline, "the writer never recovered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(rt.block_on(w.run(FindClaim { packet: id, user: 3 })).unwrap(), None);
+    assert_eq!(w.committed.balance(Account::transit(1)), 0);
+    assert_eq!(w.cross_backlog(), 0);
+    assert_eq!(store.reader.cross_unpublished(0, 10).unwrap(), vec![]);
+    let untamper = "DELETE FROM claims WHERE seq = 7";
+    at.tamper(untamper, untamper);
+    let (report, rows) = audit_with_cross(&at.location()).unwrap();
+    assert!(report.passed(), "{:?}", report.violations);
+    assert_eq!((rows.outs.len(), report.totals.transit_fen), (1, 0), "the send's notice only");
+    // The open goes through once storage holds the state it was decided on.
+    rt.block_on(w.run(foreign_open(id, 3, 120, 0, 300))).unwrap();
+    assert_eq!((w.committed.balance(Account::transit(1)), w.cross_backlog()), (120, 1));
+}
+
+/// This store as SET 1 of 2: SET 0's credit and notice for user 3 are
+/// applied once however often they arrive, in one batch or in several; a
+/// copy with another amount is refused.
+fn a_cross_message_is_applied_once(at: TestStore) {
+    let store = at.open();
+    let w = store.writer.clone();
+    let rt = runtime();
+    let packet = make_packet_id(0, 1, 5);
+    let credit =
+        CrossMessage { from: 0, to: 1, packet, user: 3, created_ms: 10, body: CrossBody::Credit { amount_fen: 60 } };
+    let notice = CrossMessage { body: CrossBody::Notice { body: vec![4, 2] }, ..credit.clone() };
+    let apply = |msg: &CrossMessage| ApplyCross { msg: msg.clone(), at_ms: 25 };
+    // The same messages twice in one batch: the second of each is a repeat.
+    let release = hold_writer(&w);
+    let (tx, results) = std::sync::mpsc::channel();
+    for msg in [&credit, &notice, &credit, &notice] {
+        let tx = tx.clone();
+        assert!(w.try_submit(apply(msg), move |r| tx.send(r).unwrap()));
+    }
+    drop(tx);
+    release.send(()).unwrap();
+    let results: Vec<CrossApplied> = results.iter().map(Result::unwrap).collect();
+    assert_eq!(results.iter().map(|r| r.repeat).collect::<Vec<_>>(), vec![false, false, true, true]);
+    assert_eq!(results[0].message, None, "a credit stores no message");
+    let stored = results[1].message.expect("a notice's message");
+    assert_eq!(store.reader.messages(3, 10).unwrap(), vec![(stored, vec![4, 2])]);
+    assert_eq!(store.reader.balance(3).unwrap(), 60);
+    assert_eq!(w.committed.balance(Account::transit(0)), -60, "SET 0 owes this SET nothing; it owes SET 0");
+    // Again, in a batch of its own.
+    let again = rt.block_on(w.run(apply(&credit))).unwrap();
+    assert_eq!(again, CrossApplied { repeat: true, message: None });
+    // The same key with another amount: corrupt, refused, nothing moves.
+    let other = CrossMessage { body: CrossBody::Credit { amount_fen: 61 }, ..credit.clone() };
+    let refused = rt.block_on(w.run(apply(&other)));
+    assert!(matches!(&refused, Err(OpError::Invalid(m)) if m.contains("corrupt")), "{refused:?}");
+    assert_eq!(store.reader.balance(3).unwrap(), 60);
+    assert_eq!(store.reader.messages(3, 10).unwrap().len(), 1);
+    let (report, rows) = audit_with_cross(&at.location()).unwrap();
+    assert!(report.passed(), "{:?}", report.violations);
+    assert_eq!(report.totals.transit_by_set, std::collections::BTreeMap::from([(0, -60)]));
+    let applied: Vec<(CrossKind, i64, u64, u64)> =
+        rows.ins.iter().map(|r| (r.kind, r.amount_fen, r.created_ms, r.applied_ms)).collect();
+    assert_eq!(applied.len(), 2);
+    assert!(applied.contains(&(CrossKind::Credit, 60, 10, 25)) && applied.contains(&(CrossKind::Notice, 0, 10, 25)));
+}
+
+/// The transport's read of unpublished outbox rows goes through the partial
+/// index, never a scan of the table (which keeps every row ever written).
+fn the_unpublished_outbox_is_read_through_its_index(at: TestStore) {
+    drop(at.open());
+    let plan = match &at {
+        TestStore::Sqlite(dir) => {
+            let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+            let sql = format!("EXPLAIN QUERY PLAN {}", crate::sqlite::reader::cross_unpublished_sql());
+            let mut stmt = conn.prepare(&sql).unwrap();
+            let rows = stmt.query_map([10], |r| r.get::<_, String>(3)).unwrap();
+            rows.collect::<rusqlite::Result<Vec<_>>>().unwrap().join("\n")
+        }
+        TestStore::Postgres(server) => server
+            .psql(&format!(
+                "SET enable_seqscan = off; PREPARE unpublished(bigint) AS {}; EXPLAIN (COSTS OFF) EXECUTE unpublished(10);",
+                crate::postgres::reader::CROSS_UNPUBLISHED_SQL
+            ))
+            .unwrap(),
+    };
+    assert!(plan.contains("cross_out_unpublished"), "{plan}");
+    assert!(!plan.contains("TEMP B-TREE") && !plan.contains("Sort"), "no sort: the index is in order\n{plan}");
 }

@@ -113,6 +113,8 @@ pub struct WriterStats {
     pub queued: AtomicU64,
     /// True while storage is failing (the cheap check for every request).
     pub failing: AtomicBool,
+    /// Cross-SET outbox rows not yet marked published, as committed.
+    pub cross_backlog: AtomicU64,
     failure: Mutex<Option<StorageFailure>>,
     /// Microseconds of the latest commits, oldest first, at most `RECENT_COMMITS_KEPT`.
     recent_commit_us: Mutex<std::collections::VecDeque<u32>>,
@@ -168,6 +170,8 @@ impl Writer {
         metrics::gauge!("hongbao_storage_up").set(1.0);
         let committed = Arc::new(CommittedBalances::new(&memory.ledger));
         let state = WriterState { backend, memory, stats: stats.clone(), committed: committed.clone(), batch_ops_max };
+        state.stats.cross_backlog.store(state.memory.cross_backlog, Ordering::Relaxed);
+        metrics::gauge!("hongbao_cross_backlog").set(state.memory.cross_backlog as f64);
         let handle = std::thread::Builder::new()
             .name("hongbao-writer".into())
             .spawn(move || state.run(rx))
@@ -217,6 +221,12 @@ impl Writer {
 
     pub fn queue_depth(&self) -> u64 {
         self.stats.queued.load(Ordering::Relaxed)
+    }
+
+    /// Cross-SET outbox rows not yet marked published, as committed (no
+    /// read: the writer keeps the count).
+    pub fn cross_backlog(&self) -> u64 {
+        self.stats.cross_backlog.load(Ordering::Relaxed)
     }
 
     /// True while storage is failing: whatever is submitted now fails.
@@ -296,6 +306,7 @@ impl WriterState {
                 Ok(changed) => {
                     // Before any completion runs: whoever hears of the commit can read it.
                     self.committed.publish(changed);
+                    self.publish_backlog();
                     if closing {
                         return self.close(batch, rx);
                     }
@@ -337,7 +348,18 @@ impl WriterState {
         debug_assert!(unknown_batch_committed.is_none(), "no batch was in doubt");
         self.committed.replace_all(&memory.ledger);
         self.memory = memory;
+        self.publish_backlog();
         Ok(())
+    }
+
+    /// Publishes the outbox backlog as committed (the count and the
+    /// `hongbao_cross_backlog` gauge), when it changed: a single node, whose
+    /// backlog is always 0, sets nothing per commit.
+    fn publish_backlog(&self) {
+        let now = self.memory.cross_backlog;
+        if self.stats.cross_backlog.swap(now, Ordering::Relaxed) != now {
+            metrics::gauge!("hongbao_cross_backlog").set(now as f64);
+        }
     }
 
     fn settle_committed(&self, batch: &mut Vec<Command>) {
@@ -461,6 +483,7 @@ impl WriterState {
         let Recovered { memory, unknown_batch_committed } = recovered;
         self.committed.replace_all(&memory.ledger);
         self.memory = memory;
+        self.publish_backlog();
         let was = self.stats.failure_lock().take();
         self.stats.failing.store(false, Ordering::Relaxed);
         metrics::gauge!("hongbao_storage_up").set(1.0);

@@ -6,14 +6,17 @@
 //!
 //! The engine is one SET of a cluster (`EngineConfig::set`; a single node is
 //! SET 0 of 1). It makes packet ids of its SET only, and refuses what is
-//! not its own: a request by a user homed on another SET, a packet id of
-//! another SET, a send to a user homed elsewhere (`checks::foreign_user`,
-//! `foreign_packet`). Money that would cross SETs is not supported yet.
+//! not its own: a packet id of another SET, and any request by a user homed
+//! on another SET but one about a packet of this SET (`checks::foreign_user`,
+//! `foreign_packet`). A packet of this SET may be sent to, and opened by,
+//! users homed anywhere: what they are owed goes through the cross-SET
+//! outbox (`cross`), which the transport between SETs moves.
 //!
 //! Reads in one direction: this module drives the shards (`crate::shard`),
 //! the push hub and the writer; none of them knows it.
 
 mod campaigns;
+mod cross;
 mod groups;
 mod messages;
 mod money;
@@ -169,6 +172,7 @@ impl Engine {
             ids.extend(mark);
             let setup = ShardSetup {
                 index,
+                set: config.set,
                 ids,
                 // Each shard draws from its own stream of the one seed.
                 rng: rand::rngs::SmallRng::seed_from_u64(config.seed ^ (u64::from(index) << 48)),
@@ -291,7 +295,9 @@ impl Engine {
             user_balances_fen: totals.user_balances_fen,
             packet_escrow_fen: totals.packet_escrow_fen,
             campaign_escrow_fen: totals.campaign_escrow_fen,
+            transit_fen: totals.transit_fen,
             deposits_minus_withdrawals_fen: -totals.world_fen,
+            cross_backlog: p.writer.cross_backlog(),
         }
     }
 

@@ -14,9 +14,7 @@ use hongbao_store::ops::AckMessage;
 use tokio::sync::{mpsc, watch};
 
 use super::Engine;
-use crate::checks::{
-    first_foreign, foreign_packet, foreign_user, names_a_set, op_error, valid_group, CROSS_SET_PACKETS_UNSUPPORTED,
-};
+use crate::checks::{foreign_packet, foreign_user, names_a_set, op_error, valid_group};
 use crate::push::Connection;
 use crate::reads::reads_full;
 use crate::shard::{Event, SendArgs};
@@ -90,9 +88,11 @@ impl Engine {
     /// Submits a client request on behalf of an authenticated user. Never
     /// waits: a full shard queue answers `Overload` (shakes: `ShakeResult::Overload`).
     /// `Hello` and `Ping` are the gateway's and answered with an error here.
-    /// What belongs to another SET (the user's home, the packet's id) is
-    /// refused with `InvalidRequest`: a gateway that routes right never
-    /// sends it.
+    /// What belongs to another SET is refused with `InvalidRequest` (a
+    /// gateway that routes right never sends it): a packet id of another
+    /// SET, or a user homed elsewhere asking for anything but a packet of
+    /// this SET. Packet requests are served whoever asks: a user homed on
+    /// another SET opens here, and is paid on their SET (the outbox).
     pub fn submit(&self, user: UserId, req: Request, reply: Responder) {
         if self.parts.shutting_down.load(Ordering::Relaxed) {
             return reply.send(Reply::error(ErrorCode::Overload, "server is shutting down"));
@@ -155,18 +155,14 @@ impl Engine {
         match req {
             Request::Grab { packet } | Request::Open { packet } | Request::Detail { packet } => {
                 let packet = *packet;
-                if !set.owns_packet(packet) {
-                    // An id that names no SET at all is not found, as
-                    // before there were SETs.
-                    return Some(if names_a_set(packet, set) {
+                // An id that names no SET at all is not found, as before
+                // there were SETs.
+                (!set.owns_packet(packet)).then(|| {
+                    if names_a_set(packet, set) {
                         Reply::error(ErrorCode::InvalidRequest, foreign_packet(packet, set))
                     } else {
                         not_found(packet)
-                    });
-                }
-                (!set.owns_user(user)).then(|| {
-                    let why = format!("{CROSS_SET_PACKETS_UNSUPPORTED} ({})", foreign_user(user, set));
-                    Reply::error(ErrorCode::InvalidRequest, why)
+                    }
                 })
             }
             Request::Hello { .. } | Request::Ping => None,
@@ -183,25 +179,16 @@ impl Engine {
     }
 
     /// A send's recipients, resolved here, off the shard: the packet keeps
-    /// this snapshot of a group. Every recipient must be homed on this SET:
-    /// their share would be paid into another SET's store otherwise.
+    /// this snapshot of a group (this SET's copy of it). Recipients may be
+    /// homed on any SET: those homed elsewhere get their notice, and their
+    /// shares when they open, through the cross-SET outbox.
     fn recipients(&self, user: UserId, to: Target) -> Result<Recipients, (ErrorCode, String)> {
         if let Target::Group(g) = to {
             valid_group(g).map_err(|e| (e.code(), e.to_string()))?;
         }
-        let set = self.parts.set;
-        let foreign_recipient = |u: UserId| {
-            let why =
-                format!("recipient {}; sending to users of another SET is not supported yet", foreign_user(u, set));
-            (ErrorCode::InvalidRequest, why)
-        };
         match to {
             Target::Group(g) => match hongbao_boundary::sync::read(&self.parts.groups).get(&g) {
                 Some(members) if members.binary_search(&user).is_ok() => {
-                    if let Some(u) = first_foreign(members.iter().copied(), set) {
-                        let (code, why) = foreign_recipient(u);
-                        return Err((code, format!("group {g}: {why}")));
-                    }
                     Ok(Recipients::group(g, members.iter().copied()))
                 }
                 Some(_) => Err((ErrorCode::NotEligible, format!("you are not a member of group {g}"))),
@@ -210,11 +197,7 @@ impl Engine {
             Target::Users(users) if users.len() > limits::PACKET_RECIPIENTS_MAX => {
                 Err((ErrorCode::InvalidRequest, format!("at most {} recipients", limits::PACKET_RECIPIENTS_MAX)))
             }
-            Target::Users(users) => match first_foreign(users.iter().copied(), set) {
-                Some(u) => Err(foreign_recipient(u)),
-                None => Ok(Recipients::users(users)),
-            },
-            Target::User(u) if !set.owns_user(u) => Err(foreign_recipient(u)),
+            Target::Users(users) => Ok(Recipients::users(users)),
             Target::User(u) => Ok(Recipients::User(u)),
         }
     }

@@ -23,6 +23,7 @@ use hongbao_core::campaign::ReleaseSchedule;
 use hongbao_core::ids::{self, set_of, shard_of, IdAllocator};
 use hongbao_core::limits::{self, COMMIT_BATCH_RECORDS_MAX, WRITER_QUEUE_MAX};
 use hongbao_core::packet::Packet;
+use hongbao_core::sets::SetMap;
 use hongbao_core::{CampaignId, PacketId, UserId};
 use hongbao_store::Writer;
 use rand::rngs::SmallRng;
@@ -178,6 +179,9 @@ pub(crate) struct ShardHandle {
 /// What a shard is started with besides its packets.
 pub(crate) struct ShardSetup {
     pub index: u16,
+    /// The SET this shard's engine is: opens and sends by or for users
+    /// homed elsewhere go through the cross-SET outbox.
+    pub set: SetMap,
     pub ids: IdAllocator,
     pub rng: SmallRng,
     pub clock: Clock,
@@ -194,9 +198,10 @@ pub(crate) fn spawn(setup: ShardSetup, packets: Vec<Packet>) -> ShardHandle {
     let (tx, rx) = mpsc::channel(limits::SHARD_QUEUE_MAX);
     let (completions_tx, completions_rx) = mpsc::unbounded_channel();
     let gate = Arc::new(ShakeGate::default());
-    let ShardSetup { index, ids, rng, clock, writer, reads, hub, rules, counters, gate_changes } = setup;
+    let ShardSetup { index, set, ids, rng, clock, writer, reads, hub, rules, counters, gate_changes } = setup;
     let mut state = ShardState {
         index,
+        set,
         packets: HashMap::new(),
         timers: BTreeSet::new(),
         ids,
@@ -226,6 +231,8 @@ pub(crate) fn spawn(setup: ShardSetup, packets: Vec<Packet>) -> ShardHandle {
 struct ShardState {
     /// This shard's number: the one in the ids of the packets it owns.
     index: u16,
+    /// The SET of this shard's engine.
+    set: SetMap,
     packets: HashMap<PacketId, Packet>,
     /// Expiries and evictions by due time.
     timers: BTreeSet<(u64, PacketId, TimerKind)>,

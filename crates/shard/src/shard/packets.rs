@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 
 use hongbao_boundary::Responder;
 use hongbao_core::packet::{GrabState, OpenDecision, OpenError, Packet, PacketSpec, PacketStatus, Recipients};
+use hongbao_core::sets::{home_set, SetId, SetMap};
 use hongbao_core::split::SplitKind;
 use hongbao_core::{PacketId, UserId};
 use hongbao_proto::{ErrorCode, Push, PushBody, Reply};
@@ -199,7 +200,10 @@ impl ShardState {
             created_ms: now,
             expires_ms,
         };
-        let op = FundPacket { packet: new, key, notice: encode_body(&received_notice(&packet)), at_ms: now };
+        // Recipients homed on other SETs get their notice through the
+        // outbox (their messages live in their SET's store).
+        let away = away_recipients(packet.recipients.list(), self.set);
+        let op = FundPacket { packet: new, key, notice: encode_body(&received_notice(&packet)), away, at_ms: now };
         let completions = self.completions.clone();
         self.writer.submit(op, move |r| fund_committed(r, packet, &completions, reply)).await;
     }
@@ -260,7 +264,12 @@ impl ShardState {
                     self.timers.insert((now + RETAIN_CLOSED_MS, packet, TimerKind::Evict));
                 }
                 let remaining_before_fen = p.remaining_fen + amount_fen;
-                let op = OpenShare { packet, user, amount_fen, seq, at_ms: now, best_luck, remaining_before_fen };
+                // A user homed on another SET is paid there, through the
+                // outbox; the claim, and the reply, are this SET's as for
+                // anyone. A single node never divides here.
+                let cross_to = (!self.set.owns_user(user)).then(|| home_set(user, self.set.sets()));
+                let op =
+                    OpenShare { packet, user, amount_fen, seq, at_ms: now, best_luck, remaining_before_fen, cross_to };
                 let hub = self.hub.clone();
                 self.writer.submit(op, move |r| open_committed(r, notice, &hub, &completions, reply)).await;
             }
@@ -392,6 +401,15 @@ impl ShardState {
         self.reloading.remove(&packet);
         self.timers.insert((self.clock.now_ms() + REFUND_RETRY_MS, packet, TimerKind::Reload));
     }
+}
+
+/// The recipients homed on other SETs than `set`, each with their SET, in
+/// recipient order; nothing at all on a single node.
+fn away_recipients(recipients: &[UserId], set: SetMap) -> Vec<(UserId, SetId)> {
+    if set.sets() == 1 {
+        return Vec::new();
+    }
+    recipients.iter().filter(|&&u| !set.owns_user(u)).map(|&u| (u, home_set(u, set.sets()))).collect()
 }
 
 /// A stored packet as `user` finds it: whether it finished, and the grab

@@ -2,13 +2,13 @@
 //! read transaction, so every query sees the same committed state while the
 //! server goes on writing.
 
-use hongbao_core::audit::AuditReport;
+use hongbao_core::audit::{AuditReport, CrossRows};
 
 use super::PgTarget;
-use crate::audit::{audit_queries, AuditNames, Feed};
+use crate::audit::{audit_queries, cross_queries, AuditNames, Feed};
 use crate::StoreError;
 
-pub(crate) fn audit(target: &PgTarget) -> Result<AuditReport, StoreError> {
+pub(crate) fn audit(target: &PgTarget) -> Result<(AuditReport, CrossRows), StoreError> {
     let mut client = target.connect()?;
     let has_schema: bool = client.query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?.get(0);
     if !has_schema {
@@ -35,6 +35,15 @@ pub(crate) fn audit(target: &PgTarget) -> Result<AuditReport, StoreError> {
     }
     for r in tx.query(&campaigns, &[])? {
         f.campaign(r.get(0), r.get(1), r.get(2), r.get(3))?;
+    }
+    let [outs, ins] = cross_queries(&names);
+    for r in tx.query(&outs, &[])? {
+        let to: i16 = r.get(0);
+        f.cross_out(to.into(), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6))?;
+    }
+    for r in tx.query(&ins, &[])? {
+        let from: i16 = r.get(0);
+        f.cross_in(from.into(), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6))?;
     }
     let mut sums = |sql: &str| tx.query_one(sql, &[]).map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
     let report = f.finish(sums(&wins)?, sums(&win_entries)?);

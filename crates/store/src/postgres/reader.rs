@@ -11,7 +11,7 @@ use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 use postgres::{Client, Row};
 
 use super::PgTarget;
-use crate::reader::{campaigns_sql, CampaignFields, CampaignRow, PacketFields, PACKET_COLUMNS};
+use crate::reader::{campaigns_sql, CampaignFields, CampaignRow, CrossOutFields, PacketFields, PACKET_COLUMNS};
 use crate::StoreError;
 
 pub(crate) struct PgReader {
@@ -249,4 +249,26 @@ impl PgReader {
             .collect())
         })
     }
+
+    /// Unpublished outbox rows, oldest first: the partial index
+    /// `cross_out_unpublished` holds exactly these, in this order.
+    pub(crate) fn cross_unpublished(&self, limit: usize) -> Result<Vec<CrossOutFields>, StoreError> {
+        self.with(|c| {
+            Ok(c.query(CROSS_UNPUBLISHED_SQL, &[&(limit as i64)])?
+                .iter()
+                .map(|r| CrossOutFields {
+                    kind: r.get(0),
+                    to: i64::from(r.get::<_, i16>(1)),
+                    packet: r.get(2),
+                    user: r.get(3),
+                    amount_fen: r.get(4),
+                    body: r.get(5),
+                    created_ms: r.get(6),
+                })
+                .collect())
+        })
+    }
 }
+
+pub(crate) const CROSS_UNPUBLISHED_SQL: &str =
+    "SELECT kind, to_set, packet, user_id, amount, body, created_ms FROM cross_out WHERE NOT published ORDER BY id LIMIT $1";

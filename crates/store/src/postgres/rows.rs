@@ -3,8 +3,9 @@
 //! messages, balances) are collected column by column and sent as one
 //! `INSERT … SELECT FROM unnest(…)` (or `UPDATE … FROM unnest(…)`) per table,
 //! and the hot reads (a packet's remaining money, a shake key's first win,
-//! whether a campaign packet was won) are asked for the whole batch in one
-//! query each before it is applied.
+//! whether a campaign packet was won, whether a cross-SET message was
+//! applied) are asked for the whole batch in one query each before it is
+//! applied. The cross-SET outbox and inbox rows are collected the same way.
 //!
 //! The rule that keeps this equal to one statement at a time: every read
 //! sees every write made before it in the batch. A read the prefetch
@@ -15,13 +16,15 @@
 use std::collections::{BTreeSet, HashMap};
 
 use hongbao_core::campaign::CampaignSpec;
+use hongbao_core::cross::CrossKind;
 use hongbao_core::ledger::{Account, Transfer};
+use hongbao_core::sets::SetId;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 use postgres::types::ToSql;
 use postgres::{Client, Statement};
 
 use crate::ops::{Command, ExistingPacket, FirstWin, NewPacket, OpenShare, ShakeWin};
-use crate::rows::{encode_users, target_of, EntryMeta, KeyedCampaign, MessageKind, RowResult, Rows};
+use crate::rows::{encode_users, target_of, CrossIn, CrossOut, EntryMeta, KeyedCampaign, MessageKind, RowResult, Rows};
 use crate::StoreError;
 
 /// Message ids per value of the `message_id_blocks` sequence.
@@ -68,6 +71,11 @@ pub(crate) struct Statements {
     insert_group: Statement,
     insert_entries: Statement,
     write_balances: Statement,
+    insert_cross_outs: Statement,
+    cross_in_amount: Statement,
+    cross_in_many: Statement,
+    insert_cross_ins: Statement,
+    mark_cross_published: Statement,
 }
 
 impl Statements {
@@ -190,6 +198,30 @@ impl Statements {
                 "INSERT INTO accounts (id, balance) SELECT * FROM unnest($1::bigint[], $2::bigint[])
                  ON CONFLICT (id) DO UPDATE SET balance = excluded.balance",
             )?,
+            insert_cross_outs: c.prepare(
+                "INSERT INTO cross_out (kind, to_set, packet, user_id, amount, body, created_ms)
+                 SELECT kind, to_set, packet, user_id, amount, body, created_ms
+                 FROM unnest($1::text[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bytea[], $7::bigint[])
+                   WITH ORDINALITY AS t(kind, to_set, packet, user_id, amount, body, created_ms, ord)
+                 ORDER BY ord",
+            )?,
+            cross_in_amount: c.prepare(
+                "SELECT amount FROM cross_in WHERE packet = $1 AND user_id = $2 AND kind = $3 AND from_set = $4",
+            )?,
+            cross_in_many: c.prepare(
+                "SELECT c.from_set, c.kind, c.packet, c.user_id, c.amount FROM cross_in c
+                 JOIN unnest($1::smallint[], $2::text[], $3::bigint[], $4::bigint[]) AS k(from_set, kind, packet, user_id)
+                   ON c.packet = k.packet AND c.user_id = k.user_id AND c.kind = k.kind AND c.from_set = k.from_set",
+            )?,
+            insert_cross_ins: c.prepare(
+                "INSERT INTO cross_in (from_set, kind, packet, user_id, amount, created_ms, applied_ms)
+                 SELECT * FROM unnest($1::smallint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])",
+            )?,
+            mark_cross_published: c.prepare(
+                "UPDATE cross_out c SET published = true
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS k(kind, packet, user_id)
+                 WHERE c.packet = k.packet AND c.user_id = k.user_id AND c.kind = k.kind AND NOT c.published",
+            )?,
         })
     }
 }
@@ -203,6 +235,30 @@ struct Collected {
     wins: Wins,
     messages: Messages,
     packets: Packets,
+    cross_outs: CrossOuts,
+    cross_ins: CrossIns,
+}
+
+#[derive(Default)]
+struct CrossOuts {
+    kind: Vec<&'static str>,
+    to: Vec<i16>,
+    packet: Vec<i64>,
+    user: Vec<i64>,
+    amount: Vec<i64>,
+    body: Vec<Option<Vec<u8>>>,
+    created_ms: Vec<i64>,
+}
+
+#[derive(Default)]
+struct CrossIns {
+    from: Vec<i16>,
+    kind: Vec<&'static str>,
+    packet: Vec<i64>,
+    user: Vec<i64>,
+    amount: Vec<i64>,
+    created_ms: Vec<i64>,
+    applied_ms: Vec<i64>,
 }
 
 #[derive(Default)]
@@ -281,7 +337,12 @@ struct Prefetched {
     open_remaining: HashMap<PacketId, Option<i64>>,
     win_by_key: HashMap<(UserId, String), Option<FirstWin>>,
     packet_won: HashMap<PacketId, bool>,
+    /// The amount an inbox message was applied with (`None`: not applied).
+    cross_in: HashMap<CrossInKey, Option<i64>>,
 }
+
+/// An inbox row's key: (from, kind, packet, user).
+type CrossInKey = (SetId, CrossKind, PacketId, UserId);
 
 /// One batch's rows on the writer's connection, inside its transaction.
 pub(crate) struct PgRows<'a> {
@@ -355,8 +416,13 @@ impl<'a> PgRows<'a> {
     pub(crate) fn prefetch(&mut self, batch: &[Command]) -> RowResult<()> {
         let mut opened: Vec<i64> = Vec::new();
         let (mut key_users, mut keys, mut won): (Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
+        let mut applied: Vec<CrossInKey> = Vec::new();
         for command in batch {
             match command {
+                Command::ApplyCross(s) => {
+                    let m = &s.op.msg;
+                    applied.push((m.from, m.kind(), m.packet, m.user));
+                }
                 Command::OpenShare(s) => opened.push(as_i64(s.op.packet)),
                 Command::ShakeWin(s) => {
                     won.push(as_i64(s.op.packet));
@@ -398,6 +464,21 @@ impl<'a> PgRows<'a> {
             }
             for row in self.client.query(&self.statements.packets_won_many, &[&won, &days_of(&won)])? {
                 p.packet_won.insert(row.get::<_, i64>(0) as u64, true);
+            }
+        }
+        if !applied.is_empty() {
+            let from: Vec<i16> = applied.iter().map(|k| i16::from(k.0)).collect();
+            let kinds: Vec<&str> = applied.iter().map(|k| k.1.as_str()).collect();
+            let packets: Vec<i64> = applied.iter().map(|k| as_i64(k.2)).collect();
+            let users: Vec<i64> = applied.iter().map(|k| as_i64(k.3)).collect();
+            for key in applied {
+                p.cross_in.insert(key, None);
+            }
+            for row in self.client.query(&self.statements.cross_in_many, &[&from, &kinds, &packets, &users])? {
+                let Some(kind) = CrossKind::parse(row.get(1)) else { continue };
+                let key =
+                    (row.get::<_, i16>(0) as SetId, kind, row.get::<_, i64>(2) as u64, row.get::<_, i64>(3) as u64);
+                p.cross_in.insert(key, Some(row.get(4)));
             }
         }
         Ok(())
@@ -464,6 +545,22 @@ impl<'a> PgRows<'a> {
         let m = &c.messages;
         if !m.id.is_empty() {
             run(client, &s.insert_messages, &[&m.id, &m.user, &m.body, &m.created_ms, &m.kind, &m.sender])?;
+        }
+        let o = &c.cross_outs;
+        if !o.packet.is_empty() {
+            run(
+                client,
+                &s.insert_cross_outs,
+                &[&o.kind, &o.to, &o.packet, &o.user, &o.amount, &o.body, &o.created_ms],
+            )?;
+        }
+        let i = &c.cross_ins;
+        if !i.packet.is_empty() {
+            run(
+                client,
+                &s.insert_cross_ins,
+                &[&i.from, &i.kind, &i.packet, &i.user, &i.amount, &i.created_ms, &i.applied_ms],
+            )?;
         }
         Ok(())
     }
@@ -778,6 +875,58 @@ impl Rows for PgRows<'_> {
         let members: Vec<i64> = members.iter().map(|u| as_i64(*u)).collect();
         self.client.execute(&self.statements.insert_group, &[&as_i64(group), &members])?;
         Ok(())
+    }
+
+    fn insert_cross_out(&mut self, r: &CrossOut<'_>) -> RowResult<()> {
+        let o = &mut self.collected.cross_outs;
+        o.kind.push(r.kind.as_str());
+        o.to.push(i16::from(r.to));
+        o.packet.push(as_i64(r.packet));
+        o.user.push(as_i64(r.user));
+        o.amount.push(r.amount_fen);
+        o.body.push(r.body.map(<[u8]>::to_vec));
+        o.created_ms.push(as_i64(r.created_ms));
+        Ok(())
+    }
+
+    fn cross_in_amount(
+        &mut self,
+        from: SetId,
+        kind: CrossKind,
+        packet: PacketId,
+        user: UserId,
+    ) -> RowResult<Option<i64>> {
+        if let Some(applied) = self.prefetched.cross_in.get(&(from, kind, packet, user)) {
+            return Ok(*applied);
+        }
+        self.send_collected()?;
+        let found = self.client.query_opt(
+            &self.statements.cross_in_amount,
+            &[&as_i64(packet), &as_i64(user), &kind.as_str(), &i16::from(from)],
+        )?;
+        Ok(found.map(|r| r.get(0)))
+    }
+
+    fn insert_cross_in(&mut self, r: &CrossIn) -> RowResult<()> {
+        let i = &mut self.collected.cross_ins;
+        i.from.push(i16::from(r.from));
+        i.kind.push(r.kind.as_str());
+        i.packet.push(as_i64(r.packet));
+        i.user.push(as_i64(r.user));
+        i.amount.push(r.amount_fen);
+        i.created_ms.push(as_i64(r.created_ms));
+        i.applied_ms.push(as_i64(r.applied_ms));
+        self.prefetched.cross_in.insert((r.from, r.kind, r.packet, r.user), Some(r.amount_fen));
+        Ok(())
+    }
+
+    fn mark_cross_published(&mut self, keys: &[(CrossKind, PacketId, UserId)]) -> RowResult<u64> {
+        // Rows of this very batch are inserted before they are marked.
+        self.send_collected()?;
+        let kinds: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let packets: Vec<i64> = keys.iter().map(|k| as_i64(k.1)).collect();
+        let users: Vec<i64> = keys.iter().map(|k| as_i64(k.2)).collect();
+        Ok(self.client.execute(&self.statements.mark_cross_published, &[&kinds, &packets, &users])?)
     }
 
     fn insert_entry(&mut self, t: &Transfer, meta: EntryMeta) -> RowResult<()> {

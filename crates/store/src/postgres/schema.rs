@@ -13,9 +13,10 @@ use postgres::Client;
 use crate::StoreError;
 
 /// Each migration: the version it brings the database to, and its SQL.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE meta (
     key   text PRIMARY KEY,
     value text NOT NULL
@@ -222,7 +223,44 @@ CREATE TABLE group_members (
 -- The writer's last committed batch, read back when a commit's outcome was unknown.
 INSERT INTO meta (key, value) VALUES ('last_batch', '');
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- The cross-SET outbox and inbox (`core::cross`). `cross_out`: what this
+-- SET wrote for another, in the commit that decided it (a share paid into
+-- the other SET's transit account, a notice), one per (kind, packet, user);
+-- `id` is the order they were written in, and the unpublished ones are
+-- found through a partial index, never a scan. `cross_in`: what another SET
+-- wrote and this one applied, once per key, with when it was written and
+-- applied (the lag). Neither is split: a row per open of a foreign user,
+-- read whole only by the audit.
+CREATE TABLE cross_out (
+    id         bigint   GENERATED ALWAYS AS IDENTITY,
+    kind       text     NOT NULL,  -- 'credit' or 'notice'
+    to_set     smallint NOT NULL,
+    packet     bigint   NOT NULL,
+    user_id    bigint   NOT NULL,
+    amount     bigint   NOT NULL CHECK (amount >= 0),  -- a credit's; 0 for a notice
+    body       bytea,                                  -- a notice's stored push
+    created_ms bigint   NOT NULL,
+    published  boolean  NOT NULL DEFAULT false,
+    PRIMARY KEY (packet, user_id, kind)
+);
+CREATE INDEX cross_out_unpublished ON cross_out (id) WHERE NOT published;
+CREATE TABLE cross_in (
+    from_set   smallint NOT NULL,
+    kind       text     NOT NULL,
+    packet     bigint   NOT NULL,
+    user_id    bigint   NOT NULL,
+    amount     bigint   NOT NULL CHECK (amount >= 0),
+    created_ms bigint   NOT NULL,
+    applied_ms bigint   NOT NULL,
+    PRIMARY KEY (packet, user_id, kind, from_set)
+);
+"#,
+    ),
+];
 
 /// The version the migrations bring a database to.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -270,5 +308,6 @@ pub(crate) fn load_writer_memory(client: &mut Client) -> Result<crate::apply::Wr
         .iter()
         .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u32))
         .collect();
-    crate::apply::WriterMemory::from_stored(balances, max_campaign, pending)
+    let backlog: i64 = client.query_one("SELECT count(*) FROM cross_out WHERE NOT published", &[])?.get(0);
+    crate::apply::WriterMemory::from_stored(balances, max_campaign, pending, backlog as u64)
 }

@@ -8,7 +8,9 @@ use hongbao_core::packet::{Claim, Packet};
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::reader::{campaigns_sql, CampaignFields, CampaignRow, PacketFields, PACKET_COLUMNS};
+use crate::reader::{
+    campaigns_sql, CampaignFields, CampaignRow, CrossOutFields, PacketFields, CROSS_OUT_COLUMNS, PACKET_COLUMNS,
+};
 use crate::StoreError;
 
 /// Reads of committed state over a few connections. Each read takes one
@@ -194,4 +196,29 @@ impl SqliteReader {
             .collect::<rusqlite::Result<_>>()?;
         Ok(msgs)
     }
+
+    /// Unpublished outbox rows, oldest first: the partial index
+    /// `cross_out_unpublished` holds exactly these, in this order.
+    pub(crate) fn cross_unpublished(&self, limit: usize) -> Result<Vec<CrossOutFields>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&cross_unpublished_sql())?;
+        let rows = stmt
+            .query_map(params![limit as i64], |r| {
+                Ok(CrossOutFields {
+                    kind: r.get(0)?,
+                    to: r.get(1)?,
+                    packet: r.get(2)?,
+                    user: r.get(3)?,
+                    amount_fen: r.get(4)?,
+                    body: r.get(5)?,
+                    created_ms: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+}
+
+pub(crate) fn cross_unpublished_sql() -> String {
+    format!("SELECT {CROSS_OUT_COLUMNS} FROM cross_out WHERE published = 0 ORDER BY id LIMIT ?1")
 }

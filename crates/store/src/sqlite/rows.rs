@@ -5,12 +5,14 @@
 use std::collections::BTreeSet;
 
 use hongbao_core::campaign::CampaignSpec;
+use hongbao_core::cross::CrossKind;
 use hongbao_core::ledger::{Account, Transfer};
+use hongbao_core::sets::SetId;
 use hongbao_core::{CampaignId, GroupId, PacketId, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::ops::{ExistingPacket, FirstWin, NewPacket, OpenShare, ShakeWin};
-use crate::rows::{encode_users, target_of, EntryMeta, KeyedCampaign, MessageKind, RowResult, Rows};
+use crate::rows::{encode_users, target_of, CrossIn, CrossOut, EntryMeta, KeyedCampaign, MessageKind, RowResult, Rows};
 
 /// The batch's open transaction (the writer holds the write lock).
 pub(crate) struct SqliteRows<'a> {
@@ -294,6 +296,67 @@ impl Rows for SqliteRows<'_> {
             insert.execute(params![group as i64, *u as i64])?;
         }
         Ok(())
+    }
+
+    fn insert_cross_out(&mut self, r: &CrossOut<'_>) -> RowResult<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO cross_out (kind, to_set, packet, user, amount, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                r.kind.as_str(),
+                r.to,
+                r.packet as i64,
+                r.user as i64,
+                r.amount_fen,
+                r.body,
+                r.created_ms as i64
+            ])?;
+        Ok(())
+    }
+
+    fn cross_in_amount(
+        &mut self,
+        from: SetId,
+        kind: CrossKind,
+        packet: PacketId,
+        user: UserId,
+    ) -> RowResult<Option<i64>> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "SELECT amount FROM cross_in WHERE from_set = ?1 AND kind = ?2 AND packet = ?3 AND user = ?4",
+            )?
+            .query_row(params![from, kind.as_str(), packet as i64, user as i64], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn insert_cross_in(&mut self, r: &CrossIn) -> RowResult<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO cross_in (from_set, kind, packet, user, amount, created_ms, applied_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                r.from,
+                r.kind.as_str(),
+                r.packet as i64,
+                r.user as i64,
+                r.amount_fen,
+                r.created_ms as i64,
+                r.applied_ms as i64
+            ])?;
+        Ok(())
+    }
+
+    fn mark_cross_published(&mut self, keys: &[(CrossKind, PacketId, UserId)]) -> RowResult<u64> {
+        let mut stmt = self.tx.prepare_cached(
+            "UPDATE cross_out SET published = 1 WHERE kind = ?1 AND packet = ?2 AND user = ?3 AND published = 0",
+        )?;
+        let mut marked = 0;
+        for (kind, packet, user) in keys {
+            marked += stmt.execute(params![kind.as_str(), *packet as i64, *user as i64])? as u64;
+        }
+        Ok(marked)
     }
 
     fn insert_entry(&mut self, t: &Transfer, meta: EntryMeta) -> RowResult<()> {

@@ -7,7 +7,7 @@
 use rusqlite::Connection;
 
 /// The version `SCHEMA` plus every migration below brings a database to.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -137,17 +137,52 @@ pub(crate) fn connect(path: &std::path::Path, read_only: bool) -> rusqlite::Resu
 
 /// Numbered changes after version 1 (`SCHEMA`), each applied once, in its
 /// own transaction, in order.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    2,
-    // A message's kind and sender: user notices (a packet's
-    // `packet_received`) are capped per recipient apart from system messages
-    // (operator pushes, refunds), so user traffic never evicts those, and
-    // each sender has a budget of undelivered notices. Older rows were
-    // stored before the split; they count as system messages.
-    "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'system';
-     ALTER TABLE messages ADD COLUMN sender INTEGER NOT NULL DEFAULT 0;
-     CREATE INDEX IF NOT EXISTS messages_by_user_kind ON messages (user, kind, id);",
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        2,
+        // A message's kind and sender: user notices (a packet's
+        // `packet_received`) are capped per recipient apart from system messages
+        // (operator pushes, refunds), so user traffic never evicts those, and
+        // each sender has a budget of undelivered notices. Older rows were
+        // stored before the split; they count as system messages.
+        "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'system';
+         ALTER TABLE messages ADD COLUMN sender INTEGER NOT NULL DEFAULT 0;
+         CREATE INDEX IF NOT EXISTS messages_by_user_kind ON messages (user, kind, id);",
+    ),
+    (
+        3,
+        // The cross-SET outbox and inbox (`core::cross`). `cross_out`: what
+        // this SET wrote for another, in the commit that decided it (a share
+        // paid into the other SET's transit account, a notice), one per
+        // (kind, packet, user); `id` is the order they were written in, and
+        // the unpublished ones are found through a partial index, never a
+        // scan. `cross_in`: what another SET wrote and this one applied, once
+        // per key, with when it was written and applied (the lag).
+        "CREATE TABLE cross_out (
+             id         INTEGER PRIMARY KEY,
+             kind       TEXT    NOT NULL,  -- 'credit' or 'notice'
+             to_set     INTEGER NOT NULL,
+             packet     INTEGER NOT NULL,
+             user       INTEGER NOT NULL,
+             amount     INTEGER NOT NULL CHECK (amount >= 0),  -- a credit's; 0 for a notice
+             body       BLOB,                                  -- a notice's stored push
+             created_ms INTEGER NOT NULL,
+             published  INTEGER NOT NULL DEFAULT 0,
+             UNIQUE (kind, packet, user)
+         );
+         CREATE INDEX cross_out_unpublished ON cross_out (id) WHERE published = 0;
+         CREATE TABLE cross_in (
+             from_set   INTEGER NOT NULL,
+             kind       TEXT    NOT NULL,
+             packet     INTEGER NOT NULL,
+             user       INTEGER NOT NULL,
+             amount     INTEGER NOT NULL CHECK (amount >= 0),
+             created_ms INTEGER NOT NULL,
+             applied_ms INTEGER NOT NULL,
+             PRIMARY KEY (from_set, kind, packet, user)
+         ) WITHOUT ROWID;",
+    ),
+];
 const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
 
 pub(crate) fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
@@ -179,8 +214,9 @@ pub(crate) fn migrate(conn: &Connection) -> Result<(), crate::StoreError> {
 }
 
 /// What the writer starts from: every balance as committed (checked to sum
-/// to zero), the id the next campaign gets, and undelivered user notices by
-/// sender (each sender's budget is checked against these).
+/// to zero), the id the next campaign gets, undelivered user notices by
+/// sender (each sender's budget is checked against these), and the outbox
+/// rows not yet published.
 pub(crate) fn load_writer_memory(conn: &Connection) -> Result<crate::apply::WriterMemory, crate::StoreError> {
     let mut stmt = conn.prepare("SELECT id, balance FROM accounts")?;
     let balances = stmt
@@ -191,5 +227,6 @@ pub(crate) fn load_writer_memory(conn: &Connection) -> Result<crate::apply::Writ
     let pending = stmt
         .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u32>(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    crate::apply::WriterMemory::from_stored(balances, max_campaign, pending)
+    let backlog: i64 = conn.query_row("SELECT count(*) FROM cross_out WHERE published = 0", [], |r| r.get(0))?;
+    crate::apply::WriterMemory::from_stored(balances, max_campaign, pending, backlog as u64)
 }
