@@ -55,6 +55,13 @@ pub struct CrossKey {
     pub user: UserId,
 }
 
+/// `<from>.<kind>.<packet>.<user>`: the key as a broker's message id.
+impl std::fmt::Display for CrossKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}.{}", self.from, self.kind.as_str(), self.packet, self.user)
+    }
+}
+
 /// One outbox row as it travels from SET `from` to SET `to`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CrossMessage {
