@@ -231,14 +231,12 @@ impl Link {
         let up = if registered { Up::Connect { conn, user } } else { Up::Attach { conn, user } };
         match self.queue().push(up) {
             Ok(()) => {}
-            // Down: an attached connection is introduced on the next link
-            // (its requests meanwhile answered `unavailable`); a connection
-            // whose home is unreachable cannot be served at all.
-            Err(Refused::Closed) if !registered && self.resilient => {}
+            // Down: the connection is introduced on the next link, and its
+            // requests to this SET are answered `unavailable` meanwhile. A
+            // user whose home SET is away can still log in and open other
+            // SETs' packets; their pushes start when it is back.
+            Err(Refused::Closed) if self.resilient => {}
             Err(Refused::Full) => return Err(EngineError::Overload),
-            Err(Refused::Closed) if self.resilient => {
-                return Err(EngineError::Unavailable(format!("{} is unreachable", self.name)))
-            }
             Err(Refused::Closed) => return Err(EngineError::Internal("the link to the engine is closed".into())),
         }
         conns.insert(conn, Entry { outbox, user, registered, pending: Vec::new() });
@@ -681,10 +679,8 @@ mod tests {
             next_frame(&mut replies).await,
             ServerFrame::Reply { id: 3, reply: Reply::Error { code: ErrorCode::Unavailable, .. } }
         ));
-        assert!(
-            matches!(engine.connect(9, outbox.clone()).await, Err(EngineError::Unavailable(_))),
-            "no new home connection while its SET is unreachable"
-        );
+        // A connection made meanwhile is introduced with the others.
+        let late = engine.connect(9, outbox.clone()).await.unwrap();
 
         // The next link introduces both connections again under their ids.
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -692,14 +688,20 @@ mod tests {
         let (read, _core) = stream.into_split();
         let mut reader = BufReader::new(read);
         assert!(matches!(next_up(&mut reader, &mut body).await, Up::Hello { .. }));
-        let mut again = vec![next_up(&mut reader, &mut body).await, next_up(&mut reader, &mut body).await];
-        again.sort_by_key(|up| matches!(up, Up::Attach { .. }));
-        assert_eq!(again, [Up::Connect { conn: 1, user: 7 }, Up::Attach { conn: 2, user: 8 }]);
+        let mut again = Vec::new();
+        for _ in 0..3 {
+            again.push(next_up(&mut reader, &mut body).await);
+        }
+        again.sort_by_key(|up| match up {
+            Up::Connect { conn, .. } | Up::Attach { conn, .. } => *conn,
+            _ => u64::MAX,
+        });
+        assert_eq!(again, [Up::Connect { conn: 1, user: 7 }, Up::Attach { conn: 2, user: 8 }, Up::Connect { conn: 3, user: 9 }]);
         assert_eq!(next_up(&mut reader, &mut body).await, Up::Listening);
         drop(visitor);
         assert_eq!(next_up(&mut reader, &mut body).await, Up::Disconnect { conn: 2 });
-        assert_eq!(supervisor.connections(), 1);
-        drop(home);
+        assert_eq!(supervisor.connections(), 2);
+        drop((home, late));
         supervisor.close().await;
     }
 }
