@@ -12,7 +12,10 @@
 //! document `/openapi.json` (generated from the handlers' annotations,
 //! `openapi`), and its own HTTP server: the accept loop, the connection cap
 //! and every time and size bound on a connection (`limits`). The route list
-//! and examples are in `docs/api.md`.
+//! and examples are in `docs/api.md`. `cluster` is the cluster admin: the
+//! same paths over every SET of a cluster, answered by the SETs' own admin
+//! APIs over HTTP, on the same server (`bind`, `spawn_server`) with the same
+//! key check (`guard`); it holds no `Engine`.
 //!
 //! **One route list.** `route_table` lists every API handler once; its
 //! `#[utoipa::path]` names the method and path. The router registers each
@@ -38,10 +41,11 @@
 //!   grace, drop the rest, end the task.
 //!
 //! Must not: hold money rules, packet state or SQL. Every decision is the
-//! engine's; a handler only parses, calls `hongbao_shard::Engine`, and maps
-//! the answer to JSON and a status. A packet sent through this API goes
-//! through `Engine::call` exactly like one sent over a client connection, so
-//! there is no second, subtly different path for money to move.
+//! engine's (a SET's, for `cluster`); a handler only parses, calls
+//! `hongbao_shard::Engine` (or a SET's admin API), and maps the answer to
+//! JSON and a status. A packet sent through this API goes through
+//! `Engine::call` exactly like one sent over a client connection, so there
+//! is no second, subtly different path for money to move.
 
 pub mod cluster;
 mod conn;

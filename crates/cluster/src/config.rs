@@ -3,6 +3,8 @@
 //! ```toml
 //! # Relative paths are relative to this file's directory.
 //! secrets = "secrets"          # link.key, secret.key, admin.key (`hongbao keys`)
+//! admin = "10.0.0.10:7080"     # optional: where `hongbao cluster-admin` listens
+//!                              # (its --addr wins; default 127.0.0.1:7080)
 //!
 //! [[set]]                      # SET 0
 //! link = "10.0.0.11:7101"      # where gateways dial this SET
@@ -48,6 +50,7 @@ struct RawFile {
     secrets: PathBuf,
     #[serde(default)]
     dev: bool,
+    admin: Option<SocketAddr>,
     #[serde(default, rename = "set")]
     sets: Vec<RawSet>,
 }
@@ -85,6 +88,9 @@ pub struct ClusterFile {
     pub secrets: PathBuf,
     /// Dev mode everywhere: bare user ids as tokens, an open admin API.
     pub dev: bool,
+    /// Where the cluster admin (`hongbao cluster-admin`) listens, if the
+    /// file says.
+    pub admin: Option<SocketAddr>,
 }
 
 /// Shards of a SET when the file does not say.
@@ -137,7 +143,12 @@ impl ClusterFile {
                 }
             }
         }
-        Ok(ClusterFile { path: path.to_owned(), sets, secrets: base.join(raw.secrets), dev: raw.dev })
+        if let Some(admin) = raw.admin {
+            if let Some(s) = sets.iter().find(|s| s.admin == admin || s.link_bind == admin) {
+                return Err(invalid(format!("the cluster admin's address {admin} is SET {}'s too", s.set)));
+            }
+        }
+        Ok(ClusterFile { path: path.to_owned(), sets, secrets: base.join(raw.secrets), dev: raw.dev, admin: raw.admin })
     }
 
     /// How many SETs (1 to `SETS_MAX`).
@@ -194,6 +205,9 @@ mod tests {
         let (entry, map) = file.set(1).unwrap();
         assert_eq!((entry.shards, map.set(), map.sets()), (8, 1, 2));
         assert!(file.set(2).is_err());
+        assert_eq!(file.admin, None);
+        let with_admin = format!("admin = \"127.0.0.1:7080\"\n{TWO}");
+        assert_eq!(ClusterFile::parse(&path, &with_admin).unwrap().admin, Some("127.0.0.1:7080".parse().unwrap()));
     }
 
     #[test]
@@ -205,5 +219,7 @@ mod tests {
         assert!(err(&TWO.replace("link_bind = \"0.0.0.0:7101\"", "")).contains("give link_bind"));
         assert!(err(&TWO.replace("shards = 8", "shards = 0")).contains("shards must be"));
         assert!(err(&format!("{TWO}\nnats = \"x\"")).contains("unknown field"));
+        assert!(err(&format!("admin = \"127.0.0.1:7180\"\n{TWO}")).contains("is SET 0's too"));
+        assert!(err(&format!("admin = \"nowhere\"\n{TWO}")).contains("admin"));
     }
 }

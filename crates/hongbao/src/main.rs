@@ -129,6 +129,9 @@ enum Command {
     /// Make the secrets a cluster's processes share (link key, token
     /// secret, admin key) in the directory cluster.toml names, if missing.
     Keys(cluster::ClusterArg),
+    /// The cluster admin: one operator API (the paths of `serve`'s admin
+    /// API) over every SET's admin API; no store.
+    ClusterAdmin(cluster::ClusterAdminArgs),
     /// One extra gateway process (started by `serve --gateways N`; linked
     /// to it over a Unix socket).
     #[command(hide = true)]
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
         Command::Set(args) => report(cluster::run_set(args)),
         Command::Gateway(args) => report(cluster::run_gateway(args)),
         Command::Keys(arg) => report(cluster::make_keys(arg)),
+        Command::ClusterAdmin(args) => report(cluster::run_cluster_admin(args)),
         Command::Audit { data, store, json } => {
             let audited =
                 hongbao_store::StoreLocation::resolve(store.as_deref(), &data).and_then(|at| audit::run(&at, json));

@@ -383,7 +383,7 @@ async fn supervise(
             Err(e) => {
                 // Logged on the first failure and then every 64th: a SET that
                 // is down for long does not flood the log.
-                if failures.is_power_of_two() || failures % 64 == 0 {
+                if failures.is_power_of_two() || failures.is_multiple_of(64) {
                     tracing::warn!(link = %link.name, error = %e, failures, "cannot link; retrying");
                 }
                 failures += 1;

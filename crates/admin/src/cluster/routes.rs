@@ -142,12 +142,8 @@ impl Spread {
         let done: Vec<SetId> = self.done.iter().map(|(set, _)| *set).collect();
         let failed: Vec<SetId> = self.failed.iter().map(|(set, _)| *set).collect();
         let why: Vec<String> = self.failed.iter().map(|(set, f)| format!("SET {set}: {}", f.describe())).collect();
-        let message = format!(
-            "{what} reached SETs {} but not SETs {} ({}); {advice}",
-            list(&done),
-            list(&failed),
-            why.join("; ")
-        );
+        let message =
+            format!("{what} reached {} but not {} ({}); {advice}", named(&done), named(&failed), why.join("; "));
         let mut body = Map::new();
         body.insert("error".into(), json!({"code": ErrorCode::Unavailable, "message": message}));
         body.insert("sets_done".into(), json!(done));
@@ -160,8 +156,8 @@ impl Spread {
     /// 503: a read that needs every SET missed some.
     fn missing(&self, what: &str) -> Response {
         let why: Vec<String> = self.failed.iter().map(|(set, f)| format!("SET {set}: {}", f.describe())).collect();
-        let message =
-            format!("{what} needs every SET, and {} did not answer: {}", sets_named(&self.failed), why.join("; "));
+        let failed: Vec<SetId> = self.failed.iter().map(|(set, _)| *set).collect();
+        let message = format!("{what}: every SET must answer, and {} did not ({})", named(&failed), why.join("; "));
         let body = json!({
             "error": {"code": ErrorCode::Unavailable, "message": message},
             "sets_failed": self.failed.iter().map(|(set, f)| f.entry(*set)).collect::<Vec<_>>(),
@@ -170,15 +166,11 @@ impl Spread {
     }
 }
 
-fn list(sets: &[SetId]) -> String {
-    sets.iter().map(SetId::to_string).collect::<Vec<_>>().join(", ")
-}
-
-fn sets_named(failed: &[(SetId, Failure)]) -> String {
-    let sets: Vec<SetId> = failed.iter().map(|(set, _)| *set).collect();
-    match sets.as_slice() {
+/// `SET 1`, `SETs 0, 2`.
+fn named(sets: &[SetId]) -> String {
+    match sets {
         [one] => format!("SET {one}"),
-        more => format!("SETs {}", list(more)),
+        more => format!("SETs {}", more.iter().map(SetId::to_string).collect::<Vec<_>>().join(", ")),
     }
 }
 
