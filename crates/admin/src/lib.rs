@@ -12,7 +12,10 @@
 //! document `/openapi.json` (generated from the handlers' annotations,
 //! `openapi`), and its own HTTP server: the accept loop, the connection cap
 //! and every time and size bound on a connection (`limits`). The route list
-//! and examples are in `docs/api.md`.
+//! and examples are in `docs/api.md`. `cluster` is the cluster admin: the
+//! same paths over every SET of a cluster, answered by the SETs' own admin
+//! APIs over HTTP, on the same server (`bind`, `spawn_server`) with the same
+//! key check (`guard`); it holds no `Engine`.
 //!
 //! **One route list.** `route_table` lists every API handler once; its
 //! `#[utoipa::path]` names the method and path. The router registers each
@@ -38,11 +41,13 @@
 //!   grace, drop the rest, end the task.
 //!
 //! Must not: hold money rules, packet state or SQL. Every decision is the
-//! engine's; a handler only parses, calls `hongbao_shard::Engine`, and maps
-//! the answer to JSON and a status. A packet sent through this API goes
-//! through `Engine::call` exactly like one sent over a client connection, so
-//! there is no second, subtly different path for money to move.
+//! engine's (a SET's, for `cluster`); a handler only parses, calls
+//! `hongbao_shard::Engine` (or a SET's admin API), and maps the answer to
+//! JSON and a status. A packet sent through this API goes through
+//! `Engine::call` exactly like one sent over a client connection, so there
+//! is no second, subtly different path for money to move.
 
+pub mod cluster;
 mod conn;
 mod error;
 mod extract;
@@ -186,20 +191,8 @@ pub async fn start(
     live: hongbao_watch::Live,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), AdminError> {
-    if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
-        return Err(AdminError::Config("the admin API key must not be empty".into()));
-    }
-    config.limits.validate()?;
-    let listener =
-        TcpListener::bind(config.addr).await.map_err(|source| AdminError::Bind { addr: config.addr, source })?;
-    let addr = listener.local_addr().map_err(|source| AdminError::Bind { addr: config.addr, source })?;
-    match (&config.api_key, config.dev) {
-        (Some(_), _) => tracing::info!(%addr, "admin API listening (API key required)"),
-        (None, true) => tracing::warn!(%addr, "admin API listening WITHOUT authentication (dev mode)"),
-        (None, false) => {
-            tracing::warn!(%addr, "admin API listening WITHOUT authentication: anyone who can reach it can move money")
-        }
-    }
+    let (listener, addr) = bind(config.addr, config.api_key.as_deref(), &config.limits).await?;
+    log_listening("admin API", addr, config.api_key.is_some(), config.dev);
     let ui = ui::UiConfig { ws_port: config.ws_addr.map(|a| a.port()), dev: config.dev };
     let app = router(Arc::new(AppState {
         engine,
@@ -212,9 +205,48 @@ pub async fn start(
         live_streams: Arc::new(tokio::sync::Semaphore::new(limits::LIVE_STREAMS_MAX)),
         shutdown: shutdown.clone(),
     }));
-    let shared = Arc::new(conn::ConnShared::new(app, config.limits));
-    let task = tokio::spawn(server::serve(listener, shared, shutdown));
-    Ok((addr, task))
+    Ok((addr, spawn_server(listener, app, config.limits, shutdown)))
+}
+
+/// What every admin server checks before it listens (a key, if any, is
+/// not blank; the limits are usable), then the bound listener and its
+/// address.
+pub(crate) async fn bind(
+    addr: SocketAddr,
+    api_key: Option<&str>,
+    limits: &AdminLimits,
+) -> Result<(TcpListener, SocketAddr), AdminError> {
+    if api_key.is_some_and(|k| k.trim().is_empty()) {
+        return Err(AdminError::Config("the admin API key must not be empty".into()));
+    }
+    limits.validate()?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| AdminError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Says where `what` listens and how loudly it is open.
+pub(crate) fn log_listening(what: &str, addr: SocketAddr, keyed: bool, dev: bool) {
+    match (keyed, dev) {
+        (true, _) => tracing::info!(%addr, "{what} listening (API key required)"),
+        (false, true) => tracing::warn!(%addr, "{what} listening WITHOUT authentication (dev mode)"),
+        (false, false) => {
+            tracing::warn!(%addr, "{what} listening WITHOUT authentication: anyone who can reach it can move money")
+        }
+    }
+}
+
+/// Serves `router` on `listener` with the bounded HTTP server (`server`,
+/// `conn`) until `shutdown`; the single node's API and the cluster admin
+/// share it.
+pub(crate) fn spawn_server(
+    listener: TcpListener,
+    router: Router,
+    limits: AdminLimits,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let shared = Arc::new(conn::ConnShared::new(router, limits));
+    tokio::spawn(server::serve(listener, shared, shutdown))
 }
 
 impl AdminLimits {
@@ -244,17 +276,18 @@ pub(crate) const WRONG_KEY: &str = "missing or wrong API key: send `Authorizatio
 
 /// The label and auth requirement of one route, handed to `guard`.
 #[derive(Clone)]
-struct RouteCtx {
-    path: Arc<str>,
-    auth: bool,
-    app: Arc<AppState>,
+pub(crate) struct RouteCtx {
+    pub(crate) path: Arc<str>,
+    pub(crate) auth: bool,
+    /// The key to check when `auth`; `None`: the API is open.
+    pub(crate) api_key: Option<Arc<str>>,
 }
 
 /// The `route` label of a response for `hongbao_admin_requests_total`. Set
 /// from the route's pattern, never from the raw path, so ids in paths cannot
 /// create unbounded label values.
 #[derive(Clone)]
-struct RouteLabel(String);
+pub(crate) struct RouteLabel(String);
 
 /// Every route, one line each. A handler's method and path are written
 /// once, in its `#[utoipa::path]`: `routes!` registers the handler there
@@ -313,15 +346,16 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
             by_path.insert(path, merged);
         }
     }
+    let api_key: Option<Arc<str>> = app.api_key.as_deref().map(Arc::from);
     let mut r = Router::new();
     for (path, handlers) in by_path {
-        let ctx = RouteCtx { path: Arc::from(path.as_str()), auth: needs_key(&path), app: app.clone() };
+        let ctx = RouteCtx { path: Arc::from(path.as_str()), auth: needs_key(&path), api_key: api_key.clone() };
         r = r.route(&path, handlers.layer(middleware::from_fn_with_state(ctx, guard)));
     }
     // The web pages and their files: no key (they hold no data), and not
     // in the API's document.
     for (path, handlers) in ui::pages() {
-        let ctx = RouteCtx { path: Arc::from(path), auth: false, app: app.clone() };
+        let ctx = RouteCtx { path: Arc::from(path), auth: false, api_key: None };
         r = r.route(path, handlers.layer(middleware::from_fn_with_state(ctx, guard)));
     }
     r.fallback(routes::no_route)
@@ -333,9 +367,9 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
 
 /// Per-route: checks the API key where one is required, and labels the
 /// response with its route for `count`.
-async fn guard(State(ctx): State<RouteCtx>, req: Request, next: Next) -> Response {
+pub(crate) async fn guard(State(ctx): State<RouteCtx>, req: Request, next: Next) -> Response {
     let label = RouteLabel(format!("{} {}", req.method(), ctx.path));
-    let mut response = if ctx.auth && !authorized(ctx.app.api_key.as_deref(), req.headers()) {
+    let mut response = if ctx.auth && !authorized(ctx.api_key.as_deref(), req.headers()) {
         ApiError::unauthorized(WRONG_KEY).into_response()
     } else {
         next.run(req).await
@@ -345,7 +379,7 @@ async fn guard(State(ctx): State<RouteCtx>, req: Request, next: Next) -> Respons
 }
 
 /// Around everything: one count per request by route and status.
-async fn count(req: Request, next: Next) -> Response {
+pub(crate) async fn count(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     match response.extensions().get::<RouteLabel>() {
         Some(label) => count_request(&label.0, response.status()),

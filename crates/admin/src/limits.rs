@@ -72,6 +72,27 @@ pub const LIVE_STREAMS_MAX: usize = 8;
 /// it is well inside `IDLE_TIMEOUT_MS`, which a stream's progress renews.
 pub const LIVE_KEEPALIVE_MS: u64 = 15_000;
 
+/// The cluster admin (`cluster`): how long one call to a SET's admin API
+/// may take, connect, request and whole answer together. A SET answers an
+/// admin call in milliseconds (a commit, a read through its gate); 5 s is
+/// the time after which the operator is better told "that SET does not
+/// answer" than kept waiting. Shorter than `SHUTDOWN_GRACE_MS`, so a request
+/// waiting on one SET at shutdown may finish.
+pub const SET_CALL_TIMEOUT_MS: u64 = 5_000;
+
+/// The cluster admin's calls to SETs in flight at once, over all SETs; more
+/// wait for a place (each waits at most `SET_CALL_TIMEOUT_MS` once it has
+/// one). Each is a connection to a SET's admin API, whose own cap is
+/// `ADMIN_CONNECTIONS_MAX`: the cluster admin takes at most half of it,
+/// leaving the rest to Prometheus and operators who talk to the SET
+/// directly. 32 is a whole fan-out over the largest cluster (`SETS_MAX`).
+pub const SET_CALLS_MAX: usize = 32;
+
+/// The largest answer read from a SET. The biggest legitimate ones are a
+/// packet's detail (100 claims), a group (500 ids) and the task list (128
+/// tasks): tens of KiB. An answer past it is an error naming the SET.
+pub const SET_ANSWER_BYTES_MAX: usize = 1024 * 1024;
+
 // Relations between the bounds.
 const _: () = assert!(ADMIN_CONNECTIONS_MAX >= 1);
 // hyper panics below 8 KiB.
@@ -85,3 +106,7 @@ const _: () = assert!(LIVE_STREAMS_MAX * 4 <= ADMIN_CONNECTIONS_MAX);
 const _: () = assert!(LIVE_KEEPALIVE_MS < IDLE_TIMEOUT_MS);
 // A keep-alive connection outlives a Prometheus scrape interval (15 s).
 const _: () = assert!(IDLE_TIMEOUT_MS > 15_000);
+// A request the cluster admin holds for a SET's answer may finish at shutdown.
+const _: () = assert!(SET_CALL_TIMEOUT_MS < SHUTDOWN_GRACE_MS);
+// The cluster admin takes at most half of a SET's connections.
+const _: () = assert!(SET_CALLS_MAX >= 1 && SET_CALLS_MAX * 2 <= ADMIN_CONNECTIONS_MAX);

@@ -74,29 +74,37 @@ impl Resp {
 
 impl Api {
     pub(crate) async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
-        let mut s = TcpStream::connect(self.addr).await.unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.unwrap();
-        let out = String::from_utf8(out).unwrap();
-        let status = out[9..12].parse().unwrap();
-        let (head, text) = out.split_once("\r\n\r\n").map(|(h, b)| (h.to_owned(), b.to_owned())).unwrap_or_default();
-        Resp { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text, head }
+        http(self.addr, method, path, headers, body).await
     }
     pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
-        let auth = format!("Bearer {KEY}");
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        self.raw(method, path, &[("authorization", &auth), ("content-type", "application/json")], &body).await
+        call(self.addr, method, path, body).await
     }
+}
+
+/// One request with the admin key, on a connection of its own.
+pub(crate) async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Resp {
+    let auth = format!("Bearer {KEY}");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    http(addr, method, path, &[("authorization", &auth), ("content-type", "application/json")], &body).await
+}
+
+/// One request as given, on a connection of its own (`connection: close`).
+pub(crate) async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8(out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let (head, text) = out.split_once("\r\n\r\n").map(|(h, b)| (h.to_owned(), b.to_owned())).unwrap_or_default();
+    Resp { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text, head }
 }
 
 fn assert_error(r: &Resp, status: u16, code: &str) {

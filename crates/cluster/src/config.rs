@@ -4,6 +4,8 @@
 //! # Relative paths are relative to this file's directory.
 //! secrets = "secrets"          # link.key, secret.key, admin.key (`hongbao keys`)
 //! nats = "nats://10.0.0.31:4222"   # JetStream: money and notices between SETs
+//! admin = "10.0.0.10:7080"     # optional: where `hongbao cluster-admin` listens
+//!                              # (its --addr wins; default 127.0.0.1:7080)
 //!
 //! [[set]]                      # SET 0
 //! link = "10.0.0.11:7101"      # where gateways dial this SET
@@ -50,6 +52,7 @@ struct RawFile {
     nats: Option<String>,
     #[serde(default)]
     dev: bool,
+    admin: Option<SocketAddr>,
     #[serde(default, rename = "set")]
     sets: Vec<RawSet>,
 }
@@ -90,6 +93,9 @@ pub struct ClusterFile {
     /// The NATS server(s) carrying cross-SET messages; required with more
     /// than one SET.
     pub nats: Option<String>,
+    /// Where the cluster admin (`hongbao cluster-admin`) listens, if the
+    /// file says.
+    pub admin: Option<SocketAddr>,
 }
 
 /// Shards of a SET when the file does not say.
@@ -148,7 +154,19 @@ impl ClusterFile {
                 sets.len()
             )));
         }
-        Ok(ClusterFile { path: path.to_owned(), sets, secrets: base.join(raw.secrets), dev: raw.dev, nats: raw.nats })
+        if let Some(admin) = raw.admin {
+            if let Some(s) = sets.iter().find(|s| s.admin == admin || s.link_bind == admin) {
+                return Err(invalid(format!("the cluster admin's address {admin} is SET {}'s too", s.set)));
+            }
+        }
+        Ok(ClusterFile {
+            path: path.to_owned(),
+            sets,
+            secrets: base.join(raw.secrets),
+            dev: raw.dev,
+            admin: raw.admin,
+            nats: raw.nats,
+        })
     }
 
     /// How many SETs (1 to `SETS_MAX`).
@@ -206,6 +224,9 @@ mod tests {
         let (entry, map) = file.set(1).unwrap();
         assert_eq!((entry.shards, map.set(), map.sets()), (8, 1, 2));
         assert!(file.set(2).is_err());
+        assert_eq!(file.admin, None);
+        let with_admin = format!("admin = \"127.0.0.1:7080\"\n{TWO}");
+        assert_eq!(ClusterFile::parse(&path, &with_admin).unwrap().admin, Some("127.0.0.1:7080".parse().unwrap()));
     }
 
     #[test]
@@ -218,5 +239,7 @@ mod tests {
         assert!(err(&TWO.replace("shards = 8", "shards = 0")).contains("shards must be"));
         assert!(err(&format!("{TWO}\nredis = \"x\"")).contains("unknown field"));
         assert!(err(&TWO.replace("nats = \"nats://127.0.0.1:4222\"", "")).contains("needs `nats"));
+        assert!(err(&format!("admin = \"127.0.0.1:7180\"\n{TWO}")).contains("is SET 0's too"));
+        assert!(err(&format!("admin = \"nowhere\"\n{TWO}")).contains("admin"));
     }
 }

@@ -1,8 +1,9 @@
 //! The cluster's processes: `hongbao set` (one SET: an engine with its own
 //! store and admin API, taking gateway links over TCP, no clients),
 //! `hongbao gateway` (client connections only, routed to the SETs by
-//! `hongbao_cluster::ClusterBackend`), and `hongbao keys` (the cluster's
-//! shared secrets, made once before the first start).
+//! `hongbao_cluster::ClusterBackend`), `hongbao cluster-admin` (one operator
+//! API over every SET's admin API, `hongbao_admin::cluster`), and `hongbao
+//! keys` (the cluster's shared secrets, made once before the first start).
 //!
 //! Every process reads the same `cluster.toml` (`hongbao_cluster::config`).
 //! The secrets are made by `hongbao keys` and only read by the others: two
@@ -51,6 +52,19 @@ pub struct SetArgs {
     #[arg(long, env = "HONGBAO_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 }
+
+#[derive(Debug, clap::Args)]
+pub struct ClusterAdminArgs {
+    #[command(flatten)]
+    cluster: ClusterArg,
+    /// Where the cluster admin API listens. Default: the file's `admin`,
+    /// else 127.0.0.1:7080.
+    #[arg(long, value_name = "ADDR")]
+    addr: Option<SocketAddr>,
+}
+
+/// Where the cluster admin listens when neither the flag nor the file says.
+const CLUSTER_ADMIN_DEFAULT: &str = "127.0.0.1:7080";
 
 #[derive(Debug, clap::Args)]
 pub struct GatewayArgs {
@@ -198,6 +212,50 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         }
         for link in links {
             link.close().await;
+        }
+        tracing::info!("bye");
+        anyhow::Ok(())
+    })
+}
+
+/// What a started cluster admin announces (`HONGBAO_READY {json}` on stdout).
+#[derive(Debug, Serialize)]
+struct ClusterAdminReady {
+    role: &'static str,
+    admin: SocketAddr,
+}
+
+/// `hongbao cluster-admin`: the operator API over every SET, until SIGINT or
+/// SIGTERM. It holds no data: a SET that is down is named in the answers
+/// that need it, and the others are served.
+pub fn run_cluster_admin(args: ClusterAdminArgs) -> anyhow::Result<()> {
+    let file = load(&args.cluster)?;
+    let addr = match (args.addr, file.admin) {
+        (Some(addr), _) | (None, Some(addr)) => addr,
+        (None, None) => CLUSTER_ADMIN_DEFAULT.parse().context("the default address")?,
+    };
+    let api_key = if file.dev { None } else { Some(secret(&file, ADMIN_KEY_FILE)?) };
+    let sets = file.sets.iter().map(|entry| entry.admin).collect();
+    let config = hongbao_admin::cluster::ClusterAdminConfig::new(addr, api_key, file.dev, sets);
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        // Counters only (requests by route, failed SET calls): no
+        // histograms, so the recorder needs no upkeep.
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = prometheus.handle();
+        metrics::set_global_recorder(prometheus).map_err(|e| anyhow::anyhow!("cannot install metrics: {e}"))?;
+        let signal = Signal::new().context("cannot listen for signals")?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (admin, task) = hongbao_admin::cluster::start(config, Some(handle), stop_rx).await?;
+        let ready = ClusterAdminReady { role: "cluster-admin", admin };
+        println!("HONGBAO_READY {}", serde_json::to_string(&ready)?);
+        tracing::info!(%admin, sets = file.sets.len(), "cluster admin ready");
+        let name = signal.recv().await;
+        tracing::info!(signal = name, "cluster admin shutting down");
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout(STOP_TIMEOUT, task).await.is_err() {
+            tracing::warn!("admin connections did not close in time");
         }
         tracing::info!("bye");
         anyhow::Ok(())

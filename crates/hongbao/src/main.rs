@@ -133,6 +133,9 @@ enum Command {
     /// Make the secrets a cluster's processes share (link key, token
     /// secret, admin key) in the directory cluster.toml names, if missing.
     Keys(cluster::ClusterArg),
+    /// The cluster admin: one operator API (the paths of `serve`'s admin
+    /// API) over every SET's admin API; no store.
+    ClusterAdmin(cluster::ClusterAdminArgs),
     /// One extra gateway process (started by `serve --gateways N`; linked
     /// to it over a Unix socket).
     #[command(hide = true)]
@@ -185,6 +188,7 @@ fn main() -> ExitCode {
         Command::Set(args) => report(cluster::run_set(args)),
         Command::Gateway(args) => report(cluster::run_gateway(args)),
         Command::Keys(arg) => report(cluster::make_keys(arg)),
+        Command::ClusterAdmin(args) => report(cluster::run_cluster_admin(args)),
         Command::Audit { data, store, cluster, json } => {
             let audited = match cluster {
                 Some(path) => match hongbao_cluster::ClusterFile::load(&path) {
@@ -194,8 +198,9 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 },
-                None => hongbao_store::StoreLocation::resolve(store.as_deref(), &data)
-                    .and_then(|at| audit::run(&at, json)),
+                None => {
+                    hongbao_store::StoreLocation::resolve(store.as_deref(), &data).and_then(|at| audit::run(&at, json))
+                }
             };
             match audited {
                 Ok(true) => ExitCode::SUCCESS,

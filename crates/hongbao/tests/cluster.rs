@@ -250,7 +250,10 @@ async fn a_packet_raced_across_sets_through_three_gateways_pays_each_winner_once
         let racers = race_open(racers, packet, K, AMOUNT).await;
         let won = claims(&cluster, packet).await;
         assert_eq!(won.len(), K as usize);
-        assert!(won.iter().any(|(u, _)| Cluster::home(*u) != set as usize) || K < 3, "a winner of the other SET: {won:?}");
+        assert!(
+            won.iter().any(|(u, _)| Cluster::home(*u) != set as usize) || K < 3,
+            "a winner of the other SET: {won:?}"
+        );
         for (i, (user, fen)) in won.iter().enumerate() {
             balance_becomes(&cluster, (i + 1) % 3, *user, *fen).await;
         }

@@ -381,7 +381,7 @@ async fn supervise(
             Err(e) => {
                 // Logged on the first failure and then every 64th: a SET that
                 // is down for long does not flood the log.
-                if failures.is_power_of_two() || failures % 64 == 0 {
+                if failures.is_power_of_two() || failures.is_multiple_of(64) {
                     tracing::warn!(link = %link.name, error = %e, failures, "cannot link; retrying");
                 }
                 failures += 1;
@@ -696,7 +696,10 @@ mod tests {
             Up::Connect { conn, .. } | Up::Attach { conn, .. } => *conn,
             _ => u64::MAX,
         });
-        assert_eq!(again, [Up::Connect { conn: 1, user: 7 }, Up::Attach { conn: 2, user: 8 }, Up::Connect { conn: 3, user: 9 }]);
+        assert_eq!(
+            again,
+            [Up::Connect { conn: 1, user: 7 }, Up::Attach { conn: 2, user: 8 }, Up::Connect { conn: 3, user: 9 }]
+        );
         assert_eq!(next_up(&mut reader, &mut body).await, Up::Listening);
         drop(visitor);
         assert_eq!(next_up(&mut reader, &mut body).await, Up::Disconnect { conn: 2 });

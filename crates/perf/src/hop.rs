@@ -72,7 +72,11 @@ impl LinkedEngine for Echo {
     fn submit(&self, _user: u64, _req: Request, responder: Responder) {
         responder.send(Reply::Balance { balance_fen: 0 });
     }
-    fn register(&self, _user: u64, _outbox: Outbox) -> impl std::future::Future<Output = Result<(), hongbao_boundary::EngineError>> + Send {
+    fn register(
+        &self,
+        _user: u64,
+        _outbox: Outbox,
+    ) -> impl std::future::Future<Output = Result<(), hongbao_boundary::EngineError>> + Send {
         std::future::ready(Ok(()))
     }
     fn gate_view(&self) -> GateView {
@@ -111,7 +115,12 @@ fn report(road: &str, outcome: &Outcome, baseline: Option<&Outcome>) {
         baseline.map(Outcome::cpu_us_per_request),
     );
     crate::figure(&format!("hop-{road}-p50"), outcome.percentile_us(0.5), "us", baseline.map(|b| b.percentile_us(0.5)));
-    crate::figure(&format!("hop-{road}-p99"), outcome.percentile_us(0.99), "us", baseline.map(|b| b.percentile_us(0.99)));
+    crate::figure(
+        &format!("hop-{road}-p99"),
+        outcome.percentile_us(0.99),
+        "us",
+        baseline.map(|b| b.percentile_us(0.99)),
+    );
 }
 
 fn cpu_now(pids: &[u32]) -> f64 {
@@ -124,7 +133,8 @@ async fn over_link(inflight: usize, window: Duration) -> anyhow::Result<Outcome>
     let listener = LinkListener::bind_tcp("127.0.0.1:0".parse()?, "hop".into(), echo).await?;
     let addr = listener.tcp_addr().context("a TCP listener")?;
     let server = listener.start(stop);
-    let (engine, mut link) = hongbao_link::connect_resilient(LinkTarget::Tcp(addr.to_string()), "hop".into(), "hop".into());
+    let (engine, mut link) =
+        hongbao_link::connect_resilient(LinkTarget::Tcp(addr.to_string()), "hop".into(), "hop".into());
     anyhow::ensure!(link.wait_up(Duration::from_secs(5)).await, "the link did not come up");
     let pids = [std::process::id()];
     let cpu_before = cpu_now(&pids);
@@ -141,7 +151,12 @@ async fn over_link(inflight: usize, window: Duration) -> anyhow::Result<Outcome>
             while Instant::now() < deadline {
                 id += 1;
                 let sent = Instant::now();
-                engine.submit(&conn, user, Request::Balance, Responder::Client { outbox: outbox.clone(), request_id: id });
+                engine.submit(
+                    &conn,
+                    user,
+                    Request::Balance,
+                    Responder::Client { outbox: outbox.clone(), request_id: id },
+                );
                 let frames = replies.recv(16).await.map_err(|_| anyhow::anyhow!("outbox overflow"))?;
                 anyhow::ensure!(frames.len() == 1, "one reply per request");
                 latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);

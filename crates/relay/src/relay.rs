@@ -112,7 +112,11 @@ impl Relay {
 
 /// Connects (in the background: a NATS that is down is dialled until it
 /// answers) and starts the publisher and the consumer of `engine`'s SET.
-pub async fn start(config: RelayConfig, engine: Engine, stop: watch::Receiver<bool>) -> Result<Relay, async_nats::Error> {
+pub async fn start(
+    config: RelayConfig,
+    engine: Engine,
+    stop: watch::Receiver<bool>,
+) -> Result<Relay, async_nats::Error> {
     let status = Arc::new(RelayStatus::default());
     let events = status.clone();
     let client = async_nats::ConnectOptions::new()
@@ -135,7 +139,8 @@ pub async fn start(config: RelayConfig, engine: Engine, stop: watch::Receiver<bo
         .connect(config.nats_url.as_str())
         .await?;
     let js = jetstream::new(client);
-    let publisher = tokio::spawn(publish_loop(js.clone(), config.clone(), engine.clone(), status.clone(), stop.clone()));
+    let publisher =
+        tokio::spawn(publish_loop(js.clone(), config.clone(), engine.clone(), status.clone(), stop.clone()));
     let consumer = tokio::spawn(consume_loop(js, config, engine, status.clone(), stop));
     Ok(Relay { status, tasks: vec![publisher, consumer] })
 }
@@ -336,7 +341,10 @@ async fn consume_loop(
     }
 }
 
-async fn open_consumer(js: &jetstream::Context, config: &RelayConfig) -> Result<consumer::PullConsumer, async_nats::Error> {
+async fn open_consumer(
+    js: &jetstream::Context,
+    config: &RelayConfig,
+) -> Result<consumer::PullConsumer, async_nats::Error> {
     let stream = ensure_stream(js, config).await?;
     let name = format!("set-{}", config.set.set());
     let consumer = stream
