@@ -193,10 +193,13 @@ impl Link {
         let mut conns = self.conns();
         self.queue().close();
         *write(&self.gate) = GateView::default();
-        let message = format!("{} is unreachable; retry later", self.name);
+        let message = format!(
+            "{} became unreachable with this request in flight: it may have been done; retry it (with the same key)",
+            self.name
+        );
         for entry in conns.values_mut() {
             for id in std::mem::take(&mut entry.pending) {
-                let reply = EngineError::Unavailable(message.clone()).to_reply();
+                let reply = Reply::error(ErrorCode::Unavailable, message.clone());
                 entry.outbox.send(ServerFrame::Reply { id, reply });
             }
         }
@@ -523,9 +526,10 @@ impl Backend for RemoteEngine {
             let reply = match refused {
                 Refused::Full if is_shake => Reply::Shake(ShakeResult::Overload),
                 Refused::Full => Reply::error(ErrorCode::Overload, "link to the engine is congested"),
-                Refused::Closed if self.link.resilient => {
-                    EngineError::Unavailable(format!("{} is unreachable; retry later", self.link.name)).to_reply()
-                }
+                Refused::Closed if self.link.resilient => Reply::error(
+                    ErrorCode::Unavailable,
+                    format!("{} is unreachable: nothing was done; retry later", self.link.name),
+                ),
                 Refused::Closed => Reply::error(ErrorCode::ShuttingDown, "link to the engine is closed"),
             };
             responder.send(reply);
