@@ -109,6 +109,20 @@ pub struct AdminConfig {
     pub ws_addr: Option<SocketAddr>,
     /// Connection cap and timeouts.
     pub limits: AdminLimits,
+    /// A dependency besides storage whose failure `/health` reports (a
+    /// SET's NATS relay): why it fails now, or `None`. Money still moves
+    /// while it fails, so `/health` says `degraded` with 200.
+    pub dependency: Option<DependencyProbe>,
+}
+
+/// Reads a dependency's failure now (`AdminConfig::dependency`).
+#[derive(Clone)]
+pub struct DependencyProbe(pub Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl std::fmt::Debug for DependencyProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DependencyProbe")
+    }
 }
 
 /// The bounds the server holds its connections to. `Default` gives the
@@ -168,6 +182,8 @@ pub(crate) struct AppState {
     stats: tokio::sync::Mutex<Option<(std::time::Instant, hongbao_shard::Stats)>>,
     /// What `/ui/config.json` tells the web pages.
     ui: ui::UiConfig,
+    /// See `AdminConfig::dependency`.
+    dependency: Option<DependencyProbe>,
     /// The per-second snapshots and alerts (`hongbao-watch`).
     live: hongbao_watch::Live,
     /// Places for `/v1/live` streams (`limits::LIVE_STREAMS_MAX`).
@@ -201,6 +217,7 @@ pub async fn start(
         api_key: config.api_key,
         stats: Default::default(),
         ui,
+        dependency: config.dependency,
         live,
         live_streams: Arc::new(tokio::sync::Semaphore::new(limits::LIVE_STREAMS_MAX)),
         shutdown: shutdown.clone(),

@@ -118,6 +118,11 @@ pub(crate) struct Health {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub storage: Option<StorageFailure>,
+    /// Why a dependency other than storage fails (a SET's link to NATS, over
+    /// which credits and notices for other SETs travel); only while it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub dependency: Option<String>,
 }
 
 #[derive(Serialize, ToSchema, Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +132,10 @@ pub(crate) enum HealthStatus {
     Ok,
     /// Storage cannot commit now; the server recovers by itself.
     Unavailable,
+    /// Money moves, but a dependency fails (`dependency` says which): a SET
+    /// whose NATS is away keeps its cross-SET messages in its outbox until
+    /// it is back.
+    Degraded,
 }
 
 /// 200 `{"status":"ok"}` while the server can move money; 503 with the
@@ -138,15 +147,19 @@ pub(crate) enum HealthStatus {
     summary = "Liveness: can the server move money now?",
     tag = "health",
     responses(
-        (status = 200, description = "The server can move money: `{\"status\": \"ok\"}`.", body = Health),
+        (status = 200, description = "The server can move money: `{\"status\": \"ok\"}`, or `degraded` with the failing dependency.", body = Health),
         (status = 503, description = "Storage cannot commit now; the answer turns 200 by itself once it can.", body = Health),
     )
 )]
 pub(crate) async fn health(State(app): Shared) -> Response {
+    let dependency = app.dependency.as_ref().and_then(|probe| (probe.0)());
     match app.engine.storage_failure() {
-        None => Json(Health { status: HealthStatus::Ok, storage: None }).into_response(),
+        None => {
+            let status = if dependency.is_some() { HealthStatus::Degraded } else { HealthStatus::Ok };
+            Json(Health { status, storage: None, dependency }).into_response()
+        }
         Some(failure) => {
-            let body = Health { status: HealthStatus::Unavailable, storage: Some(failure) };
+            let body = Health { status: HealthStatus::Unavailable, storage: Some(failure), dependency };
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }

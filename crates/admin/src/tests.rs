@@ -3,6 +3,7 @@
 //! bytes an operator's curl would).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hongbao_boundary::TokenSigner;
@@ -47,6 +48,7 @@ pub(crate) async fn api_with_live(api_key: Option<&str>, limits: AdminLimits, li
         dev: false,
         limits,
         ws_addr: None,
+        dependency: None,
     };
     let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
     let (addr, task) = start(config, engine.clone(), signer, prometheus, live, rx).await.unwrap();
@@ -444,6 +446,42 @@ async fn health_answers(addr: SocketAddr) -> bool {
         return false;
     }
     matches!(c.response().await, Ok(h) if h.status == 200)
+}
+
+/// A failing dependency (a SET's NATS) makes `/health` say `degraded`, with
+/// 200: money still moves; it says `ok` again once the dependency is back.
+#[tokio::test]
+async fn health_is_degraded_while_a_dependency_fails() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = Engine::open(EngineConfig::default(), tmp.path()).await.unwrap();
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let (stop, rx) = watch::channel(false);
+    let failing = Arc::new(AtomicBool::new(true));
+    let probe = {
+        let failing = failing.clone();
+        crate::DependencyProbe(Arc::new(move || failing.load(Ordering::Relaxed).then(|| "NATS unreachable".to_owned())))
+    };
+    let config = AdminConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        api_key: None,
+        dev: true,
+        limits: AdminLimits::default(),
+        ws_addr: None,
+        dependency: Some(probe),
+    };
+    let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
+    let live = hongbao_watch::Live::new();
+    let (addr, task) = start(config, engine.clone(), signer, prometheus, live, rx).await.unwrap();
+    let r = call(addr, "GET", "/health", None).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (200, Some("degraded")), "{}", r.text);
+    assert_eq!(r.body["dependency"], json!("NATS unreachable"));
+    failing.store(false, Ordering::Relaxed);
+    let r = call(addr, "GET", "/health", None).await;
+    assert_eq!(r.body, json!({"status": "ok"}));
+    let _ = stop.send(true);
+    task.await.unwrap();
+    engine.shutdown().await;
 }
 
 /// A user listed three times used to get three stored copies.

@@ -225,7 +225,8 @@ pub async fn start(settings: Settings, recorders: Recorders) -> Result<Server, S
     // The other gateway processes start after the sampler; it finds their
     // census here once they have.
     let census = Arc::new(OnceLock::new());
-    let front = start_front(&settings, &data, engine.clone(), recorders, census.clone()).await;
+    let relay_status = Arc::new(OnceLock::new());
+    let front = start_front(&settings, &data, engine.clone(), recorders, census.clone(), relay_status.clone()).await;
     let (mut server, gateway_config, secret) = match front {
         Ok(started) => started,
         Err(e) => {
@@ -236,7 +237,10 @@ pub async fn start(settings: Settings, recorders: Recorders) -> Result<Server, S
     if let Some(SetRole { map, nats: Some(nats_url), .. }) = &settings.set_role {
         let config = hongbao_relay::RelayConfig { nats_url: nats_url.clone(), set: *map, replicas: 1 };
         match hongbao_relay::start(config, server.engine.clone(), server.shutdown.subscribe()).await {
-            Ok(relay) => server.relay = Some(relay),
+            Ok(relay) => {
+                let _ = relay_status.set(relay.status.clone());
+                server.relay = Some(relay);
+            }
             Err(e) => {
                 let _ = server.shutdown().await;
                 return Err(ServeError::Relay(e.to_string()));
@@ -288,6 +292,7 @@ async fn start_front(
     engine: Engine,
     recorders: Recorders,
     census: Arc<OnceLock<WorkerCensus>>,
+    relay: Arc<OnceLock<Arc<hongbao_relay::RelayStatus>>>,
 ) -> Result<(Server, GatewayConfig, String), ServeError> {
     settings.alerts.validate()?;
     let Recorders { prometheus, watch: registry } = recorders;
@@ -346,6 +351,11 @@ async fn start_front(
         limits,
         // The bound address (port 0 resolved), for the user page.
         ws_addr: gateway.as_ref().map(Gateway::ws_addr),
+        // A SET's relay starts after this; `/health` finds it here.
+        dependency: settings.set_role.as_ref().and_then(|role| role.nats.as_ref()).map(|_| {
+            let relay = relay.clone();
+            hongbao_admin::DependencyProbe(Arc::new(move || relay.get().and_then(|status| status.failure())))
+        }),
     };
     let live = Live::new();
     let (admin_addr, admin) = match hongbao_admin::start(

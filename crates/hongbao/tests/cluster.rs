@@ -162,6 +162,12 @@ impl Cluster {
         response.ok().unwrap_or_else(|e| panic!("{method} {path} on SET {set}: {e}"))
     }
 
+    /// A GET on SET `set`'s admin API, whatever its status.
+    async fn call_raw(&self, set: usize, path: &str) -> Value {
+        let (admin, at) = (self.admin(set), path.to_owned());
+        tokio::task::spawn_blocking(move || admin.get(&at)).await.unwrap().unwrap().body
+    }
+
     /// A deposit on the user's home SET.
     async fn deposit(&self, user: u64, amount_fen: i64) {
         let key = format!("dep-{user}-{}", rand_suffix());
@@ -349,7 +355,17 @@ async fn credits_in_flight_wait_out_nats_and_a_killed_set() {
     assert!(passed, "money in flight is no violation: {report:#}");
     assert_eq!(report["totals"]["in_flight_fen"], json!(6_000), "both packets' credits wait: {report:#}");
 
+    // SET 0 says so, and still moves money.
+    let health = cluster.call_raw(0, "/health").await;
+    assert_eq!(health["status"], json!("degraded"), "{health}");
+    assert!(health["dependency"].as_str().unwrap_or_default().contains("NATS"), "{health}");
+
     cluster.nats.restart().unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while cluster.call_raw(0, "/health").await["status"] != json!("ok") {
+        assert!(Instant::now() < deadline, "SET 0 never saw NATS back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (child, _) = cluster.spawn_set(1);
     cluster.sets[1].child = child;
     for packet in [p0, p1] {

@@ -69,6 +69,19 @@ impl RelayStatus {
     pub fn last_error(&self) -> Option<String> {
         hongbao_boundary::sync::lock(&self.last_error).clone()
     }
+    /// Why the relay cannot carry messages now, for `/health`: NATS away,
+    /// or the last error of a round that has not succeeded since.
+    pub fn failure(&self) -> Option<String> {
+        let last = self.last_error();
+        if !self.connected() {
+            return Some(match last {
+                Some(e) => format!("NATS unreachable ({e}); cross-SET messages wait in the outbox"),
+                None => "NATS unreachable; cross-SET messages wait in the outbox".to_owned(),
+            });
+        }
+        last.map(|e| format!("cross-SET relay: {e}"))
+    }
+
     pub fn published(&self) -> u64 {
         self.published.load(Ordering::Relaxed)
     }

@@ -39,6 +39,7 @@ impl Set {
             dev: api_key.is_none(),
             limits: AdminLimits::default(),
             ws_addr: None,
+            dependency: None,
         };
         let signer = TokenSigner::new(b"0123456789abcdef0123456789abcdef".to_vec());
         let live = hongbao_watch::Live::new();
