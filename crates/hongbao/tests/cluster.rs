@@ -74,11 +74,20 @@ struct Cluster {
     nats: NatsServer,
     sets: Vec<SetProcess>,
     gateways: Vec<GatewayProcess>,
+    /// `hongbao cluster-admin`: the operator API over every SET.
+    cluster_admin: Option<(Child, SocketAddr)>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for child in self.sets.iter_mut().map(|s| &mut s.child).chain(self.gateways.iter_mut().map(|g| &mut g.child)) {
+        let admin = self.cluster_admin.iter_mut().map(|(child, _)| child);
+        for child in self
+            .sets
+            .iter_mut()
+            .map(|s| &mut s.child)
+            .chain(self.gateways.iter_mut().map(|g| &mut g.child))
+            .chain(admin)
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -105,7 +114,8 @@ impl Cluster {
         std::fs::write(&file, text).unwrap();
         let keys = hongbao().args(["keys", "--cluster", file.to_str().unwrap()]).output().unwrap();
         assert!(keys.status.success(), "{}", String::from_utf8_lossy(&keys.stderr));
-        let mut cluster = Cluster { dir, file, _pg: pg, nats, sets: Vec::new(), gateways: Vec::new() };
+        let mut cluster =
+            Cluster { dir, file, _pg: pg, nats, sets: Vec::new(), gateways: Vec::new(), cluster_admin: None };
         for (set, url) in urls.into_iter().enumerate() {
             let (child, ready) = cluster.spawn_set(set);
             let admin = ready["admin"].as_str().unwrap().parse().unwrap();
@@ -114,7 +124,27 @@ impl Cluster {
         for g in 0..gateways {
             cluster.gateways.push(cluster.spawn_gateway(g));
         }
+        let mut command = hongbao();
+        let [addr] = free_addrs::<1>();
+        command.args(["cluster-admin", "--cluster", cluster.file.to_str().unwrap(), "--addr", &addr.to_string()]);
+        let (child, ready) = spawn_ready(command, &cluster.dir.path().join("cluster-admin.log"));
+        assert_eq!(ready["role"], json!("cluster-admin"), "{ready}");
+        cluster.cluster_admin = Some((child, ready["admin"].as_str().unwrap().parse().unwrap()));
         cluster
+    }
+
+    /// A call to the cluster admin; its answer's status and body.
+    async fn cluster_call(&self, method: &'static str, path: &str, body: Value) -> (u16, Value) {
+        let admin = Admin::new(self.cluster_admin.as_ref().unwrap().1, None);
+        let at = path.to_owned();
+        let r = tokio::task::spawn_blocking(move || match method {
+            "POST" => admin.post(&at, &body),
+            _ => admin.get(&at),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        (r.status, r.body)
     }
 
     fn spawn_set(&self, set: usize) -> (Child, Value) {
@@ -547,12 +577,23 @@ async fn a_gateway_killed_its_users_move_to_another_and_pushes_follow() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    for (user, mut client) in moved {
-        let set = Cluster::home(user);
+    for (user, client) in &mut moved {
+        let set = Cluster::home(*user);
         let pushed = cluster
             .call(set, "POST", "/v1/push", json!({"target": {"user": user}, "topic": "t", "text": "moved"}))
             .await;
         assert_eq!(pushed["delivered"], json!(1), "user {user}: {pushed}");
         assert!(client.next_push(PATIENCE).await.is_some(), "user {user} got the push");
+    }
+    // Through the cluster admin: the stats of every SET summed, and a
+    // broadcast that reaches every user on both gateways left.
+    let (status, stats) = cluster.cluster_call("GET", "/v1/stats", Value::Null).await;
+    assert_eq!((status, stats["connections"].as_u64()), (200, Some(users.len() as u64)), "{stats}");
+    let (status, started) =
+        cluster.cluster_call("POST", "/v1/broadcast", json!({"topic": "all", "text": "新年快乐"})).await;
+    assert_eq!(status, 202, "{started}");
+    for (user, mut client) in moved {
+        let push = client.next_push(PATIENCE).await.unwrap_or_else(|| panic!("user {user}: no broadcast"));
+        assert!(matches!(&push.body, PushBody::Notice { text, .. } if text == "新年快乐"), "{push:?}");
     }
 }
