@@ -20,7 +20,7 @@ pub mod probe;
 mod process;
 pub mod procfs;
 
-pub use process::{spawn_server, ServerAddrs, SpawnError};
+pub use process::{spawn_ready, spawn_server, ServerAddrs, SpawnError};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

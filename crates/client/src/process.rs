@@ -1,6 +1,7 @@
-//! Starting a `hongbao serve` child process and learning its addresses from
-//! the one `HONGBAO_READY {json}` line it prints on stdout. Used by the
-//! black-box tests and by `hongbao perf`, which both need a real server.
+//! Starting a `hongbao` child process (`serve`, or a cluster's `set`,
+//! `gateway`, `cluster-admin`) and learning its addresses from the one
+//! `HONGBAO_READY {json}` line it prints on stdout. Used by the black-box
+//! tests and by `hongbao perf`, which both need real servers.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -36,6 +37,32 @@ pub enum SpawnError {
 /// stdout keeps being drained afterwards, so the child never blocks on it.
 /// On failure the child is killed and reaped.
 pub fn spawn_server(cmd: &mut Command, timeout: Duration) -> Result<(Child, ServerAddrs), SpawnError> {
+    let (mut child, line) = spawn_ready_line(cmd, timeout)?;
+    match parse_ready(&line) {
+        Ok(addrs) => Ok((child, addrs)),
+        Err(why) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(SpawnError::BadReadyLine { line, why })
+        }
+    }
+}
+
+/// Spawns any `hongbao` command that prints a ready line (a cluster's `set`,
+/// `gateway`, `cluster-admin`, whose lines differ) and returns it as JSON.
+pub fn spawn_ready(cmd: &mut Command, timeout: Duration) -> Result<(Child, serde_json::Value), SpawnError> {
+    let (mut child, line) = spawn_ready_line(cmd, timeout)?;
+    match serde_json::from_str(&line) {
+        Ok(json) => Ok((child, json)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(SpawnError::BadReadyLine { line, why: e.to_string() })
+        }
+    }
+}
+
+fn spawn_ready_line(cmd: &mut Command, timeout: Duration) -> Result<(Child, String), SpawnError> {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn().map_err(SpawnError::Start)?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -53,14 +80,10 @@ pub fn spawn_server(cmd: &mut Command, timeout: Duration) -> Result<(Child, Serv
         let _ = child.wait();
         Err(e)
     };
-    let line = match rx.recv_timeout(timeout) {
-        Ok(line) => line,
-        Err(RecvTimeoutError::Timeout) => return fail(child, SpawnError::NotReady(timeout)),
-        Err(RecvTimeoutError::Disconnected) => return fail(child, SpawnError::Exited),
-    };
-    match parse_ready(&line) {
-        Ok(addrs) => Ok((child, addrs)),
-        Err(why) => fail(child, SpawnError::BadReadyLine { line, why }),
+    match rx.recv_timeout(timeout) {
+        Ok(line) => Ok((child, line)),
+        Err(RecvTimeoutError::Timeout) => fail(child, SpawnError::NotReady(timeout)),
+        Err(RecvTimeoutError::Disconnected) => fail(child, SpawnError::Exited),
     }
 }
 

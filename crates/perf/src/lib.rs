@@ -24,6 +24,7 @@
 //! matched on.
 
 mod clients;
+mod cluster;
 mod conns;
 mod crash;
 mod hop;
@@ -47,6 +48,10 @@ pub enum Figure {
     /// The server at twice its capacity (shakes, keyed shakes, opens):
     /// memory bounded, every request answered, a probe's ping latency.
     Overload(overload::OverloadArgs),
+    /// A cluster on this machine (2 SETs on PostgreSQL, 3 gateways, NATS)
+    /// against single-node serve, back to back: shakes/s, opens/s, CPU per
+    /// operation, cross-SET credit lag.
+    Cluster(cluster::ClusterArgs),
     /// One request and its reply between a gateway and a SET: over the link
     /// (TCP) and over NATS request/reply, back to back.
     Hop(hop::HopArgs),
@@ -67,6 +72,7 @@ pub fn run(figure: Figure) -> anyhow::Result<()> {
         Figure::Overload(args) => overload::run(args),
         Figure::Hold(args) => clients::hold(args),
         Figure::Hop(args) => hop::run(args),
+        Figure::Cluster(args) => cluster::run(args),
     }
 }
 

@@ -328,6 +328,16 @@ struct Live(Mutex<Vec<u32>>);
 
 static LIVE: Live = Live(Mutex::new(Vec::new()));
 
+/// Registers a server process started elsewhere in this crate (a cluster's
+/// SETs and gateways) so a signal kills it too; `forget_pid` once it ended.
+pub fn register_pid(pid: u32) {
+    LIVE.register(pid);
+}
+
+pub fn forget_pid(pid: u32) {
+    LIVE.forget(&[pid]);
+}
+
 impl Live {
     fn register(&self, pid: u32) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(pid);

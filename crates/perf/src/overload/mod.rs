@@ -19,11 +19,11 @@
 //! Bounded: every phase has a deadline and a drain limit, the server is
 //! a child killed by PID on every path (and on SIGINT/SIGTERM), loopback only.
 
-mod lean;
+pub(crate) mod lean;
 mod phase;
 mod probe;
 mod report;
-mod setup;
+pub(crate) mod setup;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
