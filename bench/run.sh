@@ -21,6 +21,14 @@
 #   overload     the server pinned to one CPU, the load to the other: capacity of
 #                plain shakes, keyed shakes and opens, then 2x each for 30 s: RSS,
 #                every request answered, a probe's ping p50/p99
+#   cluster      a cluster on this machine (2 `hongbao set` on PostgreSQL, one
+#                database each; 3 `hongbao gateway`; NATS JetStream; the cluster
+#                admin) against single-node `serve` on PostgreSQL, back to back:
+#                shakes/s and opens/s answered through the gateways, hongbao CPU
+#                per shake and per open, cross-SET credit lag p50/p99; the
+#                cluster audit must pass (docs/cluster.md)
+#   hop          one request and its reply between a gateway and a SET: over the
+#                link (TCP) and over NATS request/reply, back to back
 #   all          every figure above
 #   crash        (not in all) crash torture: 200 cycles of load, kill -9, audit,
 #                restart, checks that every acknowledged outcome is there once
@@ -56,9 +64,9 @@ case "${2:-}" in
     *) echo "unknown option: $2 (only --quick)"; exit 2 ;;
 esac
 case "$figure" in
-    conn-memory|shake-max|opens|opens-pg|broadcast|demo|overload|crash|crash-pg|million|all) ;;
+    conn-memory|shake-max|opens|opens-pg|broadcast|demo|overload|cluster|hop|crash|crash-pg|million|all) ;;
     "") ;;
-    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, opens-pg, broadcast, demo, overload, crash, crash-pg, million, all)"; exit 2 ;;
+    *) echo "unknown figure: $figure (conn-memory, shake-max, opens, opens-pg, broadcast, demo, overload, cluster, hop, crash, crash-pg, million, all)"; exit 2 ;;
 esac
 out_root="${BENCH_OUT:-target/bench}"
 mkdir -p "$out_root"
@@ -322,6 +330,8 @@ run_one() {
         broadcast) broadcast ;;
         demo) demo ;;
         overload) overload ;;
+        cluster) "$HB" perf cluster $quick ;;
+        hop) "$HB" perf hop $quick ;;
         crash) crash ;;
         crash-pg) crash --postgres ;;
         million) million ;;
@@ -330,7 +340,7 @@ run_one() {
 
 if [ "$figure" = "all" ]; then
     failed=()
-    for f in conn-memory shake-max opens opens-pg broadcast overload demo; do
+    for f in conn-memory shake-max opens opens-pg broadcast overload cluster hop demo; do
         echo "== $f"
         run_one "$f" || failed+=("$f")
     done
