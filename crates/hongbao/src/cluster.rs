@@ -343,3 +343,37 @@ pub fn run_cluster_admin(args: ClusterAdminArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(tcp: &str, advertise_tcp: Option<&str>, advertise_ws: Option<&str>) -> GatewayArgs {
+        GatewayArgs {
+            cluster: ClusterArg { cluster: PathBuf::from("cluster.toml") },
+            tcp: tcp.parse().unwrap(),
+            ws: "127.0.0.1:7001".parse().unwrap(),
+            config: None,
+            max_connections: None,
+            advertise_tcp: advertise_tcp.map(str::to_owned),
+            advertise_ws: advertise_ws.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn an_unspecified_listen_address_needs_an_advertised_one_only_with_a_directory() {
+        let err = check_advertised(&args("0.0.0.0:7000", None, None), true).unwrap_err().to_string();
+        assert!(err.contains("give --advertise-tcp"), "{err}");
+        assert!(check_advertised(&args("0.0.0.0:7000", None, None), false).is_ok());
+        assert!(check_advertised(&args("0.0.0.0:7000", Some("gw1.example.com:7000"), None), true).is_ok());
+        assert!(check_advertised(&args("127.0.0.1:7000", None, None), true).is_ok());
+        for wrong in ["gw1", ":7000", "gw1:0", "gw1:x"] {
+            let err = check_advertised(&args("127.0.0.1:7000", Some(wrong), None), true).unwrap_err().to_string();
+            assert!(err.contains("is not host:port"), "{wrong}: {err}");
+        }
+        let bound = "127.0.0.1:41000".parse().unwrap();
+        assert_eq!(advertised(None, bound).as_deref(), Some("127.0.0.1:41000"));
+        assert_eq!(advertised(Some("gw:1"), bound).as_deref(), Some("gw:1"));
+        assert_eq!(advertised(None, "0.0.0.0:7000".parse().unwrap()), None);
+    }
+}
