@@ -6,6 +6,8 @@
 //! nats = "nats://10.0.0.31:4222"   # JetStream: money and notices between SETs
 //! admin = "10.0.0.10:7080"     # optional: where `hongbao cluster-admin` listens
 //!                              # (its --addr wins; default 127.0.0.1:7080)
+//! redis = "redis://10.0.0.32:6379" # optional: the gateway directory (which
+//!                              # gateways are alive; GET /v1/gateways)
 //!
 //! [[set]]                      # SET 0
 //! link = "10.0.0.11:7101"      # where gateways dial this SET
@@ -53,6 +55,7 @@ struct RawFile {
     #[serde(default)]
     dev: bool,
     admin: Option<SocketAddr>,
+    redis: Option<String>,
     #[serde(default, rename = "set")]
     sets: Vec<RawSet>,
 }
@@ -96,6 +99,9 @@ pub struct ClusterFile {
     /// Where the cluster admin (`hongbao cluster-admin`) listens, if the
     /// file says.
     pub admin: Option<SocketAddr>,
+    /// The Redis of the gateway directory (`redis://host:port`), if the
+    /// cluster has one (`crate::directory`).
+    pub redis: Option<String>,
 }
 
 /// Shards of a SET when the file does not say.
@@ -159,6 +165,11 @@ impl ClusterFile {
                 return Err(invalid(format!("the cluster admin's address {admin} is SET {}'s too", s.set)));
             }
         }
+        if let Some(url) = &raw.redis {
+            if !url.starts_with("redis://") {
+                return Err(invalid(format!("redis {url:?} is not a redis://host:port URL")));
+            }
+        }
         Ok(ClusterFile {
             path: path.to_owned(),
             sets,
@@ -166,6 +177,7 @@ impl ClusterFile {
             dev: raw.dev,
             admin: raw.admin,
             nats: raw.nats,
+            redis: raw.redis,
         })
     }
 
@@ -225,6 +237,9 @@ mod tests {
         assert_eq!((entry.shards, map.set(), map.sets()), (8, 1, 2));
         assert!(file.set(2).is_err());
         assert_eq!(file.admin, None);
+        assert_eq!(file.redis, None);
+        let with_redis = format!("redis = \"redis://127.0.0.1:6379\"\n{TWO}");
+        assert_eq!(ClusterFile::parse(&path, &with_redis).unwrap().redis.as_deref(), Some("redis://127.0.0.1:6379"));
         let with_admin = format!("admin = \"127.0.0.1:7080\"\n{TWO}");
         assert_eq!(ClusterFile::parse(&path, &with_admin).unwrap().admin, Some("127.0.0.1:7080".parse().unwrap()));
     }
@@ -237,7 +252,8 @@ mod tests {
         assert!(err(&TWO.replace("set1.internal:7101", "127.0.0.1:7101")).contains("share"));
         assert!(err(&TWO.replace("link_bind = \"0.0.0.0:7101\"", "")).contains("give link_bind"));
         assert!(err(&TWO.replace("shards = 8", "shards = 0")).contains("shards must be"));
-        assert!(err(&format!("{TWO}\nredis = \"x\"")).contains("unknown field"));
+        assert!(err(&format!("{TWO}\nredos = \"x\"")).contains("unknown field"));
+        assert!(err(&format!("redis = \"http://x\"\n{TWO}")).contains("not a redis://"));
         assert!(err(&TWO.replace("nats = \"nats://127.0.0.1:4222\"", "")).contains("needs `nats"));
         assert!(err(&format!("admin = \"127.0.0.1:7180\"\n{TWO}")).contains("is SET 0's too"));
         assert!(err(&format!("admin = \"nowhere\"\n{TWO}")).contains("admin"));

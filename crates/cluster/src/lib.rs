@@ -10,7 +10,10 @@
 //! - `router`: `ClusterBackend`, the gateway's `Backend` over one resilient
 //!   link per SET, which sends each request to the SET that owns it (a
 //!   packet's by its id, everything else by the user's home SET) and
-//!   registers each connection for pushes with its home SET only.
+//!   registers each connection for pushes with its home SET only;
+//! - `directory`: the gateway directory in Redis (`hb:gateway:<id>` keys
+//!   with a TTL), which gateways are alive for clients and operators: the
+//!   gateways' refresh task and the cluster admin's listing.
 //!
 //! Must not: decide any outcome, hold money, packet state or SQL, or link an
 //! engine or a store (`cargo tree -p hongbao-cluster -e normal` shows neither
@@ -19,7 +22,9 @@
 //! checked again by every SET's engine.
 
 pub mod config;
+pub mod directory;
 pub mod router;
 
 pub use config::{ClusterConfigError, ClusterFile, SetEntry};
+pub use directory::{Directory, DirectoryError, GatewayEntry};
 pub use router::{ClusterBackend, ClusterConnection};

@@ -38,7 +38,7 @@ mod ws;
 use std::net::SocketAddr;
 
 pub use hongbao_boundary::{Backend, TokenSigner};
-pub use server::{start, Gateway};
+pub use server::{start, Gateway, OpenConnections};
 
 /// Gateway-only limits. Shared ones (frame size, outbox, in-flight) live in
 /// `hongbao_core::limits`.

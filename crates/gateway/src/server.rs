@@ -20,7 +20,7 @@ use std::time::Duration;
 use hongbao_boundary::Backend;
 use hongbao_proto::{binary, ErrorCode, ServerFrame};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::io::Transport;
@@ -38,6 +38,23 @@ pub struct Gateway {
     accept_loops: Vec<JoinHandle<()>>,
     /// Yields `None` once every connection task has ended.
     done_rx: mpsc::Receiver<()>,
+    open: OpenConnections,
+}
+
+/// How many connections a gateway holds now (admitted, `hello` or not):
+/// cheap to clone and to read, for reports such as the cluster's gateway
+/// directory. Outlives the `Gateway` it came from.
+#[derive(Clone, Debug)]
+pub struct OpenConnections {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl OpenConnections {
+    /// Connections open at this moment.
+    pub fn get(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
 }
 
 impl Gateway {
@@ -49,6 +66,11 @@ impl Gateway {
     /// The bound WebSocket address.
     pub fn ws_addr(&self) -> SocketAddr {
         self.ws_addr
+    }
+
+    /// A live count of the gateway's open connections.
+    pub fn open_connections(&self) -> OpenConnections {
+        self.open.clone()
     }
 
     /// Waits until the accept loops have stopped and every connection has
@@ -86,6 +108,7 @@ pub async fn start<B: Backend>(
         None
     };
     let (shared, done_rx) = Shared::new(config, engine, shutdown, parking);
+    let open = OpenConnections { permits: shared.connections.clone(), max: shared.config.max_connections };
     tracing::info!(%tcp_addr, %ws_addr, dev = shared.config.dev, "gateway listening");
     if shared.config.dev {
         tracing::warn!("dev mode: bare user ids are accepted as tokens");
@@ -94,7 +117,7 @@ pub async fn start<B: Backend>(
         tokio::spawn(accept_loop(tcp, Transport::Tcp, shared.clone())),
         tokio::spawn(accept_loop(ws, Transport::Ws, shared)),
     ];
-    Ok(Gateway { tcp_addr, ws_addr, accept_loops, done_rx })
+    Ok(Gateway { tcp_addr, ws_addr, accept_loops, done_rx, open })
 }
 
 /// Listens on `addr`. With `reuse_port` the socket joins the address's

@@ -16,7 +16,8 @@ use std::time::Duration;
 use anyhow::Context;
 use hongbao_boundary::TokenSigner;
 use hongbao_cluster::config::{ADMIN_KEY_FILE, LINK_KEY_FILE, TOKEN_SECRET_FILE};
-use hongbao_cluster::{ClusterBackend, ClusterFile};
+use hongbao_cluster::directory::{self, Refresh};
+use hongbao_cluster::{ClusterBackend, ClusterFile, Directory, GatewayEntry};
 use hongbao_link::{LinkSupervisor, LinkTarget};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -83,6 +84,50 @@ pub struct GatewayArgs {
     /// Connections held at once.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// The raw TCP address clients should dial (`host:port`), as the
+    /// gateway directory lists it; also the gateway's id there. Default:
+    /// the bound `--tcp` address, which must then be a specific one (not
+    /// 0.0.0.0) when the cluster file has `redis`.
+    #[arg(long, value_name = "ADDR")]
+    advertise_tcp: Option<String>,
+    /// The WebSocket address clients should dial. Default: the bound
+    /// `--ws` address (same rule).
+    #[arg(long, value_name = "ADDR")]
+    advertise_ws: Option<String>,
+}
+
+/// What a gateway tells the directory clients should dial: the flag, else
+/// the bound address (`bound`: the real port once listening). `None` with
+/// no flag and an unspecified listen address.
+fn advertised(flag: Option<&str>, bound: SocketAddr) -> Option<String> {
+    match flag {
+        Some(addr) => Some(addr.to_owned()),
+        None if bound.ip().is_unspecified() => None,
+        None => Some(bound.to_string()),
+    }
+}
+
+/// Refuses, before anything starts, an advertised address that is not
+/// `host:port`, or none where the directory needs one.
+fn check_advertised(args: &GatewayArgs, redis: bool) -> anyhow::Result<()> {
+    for (flag, value, listen) in
+        [("--advertise-tcp", &args.advertise_tcp, args.tcp), ("--advertise-ws", &args.advertise_ws, args.ws)]
+    {
+        match value {
+            Some(addr) => {
+                let port = addr.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>()));
+                if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                    anyhow::bail!("{flag} {addr:?} is not host:port");
+                }
+            }
+            None if redis && listen.ip().is_unspecified() => anyhow::bail!(
+                "the cluster file has `redis` (the gateway directory), and the listen address {listen} \
+                 is not one clients can dial: give {flag} host:port"
+            ),
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 fn load(arg: &ClusterArg) -> anyhow::Result<ClusterFile> {
@@ -157,6 +202,8 @@ struct GatewayReady {
 /// never stops because of one.
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let file = load(&args.cluster)?;
+    check_advertised(&args, file.redis.is_some())?;
+    let started_ms = directory::now_ms();
     let serve_args = ServeArgs {
         tcp: Some(args.tcp),
         ws: Some(args.ws),
@@ -202,10 +249,44 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             sets_linked,
             sets: links.len(),
         };
+        let registration = match &file.redis {
+            Some(url) => {
+                let (tcp, ws) = match (
+                    advertised(args.advertise_tcp.as_deref(), ready.tcp),
+                    advertised(args.advertise_ws.as_deref(), ready.ws),
+                ) {
+                    (Some(tcp), Some(ws)) => (tcp, ws),
+                    _ => anyhow::bail!("no advertised address (checked at start)"),
+                };
+                let directory = Directory::new(url)?;
+                let open = gateway.open_connections();
+                let pid = ready.pid;
+                let entry = move || GatewayEntry {
+                    id: tcp.clone(),
+                    tcp: tcp.clone(),
+                    ws: ws.clone(),
+                    pid,
+                    connections: open.get() as u64,
+                    started_ms,
+                };
+                let (stop, rx) = watch::channel(false);
+                tracing::info!(id = %entry().id, redis = %url, "registering in the gateway directory");
+                let task = tokio::spawn(directory::keep_registered(directory, Refresh::default(), entry, rx));
+                Some((stop, task))
+            }
+            None => None,
+        };
         println!("HONGBAO_READY {}", serde_json::to_string(&ready)?);
         tracing::info!(tcp = %ready.tcp, ws = %ready.ws, sets_linked, "gateway ready");
         let name = signal.recv().await;
         tracing::info!(signal = name, "gateway shutting down");
+        // Out of the directory first, so clients stop being sent here.
+        if let Some((stop, task)) = registration {
+            let _ = stop.send(true);
+            if tokio::time::timeout(directory::OPERATION_TIMEOUT * 2, task).await.is_err() {
+                tracing::warn!("the directory entry was not removed in time; it expires with its TTL");
+            }
+        }
         let _ = stop_tx.send(true);
         if tokio::time::timeout(STOP_TIMEOUT, gateway.wait()).await.is_err() {
             tracing::warn!("connections did not close in time");
@@ -236,7 +317,8 @@ pub fn run_cluster_admin(args: ClusterAdminArgs) -> anyhow::Result<()> {
     };
     let api_key = if file.dev { None } else { Some(secret(&file, ADMIN_KEY_FILE)?) };
     let sets = file.sets.iter().map(|entry| entry.admin).collect();
-    let config = hongbao_admin::cluster::ClusterAdminConfig::new(addr, api_key, file.dev, sets);
+    let mut config = hongbao_admin::cluster::ClusterAdminConfig::new(addr, api_key, file.dev, sets);
+    config.redis = file.redis.clone();
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async move {
@@ -260,4 +342,38 @@ pub fn run_cluster_admin(args: ClusterAdminArgs) -> anyhow::Result<()> {
         tracing::info!("bye");
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(tcp: &str, advertise_tcp: Option<&str>, advertise_ws: Option<&str>) -> GatewayArgs {
+        GatewayArgs {
+            cluster: ClusterArg { cluster: PathBuf::from("cluster.toml") },
+            tcp: tcp.parse().unwrap(),
+            ws: "127.0.0.1:7001".parse().unwrap(),
+            config: None,
+            max_connections: None,
+            advertise_tcp: advertise_tcp.map(str::to_owned),
+            advertise_ws: advertise_ws.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn an_unspecified_listen_address_needs_an_advertised_one_only_with_a_directory() {
+        let err = check_advertised(&args("0.0.0.0:7000", None, None), true).unwrap_err().to_string();
+        assert!(err.contains("give --advertise-tcp"), "{err}");
+        assert!(check_advertised(&args("0.0.0.0:7000", None, None), false).is_ok());
+        assert!(check_advertised(&args("0.0.0.0:7000", Some("gw1.example.com:7000"), None), true).is_ok());
+        assert!(check_advertised(&args("127.0.0.1:7000", None, None), true).is_ok());
+        for wrong in ["gw1", ":7000", "gw1:0", "gw1:x"] {
+            let err = check_advertised(&args("127.0.0.1:7000", Some(wrong), None), true).unwrap_err().to_string();
+            assert!(err.contains("is not host:port"), "{wrong}: {err}");
+        }
+        let bound = "127.0.0.1:41000".parse().unwrap();
+        assert_eq!(advertised(None, bound).as_deref(), Some("127.0.0.1:41000"));
+        assert_eq!(advertised(Some("gw:1"), bound).as_deref(), Some("gw:1"));
+        assert_eq!(advertised(None, "0.0.0.0:7000".parse().unwrap()), None);
+    }
 }

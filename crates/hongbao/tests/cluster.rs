@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{audit_store, hongbao, race_open, rand_suffix, send_to_group, Admin, Client};
-use hongbao_harness::NatsServer;
+use hongbao_harness::{NatsServer, RedisServer};
 use hongbao_pg_harness::PgServer;
 use hongbao_proto::{ErrorCode, PushBody, Reply, Request, ShakeResult, SplitKind, Target};
 use serde_json::{json, Value};
@@ -72,6 +72,8 @@ struct Cluster {
     /// One database per SET; stopped last.
     _pg: PgServer,
     nats: NatsServer,
+    /// The gateway directory (`redis` in the file).
+    redis: RedisServer,
     sets: Vec<SetProcess>,
     gateways: Vec<GatewayProcess>,
     /// `hongbao cluster-admin`: the operator API over every SET.
@@ -99,8 +101,10 @@ impl Cluster {
     fn start(gateways: usize) -> Cluster {
         let pg = PgServer::start().unwrap_or_else(|e| panic!("{e}"));
         let nats = NatsServer::start().unwrap_or_else(|e| panic!("{e}"));
+        let redis = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().unwrap();
         let mut text = format!("secrets = \"secrets\"\ndev = true\nnats = \"{}\"\n", nats.url());
+        text += &format!("redis = \"{}\"\n", redis.url());
         let mut urls = Vec::new();
         for set in 0..SETS {
             let db = format!("set{set}");
@@ -115,7 +119,7 @@ impl Cluster {
         let keys = hongbao().args(["keys", "--cluster", file.to_str().unwrap()]).output().unwrap();
         assert!(keys.status.success(), "{}", String::from_utf8_lossy(&keys.stderr));
         let mut cluster =
-            Cluster { dir, file, _pg: pg, nats, sets: Vec::new(), gateways: Vec::new(), cluster_admin: None };
+            Cluster { dir, file, _pg: pg, nats, redis, sets: Vec::new(), gateways: Vec::new(), cluster_admin: None };
         for (set, url) in urls.into_iter().enumerate() {
             let (child, ready) = cluster.spawn_set(set);
             let admin = ready["admin"].as_str().unwrap().parse().unwrap();
@@ -596,4 +600,91 @@ async fn a_gateway_killed_its_users_move_to_another_and_pushes_follow() {
         let push = client.next_push(PATIENCE).await.unwrap_or_else(|| panic!("user {user}: no broadcast"));
         assert!(matches!(&push.body, PushBody::Notice { text, .. } if text == "新年快乐"), "{push:?}");
     }
+}
+
+/// `GET /v1/gateways` on the cluster admin: its status and the listed
+/// gateways' ids (their TCP addresses) and connection counts, in order.
+async fn listed_gateways(cluster: &Cluster) -> (u16, Vec<(String, u64)>) {
+    let (status, body) = cluster.cluster_call("GET", "/v1/gateways", Value::Null).await;
+    let listed = body["gateways"].as_array().map_or_else(Vec::new, |gateways| {
+        gateways.iter().map(|g| (g["id"].as_str().unwrap().to_owned(), g["connections"].as_u64().unwrap())).collect()
+    });
+    (status, listed)
+}
+
+/// Polls `GET /v1/gateways` until it answers 200 listing exactly the
+/// gateways `live` (least loaded first), for at most `PATIENCE`.
+async fn gateways_become(cluster: &Cluster, live: &[usize], what: &str) -> Vec<(String, u64)> {
+    let mut want: Vec<String> = live.iter().map(|&g| cluster.gateways[g].tcp.to_string()).collect();
+    want.sort();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, listed) = listed_gateways(cluster).await;
+        let mut ids: Vec<String> = listed.iter().map(|(id, _)| id.clone()).collect();
+        ids.sort();
+        if status == 200 && ids == want {
+            assert!(listed.windows(2).all(|w| w[0].1 <= w[1].1), "least loaded first: {listed:?}");
+            return listed;
+        }
+        assert!(Instant::now() < deadline, "{what}: {status} {listed:?}, expected {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The gateway directory in Redis: the cluster admin lists the live
+/// gateways with their load; one killed by SIGKILL drops out within the
+/// TTL; while Redis is away the list is 503 and clients are served as
+/// ever; once Redis is back every live gateway is listed again, and no
+/// hongbao process was restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_directory_lists_live_gateways_and_survives_redis() {
+    let mut cluster = Cluster::start(3);
+    gateways_become(&cluster, &[0, 1, 2], "all three registered").await;
+    // The load is each gateway's open connections.
+    let client = cluster.client(1, 21).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, listed) = listed_gateways(&cluster).await;
+        let g1 = cluster.gateways[1].tcp.to_string();
+        if listed.iter().any(|(id, connections)| *id == g1 && *connections == 1) {
+            assert_eq!(listed.last().map(|(id, _)| id), Some(&g1), "the loaded one last: {listed:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "gateway 1's connection is not counted: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    cluster.gateways[0].child.kill().unwrap();
+    cluster.gateways[0].child.wait().unwrap();
+    gateways_become(&cluster, &[1, 2], "the killed gateway drops out").await;
+
+    // Away longer than an entry's TTL (6 s), so what Redis replays from its
+    // append-only file at restart has expired: only the gateways' refreshes
+    // can list them again.
+    cluster.redis.kill9().unwrap();
+    let away_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < away_until {
+        let (status, body) = cluster.cluster_call("GET", "/v1/gateways", Value::Null).await;
+        assert_eq!((status, body["error"]["code"].clone()), (503, json!("unavailable")), "{body}");
+        assert_eq!(balance(&client).await, 0, "clients are served while Redis is away");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let other = cluster.client(2, 22).await;
+    assert_eq!(balance(&other).await, 0, "and new ones log in");
+
+    cluster.redis.restart().unwrap();
+    gateways_become(&cluster, &[1, 2], "every live gateway listed again").await;
+    assert_eq!(balance(&client).await, 0);
+    for g in [1, 2] {
+        assert!(cluster.gateways[g].child.try_wait().unwrap().is_none(), "gateway {g} still runs");
+    }
+    let log = cluster.log("gateway1");
+    assert!(log.contains("directory: registered again"), "{log}");
+    assert_eq!(log.matches("directory: cannot register").count(), 1, "logged once per outage: {log}");
+    // A clean stop takes the gateway out of the directory first.
+    let pid = cluster.gateways[2].child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    cluster.gateways[2].child.wait().unwrap();
+    assert!(cluster.log("gateway2").contains("directory: entry removed"), "{}", cluster.log("gateway2"));
+    gateways_become(&cluster, &[1], "the stopped gateway is gone").await;
 }

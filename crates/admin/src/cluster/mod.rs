@@ -12,6 +12,11 @@
 //! and the request counts are the single node's (`crate::server`,
 //! `crate::conn`, `crate::guard`, `crate::error`).
 //!
+//! Also the one route that is no SET's: `GET /v1/gateways`, the live
+//! gateways from the cluster's directory in Redis (`hongbao_cluster::
+//! directory`), public like `/health` because clients call it to pick a
+//! gateway; it shows only what the gateways advertise.
+//!
 //! Must not: decide anything a SET decides, or link an engine: it holds no
 //! `hongbao_shard::Engine` and moves no money itself. Every check of a
 //! request's content is the SET's (a request the cluster admin cannot
@@ -32,6 +37,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{any, get, post, MethodRouter};
 use axum::Router;
+use hongbao_cluster::Directory;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -57,6 +63,9 @@ pub struct ClusterAdminConfig {
     /// One call to a SET: connect, request and the whole answer
     /// (`limits::SET_CALL_TIMEOUT_MS`).
     pub set_timeout: Duration,
+    /// The gateway directory's Redis (`redis://host:port`), read by
+    /// `GET /v1/gateways`; `None`: the cluster has no directory (404).
+    pub redis: Option<String>,
 }
 
 impl ClusterAdminConfig {
@@ -69,6 +78,7 @@ impl ClusterAdminConfig {
             sets,
             limits: AdminLimits::default(),
             set_timeout: Duration::from_millis(limits::SET_CALL_TIMEOUT_MS),
+            redis: None,
         }
     }
 }
@@ -79,6 +89,8 @@ pub(crate) struct ClusterState {
     /// Renders `/metrics` (this process's own metrics); `None`: no
     /// `/metrics` route.
     pub(crate) prometheus: Option<PrometheusHandle>,
+    /// The gateway directory; `None`: the cluster has none.
+    pub(crate) directory: Option<Directory>,
 }
 
 /// Binds `config.addr` and serves the cluster admin until `shutdown`
@@ -99,6 +111,10 @@ pub async fn start(
     if config.set_timeout.is_zero() {
         return Err(AdminError::Config("the SET call timeout must be at least 1 ms".into()));
     }
+    let directory = match &config.redis {
+        Some(url) => Some(Directory::new(url).map_err(|e| AdminError::Config(e.to_string()))?),
+        None => None,
+    };
     let (listener, addr) = crate::bind(config.addr, config.api_key.as_deref(), &config.limits).await?;
     let client = SetClient::new(
         config.sets,
@@ -110,11 +126,15 @@ pub async fn start(
     .map_err(AdminError::Config)?;
     crate::log_listening("cluster admin API", addr, config.api_key.is_some(), config.dev);
     let api_key = config.api_key.as_deref().map(Arc::from);
-    let app = router(Arc::new(ClusterState { client, prometheus }), api_key);
+    let app = router(Arc::new(ClusterState { client, prometheus, directory }), api_key);
     Ok((addr, crate::spawn_server(listener, app, config.limits, shutdown)))
 }
 
 type Handlers = MethodRouter<Arc<ClusterState>>;
+
+/// `/v1` routes of the cluster admin that need no key: the gateway list
+/// reveals only the addresses gateways advertise to clients anyway.
+const PUBLIC_PATHS: &[&str] = &["/v1/gateways"];
 
 /// Every route of the cluster admin, with its handlers. Its paths are the
 /// single node's (`crate::route_table`); what is not here is a 404.
@@ -123,6 +143,8 @@ fn route_list() -> Vec<(&'static str, Handlers)> {
     vec![
         ("/health", get(r::health)),
         ("/metrics", get(r::metrics)),
+        // Public: clients pick a gateway here (`PUBLIC_PATHS`).
+        ("/v1/gateways", get(r::gateways)),
         ("/v1/stats", get(r::stats)),
         ("/v1/accounts/{user}", get(r::by_user)),
         ("/v1/accounts/{user}/deposit", post(r::by_user)),
@@ -148,7 +170,8 @@ fn route_list() -> Vec<(&'static str, Handlers)> {
 fn router(state: Arc<ClusterState>, api_key: Option<Arc<str>>) -> Router {
     let mut r = Router::new();
     for (path, handlers) in route_list() {
-        let ctx = RouteCtx { path: Arc::from(path), auth: crate::needs_key(path), api_key: api_key.clone() };
+        let auth = crate::needs_key(path) && !PUBLIC_PATHS.contains(&path);
+        let ctx = RouteCtx { path: Arc::from(path), auth, api_key: api_key.clone() };
         r = r.route(path, handlers.layer(middleware::from_fn_with_state(ctx, crate::guard)));
     }
     r.fallback(crate::routes::no_route)

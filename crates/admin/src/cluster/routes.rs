@@ -22,6 +22,7 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::future::join_all;
+use hongbao_cluster::directory::GATEWAYS_LISTED_MAX;
 use hongbao_core::ids::set_of;
 use hongbao_core::limits::GROUP_MEMBERS_MAX;
 use hongbao_core::sets::{home_set, SetId};
@@ -304,6 +305,27 @@ pub(crate) async fn metrics(State(s): Shared) -> Response {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], prometheus.render()).into_response()
         }
         None => crate::routes::no_route().await.into_response(),
+    }
+}
+
+/// `GET /v1/gateways`: the live gateways in the cluster's directory, least
+/// loaded first (at most `GATEWAYS_LISTED_MAX`); 503 while its Redis is
+/// unreachable, 404 if the cluster has no directory.
+pub(crate) async fn gateways(State(s): Shared) -> Response {
+    let Some(directory) = &s.directory else {
+        return ApiError::not_found(
+            "this cluster has no gateway directory: the cluster file has no `redis = \"redis://host:port\"`",
+        )
+        .into_response();
+    };
+    match directory.list(GATEWAYS_LISTED_MAX).await {
+        Ok(gateways) => Json(json!({ "gateways": gateways })).into_response(),
+        Err(e) => {
+            metrics::counter!("hongbao_directory_errors_total").increment(1);
+            tracing::warn!(error = %e, "cluster admin: cannot read the gateway directory");
+            let message = format!("the gateway directory cannot be read ({e}); retry later");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, message).into_response()
+        }
     }
 }
 

@@ -64,6 +64,11 @@ struct Cluster {
 impl Cluster {
     /// Two SETs and the cluster admin over them, all with `api_key`.
     async fn start(api_key: Option<&str>) -> Cluster {
+        Cluster::start_with(api_key, None).await
+    }
+
+    /// … with the gateway directory in the Redis at `redis`.
+    async fn start_with(api_key: Option<&str>, redis: Option<String>) -> Cluster {
         let sets = vec![Set::start(0, 2, api_key).await, Set::start(1, 2, api_key).await];
         let addrs = sets.iter().map(|s| s.addr).collect();
         let mut config = ClusterAdminConfig::new(
@@ -73,6 +78,7 @@ impl Cluster {
             addrs,
         );
         config.set_timeout = Duration::from_secs(5);
+        config.redis = redis;
         let (stop, rx) = watch::channel(false);
         let (addr, _task) = super::start(config, None, rx).await.unwrap();
         Cluster { sets, addr, _stop: stop }
@@ -316,4 +322,56 @@ async fn a_set_that_does_not_answer_is_a_timeout_naming_it() {
     assert_eq!(r.status, 503);
     assert_eq!(r.body["sets"][0]["status"], "unreachable: no answer within 300 ms", "{}", r.text);
     drop(silent);
+}
+
+#[tokio::test]
+async fn the_gateway_list_is_public_least_loaded_first_and_503_while_redis_is_away() {
+    use hongbao_cluster::directory::{now_ms, Directory, GatewayEntry};
+    let mut redis = hongbao_harness::RedisServer::start().unwrap();
+    let c = Cluster::start_with(Some(KEY), Some(redis.url())).await;
+    let get = || http(c.addr, "GET", "/v1/gateways", &[], "");
+    assert_eq!(ok(&get().await, 200), &json!({"gateways": []}), "no key needed");
+    let directory = Directory::new(&redis.url()).unwrap();
+    for (id, connections) in [("10.0.0.1:7000", 9), ("10.0.0.2:7000", 2)] {
+        let entry = GatewayEntry {
+            id: id.into(),
+            tcp: id.into(),
+            ws: id.replace(":7000", ":7001"),
+            pid: 1,
+            connections,
+            started_ms: now_ms(),
+        };
+        directory.register(&entry, 60_000).await.unwrap();
+    }
+    let r = get().await;
+    let listed = ok(&r, 200)["gateways"].as_array().unwrap().clone();
+    let ids: Vec<&str> = listed.iter().map(|g| g["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["10.0.0.2:7000", "10.0.0.1:7000"]);
+    assert_eq!(listed[0]["ws"], "10.0.0.2:7001");
+    assert_eq!(listed[0]["connections"], 2);
+    // Other `/v1` routes still need the key.
+    assert_eq!(http(c.addr, "GET", "/v1/stats", &[], "").await.status, 401);
+
+    redis.kill9().unwrap();
+    let r = get().await;
+    assert_eq!((r.status, r.body["error"]["code"].clone()), (503, json!("unavailable")), "{}", r.text);
+    redis.restart().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = get().await;
+        if r.status == 200 {
+            assert_eq!(r.body["gateways"].as_array().unwrap().len(), 2, "kept by the append-only file");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {}: {}", r.status, r.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn without_a_directory_the_gateway_list_is_404() {
+    let c = Cluster::start(None).await;
+    let r = http(c.addr, "GET", "/v1/gateways", &[], "").await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("no gateway directory"), "{}", r.text);
 }
