@@ -72,6 +72,10 @@ struct Measured {
     shake_cpu_us: f64,
     opens_per_s: f64,
     open_cpu_us: f64,
+    /// Wall-clock ms when the open phase began.
+    opens_from_ms: u64,
+    /// The open phase's paced part (half the closed loop's rate).
+    paced: Option<Paced>,
 }
 
 /// What the phases drive: client addresses, the admin API to set up
@@ -149,8 +153,11 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let cluster_admin = Admin::new(addr(&ready, "admin")?, None);
     let pids: Vec<u32> = processes.0.iter().filter(|(n, _)| n != "cluster-admin").map(|(_, c)| c.id()).collect();
     let target = Target { gateways, admin: cluster_admin, set_admins, pids };
-    let cluster = measure(&rt, &target, shakers, openers, window)?;
-    let lags = credit_lags_ms(&pg)?;
+    let cluster = measure(&rt, &target, shakers, openers, window, Some(&pg))?;
+    drained(&pg)?;
+    let paced = cluster.paced.context("the open phase's paced part")?;
+    let saturated = credit_lags_ms(&pg, cluster.opens_from_ms, paced.from_ms)?;
+    let lags = credit_lags_ms(&pg, paced.from_ms, u64::MAX)?;
     let nats_cpu = nats.pid().and_then(procfs::cpu_s).unwrap_or(0.0);
     let audit = Command::new(&exe).args(["audit", "--cluster"]).arg(&file).output()?;
     let audit_passed = audit.status.success();
@@ -166,16 +173,29 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         set_admins: vec![single.admin()],
         pids: single.pids(),
     };
-    let baseline = measure(&rt, &target, shakers, openers, window)?;
+    let baseline = measure(&rt, &target, shakers, openers, window, None)?;
     drop(single);
 
     let percentile = |p: f64| lags.get(((lags.len() as f64 * p) as usize).min(lags.len().saturating_sub(1))).copied();
     let (p50, p99) = (percentile(0.5).unwrap_or(0), percentile(0.99).unwrap_or(0));
+    let sat = |p: f64| {
+        saturated
+            .get(((saturated.len() as f64 * p) as usize).min(saturated.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
-        "  {} credits crossed SETs (lag from the commit on the packet's SET to the one on the opener's, ms: p50 {p50}, \
-         p99 {p99}, max {}); NATS used {nats_cpu:.1} CPU s in all; cluster audit: {}",
+        "  credit lag, from the commit on the packet's SET to the one on the opener's: paced at {:.0} opens/s (half \
+         the closed loop's; {} opens done in {seconds} s), {} credits: p50 {p50} ms, p99 {p99} ms, max {} ms; in the \
+         closed loop (every CPU busy), {} credits: p50 {} ms, p99 {} ms; NATS used {nats_cpu:.1} CPU s in all; \
+         cluster audit: {}",
+        paced.rate_per_s,
+        paced.done,
         lags.len(),
         lags.last().copied().unwrap_or(0),
+        saturated.len(),
+        sat(0.5),
+        sat(0.99),
         if audit_passed { "PASS" } else { "FAIL" }
     );
     crate::figure("cluster-shakes-per-s", cluster.shakes_per_s, "shakes/s", Some(baseline.shakes_per_s));
@@ -232,8 +252,17 @@ fn cpu_s(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| procfs::cpu_s(*p)).sum()
 }
 
-/// The shake phase, then the open phase.
-fn measure(rt: &Runtime, target: &Target, shakers: u64, openers: u64, window: Duration) -> anyhow::Result<Measured> {
+/// The shake phase, then the open phase. With `cluster` (the SETs'
+/// databases), the open phase starts once the setup's notices to other SETs
+/// have crossed, so the credits of the opens do not queue behind them.
+fn measure(
+    rt: &Runtime,
+    target: &Target,
+    shakers: u64,
+    openers: u64,
+    window: Duration,
+    cluster: Option<&PgServer>,
+) -> anyhow::Result<Measured> {
     let mut m = Measured::default();
     // A campaign on each SET (funded by a user homed there), all "any campaign" shakes find one.
     let sets = target.set_admins.len() as u64;
@@ -250,13 +279,15 @@ fn measure(rt: &Runtime, target: &Target, shakers: u64, openers: u64, window: Du
         post(admin, &format!("/v1/campaigns/{id}/start"), json!({}))?;
     }
     let shaking: Vec<u64> = (SHAKERS_FIRST..SHAKERS_FIRST + shakers).collect();
-    let (per_s, cpu_us) = closed_loop(rt, target, Work::PlainShake { campaign: 0 }, &shaking, Vec::new(), window)?;
+    let (per_s, cpu_us, _) =
+        closed_loop(rt, target, Work::PlainShake { campaign: 0 }, &shaking, Vec::new(), window, None)?;
     (m.shakes_per_s, m.shake_cpu_us) = (per_s, cpu_us);
 
     // Packets for the openers, sent through the first gateway.
     let opening: Vec<u64> = (OPENERS_FIRST..OPENERS_FIRST + openers).collect();
     let blocks = setup::blocks(&opening);
-    let per_block = (OPENS_GUESS_PER_S * (window + WARMUP).as_secs()).div_ceil(openers);
+    // Enough for the closed loop and the paced half-rate part after it.
+    let per_block = (OPENS_GUESS_PER_S * (window * 2 + WARMUP).as_secs()).div_ceil(openers);
     let started = Instant::now();
     let (packets, _) =
         rt.block_on(setup::packets(target.gateways[0], &target.admin, &blocks, per_block, SENDERS_FIRST))?;
@@ -267,8 +298,18 @@ fn measure(rt: &Runtime, target: &Target, shakers: u64, openers: u64, window: Du
         started.elapsed().as_secs_f64()
     );
     let queues = setup::queues(&blocks, &packets);
-    let (per_s, cpu_us) = closed_loop(rt, target, Work::Open, &opening, queues, window)?;
-    (m.opens_per_s, m.open_cpu_us) = (per_s, cpu_us);
+    if let Some(pg) = cluster {
+        drained(pg)?;
+    }
+    m.opens_from_ms = unix_ms();
+    let settle = |rate_per_s: f64| {
+        if let Some(pg) = cluster {
+            drained(pg)?;
+        }
+        Ok(Paced { rate_per_s, from_ms: unix_ms(), done: 0 })
+    };
+    let (per_s, cpu_us, paced) = closed_loop(rt, target, Work::Open, &opening, queues, window, Some(&settle))?;
+    (m.opens_per_s, m.open_cpu_us, m.paced) = (per_s, cpu_us, paced);
     Ok(m)
 }
 
@@ -283,7 +324,8 @@ fn closed_loop(
     users: &[u64],
     queues: Vec<VecDeque<u64>>,
     window: Duration,
-) -> anyhow::Result<(f64, f64)> {
+    then: Option<&dyn Fn(f64) -> anyhow::Result<Paced>>,
+) -> anyhow::Result<(f64, f64, Option<Paced>)> {
     let n = target.gateways.len();
     let tally = Arc::new(Tally::default());
     let mut split: Vec<(Vec<u64>, Vec<VecDeque<u64>>)> = vec![(Vec::new(), Vec::new()); n];
@@ -309,16 +351,44 @@ fn closed_loop(
         }
     }
     let (after, cpu_after, elapsed) = (tally.counts(), cpu_s(&target.pids), started.elapsed());
-    for fleet in fleets {
-        fleet.close();
-    }
     let done = after.since(&before);
     let useful = done.useful();
     ensure!(useful > 0, "{}: nothing answered ({done:?}, {:?})", work.name(), tally.odd());
     if done.other > 0 {
         eprintln!("  {}: unexpected answers {:?}", work.name(), tally.odd());
     }
-    Ok((useful as f64 / elapsed.as_secs_f64(), (cpu_after - cpu_before) * 1e6 / useful as f64))
+    let per_s = useful as f64 / elapsed.as_secs_f64();
+    // Then, paced at half the rate just measured, for the lag at a load
+    // the machine carries: `then` settles what the closed loop left and
+    // says when the paced part began.
+    let paced = match then {
+        Some(settle) => {
+            for fleet in &fleets {
+                fleet.idle();
+                rt.block_on(fleet.drain(Duration::from_secs(30)));
+            }
+            let mut paced = settle(per_s / 2.0)?;
+            let until = Instant::now() + window;
+            let each = paced.rate_per_s / fleets.len() as f64;
+            let before = tally.counts();
+            rt.block_on(futures_util::future::join_all(fleets.iter().map(|f| f.paced(each, until))));
+            paced.done = tally.counts().since(&before).useful();
+            Some(paced)
+        }
+        None => None,
+    };
+    for fleet in fleets {
+        fleet.close();
+    }
+    Ok((per_s, (cpu_after - cpu_before) * 1e6 / useful as f64, paced))
+}
+
+/// The paced part of a phase: its rate, when it began, what it got done.
+#[derive(Clone, Copy, Debug)]
+struct Paced {
+    rate_per_s: f64,
+    from_ms: u64,
+    done: u64,
 }
 
 fn post(admin: &Admin, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
@@ -330,14 +400,44 @@ fn post(admin: &Admin, path: &str, body: serde_json::Value) -> anyhow::Result<se
         .with_context(|| format!("POST {path}"))
 }
 
-/// Every cross-SET credit's lag, from its commit on the packet's SET to its
-/// commit on the opener's (both wall-clock ms, as each SET's inbox row
-/// keeps them), sorted.
-fn credit_lags_ms(pg: &PgServer) -> anyhow::Result<Vec<u64>> {
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Waits (at most a minute) until nothing is left in any SET's outbox and
+/// the inboxes stopped growing: every cross-SET message has crossed.
+fn drained(pg: &PgServer) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    loop {
+        let mut now = String::new();
+        let mut waiting = 0;
+        for set in 0..SETS {
+            let db = format!("set{set}");
+            waiting += pg.psql_in(&db, "SELECT count(*) FROM cross_out WHERE NOT published")?.trim().parse::<u64>()?;
+            now += &pg.psql_in(&db, "SELECT count(*) FROM cross_in")?;
+        }
+        if waiting == 0 && now == last {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "cross-SET messages still moving after a minute ({waiting} unpublished)");
+        last = now;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The lag of every cross-SET credit written from `from_ms` to `until_ms`, from its
+/// commit on the packet's SET to its commit on the opener's (both
+/// wall-clock ms, as each SET's inbox row keeps them), sorted.
+fn credit_lags_ms(pg: &PgServer, from_ms: u64, until_ms: u64) -> anyhow::Result<Vec<u64>> {
     let mut lags = Vec::new();
+    let until_ms = until_ms.min(i64::MAX as u64);
     for set in 0..SETS {
-        let rows =
-            pg.psql_in(&format!("set{set}"), "SELECT applied_ms - created_ms FROM cross_in WHERE kind = 'credit'")?;
+        let sql = format!(
+            "SELECT applied_ms - created_ms FROM cross_in WHERE kind = 'credit' AND created_ms >= {from_ms} \
+             AND created_ms < {until_ms}"
+        );
+        let rows = pg.psql_in(&format!("set{set}"), &sql)?;
         for line in rows.lines().filter(|l| !l.trim().is_empty()) {
             lags.push(line.trim().parse::<i64>().with_context(|| format!("lag {line:?}"))?.max(0) as u64);
         }

@@ -15,11 +15,12 @@ use tokio::task::JoinHandle;
 
 /// The JetStream stream every SET of a cluster shares.
 pub const STREAM: &str = "HONGBAO_CROSS";
-/// Outbox rows published per round.
-pub const PUBLISH_BATCH_MAX: usize = 256;
-/// Messages fetched and applied per round (also the consumer's cap on
-/// messages delivered and not yet acknowledged, times two).
-pub const APPLY_BATCH_MAX: usize = 256;
+/// Outbox rows published per round (one read of the outbox, one commit
+/// marking them published).
+pub const PUBLISH_BATCH_MAX: usize = 1024;
+/// Messages applied per round (as they arrive, at most this many); the
+/// consumer lets at most twice as many be delivered and not yet acknowledged.
+pub const APPLY_BATCH_MAX: usize = 1024;
 /// JetStream drops a message whose id it saw this recently; beyond it the
 /// receiving SET's key check catches a repeat.
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -31,8 +32,9 @@ const STREAM_BYTES_MAX: i64 = 1 << 30;
 const ACK_WAIT: Duration = Duration::from_secs(10);
 /// An empty outbox is looked at again after this long.
 const IDLE_POLL: Duration = Duration::from_millis(5);
-/// A fetch that finds nothing returns after this long.
-const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+/// The server's heartbeat on an idle pull: a lost NATS shows as missed
+/// heartbeats within two of these.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
@@ -58,6 +60,9 @@ pub struct RelayStatus {
     published: AtomicU64,
     applied: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// `last_error` is set: success clears it (without this flag, every
+    /// apply would take the lock).
+    failing: AtomicBool,
 }
 
 impl RelayStatus {
@@ -97,9 +102,13 @@ impl RelayStatus {
             tracing::warn!(stage, %error, "cross-SET relay");
             *last = Some(message);
         }
+        self.failing.store(true, Ordering::Release);
     }
 
     fn succeeded(&self) {
+        if !self.failing.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let mut last = hongbao_boundary::sync::lock(&self.last_error);
         if last.take().is_some() {
             tracing::info!("cross-SET relay working again");
@@ -287,39 +296,26 @@ async fn consume_loop(
 ) {
     let set = config.set.set();
     let mut retry = RETRY_MIN;
-    let mut consumer: Option<consumer::PullConsumer> = None;
     loop {
         if *stop.borrow() {
             return;
         }
-        let pull = match &consumer {
-            Some(c) => c.clone(),
-            None => match open_consumer(&js, &config).await {
-                Ok(c) => {
-                    consumer = Some(c.clone());
-                    c
-                }
-                Err(e) => {
-                    status.failed("consumer", e);
-                    if pause_or_stop(retry, &mut stop).await {
-                        return;
-                    }
-                    retry = next_retry(retry);
-                    continue;
-                }
-            },
+        // A continuous pull: JetStream keeps delivering up to a batch ahead,
+        // so the next messages arrive while these are being applied.
+        let opened: Result<_, String> = match open_consumer(&js, &config).await {
+            Ok(consumer) => consumer
+                .stream()
+                .max_messages_per_batch(APPLY_BATCH_MAX)
+                .heartbeat(HEARTBEAT)
+                .messages()
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
-        let fetched = tokio::select! {
-            fetched = fetch(&pull) => fetched,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let messages = match fetched {
-            Ok(messages) => messages,
+        let mut messages = match opened {
+            Ok(messages) => messages.ready_chunks(APPLY_BATCH_MAX),
             Err(e) => {
-                status.failed("fetch", e);
-                // A NATS that came back may have lost the consumer with
-                // its store: opened again (get or create) next round.
-                consumer = None;
+                status.failed("consumer", e);
                 if pause_or_stop(retry, &mut stop).await {
                     return;
                 }
@@ -327,30 +323,69 @@ async fn consume_loop(
                 continue;
             }
         };
-        retry = RETRY_MIN;
-        // Applied together: the writer commits them in one or a few batches.
-        let applies = messages.into_iter().map(|m| apply_one(&engine, set, m));
-        let applied = futures_util::future::join_all(applies).await;
-        let mut failed = None;
-        for outcome in applied {
-            match outcome {
-                Ok(true) => {
-                    status.applied.fetch_add(1, Ordering::Relaxed);
+        // Each message is applied as it arrives, many at once (the writer
+        // commits them together), without waiting for the ones before:
+        // keys are independent and every apply is idempotent. The permits
+        // bound what is being applied.
+        let permits = Arc::new(tokio::sync::Semaphore::new(APPLY_BATCH_MAX * 2));
+        let mut applying = tokio::task::JoinSet::new();
+        loop {
+            while let Some(done) = applying.try_join_next() {
+                if let Ok(Err(e)) = done {
+                    status.failed("apply", e);
                 }
-                Ok(false) => {}
-                Err(e) => failed = Some(e),
             }
+            let chunk = tokio::select! {
+                chunk = messages.next() => chunk,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let Some(chunk) = chunk else { break };
+            let mut fetch_error = None;
+            for item in chunk {
+                let message = match item {
+                    Ok(message) => message,
+                    Err(e) => {
+                        fetch_error = Some(e.to_string());
+                        continue;
+                    }
+                };
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                let (engine, status) = (engine.clone(), status.clone());
+                applying.spawn(async move {
+                    let outcome = apply_one(&engine, set, message).await;
+                    drop(permit);
+                    match outcome {
+                        Ok(true) => {
+                            status.applied.fetch_add(1, Ordering::Relaxed);
+                            status.succeeded();
+                            Ok(())
+                        }
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                });
+            }
+            if let Some(e) = fetch_error {
+                // Opened again after a pause: a NATS that came back may
+                // have lost the consumer with its store.
+                status.failed("fetch", e);
+                break;
+            }
+            retry = RETRY_MIN;
         }
-        match failed {
-            Some(e) => {
+        // What is being applied finishes (each is one commit) and is acked.
+        while let Some(done) = applying.join_next().await {
+            if let Ok(Err(e)) = done {
                 status.failed("apply", e);
-                if pause_or_stop(retry, &mut stop).await {
-                    return;
-                }
-                retry = next_retry(retry);
             }
-            None => status.succeeded(),
         }
+        if *stop.borrow() {
+            return;
+        }
+        if pause_or_stop(retry, &mut stop).await {
+            return;
+        }
+        retry = next_retry(retry);
     }
 }
 
@@ -369,21 +404,12 @@ async fn open_consumer(
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: ACK_WAIT,
                 max_ack_pending: (APPLY_BATCH_MAX * 2) as i64,
+                // Lets the stream above pull a batch ahead of the applying.
                 ..Default::default()
             },
         )
         .await?;
     Ok(consumer)
-}
-
-/// At most one batch of messages, waiting up to `FETCH_EXPIRES` for them.
-async fn fetch(consumer: &consumer::PullConsumer) -> Result<Vec<jetstream::Message>, async_nats::Error> {
-    let mut batch = consumer.fetch().max_messages(APPLY_BATCH_MAX).expires(FETCH_EXPIRES).messages().await?;
-    let mut messages = Vec::new();
-    while let Some(message) = batch.next().await {
-        messages.push(message?);
-    }
-    Ok(messages)
 }
 
 /// Applies one delivered message and acknowledges it after the commit.
