@@ -33,15 +33,7 @@ pub fn run(store: &StoreLocation, json: bool) -> Result<bool, StoreError> {
 /// `hongbao audit --cluster FILE`: every SET's store and the credits in
 /// flight between them. Returns whether it passed.
 pub fn run_cluster(file: &ClusterFile, json: bool) -> Result<bool, StoreError> {
-    let mut readings = 0;
-    let report = loop {
-        readings += 1;
-        let report = read_cluster(file)?;
-        if report.passed() || readings == CLUSTER_READS_MAX {
-            break report;
-        }
-        std::thread::sleep(CLUSTER_REREAD_PAUSE);
-    };
+    let (report, readings) = cluster_report(file)?;
     let text = if json {
         serde_json::to_string_pretty(&report).expect("a cluster audit report always serialises")
     } else {
@@ -50,6 +42,20 @@ pub fn run_cluster(file: &ClusterFile, json: bool) -> Result<bool, StoreError> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}").and_then(|_| out.flush());
     Ok(report.passed())
+}
+
+/// The cluster's audit, read again (up to `CLUSTER_READS_MAX` times) while
+/// it fails; the report and how many readings it took.
+pub fn cluster_report(file: &ClusterFile) -> Result<(ClusterReport, usize), StoreError> {
+    let mut readings = 0;
+    loop {
+        readings += 1;
+        let report = read_cluster(file)?;
+        if report.passed() || readings == CLUSTER_READS_MAX {
+            return Ok((report, readings));
+        }
+        std::thread::sleep(CLUSTER_REREAD_PAUSE);
+    }
 }
 
 fn read_cluster(file: &ClusterFile) -> Result<ClusterReport, StoreError> {

@@ -126,9 +126,10 @@ impl PlanArgs {
 /// A server given by address instead of a local one.
 #[derive(Debug, Default, clap::Args)]
 pub struct RemoteArgs {
-    /// TCP client address of a running server (omit to start one here)
-    #[arg(long, value_name = "ADDR", requires = "admin")]
-    pub tcp: Option<SocketAddr>,
+    /// TCP client address of a running server (omit to start one here);
+    /// several, comma-separated, spread the users over a cluster's gateways
+    #[arg(long, value_name = "ADDR[,ADDR…]", requires = "admin", value_delimiter = ',')]
+    pub tcp: Vec<SocketAddr>,
     /// Admin API address of that server
     #[arg(long, value_name = "ADDR", requires = "tcp")]
     pub admin: Option<SocketAddr>,
@@ -136,9 +137,14 @@ pub struct RemoteArgs {
     #[arg(long, env = "HONGBAO_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
     /// Process id of that server, if it runs on this machine: its CPU time
-    /// per phase goes into the report
-    #[arg(long, value_name = "PID")]
-    pub server_pid: Option<u32>,
+    /// per phase goes into the report (a cluster's processes: several,
+    /// comma-separated, summed)
+    #[arg(long, value_name = "PID[,PID…]", value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// The cluster's file (cluster.toml): the run ends with `hongbao audit
+    /// --cluster` of every SET's store instead of one store's audit
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data", "store"])]
+    pub cluster: Option<PathBuf>,
     /// Token secret of that server, to sign the simulated users' tokens
     /// (none for a --dev server, which takes bare user ids)
     #[arg(long, env = "HONGBAO_SECRET", hide_env_values = true)]
@@ -148,8 +154,8 @@ pub struct RemoteArgs {
 /// Arguments of the hidden `sim-worker` command, given by the bench.
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
-    #[arg(long)]
-    server: SocketAddr,
+    #[arg(long, value_delimiter = ',')]
+    server: Vec<SocketAddr>,
     #[arg(long)]
     first: u64,
     #[arg(long)]
@@ -182,7 +188,7 @@ pub fn sim_worker(args: WorkerArgs) -> anyhow::Result<()> {
         None => Box::new(|user| user.to_string()),
     };
     let config = WorkerConfig {
-        server: args.server,
+        servers: args.server,
         first_index: args.first,
         count: args.count,
         users_total: args.users_total,
@@ -220,7 +226,7 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
         env: Vec::new(),
     };
 
-    let summary = match (remote.tcp, remote.admin) {
+    let summary = match (remote.tcp.first().copied(), remote.admin) {
         (Some(tcp), Some(admin)) => {
             init_logging(None);
             if let Some(secret) = &remote.secret {
@@ -228,6 +234,7 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
             }
             let target = ServerTarget {
                 tcp,
+                gateways: remote.tcp.clone(),
                 admin,
                 admin_key: remote.admin_key.clone(),
                 pids: remote.server_pid.into_iter().collect(),
@@ -237,12 +244,17 @@ pub fn run(kind: Kind, plan_args: PlanArgs, remote: RemoteArgs) -> anyhow::Resul
                 (None, Some(data)) => Some(StoreLocation::Sqlite(data.clone())),
                 (None, None) => None,
             };
-            let mut finish = move || match &store {
+            let cluster = match &remote.cluster {
+                Some(path) => Some(hongbao_cluster::ClusterFile::load(path)?),
+                None => None,
+            };
+            let mut finish = move || match (&store, &cluster) {
+                (_, Some(cluster)) => vec![cluster_audit_check(cluster)],
                 // A read transaction sees one committed state, so a live
                 // server's store can be audited while it runs.
-                Some(store) => vec![audit_check(store)],
-                None => {
-                    eprintln!("note: no --data or --store given, so the server's store was not audited");
+                (Some(store), None) => vec![audit_check(store)],
+                (None, None) => {
+                    eprintln!("note: no --data, --store or --cluster given, so the server's store was not audited");
                     Vec::new()
                 }
             };
@@ -313,7 +325,7 @@ fn run_local(plan: &Plan, plan_args: &PlanArgs, launcher: &WorkerLauncher, out: 
     // The server runs in this process; the bench's own threads only read
     // pipes and poll once a second, so the process's CPU time is the server's.
     let pids = std::iter::once(std::process::id()).chain(ready.gateway_pids.iter().copied()).collect();
-    let target = ServerTarget { tcp, admin: ready.admin, admin_key: None, pids };
+    let target = ServerTarget { tcp, gateways: vec![tcp], admin: ready.admin, admin_key: None, pids };
     let mut server = Some(server);
     let mut finish = || {
         let mut checks = Vec::new();
@@ -356,6 +368,26 @@ fn audit_check(store: &StoreLocation) -> Check {
             Check::new("hongbao audit passes", report.passed(), detail)
         }
         Err(e) => Check::new("hongbao audit passes", false, format!("cannot audit {}: {e}", store.describe())),
+    }
+}
+
+fn cluster_audit_check(file: &hongbao_cluster::ClusterFile) -> Check {
+    let name = "hongbao audit --cluster passes";
+    match crate::audit::cluster_report(file) {
+        Ok((report, _)) if report.passed() => {
+            let t = &report.totals;
+            let detail = format!(
+                "PASS on {} SETs: every SET reconciles, every cross-SET credit matched once; {} fen in flight",
+                t.sets, t.in_flight_fen
+            );
+            Check::new(name, true, detail)
+        }
+        Ok((report, readings)) => {
+            let first: Vec<&str> = report.violations.iter().take(3).map(String::as_str).collect();
+            let detail = format!("{} violation(s) (read {readings} times): {}", report.violations.len(), first.join("; "));
+            Check::new(name, false, detail)
+        }
+        Err(e) => Check::new(name, false, format!("cannot audit {}: {e}", file.path.display())),
     }
 }
 

@@ -103,6 +103,9 @@ enum Command {
         quick: bool,
         #[command(flatten)]
         plan: bench::PlanArgs,
+        /// A running server or cluster instead of one started here.
+        #[command(flatten)]
+        remote: bench::RemoteArgs,
     },
     /// The load simulator: the same phases at the reference's scale (as far
     /// as one machine goes), every figure a flag, against a local server or
@@ -176,7 +179,7 @@ fn main() -> ExitCode {
 
     match cli.command {
         #[cfg(feature = "tools")]
-        Command::Demo { quick, plan } => checked(bench::run(bench::Kind::Demo { quick }, plan, Default::default())),
+        Command::Demo { quick, plan, remote } => checked(bench::run(bench::Kind::Demo { quick }, plan, remote)),
         #[cfg(feature = "tools")]
         Command::Bench { plan, remote } => checked(bench::run(bench::Kind::Bench, plan, remote)),
         #[cfg(feature = "tools")]

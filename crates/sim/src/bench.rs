@@ -221,7 +221,11 @@ impl ShakeStep {
 /// The server under test.
 #[derive(Clone, Debug)]
 pub struct ServerTarget {
+    /// The first client address: the probe's, and the one named in the report.
     pub tcp: SocketAddr,
+    /// Every client address users are spread over (`tcp` first): a
+    /// cluster's gateways, or just `tcp`.
+    pub gateways: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub admin_key: Option<String>,
     /// The server's process ids when it runs on this machine (with
@@ -871,7 +875,7 @@ fn spawn_workers(
         let mut cmd = Command::new(&launcher.program);
         cmd.args(&launcher.args)
             .envs(launcher.env.iter().map(|(k, v)| (k, v)))
-            .args(["--server", &server.tcp.to_string()])
+            .args(["--server", &server.gateways.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",")])
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
             .args(["--users-total", &plan.users.to_string()])
             .args(["--connect-per-s", &(plan.connect_per_s / n).max(1).to_string()])

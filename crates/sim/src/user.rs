@@ -38,7 +38,8 @@ pub const BROADCAST_TOPIC: &str = "hongbao-bench-broadcast";
 
 /// What every user of a process shares.
 pub struct Shared {
-    pub server: SocketAddr,
+    /// The gateways; see `WorkerConfig::servers`.
+    pub servers: Vec<SocketAddr>,
     pub users_total: u64,
     pub heartbeat: Duration,
     /// Token for a user id (a bare id against a `--dev` server).
@@ -56,18 +57,18 @@ pub struct Shared {
 /// own port when there is one (`net::connect_from`: closing it resets the
 /// connection, so the port is free again at once for a reconnect or the next
 /// run).
-async fn open_socket(shared: &Shared, index: u64) -> std::io::Result<TcpStream> {
+async fn open_socket(shared: &Shared, index: u64, server: SocketAddr) -> std::io::Result<TcpStream> {
     let port = u64::from(SOURCE_PORTS.start) + index.saturating_sub(shared.first_index);
     let port = u16::try_from(port).ok().filter(|p| SOURCE_PORTS.contains(p));
     if let (Some(ip), Some(port)) = (shared.source, port) {
-        match net::connect_from(shared.server, SocketAddrV4::new(ip, port)).await {
+        match net::connect_from(server, SocketAddrV4::new(ip, port)).await {
             Ok(stream) => return Ok(stream),
             // Held by another program: let the system choose instead.
             Err(ConnectError::Bind { .. }) => {}
             Err(e) => return Err(std::io::Error::other(e)),
         }
     }
-    TcpStream::connect(shared.server).await
+    TcpStream::connect(server).await
 }
 
 #[derive(Clone, Copy)]
@@ -94,13 +95,18 @@ enum Ended {
 /// Runs user `index` (user id `index + 1`) until `stop` turns true.
 pub async fn run(shared: Arc<Shared>, index: u64, mut rate: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
     let mut attempt: u32 = 0;
+    // Each drop moves the user on to the next gateway (a cluster's gateway
+    // that died is left at once).
+    let mut drops: usize = 0;
     loop {
         if *stop.borrow() {
             return;
         }
-        match session(&shared, index, &mut rate, &mut stop, &mut attempt).await {
+        let server = shared.servers[(index as usize + drops) % shared.servers.len()];
+        match session(&shared, index, server, &mut rate, &mut stop, &mut attempt).await {
             Ended::Stopped => return,
             Ended::Dropped => {
+                drops = drops.wrapping_add(1);
                 shared.stats.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 let backoff = (BACKOFF_MS_MIN << attempt.min(6)).min(BACKOFF_MS_MAX);
                 let jitter = rand::random::<u64>() % (backoff / 2 + 1);
@@ -143,8 +149,8 @@ impl Conn {
     }
 }
 
-async fn connect(shared: &Shared, index: u64) -> Option<Conn> {
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, open_socket(shared, index)).await.ok()?.ok()?;
+async fn connect(shared: &Shared, index: u64, server: SocketAddr) -> Option<Conn> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, open_socket(shared, index, server)).await.ok()?.ok()?;
     stream.set_nodelay(true).ok()?;
     // The hello is request 1; pushes before the welcome are skipped, and
     // whatever follows it stays in the buffer for `drive`.
@@ -167,12 +173,13 @@ async fn connect(shared: &Shared, index: u64) -> Option<Conn> {
 async fn session(
     shared: &Shared,
     index: u64,
+    server: SocketAddr,
     rate: &mut watch::Receiver<u64>,
     stop: &mut watch::Receiver<bool>,
     attempt: &mut u32,
 ) -> Ended {
     let stats = &shared.stats;
-    let Some(mut conn) = connect(shared, index).await else {
+    let Some(mut conn) = connect(shared, index, server).await else {
         stats.counters.conn_errors.fetch_add(1, Ordering::Relaxed);
         return Ended::Dropped;
     };

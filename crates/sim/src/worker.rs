@@ -31,7 +31,10 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// The slice of users one worker runs.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    pub server: SocketAddr,
+    /// The gateways users connect to: user `index` to `servers[index % n]`,
+    /// moving on to the next one each time it has to reconnect (a cluster's
+    /// gateway that died).
+    pub servers: Vec<SocketAddr>,
     /// Users `first_index .. first_index + count` of `users_total`.
     pub first_index: u64,
     pub count: u64,
@@ -118,7 +121,7 @@ pub fn run(
 
     emit(&mut out, &WorkerReport::Ready { rss_bytes: rss_bytes() })?;
     let shared = Arc::new(Shared {
-        server: config.server,
+        servers: config.servers.clone(),
         users_total: config.users_total,
         heartbeat: config.heartbeat,
         token,
@@ -243,7 +246,7 @@ mod tests {
     fn a_worker_without_a_server_reports_connection_errors_and_stops_on_eof() {
         // Port 9 on loopback: nothing listens, connects fail at once.
         let config = WorkerConfig {
-            server: "127.0.0.1:9".parse().unwrap(),
+            servers: vec!["127.0.0.1:9".parse().unwrap()],
             first_index: 0,
             count: 3,
             users_total: 3,
