@@ -1344,6 +1344,14 @@ async fn a_campaign_across_sets_is_split_funded_won_on_both_and_refunded_once(st
     for round in 0..2 {
         assert_eq!(zero.apply_cross(refunds[0].clone()).await.unwrap(), round == 0, "round {round}");
     }
+    // Refused: a refund for someone who is not the funder, a fund keyed
+    // for another SET, of a campaign of another SET than its sender's.
+    let not_funder = CrossMessage { user: 102, ..refunds[0].clone() };
+    assert!(matches!(zero.apply_cross(not_funder).await, Err(EngineError::Invalid(_))));
+    let misaddressed = CrossMessage { user: 0, ..funds[0].clone() };
+    assert!(matches!(one.apply_cross(misaddressed).await, Err(EngineError::Invalid(_))));
+    let foreign = CrossMessage { packet: hongbao_core::ids::make_campaign_id(1, 9), ..funds[0].clone() };
+    assert!(matches!(one.apply_cross(foreign).await, Err(EngineError::Invalid(_))));
     one.cross_published(refunds.iter().map(CrossMessage::key).collect()).await.unwrap();
     // A second stop refunds nothing and writes nothing.
     assert_eq!(one.stop_campaign(c.id).await.unwrap().refunded_fen, 500 - won1);

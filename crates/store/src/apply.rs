@@ -508,11 +508,27 @@ impl<'a, R: Rows> BatchTx<'a, R> {
                     return Ok(Err(e));
                 }
                 let rule = serde_json::to_string(&spec.rule).expect("rule serialises");
-                let key = format!("fund:{}:{id}", m.from);
+                // Longer than any operator's key (at most 64 bytes), so
+                // never one of theirs.
+                let key = format!(
+                    "fund of campaign {id} from SET {}: this SET's part, made by the campaign's home SET",
+                    m.from
+                );
+                debug_assert!(key.len() > hongbao_core::limits::IDEMPOTENCY_KEY_BYTES_MAX);
                 self.rows.insert_campaign(id, spec, &rule, op.at_ms, &key)?;
                 None
             }
             CrossBody::Refund { amount_fen } => {
+                // Only to the funder of a campaign of this SET.
+                match self.rows.campaign_state(m.packet)? {
+                    Some((funder, _)) if funder == m.user => {}
+                    _ => {
+                        return Ok(Err(OpError::Invalid(format!(
+                            "a refund of campaign {} for user {}, who funded no such campaign here",
+                            m.packet, m.user
+                        ))))
+                    }
+                }
                 let t = Transfer { from: Account::transit(m.from), to: Account::user(m.user), amount_fen: *amount_fen };
                 let meta = EntryMeta {
                     kind: EntryKind::CampaignRefundIn,
