@@ -196,6 +196,14 @@ impl IdAllocator {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn campaign_ids_carry_their_home_set_and_set_0_keeps_the_plain_sequence() {
+        assert_eq!(make_campaign_id(0, 7), 7);
+        let id = make_campaign_id(3, 7);
+        assert_eq!((campaign_set(id), campaign_seq(id)), (3, 7));
+        assert!(make_campaign_id(SETS_MAX - 1, (1 << SET_SHIFT) - 1) <= crate::ID_MAX);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

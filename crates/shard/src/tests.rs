@@ -1360,9 +1360,21 @@ async fn a_campaign_across_sets_is_split_funded_won_on_both_and_refunded_once(st
     let won_total = stopped0.won_fen + stopped1.won_fen;
     assert_eq!(won_total + stopped0.refunded_fen + stopped1.refunded_fen, 1_001);
 
-    let (after, _) = cluster_audit(&[&store0, &store1]);
+    let (after, parts) = cluster_audit(&[&store0, &store1]);
     assert!(after.passed(), "{:#?}", after.violations);
     assert_eq!((after.in_flight.len(), after.totals.in_flight_fen, after.totals.escrow_fen), (0, 0, 0));
+    // A fund or refund applied with another amount, or written and lost, fails it.
+    for kind in [CrossKind::Fund, CrossKind::Refund] {
+        let mut tampered = parts.clone();
+        let row = tampered.iter_mut().flat_map(|p| p.1.ins.iter_mut()).find(|r| r.kind == kind).unwrap();
+        row.amount_fen += 1;
+        assert!(!cluster_of(&tampered).passed(), "{kind:?}");
+        let mut lost = parts.clone();
+        for p in &mut lost {
+            p.1.outs.retain(|r| r.kind != kind);
+        }
+        assert!(!cluster_of(&lost).passed(), "{kind:?}");
+    }
     assert_eq!(after.totals.user_balances_fen, 10_000);
     zero.shutdown().await;
     one.shutdown().await;

@@ -365,7 +365,15 @@ async fn a_campaign_is_created_on_its_funders_set_started_everywhere_and_read_wh
     let whole = ok(&r, 200).clone();
     assert_eq!((whole["status"].clone(), whole["escrow_fen"].clone()), (json!("stopped"), json!(0)), "{whole}");
     assert_eq!(whole["won_fen"].as_i64().unwrap() + whole["refunded_fen"].as_i64().unwrap(), 1_001);
-    for missing in [id + 1, (5 << 48) | 1, 0] {
+    // A part whose fund never arrives: the start waits 5 s for it, then
+    // names the SET not done (the home SET's part did start).
+    let r = c.call("POST", "/v1/campaigns", Some(spec(11, "never carried"))).await;
+    let unfunded = ok(&r, 201)["id"].as_u64().unwrap();
+    let r = c.call("POST", &format!("/v1/campaigns/{unfunded}/start"), None).await;
+    assert_eq!((r.status, r.body["sets_done"].clone()), (502, json!([0])), "{:?}", r.body);
+    assert_eq!(r.body["sets_failed"][0]["set"], json!(1));
+    assert_eq!(r.body["sets_failed"][0]["status"], json!(404));
+    for missing in [unfunded + 1, (5 << 48) | 1, 0] {
         assert_eq!(c.call("POST", &format!("/v1/campaigns/{missing}/start"), None).await.status, 404, "{missing}");
         assert_eq!(c.call("GET", &format!("/v1/campaigns/{missing}"), None).await.status, 404, "{missing}");
     }
