@@ -591,10 +591,10 @@ async fn a_campaign_split_over_the_sets_pays_both_and_returns_every_rest_once() 
         }
     }
     assert!(won[0] > 0 && won[1] > 0, "{won:?}");
-    for set in 0..2 {
+    for (set, won) in won.iter().enumerate() {
         let stopped = cluster.call(set, "POST", &format!("/v1/campaigns/{id}/stop"), json!({})).await;
-        assert_eq!(stopped["won_fen"], json!(won[set]), "SET {set}: {stopped}");
-        assert_eq!(stopped["refunded_fen"], json!(1_000 - won[set]), "SET {set}: {stopped}");
+        assert_eq!(stopped["won_fen"], json!(won), "SET {set}: {stopped}");
+        assert_eq!(stopped["refunded_fen"], json!(1_000 - won), "SET {set}: {stopped}");
     }
     balance_becomes(&cluster, 1, funder, 10_000 - won[0] - won[1]).await;
     let (passed, report) = audit_cluster(&cluster.file);
