@@ -42,10 +42,24 @@ pub enum EntryKind {
     /// a packet of another SET, applied from that SET's credit
     /// (`reference` is the packet).
     CrossCredit,
+    /// On a campaign's home SET: campaign escrow → transit account of
+    /// another SET, that SET's part of the budget (`reference` is the
+    /// campaign, `user` none), with an outbox `fund` in the same commit.
+    CampaignFundOut,
+    /// On another SET: the home SET's transit account → the campaign part's
+    /// escrow, applied from its `fund` (`user` is this SET's number, the
+    /// message's key).
+    CampaignFundIn,
+    /// On another SET: a closed campaign part's escrow → the home SET's
+    /// transit account, with an outbox `refund` (`user` is the funder).
+    CampaignRefundOut,
+    /// On the home SET: another SET's transit account → the funder, applied
+    /// from that SET's `refund` (`user` is the funder).
+    CampaignRefundIn,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 9] = [
+    pub const ALL: [EntryKind; 13] = [
         EntryKind::Deposit,
         EntryKind::Withdraw,
         EntryKind::PacketFund,
@@ -55,6 +69,10 @@ impl EntryKind {
         EntryKind::ShakeWin,
         EntryKind::CampaignRefund,
         EntryKind::CrossCredit,
+        EntryKind::CampaignFundOut,
+        EntryKind::CampaignFundIn,
+        EntryKind::CampaignRefundOut,
+        EntryKind::CampaignRefundIn,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -67,6 +85,10 @@ impl EntryKind {
             EntryKind::ShakeWin => "shake_win",
             EntryKind::CampaignRefund => "campaign_refund",
             EntryKind::CrossCredit => "cross_credit",
+            EntryKind::CampaignFundOut => "campaign_fund_out",
+            EntryKind::CampaignFundIn => "campaign_fund_in",
+            EntryKind::CampaignRefundOut => "campaign_refund_out",
+            EntryKind::CampaignRefundIn => "campaign_refund_in",
         }
     }
     pub fn parse(s: &str) -> Option<EntryKind> {
@@ -187,12 +209,12 @@ pub struct Auditor {
     counts: HashMap<(EntryKind, u64), u64>,
     /// Open entries per (packet, user), to match against claims.
     open_entries: HashMap<(PacketId, UserId), i64>,
-    /// Opens paid into a transit account, per (packet, user): (peer, amount),
-    /// to match against outbox credits.
-    transit_opens: HashMap<(PacketId, UserId), (SetId, i64)>,
-    /// Credits applied from a transit account, per (peer, packet, user), to
-    /// match against inbox rows.
-    cross_credits: HashMap<(SetId, PacketId, UserId), i64>,
+    /// Money paid into a transit account, per outbox key (kind, packet or
+    /// campaign, user): (peer, amount), to match against outbox rows.
+    transit_outs: HashMap<(CrossKind, u64, UserId), (SetId, i64)>,
+    /// Money applied from a transit account, per inbox key (peer, kind,
+    /// packet or campaign, user), to match against inbox rows.
+    transit_ins: HashMap<(SetId, CrossKind, u64, UserId), i64>,
     cross_outs: Vec<CrossOutRecord>,
     cross_ins: Vec<CrossInRecord>,
     totals: AuditTotals,
@@ -243,13 +265,13 @@ impl Auditor {
                         self.violations.push(format!("packet {} credited user {user} twice", e.reference));
                     }
                     if let Some(peer) = transit_peer(e.to) {
-                        self.transit_opens.insert((e.reference, user), (peer, e.amount_fen));
+                        self.transit_outs.insert((CrossKind::Credit, e.reference, user), (peer, e.amount_fen));
                     }
                 }
             }
             EntryKind::CrossCredit => match (transit_peer(e.from), e.user) {
                 (Some(peer), Some(user)) if e.to == Account::user(user).id() => {
-                    if self.cross_credits.insert((peer, e.reference, user), e.amount_fen).is_some() {
+                    if self.transit_ins.insert((peer, CrossKind::Credit, e.reference, user), e.amount_fen).is_some() {
                         self.violations
                             .push(format!("packet {} of SET {peer}: user {user} was credited twice", e.reference));
                     }
@@ -259,13 +281,62 @@ impl Auditor {
                     e.id
                 )),
             },
+            EntryKind::CampaignFundOut | EntryKind::CampaignRefundOut => {
+                let (kind, user) = match (e.kind, transit_peer(e.to)) {
+                    (EntryKind::CampaignFundOut, Some(peer)) => (CrossKind::Fund, Some(u64::from(peer))),
+                    (_, Some(_)) => (CrossKind::Refund, e.user),
+                    (_, None) => (CrossKind::Refund, None),
+                };
+                match (transit_peer(e.to), user) {
+                    (Some(peer), Some(user)) if e.from == Account::campaign(e.reference).id() => {
+                        if self.transit_outs.insert((kind, e.reference, user), (peer, e.amount_fen)).is_some() {
+                            self.violations.push(format!(
+                                "campaign {}: a {} for SET {peer} was paid twice",
+                                e.reference,
+                                kind.as_str()
+                            ));
+                        }
+                    }
+                    _ => self.violations.push(format!(
+                        "entry {} ({}) does not move money from its campaign's escrow to a transit account",
+                        e.id,
+                        e.kind.as_str()
+                    )),
+                }
+            }
+            EntryKind::CampaignFundIn | EntryKind::CampaignRefundIn => {
+                let (kind, to) = match (e.kind, e.user) {
+                    (EntryKind::CampaignFundIn, _) => (CrossKind::Fund, Account::campaign(e.reference).id()),
+                    (_, user) => (CrossKind::Refund, Account::user(user.unwrap_or(0)).id()),
+                };
+                match (transit_peer(e.from), e.user) {
+                    (Some(peer), Some(user)) if e.to == to => {
+                        if self.transit_ins.insert((peer, kind, e.reference, user), e.amount_fen).is_some() {
+                            self.violations.push(format!(
+                                "campaign {}: the {} of SET {peer} was applied twice",
+                                e.reference,
+                                kind.as_str()
+                            ));
+                        }
+                    }
+                    _ => self.violations.push(format!(
+                        "entry {} ({}) does not move money from a transit account to its campaign or funder",
+                        e.id,
+                        e.kind.as_str()
+                    )),
+                }
+            }
             _ => {}
         }
-        // Only these two move money through a transit account.
+        // Only these move money through a transit account.
         let through_transit = transit_peer(e.from).is_some() || transit_peer(e.to).is_some();
         let allowed = match e.kind {
-            EntryKind::PacketOpen => transit_peer(e.from).is_none(),
-            EntryKind::CrossCredit => transit_peer(e.to).is_none(),
+            EntryKind::PacketOpen | EntryKind::CampaignFundOut | EntryKind::CampaignRefundOut => {
+                transit_peer(e.from).is_none()
+            }
+            EntryKind::CrossCredit | EntryKind::CampaignFundIn | EntryKind::CampaignRefundIn => {
+                transit_peer(e.to).is_none()
+            }
             _ => false,
         };
         if through_transit && !allowed {
@@ -382,9 +453,9 @@ impl Auditor {
                 v.push(format!("{what} is in the outbox twice"));
             }
             match r.kind {
-                CrossKind::Credit => {
+                kind if kind.moves_money() => {
                     *net.entry(r.to).or_insert(0) += r.amount_fen;
-                    match self.transit_opens.remove(&(r.packet, r.user)) {
+                    match self.transit_outs.remove(&(kind, r.packet, r.user)) {
                         Some((peer, amount)) if peer == r.to && amount == r.amount_fen => {}
                         Some((peer, amount)) => v.push(format!(
                             "{what}: {} fen, but the share was paid to SET {peer}'s transit: {amount} fen",
@@ -393,16 +464,22 @@ impl Auditor {
                         None => v.push(format!("{what}: {} fen, with no share paid into transit", r.amount_fen)),
                     }
                 }
-                CrossKind::Notice if r.amount_fen != 0 => v.push(format!("{what} carries {} fen", r.amount_fen)),
-                CrossKind::Notice => {}
+                _ if r.amount_fen != 0 => v.push(format!("{what} carries {} fen", r.amount_fen)),
+                _ => {}
             }
         }
-        let mut unmatched: Vec<_> = self.transit_opens.drain().collect();
+        let mut unmatched: Vec<_> = self.transit_outs.drain().collect();
         unmatched.sort_unstable();
-        for ((packet, user), (peer, amount)) in unmatched {
-            v.push(format!(
-                "packet {packet}: the share of user {user} ({amount} fen) went to SET {peer}'s transit with no outbox credit"
-            ));
+        for ((kind, packet, user), (peer, amount)) in unmatched {
+            match kind {
+                CrossKind::Credit => v.push(format!(
+                    "packet {packet}: the share of user {user} ({amount} fen) went to SET {peer}'s transit with no outbox credit"
+                )),
+                _ => v.push(format!(
+                    "campaign {packet}: {amount} fen went to SET {peer}'s transit with no outbox {}",
+                    kind.as_str()
+                )),
+            }
         }
         let mut seen_in = HashSet::new();
         for r in std::mem::take(&mut self.cross_ins) {
@@ -412,9 +489,9 @@ impl Auditor {
                 v.push(format!("{what} was applied twice"));
             }
             match r.kind {
-                CrossKind::Credit => {
+                kind if kind.moves_money() => {
                     *net.entry(r.from).or_insert(0) -= r.amount_fen;
-                    match self.cross_credits.remove(&(r.from, r.packet, r.user)) {
+                    match self.transit_ins.remove(&(r.from, kind, r.packet, r.user)) {
                         Some(amount) if amount == r.amount_fen => {}
                         Some(amount) => {
                             v.push(format!("{what}: {} fen, but the ledger credited {amount} fen", r.amount_fen))
@@ -422,14 +499,22 @@ impl Auditor {
                         None => v.push(format!("{what}: {} fen, with no ledger entry", r.amount_fen)),
                     }
                 }
-                CrossKind::Notice if r.amount_fen != 0 => v.push(format!("{what} carries {} fen", r.amount_fen)),
-                CrossKind::Notice => {}
+                _ if r.amount_fen != 0 => v.push(format!("{what} carries {} fen", r.amount_fen)),
+                _ => {}
             }
         }
-        let mut unmatched: Vec<_> = self.cross_credits.drain().collect();
+        let mut unmatched: Vec<_> = self.transit_ins.drain().collect();
         unmatched.sort_unstable();
-        for ((peer, packet, user), amount) in unmatched {
-            v.push(format!("packet {packet} of SET {peer}: user {user} was credited {amount} fen with no inbox row"));
+        for ((peer, kind, packet, user), amount) in unmatched {
+            match kind {
+                CrossKind::Credit => v.push(format!(
+                    "packet {packet} of SET {peer}: user {user} was credited {amount} fen with no inbox row"
+                )),
+                _ => v.push(format!(
+                    "campaign {packet}: the {} of SET {peer} ({amount} fen) was applied with no inbox row",
+                    kind.as_str()
+                )),
+            }
         }
         let peers: std::collections::BTreeSet<SetId> =
             net.keys().chain(self.totals.transit_by_set.keys()).copied().collect();
@@ -467,13 +552,18 @@ impl Auditor {
         }
     }
 
-    /// Every campaign: escrow = funded - won - refunded; closed ones hold
-    /// nothing; refunded at most once.
+    /// Every campaign (or this SET's part of one split over the cluster):
+    /// escrow = funded - won - refunded, where funded is what its funder
+    /// paid in (or its home SET sent: `fund` in) less the other SETs' parts
+    /// sent out, and refunded is what went back to the funder here or to
+    /// the home SET (`refund` out); closed ones hold nothing; refunded at
+    /// most once.
     fn check_campaigns(&self, v: &mut Vec<String>) {
         for c in &self.campaigns {
-            let funded = self.sum(EntryKind::CampaignFund, c.id);
+            let funded = self.sum(EntryKind::CampaignFund, c.id) + self.sum(EntryKind::CampaignFundIn, c.id)
+                - self.sum(EntryKind::CampaignFundOut, c.id);
             let won = self.sum(EntryKind::ShakeWin, c.id);
-            let refunded = self.sum(EntryKind::CampaignRefund, c.id);
+            let refunded = self.sum(EntryKind::CampaignRefund, c.id) + self.sum(EntryKind::CampaignRefundOut, c.id);
             let escrow = self.stored_balances.get(&Account::campaign(c.id).id()).copied().unwrap_or(0);
             if funded != c.total_fen {
                 v.push(format!("campaign {}: total {} fen but funded {} fen", c.id, c.total_fen, funded));
@@ -487,7 +577,7 @@ impl Auditor {
             if c.status.is_closed() && escrow != 0 {
                 v.push(format!("campaign {} is {} but its escrow still holds {escrow} fen", c.id, c.status.as_str()));
             }
-            if self.count(EntryKind::CampaignRefund, c.id) > 1 {
+            if self.count(EntryKind::CampaignRefund, c.id) + self.count(EntryKind::CampaignRefundOut, c.id) > 1 {
                 v.push(format!("campaign {} was refunded more than once", c.id));
             }
         }
@@ -584,7 +674,10 @@ pub struct InFlight {
     pub from: SetId,
     pub to: SetId,
     pub credits: u64,
-    /// What the credits in flight carry: money no user balance holds yet.
+    /// Campaign `fund` and `refund` messages in flight.
+    pub campaign_moves: u64,
+    /// What the credits, funds and refunds in flight carry: money no user
+    /// balance or escrow holds yet.
     pub amount_fen: i64,
     pub notices: u64,
     /// When the oldest of them was written (wall-clock ms).
@@ -600,7 +693,8 @@ pub struct ClusterTotals {
     pub user_balances_fen: i64,
     /// Packet and campaign escrow of every SET.
     pub escrow_fen: i64,
-    /// Credits written and not yet applied, over every pair of SETs.
+    /// Credits, campaign funds and refunds written and not yet applied,
+    /// over every pair of SETs.
     pub in_flight_fen: i64,
 }
 
@@ -725,16 +819,43 @@ fn index_outs(
             if o.to == set || o.to >= sets {
                 v.push(format!("{what}: not another SET of the cluster"));
             }
-            if crate::ids::set_of(o.packet) != set {
-                v.push(format!("{what}: a packet of SET {}", crate::ids::set_of(o.packet)));
-            }
-            if home_set(o.user, sets) != o.to {
-                v.push(format!("{what}: the user is homed on SET {}", home_set(o.user, sets)));
-            }
+            check_names(sets, set, o.to, o.kind, o.packet, o.user, &what, v);
             outs.insert((set, o.to, o.kind, o.packet, o.user), (o.amount_fen, o.created_ms, false));
         }
     }
     outs
+}
+
+/// What an outbox row of SET `from` for SET `to` must name: a credit or a
+/// notice, a packet of `from` and a user homed on `to`; a fund, a campaign
+/// of `from` and `to` itself (its key); a refund, a campaign of `to` and a
+/// funder homed there.
+#[allow(clippy::too_many_arguments)]
+fn check_names(
+    sets: u8,
+    from: SetId,
+    to: SetId,
+    kind: CrossKind,
+    packet: u64,
+    user: UserId,
+    what: &str,
+    v: &mut Vec<String>,
+) {
+    let (owner, what_of) = match kind {
+        CrossKind::Refund => (to, "a campaign"),
+        CrossKind::Fund => (from, "a campaign"),
+        CrossKind::Credit | CrossKind::Notice => (from, "a packet"),
+    };
+    if crate::ids::set_of(packet) != owner {
+        v.push(format!("{what}: {what_of} of SET {}", crate::ids::set_of(packet)));
+    }
+    if kind == CrossKind::Fund {
+        if user != u64::from(to) {
+            v.push(format!("{what}: a fund keyed for SET {user}"));
+        }
+    } else if home_set(user, sets) != to {
+        v.push(format!("{what}: the user is homed on SET {}", home_set(user, sets)));
+    }
 }
 
 /// Each inbox row against the outbox row it was applied from.
@@ -761,7 +882,11 @@ fn match_ins(
             if i.from == set || i.from >= sets {
                 v.push(format!("{what}: not another SET of the cluster"));
             }
-            if home_set(i.user, sets) != set {
+            if i.kind == CrossKind::Fund {
+                if i.user != u64::from(set) {
+                    v.push(format!("{what}: a fund keyed for SET {}", i.user));
+                }
+            } else if home_set(i.user, sets) != set {
                 v.push(format!("{what}: the user is homed on SET {}", home_set(i.user, sets)));
             }
             match outs.get_mut(&(i.from, set, i.kind, i.packet, i.user)) {
@@ -793,6 +918,10 @@ fn in_flight(outs: &BTreeMap<OutKey, (i64, u64, bool)>) -> BTreeMap<(SetId, SetI
                 f.amount_fen += amount_fen;
             }
             CrossKind::Notice => f.notices += 1,
+            CrossKind::Fund | CrossKind::Refund => {
+                f.campaign_moves += 1;
+                f.amount_fen += amount_fen;
+            }
         }
         f.oldest_created_ms = Some(f.oldest_created_ms.map_or(created_ms, |t| t.min(created_ms)));
     }
@@ -989,7 +1118,15 @@ mod tests {
         let (zero, rows, p) = set_zero_report();
         let before = cluster((zero.clone(), rows.clone()), set_one(p, false));
         assert!(before.passed(), "{:?}", before.violations);
-        let flight = InFlight { from: 0, to: 1, credits: 1, amount_fen: 6, notices: 0, oldest_created_ms: Some(1) };
+        let flight = InFlight {
+            from: 0,
+            to: 1,
+            credits: 1,
+            campaign_moves: 0,
+            amount_fen: 6,
+            notices: 0,
+            oldest_created_ms: Some(1),
+        };
         assert_eq!(before.in_flight, vec![flight]);
         assert_eq!(before.totals.in_flight_fen, 6);
         assert_eq!(

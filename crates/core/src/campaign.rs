@@ -66,6 +66,10 @@ pub enum CampaignError {
     BadCap,
     #[error("funder must be a user id between 1 and 2^53-1")]
     BadFunder,
+    /// A campaign of a cluster is split over its SETs, and every SET's part
+    /// must be a campaign of its own.
+    #[error("a campaign is split over the cluster's {sets} SETs: {why}")]
+    BadSplit { sets: u8, why: String },
 }
 
 impl CampaignSpec {
@@ -95,6 +99,76 @@ impl CampaignSpec {
             return Err(CampaignError::BadCap);
         }
         Ok(())
+    }
+}
+
+/// Part `x` of `n` of an amount split as evenly as whole units allow:
+/// `⌊v/n⌋`, plus one for the first `v mod n` parts. The parts sum to `v`.
+pub fn part_of(v: u64, x: u8, n: u8) -> u64 {
+    let n = u64::from(n.max(1));
+    v / n + u64::from(u64::from(x) < v % n)
+}
+
+impl CampaignSpec {
+    /// The parts of a campaign split over `sets` SETs, part `x` for SET `x`:
+    /// each SET's users shake from their own SET's part, released on its own
+    /// schedule, so the cluster releases exactly the campaign's rate and no
+    /// SET starves. Rate, budget and (Count rule) packets are split by
+    /// `part_of`; the win cap is the same on every part (a user shakes only
+    /// on their home SET, so the cap still holds per user).
+    ///
+    /// Refused unless every part is a valid campaign of its own: the rate at
+    /// least `sets` (every part releases); Count: at least `sets` packets
+    /// (every part has one), and then each part's budget is at least its
+    /// packets without adjustment (`total >= packets` gives `⌊total/n⌋ >=
+    /// ⌊packets/n⌋`, and where the floors are equal `total mod n >= packets
+    /// mod n`, so a part that gets one more packet gets one more fen too);
+    /// Range: the smallest part's budget, `⌊total/n⌋`, at least `max_fen`
+    /// (every part can pay any packet of the range). `sets` = 1 answers the
+    /// spec itself.
+    pub fn split(&self, sets: u8) -> Result<Vec<CampaignSpec>, CampaignError> {
+        self.validate()?;
+        let n = sets.max(1);
+        if n == 1 {
+            return Ok(vec![self.clone()]);
+        }
+        let refuse = |why: String| Err(CampaignError::BadSplit { sets: n, why });
+        if self.rate_per_s < u32::from(n) {
+            return refuse(format!(
+                "the rate must be at least {n} packets per second (one per SET), got {}",
+                self.rate_per_s
+            ));
+        }
+        let total = self.total_fen as u64;
+        match self.rule {
+            AmountRule::Count { packets } if packets < u64::from(n) => {
+                return refuse(format!("at least {n} packets (one per SET), got {packets}"));
+            }
+            AmountRule::Range { max_fen, .. } if (total / u64::from(n)) < max_fen as u64 => {
+                return refuse(format!(
+                    "each SET's part of the total ({} fen) must be at least max_fen ({max_fen} fen): a total of at least {} fen",
+                    total / u64::from(n),
+                    max_fen as u64 * u64::from(n)
+                ));
+            }
+            _ => {}
+        }
+        let parts: Vec<CampaignSpec> = (0..n)
+            .map(|x| CampaignSpec {
+                funder: self.funder,
+                total_fen: part_of(total, x, n) as i64,
+                rule: match self.rule {
+                    AmountRule::Count { packets } => AmountRule::Count { packets: part_of(packets, x, n) },
+                    range => range,
+                },
+                rate_per_s: part_of(u64::from(self.rate_per_s), x, n) as u32,
+                win_cap_per_user: self.win_cap_per_user,
+            })
+            .collect();
+        for part in &parts {
+            part.validate().expect("every part of a valid split is a valid campaign");
+        }
+        Ok(parts)
     }
 }
 
@@ -263,7 +337,75 @@ mod tests {
         (by_shard.concat(), left)
     }
 
+    fn spec(total_fen: i64, rule: AmountRule, rate_per_s: u32) -> CampaignSpec {
+        CampaignSpec { funder: 7, total_fen, rule, rate_per_s, win_cap_per_user: Some(2) }
+    }
+
+    #[test]
+    fn a_split_that_would_starve_a_set_is_refused_with_the_rule() {
+        let count = |packets| AmountRule::Count { packets };
+        assert_eq!(spec(100, count(5), 3).split(1), Ok(vec![spec(100, count(5), 3)]));
+        let err = spec(100, count(5), 2).split(3).unwrap_err();
+        assert!(err.to_string().contains("rate must be at least 3"), "{err}");
+        let err = spec(100, count(2), 3).split(3).unwrap_err();
+        assert!(err.to_string().contains("at least 3 packets"), "{err}");
+        let range = AmountRule::Range { min_fen: 10, max_fen: 40 };
+        let err = spec(119, range, 3).split(3).unwrap_err();
+        assert!(err.to_string().contains("a total of at least 120 fen"), "{err}");
+        let parts = spec(120, range, 4).split(3).unwrap();
+        assert_eq!(parts.iter().map(|p| (p.total_fen, p.rate_per_s)).collect::<Vec<_>>(), [(40, 2), (40, 1), (40, 1)]);
+        assert_eq!(spec(0, count(1), 1).split(2), Err(CampaignError::BadTotal { got: 0, max: limits::AMOUNT_FEN_MAX }));
+    }
+
     proptest! {
+        #[test]
+        fn a_split_sums_exactly_to_the_campaign_and_each_part_is_valid(
+            sets in 1u8..=32, rate in 1u32..10_000, packets in 1u64..100_000, extra in 0i64..1_000_000,
+            min in 1i64..100, spread in 0i64..100, count_rule in any::<bool>()
+        ) {
+            let total = packets as i64 + extra;
+            let rule = if count_rule {
+                AmountRule::Count { packets }
+            } else {
+                AmountRule::Range { min_fen: min, max_fen: (min + spread).min(total) }
+            };
+            let whole = spec(total, rule, rate);
+            prop_assume!(whole.validate().is_ok());
+            match whole.split(sets) {
+                Ok(parts) => {
+                    prop_assert_eq!(parts.len(), sets as usize);
+                    prop_assert_eq!(parts.iter().map(|p| p.total_fen).sum::<i64>(), total);
+                    prop_assert_eq!(parts.iter().map(|p| u64::from(p.rate_per_s)).sum::<u64>(), u64::from(rate));
+                    for p in &parts {
+                        prop_assert!(p.validate().is_ok(), "{p:?}");
+                        prop_assert!(p.rate_per_s >= 1 && p.total_fen >= 1);
+                        prop_assert_eq!((p.funder, p.win_cap_per_user), (7, Some(2)));
+                        if let AmountRule::Range { max_fen, .. } = p.rule {
+                            prop_assert!(p.total_fen >= max_fen);
+                        }
+                    }
+                    if let AmountRule::Count { packets } = rule {
+                        let split: Vec<u64> = parts.iter().map(|p| match p.rule {
+                            AmountRule::Count { packets } => packets,
+                            AmountRule::Range { .. } => unreachable!(),
+                        }).collect();
+                        prop_assert_eq!(split.iter().sum::<u64>(), packets);
+                        for (p, n) in parts.iter().zip(&split) {
+                            prop_assert!(*n >= 1 && p.total_fen >= *n as i64);
+                        }
+                    }
+                }
+                Err(CampaignError::BadSplit { .. }) => {
+                    let n = u64::from(sets);
+                    let refused = u64::from(rate) < n
+                        || matches!(rule, AmountRule::Count { packets } if packets < n)
+                        || matches!(rule, AmountRule::Range { max_fen, .. } if (total as u64 / n) < max_fen as u64);
+                    prop_assert!(refused, "{whole:?} over {sets} SETs refused");
+                }
+                Err(e) => prop_assert!(false, "{e}"),
+            }
+        }
+
         #[test]
         fn shards_together_release_exactly_the_campaign_rate(rate in 1u32..100_000, shards in 1u32..16, ms in 0u64..100_000) {
             let sum: u64 = ReleaseSchedule::for_shards(rate, shards, None).iter().map(|p| p.due_after(ms)).sum();

@@ -14,6 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::campaign::CampaignSpec;
 use crate::sets::SetId;
 use crate::{PacketId, UserId};
 
@@ -25,17 +26,33 @@ pub enum CrossKind {
     Credit,
     /// A packet's `packet_received` notice for such a user.
     Notice,
+    /// A campaign's home SET funds the receiving SET's part: the part's
+    /// budget and spec. Key: `packet` = the campaign, `user` = the receiving
+    /// SET (one campaign funds every other SET, and the outbox key must be
+    /// unique on the home SET; the funder travels in the spec).
+    Fund,
+    /// A campaign part's unreleased budget back to the funder on the
+    /// campaign's home SET, when the part stops or finishes. Key: `packet` =
+    /// the campaign, `user` = the funder.
+    Refund,
 }
 
 impl CrossKind {
-    pub const ALL: [CrossKind; 2] = [CrossKind::Credit, CrossKind::Notice];
+    pub const ALL: [CrossKind; 4] = [CrossKind::Credit, CrossKind::Notice, CrossKind::Fund, CrossKind::Refund];
 
     /// The name stored in the outbox and inbox rows, and the metrics' `kind` label.
     pub fn as_str(self) -> &'static str {
         match self {
             CrossKind::Credit => "credit",
             CrossKind::Notice => "notice",
+            CrossKind::Fund => "fund",
+            CrossKind::Refund => "refund",
         }
+    }
+
+    /// True for the kinds that move money (through the transit accounts).
+    pub fn moves_money(self) -> bool {
+        !matches!(self, CrossKind::Notice)
     }
 
     pub fn parse(s: &str) -> Option<CrossKind> {
@@ -84,6 +101,11 @@ pub enum CrossBody {
     /// The `packet_received` push body as stored for messages (postcard
     /// bytes of `hongbao_proto::PushBody`, opaque here).
     Notice { body: Vec<u8> },
+    /// A campaign part's spec (its budget is `spec.total_fen`, the money
+    /// moved), for the receiving SET to create and fund.
+    Fund { spec: CampaignSpec },
+    /// A campaign part's unreleased money, fen, back to the funder.
+    Refund { amount_fen: i64 },
 }
 
 impl CrossMessage {
@@ -91,6 +113,8 @@ impl CrossMessage {
         match self.body {
             CrossBody::Credit { .. } => CrossKind::Credit,
             CrossBody::Notice { .. } => CrossKind::Notice,
+            CrossBody::Fund { .. } => CrossKind::Fund,
+            CrossBody::Refund { .. } => CrossKind::Refund,
         }
     }
 
@@ -98,10 +122,12 @@ impl CrossMessage {
         CrossKey { from: self.from, kind: self.kind(), packet: self.packet, user: self.user }
     }
 
-    /// The money it moves: a credit's amount, 0 for a notice.
+    /// The money it moves: a credit's, a fund's or a refund's amount, 0
+    /// for a notice.
     pub fn amount_fen(&self) -> i64 {
-        match self.body {
-            CrossBody::Credit { amount_fen } => amount_fen,
+        match &self.body {
+            CrossBody::Credit { amount_fen } | CrossBody::Refund { amount_fen } => *amount_fen,
+            CrossBody::Fund { spec } => spec.total_fen,
             CrossBody::Notice { .. } => 0,
         }
     }

@@ -81,6 +81,27 @@ pub fn set_of(packet: PacketId) -> SetId {
     SetId::try_from(packet >> SET_SHIFT).unwrap_or(SetId::MAX)
 }
 
+/// Campaign ids carry their home SET like packet ids: `set << 48 | seq`
+/// (`seq` from 1, below 2^48). SET 0's ids are the plain sequence, as on a
+/// single node before SETs. Every SET's part of a campaign split across the
+/// cluster has the home SET's id.
+pub fn make_campaign_id(set: SetId, seq: u64) -> crate::CampaignId {
+    assert!(set < SETS_MAX);
+    assert!(seq > 0 && seq < 1 << SET_SHIFT);
+    (u64::from(set) << SET_SHIFT) | seq
+}
+
+/// The sequence part of a campaign id (below 2^48).
+pub fn campaign_seq(campaign: crate::CampaignId) -> u64 {
+    campaign & ((1 << SET_SHIFT) - 1)
+}
+
+/// The home SET of a campaign: the SET that created it (where its funder is
+/// homed). Same bits as `set_of`.
+pub fn campaign_set(campaign: crate::CampaignId) -> SetId {
+    set_of(campaign)
+}
+
 /// Hands out ids below a durable high-water mark.
 ///
 /// The owner asks for the next block (`wants_next_block`) when half of the
@@ -175,6 +196,14 @@ impl IdAllocator {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn campaign_ids_carry_their_home_set_and_set_0_keeps_the_plain_sequence() {
+        assert_eq!(make_campaign_id(0, 7), 7);
+        let id = make_campaign_id(3, 7);
+        assert_eq!((campaign_set(id), campaign_seq(id)), (3, 7));
+        assert!(make_campaign_id(SETS_MAX - 1, (1 << SET_SHIFT) - 1) <= crate::ID_MAX);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -86,10 +86,11 @@ fn cluster_human(file: &ClusterFile, report: &ClusterReport, readings: usize) ->
     }
     for f in &report.in_flight {
         s.push_str(&format!(
-            "  in flight SET {} -> SET {}: {} credit(s) carrying {}, {} notice(s)\n",
+            "  in flight SET {} -> SET {}: {} credit(s) and {} campaign fund(s)/refund(s) carrying {}, {} notice(s)\n",
             f.from,
             f.to,
             f.credits,
+            f.campaign_moves,
             fen(f.amount_fen),
             f.notices
         ));

@@ -688,3 +688,64 @@ async fn the_gateway_directory_lists_live_gateways_and_survives_redis() {
     assert!(cluster.log("gateway2").contains("directory: entry removed"), "{}", cluster.log("gateway2"));
     gateways_become(&cluster, &[1], "the stopped gateway is gone").await;
 }
+
+/// A campaign split over the SETs, through the real relay: created on the
+/// funder's home SET 0, which keeps half and sends SET 1 its half through
+/// NATS; both parts run and pay their own SET's users (through any
+/// gateway); stopped on both, SET 1's rest goes back to the funder on SET 0
+/// once, and the cluster audit passes with nothing in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_split_over_the_sets_pays_both_and_returns_every_rest_once() {
+    let cluster = Cluster::start(2);
+    let funder = 100; // homed on SET 0
+    cluster.deposit(funder, 10_000).await;
+    let spec = json!({"funder": funder, "total_fen": 2_000, "rule": {"count": {"packets": 40}},
+                      "rate_per_s": 400, "win_cap_per_user": 1, "key": "split"});
+    let part0 = cluster.call(0, "POST", "/v1/campaigns", spec).await;
+    let id = part0["id"].as_u64().unwrap();
+    assert_eq!(hongbao_core::ids::campaign_set(id), 0);
+    assert_eq!((part0["total_fen"].clone(), part0["rate_per_s"].clone()), (json!(1_000), json!(200)));
+    // SET 1's part arrives through NATS.
+    let deadline = Instant::now() + PATIENCE;
+    let part1 = loop {
+        let (admin, path) = (cluster.admin(1), format!("/v1/campaigns/{id}"));
+        let r = tokio::task::spawn_blocking(move || admin.get(&path)).await.unwrap().unwrap();
+        if r.status == 200 {
+            break r.body;
+        }
+        assert!(Instant::now() < deadline, "SET 1's part never arrived: {} {}", r.status, r.body);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((part1["total_fen"].clone(), part1["funder"].clone()), (json!(1_000), json!(funder)));
+    for set in 0..2 {
+        cluster.call(set, "POST", &format!("/v1/campaigns/{id}/start"), json!({})).await;
+    }
+    // Ten users of each SET win once each.
+    let mut won = [0i64; 2];
+    for (i, user) in (200u64..220).enumerate() {
+        let client = cluster.client(i % 2, user).await;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match client.request(Request::Shake { campaign: id, key: None }).await.unwrap() {
+                Reply::Shake(ShakeResult::Won { amount_fen, .. }) => {
+                    won[Cluster::home(user)] += amount_fen;
+                    break;
+                }
+                Reply::Shake(ShakeResult::None) => {}
+                other => panic!("user {user}: {other:?}"),
+            }
+            assert!(Instant::now() < deadline, "user {user} never won");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(won[0] > 0 && won[1] > 0, "{won:?}");
+    for (set, won) in won.iter().enumerate() {
+        let stopped = cluster.call(set, "POST", &format!("/v1/campaigns/{id}/stop"), json!({})).await;
+        assert_eq!(stopped["won_fen"], json!(won), "SET {set}: {stopped}");
+        assert_eq!(stopped["refunded_fen"], json!(1_000 - won), "SET {set}: {stopped}");
+    }
+    balance_becomes(&cluster, 1, funder, 10_000 - won[0] - won[1]).await;
+    let (passed, report) = audit_cluster(&cluster.file);
+    assert!(passed, "{report:#}");
+    assert_eq!(report["totals"]["in_flight_fen"], json!(0), "{report:#}");
+}

@@ -148,6 +148,7 @@ on_both_stores!(
     a_packet_sent_across_sets_pays_each_opener_on_their_own_set_exactly_once,
     one_packet_raced_across_sets_pays_k_shares_and_one_credit_per_foreign_winner,
     a_set_applies_only_messages_meant_for_it,
+    a_campaign_across_sets_is_split_funded_won_on_both_and_refunded_once,
 );
 
 async fn one_packet_raced_by_ten_times_its_count_pays_exactly_count_shares(stores: Stores) {
@@ -941,14 +942,17 @@ async fn a_set_spreads_its_users_over_every_shard_when_sets_and_shards_share_a_f
     assert_eq!(shards.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
 
     engine.deposit(101, 1_000, "d").await.unwrap();
+    // On a cluster of 2 the campaign is split: this SET's part is half of
+    // it, 8 packets of 40 fen (the other half goes to SET 0's outbox).
     let spec = CampaignSpec {
         funder: 101,
-        total_fen: 40,
-        rule: AmountRule::Count { packets: 8 },
-        rate_per_s: 1_000,
+        total_fen: 80,
+        rule: AmountRule::Count { packets: 16 },
+        rate_per_s: 2_000,
         win_cap_per_user: None,
     };
     let c = engine.create_campaign(spec, "c").await.unwrap();
+    assert_eq!((c.total_fen, c.rule, c.rate_per_s), (40, AmountRule::Count { packets: 8 }, 1_000));
     engine.start_campaign(c.id).await.unwrap();
     advance(&engine, &config, 100).await;
     let plain = Request::Shake { campaign: 0, key: None };
@@ -1245,4 +1249,135 @@ async fn a_set_applies_only_messages_meant_for_it(stores: Stores) {
     assert!(matches!(single.apply_cross(CrossMessage { to: 0, ..credit }).await, Err(EngineError::Invalid(_))));
     assert_eq!(single.cross_backlog(), 0);
     single.shutdown().await;
+}
+
+/// Shakes every one of `users` on `engine` for campaign `id` once; answers
+/// the sum of what they won and how many won.
+async fn shake_all(engine: &Engine, id: u64, users: impl Iterator<Item = u64>) -> (i64, u64) {
+    let (mut won, mut winners) = (0, 0);
+    for user in users {
+        match engine.call(user, Request::Shake { campaign: id, key: None }).await {
+            Reply::Shake(ShakeResult::Won { amount_fen, .. }) => {
+                won += amount_fen;
+                winners += 1;
+            }
+            Reply::Shake(ShakeResult::None) => {}
+            other => panic!("user {user}: {other:?}"),
+        }
+    }
+    (won, winners)
+}
+
+/// A campaign of a SET-0 funder on a cluster of 2: SET 0 keeps half of its
+/// budget and rate and sends SET 1 the other half through the outbox (the
+/// fund creates SET 1's part, with the same id, once however often it is
+/// delivered). Both parts run on their own schedules, users of both SETs
+/// win, and a stop returns SET 1's unreleased money to the funder on SET 0
+/// through a refund, applied once; a second stop refunds nothing. The
+/// cluster audit passes with the fund and the refund in flight, and after.
+async fn a_campaign_across_sets_is_split_funded_won_on_both_and_refunded_once(stores: Stores) {
+    use hongbao_core::ids::campaign_set;
+    let (store0, store1) = (stores.fresh(), stores.fresh());
+    let (config0, config1) = (set_of_two(0), set_of_two(1));
+    let zero = Engine::open_at(config0.clone(), &store0).await.unwrap();
+    let one = Engine::open_at(config1.clone(), &store1).await.unwrap();
+    zero.deposit(100, 10_000, "d").await.unwrap();
+    let spec = CampaignSpec {
+        funder: 100,
+        total_fen: 1_001,
+        rule: AmountRule::Count { packets: 41 },
+        rate_per_s: 11,
+        win_cap_per_user: Some(1),
+    };
+    // Refused where a SET would get nothing, and by a SET the funder is not homed on.
+    let starving = CampaignSpec { rate_per_s: 1, ..spec.clone() };
+    assert!(matches!(zero.create_campaign(starving, "s").await, Err(EngineError::Invalid(e)) if e.contains("rate")));
+    assert!(matches!(one.create_campaign(spec.clone(), "c").await, Err(EngineError::Invalid(_))));
+    let c = zero.create_campaign(spec.clone(), "c").await.unwrap();
+    assert_eq!(zero.create_campaign(spec, "c").await.unwrap().id, c.id, "idempotent create");
+    assert_eq!(campaign_set(c.id), 0);
+    // Part 0: ⌈1001/2⌉ fen, ⌈41/2⌉ packets, ⌈11/2⌉ per second.
+    assert_eq!((c.total_fen, c.rule, c.rate_per_s, c.escrow_fen), (501, AmountRule::Count { packets: 21 }, 6, 501));
+    assert_eq!(zero.balance(100).await.unwrap(), 10_000 - 1_001);
+    assert!(matches!(one.start_campaign(c.id).await, Err(EngineError::NotFound(_))), "not funded yet");
+
+    let (flying, _) = cluster_audit(&[&store0, &store1]);
+    assert!(flying.passed(), "{:#?}", flying.violations);
+    assert_eq!(flying.in_flight.len(), 1);
+    assert_eq!((flying.in_flight[0].campaign_moves, flying.in_flight[0].amount_fen), (1, 500));
+
+    let funds = zero.cross_unpublished(100).await.unwrap();
+    assert_eq!(funds.len(), 1);
+    assert_eq!((funds[0].kind(), funds[0].to, funds[0].packet, funds[0].amount_fen()), (CrossKind::Fund, 1, c.id, 500));
+    for round in 0..2 {
+        assert_eq!(one.apply_cross(funds[0].clone()).await.unwrap(), round == 0, "round {round}");
+    }
+    zero.cross_published(funds.iter().map(CrossMessage::key).collect()).await.unwrap();
+    let part = one.campaign(c.id).await.unwrap();
+    assert_eq!(
+        (part.funder, part.total_fen, part.rule, part.rate_per_s, part.status, part.escrow_fen),
+        (100, 500, AmountRule::Count { packets: 20 }, 5, CampaignStatus::Created, 500)
+    );
+    assert_eq!(one.campaigns().await.unwrap().len(), 1);
+
+    zero.start_campaign(c.id).await.unwrap();
+    one.start_campaign(c.id).await.unwrap();
+    advance(&zero, &config0, 1_000).await;
+    advance(&one, &config1, 1_000).await;
+    let (won0, winners0) = shake_all(&zero, c.id, (2..=80).step_by(2)).await;
+    let (won1, winners1) = shake_all(&one, c.id, (1..=79).step_by(2)).await;
+    assert_eq!((winners0, winners1), (6, 5), "each part releases its own rate");
+    assert!(won0 > 0 && won1 > 0);
+
+    let stopped0 = zero.stop_campaign(c.id).await.unwrap();
+    assert_eq!((stopped0.won_fen, stopped0.refunded_fen, stopped0.escrow_fen), (won0, 501 - won0, 0));
+    let stopped1 = one.stop_campaign(c.id).await.unwrap();
+    assert_eq!((stopped1.won_fen, stopped1.refunded_fen, stopped1.escrow_fen), (won1, 500 - won1, 0));
+    assert_eq!(zero.balance(100).await.unwrap(), 10_000 - 1_001 + 501 - won0, "SET 1's part is in flight");
+    let (flying, _) = cluster_audit(&[&store0, &store1]);
+    assert!(flying.passed(), "{:#?}", flying.violations);
+    assert_eq!(flying.totals.in_flight_fen, 500 - won1);
+
+    let refunds = one.cross_unpublished(100).await.unwrap();
+    assert_eq!(refunds.len(), 1);
+    assert_eq!((refunds[0].kind(), refunds[0].to, refunds[0].user), (CrossKind::Refund, 0, 100));
+    for round in 0..2 {
+        assert_eq!(zero.apply_cross(refunds[0].clone()).await.unwrap(), round == 0, "round {round}");
+    }
+    // Refused: a refund for someone who is not the funder, a fund keyed
+    // for another SET, of a campaign of another SET than its sender's.
+    let not_funder = CrossMessage { user: 102, ..refunds[0].clone() };
+    assert!(matches!(zero.apply_cross(not_funder).await, Err(EngineError::Invalid(_))));
+    let misaddressed = CrossMessage { user: 0, ..funds[0].clone() };
+    assert!(matches!(one.apply_cross(misaddressed).await, Err(EngineError::Invalid(_))));
+    let foreign = CrossMessage { packet: hongbao_core::ids::make_campaign_id(1, 9), ..funds[0].clone() };
+    assert!(matches!(one.apply_cross(foreign).await, Err(EngineError::Invalid(_))));
+    one.cross_published(refunds.iter().map(CrossMessage::key).collect()).await.unwrap();
+    // A second stop refunds nothing and writes nothing.
+    assert_eq!(one.stop_campaign(c.id).await.unwrap().refunded_fen, 500 - won1);
+    assert_eq!(one.cross_unpublished(100).await.unwrap(), vec![]);
+    assert_eq!(zero.balance(100).await.unwrap(), 10_000 - won0 - won1);
+    let won_total = stopped0.won_fen + stopped1.won_fen;
+    assert_eq!(won_total + stopped0.refunded_fen + stopped1.refunded_fen, 1_001);
+
+    let (after, parts) = cluster_audit(&[&store0, &store1]);
+    assert!(after.passed(), "{:#?}", after.violations);
+    assert_eq!((after.in_flight.len(), after.totals.in_flight_fen, after.totals.escrow_fen), (0, 0, 0));
+    // A fund or refund applied with another amount, or written and lost, fails it.
+    for kind in [CrossKind::Fund, CrossKind::Refund] {
+        let mut tampered = parts.clone();
+        let row = tampered.iter_mut().flat_map(|p| p.1.ins.iter_mut()).find(|r| r.kind == kind).unwrap();
+        row.amount_fen += 1;
+        assert!(!cluster_of(&tampered).passed(), "{kind:?}");
+        let mut lost = parts.clone();
+        for p in &mut lost {
+            p.1.outs.retain(|r| r.kind != kind);
+        }
+        assert!(!cluster_of(&lost).passed(), "{kind:?}");
+    }
+    assert_eq!(after.totals.user_balances_fen, 10_000);
+    zero.shutdown().await;
+    one.shutdown().await;
+    assert_audit(&store0);
+    assert_audit(&store1);
 }

@@ -16,6 +16,7 @@ use hongbao_core::limits::{
     GROUP_MEMBERS_MAX, PENDING_MESSAGES_PER_SENDER_MAX, PENDING_MESSAGES_PER_USER_MAX,
     PENDING_SYSTEM_MESSAGES_PER_USER_MAX,
 };
+use hongbao_core::sets::SetId;
 use hongbao_core::{CampaignId, PacketId, UserId};
 
 use crate::ops::*;
@@ -29,8 +30,8 @@ type Applied<T> = RowResult<Result<T, OpError>>;
 pub(crate) struct WriterMemory {
     /// Every account's balance as committed plus the batch being applied.
     pub ledger: Ledger,
-    /// The id the next new campaign gets.
-    pub next_campaign: CampaignId,
+    /// The sequence of the next new campaign's id (`ids::make_campaign_id`).
+    pub next_campaign: u64,
     /// Undelivered user notices by sender, for each sender's budget.
     pub pending_by_sender: HashMap<UserId, u32>,
     /// Outbox rows not yet marked published (`Writer::cross_backlog`).
@@ -39,7 +40,8 @@ pub(crate) struct WriterMemory {
 
 impl WriterMemory {
     /// The memory of a store's committed rows: balances by account id, the
-    /// highest campaign id, pending user notices by sender, and unpublished
+    /// highest campaign sequence (of any SET: parts of other SETs' campaigns
+    /// are stored here too), pending user notices by sender, and unpublished
     /// outbox rows. Checks that the balances sum to zero.
     pub(crate) fn from_stored(
         balances: Vec<(i64, i64)>,
@@ -333,24 +335,52 @@ impl<'a, R: Rows> BatchTx<'a, R> {
     }
 
     fn create_campaign(&mut self, op: &CreateCampaign) -> Applied<CampaignCreated> {
-        let spec = &op.spec;
-        let rule = serde_json::to_string(&spec.rule).expect("rule serialises");
+        // This SET's row is its own part of a campaign split over the cluster.
+        let own = match op.parts.get(usize::from(op.set)) {
+            Some(part) => part,
+            None if op.parts.is_empty() => &op.spec,
+            None => return Ok(Err(OpError::Invalid(format!("no part of the campaign for SET {}", op.set)))),
+        };
+        let rule = serde_json::to_string(&own.rule).expect("rule serialises");
         if let Some(existing) = self.rows.campaign_by_key(&op.key)? {
-            let same = existing.funder == spec.funder && existing.total_fen == spec.total_fen && existing.rule == rule;
+            let same = existing.funder == own.funder && existing.total_fen == own.total_fen && existing.rule == rule;
             return Ok(if same {
                 Ok(CampaignCreated { id: existing.id, repeat: true })
             } else {
                 Err(OpError::KeyConflict)
             });
         }
-        let id = self.memory.next_campaign;
+        let id = hongbao_core::ids::make_campaign_id(op.set, self.memory.next_campaign);
+        let spec = &op.spec;
         let t = Transfer { from: Account::user(spec.funder), to: Account::campaign(id), amount_fen: spec.total_fen };
         let meta = EntryMeta { kind: EntryKind::CampaignFund, reference: id, user: None, at_ms: op.at_ms };
         if let Err(e) = self.transfer(t, meta)? {
             return Ok(Err(e));
         }
+        for (x, part) in op.parts.iter().enumerate() {
+            let x = x as SetId;
+            if x == op.set {
+                continue;
+            }
+            let t = Transfer { from: Account::campaign(id), to: Account::transit(x), amount_fen: part.total_fen };
+            let meta = EntryMeta { kind: EntryKind::CampaignFundOut, reference: id, user: None, at_ms: op.at_ms };
+            if let Err(e) = self.transfer(t, meta)? {
+                panic!("campaign {id}: SET {x}'s part does not fit in what was funded: {e}");
+            }
+            let body = serde_json::to_vec(part).expect("spec serialises");
+            let row = CrossOut {
+                to: x,
+                kind: CrossKind::Fund,
+                packet: id,
+                user: u64::from(x),
+                amount_fen: part.total_fen,
+                body: Some(&body),
+                created_ms: op.at_ms,
+            };
+            self.write_cross_out(&row)?;
+        }
         self.memory.next_campaign += 1;
-        self.rows.insert_campaign(id, spec, &rule, op.at_ms, &op.key)?;
+        self.rows.insert_campaign(id, own, &rule, op.at_ms, &op.key)?;
         Ok(Ok(CampaignCreated { id, repeat: false }))
     }
 
@@ -391,10 +421,28 @@ impl<'a, R: Rows> BatchTx<'a, R> {
         }
         let left = self.memory.ledger.balance(Account::campaign(op.id));
         if left > 0 {
-            let t = Transfer { from: Account::campaign(op.id), to: Account::user(funder), amount_fen: left };
-            let meta = EntryMeta { kind: EntryKind::CampaignRefund, reference: op.id, user: None, at_ms: op.at_ms };
+            // A part of another SET's campaign: back through that SET, whose
+            // `refund` pays the funder (their balance is there).
+            let (to, kind, user) = match op.home {
+                Some(home) => (Account::transit(home), EntryKind::CampaignRefundOut, Some(funder)),
+                None => (Account::user(funder), EntryKind::CampaignRefund, None),
+            };
+            let t = Transfer { from: Account::campaign(op.id), to, amount_fen: left };
+            let meta = EntryMeta { kind, reference: op.id, user, at_ms: op.at_ms };
             if let Err(e) = self.transfer(t, meta)? {
                 panic!("campaign {} refund does not balance: {e}", op.id);
+            }
+            if let Some(home) = op.home {
+                let row = CrossOut {
+                    to: home,
+                    kind: CrossKind::Refund,
+                    packet: op.id,
+                    user: funder,
+                    amount_fen: left,
+                    body: None,
+                    created_ms: op.at_ms,
+                };
+                self.write_cross_out(&row)?;
             }
         }
         self.rows.set_campaign_status(op.id, op.status.as_str())?;
@@ -442,6 +490,57 @@ impl<'a, R: Rows> BatchTx<'a, R> {
                 None
             }
             CrossBody::Notice { body } => Some(self.store_message(m.user, body, op.at_ms, Author::Remote)?),
+            CrossBody::Fund { spec } => {
+                // This SET's part of campaign `packet`, created as the home
+                // SET funded it (status created: the operator starts it).
+                let id: CampaignId = m.packet;
+                if self.rows.campaign_state(id)?.is_some() {
+                    return Ok(Err(OpError::Invalid(format!(
+                        "campaign {id} already has a part here that no fund of SET {} made",
+                        m.from
+                    ))));
+                }
+                let t =
+                    Transfer { from: Account::transit(m.from), to: Account::campaign(id), amount_fen: spec.total_fen };
+                let meta =
+                    EntryMeta { kind: EntryKind::CampaignFundIn, reference: id, user: Some(m.user), at_ms: op.at_ms };
+                if let Err(e) = self.transfer(t, meta)? {
+                    return Ok(Err(e));
+                }
+                let rule = serde_json::to_string(&spec.rule).expect("rule serialises");
+                // Longer than any operator's key (at most 64 bytes), so
+                // never one of theirs.
+                let key = format!(
+                    "fund of campaign {id} from SET {}: this SET's part, made by the campaign's home SET",
+                    m.from
+                );
+                debug_assert!(key.len() > hongbao_core::limits::IDEMPOTENCY_KEY_BYTES_MAX);
+                self.rows.insert_campaign(id, spec, &rule, op.at_ms, &key)?;
+                None
+            }
+            CrossBody::Refund { amount_fen } => {
+                // Only to the funder of a campaign of this SET.
+                match self.rows.campaign_state(m.packet)? {
+                    Some((funder, _)) if funder == m.user => {}
+                    _ => {
+                        return Ok(Err(OpError::Invalid(format!(
+                            "a refund of campaign {} for user {}, who funded no such campaign here",
+                            m.packet, m.user
+                        ))))
+                    }
+                }
+                let t = Transfer { from: Account::transit(m.from), to: Account::user(m.user), amount_fen: *amount_fen };
+                let meta = EntryMeta {
+                    kind: EntryKind::CampaignRefundIn,
+                    reference: m.packet,
+                    user: Some(m.user),
+                    at_ms: op.at_ms,
+                };
+                if let Err(e) = self.transfer(t, meta)? {
+                    return Ok(Err(e));
+                }
+                None
+            }
         };
         let row = CrossIn {
             from: m.from,

@@ -308,11 +308,21 @@ pub struct ReserveIds {
     pub mark: u64,
 }
 
+/// A new campaign, funded by its funder (homed on this SET, `set`) in full.
+/// On a cluster (`parts` not empty: part `x` for SET `x`, as
+/// `CampaignSpec::split` makes them) this SET keeps its own part (its row
+/// is that part), and in the same commit sends every other SET its part's
+/// budget: campaign escrow → that SET's transit account, with an outbox
+/// `fund` carrying the part's spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateCampaign {
     pub spec: CampaignSpec,
     pub key: String,
     pub at_ms: u64,
+    /// This SET: the campaign's id carries it.
+    pub set: SetId,
+    /// The parts of a campaign split over the cluster; empty on a single node.
+    pub parts: Vec<CampaignSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -366,6 +376,11 @@ pub struct CloseCampaign {
     /// `Stopped` or `Finished`.
     pub status: CampaignStatus,
     pub at_ms: u64,
+    /// The campaign's home SET when it is not this one (this SET holds a
+    /// part of a campaign split over the cluster): what is left goes back
+    /// through the home SET's transit account, with an outbox `refund` for
+    /// the funder, instead of to the funder here.
+    pub home: Option<SetId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -406,7 +421,9 @@ pub enum GroupChange {
 /// A message from another SET (checked by the engine: addressed to this
 /// SET, for a user homed here). A credit pays the user from the sending
 /// SET's transit account; a notice is stored for the user as another
-/// user's notice (capped like them). Once per `CrossMessage::key`: a
+/// user's notice (capped like them); a fund creates this SET's part of a
+/// campaign, funded from the sending SET's transit account; a refund pays
+/// a campaign part's unreleased money from it to the funder. Once per `CrossMessage::key`: a
 /// repeat changes nothing, and a repeat that differs is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplyCross {

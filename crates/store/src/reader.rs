@@ -151,6 +151,11 @@ impl CrossOutFields {
         let body = match (CrossKind::parse(&self.kind), self.body) {
             (Some(CrossKind::Credit), None) if self.amount_fen > 0 => CrossBody::Credit { amount_fen: self.amount_fen },
             (Some(CrossKind::Notice), Some(body)) => CrossBody::Notice { body },
+            (Some(CrossKind::Refund), None) if self.amount_fen > 0 => CrossBody::Refund { amount_fen: self.amount_fen },
+            (Some(CrossKind::Fund), Some(body)) => match serde_json::from_slice::<CampaignSpec>(&body) {
+                Ok(spec) if spec.total_fen == self.amount_fen => CrossBody::Fund { spec },
+                _ => return Err(corrupt(what())),
+            },
             _ => return Err(corrupt(what())),
         };
         Ok(CrossMessage {
@@ -246,7 +251,7 @@ pub(crate) fn campaigns_sql(filter: &str, wins: &str) -> String {
         "SELECT c.id, c.funder, c.total, c.rule, c.rate_per_s, c.win_cap, c.status, c.created_ms,
                 (SELECT count(*) FROM {wins} w WHERE w.campaign = c.id),
                 CAST((SELECT coalesce(sum(amount), 0) FROM {wins} w WHERE w.campaign = c.id) AS BIGINT),
-                CAST((SELECT coalesce(sum(amount), 0) FROM entries e WHERE e.kind = 'campaign_refund' AND e.reference = c.id) AS BIGINT),
+                CAST((SELECT coalesce(sum(amount), 0) FROM entries e WHERE e.kind IN ('campaign_refund', 'campaign_refund_out') AND e.reference = c.id) AS BIGINT),
                 (SELECT balance FROM accounts a WHERE a.id = ((CAST(3 AS BIGINT) << 56) | c.id))
          FROM campaigns c {filter} ORDER BY c.id"
     )

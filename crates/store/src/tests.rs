@@ -181,8 +181,10 @@ fn campaigns_fund_win_and_refund_the_rest_once(at: TestStore) {
             rate_per_s: 10,
             win_cap_per_user: None,
         };
-        let CampaignCreated { id, .. } =
-            w.run(CreateCampaign { spec: spec.clone(), key: "c".into(), at_ms: 0 }).await.unwrap();
+        let CampaignCreated { id, .. } = w
+            .run(CreateCampaign { spec: spec.clone(), key: "c".into(), at_ms: 0, set: 0, parts: vec![] })
+            .await
+            .unwrap();
         let pk = make_packet_id(0, 1, 5);
         let win = ShakeWin { campaign: id, packet: pk, user: 3, amount_fen: 700, at_ms: 1, key: Some("s1".into()) };
         assert_eq!(w.run(win).await.unwrap(), ShakeWon::Won);
@@ -197,7 +199,7 @@ fn campaigns_fund_win_and_refund_the_rest_once(at: TestStore) {
         assert!(matches!(w.run(again).await, Err(OpError::Stale(_))));
         assert_eq!(w.run(FindShakeWin { user: 3, key: "s1".into() }).await.unwrap(), Some(first));
         assert_eq!(w.run(FindShakeWin { user: 3, key: "s2".into() }).await.unwrap(), None);
-        let close = CloseCampaign { id, status: CampaignStatus::Stopped, at_ms: 3 };
+        let close = CloseCampaign { id, status: CampaignStatus::Stopped, at_ms: 3, home: None };
         assert_eq!(w.run(close.clone()).await.unwrap(), CampaignClosed { refunded_fen: 4300 });
         assert_eq!(w.run(close).await.unwrap(), CampaignClosed { refunded_fen: 0 });
     });
@@ -702,8 +704,10 @@ fn archiving_moves_settled_days_and_the_audit_still_counts_every_fen() {
             rate_per_s: 1,
             win_cap_per_user: None,
         };
-        let CampaignCreated { id: campaign, .. } =
-            w.run(CreateCampaign { spec, key: "c".into(), at_ms: day_ms(today - 10) }).await.unwrap();
+        let CampaignCreated { id: campaign, .. } = w
+            .run(CreateCampaign { spec, key: "c".into(), at_ms: day_ms(today - 10), set: 0, parts: vec![] })
+            .await
+            .unwrap();
         let won = ids_on_day(today - 10, 2)[1];
         let win = ShakeWin { campaign, packet: won, user: 4, amount_fen: 100, at_ms: 1, key: Some("s".into()) };
         w.run(win).await.unwrap();
@@ -715,7 +719,7 @@ fn archiving_moves_settled_days_and_the_audit_still_counts_every_fen() {
     // own days, so nothing from its first day on moves.
     let report = archive(&at.location(), tomorrow).unwrap();
     assert!(report.archived.is_empty() && report.hot_because.contains("campaign"), "{report:?}");
-    rt.block_on(w.run(CloseCampaign { id: 1, status: CampaignStatus::Stopped, at_ms: 2 })).unwrap();
+    rt.block_on(w.run(CloseCampaign { id: 1, status: CampaignStatus::Stopped, at_ms: 2, home: None })).unwrap();
     let report = archive(&at.location(), tomorrow).unwrap();
     let date = |day: u32| {
         let TestStore::Postgres(server) = &at else { unreachable!() };

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
-use axum::routing::{any, get, post, MethodRouter};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use hongbao_cluster::Directory;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -159,11 +159,13 @@ fn route_list() -> Vec<(&'static str, Handlers)> {
         ("/v1/tasks/{id}", get(r::task)),
         ("/v1/tasks/{id}/stop", post(r::stop_task)),
         ("/v1/tokens", post(r::to_set_0)),
-        // Refused, documented: a campaign is not split over SETs yet.
-        ("/v1/campaigns", any(r::campaigns)),
-        ("/v1/campaigns/{id}", any(r::campaigns)),
-        ("/v1/campaigns/{id}/start", any(r::campaigns)),
-        ("/v1/campaigns/{id}/stop", any(r::campaigns)),
+        // A campaign is split over the SETs: created on the funder's home
+        // SET, its parts (same id on every SET) started, stopped and read
+        // together.
+        ("/v1/campaigns", get(r::list_campaigns).post(r::create_campaign)),
+        ("/v1/campaigns/{id}", get(r::get_campaign)),
+        ("/v1/campaigns/{id}/start", post(r::start_campaign)),
+        ("/v1/campaigns/{id}/stop", post(r::stop_campaign)),
     ]
 }
 

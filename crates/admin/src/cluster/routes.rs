@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::future::join_all;
 use hongbao_cluster::directory::GATEWAYS_LISTED_MAX;
-use hongbao_core::ids::set_of;
+use hongbao_core::ids::{campaign_set, set_of};
 use hongbao_core::limits::GROUP_MEMBERS_MAX;
 use hongbao_core::sets::{home_set, SetId};
 use hongbao_core::ID_MAX;
@@ -55,10 +55,6 @@ pub fn split_task_id(id: u64) -> Option<(SetId, u64)> {
     let set = SetId::try_from(id >> TASK_SET_SHIFT).ok()?;
     Some((set, id & TASK_ID_MASK))
 }
-
-/// The refusal of every `/v1/campaigns…` route.
-pub(crate) const CAMPAIGNS_REFUSED: &str =
-    "campaigns across SETs are not available yet; create a campaign on a SET's admin API";
 
 // ---- errors -----------------------------------------------------------------
 
@@ -580,10 +576,170 @@ async fn one_task(s: &ClusterState, id: u64, stop: bool) -> Response {
 
 // ---- campaigns ----------------------------------------------------------
 
-/// Every `/v1/campaigns…` route, any method: 501, said plainly. A campaign
-/// on one SET pays only that SET's users; splitting one over SETs is a
-/// later step.
-pub(crate) async fn campaigns() -> Response {
-    let body = json!({"error": {"code": "not_implemented", "message": CAMPAIGNS_REFUSED}});
-    (StatusCode::NOT_IMPLEMENTED, Json(body)).into_response()
+/// How long a start or stop waits for a SET's part of a campaign that is
+/// not funded there yet (its `fund` still in flight), ms.
+pub(crate) const CAMPAIGN_PART_WAIT_MS: u64 = 5_000;
+const CAMPAIGN_PART_RETRY_MS: u64 = 100;
+
+/// The home SET of campaign `id` (its id carries it), if the cluster has it.
+fn campaign_home(s: &ClusterState, id: u64) -> Option<SetId> {
+    Some(campaign_set(id)).filter(|&set| set < s.client.count() && id != 0)
+}
+
+fn no_campaign(id: u64) -> Response {
+    ApiError::not_found(format!("campaign {id} not found")).into_response()
+}
+
+/// `POST /v1/campaigns`: the funder's home SET, which splits the campaign
+/// over the SETs and, in the same commit, funds every other SET's part
+/// through its outbox. The answer is the home SET's (its own part). A body
+/// without a readable `funder` goes to SET 0, which refuses it.
+pub(crate) async fn create_campaign(State(s): Shared, method: Method, uri: Uri, body: Bytes) -> Response {
+    let funder = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("funder").and_then(Value::as_u64));
+    let set = funder.map_or(0, |user| home_set(user, s.client.count()));
+    forward(&s, set, method, &uri, body).await
+}
+
+/// `GET /v1/campaigns`: every SET's parts, one entry per campaign with its
+/// parts summed (`sum_campaign`); 503 if a SET did not answer.
+pub(crate) async fn list_campaigns(State(s): Shared) -> Response {
+    let mut spread = Spread::of(ask_every_set(&s, Method::GET, "/v1/campaigns", Bytes::new()).await);
+    let mut by_id: BTreeMap<u64, Vec<(SetId, Value)>> = BTreeMap::new();
+    for (set, answer) in std::mem::take(&mut spread.done) {
+        match answer.json() {
+            Value::Array(parts) => {
+                for part in parts {
+                    match part.get("id").and_then(Value::as_u64) {
+                        Some(id) => by_id.entry(id).or_default().push((set, part)),
+                        None => spread
+                            .failed
+                            .push((set, Failure::Unreached(s.client.bad_answer(set, "a campaign without an id")))),
+                    }
+                }
+            }
+            _ => spread
+                .failed
+                .push((set, Failure::Unreached(s.client.bad_answer(set, "a campaign list that is not an array")))),
+        }
+    }
+    if !spread.failed.is_empty() {
+        spread.failed.sort_by_key(|(set, _)| *set);
+        return spread.missing("the campaign list");
+    }
+    let all: Vec<Value> = by_id.into_iter().map(|(id, parts)| sum_campaign(campaign_set(id), parts)).collect();
+    (StatusCode::OK, Json(Value::Array(all))).into_response()
+}
+
+/// `GET /v1/campaigns/{id}`: every SET's part, summed. The home SET's 404
+/// is the answer (no such campaign); another SET's 404 is a part not funded
+/// yet, named in `sets_unfunded`. 503 if a SET did not answer.
+pub(crate) async fn get_campaign(State(s): Shared, PathId(id): PathId) -> Response {
+    campaign_sum(&s, id).await
+}
+
+async fn campaign_sum(s: &ClusterState, id: u64) -> Response {
+    let Some(home) = campaign_home(s, id) else { return no_campaign(id) };
+    let path = format!("/v1/campaigns/{id}");
+    let mut spread = Spread::of(ask_every_set(s, Method::GET, &path, Bytes::new()).await);
+    let mut unfunded = Vec::new();
+    spread.failed.retain(|(set, f)| match f {
+        Failure::Refused(answer) if answer.status == StatusCode::NOT_FOUND && *set != home => {
+            unfunded.push(*set);
+            false
+        }
+        _ => true,
+    });
+    if let Some(pos) = spread
+        .failed
+        .iter()
+        .position(|(set, f)| *set == home && matches!(f, Failure::Refused(a) if a.status == StatusCode::NOT_FOUND))
+    {
+        return spread.failed.swap_remove(pos).1.into_response();
+    }
+    if !spread.failed.is_empty() {
+        return spread.missing(&format!("campaign {id}"));
+    }
+    let parts = spread.done.into_iter().map(|(set, answer)| (set, answer.json())).collect();
+    let mut sum = sum_campaign(home, parts);
+    sum["sets_unfunded"] = json!(unfunded);
+    (StatusCode::OK, Json(sum)).into_response()
+}
+
+/// One campaign of the cluster from its SETs' parts: the home part's fields,
+/// with `total_fen`, `rate_per_s`, a Count rule's `packets`, `released`,
+/// `won`, `won_fen`, `refunded_fen` and `escrow_fen` summed over the parts
+/// (so total and rate are the whole campaign's once every part is funded),
+/// `status` running if any part runs, else the home part's; `sets` names the
+/// SETs that have a part.
+pub(crate) fn sum_campaign(home: SetId, parts: Vec<(SetId, Value)>) -> Value {
+    let mut sum = parts
+        .iter()
+        .find(|(set, _)| *set == home)
+        .or_else(|| parts.first())
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| json!({}));
+    for field in ["total_fen", "rate_per_s", "released", "won", "won_fen", "refunded_fen", "escrow_fen"] {
+        let total: i64 = parts.iter().filter_map(|(_, v)| v.get(field).and_then(Value::as_i64)).sum();
+        sum[field] = json!(total);
+    }
+    if sum["rule"].get("count").is_some() {
+        let packets: u64 = parts.iter().filter_map(|(_, v)| v["rule"]["count"]["packets"].as_u64()).sum();
+        sum["rule"]["count"]["packets"] = json!(packets);
+    }
+    if parts.iter().any(|(_, v)| v["status"] == "running") {
+        sum["status"] = json!("running");
+    }
+    sum["home_set"] = json!(home);
+    sum["sets"] = json!(parts.iter().map(|(set, _)| *set).collect::<Vec<_>>());
+    sum
+}
+
+/// `POST /v1/campaigns/{id}/start`: every SET's part at once (they have
+/// the same id). The home SET's refusal (no such campaign, closed) is the
+/// answer, and nothing is asked of the others; another SET's 404 is a part
+/// whose fund is still in flight, asked again for up to
+/// `CAMPAIGN_PART_WAIT_MS`; then a 502 names the SETs not done. Done
+/// everywhere: the campaign, summed, as `GET` answers it.
+pub(crate) async fn start_campaign(State(s): Shared, PathId(id): PathId) -> Response {
+    campaign_everywhere(&s, id, "start").await
+}
+
+/// `POST /v1/campaigns/{id}/stop`: like start. Each part returns its
+/// unreleased money to the funder (another SET's through its outbox); a
+/// second stop returns nothing.
+pub(crate) async fn stop_campaign(State(s): Shared, PathId(id): PathId) -> Response {
+    campaign_everywhere(&s, id, "stop").await
+}
+
+async fn campaign_everywhere(s: &ClusterState, id: u64, action: &str) -> Response {
+    let Some(home) = campaign_home(s, id) else { return no_campaign(id) };
+    let path = format!("/v1/campaigns/{id}/{action}");
+    let first = match s.client.call(home, Method::POST, &path, Bytes::new()).await {
+        Ok(answer) if answer.status.is_success() => answer,
+        Ok(answer) => return pass(answer),
+        Err(e) => return e.into_response(),
+    };
+    let others: Vec<SetId> = (0..s.client.count()).filter(|&set| set != home).collect();
+    let calls = others.iter().map(|&set| part_action(s, set, &path));
+    let mut results = vec![(home, Ok(first))];
+    results.extend(others.iter().copied().zip(join_all(calls).await));
+    let spread = Spread::of(results);
+    if !spread.failed.is_empty() {
+        let advice = "a part not funded yet waits for its SET to apply the fund; retry it (it is idempotent)";
+        return spread.partial(&format!("the {action} of campaign {id}"), advice, Map::new());
+    }
+    campaign_sum(s, id).await
+}
+
+/// One SET's part of a start or stop, asked again while the SET answers
+/// 404 (its fund not applied yet), for up to `CAMPAIGN_PART_WAIT_MS`.
+async fn part_action(s: &ClusterState, set: SetId, path: &str) -> Result<SetAnswer, SetError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(CAMPAIGN_PART_WAIT_MS);
+    loop {
+        let answer = s.client.call(set, Method::POST, path, Bytes::new()).await?;
+        if answer.status != StatusCode::NOT_FOUND || tokio::time::Instant::now() >= deadline {
+            return Ok(answer);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(CAMPAIGN_PART_RETRY_MS)).await;
+    }
 }

@@ -179,12 +179,9 @@ async fn each_request_reaches_the_set_that_owns_it() {
     let r = c.call("POST", "/v1/tokens", Some(json!({"user": 3, "ttl_s": 60}))).await;
     assert!(ok(&r, 200)["token"].as_str().unwrap().starts_with("v1.3."));
 
-    // Campaigns: refused, plainly.
-    for (method, path) in [("GET", "/v1/campaigns"), ("POST", "/v1/campaigns"), ("POST", "/v1/campaigns/1/start")] {
-        let r = c.call(method, path, Some(json!({}))).await;
-        assert_eq!((r.status, r.body["error"]["code"].clone()), (501, json!("not_implemented")), "{method} {path}");
-        assert!(r.body["error"]["message"].as_str().unwrap().contains("SET's admin API"));
-    }
+    // Campaigns: a body without a funder goes to SET 0, which refuses it.
+    let r = c.call("POST", "/v1/campaigns", Some(json!({}))).await;
+    assert_eq!((r.status, r.body["error"]["code"].clone()), (400, json!("invalid_request")));
     // Not a route here (the live figures are each SET's).
     assert_eq!(c.call("GET", "/v1/live/now", None).await.status, 404);
     assert_eq!(c.call("DELETE", "/v1/stats", None).await.status, 405);
@@ -374,4 +371,69 @@ async fn without_a_directory_the_gateway_list_is_404() {
     let r = http(c.addr, "GET", "/v1/gateways", &[], "").await;
     assert_eq!(r.status, 404, "{}", r.text);
     assert!(r.body["error"]["message"].as_str().unwrap().contains("no gateway directory"), "{}", r.text);
+}
+
+/// A campaign through the cluster admin: created on the funder's home SET
+/// (split: SET 0 keeps its part and funds SET 1's through its outbox),
+/// started on every SET once SET 1's part is funded (the start waits for
+/// it), read whole, stopped everywhere.
+#[tokio::test]
+async fn a_campaign_is_created_on_its_funders_set_started_everywhere_and_read_whole() {
+    let c = Cluster::start(Some(KEY)).await;
+    let r = c.call("POST", "/v1/accounts/4/deposit", Some(json!({"amount_fen": 5_000, "key": "d4"}))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let spec = |rate: u32, key: &str| json!({"funder": 4, "total_fen": 1_001, "rule": {"count": {"packets": 41}}, "rate_per_s": rate, "key": key});
+    let r = c.call("POST", "/v1/campaigns", Some(spec(1, "starving"))).await;
+    assert_eq!(r.status, 400, "a rate that leaves a SET without packets: {:?}", r.body);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("2 SETs"), "{:?}", r.body);
+    let r = c.call("POST", "/v1/campaigns", Some(spec(11, "c"))).await;
+    let part = ok(&r, 201).clone();
+    let id = part["id"].as_u64().unwrap();
+    assert_eq!(hongbao_core::ids::campaign_set(id), 0, "the funder's home SET");
+    assert_eq!((part["total_fen"].clone(), part["rate_per_s"].clone()), (json!(501), json!(6)), "{part}");
+    let r = c.call("GET", &format!("/v1/campaigns/{id}"), None).await;
+    assert_eq!(ok(&r, 200)["sets_unfunded"], json!([1]), "SET 1's fund is in flight");
+
+    // The transport (the relay, in a cluster) carries SET 0's outbox while
+    // the start waits for SET 1's part.
+    let (zero, one) = (c.sets[0].engine.clone(), c.sets[1].engine.clone());
+    let carry = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for m in zero.cross_unpublished(10).await.unwrap() {
+            assert!(one.apply_cross(m).await.unwrap());
+        }
+    });
+    let r = c.call("POST", &format!("/v1/campaigns/{id}/start"), None).await;
+    carry.await.unwrap();
+    let whole = ok(&r, 200).clone();
+    assert_eq!(
+        (whole["status"].clone(), whole["total_fen"].clone(), whole["rate_per_s"].clone()),
+        (json!("running"), json!(1_001), json!(11)),
+        "{whole}"
+    );
+    assert_eq!(whole["rule"], json!({"count": {"packets": 41}}));
+    assert_eq!((whole["sets"].clone(), whole["sets_unfunded"].clone()), (json!([0, 1]), json!([])));
+    let r = c.on_set(1, "GET", &format!("/v1/campaigns/{id}"), None).await;
+    assert_eq!((r.body["status"].clone(), r.body["total_fen"].clone()), (json!("running"), json!(500)));
+    let r = c.call("GET", "/v1/campaigns", None).await;
+    let list = ok(&r, 200).as_array().unwrap().clone();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0]["id"].as_u64(), list[0]["total_fen"].clone()), (Some(id), json!(1_001)));
+
+    let r = c.call("POST", &format!("/v1/campaigns/{id}/stop"), None).await;
+    let whole = ok(&r, 200).clone();
+    assert_eq!((whole["status"].clone(), whole["escrow_fen"].clone()), (json!("stopped"), json!(0)), "{whole}");
+    assert_eq!(whole["won_fen"].as_i64().unwrap() + whole["refunded_fen"].as_i64().unwrap(), 1_001);
+    // A part whose fund never arrives: the start waits 5 s for it, then
+    // names the SET not done (the home SET's part did start).
+    let r = c.call("POST", "/v1/campaigns", Some(spec(11, "never carried"))).await;
+    let unfunded = ok(&r, 201)["id"].as_u64().unwrap();
+    let r = c.call("POST", &format!("/v1/campaigns/{unfunded}/start"), None).await;
+    assert_eq!((r.status, r.body["sets_done"].clone()), (502, json!([0])), "{:?}", r.body);
+    assert_eq!(r.body["sets_failed"][0]["set"], json!(1));
+    assert_eq!(r.body["sets_failed"][0]["status"], json!(404));
+    for missing in [unfunded + 1, (5 << 48) | 1, 0] {
+        assert_eq!(c.call("POST", &format!("/v1/campaigns/{missing}/start"), None).await.status, 404, "{missing}");
+        assert_eq!(c.call("GET", &format!("/v1/campaigns/{missing}"), None).await.status, 404, "{missing}");
+    }
 }

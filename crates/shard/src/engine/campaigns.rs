@@ -8,6 +8,7 @@ use std::sync::{Arc, Weak};
 use hongbao_boundary::sync::lock;
 use hongbao_boundary::EngineError;
 use hongbao_core::campaign::{AmountRule, CampaignBudget, CampaignSpec, CampaignStatus, ReleaseSchedule};
+use hongbao_core::ids::campaign_set;
 use hongbao_core::{CampaignId, UserId};
 use hongbao_store::ops::{CloseCampaign, CreateCampaign, StartCampaign};
 use hongbao_store::CampaignRow;
@@ -24,12 +25,19 @@ const FINISH_CHECK_MS: u64 = 100;
 
 impl Engine {
     /// Creates a campaign and moves its total from the funder to its escrow.
-    /// The funder must be homed on this SET (their balance is here).
+    /// The funder must be homed on this SET (their balance is here). On a
+    /// cluster the campaign is split over its SETs (`CampaignSpec::split`):
+    /// this SET keeps its part, and the same commit sends every other SET
+    /// its part's budget through the outbox (`fund`), which creates the part
+    /// there, with the same id. The answer is this SET's part.
     pub async fn create_campaign(&self, spec: CampaignSpec, key: &str) -> Result<CampaignInfo, EngineError> {
         spec.validate().map_err(|e| EngineError::Invalid(e.to_string()))?;
         homed_here(spec.funder, self.parts.set)?;
         valid_key(key)?;
-        let op = CreateCampaign { spec, key: key.to_owned(), at_ms: self.parts.clock.now_ms() };
+        let (set, sets) = (self.parts.set.set(), self.parts.set.sets());
+        let parts =
+            if sets > 1 { spec.split(sets).map_err(|e| EngineError::Invalid(e.to_string()))? } else { Vec::new() };
+        let op = CreateCampaign { spec, key: key.to_owned(), at_ms: self.parts.clock.now_ms(), set, parts };
         let created = self.parts.writer.run(op).await.map_err(op_error)?;
         self.campaign(created.id).await
     }
@@ -151,7 +159,9 @@ impl Engine {
             let count = live.released.load(Ordering::Relaxed);
             lock(&self.parts.closed_released).insert(id, count);
         }
-        let op = CloseCampaign { id, status, at_ms: self.parts.clock.now_ms() };
+        // A part of another SET's campaign refunds through that SET.
+        let home = Some(campaign_set(id)).filter(|&h| h != self.parts.set.set());
+        let op = CloseCampaign { id, status, at_ms: self.parts.clock.now_ms(), home };
         self.parts.writer.run(op).await.map_err(op_error)?;
         drop(guard);
         self.campaign(id).await

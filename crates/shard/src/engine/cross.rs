@@ -9,8 +9,9 @@
 
 use hongbao_boundary::EngineError;
 use hongbao_core::cross::{CrossBody, CrossKey, CrossMessage};
-use hongbao_core::ids::set_of;
+use hongbao_core::ids::{campaign_seq, campaign_set, set_of};
 use hongbao_core::limits::{CROSS_MESSAGES_PER_CALL_MAX, CROSS_NOTICE_BYTES_MAX};
+use hongbao_core::sets::home_set;
 use hongbao_proto::{Push, PushBody};
 use hongbao_store::ops::{ApplyCross, MarkCrossPublished};
 
@@ -104,12 +105,43 @@ impl Engine {
         if msg.from == set.set() || msg.from >= set.sets() {
             return refuse(format!("a message from SET {}, this is SET {} of {}", msg.from, set.set(), set.sets()));
         }
+        match &msg.body {
+            // Campaign parts: a fund is keyed by the SET it funds, for a
+            // campaign of the sending SET and a funder homed there; a
+            // refund is for a campaign of this SET and its funder, homed here.
+            CrossBody::Fund { spec } => {
+                if msg.user != u64::from(set.set()) {
+                    return refuse(format!("a fund keyed for SET {}, this is SET {}", msg.user, set.set()));
+                }
+                if campaign_set(msg.packet) != msg.from || campaign_seq(msg.packet) == 0 {
+                    return refuse(format!("campaign {} is not one of SET {}'s", msg.packet, msg.from));
+                }
+                spec.validate().map_err(|e| EngineError::Invalid(format!("a fund of campaign {}: {e}", msg.packet)))?;
+                if home_set(spec.funder, set.sets()) != msg.from {
+                    return refuse(format!(
+                        "a fund of campaign {} whose funder is not homed on SET {}",
+                        msg.packet, msg.from
+                    ));
+                }
+                return Ok(None);
+            }
+            CrossBody::Refund { amount_fen } => {
+                valid_user(msg.user)?;
+                homed_here(msg.user, set)?;
+                if campaign_set(msg.packet) != set.set() || campaign_seq(msg.packet) == 0 {
+                    return refuse(format!("campaign {} is not one of this SET's", msg.packet));
+                }
+                return valid_amount(*amount_fen).map(|()| None);
+            }
+            _ => {}
+        }
         valid_user(msg.user)?;
         homed_here(msg.user, set)?;
         if set_of(msg.packet) != msg.from {
             return refuse(format!("packet {} is not one of SET {}'s", msg.packet, msg.from));
         }
         match &msg.body {
+            CrossBody::Fund { .. } | CrossBody::Refund { .. } => unreachable!("checked above"),
             CrossBody::Credit { amount_fen } => valid_amount(*amount_fen).map(|()| None),
             CrossBody::Notice { body } if body.len() > CROSS_NOTICE_BYTES_MAX => {
                 refuse(format!("a notice of {} bytes (at most {CROSS_NOTICE_BYTES_MAX})", body.len()))

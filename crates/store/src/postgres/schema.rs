@@ -302,7 +302,7 @@ pub(crate) fn load_writer_memory(client: &mut Client) -> Result<crate::apply::Wr
         .iter()
         .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
         .collect();
-    let max_campaign: Option<i64> = client.query_one("SELECT max(id) FROM campaigns", &[])?.get(0);
+    let max_campaign: Option<i64> = client.query_one("SELECT max(id % 281474976710656) FROM campaigns", &[])?.get(0);
     let pending = client
         .query("SELECT sender, count(*) FROM messages WHERE kind = 'user' GROUP BY sender", &[])?
         .iter()

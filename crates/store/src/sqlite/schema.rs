@@ -222,7 +222,8 @@ pub(crate) fn load_writer_memory(conn: &Connection) -> Result<crate::apply::Writ
     let balances = stmt
         .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let max_campaign: Option<i64> = conn.query_row("SELECT max(id) FROM campaigns", [], |r| r.get(0))?;
+    let max_campaign: Option<i64> =
+        conn.query_row("SELECT max(id % 281474976710656) FROM campaigns", [], |r| r.get(0))?;
     let mut stmt = conn.prepare("SELECT sender, count(*) FROM messages WHERE kind = 'user' GROUP BY sender")?;
     let pending = stmt
         .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u32>(1)?)))?
