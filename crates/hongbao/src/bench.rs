@@ -384,7 +384,8 @@ fn cluster_audit_check(file: &hongbao_cluster::ClusterFile) -> Check {
         }
         Ok((report, readings)) => {
             let first: Vec<&str> = report.violations.iter().take(3).map(String::as_str).collect();
-            let detail = format!("{} violation(s) (read {readings} times): {}", report.violations.len(), first.join("; "));
+            let detail =
+                format!("{} violation(s) (read {readings} times): {}", report.violations.len(), first.join("; "));
             Check::new(name, false, detail)
         }
         Err(e) => Check::new(name, false, format!("cannot audit {}: {e}", file.path.display())),
