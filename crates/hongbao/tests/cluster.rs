@@ -255,7 +255,12 @@ async fn balance_becomes(cluster: &Cluster, g: usize, user: u64, fen: i64) {
         if now == Some(fen) {
             return;
         }
-        assert!(Instant::now() < deadline, "user {user}: balance {now:?}, expected {fen}");
+        assert!(
+            Instant::now() < deadline,
+            "user {user}: balance {now:?}, expected {fen}; SET logs:\n{}\n{}",
+            cluster.log("set0"),
+            cluster.log("set1")
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -26,7 +26,9 @@ pub const APPLY_BATCH_MAX: usize = 1024;
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// Bytes the stream may hold while a SET is away; past it a publish is
 /// refused and the rows wait in the outbox (on the sender's disk).
-const STREAM_BYTES_MAX: i64 = 1 << 30;
+/// (JetStream reserves it when the stream is made, and refuses a stream
+/// larger than the disk it has: 256 MiB is ~1 million messages.)
+const STREAM_BYTES_MAX: i64 = 256 << 20;
 /// How long a delivered message may stay unacknowledged before JetStream
 /// delivers it again (an apply is one commit: milliseconds).
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -53,16 +55,33 @@ pub struct RelayConfig {
     pub replicas: usize,
 }
 
+/// Which task an error belongs to: each clears only its own.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    /// The stream and the publisher.
+    Out = 0,
+    /// The consumer and the applying.
+    In = 1,
+}
+
+fn side_of(stage: &'static str) -> Side {
+    match stage {
+        "stream" | "publish" => Side::Out,
+        _ => Side::In,
+    }
+}
+
 /// What the relay is doing, for `/health` and the metrics.
 #[derive(Debug, Default)]
 pub struct RelayStatus {
     connected: AtomicBool,
     published: AtomicU64,
     applied: AtomicU64,
-    last_error: Mutex<Option<String>>,
-    /// `last_error` is set: success clears it (without this flag, every
-    /// apply would take the lock).
-    failing: AtomicBool,
+    /// The last error of each side (`Side`), until that side succeeds again.
+    errors: Mutex<[Option<String>; 2]>,
+    /// Each side has an error set: a success clears it (without these
+    /// flags every apply would take the lock).
+    failing: [AtomicBool; 2],
 }
 
 impl RelayStatus {
@@ -70,12 +89,14 @@ impl RelayStatus {
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
-    /// The last error either task met, until one of them succeeds again.
+    /// The errors of the sides that have not succeeded since, joined.
     pub fn last_error(&self) -> Option<String> {
-        hongbao_boundary::sync::lock(&self.last_error).clone()
+        let errors = hongbao_boundary::sync::lock(&self.errors);
+        let set: Vec<&str> = errors.iter().flatten().map(String::as_str).collect();
+        (!set.is_empty()).then(|| set.join("; "))
     }
     /// Why the relay cannot carry messages now, for `/health`: NATS away,
-    /// or the last error of a round that has not succeeded since.
+    /// or an error of a side that has not succeeded since.
     pub fn failure(&self) -> Option<String> {
         let last = self.last_error();
         if !self.connected() {
@@ -96,22 +117,23 @@ impl RelayStatus {
 
     fn failed(&self, stage: &'static str, error: impl std::fmt::Display) {
         metrics::counter!("hongbao_relay_errors_total", "stage" => stage).increment(1);
+        let side = side_of(stage);
         let message = format!("{stage}: {error}");
-        let mut last = hongbao_boundary::sync::lock(&self.last_error);
-        if last.as_deref() != Some(message.as_str()) {
+        let mut errors = hongbao_boundary::sync::lock(&self.errors);
+        if errors[side as usize].as_deref() != Some(message.as_str()) {
             tracing::warn!(stage, %error, "cross-SET relay");
-            *last = Some(message);
+            errors[side as usize] = Some(message);
         }
-        self.failing.store(true, Ordering::Release);
+        self.failing[side as usize].store(true, Ordering::Release);
     }
 
-    fn succeeded(&self) {
-        if !self.failing.swap(false, Ordering::AcqRel) {
+    fn succeeded(&self, side: Side) {
+        if !self.failing[side as usize].swap(false, Ordering::AcqRel) {
             return;
         }
-        let mut last = hongbao_boundary::sync::lock(&self.last_error);
-        if last.take().is_some() {
-            tracing::info!("cross-SET relay working again");
+        let mut errors = hongbao_boundary::sync::lock(&self.errors);
+        if errors[side as usize].take().is_some() {
+            tracing::info!(side = ?side, "cross-SET relay working again");
         }
     }
 }
@@ -227,6 +249,8 @@ async fn publish_loop(
         // The backlog is kept in memory by the writer: an empty outbox costs
         // no read of storage.
         if engine.cross_backlog() == 0 {
+            // Nothing to send and the stream is there: this side works.
+            status.succeeded(Side::Out);
             if pause_or_stop(IDLE_POLL, &mut stop).await {
                 return;
             }
@@ -234,7 +258,7 @@ async fn publish_loop(
         }
         match publish_batch(&js, &engine, &status).await {
             Ok(()) => {
-                status.succeeded();
+                status.succeeded(Side::Out);
                 retry = RETRY_MIN;
             }
             Err(e) => {
@@ -313,7 +337,11 @@ async fn consume_loop(
             Err(e) => Err(e.to_string()),
         };
         let mut messages = match opened {
-            Ok(messages) => messages.ready_chunks(APPLY_BATCH_MAX),
+            Ok(messages) => {
+                // The consumer is there and pulling: this side works.
+                status.succeeded(Side::In);
+                messages.ready_chunks(APPLY_BATCH_MAX)
+            }
             Err(e) => {
                 status.failed("consumer", e);
                 if pause_or_stop(retry, &mut stop).await {
@@ -357,7 +385,7 @@ async fn consume_loop(
                     match outcome {
                         Ok(true) => {
                             status.applied.fetch_add(1, Ordering::Relaxed);
-                            status.succeeded();
+                            status.succeeded(Side::In);
                             Ok(())
                         }
                         Ok(false) => Ok(()),
