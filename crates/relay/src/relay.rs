@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 use futures_util::StreamExt;
 use hongbao_boundary::EngineError;
 use hongbao_core::sets::{SetId, SetMap};
-use hongbao_shard::{CrossMessage, Engine};
+use hongbao_shard::{CrossKey, CrossMessage, Engine};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -32,8 +32,9 @@ const STREAM_BYTES_MAX: i64 = 256 << 20;
 /// How long a delivered message may stay unacknowledged before JetStream
 /// delivers it again (an apply is one commit: milliseconds).
 const ACK_WAIT: Duration = Duration::from_secs(10);
-/// An empty outbox is looked at again after this long.
-const IDLE_POLL: Duration = Duration::from_millis(5);
+/// An empty outbox (or one whose rows are all on their way) is looked at
+/// again after this long.
+const IDLE_POLL: Duration = Duration::from_millis(2);
 /// The server's heartbeat on an idle pull: a lost NATS shows as missed
 /// heartbeats within two of these.
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -229,6 +230,7 @@ async fn publish_loop(
 ) {
     let mut retry = RETRY_MIN;
     let mut stream_ready = false;
+    let marking: Marking = Arc::default();
     loop {
         if *stop.borrow() {
             return;
@@ -246,20 +248,31 @@ async fn publish_loop(
                 }
             }
         }
-        // The backlog is kept in memory by the writer: an empty outbox costs
-        // no read of storage.
-        if engine.cross_backlog() == 0 {
-            // Nothing to send and the stream is there: this side works.
-            status.succeeded(Side::Out);
+        // The backlog is kept in memory by the writer: an outbox with
+        // nothing new (empty, or all of it on its way) costs no read.
+        let on_the_way = hongbao_boundary::sync::lock(&marking).len() as u64;
+        let backlog = engine.cross_backlog();
+        if backlog <= on_the_way {
+            if backlog == 0 {
+                // Nothing to send and the stream is there: this side works.
+                status.succeeded(Side::Out);
+            }
             if pause_or_stop(IDLE_POLL, &mut stop).await {
                 return;
             }
             continue;
         }
-        match publish_batch(&js, &engine, &status).await {
-            Ok(()) => {
+        match publish_batch(&js, &engine, &status, &marking).await {
+            Ok(true) => {
                 status.succeeded(Side::Out);
                 retry = RETRY_MIN;
+            }
+            // Everything unpublished is already on its way (its marks are
+            // being committed): look again shortly.
+            Ok(false) => {
+                if pause_or_stop(IDLE_POLL, &mut stop).await {
+                    return;
+                }
             }
             Err(e) => {
                 status.failed("publish", e);
@@ -272,10 +285,38 @@ async fn publish_loop(
     }
 }
 
-/// One round: the oldest unpublished rows out, each awaited until
-/// JetStream stored it, then marked published (those that made it).
-async fn publish_batch(js: &jetstream::Context, engine: &Engine, status: &RelayStatus) -> Result<(), String> {
-    let batch = engine.cross_unpublished(PUBLISH_BATCH_MAX).await.map_err(|e| e.to_string())?;
+/// Keys JetStream has and whose "published" mark is being committed: the
+/// next round reads past them instead of waiting for that commit. Bounded by
+/// `MARKING_MAX`.
+type Marking = Arc<Mutex<std::collections::HashSet<CrossKey>>>;
+
+/// Rows whose marks may be in flight at once (one round more than a batch).
+const MARKING_MAX: usize = 2 * PUBLISH_BATCH_MAX;
+const _: () = assert!(PUBLISH_BATCH_MAX + MARKING_MAX <= hongbao_core::limits::CROSS_MESSAGES_PER_CALL_MAX);
+
+/// One round: the oldest unpublished rows not already on their way go out,
+/// each awaited until JetStream stored it; then their "published" marks are
+/// committed in the background while the next round reads on. `Ok(false)`:
+/// nothing new to send.
+async fn publish_batch(
+    js: &jetstream::Context,
+    engine: &Engine,
+    status: &Arc<RelayStatus>,
+    marking: &Marking,
+) -> Result<bool, String> {
+    let in_flight = hongbao_boundary::sync::lock(marking).len();
+    if in_flight >= MARKING_MAX {
+        // The marks lag behind (storage slow): let them catch up.
+        return Ok(false);
+    }
+    let rows = engine.cross_unpublished(PUBLISH_BATCH_MAX + in_flight).await.map_err(|e| e.to_string())?;
+    let batch: Vec<CrossMessage> = {
+        let on_the_way = hongbao_boundary::sync::lock(marking);
+        rows.into_iter().filter(|m| !on_the_way.contains(&m.key())).take(PUBLISH_BATCH_MAX).collect()
+    };
+    if batch.is_empty() {
+        return Ok(false);
+    }
     let mut pending = Vec::with_capacity(batch.len());
     let mut first_error = None;
     for message in batch {
@@ -301,13 +342,28 @@ async fn publish_batch(js: &jetstream::Context, engine: &Engine, status: &RelayS
     }
     if !stored.is_empty() {
         let count = stored.len() as u64;
-        engine.cross_published(stored).await.map_err(|e| e.to_string())?;
         status.published.fetch_add(count, Ordering::Relaxed);
         metrics::counter!("hongbao_cross_published_total").increment(count);
+        hongbao_boundary::sync::lock(marking).extend(stored.iter().copied());
+        let (engine, status, marking) = (engine.clone(), status.clone(), marking.clone());
+        tokio::spawn(async move {
+            let marked = engine.cross_published(stored.clone()).await;
+            // Marked or not, they leave the set: a row whose mark failed is
+            // read and published again (JetStream drops the copy by its id,
+            // the receiving SET by its key).
+            let mut on_the_way = hongbao_boundary::sync::lock(&marking);
+            for key in &stored {
+                on_the_way.remove(key);
+            }
+            drop(on_the_way);
+            if let Err(e) = marked {
+                status.failed("publish", format!("marking published: {e}"));
+            }
+        });
     }
     match first_error {
         Some(e) => Err(e),
-        None => Ok(()),
+        None => Ok(true),
     }
 }
 
