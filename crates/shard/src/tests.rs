@@ -52,6 +52,24 @@ async fn advance(engine: &Engine, config: &EngineConfig, ms: u64) {
     engine.catch_up().await;
 }
 
+/// A campaign whose packets are all won finishes: the shards see their
+/// shares spent at their next release tick, the check for a finished
+/// campaign runs every 100 ms of the clock, and the close it starts is the
+/// engine's own, so this waits for it (boundedly).
+async fn finishes(engine: &Engine, config: &EngineConfig, campaign: hongbao_core::CampaignId) {
+    advance(engine, config, 10).await;
+    config.clock.advance(Duration::from_millis(100));
+    let mut status = CampaignStatus::Running;
+    for _ in 0..500 {
+        status = engine.campaign(campaign).await.unwrap().status;
+        if status == CampaignStatus::Finished {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, CampaignStatus::Finished);
+}
+
 fn send(amount_fen: i64, count: u32, to: Target, key: &str) -> Request {
     Request::Send { amount_fen, count, kind: SplitKind::Lucky, to, greeting: "恭喜发财".into(), key: key.into() }
 }
@@ -416,20 +434,7 @@ async fn a_campaign_that_runs_out_finishes_by_itself(stores: Stores) {
         advance(&engine, &config, 5).await;
     }
     assert_eq!(wins, 6);
-    // The shards see their shares spent at their next release tick; the
-    // check for a finished campaign runs every 100 ms of the clock, and the
-    // close it starts is the engine's own, so wait (boundedly) for it.
-    advance(&engine, &config, 10).await;
-    config.clock.advance(Duration::from_millis(100));
-    let mut status = CampaignStatus::Running;
-    for _ in 0..500 {
-        status = engine.campaign(c.id).await.unwrap().status;
-        if status == CampaignStatus::Finished {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(status, CampaignStatus::Finished);
+    finishes(&engine, &config, c.id).await;
     engine.shutdown().await;
     assert_audit(&store);
 }
@@ -974,17 +979,7 @@ async fn a_set_spreads_its_users_over_every_shard_when_sets_and_shards_share_a_f
         advance(&engine, &config, 5).await;
     }
     assert_eq!(wins, 8, "every shard's packets were won");
-    advance(&engine, &config, 10).await;
-    config.clock.advance(Duration::from_millis(100));
-    let mut status = CampaignStatus::Running;
-    for _ in 0..500 {
-        status = engine.campaign(c.id).await.unwrap().status;
-        if status == CampaignStatus::Finished {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(status, CampaignStatus::Finished);
+    finishes(&engine, &config, c.id).await;
     engine.shutdown().await;
     assert_audit(&store);
 }
