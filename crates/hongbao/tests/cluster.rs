@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{audit_store, hongbao, race_open, rand_suffix, send_to_group, Admin, Client};
@@ -29,29 +28,12 @@ fn free_addrs<const N: usize>() -> [SocketAddr; N] {
     hongbao_harness::free_ports::<N>().unwrap().map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
-/// Starts `command` with stdout piped and its log in `log`; returns the
-/// child and the JSON of its `HONGBAO_READY` line.
+/// Starts `command` with its log in `log`; returns the child and the JSON
+/// of its `HONGBAO_READY` line.
 fn spawn_ready(mut command: Command, log: &Path) -> (Child, Value) {
-    let log_file = std::fs::File::create(log).unwrap();
-    let mut child = command.stdout(Stdio::piped()).stderr(log_file).stdin(Stdio::null()).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if let (Some(json), Some(tx)) = (line.strip_prefix("HONGBAO_READY "), tx.take()) {
-                let _ = tx.send(serde_json::from_str::<Value>(json).unwrap());
-            }
-        }
-    });
-    match rx.recv_timeout(PATIENCE) {
-        Ok(ready) => (child, ready),
-        Err(_) => {
-            let _ = child.kill();
-            panic!("no ready line; log:\n{}", std::fs::read_to_string(log).unwrap_or_default())
-        }
-    }
+    command.stderr(std::fs::File::create(log).unwrap());
+    hongbao_client::spawn_ready(&mut command, PATIENCE)
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", std::fs::read_to_string(log).unwrap_or_default()))
 }
 
 struct SetProcess {

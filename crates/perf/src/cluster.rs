@@ -31,7 +31,7 @@ use serde_json::json;
 use tokio::runtime::Runtime;
 
 use crate::overload::lean::{Fleet, Tally, Work};
-use crate::overload::setup;
+use crate::overload::setup::{self, post};
 use crate::server::{ServerChild, ServerSpec};
 
 const READY: Duration = Duration::from_secs(60);
@@ -394,15 +394,6 @@ struct Paced {
     rate_per_s: f64,
     from_ms: u64,
     done: u64,
-}
-
-fn post(admin: &Admin, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    admin
-        .post(path, &body)
-        .map_err(anyhow::Error::msg)?
-        .ok()
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("POST {path}"))
 }
 
 fn unix_ms() -> u64 {

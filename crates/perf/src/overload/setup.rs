@@ -59,7 +59,7 @@ pub fn campaign_rate() -> u64 {
     CAMPAIGN_RATE_PER_S
 }
 
-fn post(admin: &Admin, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn post(admin: &Admin, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
     admin
         .post(path, &body)
         .map_err(anyhow::Error::msg)?
