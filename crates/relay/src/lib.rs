@@ -6,7 +6,7 @@
 //! `hongbao.cross.<set>`, work-queue retention, file storage, a dedup window),
 //! the publisher (the engine's unpublished outbox rows → JetStream, each with
 //! its key as `Nats-Msg-Id`; marked published once JetStream has them
-//! durably) and the consumer (this SET's durable pull consumer → the
+//! durably, in the background, while the next batch goes) and the consumer (this SET's durable pull consumer → the
 //! engine's `apply_cross`, acked only after the apply committed).
 //!
 //! Must not: decide or change money. The outbox rows are written by the
@@ -16,7 +16,8 @@
 //! leaves a row unpublished (published again) or a message unacked
 //! (delivered again, applied as a repeat). It holds nothing unbounded: one
 //! batch out (`PUBLISH_BATCH_MAX`) and one batch in (`APPLY_BATCH_MAX`) at a
-//! time; while NATS is away, what waits is the outbox, on disk.
+//! time, and at most `2 × PUBLISH_BATCH_MAX` rows being marked; while NATS is
+//! away, what waits is the outbox, on disk.
 
 mod relay;
 
