@@ -15,9 +15,10 @@
 //! may lose, repeat or reorder nothing that matters: a crash anywhere
 //! leaves a row unpublished (published again) or a message unacked
 //! (delivered again, applied as a repeat). It holds nothing unbounded: one
-//! batch out (`PUBLISH_BATCH_MAX`) and one batch in (`APPLY_BATCH_MAX`) at a
-//! time, and at most `2 × PUBLISH_BATCH_MAX` rows being marked; while NATS is
-//! away, what waits is the outbox, on disk.
+//! batch out (`PUBLISH_BATCH_MAX`) at a time and at most twice that being
+//! marked; in, at most `2 × APPLY_BATCH_MAX` messages being applied or
+//! delivered and unacked; while NATS is away, what waits is the outbox, on
+//! disk.
 
 mod relay;
 
