@@ -207,6 +207,7 @@ fn link_wire() -> Vec<(String, Vec<u8>)> {
         ("hello", Up::Hello { key: "link-key".into(), pid: 4242 }),
         ("listening", Up::Listening),
         ("connect", Up::Connect { conn: 1, user: 42 }),
+        ("attach", Up::Attach { conn: 2, user: 43 }),
         ("request_shake", Up::Request { conn: 1, id: 3, req: Request::Shake { campaign: 0, key: None } }),
         ("request_send", Up::Request { conn: 1, id: 5, req: requests()[5].1.req.clone() }),
         ("disconnect", Up::Disconnect { conn: 1 }),
