@@ -1401,7 +1401,15 @@ fn broadcast_phase(run: &Run) -> Result<(BroadcastSummary, Check), BenchError> {
         &json!({"topic": BROADCAST_TOPIC, "text": format!("hongbao bench {}: 新年快乐", run.run_id)}),
     ))?;
     let post_answer_ms = posted.elapsed().as_secs_f64() * 1e3;
-    let task_id = task["id"].as_u64().ok_or_else(|| BenchError::Admin(format!("no task id in {task}")))?;
+    // A server answers its task; a cluster admin the task of every SET.
+    let task_ids: Vec<u64> = match (task["id"].as_u64(), task["tasks"].as_array()) {
+        (Some(id), _) => vec![id],
+        (None, Some(tasks)) => tasks.iter().filter_map(|t| t["id"].as_u64()).collect(),
+        (None, None) => Vec::new(),
+    };
+    let Some(&task_id) = task_ids.first() else {
+        return Err(BenchError::Admin(format!("no task id in {task}")));
+    };
     let deadline = posted + Duration::from_secs(BROADCAST_WAIT_S + plan.users / BROADCAST_WAIT_USERS_PER_S);
     let mut got = 0;
     while Instant::now() < deadline {
@@ -1418,7 +1426,14 @@ fn broadcast_phase(run: &Run) -> Result<(BroadcastSummary, Check), BenchError> {
     // Receipts of a worker's last second come with its next report.
     std::thread::sleep(Duration::from_millis(1_100));
     let received = received() - already;
-    let task = admin_call(run.admin.get(&format!("/v1/tasks/{task_id}")))?;
+    let tasks = task_ids
+        .iter()
+        .map(|id| admin_call(run.admin.get(&format!("/v1/tasks/{id}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sum = |field: &str| tasks.iter().map(|t| t[field].as_u64().unwrap_or(0)).sum::<u64>();
+    let mut states: Vec<&str> = tasks.iter().map(|t| t["state"].as_str().unwrap_or("?")).collect();
+    states.sort_unstable();
+    states.dedup();
     let delays = receipt_delays(&run.collected.lock().expect("collected poisoned").broadcast_receipts, posted_unix_ms);
     let summary = BroadcastSummary {
         posted_unix_ms,
@@ -1429,9 +1444,9 @@ fn broadcast_phase(run: &Run) -> Result<(BroadcastSummary, Check), BenchError> {
         p50_ms: delays.map(|d| d.0),
         p99_ms: delays.map(|d| d.1),
         task_id,
-        task_state: task["state"].as_str().unwrap_or("?").to_owned(),
-        task_targets: task["targets"].as_u64().unwrap_or(0),
-        task_delivered: task["delivered"].as_u64().unwrap_or(0),
+        task_state: states.join("/"),
+        task_targets: sum("targets"),
+        task_delivered: sum("delivered"),
         timed_out: got < connected,
     };
     let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".to_owned());
