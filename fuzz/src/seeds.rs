@@ -240,6 +240,7 @@ fn link_wire() -> Vec<(String, Vec<u8>)> {
             "gate",
             Down::Gate(GateView {
                 gates: vec![GateState { open: true, ready: false }, GateState { open: true, ready: true }],
+                sets: 1,
             }),
         ),
         ("shutdown", Down::Shutdown),

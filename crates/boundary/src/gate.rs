@@ -23,6 +23,9 @@ pub struct GateState {
 pub struct GateView {
     /// Indexed by shard.
     pub gates: Vec<GateState>,
+    /// SETs in the cluster (1 for a single node): with the shard count, it
+    /// says which shard a user is on (`hongbao_core::sets::user_shard`).
+    pub sets: u8,
 }
 
 impl GateView {
@@ -33,7 +36,7 @@ impl GateView {
         if self.gates.is_empty() {
             return None;
         }
-        let gate = self.gates[(user % self.gates.len() as u64) as usize];
+        let gate = self.gates[hongbao_core::sets::user_shard(user, self.sets, self.gates.len())];
         inline_shake_result(*campaign, gate.open, gate.ready)
     }
 }
@@ -56,8 +59,10 @@ mod tests {
 
     #[test]
     fn only_plain_shakes_that_cannot_win_are_answered() {
-        let view =
-            GateView { gates: vec![GateState { open: false, ready: false }, GateState { open: true, ready: false }] };
+        let view = GateView {
+            gates: vec![GateState { open: false, ready: false }, GateState { open: true, ready: false }],
+            sets: 1,
+        };
         let shake = |campaign| Request::Shake { campaign, key: None };
         assert_eq!(view.answer(2, &shake(0)), Some(ShakeResult::NotRunning));
         assert_eq!(view.answer(3, &shake(0)), Some(ShakeResult::None));

@@ -94,6 +94,16 @@ pub fn home_set(user: UserId, sets: u8) -> SetId {
     (user % u64::from(sets.max(1))) as SetId
 }
 
+/// The shard of its home SET that serves `user` (its shakes, its pool):
+/// `(user / sets) % shards`. Not `user % shards`: a SET's users all share
+/// `user % sets`, so when the SET and shard counts share a factor the plain
+/// remainder would leave shards with no users. The engine and every gateway
+/// answering shakes from a copy of the gates use this one rule.
+pub fn user_shard(user: UserId, sets: u8, shards: usize) -> usize {
+    assert!(shards > 0, "a SET has at least one shard");
+    ((user / u64::from(sets.max(1))) % shards as u64) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -233,8 +233,7 @@ impl Engine {
     /// shards, shards 0 and 2 would get none, and their part of a campaign
     /// would never be won). On a single node `k` is the user id.
     fn user_shard(&self, user: UserId) -> usize {
-        let k = user / u64::from(self.parts.set.sets());
-        (k % self.parts.shards.len() as u64) as usize
+        hongbao_core::sets::user_shard(user, self.parts.set.sets(), self.parts.shards.len())
     }
 
     /// Runs a read of committed state off the async threads, through the
@@ -258,14 +257,10 @@ impl Engine {
         self.parts.writer.failure()
     }
 
-    /// Every shard's gate, for a gateway in another process. Its answer
-    /// reads the gate at `user % gates.len()`; to make that `user_shard`'s,
-    /// each shard's gate is repeated `sets` times in a row: for
-    /// `i = user % (sets · shards)`, `(user / sets) % shards = i / sets`.
-    /// On a single node that is one gate per shard, as before SETs.
+    /// Every shard's gate, and the SET count that with them names a user's
+    /// shard (`core::sets::user_shard`), for a gateway in another process.
     pub fn gate_view(&self) -> GateView {
-        let sets = usize::from(self.parts.set.sets());
-        GateView { gates: self.parts.shards.iter().flat_map(|s| std::iter::repeat_n(s.gate.state(), sets)).collect() }
+        GateView { gates: self.parts.shards.iter().map(|s| s.gate.state()).collect(), sets: self.parts.set.sets() }
     }
 
     /// Changes whenever `gate_view` would answer differently.
