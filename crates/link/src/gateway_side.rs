@@ -154,6 +154,12 @@ impl Link {
         read(&self.up).clone()
     }
 
+    /// Queues `up` on the current stream (no clone of the queue's handle:
+    /// this is every request's path).
+    fn push(&self, up: Up) -> Result<(), Refused> {
+        read(&self.up).push(up)
+    }
+
     /// Reports the shakes answered here since the last report.
     fn report_inline_shakes(&self) {
         let none = self.inline_none.swap(0, Ordering::Relaxed);
@@ -514,13 +520,13 @@ impl Backend for RemoteEngine {
             // Remembered before it goes, under the lock a lost link answers
             // the remembered ones under: each request is answered once.
             let mut conns = self.link.conns();
-            let pushed = self.link.queue().push(Up::Request { conn, id, req });
+            let pushed = self.link.push(Up::Request { conn, id, req });
             if let (Ok(()), Some(entry)) = (&pushed, conns.get_mut(&conn)) {
                 entry.pending.push(id);
             }
             pushed
         } else {
-            self.link.queue().push(Up::Request { conn, id, req })
+            self.link.push(Up::Request { conn, id, req })
         };
         if let Err(refused) = pushed {
             let reply = match refused {

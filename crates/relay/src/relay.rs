@@ -1,6 +1,6 @@
 //! The publisher and consumer tasks and their shared status.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,8 +76,6 @@ fn side_of(stage: &'static str) -> Side {
 #[derive(Debug, Default)]
 pub struct RelayStatus {
     connected: AtomicBool,
-    published: AtomicU64,
-    applied: AtomicU64,
     /// The last error of each side (`Side`), until that side succeeds again.
     errors: Mutex<[Option<String>; 2]>,
     /// Each side has an error set: a success clears it (without these
@@ -107,13 +105,6 @@ impl RelayStatus {
             });
         }
         last.map(|e| format!("cross-SET relay: {e}"))
-    }
-
-    pub fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
-    }
-    pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Relaxed)
     }
 
     fn failed(&self, stage: &'static str, error: impl std::fmt::Display) {
@@ -342,7 +333,6 @@ async fn publish_batch(
     }
     if !stored.is_empty() {
         let count = stored.len() as u64;
-        status.published.fetch_add(count, Ordering::Relaxed);
         metrics::counter!("hongbao_cross_published_total").increment(count);
         hongbao_boundary::sync::lock(marking).extend(stored.iter().copied());
         let (engine, status, marking) = (engine.clone(), status.clone(), marking.clone());
@@ -439,12 +429,10 @@ async fn consume_loop(
                     let outcome = apply_one(&engine, set, message).await;
                     drop(permit);
                     match outcome {
-                        Ok(true) => {
-                            status.applied.fetch_add(1, Ordering::Relaxed);
+                        Ok(_) => {
                             status.succeeded(Side::In);
                             Ok(())
                         }
-                        Ok(false) => Ok(()),
                         Err(e) => Err(e),
                     }
                 });
